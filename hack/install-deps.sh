@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the system packages the test suite needs on a fresh Debian machine (CI runs as root).
+# Idempotent: skips what is already there. Add a package here when a test needs it, with why.
+set -euo pipefail
+
+need=()
+# iptables + iproute2: the root-only data-plane tests build network namespaces and install
+# the real redirect rules.
+command -v iptables-restore >/dev/null 2>&1 || need+=(iptables)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+
+if [ "${#need[@]}" -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: need root to install: ${need[*]}" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi

@@ -1,0 +1,410 @@
+//! `Mesh`: the one cluster-scoped object (named `default`) that configures the whole mesh.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::conditions::Condition;
+
+/// Mesh-wide configuration. Only the Mesh named `default` is acted on.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "trellis.dev",
+    version = "v1alpha1",
+    kind = "Mesh",
+    plural = "meshes",
+    shortname = "mesh",
+    status = "MeshStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Trust Domain","type":"string","jsonPath":".spec.trustDomain"}"#,
+    printcolumn = r#"{"name":"Proxies","type":"integer","jsonPath":".status.proxies.total"}"#,
+    printcolumn = r#"{"name":"Up To Date","type":"integer","jsonPath":".status.proxies.upToDate"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshSpec {
+    /// SPIFFE trust domain of every workload identity (`spiffe://<trustDomain>/ns/<ns>/sa/<sa>`).
+    /// Changing it re-issues every certificate. Defaults to `cluster.local`.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// The certificate authority that signs workload certificates.
+    #[serde(default)]
+    pub ca: CaSpec,
+    /// Lifetime of workload certificates, as a duration such as `24h` or `90m`. Sidecars renew at
+    /// 70 % of it. Shorter is safer; at least `10m`.
+    #[serde(default = "default_workload_cert_ttl")]
+    pub workload_cert_ttl: String,
+    /// Which pods get a sidecar.
+    #[serde(default)]
+    pub injection: InjectionSpec,
+    /// Settings of the injected sidecar proxy.
+    #[serde(default)]
+    pub proxy: ProxySpec,
+    /// How new sidecar versions reach running workloads.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+    /// Metrics, dashboards and tracing addons.
+    #[serde(default)]
+    pub observability: ObservabilitySpec,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+fn default_workload_cert_ttl() -> String {
+    "24h".into()
+}
+
+/// Certificate authority settings. Exactly one of `selfSigned` or `secretRef` applies; with
+/// neither, a self-signed root with default validity is created.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaSpec {
+    /// Let the operator create and keep a self-signed root CA (stored in a Secret in the
+    /// operator's namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_signed: Option<SelfSignedCa>,
+    /// Use a CA you supply (for example one cert-manager keeps) instead of a self-signed one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<CaSecretRef>,
+}
+
+/// A self-signed root CA managed by the operator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SelfSignedCa {
+    /// Validity of the root certificate, as a duration such as `8760h` (one year). The operator
+    /// rotates the root, without downtime, when it nears expiry.
+    #[serde(default = "default_root_validity")]
+    pub root_validity: String,
+}
+
+impl Default for SelfSignedCa {
+    fn default() -> Self {
+        Self {
+            root_validity: default_root_validity(),
+        }
+    }
+}
+
+fn default_root_validity() -> String {
+    "87600h".into()
+}
+
+/// A Secret holding a CA certificate and key (`tls.crt`, `tls.key`, and optionally `ca.crt`
+/// with extra roots to trust).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaSecretRef {
+    /// Name of the Secret.
+    pub name: String,
+    /// Namespace of the Secret; defaults to the operator's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// What happens to pod creation when the injection webhook cannot be reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum FailurePolicy {
+    /// Refuse pod creation: no pod in a meshed namespace ever runs without its sidecar.
+    #[default]
+    Fail,
+    /// Admit the pod without a sidecar: availability over security.
+    Ignore,
+}
+
+/// Which pods get a sidecar.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InjectionSpec {
+    /// Namespaces whose pods are injected, by label. Defaults to namespaces labelled
+    /// `trellis.dev/inject: enabled`. A pod's own `trellis.dev/inject` annotation wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// What the API server does with pods when the webhook is unreachable: `Fail` or `Ignore`.
+    /// There is no silent default in the webhook configuration: this value is written as is.
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+    /// Namespaces never injected, in addition to `kube-system`, `kube-public` and the operator's
+    /// own namespace.
+    #[serde(default)]
+    pub excluded_namespaces: Vec<String>,
+}
+
+impl Default for InjectionSpec {
+    fn default() -> Self {
+        Self {
+            namespace_selector: None,
+            failure_policy: FailurePolicy::Fail,
+            excluded_namespaces: Vec::new(),
+        }
+    }
+}
+
+/// A label selector (the `matchLabels` part of `metav1.LabelSelector`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    /// Labels that must all be present with these values.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// Image pull policy of the sidecar.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
+}
+
+/// Log level of the sidecar.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+/// Access log format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// One human-readable line per request.
+    Text,
+}
+
+/// Settings of the injected sidecar.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxySpec {
+    /// Sidecar image. Changing it rolls the new version out as `rollout` says.
+    #[serde(default = "default_proxy_image")]
+    pub image: String,
+    /// Image pull policy of the sidecar and its init container.
+    #[serde(default)]
+    pub image_pull_policy: PullPolicy,
+    /// Compute resources of the sidecar; pods may override them with
+    /// `trellis.dev/proxy-cpu-request` style annotations.
+    #[serde(default)]
+    pub resources: ProxyResources,
+    /// Log level of the sidecar.
+    #[serde(default)]
+    pub log_level: LogLevel,
+    /// Per-request access logs on the sidecar's stdout.
+    #[serde(default)]
+    pub access_log: AccessLogSpec,
+}
+
+fn default_proxy_image() -> String {
+    "ghcr.io/trellis-mesh/trellis-proxy:0.1.0".into()
+}
+
+impl Default for ProxySpec {
+    fn default() -> Self {
+        Self {
+            image: default_proxy_image(),
+            image_pull_policy: PullPolicy::default(),
+            resources: ProxyResources::default(),
+            log_level: LogLevel::default(),
+            access_log: AccessLogSpec::default(),
+        }
+    }
+}
+
+/// Requests and limits of the sidecar container, as Kubernetes quantities.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyResources {
+    /// CPU request, e.g. `10m`.
+    #[serde(default = "d_cpu_req")]
+    pub cpu_request: String,
+    /// Memory request, e.g. `16Mi`.
+    #[serde(default = "d_mem_req")]
+    pub memory_request: String,
+    /// CPU limit; omit for none (recommended: CPU limits throttle latency).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<String>,
+    /// Memory limit, e.g. `64Mi`.
+    #[serde(default = "d_mem_lim")]
+    pub memory_limit: String,
+}
+
+fn d_cpu_req() -> String {
+    "10m".into()
+}
+fn d_mem_req() -> String {
+    "16Mi".into()
+}
+fn d_mem_lim() -> String {
+    "64Mi".into()
+}
+
+impl Default for ProxyResources {
+    fn default() -> Self {
+        Self {
+            cpu_request: d_cpu_req(),
+            memory_request: d_mem_req(),
+            cpu_limit: None,
+            memory_limit: d_mem_lim(),
+        }
+    }
+}
+
+/// Access log settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessLogSpec {
+    /// Write one line per request.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `Json` or `Text`.
+    #[serde(default)]
+    pub format: AccessLogFormat,
+}
+
+/// How a new sidecar version reaches running workloads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RolloutMode {
+    /// The operator restarts out-of-date workloads in batches.
+    #[default]
+    Automatic,
+    /// Workloads pick the new sidecar up when you restart them.
+    Manual,
+}
+
+/// Sidecar rollout settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// `Automatic` or `Manual`.
+    #[serde(default)]
+    pub mode: RolloutMode,
+    /// Workloads restarted at once in automatic mode.
+    #[serde(default = "d_batch")]
+    pub batch_size: u32,
+    /// How long a batch may take to become ready before the rollout stops and reports
+    /// `ProxiesUpToDate=False`, as a duration such as `10m`.
+    #[serde(default = "d_deadline")]
+    pub progress_deadline: String,
+    /// Stop restarting workloads (the rollout resumes where it stopped when unpaused).
+    #[serde(default)]
+    pub paused: bool,
+}
+
+fn d_batch() -> u32 {
+    5
+}
+fn d_deadline() -> String {
+    "10m".into()
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            mode: RolloutMode::Automatic,
+            batch_size: d_batch(),
+            progress_deadline: d_deadline(),
+            paused: false,
+        }
+    }
+}
+
+/// Observability addons.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservabilitySpec {
+    /// Prometheus scraping the sidecars' golden metrics.
+    #[serde(default)]
+    pub metrics: AddonSpec,
+    /// Grafana with the Trellis dashboards.
+    #[serde(default)]
+    pub dashboards: AddonSpec,
+    /// Distributed tracing.
+    #[serde(default)]
+    pub tracing: TracingSpec,
+}
+
+/// An addon the operator installs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AddonSpec {
+    /// Install the addon.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Image of the addon; defaults to a pinned upstream image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+/// Tracing settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TracingSpec {
+    /// Export spans from the sidecars.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Percent of new traces sampled, 0 to 100.
+    #[serde(default = "d_sampling")]
+    pub sampling_percent: f64,
+    /// OTLP/gRPC collector address (`host:port`). Empty with `enabled` installs a collector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collector: Option<String>,
+    /// Image of the collector the operator installs when `collector` is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+fn d_sampling() -> f64 {
+    1.0
+}
+
+/// Observed state of the mesh.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshStatus {
+    /// `Ready`, `CAReady`, `WebhookReady`, `ProxiesUpToDate`, `ObservabilityReady`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The generation the status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The root CA currently signing workload certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<CaStatus>,
+    /// Sidecar counts across the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxies: Option<ProxyCounts>,
+}
+
+/// The signing root.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaStatus {
+    /// SHA-256 fingerprint of the root certificate (hex).
+    pub fingerprint: String,
+    /// When the root expires (RFC 3339).
+    pub not_after: String,
+    /// Stage of a root rotation in progress, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<String>,
+}
+
+/// Sidecar counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyCounts {
+    /// Pods with a sidecar.
+    pub total: i64,
+    /// Pods whose sidecar runs the Mesh's current proxy image.
+    pub up_to_date: i64,
+}

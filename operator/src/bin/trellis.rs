@@ -1,0 +1,40 @@
+//! `trellis`: the user's CLI. Each subcommand lives in `trellis_operator::cli`.
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use trellis_operator::cli;
+
+#[derive(Parser)]
+#[command(name = "trellis", version, about = "Trellis service mesh CLI")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the CustomResourceDefinitions generated from the Rust types.
+    Crds(cli::crds::Args),
+    /// Add the sidecar to workload manifests (files or stdin), as the webhook would.
+    Inject(cli::inject::InjectArgs),
+    /// Remove an injected sidecar from workload manifests.
+    Uninject(cli::inject::UninjectArgs),
+    /// Run the whole mesh on this machine, with no cluster.
+    Dev(cli::dev::Args),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().cmd {
+        Cmd::Crds(a) => cli::crds::run(a),
+        Cmd::Inject(a) => cli::inject::run_inject(a),
+        Cmd::Uninject(a) => cli::inject::run_uninject(a),
+        Cmd::Dev(a) => cli::dev::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trellis: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Subcommands of the `trellis` CLI, one module each.
+pub mod crds;
+pub mod dev;
+pub mod inject;

@@ -1,0 +1,6 @@
+//! The Trellis operator library: the API types, the pure reconcile logic, and the thin layers
+//! that talk to the Kubernetes API. Binaries (`trellis-operator`, `trellis`) only wire these.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
