@@ -6,3 +6,4 @@ pub mod config;
 pub mod creds;
 pub mod init;
 pub mod run;
+pub mod traffic;
