@@ -56,6 +56,21 @@ pub struct MeshSpec {
     pub observability: ObservabilitySpec,
 }
 
+/// The spec an empty `spec: {}` deserializes to.
+impl Default for MeshSpec {
+    fn default() -> Self {
+        Self {
+            trust_domain: default_trust_domain(),
+            ca: CaSpec::default(),
+            workload_cert_ttl: default_workload_cert_ttl(),
+            injection: InjectionSpec::default(),
+            proxy: ProxySpec::default(),
+            rollout: RolloutSpec::default(),
+            observability: ObservabilitySpec::default(),
+        }
+    }
+}
+
 fn default_trust_domain() -> String {
     "cluster.local".into()
 }
@@ -360,7 +375,7 @@ pub struct AddonSpec {
 }
 
 /// Tracing settings.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TracingSpec {
     /// Export spans from the sidecars.
@@ -381,6 +396,17 @@ pub struct TracingSpec {
 
 fn d_sampling() -> f64 {
     1.0
+}
+
+impl Default for TracingSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            sampling_percent: d_sampling(),
+            collector: None,
+            image: None,
+        }
+    }
 }
 
 /// Observed state of the mesh.
@@ -423,4 +449,15 @@ pub struct ProxyCounts {
     pub total: i64,
     /// Pods whose sidecar runs the Mesh's current proxy image.
     pub up_to_date: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_spec_is_what_an_empty_spec_deserializes_to() {
+        let parsed: MeshSpec = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(parsed, MeshSpec::default());
+    }
 }
