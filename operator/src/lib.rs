@@ -4,5 +4,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod controller;
 pub mod duration;
+pub mod runtime;
 pub mod status;
