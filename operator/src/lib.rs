@@ -3,5 +3,6 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod ca;
 pub mod cli;
 pub mod duration;
