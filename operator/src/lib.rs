@@ -6,5 +6,6 @@ pub mod api;
 pub mod ca;
 pub mod cli;
 pub mod compiler;
+pub mod dev;
 pub mod duration;
 pub mod status;
