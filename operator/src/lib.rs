@@ -3,8 +3,11 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod ca;
 pub mod cli;
+pub mod compiler;
 pub mod controller;
+pub mod dev;
 pub mod duration;
 pub mod runtime;
 pub mod status;
