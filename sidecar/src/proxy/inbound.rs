@@ -215,13 +215,19 @@ async fn handle(
     } else {
         req.version()
     };
-    let auth = authority(&req).unwrap_or("").to_owned();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_default();
-    let trace = trace_id(req.headers()).map(str::to_owned);
+    // Copied out of the request only when an access log line will be written.
+    let (auth, path, trace) = if shared.access_log().is_some() {
+        (
+            authority(&req).unwrap_or("").to_owned(),
+            req.uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
+            trace_id(req.headers()).map(str::to_owned),
+        )
+    } else {
+        (String::new(), String::new(), None)
+    };
 
     let limiter = shared.inbound_limiter.lock().expect("limiter lock").clone();
     // Rate limited per source identity (per source address for plaintext clients).

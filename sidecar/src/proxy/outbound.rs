@@ -165,13 +165,19 @@ async fn handle(
 
     let method = req.method().clone();
     let version = req.version();
-    let auth = authority(&req).unwrap_or("").to_owned();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_default();
-    let trace = trace_id(req.headers()).map(str::to_owned);
+    // Copied out of the request only when an access log line will be written.
+    let (auth, path, trace) = if shared.access_log().is_some() {
+        (
+            authority(&req).unwrap_or("").to_owned(),
+            req.uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
+            trace_id(req.headers()).map(str::to_owned),
+        )
+    } else {
+        (String::new(), String::new(), None)
+    };
 
     let snap = shared.config.borrow().clone();
     // References into the snapshot this request started with: a reload publishes a new
@@ -180,7 +186,7 @@ async fn handle(
         if info.redirected {
             service_for_addr(&s.config, info.orig_dst).map(|svc| (svc, info.orig_dst.port()))
         } else {
-            service_for_authority(&s.config, &auth)
+            service_for_authority(&s.config, authority(&req).unwrap_or(""))
         }
     });
     let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
