@@ -6,3 +6,4 @@ pub mod api;
 pub mod ca;
 pub mod cli;
 pub mod duration;
+pub mod identity;
