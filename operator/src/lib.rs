@@ -5,5 +5,8 @@
 pub mod api;
 pub mod ca;
 pub mod cli;
+pub mod compiler;
+pub mod dev;
 pub mod duration;
 pub mod identity;
+pub mod status;
