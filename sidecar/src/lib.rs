@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod creds;
+pub mod identity;
 pub mod init;
 pub mod run;
 pub mod tls;

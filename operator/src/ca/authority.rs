@@ -200,9 +200,12 @@ impl CertificateAuthority {
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Trellis");
+        // A distinct subject per root: during a rotation two roots coexist in every bundle, and
+        // chain building picks candidate issuers by subject name.
+        let id: [u8; 4] = rand::random();
         dn.push(
             DnType::CommonName,
-            format!("Trellis root CA {trust_domain}"),
+            format!("Trellis root CA {trust_domain} {}", hex::encode(id)),
         );
         p.distinguished_name = dn;
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
