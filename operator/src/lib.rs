@@ -10,4 +10,5 @@ pub mod controller;
 pub mod dev;
 pub mod duration;
 pub mod runtime;
+pub mod identity;
 pub mod status;
