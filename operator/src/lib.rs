@@ -5,4 +5,5 @@
 pub mod api;
 pub mod cli;
 pub mod compiler;
+pub mod controller;
 pub mod duration;
