@@ -291,3 +291,8 @@ mod tests {
         assert_eq!(mesh_status(&m).proxies.unwrap().total, 3);
     }
 }
+//! Controllers: thin loops that feed reflector stores to pure reconcile functions and apply
+//! the result.
+
+pub mod compile;
+pub mod compile_apply;
