@@ -3,7 +3,11 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod ca;
 pub mod cli;
+pub mod compiler;
+pub mod dev;
 pub mod duration;
 pub mod inject;
+pub mod status;
 pub mod webhook;
