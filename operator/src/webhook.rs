@@ -105,6 +105,20 @@ impl WebhookMetrics {
 /// missing from the map counts as selected (see [`NamespaceInfo::labels`]).
 pub type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
 
+/// Builds the [`NamespaceLabels`] map from observed namespaces (for the runtime's namespace
+/// watch to publish on the `watch` channel the [`Injector`] reads).
+pub fn namespace_labels<'a>(
+    namespaces: impl IntoIterator<Item = &'a k8s_openapi::api::core::v1::Namespace>,
+) -> NamespaceLabels {
+    namespaces
+        .into_iter()
+        .filter_map(|ns| {
+            let name = ns.metadata.name.clone()?;
+            Some((name, ns.metadata.labels.clone().unwrap_or_default()))
+        })
+        .collect()
+}
+
 /// Limits of the server; the defaults suit production, tests shorten the timeouts.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -133,10 +147,29 @@ impl Default for ServeOptions {
 /// Everything a request needs: the current Mesh, namespace labels, context and metrics.
 #[derive(Clone)]
 pub struct Injector {
+    /// The `default` Mesh's spec, as last observed.
     pub mesh: watch::Receiver<MeshSpec>,
+    /// Namespace labels, as last observed (see [`namespace_labels`]).
     pub namespaces: watch::Receiver<Arc<NamespaceLabels>>,
     pub ctx: InjectContext,
     pub metrics: Arc<WebhookMetrics>,
+}
+
+impl Injector {
+    /// An injector whose metrics are registered in `registry`.
+    pub fn new(
+        mesh: watch::Receiver<MeshSpec>,
+        namespaces: watch::Receiver<Arc<NamespaceLabels>>,
+        ctx: InjectContext,
+        registry: &mut Registry,
+    ) -> Self {
+        Self {
+            mesh,
+            namespaces,
+            ctx,
+            metrics: WebhookMetrics::register(registry),
+        }
+    }
 }
 
 /// An HTTP answer: status and JSON body.
@@ -476,5 +509,37 @@ pub async fn serve_on(
         .is_err()
     {
         tracing::warn!("webhook connections still open after the drain timeout");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    #[test]
+    fn namespace_labels_from_observed_namespaces() {
+        let ns = |name: &str, labels: Option<&[(&str, &str)]>| Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: labels.map(|l| {
+                    l.iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let list = [
+            ns("shop", Some(&[("trellis.dev/inject", "enabled")])),
+            ns("bare", None),
+        ];
+        let map = namespace_labels(&list);
+        assert_eq!(map["shop"]["trellis.dev/inject"], "enabled");
+        // A namespace with no labels is known (and not selected), unlike a missing one.
+        assert!(map["bare"].is_empty());
+        assert!(!map.contains_key("other"));
     }
 }
