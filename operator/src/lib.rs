@@ -11,4 +11,6 @@ pub mod dev;
 pub mod duration;
 pub mod runtime;
 pub mod identity;
+pub mod inject;
 pub mod status;
+pub mod webhook;
