@@ -832,3 +832,81 @@ async fn p2c_ewma_prefers_the_fast_endpoint_and_least_request_balances_load() {
     assert_eq!(n1 + n2, 200);
     assert!(n1 > 40 && n2 > 40, "both used: {n1} {n2}");
 }
+
+#[tokio::test]
+async fn pending_and_connection_limits_shed_and_are_counted_by_limit() {
+    let slow = serve(|_| Reply::Delay(Duration::from_millis(300))).await;
+    let cb = |pending, conns| TrafficPolicy {
+        circuit_breaker: Some(CircuitBreaker {
+            max_connections: conns,
+            max_pending_requests: pending,
+            max_requests: None,
+        }),
+        ..policy()
+    };
+    let by_pending = service(
+        "pend",
+        &[slow.addr],
+        Protocol::Http1,
+        Some(cb(Some(2), None)),
+    );
+    let by_conns = service(
+        "conns",
+        &[slow.addr],
+        Protocol::Http1,
+        Some(cb(None, Some(4))),
+    );
+    let metrics = TrafficMetrics::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let d = Arc::new(Dispatcher::new_with_metrics(
+        Arc::new(PlainUpstream::default()),
+        metrics,
+    ));
+    d.update(&config(vec![by_pending.clone(), by_conns.clone()]));
+    for (svc, admitted) in [(&by_pending, 2), (&by_conns, 4)] {
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let (d, svc) = (d.clone(), svc.clone());
+            tasks.push(tokio::spawn(async move { send(&d, &svc, get()).await }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            let a = t.await.unwrap();
+            if a.status == 200 {
+                ok += 1;
+            } else {
+                assert_eq!((a.status.as_u16(), a.outcome.flags), (503, vec!["UO"]));
+            }
+        }
+        assert_eq!(ok, admitted, "{}", svc.name);
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("traffic_overflow_total{backend=\"pend.shop\",limit=\"pending\"} 8"),
+        "{text}"
+    );
+    assert!(
+        text.contains("traffic_overflow_total{backend=\"conns.shop\",limit=\"connections\"} 6")
+    );
+}
+
+#[tokio::test]
+async fn exhausted_retries_are_flagged_urx() {
+    let s = serve(|_| Reply::Status(503)).await;
+    let pol = TrafficPolicy {
+        retries: Some(retries(3, &[RetryOn::RetriableStatusCodes])),
+        ..policy()
+    };
+    let mut with_codes = pol.clone();
+    with_codes.retries.as_mut().unwrap().status_codes = vec![503];
+    let svc = service("urx", &[s.addr], Protocol::Http1, Some(with_codes));
+    let d = dispatcher();
+    d.update(&config(vec![svc.clone()]));
+    let a = send(&d, &svc, get()).await;
+    assert_eq!(a.status, 503);
+    assert_eq!(a.outcome.attempts, 3);
+    assert_eq!(a.outcome.flags, vec!["URX"]);
+    assert_eq!(s.hits(), 3);
+}
