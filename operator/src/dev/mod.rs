@@ -16,6 +16,9 @@ pub mod metrics;
 pub mod plan;
 pub mod spec;
 pub mod stats;
+pub mod supervise;
+pub mod synth;
+pub mod tokenreview;
 pub mod volume;
 
 /// The mesh's root namespace: a PeerAuthentication here applies mesh-wide.
