@@ -3,6 +3,9 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod ca;
 pub mod cli;
+pub mod compiler;
 pub mod dev;
 pub mod duration;
+pub mod status;

@@ -6,4 +6,5 @@ pub mod config;
 pub mod creds;
 pub mod init;
 pub mod run;
+pub mod tls;
 pub mod traffic;

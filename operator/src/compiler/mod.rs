@@ -1,0 +1,511 @@
+//! The control-plane compiler: a pure function from a [`Snapshot`] of observed objects to the
+//! desired `trellis-proxy` ConfigMap of every meshed namespace and the status of every CR.
+//!
+//! Nothing here talks to the API server; `controller::compile` feeds it reflector stores and
+//! applies the [`Output`]. Everything is sorted, so the same snapshot gives byte-identical
+//! configs and unchanged namespaces cause no writes.
+//!
+//! # Decisions (documented here because they are policy, not accident)
+//! - **Outbound visibility.** Every namespace's table lists every Service of the cluster that has
+//!   a TCP port (meshed or not): a meshed workload may call anything, and a Service whose pods
+//!   have no sidecar is listed with empty `identities`, which tells the proxy to use plaintext.
+//!   A TrafficPolicy therefore changes the table of every meshed namespace.
+//! - **Inline endpoints.** By default ([`InlineEndpoints::SameNamespace`]) a namespace's config
+//!   carries the endpoints of its own Services only; other Services are reached through their
+//!   cluster IP (the design's fallback) and verified against the Service-level identities. With
+//!   endpoints inlined everywhere, 10 000 endpoints make every config larger than a ConfigMap
+//!   and every pod restart rewrites every namespace. [`InlineEndpoints::All`] exists for small
+//!   meshes and local runs.
+//! - **Who has an identity.** A pod counts as meshed when the injector marked it with
+//!   `trellis.dev/proxy-version`; a pod without a sidecar cannot answer mTLS, so it contributes
+//!   no identity (its Service stays plaintext until it is restarted with a sidecar).
+//! - **PeerAuthentication with a selector in the root namespace** is an ordinary workload policy
+//!   of the root namespace (as in Istio), not a mesh-wide one. The root namespace is never
+//!   meshed, so such a policy reports `Programmed=False` with a message saying how to fix it.
+//! - **One TrafficPolicy per Service.** The config carries one policy per destination Service,
+//!   so two policies on the same Service conflict even when they name different ports.
+//!
+//! # Incremental compiles
+//! [`compile_incremental`] rebuilds the shared indexes (cheap), computes each namespace's
+//! revision from per-Service digests without rendering, and renders only namespaces whose
+//! revision differs from the previous [`Output`]; the others reuse the previous text (shared
+//! through `Arc`). The applier then writes only ConfigMaps whose data differs from what it
+//! observed.
+
+mod inbound;
+mod outbound;
+mod policy;
+mod render;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use trellis_proxy::config::{
+    AccessLog, AccessLogFormat, CONFIG_VERSION, MeshSettings, ProxyConfig, Telemetry,
+    TracingSettings,
+};
+
+use crate::api::conditions::{Condition, ConditionStatus};
+use crate::api::{Mesh, PeerAuthentication, TrafficPolicy};
+
+pub use outbound::infer_protocol;
+
+/// Name of the ConfigMap the compiler writes into every meshed namespace.
+pub const CONFIGMAP_NAME: &str = "trellis-proxy";
+/// Key of the compiled config in that ConfigMap.
+pub const CONFIG_KEY: &str = "config.json";
+/// The operator's namespace, where a PeerAuthentication without selector applies mesh-wide.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "trellis-system";
+/// Where sidecars ask for certificates.
+pub const DEFAULT_IDENTITY_ENDPOINT: &str = "https://trellis-operator.trellis-system.svc:15012";
+/// Namespace label that opts a namespace into the mesh (`enabled`) or out of it (`disabled`).
+pub const INJECT_LABEL: &str = "trellis.dev/inject";
+/// Annotation the injector puts on every pod that received a sidecar.
+pub const PROXY_VERSION_ANNOTATION: &str = "trellis.dev/proxy-version";
+/// A ConfigMap may hold 1 MiB; keep 64 KiB for metadata and managed fields.
+pub const DEFAULT_MAX_CONFIG_BYTES: usize = 1024 * 1024 - 64 * 1024;
+/// Namespaces that are never meshed, whatever their labels say.
+pub const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
+/// Server-first protocols' well-known ports (SMTP, MySQL, PostgreSQL, Redis, ...): the proxy
+/// must not wait for the client to speak first there. Linkerd ships the same list.
+pub const DEFAULT_SKIP_DETECTION_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
+/// Which Services carry inline endpoints in a namespace's config.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InlineEndpoints {
+    /// Only the namespace's own Services (see the module docs for why).
+    #[default]
+    SameNamespace,
+    /// Every Service (small meshes, local runs).
+    All,
+    /// None: every destination is reached through its cluster IP.
+    None,
+}
+
+/// Compiler settings that do not come from the cluster.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub root_namespace: String,
+    pub identity_endpoint: Option<String>,
+    pub inline_endpoints: InlineEndpoints,
+    /// Largest `config.json` written; larger ones are refused (see `Degraded`).
+    pub max_config_bytes: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            root_namespace: DEFAULT_ROOT_NAMESPACE.into(),
+            identity_endpoint: Some(DEFAULT_IDENTITY_ENDPOINT.into()),
+            inline_endpoints: InlineEndpoints::default(),
+            max_config_bytes: DEFAULT_MAX_CONFIG_BYTES,
+        }
+    }
+}
+
+/// Everything the compiler reads. Objects are `Arc`s because reflector stores hand them out that
+/// way; order does not matter (the compiler sorts).
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// The Mesh named `default`, if it exists; without it the defaults apply.
+    pub mesh: Option<Arc<Mesh>>,
+    pub traffic_policies: Vec<Arc<TrafficPolicy>>,
+    pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub settings: Settings,
+}
+
+/// `namespace/name` of a namespaced object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    fn of(meta: &ObjectMeta) -> Self {
+        Self::new(
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        )
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An object the compiler skipped, and why.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    pub kind: &'static str,
+    pub object: ObjectKey,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.kind, self.object, self.message)
+    }
+}
+
+/// A rendered `config.json` and its revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderedConfig {
+    pub revision: String,
+    pub json: String,
+}
+
+/// A namespace whose config was not emitted because it is too large.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TooLarge {
+    pub revision: String,
+    pub bytes: usize,
+}
+
+/// What the compiler wants the cluster to look like.
+#[derive(Clone, Debug, Default)]
+pub struct Output {
+    /// Every meshed namespace (emitted or not). A `trellis-proxy` ConfigMap managed by the
+    /// operator outside this set is an orphan to delete.
+    pub meshed: BTreeSet<String>,
+    /// Desired `config.json` per meshed namespace.
+    pub configs: BTreeMap<String, Arc<RenderedConfig>>,
+    /// Meshed namespaces whose config was refused: the ConfigMap in the cluster stays as it is.
+    pub too_large: BTreeMap<String, TooLarge>,
+    /// Meshed namespaces whose compiled config failed the sidecar's validation (a compiler bug or
+    /// a Mesh setting the sidecar refuses, such as a bad trust domain): not emitted either.
+    pub invalid: BTreeMap<String, String>,
+    /// Conditions (`Accepted`, `Programmed`, `Ready`) of every TrafficPolicy.
+    pub traffic_policies: BTreeMap<ObjectKey, Vec<Condition>>,
+    /// Conditions (`Accepted`, `Programmed`, `Ready`) of every PeerAuthentication.
+    pub peer_authentications: BTreeMap<ObjectKey, Vec<Condition>>,
+    /// The compiler's Mesh conditions (`Programmed`, `Degraded`).
+    pub mesh: Vec<Condition>,
+    /// Objects skipped as malformed.
+    pub problems: Vec<Problem>,
+    /// Namespaces rendered by this compile (the rest reused the previous text).
+    pub rendered: usize,
+}
+
+impl Output {
+    /// The desired `config.json` of a namespace.
+    pub fn config(&self, namespace: &str) -> Option<&str> {
+        self.configs.get(namespace).map(|c| c.json.as_str())
+    }
+
+    /// Namespaces whose desired config differs from `previous` (new, changed or gone).
+    pub fn changed_since(&self, previous: &Output) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for (ns, c) in &self.configs {
+            if previous.configs.get(ns).map(|p| &p.revision) != Some(&c.revision) {
+                out.insert(ns.clone());
+            }
+        }
+        for ns in previous.configs.keys() {
+            if !self.configs.contains_key(ns) && !self.too_large.contains_key(ns) {
+                out.insert(ns.clone());
+            }
+        }
+        out
+    }
+}
+
+/// Compiles a snapshot from scratch.
+pub fn compile(snapshot: &Snapshot) -> Output {
+    compile_incremental(snapshot, None)
+}
+
+/// Compiles a snapshot, reusing the rendered text of namespaces whose revision did not change
+/// since `previous`.
+pub fn compile_incremental(snapshot: &Snapshot, previous: Option<&Output>) -> Output {
+    let mut problems = Vec::new();
+    let settings = &snapshot.settings;
+    let mesh_spec = snapshot.mesh.as_ref().map(|m| &m.spec);
+    let meshed = meshed_namespaces(snapshot);
+
+    let table = outbound::build(snapshot, &mut problems);
+    let policies = policy::compile(&snapshot.traffic_policies, &table);
+    let inbound = inbound::resolve(&snapshot.peer_authentications, &settings.root_namespace);
+    let header_mesh = mesh_settings(mesh_spec, settings);
+    let fragments = render::Fragments::build(&table, &policies.attached);
+
+    let mut out = Output {
+        meshed: meshed.clone(),
+        ..Default::default()
+    };
+    for ns in &meshed {
+        let header = ProxyConfig {
+            version: CONFIG_VERSION,
+            revision: String::new(),
+            namespace: ns.clone(),
+            mesh: header_mesh.clone(),
+            inbound: inbound.policies_for(ns),
+            outbound: Vec::new(),
+        };
+        let plan = fragments.plan(ns, settings.inline_endpoints);
+        let revision = render::revision(&header, &plan);
+        if let Some(prev) = previous {
+            if let Some(c) = prev.configs.get(ns)
+                && c.revision == revision
+            {
+                out.configs.insert(ns.clone(), c.clone());
+                continue;
+            }
+            if let Some(t) = prev.too_large.get(ns)
+                && t.revision == revision
+            {
+                out.too_large.insert(ns.clone(), t.clone());
+                continue;
+            }
+            if let Some(reason) = prev.invalid.get(ns)
+                && reason.starts_with(&revision)
+            {
+                out.invalid.insert(ns.clone(), reason.clone());
+                continue;
+            }
+        }
+        out.rendered += 1;
+        let mut header = header;
+        header.revision = revision.clone();
+        let json = render::render(&header, &plan);
+        if json.len() > settings.max_config_bytes {
+            out.too_large.insert(
+                ns.clone(),
+                TooLarge {
+                    revision,
+                    bytes: json.len(),
+                },
+            );
+            continue;
+        }
+        // The sidecar's own validation, so a config it would refuse is never written. Rendering
+        // is ours; parsing it back proves the splice produced what the sidecar reads.
+        match ProxyConfig::from_json(json.as_bytes()) {
+            Ok(_) => {
+                out.configs
+                    .insert(ns.clone(), Arc::new(RenderedConfig { revision, json }));
+            }
+            Err(e) => {
+                out.invalid.insert(ns.clone(), format!("{revision}: {e}"));
+            }
+        }
+    }
+
+    let emitted: BTreeSet<&str> = out.configs.keys().map(String::as_str).collect();
+    out.traffic_policies = policies.conditions(&emitted, &meshed, &table);
+    out.peer_authentications = inbound.conditions(&emitted, &meshed, &settings.root_namespace);
+    problems.sort();
+    problems.dedup();
+    out.mesh = mesh_conditions(snapshot, &out, &problems);
+    out.problems = problems;
+    out
+}
+
+/// Namespaces that get a config: labelled `trellis.dev/inject: enabled` or matching the Mesh's
+/// `namespaceSelector`, minus `trellis.dev/inject: disabled`, the system namespaces, the root
+/// namespace, the Mesh's `excludedNamespaces` and namespaces being deleted.
+pub fn meshed_namespaces(snapshot: &Snapshot) -> BTreeSet<String> {
+    let injection = snapshot.mesh.as_ref().map(|m| &m.spec.injection);
+    let excluded: BTreeSet<&str> = injection
+        .map(|i| i.excluded_namespaces.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    let selector = injection.and_then(|i| i.namespace_selector.as_ref());
+    let mut out = BTreeSet::new();
+    for ns in &snapshot.namespaces {
+        let Some(name) = ns.metadata.name.as_deref() else {
+            continue;
+        };
+        if SYSTEM_NAMESPACES.contains(&name)
+            || name == snapshot.settings.root_namespace
+            || excluded.contains(name)
+            || ns.metadata.deletion_timestamp.is_some()
+        {
+            continue;
+        }
+        let labels = ns.metadata.labels.as_ref();
+        let label = labels.and_then(|l| l.get(INJECT_LABEL)).map(String::as_str);
+        let by_selector = selector.is_some_and(|s| {
+            s.match_labels
+                .iter()
+                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+        });
+        if label == Some("disabled") {
+            continue;
+        }
+        if label == Some("enabled") || by_selector {
+            out.insert(name.to_string());
+        }
+    }
+    out
+}
+
+fn mesh_settings(spec: Option<&crate::api::MeshSpec>, settings: &Settings) -> MeshSettings {
+    let default_spec;
+    let spec = match spec {
+        Some(s) => s,
+        None => {
+            default_spec = crate::api::MeshSpec {
+                trust_domain: "cluster.local".into(),
+                ca: Default::default(),
+                workload_cert_ttl: "24h".into(),
+                injection: Default::default(),
+                proxy: Default::default(),
+                rollout: Default::default(),
+                observability: Default::default(),
+            };
+            &default_spec
+        }
+    };
+    let tracing = &spec.observability.tracing;
+    MeshSettings {
+        trust_domain: spec.trust_domain.clone(),
+        identity_endpoint: settings.identity_endpoint.clone(),
+        telemetry: Telemetry {
+            access_log: AccessLog {
+                enabled: spec.proxy.access_log.enabled,
+                format: match spec.proxy.access_log.format {
+                    crate::api::mesh::AccessLogFormat::Json => AccessLogFormat::Json,
+                    crate::api::mesh::AccessLogFormat::Text => AccessLogFormat::Text,
+                },
+            },
+            tracing: match (&tracing.collector, tracing.enabled) {
+                (Some(collector), true) if !collector.is_empty() => Some(TracingSettings {
+                    sampling_percent: tracing.sampling_percent,
+                    collector: collector.clone(),
+                }),
+                _ => None,
+            },
+        },
+        skip_detection_ports: DEFAULT_SKIP_DETECTION_PORTS.to_vec(),
+        detect_timeout_ms: 100,
+    }
+}
+
+fn list<T: AsRef<str>>(items: impl IntoIterator<Item = T>, max: usize) -> String {
+    let items: Vec<String> = items.into_iter().map(|s| s.as_ref().to_string()).collect();
+    if items.len() > max {
+        format!("{} and {} more", items[..max].join(", "), items.len() - max)
+    } else {
+        items.join(", ")
+    }
+}
+
+fn mesh_conditions(snapshot: &Snapshot, out: &Output, problems: &[Problem]) -> Vec<Condition> {
+    let generation = snapshot.mesh.as_ref().and_then(|m| m.metadata.generation);
+    let defaults = if snapshot.mesh.is_none() {
+        " No Mesh named `default` exists: the defaults apply (trust domain cluster.local)."
+    } else {
+        ""
+    };
+    let max = snapshot.settings.max_config_bytes;
+    let programmed = if out.too_large.is_empty() && out.invalid.is_empty() {
+        Condition::new(
+            "Programmed",
+            ConditionStatus::True,
+            "Programmed",
+            format!(
+                "Sidecar configuration compiled for {} meshed namespace(s).{defaults}",
+                out.configs.len()
+            ),
+            generation,
+        )
+    } else {
+        let failed = out.too_large.keys().chain(out.invalid.keys());
+        Condition::new(
+            "Programmed",
+            ConditionStatus::False,
+            if out.too_large.is_empty() {
+                "InvalidConfig"
+            } else {
+                "ConfigTooLarge"
+            },
+            format!(
+                "Sidecar configuration not updated in namespace(s) {}; see the Degraded condition.{defaults}",
+                list(failed, 10)
+            ),
+            generation,
+        )
+    };
+    let degraded = if !out.too_large.is_empty() {
+        Condition::new(
+            "Degraded",
+            ConditionStatus::True,
+            "ConfigTooLarge",
+            format!(
+                "The compiled config of namespace(s) {} exceeds {max} bytes, the ConfigMap limit \
+                 minus headroom; the previous ConfigMap stays in force. Reduce the number of \
+                 Services or inlined endpoints (TrafficPolicies and Services cluster-wide count).",
+                list(
+                    out.too_large
+                        .iter()
+                        .map(|(ns, t)| format!("{ns} ({} bytes)", t.bytes)),
+                    10
+                )
+            ),
+            generation,
+        )
+    } else if !out.invalid.is_empty() {
+        Condition::new(
+            "Degraded",
+            ConditionStatus::True,
+            "InvalidConfig",
+            format!(
+                "The compiled config was refused by the sidecar's validation in namespace(s) {}; \
+                 the previous ConfigMap stays in force. First error: {}",
+                list(out.invalid.keys(), 10),
+                out.invalid
+                    .values()
+                    .next()
+                    .map(|s| s.split_once(": ").map_or(s.as_str(), |(_, e)| e))
+                    .unwrap_or_default()
+            ),
+            generation,
+        )
+    } else if !problems.is_empty() {
+        Condition::new(
+            "Degraded",
+            ConditionStatus::True,
+            "MalformedObjects",
+            format!(
+                "Skipped {} malformed object(s): {}",
+                problems.len(),
+                list(problems.iter().map(|p| p.to_string()), 5)
+            ),
+            generation,
+        )
+    } else {
+        Condition::new(
+            "Degraded",
+            ConditionStatus::False,
+            "AsExpected",
+            "",
+            generation,
+        )
+    };
+    vec![programmed, degraded]
+}
+
+/// `(creationTimestamp, namespace, name)`: the order "oldest wins" uses everywhere.
+pub(crate) fn age_key(meta: &ObjectMeta) -> (Option<jiff::Timestamp>, String, String) {
+    (
+        meta.creation_timestamp.as_ref().map(|t| t.0),
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
