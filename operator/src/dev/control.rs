@@ -151,7 +151,10 @@ pub fn compile(
         problems.push(format!("namespace {ns}: compiled config is invalid: {why}"));
     }
     for (ns, tl) in &out.too_large {
-        problems.push(format!("namespace {ns}: config too large ({} bytes)", tl.bytes));
+        problems.push(format!(
+            "namespace {ns}: config too large ({} bytes)",
+            tl.bytes
+        ));
     }
     if !problems.is_empty() {
         return Err(ControlError::Compile(problems.join("; ")));

@@ -48,8 +48,8 @@ pub fn render(f: &Frame<'_>) -> String {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:<24} {:<7} {:<9} {}",
-        "WORKLOAD", "KIND", "READY", "IDENTITY (SPIFFE)"
+        "{:<24} {:<7} {:<9} IDENTITY (SPIFFE)",
+        "WORKLOAD", "KIND", "READY"
     );
     for s in f.services {
         let mut line = format!(

@@ -167,16 +167,29 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let sh = Path::new("/bin/sh");
         // One child that exits on SIGTERM, one that ignores it (and starts a grandchild).
-        let polite = spawn("polite", sh, &["-c".into(), "sleep 30".into()], &[], &d.path().join("a.log")).unwrap();
+        let polite = spawn(
+            "polite",
+            sh,
+            &["-c".into(), "sleep 30".into()],
+            &[],
+            &d.path().join("a.log"),
+        )
+        .unwrap();
         let stubborn = spawn(
             "stubborn",
             sh,
-            &["-c".into(), "trap '' TERM; sleep 30 & wait; sleep 30".into()],
+            &[
+                "-c".into(),
+                "trap '' TERM; sleep 30 & wait; sleep 30".into(),
+            ],
             &[],
             &d.path().join("b.log"),
         )
         .unwrap();
-        let pids: Vec<u32> = [&polite, &stubborn].iter().filter_map(|p| p.pid()).collect();
+        let pids: Vec<u32> = [&polite, &stubborn]
+            .iter()
+            .filter_map(|p| p.pid())
+            .collect();
         let mut procs = vec![polite, stubborn];
         tokio::time::sleep(Duration::from_millis(100)).await;
         let killed = stop_all(&mut procs, Duration::from_millis(500)).await;

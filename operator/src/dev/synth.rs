@@ -211,12 +211,24 @@ mod tests {
         assert_eq!(c.pods.len(), 3);
         let inbound = plan.pods[1].proxy.unwrap().inbound;
         let slice = &c.endpoint_slices[1];
-        assert_eq!(slice.ports.as_ref().unwrap()[0].port, Some(i32::from(inbound)));
         assert_eq!(
-            slice.endpoints.as_ref().unwrap()[0].target_ref.as_ref().unwrap().name.as_deref(),
+            slice.ports.as_ref().unwrap()[0].port,
+            Some(i32::from(inbound))
+        );
+        assert_eq!(
+            slice.endpoints.as_ref().unwrap()[0]
+                .target_ref
+                .as_ref()
+                .unwrap()
+                .name
+                .as_deref(),
             Some("api-1")
         );
-        let old = c.pods.iter().find(|p| p.metadata.name.as_deref() == Some("old-0")).unwrap();
+        let old = c
+            .pods
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some("old-0"))
+            .unwrap();
         assert_eq!(
             old.metadata.labels.as_ref().unwrap()[INJECT_LABEL],
             "disabled",

@@ -129,9 +129,7 @@ impl TokenAuthority {
             return status(
                 StatusCode::NOT_FOUND,
                 "NotFound",
-                format!(
-                    "trellis dev answers only TokenReview (POST {PATH}); got {method} {path}"
-                ),
+                format!("trellis dev answers only TokenReview (POST {PATH}); got {method} {path}"),
             );
         }
         let bytes = match req.into_body().collect().await {
@@ -189,7 +187,11 @@ mod tests {
         }
     }
 
-    async fn review_via_kube(auth: &TokenAuthority, token: &str, aud: &[&str]) -> TokenReviewStatus {
+    async fn review_via_kube(
+        auth: &TokenAuthority,
+        token: &str,
+        aud: &[&str],
+    ) -> TokenReviewStatus {
         let api: kube::Api<TokenReview> = kube::Api::all(auth.client());
         let tr = TokenReview {
             spec: TokenReviewSpec {
@@ -232,7 +234,11 @@ mod tests {
         let auth = TokenAuthority::default();
         let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
             kube::Api::namespaced(auth.client(), "shop");
-        let e = pods.list(&Default::default()).await.unwrap_err().to_string();
+        let e = pods
+            .list(&Default::default())
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("only TokenReview"), "{e}");
     }
 }
