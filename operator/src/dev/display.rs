@@ -16,6 +16,8 @@ pub struct ServiceRow {
     pub identity: Option<String>,
     /// Children that exited, with their status, for the row's note.
     pub exited: Vec<String>,
+    /// The sidecars' own counters (config reloads, refused connections), when meshed.
+    pub sidecar: Option<String>,
 }
 
 /// Everything one frame shows.
@@ -59,6 +61,9 @@ pub fn render(f: &Frame<'_>) -> String {
             format!("{}/{}", s.ready, s.replicas),
             s.identity.as_deref().unwrap_or("- (no sidecar)")
         );
+        if let Some(sc) = &s.sidecar {
+            let _ = write!(line, "  [{sc}]");
+        }
         if !s.exited.is_empty() {
             let _ = write!(line, "  EXITED: {}", s.exited.join(", "));
         }
@@ -145,6 +150,7 @@ mod tests {
                 ready: 2,
                 identity: Some("spiffe://cluster.local/ns/shop/sa/catalog".into()),
                 exited: vec!["catalog-2 sidecar (exit status: 1)".into()],
+                sidecar: Some("reloads 2, refused 0".into()),
             }],
             edges: &edges,
             edge_notes: &[],

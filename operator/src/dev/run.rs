@@ -84,6 +84,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         ready: BTreeMap::new(),
         shutdown: tokio_util::sync::CancellationToken::new(),
         cred_desc: String::new(),
+        sidecars: BTreeMap::new(),
     };
     let result = local.run().await;
     // Whatever happened, stop what was started and remove the state directory.
@@ -172,6 +173,8 @@ struct LocalMesh {
     shutdown: tokio_util::sync::CancellationToken,
     /// How the sidecars get their certificates, for the header.
     cred_desc: String,
+    /// Latest per-pod sidecar counters (refused connections, config reloads).
+    sidecars: BTreeMap<String, stats::SidecarCounts>,
 }
 
 pub(crate) fn pod_key(p: &Pod) -> String {
@@ -751,7 +754,14 @@ impl LocalMesh {
                     None => !exited_by_pod.contains_key(&pod_key(q)),
                 })
                 .count() as u32;
+            let mut sc = stats::SidecarCounts::default();
+            for q in &pods {
+                if let Some(c) = self.sidecars.get(&pod_key(q)) {
+                    sc.add(c);
+                }
+            }
             rows.push(ServiceRow {
+                sidecar: (p.proxy.is_some()).then(|| sc.describe()),
                 key,
                 kind: match p.role {
                     Role::Service { .. } => "service",
