@@ -6,6 +6,9 @@
 //! they are accepted; later modules (the compiler, the CA) add their own controllers to [`all`]
 //! or replace a reconcile here with theirs.
 
+pub mod compile;
+pub mod compile_apply;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -291,8 +294,3 @@ mod tests {
         assert_eq!(mesh_status(&m).proxies.unwrap().total, 3);
     }
 }
-//! Controllers: thin loops that feed reflector stores to pure reconcile functions and apply
-//! the result.
-
-pub mod compile;
-pub mod compile_apply;
