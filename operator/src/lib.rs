@@ -9,5 +9,8 @@ pub mod compiler;
 pub mod controller;
 pub mod dev;
 pub mod duration;
+pub mod identity;
+pub mod inject;
 pub mod runtime;
 pub mod status;
+pub mod webhook;

@@ -6,6 +6,9 @@
 //! they are accepted; later modules (the compiler, the CA) add their own controllers to [`all`]
 //! or replace a reconcile here with theirs.
 
+pub mod compile;
+pub mod compile_apply;
+
 use std::sync::Arc;
 use std::time::Duration;
 
