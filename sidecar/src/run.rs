@@ -258,6 +258,16 @@ fn init_logging(args: &RunArgs) {
     }
 }
 
+/// The identity endpoint: the flag/env wins, else `mesh.identityEndpoint` of `<dir>/config.json`.
+fn identity_endpoint(args: &RunArgs) -> Option<String> {
+    if let Some(e) = &args.identity_endpoint {
+        return Some(e.clone());
+    }
+    let text = std::fs::read(args.dir.join(crate::reload::CONFIG_FILE)).ok()?;
+    let cfg: crate::config::ProxyConfig = serde_json::from_slice(&text).ok()?;
+    cfg.mesh.identity_endpoint
+}
+
 pub fn main(args: RunArgs) -> ExitCode {
     init_logging(&args);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -285,14 +295,29 @@ pub fn main(args: RunArgs) -> ExitCode {
                     creds_tx,
                 ));
             }
-            _ => {
-                // Issuance from the identity endpoint is wired by the identity work; until
-                // then the proxy is not ready without --cert-file/--key-file.
-                tracing::error!(
-                    "no --cert-file/--key-file: the identity endpoint client is not wired; the proxy will not become ready"
-                );
-                std::mem::forget(creds_tx);
-            }
+            _ => match identity_endpoint(&args) {
+                // The identity client publishes on creds_tx; the proxy is ready once it has a
+                // certificate. It runs for the life of the process (it also stops once every
+                // credentials receiver is gone).
+                Some(endpoint) => {
+                    let dir = args.dir.clone();
+                    let stop = tokio_util::sync::CancellationToken::new();
+                    tokio::spawn(async move {
+                        if let Err(e) =
+                            crate::identity::run_identity_client(endpoint, dir, creds_tx, stop)
+                                .await
+                        {
+                            tracing::error!(error = %e, "identity client cannot run; the proxy will not become ready");
+                        }
+                    });
+                }
+                None => {
+                    tracing::error!(
+                        "no --cert-file/--key-file and no identity endpoint (--identity-endpoint or mesh.identityEndpoint in config.json); the proxy will not become ready"
+                    );
+                    std::mem::forget(creds_tx);
+                }
+            },
         }
         let running = match start(Options::from(&args), creds_rx).await {
             Ok(r) => r,
