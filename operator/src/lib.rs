@@ -3,7 +3,14 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod ca;
 pub mod cli;
 pub mod compiler;
 pub mod controller;
+pub mod dev;
 pub mod duration;
+pub mod identity;
+pub mod inject;
+pub mod runtime;
+pub mod status;
+pub mod webhook;

@@ -2,21 +2,25 @@
 
 use std::collections::BTreeMap;
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::conditions::Condition;
 
 /// Mesh-wide configuration. Only the Mesh named `default` is acted on.
-#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
     group = "trellis.dev",
     version = "v1alpha1",
     kind = "Mesh",
+    doc = "Mesh-wide configuration of the Trellis service mesh: identity (trust domain and CA), sidecar injection and rollout, proxy settings and observability addons. Only the Mesh named `default` is acted on.",
     plural = "meshes",
     shortname = "mesh",
     status = "MeshStatus",
+    validation = Rule::new("self.metadata.name == 'default'")
+        .message("the mesh is the Mesh named `default`: rename this object to default")
+        .reason(Reason::FieldValueInvalid),
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Trust Domain","type":"string","jsonPath":".spec.trustDomain"}"#,
     printcolumn = r#"{"name":"Proxies","type":"integer","jsonPath":".status.proxies.total"}"#,
@@ -35,6 +39,8 @@ pub struct MeshSpec {
     /// Lifetime of workload certificates, as a duration such as `24h` or `90m`. Sidecars renew at
     /// 70 % of it. Shorter is safer; at least `10m`.
     #[serde(default = "default_workload_cert_ttl")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = super::duration_rule())]
     pub workload_cert_ttl: String,
     /// Which pods get a sidecar.
     #[serde(default)]
@@ -50,6 +56,21 @@ pub struct MeshSpec {
     pub observability: ObservabilitySpec,
 }
 
+/// The spec an empty `spec: {}` deserializes to.
+impl Default for MeshSpec {
+    fn default() -> Self {
+        Self {
+            trust_domain: default_trust_domain(),
+            ca: CaSpec::default(),
+            workload_cert_ttl: default_workload_cert_ttl(),
+            injection: InjectionSpec::default(),
+            proxy: ProxySpec::default(),
+            rollout: RolloutSpec::default(),
+            observability: ObservabilitySpec::default(),
+        }
+    }
+}
+
 fn default_trust_domain() -> String {
     "cluster.local".into()
 }
@@ -59,7 +80,9 @@ fn default_workload_cert_ttl() -> String {
 
 /// Certificate authority settings. Exactly one of `selfSigned` or `secretRef` applies; with
 /// neither, a self-signed root with default validity is created.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new("!(has(self.selfSigned) && has(self.secretRef))")
+    .message("set either selfSigned or secretRef, not both"))]
 #[serde(rename_all = "camelCase")]
 pub struct CaSpec {
     /// Let the operator create and keep a self-signed root CA (stored in a Secret in the
@@ -72,12 +95,14 @@ pub struct CaSpec {
 }
 
 /// A self-signed root CA managed by the operator.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SelfSignedCa {
     /// Validity of the root certificate, as a duration such as `8760h` (one year). The operator
     /// rotates the root, without downtime, when it nears expiry.
     #[serde(default = "default_root_validity")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = super::duration_rule())]
     pub root_validity: String,
 }
 
@@ -283,18 +308,21 @@ pub enum RolloutMode {
 }
 
 /// Sidecar rollout settings.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutSpec {
     /// `Automatic` or `Manual`.
     #[serde(default)]
     pub mode: RolloutMode,
-    /// Workloads restarted at once in automatic mode.
+    /// Workloads restarted at once in automatic mode (at least 1).
     #[serde(default = "d_batch")]
+    #[x_kube(validation = Rule::new("self >= 1").message("batchSize must be at least 1"))]
     pub batch_size: u32,
     /// How long a batch may take to become ready before the rollout stops and reports
     /// `ProxiesUpToDate=False`, as a duration such as `10m`.
     #[serde(default = "d_deadline")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = super::duration_rule())]
     pub progress_deadline: String,
     /// Stop restarting workloads (the rollout resumes where it stopped when unpaused).
     #[serde(default)]
@@ -347,7 +375,7 @@ pub struct AddonSpec {
 }
 
 /// Tracing settings.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TracingSpec {
     /// Export spans from the sidecars.
@@ -355,6 +383,8 @@ pub struct TracingSpec {
     pub enabled: bool,
     /// Percent of new traces sampled, 0 to 100.
     #[serde(default = "d_sampling")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 100.0")
+        .message("samplingPercent must be between 0 and 100"))]
     pub sampling_percent: f64,
     /// OTLP/gRPC collector address (`host:port`). Empty with `enabled` installs a collector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -368,12 +398,24 @@ fn d_sampling() -> f64 {
     1.0
 }
 
+impl Default for TracingSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            sampling_percent: d_sampling(),
+            collector: None,
+            image: None,
+        }
+    }
+}
+
 /// Observed state of the mesh.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MeshStatus {
     /// `Ready`, `CAReady`, `WebhookReady`, `ProxiesUpToDate`, `ObservabilityReady`.
     #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
     /// The generation the status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -407,4 +449,15 @@ pub struct ProxyCounts {
     pub total: i64,
     /// Pods whose sidecar runs the Mesh's current proxy image.
     pub up_to_date: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_spec_is_what_an_empty_spec_deserializes_to() {
+        let parsed: MeshSpec = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(parsed, MeshSpec::default());
+    }
 }

@@ -25,6 +25,13 @@ pub const MESH_NAME: &str = "default";
 /// Field manager for every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "trellis-operator";
 
+/// The CEL rule every duration field carries: the string must match
+/// [`crate::duration::PATTERN`], the grammar [`crate::duration::parse`] accepts.
+pub(crate) fn duration_rule() -> kube::core::Rule {
+    kube::core::Rule::new(format!("self.matches('{}')", crate::duration::PATTERN))
+        .message("must be a duration such as 500ms, 2s, 1m30s or 24h")
+}
+
 /// Every CRD, in the order `trellis crds` prints them.
 pub fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -12,11 +12,14 @@ use super::mesh::LabelSelector;
 /// Inbound mTLS mode for workloads. Precedence: a policy with a `selector` beats the namespace's
 /// policy without one, which beats the mesh-wide policy (one in the operator's root namespace);
 /// `portLevelMtls` beats the workload mode; `Unset` inherits from the next level.
-#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new("!has(self.portLevelMtls) || size(self.portLevelMtls) == 0 || has(self.selector)")
+    .message("portLevelMtls needs a selector: port numbers only mean something for specific workloads"))]
 #[kube(
     group = "trellis.dev",
     version = "v1alpha1",
     kind = "PeerAuthentication",
+    doc = "Which inbound traffic meshed workloads accept: the mTLS mode for a namespace, for workloads selected by label, or (in the mesh root namespace) for the whole mesh.",
     plural = "peerauthentications",
     shortname = "pa",
     namespaced,
@@ -34,8 +37,12 @@ pub struct PeerAuthenticationSpec {
     /// mTLS mode of the selected workloads.
     #[serde(default)]
     pub mtls: MtlsSpec,
-    /// Per container-port mode overrides. Only allowed with a `selector`.
+    /// Per container-port mode overrides, keyed by container port number (`"8080"`). Only allowed
+    /// with a `selector`.
     #[serde(default)]
+    #[schemars(extend("maxProperties" = 64))]
+    #[x_kube(validation = Rule::new("self.all(k, k.size() <= 5 && k.matches('^[0-9]+$') && int(k) >= 1 && int(k) <= 65535)")
+        .message("portLevelMtls keys must be port numbers 1 to 65535"))]
     pub port_level_mtls: BTreeMap<String, MtlsSpec>,
 }
 
@@ -63,11 +70,12 @@ pub struct MtlsSpec {
 }
 
 /// Observed state of a PeerAuthentication.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PeerAuthenticationStatus {
     /// `Accepted`, `Programmed`, `Ready`.
     #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
     /// The generation the status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,7 +1,7 @@
 //! `TrafficPolicy`: how clients reach one Service (balancing, timeouts, retries, circuit
 //! breaking, rate limits, canary splits).
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -10,11 +10,12 @@ use super::conditions::Condition;
 /// Client-side traffic policy for one Service. Applied by every sidecar that calls the Service.
 /// When two policies target the same Service (and port), the oldest wins and the others report
 /// `Accepted=False` with reason `Conflicted`.
-#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
     group = "trellis.dev",
     version = "v1alpha1",
     kind = "TrafficPolicy",
+    doc = "How clients in the mesh call one Service: load balancing, timeouts, retries with a budget, circuit breaking, outlier detection, local rate limits and weighted (canary) splits.",
     plural = "trafficpolicies",
     shortname = "tp",
     namespaced,
@@ -48,22 +49,29 @@ pub struct TrafficPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
     /// Weighted split of the Service's traffic to other Services in this namespace (canary).
-    /// To keep part of the traffic on the target itself, list it too.
+    /// To keep part of the traffic on the target itself, list it too. At least one weight must be
+    /// above zero.
     #[serde(default)]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.size() == 0 || self.exists(b, b.weight > 0)")
+        .message("split weights are all zero: give at least one backend a weight above 0"))]
     pub split: Vec<SplitBackend>,
 }
 
 /// A reference to a Service.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TargetRef {
     /// Kind of the target; only `Service` is supported.
     #[serde(default = "service_kind")]
+    #[x_kube(validation = Rule::new("self == 'Service'")
+        .message("targetRef.kind must be Service"))]
     pub kind: String,
     /// Name of the Service.
     pub name: String,
-    /// Restrict the policy to this Service port.
+    /// Restrict the policy to this Service port (1 to 65535).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("targetRef.port must be 1 to 65535"))]
     pub port: Option<u16>,
 }
 
@@ -88,7 +96,13 @@ pub enum LbAlgorithm {
 }
 
 /// Load-balancing settings.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(
+    validation = Rule::new("!has(self.algorithm) || self.algorithm != 'ConsistentHash' || has(self.hash)")
+        .message("algorithm ConsistentHash needs hash: set one of header, cookie or sourceIp"),
+    validation = Rule::new("!has(self.hash) || (has(self.algorithm) && self.algorithm == 'ConsistentHash')")
+        .message("hash is only used with algorithm ConsistentHash")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadBalancerSpec {
     /// `P2CEWMA` (default), `LeastRequest`, `RoundRobin`, `Random` or `ConsistentHash`.
@@ -100,7 +114,10 @@ pub struct LoadBalancerSpec {
 }
 
 /// The key of a consistent hash: set exactly one.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new(
+    "(has(self.header) ? 1 : 0) + (has(self.cookie) ? 1 : 0) + (has(self.sourceIp) ? 1 : 0) == 1"
+).message("hash needs exactly one of header, cookie or sourceIp"))]
 #[serde(rename_all = "camelCase")]
 pub struct HashSpec {
     /// Hash on this request header.
@@ -115,17 +132,23 @@ pub struct HashSpec {
 }
 
 /// Timeouts, as durations such as `500ms`, `2s` or `1m`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TimeoutsSpec {
     /// Whole request including retries; a timed-out request gets 504.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = super::duration_rule())]
     pub request: Option<String>,
     /// Close connections idle this long.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = super::duration_rule())]
     pub idle: Option<String>,
     /// Give up connecting to an endpoint after this long.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = super::duration_rule())]
     pub connect: Option<String>,
 }
 
@@ -176,28 +199,40 @@ impl GrpcCode {
 }
 
 /// Retry settings.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetriesSpec {
     /// Total attempts including the first, 1 to 10 (2 means one retry).
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 10")
+        .message("attempts must be 1 to 10 (it counts the first try)"))]
     pub attempts: u32,
     /// Timeout of each attempt, as a duration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = super::duration_rule())]
     pub per_try_timeout: Option<String>,
     /// Conditions that trigger a retry. Defaults to `ConnectFailure`, `Reset`, `GatewayError`.
     #[serde(default)]
+    #[schemars(length(max = 8))]
     pub retry_on: Vec<RetryOn>,
-    /// Status codes retried with `RetriableStatusCodes`.
+    /// Status codes retried with `RetriableStatusCodes` (100 to 599).
     #[serde(default)]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.all(c, c >= 100 && c <= 599)")
+        .message("statusCodes must be HTTP status codes (100 to 599)"))]
     pub status_codes: Vec<u16>,
     /// gRPC statuses retried with `GrpcStatus`, e.g. `UNAVAILABLE`.
     #[serde(default)]
+    #[schemars(length(max = 8))]
     pub grpc_codes: Vec<GrpcCode>,
     /// First backoff between attempts (doubles each time, with jitter), as a duration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = super::duration_rule())]
     pub backoff: Option<String>,
     /// Retry budget: retries may add at most this percent of recent requests (default 20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self <= 100").message("budgetPercent must be 0 to 100"))]
     pub budget_percent: Option<u32>,
     /// Retries per second always allowed regardless of the percent (default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -224,17 +259,21 @@ pub struct CircuitBreakerSpec {
 }
 
 /// Outlier detection.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutlierDetectionSpec {
     /// Failures in a row (5xx, connect failures, resets) that eject an endpoint.
     #[serde(default = "d_consecutive")]
+    #[x_kube(validation = Rule::new("self >= 1").message("consecutiveFailures must be at least 1"))]
     pub consecutive_failures: u32,
     /// First ejection time, as a duration; each further ejection of the same endpoint doubles it.
     #[serde(default = "d_ejection")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = super::duration_rule())]
     pub base_ejection_time: String,
     /// At most this percent of endpoints are ejected at once (0 to 100).
     #[serde(default = "d_max_eject")]
+    #[x_kube(validation = Rule::new("self <= 100").message("maxEjectionPercent must be 0 to 100"))]
     pub max_ejection_percent: u32,
 }
 
@@ -249,10 +288,11 @@ fn d_max_eject() -> u32 {
 }
 
 /// Local rate limit.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RateLimitSpec {
     /// Sustained requests per second allowed by each calling sidecar.
+    #[x_kube(validation = Rule::new("self >= 1").message("requestsPerSecond must be at least 1"))]
     pub requests_per_second: u32,
     /// Requests allowed in a burst above the sustained rate; defaults to `requestsPerSecond`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -260,22 +300,24 @@ pub struct RateLimitSpec {
 }
 
 /// One backend of a weighted split.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SplitBackend {
     /// Name of a Service in this namespace.
     pub name: String,
     /// Relative weight, 0 to 10000.
+    #[x_kube(validation = Rule::new("self <= 10000").message("weight must be 0 to 10000"))]
     pub weight: u32,
 }
 
 /// Observed state of a TrafficPolicy.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficPolicyStatus {
     /// `Accepted` (reasons `Accepted`, `TargetNotFound`, `Conflicted`, `Invalid`), `Programmed`,
     /// `Ready`.
     #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
     /// The generation the status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]

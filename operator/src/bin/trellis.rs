@@ -21,10 +21,19 @@ enum Cmd {
     Uninject(cli::inject::UninjectArgs),
     /// Run the whole mesh on this machine, with no cluster.
     Dev(cli::dev::Args),
+    /// Run the sidecar proxy: the same code as the `trellis-proxy` binary, so one
+    /// `cargo run --bin trellis -- dev` builds everything the local mesh runs.
+    #[command(hide = true)]
+    Proxy(trellis_proxy::run::RunArgs),
+    /// The demo program `trellis dev` runs for each local service and client.
+    #[command(hide = true)]
+    DemoService(trellis_operator::dev::demo::Args),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().cmd {
+        Cmd::Proxy(a) => return trellis_proxy::run::main(a),
+        Cmd::DemoService(a) => return trellis_operator::dev::demo::main(a),
         Cmd::Crds(a) => cli::crds::run(a),
         Cmd::Inject(a) => cli::inject::run_inject(a),
         Cmd::Uninject(a) => cli::inject::run_uninject(a),

@@ -9,7 +9,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,7 +16,25 @@ use futures::future::BoxFuture;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 
-use crate::config::{OutboundService, Protocol};
+use crate::config::Protocol;
+
+mod balance;
+mod body;
+mod discover;
+mod dispatch;
+mod endpoint;
+mod limit;
+mod metrics;
+mod plain;
+
+pub use balance::{Ring, VNODES, hash_bytes};
+pub use body::MAX_REPLAY_BYTES;
+pub use discover::{Discover, InlineEndpoints};
+pub use dispatch::{Dispatcher, EndpointStats};
+pub use endpoint::{EWMA_DECAY, EWMA_DEFAULT_RTT};
+pub use limit::{BUDGET_TTL, InboundRateLimiter, RetryBudget, TokenBucket, rate_limited_response};
+pub use metrics::TrafficMetrics;
+pub use plain::PlainUpstream;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides of the traffic layer.
@@ -88,63 +105,24 @@ pub struct Outcome {
     pub endpoint: Option<SocketAddr>,
     /// Attempts made (1 without retries).
     pub attempts: u32,
-    /// Envoy-style response flags: `UF` connect failure, `UT` timeout, `NR` no route,
-    /// `UO` overflow, `RL` rate limited, `URX` retries exhausted.
+    /// Envoy-style response flags: `UF` connect failure, `UC` upstream reset, `UT` timeout
+    /// (request or per-try), `UO` overflow (circuit breaker), `RL` rate limited, `URX` retries
+    /// exhausted (the last allowed attempt still failed retriably).
     pub flags: Vec<&'static str>,
 }
 
-/// Applies the traffic policy of each destination to outbound requests.
-pub struct Dispatcher {
-    upstream: Arc<dyn Upstream>,
-    next: AtomicUsize,
-}
-
-impl Dispatcher {
-    pub fn new(upstream: Arc<dyn Upstream>) -> Self {
-        Self {
-            upstream,
-            next: AtomicUsize::new(0),
-        }
-    }
-
-    /// Sends a request for `service:port`, applying its policy; always returns a response (errors
-    /// become 502/503/504 with an [`Outcome`] in the extensions).
-    pub async fn dispatch(
-        &self,
-        service: &OutboundService,
-        port: u16,
-        req: Request<Body>,
-        ctx: &RequestCtx,
-    ) -> Response<Body> {
-        let sp = service.port(port);
-        let protocol = sp.map(|p| p.protocol).unwrap_or_default();
-        let addr = match sp.map(|p| p.endpoints.as_slice()).unwrap_or(&[]) {
-            [] => ctx.original_dst,
-            eps => eps[self.next.fetch_add(1, Ordering::Relaxed) % eps.len()].address,
-        };
-        let target = Target {
-            addr,
-            identities: service.identities.clone().into(),
-            protocol,
-            connect_timeout: None,
-        };
-        let mut outcome = Outcome {
-            backend: service.key(),
-            endpoint: Some(addr),
-            attempts: 1,
-            flags: Vec::new(),
-        };
-        let mut resp = match self.upstream.send(target, req).await {
-            Ok(resp) => resp,
-            Err(e) => {
-                tracing::debug!(error = %e, "upstream request failed");
-                outcome.flags.push("UF");
-                error_response(StatusCode::BAD_GATEWAY)
-            }
-        };
-        resp.extensions_mut().insert(outcome);
-        resp
-    }
+/// Connection-level parameters of a destination that the core's pool enforces, attached to
+/// each attempt's request extensions when the policy sets any (additive to [`Target`], so the
+/// core reads them with `req.extensions().get::<ConnectionParams>()`).
+///
+/// The traffic layer also enforces `max_connections` itself for HTTP/1 destinations, as a cap
+/// on concurrent requests (each holds one connection); for HTTP/2 only the pool can.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionParams {
+    /// `timeouts.idleMs`: close pooled connections idle this long.
+    pub idle_timeout: Option<Duration>,
+    /// `circuitBreaker.maxConnections`: connections per endpoint the pool may open.
+    pub max_connections: Option<u32>,
 }
 
 /// A response the proxy generates itself.

@@ -1,0 +1,558 @@
+//! `trellis demo-service`: the small program every local service runs, and the load generator.
+//!
+//! `serve` answers HTTP/1.1 and HTTP/2 (gRPC framing for `grpc` services), spends `latency`
+//! per request, fails a configurable fraction with 500 (gRPC `UNAVAILABLE`), and calls its
+//! downstream services the way an app in a meshed pod does: a plain HTTP request whose Host is
+//! `name.namespace:port`, sent to its own sidecar's outbound listener (in a cluster iptables
+//! would redirect the connection there; locally the app is told the address).
+//!
+//! `load` sends requests at a steady rate, either through its sidecar (a meshed client) or
+//! straight at the target's pods in plaintext (a client outside the mesh), and counts what
+//! happened on its own `/metrics`, so a refused plaintext request is visible from the client's
+//! side too.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// `trellis demo-service`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    #[command(subcommand)]
+    pub mode: Mode,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Mode {
+    /// Serve requests and call downstream services through the sidecar.
+    Serve(ServeArgs),
+    /// Generate steady traffic to one service.
+    Load(LoadArgs),
+}
+
+/// A downstream service: `name.namespace:port[:grpc]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Call {
+    pub authority: String,
+    pub grpc: bool,
+}
+
+impl std::str::FromStr for Call {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (authority, grpc) = match s.strip_suffix(":grpc") {
+            Some(a) => (a, true),
+            None => (s.strip_suffix(":http").unwrap_or(s), false),
+        };
+        let (host, port) = authority
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?}: expected name.namespace:port[:grpc]"))?;
+        port.parse::<u16>()
+            .map_err(|_| format!("{s:?}: bad port {port:?}"))?;
+        if !host.contains('.') {
+            return Err(format!("{s:?}: expected name.namespace"));
+        }
+        Ok(Call {
+            authority: authority.to_string(),
+            grpc,
+        })
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Replica name shown in responses (`catalog-0`).
+    #[arg(long)]
+    pub name: String,
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Answer with gRPC framing and `grpc-status` trailers.
+    #[arg(long)]
+    pub grpc: bool,
+    /// Fraction of requests answered with an error (0..=1).
+    #[arg(long, default_value_t = 0.0)]
+    pub failure_rate: f64,
+    /// Time spent per request before answering.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Downstream services called per request (repeatable).
+    #[arg(long = "call")]
+    pub calls: Vec<Call>,
+    /// The sidecar's outbound listener, where downstream calls go.
+    #[arg(long)]
+    pub outbound: Option<SocketAddr>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// Client name, for logs.
+    #[arg(long)]
+    pub name: String,
+    /// The service called (`name.namespace:port[:grpc]`).
+    #[arg(long)]
+    pub target: Call,
+    /// Requests per second.
+    #[arg(long)]
+    pub rate: f64,
+    /// Send through this sidecar outbound listener (meshed client).
+    #[arg(long, conflicts_with = "direct")]
+    pub via: Option<SocketAddr>,
+    /// Send in plaintext straight to these pod addresses, round robin (client outside the mesh).
+    #[arg(long, value_delimiter = ',')]
+    pub direct: Vec<SocketAddr>,
+    /// Serve this client's own counters on `/metrics` here.
+    #[arg(long)]
+    pub metrics: SocketAddr,
+}
+
+/// Entry point of the hidden `trellis demo-service` subcommand.
+pub fn main(args: Args) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("demo-service: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match args.mode {
+            Mode::Serve(a) => serve(a).await,
+            Mode::Load(a) => load(a).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo-service: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+/// A gRPC length-prefixed message.
+fn grpc_frame(msg: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + msg.len());
+    b.put_u8(0);
+    b.put_u32(msg.len() as u32);
+    b.put_slice(msg);
+    b.freeze()
+}
+
+/// A gRPC response: one message and `grpc-status` in the trailers.
+fn grpc_response(code: u32, msg: &str) -> Response<Body> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from(code));
+    if code != 0
+        && let Ok(v) = HeaderValue::from_str(msg)
+    {
+        trailers.insert("grpc-message", v);
+    }
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> = if code == 0 {
+        vec![
+            Ok(Frame::data(grpc_frame(msg.as_bytes()))),
+            Ok(Frame::trailers(trailers)),
+        ]
+    } else {
+        vec![Ok(Frame::trailers(trailers))]
+    };
+    let mut resp = Response::new(StreamBody::new(futures::stream::iter(frames)).boxed());
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/grpc"));
+    resp
+}
+
+type HttpClient = Client<HttpConnector, Body>;
+
+struct Downstream {
+    h1: HttpClient,
+    h2: HttpClient,
+}
+
+impl Downstream {
+    fn new() -> Self {
+        let mut conn = HttpConnector::new();
+        conn.set_nodelay(true);
+        conn.set_connect_timeout(Some(Duration::from_secs(2)));
+        Downstream {
+            h1: Client::builder(TokioExecutor::new()).build(conn.clone()),
+            h2: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(conn),
+        }
+    }
+
+    /// Sends one request to `to` with the call's Host and returns the outcome.
+    async fn call(&self, to: SocketAddr, call: &Call) -> Outcome {
+        let req = if call.grpc {
+            Request::builder()
+                .method(Method::POST)
+                .uri(format!("http://{to}/trellis.demo.Demo/Call"))
+                .header("host", &call.authority)
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(full(grpc_frame(b"ping")))
+        } else {
+            Request::builder()
+                .uri(format!("http://{to}/"))
+                .header("host", &call.authority)
+                .body(full(Bytes::new()))
+        };
+        let Ok(req) = req else {
+            return Outcome::Error;
+        };
+        let client = if call.grpc { &self.h2 } else { &self.h1 };
+        let fut = async {
+            let resp = client.request(req).await?;
+            let status = resp.status();
+            let collected = resp.into_body().collect().await?;
+            let grpc_status = collected
+                .trailers()
+                .and_then(|t| t.get("grpc-status"))
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u32>().ok());
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, grpc_status))
+        };
+        match tokio::time::timeout(Duration::from_secs(5), fut).await {
+            Err(_) => Outcome::Timeout,
+            Ok(Err(e)) => classify_error(&*e),
+            Ok(Ok((status, grpc))) => {
+                if status.is_server_error() || grpc.is_some_and(|c| c != 0) {
+                    Outcome::Error
+                } else if status.is_success() && (!call.grpc || grpc == Some(0)) {
+                    Outcome::Ok
+                } else {
+                    Outcome::Error
+                }
+            }
+        }
+    }
+}
+
+/// What one request came to, from the caller's side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// An error status (5xx, gRPC non-OK).
+    Error,
+    /// The TCP connection could not be made.
+    Connect,
+    /// The peer closed or reset the connection without answering (what a `Strict` sidecar
+    /// does to a plaintext client).
+    Closed,
+    Timeout,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Ok,
+        Outcome::Error,
+        Outcome::Connect,
+        Outcome::Closed,
+        Outcome::Timeout,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::Connect => "connect",
+            Outcome::Closed => "closed",
+            Outcome::Timeout => "timeout",
+        }
+    }
+}
+
+fn classify_error(e: &(dyn std::error::Error + 'static)) -> Outcome {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(le) = err.downcast_ref::<hyper_util::client::legacy::Error>()
+            && le.is_connect()
+        {
+            return Outcome::Connect;
+        }
+        cur = err.source();
+    }
+    Outcome::Closed
+}
+
+async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&a.failure_rate) {
+        anyhow::bail!("--failure-rate must be between 0 and 1");
+    }
+    if !a.calls.is_empty() && a.outbound.is_none() {
+        anyhow::bail!("--call needs --outbound (the sidecar's outbound listener)");
+    }
+    let listener = TcpListener::bind(a.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("bind {}: {e}", a.listen))?;
+    let state = Arc::new((a, Downstream::new()));
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state.0, &state.1, req).await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+async fn handle(a: &ServeArgs, down: &Downstream, req: Request<Incoming>) -> Response<Body> {
+    let grpc = a.grpc
+        && req
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+    // Read the request fully, as an app would, before answering.
+    let _ = req.into_body().collect().await;
+    if a.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(a.latency_ms)).await;
+    }
+    let mut failed = Vec::new();
+    if let Some(out) = a.outbound {
+        let results = futures::future::join_all(a.calls.iter().map(|c| down.call(out, c))).await;
+        for (c, r) in a.calls.iter().zip(results) {
+            if r != Outcome::Ok {
+                failed.push(format!("{}={}", c.authority, r.label()));
+            }
+        }
+    }
+    let flaky = a.failure_rate > 0.0 && rand::random::<f64>() < a.failure_rate;
+    let (ok, msg) = if flaky {
+        (false, format!("{}: failing on purpose", a.name))
+    } else if !failed.is_empty() {
+        (
+            false,
+            format!("{}: downstream failed: {}", a.name, failed.join(", ")),
+        )
+    } else {
+        (true, format!("{}: ok", a.name))
+    };
+    match (grpc, ok) {
+        (true, true) => grpc_response(0, &msg),
+        (true, false) => grpc_response(14, &msg),
+        (false, ok) => {
+            let mut r = Response::new(full(msg + "\n"));
+            if !ok {
+                *r.status_mut() = if flaky {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+            }
+            r
+        }
+    }
+}
+
+/// The load generator's counters, by outcome.
+#[derive(Default)]
+struct LoadCounters {
+    by_outcome: [AtomicU64; 5],
+    /// Ticks skipped because too many requests were already in flight.
+    skipped: AtomicU64,
+}
+
+/// Name of the load generator's request counter.
+pub const LOAD_REQUESTS: &str = "trellis_demo_requests_total";
+/// Name of the load generator's skipped-tick counter.
+pub const LOAD_SKIPPED: &str = "trellis_demo_skipped_total";
+
+/// Bound on requests in flight: at most this many; a tick beyond it is skipped and counted, so
+/// a stalled target makes the generator slow down instead of piling up tasks.
+const MAX_IN_FLIGHT: usize = 64;
+
+async fn load(a: LoadArgs) -> anyhow::Result<()> {
+    if !(a.rate.is_finite() && a.rate > 0.0 && a.rate <= 10_000.0) {
+        anyhow::bail!("--rate must be above 0 and at most 10000");
+    }
+    let targets: Vec<SocketAddr> = match (a.via, a.direct.is_empty()) {
+        (Some(v), true) => vec![v],
+        (None, false) => a.direct.clone(),
+        _ => anyhow::bail!("give exactly one of --via or --direct"),
+    };
+    let counters = Arc::new(LoadCounters::default());
+    let metrics = TcpListener::bind(a.metrics)
+        .await
+        .map_err(|e| anyhow::anyhow!("bind {}: {e}", a.metrics))?;
+    let mc = counters.clone();
+    let target_label = a.target.authority.clone();
+    let mode = if a.via.is_some() { "sidecar" } else { "direct" };
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = metrics.accept().await else {
+                continue;
+            };
+            let mc = mc.clone();
+            let target = target_label.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let text = render_load_metrics(&mc, &target, mode);
+                    async move {
+                        let mut r = Response::new(full(text));
+                        r.headers_mut().insert(
+                            "content-type",
+                            HeaderValue::from_static(
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            ),
+                        );
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let down = Arc::new(Downstream::new());
+    let sem = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: usize = 0;
+    loop {
+        tick.tick().await;
+        let Ok(permit) = sem.clone().try_acquire_owned() else {
+            counters.skipped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let to = targets[n % targets.len()];
+        n = n.wrapping_add(1);
+        let (down, counters, call) = (down.clone(), counters.clone(), a.target.clone());
+        tokio::spawn(async move {
+            let outcome = down.call(to, &call).await;
+            let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(1);
+            counters.by_outcome[i].fetch_add(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+}
+
+fn render_load_metrics(c: &LoadCounters, target: &str, mode: &str) -> String {
+    let mut s = String::from(
+        "# TYPE trellis_demo_requests counter\n# HELP trellis_demo_requests Requests sent by this \
+         load generator, by outcome.\n",
+    );
+    for (i, o) in Outcome::ALL.iter().enumerate() {
+        s.push_str(&format!(
+            "{LOAD_REQUESTS}{{target=\"{target}\",mode=\"{mode}\",outcome=\"{}\"}} {}\n",
+            o.label(),
+            c.by_outcome[i].load(Ordering::Relaxed)
+        ));
+    }
+    s.push_str(&format!(
+        "# TYPE trellis_demo_skipped counter\n{LOAD_SKIPPED} {}\n# EOF\n",
+        c.skipped.load(Ordering::Relaxed)
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_parse() {
+        let c: Call = "catalog.shop:9080".parse().unwrap();
+        assert_eq!(c.authority, "catalog.shop:9080");
+        assert!(!c.grpc);
+        let g: Call = "reviews.shop:9081:grpc".parse().unwrap();
+        assert!(g.grpc);
+        assert_eq!(g.authority, "reviews.shop:9081");
+        assert!("catalog:9080".parse::<Call>().is_err());
+        assert!("catalog.shop".parse::<Call>().is_err());
+    }
+
+    /// A real server and a real downstream, over loopback: the caller's response reflects the
+    /// downstream's failure, and gRPC answers carry trailers.
+    #[tokio::test]
+    async fn serve_calls_downstream_and_reports_failures() {
+        async fn spawn(args: ServeArgs) {
+            tokio::spawn(serve(args));
+        }
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (bad, good, front) = (free(), free(), free());
+        spawn(ServeArgs {
+            name: "bad-0".into(),
+            listen: bad,
+            grpc: true,
+            failure_rate: 1.0,
+            latency_ms: 0,
+            calls: vec![],
+            outbound: None,
+        })
+        .await;
+        spawn(ServeArgs {
+            name: "good-0".into(),
+            listen: good,
+            grpc: true,
+            failure_rate: 0.0,
+            latency_ms: 1,
+            calls: vec![],
+            outbound: None,
+        })
+        .await;
+        // No sidecar here: the "outbound" is the downstream itself, which ignores the Host.
+        spawn(ServeArgs {
+            name: "front-0".into(),
+            listen: front,
+            grpc: false,
+            failure_rate: 0.0,
+            latency_ms: 0,
+            calls: vec!["bad.ns:1:grpc".parse().unwrap()],
+            outbound: Some(bad),
+        })
+        .await;
+        let d = Downstream::new();
+        let call = |g: bool| Call {
+            authority: "x.ns:1".into(),
+            grpc: g,
+        };
+        let mut outcome = Outcome::Connect;
+        for _ in 0..50 {
+            outcome = d.call(good, &call(true)).await;
+            if outcome != Outcome::Connect {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(outcome, Outcome::Ok);
+        assert_eq!(d.call(bad, &call(true)).await, Outcome::Error);
+        assert_eq!(d.call(front, &call(false)).await, Outcome::Error);
+        let closed = free();
+        assert_eq!(d.call(closed, &call(false)).await, Outcome::Connect);
+    }
+}

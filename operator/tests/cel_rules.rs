@@ -1,0 +1,330 @@
+//! Every validation rule in the CRDs, exercised offline with inputs that must pass and inputs
+//! that must fail. Objects go through the same path the API server takes on create: schema
+//! defaults, OpenAPI checks, then the CEL rules (kube's `cel` feature evaluates them).
+//!
+//! A failing case also names the message it expects, so a case cannot pass because some
+//! *other* rule happened to reject it.
+
+mod support;
+
+use serde_json::{Value, json};
+
+fn mesh(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "Mesh", "metadata": {"name": name}, "spec": spec})
+}
+
+fn tp(spec: Value) -> Value {
+    json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "TrafficPolicy",
+           "metadata": {"name": "p", "namespace": "shop"}, "spec": spec})
+}
+
+fn pa(spec: Value) -> Value {
+    json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "PeerAuthentication",
+           "metadata": {"name": "p", "namespace": "shop"}, "spec": spec})
+}
+
+fn kind_of(obj: &Value) -> &str {
+    obj["kind"].as_str().unwrap()
+}
+
+#[track_caller]
+fn pass(obj: Value) {
+    if let Err(e) = support::admit(kind_of(&obj), &obj) {
+        panic!("expected {obj} to be admitted, got: {e:#?}");
+    }
+}
+
+#[track_caller]
+fn fail(obj: Value, expected: &str) {
+    match support::admit(kind_of(&obj), &obj) {
+        Ok(()) => panic!("expected {obj} to be refused with {expected:?}, but it was admitted"),
+        Err(e) => assert!(
+            e.iter().any(|m| m.contains(expected)),
+            "expected {obj} to be refused with {expected:?}, got: {e:#?}"
+        ),
+    }
+}
+
+const DURATION_MSG: &str = "must be a duration such as 500ms";
+
+#[test]
+fn mesh_must_be_named_default() {
+    pass(mesh("default", json!({})));
+    fail(mesh("prod", json!({})), "rename this object to default");
+}
+
+#[test]
+fn mesh_ca_is_self_signed_or_secret_not_both() {
+    pass(mesh(
+        "default",
+        json!({"ca": {"selfSigned": {"rootValidity": "8760h"}}}),
+    ));
+    pass(mesh(
+        "default",
+        json!({"ca": {"secretRef": {"name": "my-ca"}}}),
+    ));
+    pass(mesh("default", json!({"ca": {}})));
+    fail(
+        mesh(
+            "default",
+            json!({"ca": {"selfSigned": {}, "secretRef": {"name": "my-ca"}}}),
+        ),
+        "either selfSigned or secretRef, not both",
+    );
+}
+
+#[test]
+fn mesh_durations_follow_the_duration_grammar() {
+    for good in ["24h", "90m", "1h30m", "500ms", "1h0m0s"] {
+        pass(mesh("default", json!({"workloadCertTtl": good})));
+    }
+    for bad in ["1d", "24", "1 h", "", "h", "24H", "-1h", "1.5h"] {
+        fail(
+            mesh("default", json!({"workloadCertTtl": bad})),
+            DURATION_MSG,
+        );
+    }
+    fail(
+        mesh(
+            "default",
+            json!({"ca": {"selfSigned": {"rootValidity": "10y"}}}),
+        ),
+        DURATION_MSG,
+    );
+    fail(
+        mesh("default", json!({"rollout": {"progressDeadline": "soon"}})),
+        DURATION_MSG,
+    );
+    // maxLength keeps the regex cheap for the API server's CEL cost estimate.
+    fail(
+        mesh("default", json!({"workloadCertTtl": "1".repeat(40) + "s"})),
+        "longer than 32",
+    );
+}
+
+#[test]
+fn mesh_numbers_are_in_range() {
+    pass(mesh(
+        "default",
+        json!({"observability": {"tracing": {"samplingPercent": 100.0}}}),
+    ));
+    pass(mesh(
+        "default",
+        json!({"observability": {"tracing": {"samplingPercent": 0.5}}}),
+    ));
+    fail(
+        mesh(
+            "default",
+            json!({"observability": {"tracing": {"samplingPercent": 100.5}}}),
+        ),
+        "samplingPercent must be between 0 and 100",
+    );
+    fail(
+        mesh("default", json!({"rollout": {"batchSize": 0}})),
+        "batchSize must be at least 1",
+    );
+}
+
+#[test]
+fn mesh_enums_reject_unknown_values() {
+    fail(
+        mesh("default", json!({"injection": {"failurePolicy": "Maybe"}})),
+        "is not one of",
+    );
+}
+
+#[test]
+fn traffic_policy_targets_a_service() {
+    pass(tp(json!({"targetRef": {"name": "web"}})));
+    pass(tp(
+        json!({"targetRef": {"kind": "Service", "name": "web", "port": 8080}}),
+    ));
+    fail(
+        tp(json!({"targetRef": {"kind": "Deployment", "name": "web"}})),
+        "targetRef.kind must be Service",
+    );
+    fail(
+        tp(json!({"targetRef": {"name": "web", "port": 0}})),
+        "targetRef.port must be 1 to 65535",
+    );
+    fail(tp(json!({})), "required field \"targetRef\"");
+}
+
+#[test]
+fn consistent_hash_needs_exactly_one_key() {
+    let lb = |lb: Value| tp(json!({"targetRef": {"name": "web"}, "loadBalancer": lb}));
+    pass(lb(
+        json!({"algorithm": "ConsistentHash", "hash": {"header": "x-user"}}),
+    ));
+    pass(lb(
+        json!({"algorithm": "ConsistentHash", "hash": {"cookie": "session"}}),
+    ));
+    pass(lb(
+        json!({"algorithm": "ConsistentHash", "hash": {"sourceIp": true}}),
+    ));
+    pass(lb(json!({"algorithm": "RoundRobin"})));
+    pass(lb(json!({})));
+    fail(
+        lb(json!({"algorithm": "ConsistentHash"})),
+        "algorithm ConsistentHash needs hash",
+    );
+    fail(
+        lb(json!({"algorithm": "ConsistentHash", "hash": {}})),
+        "exactly one of header, cookie or sourceIp",
+    );
+    fail(
+        lb(json!({"algorithm": "ConsistentHash", "hash": {"header": "a", "cookie": "b"}})),
+        "exactly one of header, cookie or sourceIp",
+    );
+    fail(
+        lb(json!({"algorithm": "RoundRobin", "hash": {"header": "x-user"}})),
+        "only used with algorithm ConsistentHash",
+    );
+    // The default algorithm (P2CEWMA) is filled in before the rule runs.
+    fail(
+        lb(json!({"hash": {"header": "x-user"}})),
+        "only used with algorithm ConsistentHash",
+    );
+}
+
+#[test]
+fn retries_are_bounded() {
+    let r = |r: Value| tp(json!({"targetRef": {"name": "web"}, "retries": r}));
+    pass(r(json!({"attempts": 1})));
+    pass(r(
+        json!({"attempts": 10, "budgetPercent": 100, "perTryTimeout": "200ms", "backoff": "25ms",
+                  "retryOn": ["ConnectFailure", "RetriableStatusCodes"], "statusCodes": [503, 429]}),
+    ));
+    fail(r(json!({"attempts": 0})), "attempts must be 1 to 10");
+    fail(r(json!({"attempts": 11})), "attempts must be 1 to 10");
+    fail(
+        r(json!({"attempts": 2, "budgetPercent": 101})),
+        "budgetPercent must be 0 to 100",
+    );
+    fail(
+        r(json!({"attempts": 2, "perTryTimeout": "2 s"})),
+        DURATION_MSG,
+    );
+    fail(r(json!({"attempts": 2, "backoff": "fast"})), DURATION_MSG);
+    fail(
+        r(json!({"attempts": 2, "statusCodes": [700]})),
+        "statusCodes must be HTTP status codes",
+    );
+    fail(
+        r(json!({"attempts": 2, "retryOn": ["Always"]})),
+        "is not one of",
+    );
+    fail(r(json!({})), "required field \"attempts\"");
+}
+
+#[test]
+fn timeouts_are_durations() {
+    let t = |t: Value| tp(json!({"targetRef": {"name": "web"}, "timeouts": t}));
+    pass(t(
+        json!({"request": "5s", "idle": "1h", "connect": "500ms"}),
+    ));
+    fail(t(json!({"request": "5 seconds"})), DURATION_MSG);
+    fail(t(json!({"idle": "1d"})), DURATION_MSG);
+    fail(t(json!({"connect": "0.5s"})), DURATION_MSG);
+}
+
+#[test]
+fn split_weights_are_bounded_and_not_all_zero() {
+    let s = |s: Value| tp(json!({"targetRef": {"name": "web"}, "split": s}));
+    pass(s(json!([])));
+    pass(s(
+        json!([{"name": "web", "weight": 0}, {"name": "web-canary", "weight": 1}]),
+    ));
+    pass(s(json!([{"name": "web", "weight": 10000}])));
+    fail(
+        s(json!([{"name": "web", "weight": 0}, {"name": "web-canary", "weight": 0}])),
+        "split weights are all zero",
+    );
+    fail(
+        s(json!([{"name": "web", "weight": 10001}])),
+        "weight must be 0 to 10000",
+    );
+}
+
+#[test]
+fn outlier_detection_and_rate_limit_are_bounded() {
+    let o = |o: Value| tp(json!({"targetRef": {"name": "web"}, "outlierDetection": o}));
+    pass(o(json!({"maxEjectionPercent": 100})));
+    pass(o(json!({})));
+    fail(
+        o(json!({"maxEjectionPercent": 101})),
+        "maxEjectionPercent must be 0 to 100",
+    );
+    fail(o(json!({"baseEjectionTime": "30"})), DURATION_MSG);
+    fail(
+        o(json!({"consecutiveFailures": 0})),
+        "consecutiveFailures must be at least 1",
+    );
+    let rl = |r: Value| tp(json!({"targetRef": {"name": "web"}, "rateLimit": r}));
+    pass(rl(json!({"requestsPerSecond": 100, "burst": 200})));
+    fail(
+        rl(json!({"requestsPerSecond": 0})),
+        "requestsPerSecond must be at least 1",
+    );
+}
+
+#[test]
+fn port_level_mtls_needs_a_selector_and_numeric_ports() {
+    let sel = json!({"matchLabels": {"app": "web"}});
+    pass(pa(json!({"mtls": {"mode": "Strict"}})));
+    pass(pa(
+        json!({"selector": sel, "portLevelMtls": {"8080": {"mode": "Permissive"}}}),
+    ));
+    pass(pa(
+        json!({"selector": sel, "portLevelMtls": {"1": {"mode": "Disable"}, "65535": {}}}),
+    ));
+    fail(
+        pa(json!({"portLevelMtls": {"8080": {"mode": "Permissive"}}})),
+        "portLevelMtls needs a selector",
+    );
+    for bad in ["http", "0", "65536", "123456", "80a", "-1", ""] {
+        fail(
+            pa(json!({"selector": sel, "portLevelMtls": {bad: {"mode": "Disable"}}})),
+            "keys must be port numbers 1 to 65535",
+        );
+    }
+    fail(pa(json!({"mtls": {"mode": "Optional"}})), "is not one of");
+}
+
+/// The duration rule embeds `trellis_operator::duration::PATTERN`; the parser must accept
+/// exactly what the pattern accepts, or the API server would admit values the compiler refuses.
+#[test]
+fn duration_rule_agrees_with_the_parser() {
+    let inputs = [
+        "1s",
+        "500ms",
+        "1m30s",
+        "24h",
+        "0s",
+        "1h1m1s1ms",
+        "",
+        "1",
+        "s",
+        "1d",
+        "1.5s",
+        " 1s",
+        "1s ",
+        "1S",
+        "1ms2",
+        "99999999999999999999999h",
+    ];
+    for input in inputs {
+        let admitted = support::admit("Mesh", &mesh("default", json!({"workloadCertTtl": input})));
+        let parsed = trellis_operator::duration::parse(input);
+        // The parser may still refuse numbers too large for a u64 of milliseconds; everything
+        // else must agree.
+        if parsed.as_ref().is_err_and(|e| e.why.contains("too large")) {
+            continue;
+        }
+        assert_eq!(
+            admitted.is_ok(),
+            parsed.is_ok(),
+            "{input:?}: schema says {admitted:?}, parser says {parsed:?}"
+        );
+    }
+}

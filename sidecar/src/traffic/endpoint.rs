@@ -1,0 +1,317 @@
+//! Per-endpoint state that outlives config reloads: in-flight count, peak-EWMA latency and
+//! outlier-detection (ejection) state.
+//!
+//! An [`EndpointState`] is shared (`Arc`) between the destination table and every request in
+//! flight to it. A reload that keeps an address keeps its state, so balancer statistics and
+//! ejections survive; a reload that removes an address only drops the table's reference, and
+//! requests in flight finish on their own reference (the endpoint drains).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::config::OutlierDetection;
+
+/// Time constant of the peak-EWMA decay (as Linkerd and Finagle: about 10 s).
+pub const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// Latency assumed for an endpoint nothing has been measured on yet (Linkerd's default). High
+/// enough that a fresh endpoint is not flooded before its first measurement, and the estimate
+/// decays, so it is tried soon anyway.
+pub const EWMA_DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// Longest single ejection, whatever the multiplier (Envoy's default `max_ejection_time`).
+pub const MAX_EJECTION: Duration = Duration::from_secs(300);
+
+/// Milliseconds since a process-wide epoch, so ejection deadlines fit in an atomic.
+pub(crate) fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    // +1 so that 0 can mean "not ejected".
+    epoch.elapsed().as_millis() as u64 + 1
+}
+
+/// Peak-EWMA round-trip estimate (Finagle's `PeakEwma`, tower's `peak_ewma`): a slower sample
+/// replaces the estimate at once (peak), faster samples pull it down exponentially with time.
+#[derive(Debug)]
+struct Ewma {
+    /// Estimate in nanoseconds.
+    rtt_ns: f64,
+    updated: Instant,
+}
+
+impl Ewma {
+    fn decay_factor(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
+        (-elapsed / EWMA_DECAY.as_nanos() as f64).exp()
+    }
+}
+
+/// Outlier-detection bookkeeping of one endpoint.
+#[derive(Debug, Default)]
+struct Outlier {
+    consecutive_failures: u32,
+    /// Ejections so far, decayed by healthy time (see [`EndpointState::multiplier`]).
+    ejections: u32,
+    /// When the endpoint last became healthy again after a probe, for the multiplier decay.
+    healthy_since: Option<Instant>,
+}
+
+/// Shared state of one endpoint address.
+#[derive(Debug)]
+pub struct EndpointState {
+    pub(crate) addr: SocketAddr,
+    /// SPIFFE IDs accepted from this endpoint.
+    pub(crate) identities: Arc<[String]>,
+    inflight: AtomicU32,
+    ewma: Mutex<Ewma>,
+    outlier: Mutex<Outlier>,
+    /// `now_ms()` deadline of the current ejection; 0 when not ejected.
+    ejected_until: AtomicU64,
+    /// Set when an ejection expired and no request has succeeded since: one probe at a time.
+    probing: AtomicBool,
+}
+
+impl EndpointState {
+    pub(crate) fn new(addr: SocketAddr, identities: Arc<[String]>) -> Self {
+        Self {
+            addr,
+            identities,
+            inflight: AtomicU32::new(0),
+            ewma: Mutex::new(Ewma {
+                rtt_ns: EWMA_DEFAULT_RTT.as_nanos() as f64,
+                updated: Instant::now(),
+            }),
+            outlier: Mutex::new(Outlier::default()),
+            ejected_until: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Marks one more request in flight until the guard drops.
+    pub(crate) fn start(self: &Arc<Self>) -> InflightGuard {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        InflightGuard(self.clone())
+    }
+
+    /// Load for P2C: the decayed latency estimate times (in-flight + 1), as Linkerd.
+    pub(crate) fn ewma_cost(&self, now: Instant) -> f64 {
+        let mut e = self.ewma.lock().expect("ewma lock");
+        let decayed = e.rtt_ns * e.decay_factor(now);
+        e.rtt_ns = decayed;
+        e.updated = now;
+        drop(e);
+        let pending = self.inflight() as f64;
+        if decayed == 0.0 {
+            // Nothing measured recently: rank by load alone.
+            pending + 1.0
+        } else {
+            decayed * (pending + 1.0)
+        }
+    }
+
+    /// Records one round trip (request sent to response headers).
+    pub(crate) fn observe_rtt(&self, rtt: Duration, now: Instant) {
+        let rtt = rtt.as_nanos() as f64;
+        let mut e = self.ewma.lock().expect("ewma lock");
+        if rtt > e.rtt_ns {
+            e.rtt_ns = rtt;
+        } else {
+            let decay = e.decay_factor(now);
+            e.rtt_ns = e.rtt_ns * decay + rtt * (1.0 - decay);
+        }
+        e.updated = now;
+    }
+
+    /// Current latency estimate (for tests and debugging).
+    pub fn rtt_estimate(&self) -> Duration {
+        Duration::from_nanos(self.ewma.lock().expect("ewma lock").rtt_ns as u64)
+    }
+
+    /// Whether the endpoint is ejected at `now` (a `now_ms()` value). Notices expired ejections
+    /// and moves the endpoint to probing, returning `Expired` exactly once per ejection so the
+    /// caller can update the ejected gauge.
+    pub(crate) fn ejection(&self, now: u64) -> Ejection {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if until == 0 {
+            Ejection::No
+        } else if until > now {
+            Ejection::Ejected
+        } else if self
+            .ejected_until
+            .compare_exchange(until, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.probing.store(true, Ordering::Release);
+            Ejection::Expired
+        } else {
+            Ejection::No
+        }
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && until > now_ms()
+    }
+
+    /// Whether the endpoint is on probation after an ejection and already has its one probe
+    /// in flight.
+    pub(crate) fn probe_busy(&self) -> bool {
+        self.probing.load(Ordering::Acquire) && self.inflight() > 0
+    }
+
+    /// Records a success for outlier detection.
+    pub(crate) fn record_success(&self) {
+        let probing = self.probing.swap(false, Ordering::AcqRel);
+        let mut o = self.outlier.lock().expect("outlier lock");
+        o.consecutive_failures = 0;
+        if probing {
+            o.healthy_since = Some(Instant::now());
+        }
+    }
+
+    /// Records a failure; returns the ejection duration when this failure should eject the
+    /// endpoint (the caller checks the max-ejection percentage and then calls [`Self::eject`]).
+    pub(crate) fn record_failure(&self, cfg: &OutlierDetection) -> Option<Duration> {
+        let probing = self.probing.load(Ordering::Acquire);
+        let mut o = self.outlier.lock().expect("outlier lock");
+        o.consecutive_failures = o.consecutive_failures.saturating_add(1);
+        if self.ejected_until.load(Ordering::Relaxed) != 0 {
+            return None;
+        }
+        if !probing && o.consecutive_failures < cfg.consecutive_failures {
+            return None;
+        }
+        let base = Duration::from_millis(cfg.base_ejection_ms);
+        let n = Self::multiplier(&o, base) + 1;
+        let factor = 1u32 << (n - 1).min(20);
+        Some((base.saturating_mul(factor)).min(MAX_EJECTION.max(base)))
+    }
+
+    /// Ejections decay by one per `base` of healthy time since the last probe succeeded, so an
+    /// endpoint that stays healthy gradually gets short ejections again.
+    fn multiplier(o: &Outlier, base: Duration) -> u32 {
+        match o.healthy_since {
+            Some(since) if !base.is_zero() => {
+                let healthy = since.elapsed().as_nanos() / base.as_nanos();
+                o.ejections
+                    .saturating_sub(healthy.min(u32::MAX as u128) as u32)
+            }
+            _ => o.ejections,
+        }
+    }
+
+    /// Ejects for `d`. Returns false when it was already ejected.
+    pub(crate) fn eject(&self, d: Duration, cfg: &OutlierDetection) -> bool {
+        let mut o = self.outlier.lock().expect("outlier lock");
+        if self.ejected_until.load(Ordering::Relaxed) != 0 {
+            return false;
+        }
+        let base = Duration::from_millis(cfg.base_ejection_ms);
+        o.ejections = Self::multiplier(&o, base) + 1;
+        o.healthy_since = None;
+        o.consecutive_failures = 0;
+        self.probing.store(false, Ordering::Release);
+        self.ejected_until
+            .store(now_ms() + d.as_millis() as u64, Ordering::Release);
+        true
+    }
+
+    /// Current ejection count (the exponent of the next ejection), for tests.
+    pub fn ejections(&self) -> u32 {
+        self.outlier.lock().expect("outlier lock").ejections
+    }
+}
+
+/// Result of [`EndpointState::ejection`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ejection {
+    No,
+    Ejected,
+    /// Was ejected, the ejection just ran out (reported once).
+    Expired,
+}
+
+/// Counts one request in flight on an endpoint while alive. Travels with the response body so
+/// a streaming response keeps counting until it ends, and a removed endpoint drains.
+#[derive(Debug)]
+pub(crate) struct InflightGuard(Arc<EndpointState>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep() -> EndpointState {
+        EndpointState::new("127.0.0.1:1".parse().unwrap(), Arc::from(Vec::new()))
+    }
+
+    #[test]
+    fn peak_ewma_jumps_up_and_decays_down() {
+        let e = ep();
+        let t0 = Instant::now();
+        e.observe_rtt(Duration::from_millis(100), t0);
+        assert_eq!(e.rtt_estimate(), Duration::from_millis(100));
+        // A fast sample 10 s later pulls the estimate most of the way down (1 - 1/e).
+        e.observe_rtt(Duration::from_millis(1), t0 + EWMA_DECAY);
+        let est = e.rtt_estimate().as_secs_f64() * 1000.0;
+        assert!(
+            (est - (100.0 / std::f64::consts::E + 0.632)).abs() < 0.5,
+            "{est}"
+        );
+        // A slow sample is taken at once.
+        e.observe_rtt(Duration::from_millis(500), t0 + EWMA_DECAY);
+        assert_eq!(e.rtt_estimate(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn cost_grows_with_inflight() {
+        let e = Arc::new(ep());
+        let now = Instant::now();
+        let idle = e.ewma_cost(now);
+        let g = e.start();
+        let busy = e.ewma_cost(now);
+        assert!(busy > 1.9 * idle, "{idle} {busy}");
+        drop(g);
+        assert_eq!(e.inflight(), 0);
+    }
+
+    #[test]
+    fn ejection_time_doubles_and_decays() {
+        let cfg = OutlierDetection {
+            consecutive_failures: 2,
+            base_ejection_ms: 1000,
+            max_ejection_percent: 100,
+        };
+        let e = ep();
+        assert_eq!(e.record_failure(&cfg), None);
+        let d = e.record_failure(&cfg).unwrap();
+        assert_eq!(d, Duration::from_secs(1));
+        assert!(e.eject(d, &cfg));
+        assert!(e.is_ejected());
+        // Force expiry, then a failing probe re-ejects at once, for twice as long.
+        e.ejected_until.store(1, Ordering::Relaxed);
+        assert_eq!(e.ejection(now_ms()), Ejection::Expired);
+        let d = e.record_failure(&cfg).unwrap();
+        assert_eq!(d, Duration::from_secs(2));
+        assert!(e.eject(d, &cfg));
+        e.ejected_until.store(1, Ordering::Relaxed);
+        assert_eq!(e.ejection(now_ms()), Ejection::Expired);
+        e.record_success();
+        // Healthy again: needs the full run of failures before the next ejection.
+        assert_eq!(e.record_failure(&cfg), None);
+        assert_eq!(e.record_failure(&cfg), Some(Duration::from_secs(4)));
+    }
+}
