@@ -548,3 +548,17 @@ async fn rotated_certificate_is_served_without_restart() {
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 404"));
     h.stop().await;
 }
+
+/// A client that connects and never starts TLS is dropped after the handshake timeout.
+#[tokio::test]
+async fn silent_connection_is_closed() {
+    let h = Harness::start().await;
+    let mut tcp = TcpStream::connect(h.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .expect("server kept a silent connection open")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "expected the server to close the connection");
+    h.stop().await;
+}
