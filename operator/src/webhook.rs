@@ -199,6 +199,24 @@ impl Answer {
     }
 }
 
+/// Finds `request.uid` in a body that is not valid JSON (truncated, say): the first `"uid"`
+/// key after the first `"request"` key, if its value is a plain JSON string.
+fn recover_uid(body: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    let after_request = &text[text.find("\"request\"")? + 9..];
+    let after_key = &after_request[after_request.find("\"uid\"")? + 5..];
+    let value = after_key.trim_start().strip_prefix(':')?.trim_start();
+    let value = value.strip_prefix('"')?;
+    let end = value.find('"')?;
+    let uid = &value[..end];
+    let plain = !uid.is_empty()
+        && uid.len() <= 128
+        && uid
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    plain.then(|| uid.to_string())
+}
+
 fn allowed(uid: &str) -> Value {
     json!({"uid": uid, "allowed": true})
 }
@@ -220,10 +238,13 @@ impl Injector {
             Ok(v) => v,
             Err(e) => {
                 m.deny("malformed");
-                return Answer::http_error(
-                    StatusCode::BAD_REQUEST,
-                    format!("request body is not JSON: {e}"),
-                );
+                let message = format!("request body is not JSON: {e}");
+                // With the uid the API server shows our reason to the user; without it all we
+                // can do is fail the HTTP request.
+                return match recover_uid(body) {
+                    Some(uid) => Answer::review(REVIEW_API_VERSION, denied(&uid, &message)),
+                    None => Answer::http_error(StatusCode::BAD_REQUEST, message),
+                };
             }
         };
         let uid = value
@@ -515,6 +536,20 @@ pub async fn serve_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uid_recovery_from_broken_json() {
+        assert_eq!(
+            recover_uid(br#"{"kind":"AdmissionReview","request": { "uid" : "ab-12", "object": {"#)
+                .as_deref(),
+            Some("ab-12")
+        );
+        // No request key, no uid, odd characters: nothing recovered.
+        assert_eq!(recover_uid(br#"{"uid":"ab"#), None);
+        assert_eq!(recover_uid(br#"{"request":{"kind":"#), None);
+        assert_eq!(recover_uid(br#"{"request":{"uid":"a\"b"}"#), None);
+        assert_eq!(recover_uid(br#"{"request":{"uid":12}"#), None);
+    }
     use k8s_openapi::api::core::v1::Namespace;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 

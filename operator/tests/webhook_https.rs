@@ -299,6 +299,20 @@ async fn malformed_json_is_http_400() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body.contains("request body is not JSON"), "{body}");
+    // Truncated JSON with a readable uid: a denial the API server can show.
+    let (status, body) = h
+        .post(format!(r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{"uid":"{UID}","kind":{{"#))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["response"]["uid"], UID);
+    assert_eq!(v["response"]["allowed"], false);
+    assert!(
+        v["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not JSON")
+    );
     // JSON, but no uid to answer to.
     let (status, body) = h
         .post(r#"{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}"#)
@@ -307,7 +321,7 @@ async fn malformed_json_is_http_400() {
     assert!(body.contains("request.uid is missing"), "{body}");
     assert!(
         h.metrics()
-            .contains(r#"trellis_injector_denials_total{reason="malformed"} 2"#),
+            .contains(r#"trellis_injector_denials_total{reason="malformed"} 3"#),
         "{}",
         h.metrics()
     );
