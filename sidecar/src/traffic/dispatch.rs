@@ -569,6 +569,88 @@ impl Dispatcher {
     }
 }
 
+/// Why an opaque TCP connection was refused before connecting.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpRefused {
+    #[error("local rate limit reached; retry in {0:?}")]
+    RateLimited(Duration),
+    #[error("circuit breaker: too many connections to {backend}")]
+    Overflow { backend: String },
+}
+
+/// The endpoint chosen for one opaque TCP connection. Holding it counts the connection (for
+/// least-request/P2C load and `maxConnections`); drop it when the connection closes.
+pub struct TcpTarget {
+    pub target: Target,
+    /// `name.namespace` of the backend Service (after a split).
+    pub backend: String,
+    dest: Arc<Destination>,
+    idx: Option<usize>,
+    _inflight: Option<InflightGuard>,
+    _active: ActiveGuard,
+}
+
+impl TcpTarget {
+    /// Reports how connecting went: a failure counts toward ejection; the connect time feeds
+    /// the latency estimate.
+    pub fn connected(&self, result: Result<Duration, ()>) {
+        let Some(i) = self.idx else {
+            return;
+        };
+        match result {
+            Ok(took) => {
+                self.dest.endpoints.eps[i].observe_rtt(took, Instant::now());
+                self.dest.record(i, Class::Success);
+            }
+            Err(()) => self.dest.record(i, Class::Connect),
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Picks the endpoint for an opaque TCP connection to `service:port`, applying the policy
+    /// that makes sense per connection: rate limit (one token per connection), split,
+    /// `maxConnections`, balancing and ejection. The core connects to `target` and reports with
+    /// [`TcpTarget::connected`]; on failure it may pick again.
+    pub fn pick_tcp(
+        &self,
+        service: &OutboundService,
+        port: u16,
+        ctx: &RequestCtx,
+    ) -> Result<TcpTarget, TcpRefused> {
+        let route = self.route(service, port);
+        if let Some(rl) = &route.rate_limit
+            && let Err(wait) = rl.try_acquire()
+        {
+            route.dest.metrics.rate_limited.inc();
+            return Err(TcpRefused::RateLimited(wait));
+        }
+        let dest = route.pick_backend().clone();
+        dest.metrics.requests.inc();
+        let active = dest.admit().map_err(|o| {
+            let mut outcome = Outcome::default();
+            dest.overflow(o, &mut outcome);
+            TcpRefused::Overflow {
+                backend: dest.key.to_string(),
+            }
+        })?;
+        let hash = match (&dest.lb, &dest.hash_key) {
+            (LbAlgorithm::ConsistentHash, Some(HashKey::SourceIp)) => Some(hash_ip(ctx.source_ip)),
+            _ => None,
+        };
+        let (target, idx) = dest.pick(&[], hash, ctx);
+        let inflight = idx.map(|i| dest.endpoints.eps[i].start());
+        Ok(TcpTarget {
+            target,
+            backend: dest.key.to_string(),
+            idx,
+            _inflight: inflight,
+            _active: active,
+            dest,
+        })
+    }
+}
+
 fn classify(res: &Result<Response<Body>, (UpstreamError, bool)>) -> Class {
     match res {
         Ok(r) => {
@@ -657,8 +739,10 @@ impl Destination {
         // Each HTTP/1 request in flight holds one connection, so capping concurrent requests
         // caps connections. HTTP/2 multiplexes on one connection per endpoint; the limit is also
         // passed to the core in `ConnectionParams`.
-        if matches!(self.protocol, Protocol::Http1 | Protocol::Auto)
-            && self.limits.max_connections.is_some_and(|m| n > m)
+        if matches!(
+            self.protocol,
+            Protocol::Http1 | Protocol::Auto | Protocol::Tcp
+        ) && self.limits.max_connections.is_some_and(|m| n > m)
         {
             return Err(Overflow::Connections);
         }
