@@ -235,16 +235,19 @@ impl Dispatcher {
     /// Applies a new config (call on every reload). Requests in flight keep the state they
     /// started with; kept endpoints keep their statistics; removed endpoints drain.
     pub fn update(&self, cfg: &ProxyConfig) {
+        // Held across the rebuild so concurrent updates apply one after the other, each
+        // carrying over the state of the previous table.
+        let mut last = self.config.lock().expect("config lock");
         let cfg = Arc::new(cfg.clone());
         self.rebuild(&cfg);
-        *self.config.lock().expect("config lock") = Some(cfg);
+        *last = Some(cfg);
     }
 
     /// Rebuilds endpoint sets from the last config, for a discovery source whose view changed.
     pub fn refresh_endpoints(&self) {
-        let cfg = self.config.lock().expect("config lock").clone();
-        if let Some(cfg) = cfg {
-            self.rebuild(&cfg);
+        let last = self.config.lock().expect("config lock");
+        if let Some(cfg) = last.as_ref() {
+            self.rebuild(cfg);
         }
     }
 
