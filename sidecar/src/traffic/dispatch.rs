@@ -934,3 +934,96 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(on: &[RetryOn]) -> RetryPolicy {
+        let r = crate::config::Retries {
+            attempts: 3,
+            per_try_timeout_ms: None,
+            retry_on: on.to_vec(),
+            status_codes: vec![409],
+            grpc_codes: vec![14],
+            backoff_base_ms: 10,
+            backoff_max_ms: 40,
+            budget_percent: 20.0,
+            min_retries_per_second: 10,
+            retry_non_idempotent: false,
+        };
+        let svc = OutboundService {
+            name: "a".into(),
+            namespace: "b".into(),
+            addresses: vec![],
+            ports: vec![],
+            identities: vec![],
+            policy: Some(TrafficPolicy {
+                retries: Some(r),
+                ..Default::default()
+            }),
+        };
+        let metrics = TrafficMetrics::new();
+        let dest = Arc::new(Destination {
+            key: Arc::from("b.a"),
+            protocol: Protocol::Http1,
+            identities: Arc::from(Vec::new()),
+            endpoints: EndpointSet::new(Vec::new(), false),
+            lb: LbAlgorithm::RoundRobin,
+            hash_key: None,
+            limits: CircuitBreaker::default(),
+            outlier: None,
+            connect_timeout: None,
+            conn_params: None,
+            counters: Default::default(),
+            rr: AtomicUsize::new(0),
+            metrics: metrics.for_backend("b.a"),
+        });
+        build_route(dest, svc.policy.as_ref(), Vec::new(), 0, None)
+            .retries
+            .unwrap()
+    }
+
+    #[test]
+    fn retry_conditions_by_class_and_method_safety() {
+        use RetryOn::*;
+        let gw = policy(&[GatewayError]);
+        assert!(gw.retriable(Class::Status(503), true, false));
+        assert!(!gw.retriable(Class::Status(500), true, false));
+        assert!(!gw.retriable(Class::Status(503), false, false), "POST");
+        assert!(gw.retriable(Class::Timeout, true, false));
+        assert!(!gw.retriable(Class::Connect, true, false));
+        let all = policy(&[
+            ConnectFailure,
+            Reset,
+            ServerError,
+            RetriableStatusCodes,
+            GrpcStatus,
+        ]);
+        assert!(
+            all.retriable(Class::Connect, false, false),
+            "never sent: safe"
+        );
+        assert!(all.retriable(Class::Status(500), true, false));
+        assert!(all.retriable(Class::Status(409), true, false));
+        assert!(!all.retriable(Class::Status(404), true, false));
+        assert!(!all.retriable(Class::Reset, false, false));
+        assert!(
+            all.retriable(Class::Grpc(14), false, true),
+            "listed gRPC code on a POST"
+        );
+        assert!(!all.retriable(Class::Grpc(3), false, true));
+        assert!(!all.retriable(Class::Success, true, false));
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_an_exponential_cap() {
+        let p = policy(&[]);
+        for retry in 1..6u32 {
+            let cap = Duration::from_millis((10u64 << (retry - 1)).min(40));
+            let max = (0..200).map(|_| p.backoff(retry)).max().unwrap();
+            assert!(max <= cap, "retry {retry}: {max:?} > {cap:?}");
+            assert!(max > cap / 2, "jitter spans the range: {max:?} of {cap:?}");
+        }
+    }
+}
