@@ -11,11 +11,18 @@
 //! Local mode has no iptables: apps are told their sidecar's outbound address and route by the
 //! Host header, and each sidecar forwards inbound traffic to its app with `--inbound-target`.
 
+pub mod control;
+pub mod creds;
 pub mod demo;
+pub mod display;
 pub mod metrics;
 pub mod plan;
+pub mod run;
 pub mod spec;
 pub mod stats;
+pub mod supervise;
+pub mod synth;
+pub mod tokenreview;
 pub mod volume;
 
 /// The mesh's root namespace: a PeerAuthentication here applies mesh-wide.

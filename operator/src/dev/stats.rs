@@ -26,6 +26,10 @@ pub mod names {
     pub const STATUS: &str = "status_code";
     /// `"true"` when the hop used mTLS.
     pub const TLS: &str = "tls";
+    /// Config load attempts by `result` (`applied`, `rejected`).
+    pub const CONFIG_RELOADS: &str = "trellis_proxy_config_reloads_total";
+    /// Inbound connections refused, by `reason`.
+    pub const INBOUND_REFUSED: &str = "trellis_proxy_inbound_refused_total";
 }
 
 /// One edge of the service graph, as the live view and the summary show it.
@@ -84,8 +88,13 @@ fn is_success(status: &str) -> bool {
 }
 
 /// Extracts the outbound edges of one sidecar of service `source` from its scrape.
+///
+/// The request counter says whether each request used mTLS; the latency histogram does not
+/// (its labels are direction, destination and status class), so a destination's latency is
+/// attached to its mTLS edge when there is one, else to its plaintext edge.
 pub fn edges_from_scrape(source: &str, samples: &[Sample]) -> BTreeMap<EdgeKey, Counters> {
     let mut out: BTreeMap<EdgeKey, Counters> = BTreeMap::new();
+    let mut latency: BTreeMap<String, BTreeMap<OrdF64, f64>> = BTreeMap::new();
     for s in samples {
         if s.label(names::DIRECTION) != Some(names::OUTBOUND) {
             continue;
@@ -93,12 +102,12 @@ pub fn edges_from_scrape(source: &str, samples: &[Sample]) -> BTreeMap<EdgeKey, 
         let Some(dst) = s.label(names::DST_SERVICE) else {
             continue;
         };
-        let key = EdgeKey {
-            source: source.to_string(),
-            destination: dst.to_string(),
-            mtls: s.label(names::TLS) == Some("true"),
-        };
         if s.name == names::REQUESTS {
+            let key = EdgeKey {
+                source: source.to_string(),
+                destination: dst.to_string(),
+                mtls: s.label(names::TLS) == Some("true"),
+            };
             let c = out.entry(key).or_default();
             c.requests += s.value;
             if s.label(names::STATUS).is_some_and(is_success) {
@@ -111,14 +120,70 @@ pub fn edges_from_scrape(source: &str, samples: &[Sample]) -> BTreeMap<EdgeKey, 
             }) else {
                 continue;
             };
-            *out.entry(key)
+            *latency
+                .entry(dst.to_string())
                 .or_default()
-                .buckets
                 .entry(OrdF64(le))
                 .or_default() += s.value;
         }
     }
+    for (dst, buckets) in latency {
+        let key = |mtls| EdgeKey {
+            source: source.to_string(),
+            destination: dst.clone(),
+            mtls,
+        };
+        let k = if out.contains_key(&key(true)) || !out.contains_key(&key(false)) {
+            key(true)
+        } else {
+            key(false)
+        };
+        out.entry(k).or_default().buckets = buckets;
+    }
     out
+}
+
+/// A sidecar's own counters the view shows next to its workload.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SidecarCounts {
+    /// Config reloads applied (the first load included).
+    pub reloads_applied: f64,
+    /// Config files refused (the last good config stayed in force).
+    pub reloads_rejected: f64,
+    /// Inbound connections refused (plaintext under `Strict`, failed handshakes).
+    pub inbound_refused: f64,
+}
+
+impl SidecarCounts {
+    pub fn add(&mut self, o: &SidecarCounts) {
+        self.reloads_applied += o.reloads_applied;
+        self.reloads_rejected += o.reloads_rejected;
+        self.inbound_refused += o.inbound_refused;
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "configs applied {} rejected {}, inbound refused {}",
+            self.reloads_applied, self.reloads_rejected, self.inbound_refused
+        )
+    }
+}
+
+/// Reads [`SidecarCounts`] from one sidecar's scrape.
+pub fn sidecar_counts(samples: &[Sample]) -> SidecarCounts {
+    let mut c = SidecarCounts::default();
+    for s in samples {
+        match s.name.as_str() {
+            names::CONFIG_RELOADS => match s.label("result") {
+                Some("applied") => c.reloads_applied += s.value,
+                Some("rejected") => c.reloads_rejected += s.value,
+                _ => {}
+            },
+            names::INBOUND_REFUSED => c.inbound_refused += s.value,
+            _ => {}
+        }
+    }
+    c
 }
 
 /// What the view shows for one edge.
@@ -208,9 +273,9 @@ mod tests {
             r#"trellis_proxy_requests_total{{direction="outbound",dst_service="catalog.shop",status_code="200",tls="true"}} {ok}
 trellis_proxy_requests_total{{direction="outbound",dst_service="catalog.shop",status_code="503",tls="true"}} {fail}
 trellis_proxy_requests_total{{direction="inbound",dst_service="frontend.shop",status_code="200",tls="true"}} 999
-trellis_proxy_response_latency_seconds_bucket{{direction="outbound",dst_service="catalog.shop",tls="true",le="0.01"}} {fast}
-trellis_proxy_response_latency_seconds_bucket{{direction="outbound",dst_service="catalog.shop",tls="true",le="0.1"}} {all}
-trellis_proxy_response_latency_seconds_bucket{{direction="outbound",dst_service="catalog.shop",tls="true",le="+Inf"}} {all}
+trellis_proxy_response_latency_seconds_bucket{{direction="outbound",dst_service="catalog.shop",status_class="2xx",le="0.01"}} {fast}
+trellis_proxy_response_latency_seconds_bucket{{direction="outbound",dst_service="catalog.shop",status_class="2xx",le="0.1"}} {all}
+trellis_proxy_response_latency_seconds_bucket{{direction="outbound",dst_service="catalog.shop",status_class="2xx",le="+Inf"}} {all}
 "#,
             all = fast + slow
         );

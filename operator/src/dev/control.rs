@@ -1,0 +1,231 @@
+//! The control plane of the local mesh: the operator's own compiler and CA, fed with the
+//! directory's objects and the synthesized cluster, producing exactly the files kubelet would
+//! project into each pod.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use trellis_proxy::config::spiffe_id;
+
+use super::plan::{Plan, Pod};
+use super::spec::DevDir;
+use super::synth::synthesize;
+use crate::api::{Mesh, MeshSpec};
+use crate::ca::CertificateAuthority;
+use crate::compiler::{self, InlineEndpoints, Settings, Snapshot};
+
+/// Why the control plane could not produce configs.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("Mesh: {0}")]
+    Mesh(String),
+    #[error("compiler: {0}")]
+    Compile(String),
+    #[error("CA: {0}")]
+    Ca(#[from] crate::ca::CaError),
+}
+
+/// The Mesh the directory declares (the one named `default`), or the defaults a cluster's
+/// `Mesh default` would have.
+pub fn mesh_of(dev: &DevDir) -> Mesh {
+    dev.objects
+        .meshes
+        .iter()
+        .find(|m| m.metadata.name.as_deref() == Some(crate::api::MESH_NAME))
+        .cloned()
+        .unwrap_or_else(|| {
+            let spec: MeshSpec = serde_json::from_value(serde_json::json!({}))
+                .expect("an empty MeshSpec takes its defaults");
+            Mesh::new(crate::api::MESH_NAME, spec)
+        })
+}
+
+/// Mesh settings `trellis dev` needs, parsed once.
+#[derive(Clone, Debug)]
+pub struct MeshParams {
+    pub trust_domain: String,
+    pub workload_ttl: Duration,
+    pub root_validity: Duration,
+}
+
+pub fn mesh_params(mesh: &Mesh) -> Result<MeshParams, ControlError> {
+    let ttl = crate::duration::parse(&mesh.spec.workload_cert_ttl)
+        .map_err(|e| ControlError::Mesh(format!("spec.workloadCertTtl: {e}")))?;
+    let root = mesh
+        .spec
+        .ca
+        .self_signed
+        .as_ref()
+        .map(|s| s.root_validity.clone())
+        .unwrap_or_else(|| "87600h".into());
+    let root_validity = crate::duration::parse(&root)
+        .map_err(|e| ControlError::Mesh(format!("spec.ca.selfSigned.rootValidity: {e}")))?;
+    if mesh.spec.ca.secret_ref.is_some() {
+        return Err(ControlError::Mesh(
+            "spec.ca.secretRef names a Secret, and `trellis dev` has no cluster to read it from: \
+             remove it to use a local self-signed root"
+                .into(),
+        ));
+    }
+    Ok(MeshParams {
+        trust_domain: mesh.spec.trust_domain.clone(),
+        workload_ttl: ttl,
+        root_validity,
+    })
+}
+
+/// A pod's SPIFFE ID (or `None` for a pod without a sidecar).
+pub fn identity_of(pod: &Pod, trust_domain: &str) -> Option<String> {
+    pod.proxy
+        .map(|_| spiffe_id(trust_domain, &pod.namespace, &pod.service_account))
+}
+
+/// Compiles the directory into each meshed namespace's `config.json`, with the operator's
+/// compiler. `identity_endpoint` is the local endpoint's URL, so the config the sidecars read
+/// names the endpoint they actually use.
+pub fn compile(
+    dev: &DevDir,
+    plan: &Plan,
+    identity_endpoint: &str,
+) -> Result<BTreeMap<String, String>, ControlError> {
+    let cluster = synthesize(&dev.topology, plan);
+    let mut pods = cluster.pods;
+    // What the injector does to every pod it gives a sidecar: the compiler counts a pod as
+    // meshed (and its identity as the Service's) only with this annotation.
+    for (pod, planned) in pods.iter_mut().zip(&plan.pods) {
+        if planned.proxy.is_some() {
+            pod.metadata.annotations.get_or_insert_default().insert(
+                compiler::PROXY_VERSION_ANNOTATION.to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            );
+        }
+    }
+    let snapshot = Snapshot {
+        mesh: Some(Arc::new(mesh_of(dev))),
+        traffic_policies: dev
+            .objects
+            .traffic_policies
+            .iter()
+            .cloned()
+            .map(Arc::new)
+            .collect(),
+        peer_authentications: dev
+            .objects
+            .peer_authentications
+            .iter()
+            .cloned()
+            .map(Arc::new)
+            .collect(),
+        namespaces: cluster.namespaces.into_iter().map(Arc::new).collect(),
+        services: cluster.services.into_iter().map(Arc::new).collect(),
+        endpoint_slices: cluster.endpoint_slices.into_iter().map(Arc::new).collect(),
+        pods: pods.into_iter().map(Arc::new).collect(),
+        settings: Settings {
+            root_namespace: super::ROOT_NAMESPACE.into(),
+            identity_endpoint: Some(identity_endpoint.to_string()),
+            // Local replicas differ by port only: every config must carry every endpoint.
+            inline_endpoints: InlineEndpoints::All,
+            ..Settings::default()
+        },
+    };
+    let out = compiler::compile(&snapshot);
+    let mut problems: Vec<String> = Vec::new();
+    for (key, conds) in out
+        .traffic_policies
+        .iter()
+        .map(|(k, c)| (format!("TrafficPolicy {}/{}", k.namespace, k.name), c))
+        .chain(
+            out.peer_authentications
+                .iter()
+                .map(|(k, c)| (format!("PeerAuthentication {}/{}", k.namespace, k.name), c)),
+        )
+    {
+        for c in conds {
+            if c.type_ == "Accepted" && !c.is_true() {
+                problems.push(format!("{key}: {} ({})", c.message, c.reason));
+            }
+        }
+    }
+    for (ns, why) in &out.invalid {
+        problems.push(format!("namespace {ns}: compiled config is invalid: {why}"));
+    }
+    for (ns, tl) in &out.too_large {
+        problems.push(format!(
+            "namespace {ns}: config too large ({} bytes)",
+            tl.bytes
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(ControlError::Compile(problems.join("; ")));
+    }
+    let mut configs = BTreeMap::new();
+    for ns in dev.topology.namespaces() {
+        match out.config(&ns) {
+            Some(json) => {
+                configs.insert(ns, json.to_string());
+            }
+            None => {
+                return Err(ControlError::Compile(format!(
+                    "no config for namespace {ns} (is it meshed?)"
+                )));
+            }
+        }
+    }
+    Ok(configs)
+}
+
+/// The mesh CA for this run: a fresh self-signed root, as the Mesh reconciler creates when no
+/// Secret holds one.
+pub fn new_ca(params: &MeshParams) -> Result<CertificateAuthority, ControlError> {
+    Ok(CertificateAuthority::generate(
+        &params.trust_domain,
+        params.root_validity,
+        SystemTime::now(),
+    )?)
+}
+
+/// The downward-API `labels` file: `key="value"` lines, values escaped like Go's `%q`.
+pub fn labels_file(labels: &BTreeMap<String, String>) -> String {
+    let mut s = String::new();
+    for (k, v) in labels {
+        let escaped = v
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        s.push_str(&format!("{k}=\"{escaped}\"\n"));
+    }
+    s
+}
+
+/// The projected volume of one pod: what kubelet would put in `/var/run/trellis/`.
+pub fn volume_files(
+    config_json: &str,
+    ca_pem: &str,
+    pod: &Pod,
+    token: &str,
+) -> BTreeMap<String, Vec<u8>> {
+    [
+        ("config.json".to_string(), config_json.as_bytes().to_vec()),
+        ("ca.pem".to_string(), ca_pem.as_bytes().to_vec()),
+        ("labels".to_string(), labels_file(&pod.labels).into_bytes()),
+        ("token".to_string(), token.as_bytes().to_vec()),
+    ]
+    .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_proxy::config::parse_downward_labels;
+
+    #[test]
+    fn labels_file_round_trips_through_the_proxy_parser() {
+        let labels: BTreeMap<String, String> = [
+            ("app".to_string(), "catalog".to_string()),
+            ("odd".to_string(), "a\"b\\c".to_string()),
+        ]
+        .into();
+        assert_eq!(parse_downward_labels(&labels_file(&labels)), labels);
+    }
+}

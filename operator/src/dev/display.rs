@@ -1,0 +1,165 @@
+//! The live view and the final summary, as plain text. On a terminal the view is redrawn in
+//! place with two ANSI sequences (cursor home, clear to end); elsewhere (CI, pipes) the same
+//! text is printed as periodic snapshots.
+
+use std::fmt::Write as _;
+
+use super::stats::EdgeView;
+
+/// One row of the services table.
+pub struct ServiceRow {
+    pub key: String,
+    pub kind: &'static str,
+    pub replicas: u32,
+    /// Replicas whose sidecar answers `/ready` (or, for plaintext clients, whose app runs).
+    pub ready: u32,
+    pub identity: Option<String>,
+    /// Children that exited, with their status, for the row's note.
+    pub exited: Vec<String>,
+    /// The sidecars' own counters (config reloads, refused connections), when meshed.
+    pub sidecar: Option<String>,
+}
+
+/// Everything one frame shows.
+pub struct Frame<'a> {
+    pub header: &'a str,
+    pub status_lines: &'a [String],
+    pub services: &'a [ServiceRow],
+    pub edges: &'a [EdgeView],
+    /// Per plaintext-client edge: how its failed requests failed (e.g. `closed 2.0/s`).
+    pub edge_notes: &'a [(String, String)],
+    pub footer: &'a str,
+}
+
+fn ms(v: Option<f64>) -> String {
+    match v {
+        Some(s) if s < 0.001 => format!("{:.0}µs", s * 1e6),
+        Some(s) if s < 1.0 => format!("{:.1}ms", s * 1e3),
+        Some(s) => format!("{s:.2}s"),
+        None => "-".into(),
+    }
+}
+
+/// Renders a frame as text (no escape sequences).
+pub fn render(f: &Frame<'_>) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "{}", f.header);
+    for l in f.status_lines {
+        let _ = writeln!(o, "{l}");
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:<24} {:<7} {:<9} IDENTITY (SPIFFE)",
+        "WORKLOAD", "KIND", "READY"
+    );
+    for s in f.services {
+        let mut line = format!(
+            "{:<24} {:<7} {:<9} {}",
+            s.key,
+            s.kind,
+            format!("{}/{}", s.ready, s.replicas),
+            s.identity.as_deref().unwrap_or("- (no sidecar)")
+        );
+        if let Some(sc) = &s.sidecar {
+            let _ = write!(line, "  [{sc}]");
+        }
+        if !s.exited.is_empty() {
+            let _ = write!(line, "  EXITED: {}", s.exited.join(", "));
+        }
+        let _ = writeln!(o, "{line}");
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:<40} {:>8} {:>8} {:>9} {:>9} {:>5}  {:>8}",
+        "EDGE (source -> destination)", "RPS", "SUCCESS", "P50", "P99", "MTLS", "TOTAL"
+    );
+    if f.edges.is_empty() {
+        let _ = writeln!(o, "(no traffic yet)");
+    }
+    for e in f.edges {
+        let name = format!("{} -> {}", e.key.source, e.key.destination);
+        let success = e
+            .success
+            .map(|s| format!("{:.1}%", s * 100.0))
+            .unwrap_or_else(|| "-".into());
+        let mut line = format!(
+            "{:<40} {:>8.1} {:>8} {:>9} {:>9} {:>5}  {:>8}",
+            name,
+            e.rps,
+            success,
+            ms(e.p50),
+            ms(e.p99),
+            if e.key.mtls { "yes" } else { "no" },
+            e.total_requests as u64
+        );
+        if let Some((_, note)) = f
+            .edge_notes
+            .iter()
+            .find(|(k, _)| *k == format!("{}>{}", e.key.source, e.key.destination))
+        {
+            let _ = write!(line, "  {note}");
+        }
+        let _ = writeln!(o, "{line}");
+    }
+    let _ = writeln!(o);
+    o.push_str(f.footer);
+    o
+}
+
+/// Redraws the terminal in place: cursor home, the frame, clear whatever the previous (longer)
+/// frame left below.
+pub fn redraw(text: &str) -> String {
+    let mut s = String::from("\x1b[H");
+    for line in text.lines() {
+        s.push_str(line);
+        s.push_str("\x1b[K\n");
+    }
+    s.push_str("\x1b[J");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dev::stats::EdgeKey;
+
+    #[test]
+    fn frame_shows_edges_with_units() {
+        let edges = vec![EdgeView {
+            key: EdgeKey {
+                source: "frontend.shop".into(),
+                destination: "catalog.shop".into(),
+                mtls: true,
+            },
+            rps: 19.5,
+            success: Some(0.975),
+            p50: Some(0.0031),
+            p99: Some(0.25),
+            total_requests: 1000.0,
+            total_successes: 975.0,
+        }];
+        let text = render(&Frame {
+            header: "h",
+            status_lines: &[],
+            services: &[ServiceRow {
+                key: "catalog.shop".into(),
+                kind: "service",
+                replicas: 3,
+                ready: 2,
+                identity: Some("spiffe://cluster.local/ns/shop/sa/catalog".into()),
+                exited: vec!["catalog-2 sidecar (exit status: 1)".into()],
+                sidecar: Some("reloads 2, refused 0".into()),
+            }],
+            edges: &edges,
+            edge_notes: &[],
+            footer: "",
+        });
+        assert!(text.contains("frontend.shop -> catalog.shop"), "{text}");
+        for needle in ["19.5", "97.5%", "3.1ms", "250.0ms", "yes", "2/3", "EXITED"] {
+            assert!(text.contains(needle), "{needle} in {text}");
+        }
+        assert!(redraw("a\nb").starts_with("\x1b[H"));
+    }
+}

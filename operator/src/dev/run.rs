@@ -1,0 +1,900 @@
+//! The `trellis dev` process: starts the local mesh, keeps the live view, follows edits of the
+//! directory, and stops everything it started.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::control::{self, MeshParams};
+use super::display::{self, Frame, ServiceRow};
+use super::plan::{Plan, Pod, Role};
+use super::spec::{self, DevDir};
+use super::stats::{self, EdgeKey, EdgeStats, EdgeView};
+use super::supervise::{self, Proc};
+use super::tokenreview::{TokenAuthority, TokenOwner};
+use super::{creds, metrics, volume};
+use crate::ca::CertificateAuthority;
+
+/// What `trellis dev` was asked to do.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub dir: PathBuf,
+    pub base_port: u16,
+    /// `None`: a fresh directory under the system temp dir.
+    pub state_dir: Option<PathBuf>,
+    /// Stop after this long and report.
+    pub duration: Option<Duration>,
+    /// Stop as soon as every edge has carried successful mTLS traffic (bounded by `duration`).
+    pub once: bool,
+    /// The `trellis` binary (this one): run as `trellis proxy` and `trellis demo-service`.
+    pub exe: PathBuf,
+}
+
+/// Longest `--once` waits when no `--duration` bounds it.
+pub const ONCE_DEFAULT_BOUND: Duration = Duration::from_secs(90);
+/// How often the directory is checked for edits.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+/// How often the proxies are scraped and the view refreshed.
+const SCRAPE_EVERY: Duration = Duration::from_secs(1);
+/// How often a snapshot is printed when stdout is not a terminal.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
+/// How long children get to exit on SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// Runs the local mesh until a signal, the duration, or (with `--once`) success. Returns
+/// `Ok(())` only when, in a bounded run, every edge carried successful mTLS traffic.
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let dev = spec::load_dir(&opts.dir)?;
+    let mesh = control::mesh_of(&dev);
+    let params = control::mesh_params(&mesh)?;
+    // Lay out and check every port before creating anything.
+    let (state_dir, owned) = state_dir_path(opts.state_dir.as_deref())?;
+    let plan = Plan::new(&dev.topology, opts.base_port, &state_dir)?;
+    plan.probe_ports()?;
+    create_state_dir(&state_dir, owned)?;
+    let mut local = LocalMesh {
+        opts: opts.clone(),
+        state_dir: state_dir.clone(),
+        plan,
+        params,
+        dev,
+        procs: Vec::new(),
+        pod_procs: BTreeMap::new(),
+        tokens: TokenAuthority::default(),
+        pod_tokens: BTreeMap::new(),
+        ca: None,
+        configs: BTreeMap::new(),
+        status: Vec::new(),
+        reload_error: None,
+        stats: EdgeStats::default(),
+        client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        started: Instant::now(),
+        views: Vec::new(),
+        notes: Vec::new(),
+        ready: BTreeMap::new(),
+        shutdown: tokio_util::sync::CancellationToken::new(),
+        cred_desc: String::new(),
+        sidecars: BTreeMap::new(),
+    };
+    let result = local.run().await;
+    // Whatever happened, stop what was started and remove the state directory.
+    let killed = supervise::stop_all(&mut local.procs, STOP_GRACE).await;
+    local.shutdown.cancel();
+    if !killed.is_empty() {
+        eprintln!(
+            "trellis dev: killed after {}s without exiting: {}",
+            STOP_GRACE.as_secs(),
+            killed.join(", ")
+        );
+    }
+    if let Err(e) = std::fs::remove_dir_all(&state_dir) {
+        eprintln!("trellis dev: could not remove {}: {e}", state_dir.display());
+    }
+    result
+}
+
+/// The state directory, and whether it is ours to create and remove.
+fn state_dir_path(given: Option<&Path>) -> anyhow::Result<(PathBuf, bool)> {
+    match given {
+        Some(p) => {
+            if p.exists()
+                && std::fs::read_dir(p)
+                    .with_context(|| format!("--state-dir {}", p.display()))?
+                    .next()
+                    .is_some()
+            {
+                anyhow::bail!(
+                    "--state-dir {} is not empty: trellis dev removes its state directory on \
+                     exit, so give it an empty or missing one",
+                    p.display()
+                );
+            }
+            Ok((p.to_path_buf(), true))
+        }
+        None => {
+            let nonce: u32 = rand::random();
+            Ok((
+                std::env::temp_dir()
+                    .join(format!("trellis-dev-{}-{nonce:08x}", std::process::id())),
+                true,
+            ))
+        }
+    }
+}
+
+fn create_state_dir(p: &Path, _owned: bool) -> anyhow::Result<()> {
+    std::fs::create_dir_all(p).with_context(|| format!("create {}", p.display()))?;
+    for sub in ["pods", "logs", "creds"] {
+        std::fs::create_dir_all(p.join(sub))
+            .with_context(|| format!("create {}", p.join(sub).display()))?;
+    }
+    Ok(())
+}
+
+/// Processes of one pod, as indexes into `LocalMesh::procs`.
+#[derive(Default, Clone, Copy)]
+struct PodProcs {
+    proxy: Option<usize>,
+    app: Option<usize>,
+}
+
+struct LocalMesh {
+    opts: Options,
+    state_dir: PathBuf,
+    plan: Plan,
+    params: MeshParams,
+    /// The last directory content that loaded and compiled.
+    dev: DevDir,
+    procs: Vec<Proc>,
+    pod_procs: BTreeMap<String, PodProcs>,
+    tokens: TokenAuthority,
+    pod_tokens: BTreeMap<String, String>,
+    ca: Option<CertificateAuthority>,
+    /// The config each namespace's pods were last given.
+    configs: BTreeMap<String, String>,
+    status: Vec<String>,
+    reload_error: Option<String>,
+    stats: EdgeStats,
+    client: Client<HttpConnector, Empty<Bytes>>,
+    started: Instant,
+    views: Vec<EdgeView>,
+    notes: Vec<(String, String)>,
+    ready: BTreeMap<String, bool>,
+    shutdown: tokio_util::sync::CancellationToken,
+    /// How the sidecars get their certificates, for the header.
+    cred_desc: String,
+    /// Latest per-pod sidecar counters (refused connections, config reloads).
+    sidecars: BTreeMap<String, stats::SidecarCounts>,
+}
+
+pub(crate) fn pod_key(p: &Pod) -> String {
+    format!("{}/{}", p.namespace, p.name)
+}
+
+impl LocalMesh {
+    fn identity_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.plan.identity_port)
+    }
+
+    fn trust_pem(&self) -> String {
+        self.ca
+            .as_ref()
+            .map(|c| c.roots_pem().to_string())
+            .unwrap_or_default()
+    }
+
+    async fn run(&mut self) -> anyhow::Result<()> {
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        self.start().await?;
+        let tty =
+            std::io::stdout().is_terminal() && !self.opts.once && self.opts.duration.is_none();
+        if tty {
+            print!("\x1b[2J");
+        } else {
+            println!("{}", self.intro());
+        }
+        let bound = match (self.opts.duration, self.opts.once) {
+            (Some(d), _) => Some(d),
+            (None, true) => Some(ONCE_DEFAULT_BOUND),
+            (None, false) => None,
+        };
+        let deadline = bound.map(|d| tokio::time::Instant::now() + d);
+        let mut watch = tokio::time::interval(WATCH_EVERY);
+        let mut scrape = tokio::time::interval(SCRAPE_EVERY);
+        let mut last_snapshot = Instant::now();
+        let mut fingerprint = dir_fingerprint(&self.opts.dir);
+        let reason = loop {
+            tokio::select! {
+                _ = sigint.recv() => break "interrupted (SIGINT)",
+                _ = sigterm.recv() => break "terminated (SIGTERM)",
+                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                    break "duration elapsed";
+                }
+                _ = watch.tick() => {
+                    let fp = dir_fingerprint(&self.opts.dir);
+                    if fp != fingerprint {
+                        fingerprint = fp;
+                        self.reload().await;
+                    }
+                }
+                _ = scrape.tick() => {
+                    self.scrape().await;
+                    let frame = self.frame();
+                    if tty {
+                        print!("{}", display::redraw(&frame));
+                        let _ = std::io::stdout().flush();
+                    } else if last_snapshot.elapsed() >= SNAPSHOT_EVERY {
+                        last_snapshot = Instant::now();
+                        println!("--- {:.0}s", self.started.elapsed().as_secs_f64());
+                        println!("{frame}");
+                    }
+                    if self.opts.once && self.missing_edges().is_empty() {
+                        break "every edge carried mTLS traffic";
+                    }
+                }
+            }
+        };
+        let frame = self.frame();
+        println!("\n=== trellis dev: {reason}; final state\n{frame}");
+        let missing = self.missing_edges();
+        let exited = self.unexpected_exits();
+        if bound.is_none() && reason != "duration elapsed" {
+            // Interactive run stopped by the user: nothing to judge.
+            return Ok(());
+        }
+        if missing.is_empty() && exited.is_empty() {
+            println!("OK: every edge carried successful mTLS traffic");
+            Ok(())
+        } else {
+            let mut why = Vec::new();
+            if !missing.is_empty() {
+                why.push(format!(
+                    "no successful mTLS traffic on: {}",
+                    missing.join(", ")
+                ));
+            }
+            if !exited.is_empty() {
+                why.push(format!("exited early: {}", exited.join("; ")));
+            }
+            anyhow::bail!("{}", why.join("; "))
+        }
+    }
+
+    /// Starts the CA, credentials, configs, proxies and apps.
+    async fn start(&mut self) -> anyhow::Result<()> {
+        let ca = control::new_ca(&self.params)?;
+        std::fs::write(self.state_dir.join("ca.pem"), ca.roots_pem())?;
+        self.ca = Some(ca);
+        for pod in self.plan.pods.clone() {
+            if pod.proxy.is_some() {
+                let token = self.tokens.mint(TokenOwner {
+                    namespace: pod.namespace.clone(),
+                    service_account: pod.service_account.clone(),
+                    pod_name: pod.name.clone(),
+                    pod_uid: super::synth::pod_uid(&pod.namespace, &pod.name),
+                });
+                self.pod_tokens.insert(pod_key(&pod), token);
+            }
+        }
+        let ca = self.ca.as_ref().expect("CA created above");
+        let (cred_args, cred_desc) = creds::start(creds::Inputs {
+            ca,
+            plan: &self.plan,
+            params: &self.params,
+            state_dir: &self.state_dir,
+            tokens: &self.tokens,
+            identity_url: &self.identity_url(),
+            shutdown: &self.shutdown,
+        })
+        .await?;
+        self.cred_desc = cred_desc;
+        let configs = control::compile(&self.dev, &self.plan, &self.identity_url())?;
+        self.configs = configs;
+        self.write_volumes()?;
+        self.status.push(format!(
+            "config compiled by the operator's compiler at {} for namespaces: {}",
+            now_hms(),
+            self.configs.keys().cloned().collect::<Vec<_>>().join(", ")
+        ));
+        let exe = self.opts.exe.clone();
+        let logs = self.state_dir.join("logs");
+        for pod in self.plan.pods.clone() {
+            let Some(px) = pod.proxy else { continue };
+            let mut args = vec![
+                "proxy".to_string(),
+                "--dir".into(),
+                pod.dir.display().to_string(),
+                "--outbound-addr".into(),
+                format!("127.0.0.1:{}", px.outbound),
+                "--inbound-addr".into(),
+                format!("127.0.0.1:{}", px.inbound),
+                "--admin-addr".into(),
+                format!("127.0.0.1:{}", px.admin),
+                "--inbound-target".into(),
+                format!("127.0.0.1:{}", pod.app_port),
+                "--pod-namespace".into(),
+                pod.namespace.clone(),
+                "--pod-name".into(),
+                pod.name.clone(),
+                "--service-account".into(),
+                pod.service_account.clone(),
+                "--log-format".into(),
+                "text".into(),
+                "--drain-timeout".into(),
+                "1s".into(),
+            ];
+            args.extend(cred_args.get(&pod_key(&pod)).cloned().unwrap_or_default());
+            let p = supervise::spawn(
+                &format!("{} sidecar", pod.name),
+                &exe,
+                &args,
+                &[],
+                &logs.join(format!("{}.{}.proxy.log", pod.name, pod.namespace)),
+            )?;
+            self.procs.push(p);
+            self.pod_procs.entry(pod_key(&pod)).or_default().proxy = Some(self.procs.len() - 1);
+        }
+        self.wait_ready(Duration::from_secs(30)).await;
+        for p in self.procs.iter_mut() {
+            p.poll();
+        }
+        let dead: Vec<&Proc> = self.procs.iter().filter(|p| p.exited.is_some()).collect();
+        if let Some(first) = dead.first() {
+            anyhow::bail!(
+                "{} exited at start ({}); its log ({}, removed with the state dir) ended with:\n{}\n({} sidecars exited in all)",
+                first.name,
+                first.exited.map(|s| s.to_string()).unwrap_or_default(),
+                first.log.display(),
+                first.log_tail(8),
+                dead.len()
+            );
+        }
+        for pod in self.plan.pods.clone() {
+            let args = self.app_args(&pod);
+            let p = supervise::spawn(
+                &format!("{} app", pod.name),
+                &exe,
+                &args,
+                &[],
+                &logs.join(format!("{}.{}.app.log", pod.name, pod.namespace)),
+            )?;
+            self.procs.push(p);
+            self.pod_procs.entry(pod_key(&pod)).or_default().app = Some(self.procs.len() - 1);
+        }
+        self.write_prometheus_config()?;
+        Ok(())
+    }
+
+    fn app_args(&self, pod: &Pod) -> Vec<String> {
+        let call_arg = |key: &str| -> String {
+            let s = self
+                .dev
+                .topology
+                .service(key)
+                .expect("validated call target");
+            let grpc = matches!(s.protocol, spec::AppProtocol::Grpc);
+            format!("{key}:{}{}", s.port, if grpc { ":grpc" } else { "" })
+        };
+        match &pod.role {
+            Role::Service {
+                protocol,
+                failure_rate,
+                latency_ms,
+                calls,
+                ..
+            } => {
+                let mut a = vec![
+                    "demo-service".to_string(),
+                    "serve".into(),
+                    "--name".into(),
+                    pod.name.clone(),
+                    "--listen".into(),
+                    format!("127.0.0.1:{}", pod.app_port),
+                    "--failure-rate".into(),
+                    failure_rate.to_string(),
+                    "--latency-ms".into(),
+                    latency_ms.to_string(),
+                ];
+                if matches!(protocol, spec::AppProtocol::Grpc) {
+                    a.push("--grpc".into());
+                }
+                if let Some(px) = pod.proxy {
+                    a.push("--outbound".into());
+                    a.push(format!("127.0.0.1:{}", px.outbound));
+                }
+                for c in calls {
+                    a.push("--call".into());
+                    a.push(call_arg(c));
+                }
+                a
+            }
+            Role::Client { target, rate } => {
+                let mut a = vec![
+                    "demo-service".to_string(),
+                    "load".into(),
+                    "--name".into(),
+                    pod.name.clone(),
+                    "--target".into(),
+                    call_arg(target),
+                    "--rate".into(),
+                    rate.to_string(),
+                    "--metrics".into(),
+                    format!("127.0.0.1:{}", pod.app_port),
+                ];
+                match pod.proxy {
+                    Some(px) => {
+                        a.push("--via".into());
+                        a.push(format!("127.0.0.1:{}", px.outbound));
+                    }
+                    None => {
+                        // Outside the mesh: straight at the target's pods, as a pod without a
+                        // sidecar would (its connection lands on their sidecars' inbound).
+                        let direct: Vec<String> = self
+                            .plan
+                            .replicas_of(target)
+                            .filter_map(|p| p.proxy.map(|x| format!("127.0.0.1:{}", x.inbound)))
+                            .collect();
+                        a.push("--direct".into());
+                        a.push(direct.join(","));
+                    }
+                }
+                a
+            }
+        }
+    }
+
+    /// Writes every meshed pod's projected volume from the current configs.
+    fn write_volumes(&self) -> anyhow::Result<usize> {
+        let ca_pem = self.trust_pem();
+        let mut changed = 0;
+        for pod in &self.plan.pods {
+            if pod.proxy.is_none() {
+                continue;
+            }
+            let config = self
+                .configs
+                .get(&pod.namespace)
+                .with_context(|| format!("no config for namespace {}", pod.namespace))?;
+            let token = self
+                .pod_tokens
+                .get(&pod_key(pod))
+                .map(String::as_str)
+                .unwrap_or_default();
+            let files = control::volume_files(config, &ca_pem, pod, token);
+            if volume::write(&pod.dir, &files)
+                .with_context(|| format!("write {}", pod.dir.display()))?
+            {
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Re-reads the directory after an edit: a valid one is compiled and written (proxies
+    /// reload it themselves); an invalid one is reported and changes nothing.
+    async fn reload(&mut self) {
+        let result = spec::load_dir(&self.opts.dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|dev| {
+                if dev.topology != self.dev.topology {
+                    anyhow::bail!(
+                        "{} changed: the running processes follow the file as it was at start \
+                         (restart `trellis dev` to apply it); policies are still reloaded",
+                        spec::SERVICES_FILE
+                    );
+                }
+                let mesh = control::mesh_of(&dev);
+                let params = control::mesh_params(&mesh)?;
+                if params.trust_domain != self.params.trust_domain {
+                    anyhow::bail!(
+                        "Mesh trustDomain changed: every certificate would change; restart \
+                         `trellis dev` to apply it"
+                    );
+                }
+                let configs = control::compile(&dev, &self.plan, &self.identity_url())?;
+                Ok((dev, configs))
+            });
+        match result {
+            Ok((dev, configs)) => {
+                let changed_ns: Vec<String> = configs
+                    .iter()
+                    .filter(|(ns, c)| self.configs.get(*ns) != Some(*c))
+                    .map(|(ns, _)| ns.clone())
+                    .collect();
+                self.dev = dev;
+                self.configs = configs;
+                match self.write_volumes() {
+                    Ok(n) => {
+                        self.reload_error = None;
+                        self.status.push(format!(
+                            "{} reloaded: {}",
+                            now_hms(),
+                            if changed_ns.is_empty() {
+                                "no config change".to_string()
+                            } else {
+                                format!(
+                                    "new config for {} ({n} pods' volumes swapped; proxies reload live)",
+                                    changed_ns.join(", ")
+                                )
+                            }
+                        ));
+                    }
+                    Err(e) => self.reload_error = Some(format!("{} {e:#}", now_hms())),
+                }
+            }
+            Err(e) => {
+                self.reload_error = Some(format!(
+                    "{} edit refused, last good config stays: {e:#}",
+                    now_hms()
+                ));
+            }
+        }
+        if self.status.len() > 3 {
+            let drop = self.status.len() - 3;
+            self.status.drain(..drop);
+        }
+    }
+
+    async fn get(&self, addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+        let uri: http::Uri = format!("http://{addr}{path}").parse().ok()?;
+        let fut = async {
+            let resp = self.client.get(uri).await.ok()?;
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.ok()?.to_bytes();
+            Some((status, String::from_utf8_lossy(&body).into_owned()))
+        };
+        tokio::time::timeout(Duration::from_millis(900), fut)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn wait_ready(&mut self, bound: Duration) {
+        let deadline = Instant::now() + bound;
+        loop {
+            self.check_ready().await;
+            let all = self.ready.values().all(|r| *r);
+            if all || Instant::now() > deadline || self.procs.iter_mut().any(|p| p.poll().is_some())
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn check_ready(&mut self) {
+        let pods: Vec<(String, SocketAddr)> = self
+            .plan
+            .pods
+            .iter()
+            .filter_map(|p| {
+                p.proxy
+                    .map(|x| (pod_key(p), SocketAddr::from(([127, 0, 0, 1], x.admin))))
+            })
+            .collect();
+        let results =
+            futures::future::join_all(pods.iter().map(|(_, addr)| self.get(*addr, "/ready"))).await;
+        for ((key, _), r) in pods.into_iter().zip(results) {
+            self.ready.insert(key, matches!(r, Some((200, _))));
+        }
+    }
+
+    /// Scrapes every sidecar's `/metrics` and every load client's own counters.
+    async fn scrape(&mut self) {
+        self.check_ready().await;
+        let targets: Vec<(String, String, SocketAddr, bool)> = self
+            .plan
+            .pods
+            .iter()
+            .flat_map(|p| {
+                let mut t = Vec::new();
+                if let Some(x) = p.proxy {
+                    t.push((
+                        pod_key(p),
+                        p.workload_key(),
+                        SocketAddr::from(([127, 0, 0, 1], x.admin)),
+                        true,
+                    ));
+                }
+                if p.proxy.is_none() && matches!(p.role, Role::Client { .. }) {
+                    t.push((
+                        pod_key(p),
+                        p.workload_key(),
+                        SocketAddr::from(([127, 0, 0, 1], p.app_port)),
+                        false,
+                    ));
+                }
+                t
+            })
+            .collect();
+        let bodies = futures::future::join_all(
+            targets
+                .iter()
+                .map(|(_, _, addr, _)| self.get(*addr, "/metrics")),
+        )
+        .await;
+        let mut notes = Vec::new();
+        for ((id, source, _, is_proxy), body) in targets.into_iter().zip(bodies) {
+            let Some((200, text)) = body else { continue };
+            let Ok(samples) = metrics::parse(&text) else {
+                continue;
+            };
+            if is_proxy {
+                self.stats
+                    .record(&id, stats::edges_from_scrape(&source, &samples));
+            } else {
+                let (edges, note) = plaintext_client_edges(&source, &samples);
+                if let Some(n) = note {
+                    notes.push(n);
+                }
+                self.stats.record(&id, edges);
+            }
+        }
+        self.notes = notes;
+        self.views = self.stats.window(Instant::now());
+    }
+
+    /// Expected edges (declared calls of meshed workloads) without successful mTLS traffic.
+    fn missing_edges(&self) -> Vec<String> {
+        let mut expected = BTreeSet::new();
+        for s in &self.dev.topology.services {
+            for c in &s.calls {
+                expected.insert((s.key(), c.clone()));
+            }
+        }
+        for c in &self.dev.topology.clients {
+            if c.meshed {
+                expected.insert((c.key(), c.target.clone()));
+            }
+        }
+        expected
+            .into_iter()
+            .filter(|(src, dst)| {
+                !self.views.iter().any(|v| {
+                    v.key.mtls
+                        && &v.key.source == src
+                        && &v.key.destination == dst
+                        && v.total_successes > 0.0
+                })
+            })
+            .map(|(s, d)| format!("{s} -> {d}"))
+            .collect()
+    }
+
+    fn unexpected_exits(&mut self) -> Vec<String> {
+        self.procs
+            .iter_mut()
+            .filter_map(|p| {
+                p.poll().map(|st| {
+                    format!(
+                        "{} ({st}); log {}:\n{}",
+                        p.name,
+                        p.log.display(),
+                        p.log_tail(5)
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn intro(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!(
+            "trellis dev: {} pods from {} (state in {})\n",
+            self.plan.pods.len(),
+            self.opts.dir.display(),
+            self.state_dir.display()
+        ));
+        s.push_str(&format!("{}\n", self.identity_line()));
+        for p in &self.plan.pods {
+            if let Some(x) = p.proxy {
+                s.push_str(&format!(
+                    "  {:<16} metrics http://127.0.0.1:{}/metrics   logs {}\n",
+                    p.name,
+                    x.admin,
+                    self.state_dir
+                        .join("logs")
+                        .join(format!("{}.{}.proxy.log", p.name, p.namespace))
+                        .display()
+                ));
+            }
+        }
+        s.push_str(&format!(
+            "Prometheus scrape config: {}\n",
+            self.state_dir.join("prometheus.yml").display()
+        ));
+        s
+    }
+
+    fn identity_line(&self) -> String {
+        self.cred_desc.clone()
+    }
+
+    fn frame(&mut self) -> String {
+        let td = self.params.trust_domain.clone();
+        let mut rows = Vec::new();
+        let mut exited_by_pod: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (pod, pp) in &self.pod_procs {
+            for i in [pp.proxy, pp.app].into_iter().flatten() {
+                if let Some(st) = self.procs[i].poll() {
+                    exited_by_pod
+                        .entry(pod.clone())
+                        .or_default()
+                        .push(format!("{} ({st})", self.procs[i].name));
+                }
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for p in &self.plan.pods {
+            let key = p.workload_key();
+            if !seen.insert(key.clone()) {
+                continue;
+            }
+            let pods: Vec<&Pod> = self
+                .plan
+                .pods
+                .iter()
+                .filter(|q| q.workload_key() == key)
+                .collect();
+            let ready = pods
+                .iter()
+                .filter(|q| match q.proxy {
+                    Some(_) => self.ready.get(&pod_key(q)).copied().unwrap_or(false),
+                    None => !exited_by_pod.contains_key(&pod_key(q)),
+                })
+                .count() as u32;
+            let mut sc = stats::SidecarCounts::default();
+            for q in &pods {
+                if let Some(c) = self.sidecars.get(&pod_key(q)) {
+                    sc.add(c);
+                }
+            }
+            rows.push(ServiceRow {
+                sidecar: (p.proxy.is_some()).then(|| sc.describe()),
+                key,
+                kind: match p.role {
+                    Role::Service { .. } => "service",
+                    Role::Client { .. } => "client",
+                },
+                replicas: pods.len() as u32,
+                ready,
+                identity: control::identity_of(p, &td),
+                exited: pods
+                    .iter()
+                    .flat_map(|q| exited_by_pod.get(&pod_key(q)).cloned().unwrap_or_default())
+                    .collect(),
+            });
+        }
+        let header = format!(
+            "trellis dev — {} — up {:.0}s — {}",
+            self.opts.dir.display(),
+            self.started.elapsed().as_secs_f64(),
+            self.identity_line()
+        );
+        let mut status = self.status.clone();
+        if let Some(e) = &self.reload_error {
+            status.push(format!("ERROR {e}"));
+        }
+        let footer = format!(
+            "Metrics: {}\nPrometheus scrape config: {}\nEdit {}/*.yaml: TrafficPolicy and \
+             PeerAuthentication changes recompile and the proxies reload live. Ctrl-C stops \
+             everything.\n",
+            self.plan
+                .pods
+                .iter()
+                .filter_map(|p| p
+                    .proxy
+                    .map(|x| format!("http://127.0.0.1:{}/metrics ({})", x.admin, p.name)))
+                .take(3)
+                .chain(std::iter::once("...".to_string()))
+                .collect::<Vec<_>>()
+                .join(" "),
+            self.state_dir.join("prometheus.yml").display(),
+            self.opts.dir.display()
+        );
+        display::render(&Frame {
+            header: &header,
+            status_lines: &status,
+            services: &rows,
+            edges: &self.views,
+            edge_notes: &self.notes,
+            footer: &footer,
+        })
+    }
+
+    /// A Prometheus config scraping every sidecar, labelled like the Kubernetes service
+    /// discovery would label them.
+    fn write_prometheus_config(&self) -> anyhow::Result<()> {
+        let mut s = String::from(
+            "# Written by `trellis dev`: scrape every local sidecar.\n\
+             # prometheus --config.file=<this file>\n\
+             global:\n  scrape_interval: 5s\nscrape_configs:\n  - job_name: trellis-proxies\n    static_configs:\n",
+        );
+        for p in &self.plan.pods {
+            if let Some(x) = p.proxy {
+                s.push_str(&format!(
+                    "      - targets: ['127.0.0.1:{}']\n        labels: {{namespace: {}, pod: {}, app: {}}}\n",
+                    x.admin, p.namespace, p.name, p.workload
+                ));
+            }
+        }
+        std::fs::write(self.state_dir.join("prometheus.yml"), s)?;
+        Ok(())
+    }
+}
+
+/// The plaintext client's own counters as an edge without mTLS, and a note on how its
+/// failures failed (a `Strict` sidecar closes the connection: `closed`).
+fn plaintext_client_edges(
+    source: &str,
+    samples: &[metrics::Sample],
+) -> (BTreeMap<EdgeKey, stats::Counters>, Option<(String, String)>) {
+    let mut out = BTreeMap::new();
+    let mut failed: BTreeMap<String, f64> = BTreeMap::new();
+    for s in samples {
+        if s.name != super::demo::LOAD_REQUESTS {
+            continue;
+        }
+        let (Some(target), Some(outcome)) = (s.label("target"), s.label("outcome")) else {
+            continue;
+        };
+        let dst = target.rsplit_once(':').map(|x| x.0).unwrap_or(target);
+        let key = EdgeKey {
+            source: source.to_string(),
+            destination: dst.to_string(),
+            mtls: false,
+        };
+        let c: &mut stats::Counters = out.entry(key).or_default();
+        c.requests += s.value;
+        if outcome == "ok" {
+            c.successes += s.value;
+        } else {
+            *failed.entry(outcome.to_string()).or_default() += s.value;
+        }
+    }
+    let note = out.keys().next().map(|k| {
+        let f: Vec<String> = failed
+            .iter()
+            .filter(|(_, v)| **v > 0.0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        (
+            format!("{}>{}", k.source, k.destination),
+            if f.is_empty() {
+                "plaintext, accepted".to_string()
+            } else {
+                format!("plaintext, refused so far: {}", f.join(" "))
+            },
+        )
+    });
+    (out, note)
+}
+
+/// Paths, sizes and modification times of the directory's YAML files.
+fn dir_fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    spec::yaml_files(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(&p).ok();
+            let len = m.as_ref().map(|m| m.len()).unwrap_or(0);
+            let mtime = m.and_then(|m| m.modified().ok());
+            (p, len, mtime)
+        })
+        .collect()
+}
+
+fn now_hms() -> String {
+    jiff::Zoned::now().strftime("%H:%M:%S").to_string()
+}
