@@ -85,6 +85,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         shutdown: tokio_util::sync::CancellationToken::new(),
         cred_desc: String::new(),
         sidecars: BTreeMap::new(),
+        backends: EdgeStats::default(),
+        backend_views: Vec::new(),
     };
     let result = local.run().await;
     // Whatever happened, stop what was started and remove the state directory.
@@ -175,6 +177,9 @@ struct LocalMesh {
     cred_desc: String,
     /// Latest per-pod sidecar counters (refused connections, config reloads).
     sidecars: BTreeMap<String, stats::SidecarCounts>,
+    /// Requests per backend after splits (the canary's share).
+    backends: EdgeStats,
+    backend_views: Vec<EdgeView>,
 }
 
 pub(crate) fn pod_key(p: &Pod) -> String {
@@ -633,6 +638,10 @@ impl LocalMesh {
             if is_proxy {
                 self.stats
                     .record(&id, stats::edges_from_scrape(&source, &samples));
+                self.sidecars
+                    .insert(id.clone(), stats::sidecar_counts(&samples));
+                self.backends
+                    .record(&id, stats::backends_from_scrape(&source, &samples));
             } else {
                 let (edges, note) = plaintext_client_edges(&source, &samples);
                 if let Some(n) = note {
@@ -642,7 +651,9 @@ impl LocalMesh {
             }
         }
         self.notes = notes;
-        self.views = self.stats.window(Instant::now());
+        let now = Instant::now();
+        self.views = self.stats.window(now);
+        self.backend_views = self.backends.window(now);
     }
 
     /// Expected edges (declared calls of meshed workloads) without successful mTLS traffic.
@@ -808,6 +819,7 @@ impl LocalMesh {
             status_lines: &status,
             services: &rows,
             edges: &self.views,
+            backends: &self.backend_views,
             edge_notes: &self.notes,
             footer: &footer,
         })
