@@ -17,3 +17,7 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+
+# kubernetes-validate (and kubectl where the machine has none) for the manifest tests, in a
+# virtualenv under ~/.cache/trellis: see hack/validate-manifests.sh.
+bash "$(dirname "$0")/validate-manifests.sh" --install

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: what CI runs (via .ci/run) and what you run before pushing.
+#   hack/test.sh
+# Debug builds only (release builds are for the Dockerfile): fits CI's budget on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,3 +10,8 @@ bash hack/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# The install renders and validates strictly (also covered by operator/tests/manifests.rs; this
+# prints the per-object report).
+bash hack/validate-manifests.sh
+# The cluster suite: runs against $KUBECONFIG's cluster, skips with a message when there is none.
+bash e2e/run.sh

@@ -2,9 +2,16 @@
 //! contract ([`config`]) from files and its identity from files or the identity endpoint.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
+pub mod admin;
 pub mod config;
 pub mod creds;
+pub mod identity;
 pub mod init;
+pub mod metrics;
+pub mod proxy;
+pub mod reload;
 pub mod run;
+pub mod shutdown;
 pub mod tls;
 pub mod traffic;

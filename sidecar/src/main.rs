@@ -14,6 +14,8 @@ struct Cli {
     run: trellis_proxy::run::RunArgs,
 }
 
+// Parsed once at startup: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the proxy (the default).

@@ -1,12 +1,327 @@
-//! The proxy process: wires config reload, identity, listeners, admin and shutdown.
-//! (Owned by the proxy-core work; this is the entry point `main.rs` calls.)
+//! The proxy process: wires config reload, credentials, listeners, admin and shutdown.
+//!
+//! [`start`] runs everything on the current tokio runtime and returns the bound addresses, so
+//! integration tests run whole proxies in-process on `127.0.0.1:0`; [`main`] adds the runtime,
+//! logging, credentials from files and signal handling.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::admin::Admin;
+use crate::creds::CredentialsRx;
+use crate::metrics::{Direction, Metrics};
+use crate::proxy::mtls::TlsCache;
+use crate::proxy::upstream::Pool;
+use crate::proxy::{Shared, accept_loop, http_builder};
+use crate::reload::Watcher;
+use crate::shutdown::Shutdown;
+use crate::traffic::{Dispatcher, InboundRateLimiter, TrafficMetrics};
 
 /// Flags and environment of `trellis-proxy run`.
 #[derive(clap::Args, Debug, Clone)]
-pub struct RunArgs {}
+pub struct RunArgs {
+    /// The projected volume: `config.json`, `labels`, `ca.pem`, `token`.
+    #[arg(long, env = "TRELLIS_DIR", default_value = "/var/run/trellis")]
+    pub dir: PathBuf,
+    #[arg(long, env = "TRELLIS_OUTBOUND_ADDR", default_value = "0.0.0.0:15001")]
+    pub outbound_addr: SocketAddr,
+    #[arg(long, env = "TRELLIS_INBOUND_ADDR", default_value = "0.0.0.0:15006")]
+    pub inbound_addr: SocketAddr,
+    #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "0.0.0.0:15020")]
+    pub admin_addr: SocketAddr,
+    /// Overrides the config's identity endpoint.
+    #[arg(long, env = "TRELLIS_IDENTITY_ENDPOINT")]
+    pub identity_endpoint: Option<String>,
+    /// PEM certificate chain (leaf first): credentials from files instead of the identity
+    /// endpoint. The trust bundle is `<dir>/ca.pem`.
+    #[arg(long, env = "TRELLIS_CERT_FILE", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key for `--cert-file`.
+    #[arg(long, env = "TRELLIS_KEY_FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    #[arg(long, env = "TRELLIS_POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+    #[arg(long, env = "TRELLIS_POD_NAME")]
+    pub pod_name: Option<String>,
+    #[arg(long, env = "TRELLIS_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+    /// `tracing` filter, e.g. `info` or `trellis_proxy=debug`.
+    #[arg(long, env = "TRELLIS_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    #[arg(long, env = "TRELLIS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+    /// How long in-flight requests may take to finish after SIGTERM (`5s`, `500ms`).
+    #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Local mode without iptables: inbound traffic goes here instead of
+    /// `127.0.0.1:<original port>`.
+    #[arg(long, env = "TRELLIS_INBOUND_TARGET")]
+    pub inbound_target: Option<SocketAddr>,
+}
 
-pub fn main(_args: RunArgs) -> ExitCode {
-    eprintln!("trellis-proxy: run is not built yet");
-    ExitCode::from(64)
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// `250ms`, `5s`, `2m`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (try 5s or 500ms)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Where to listen and where the files are; the in-process subset of [`RunArgs`].
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub dir: PathBuf,
+    pub outbound_addr: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub inbound_target: Option<SocketAddr>,
+}
+
+impl From<&RunArgs> for Options {
+    fn from(a: &RunArgs) -> Self {
+        Self {
+            dir: a.dir.clone(),
+            outbound_addr: a.outbound_addr,
+            inbound_addr: a.inbound_addr,
+            admin_addr: a.admin_addr,
+            inbound_target: a.inbound_target,
+        }
+    }
+}
+
+/// A started proxy.
+pub struct Running {
+    pub outbound_addr: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub shutdown: Shutdown,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Running {
+    /// Waits for the shutdown signal, then drains for at most `deadline`.
+    pub async fn wait(&self, deadline: Duration) -> bool {
+        self.shutdown.cancelled().await;
+        self.shutdown.drain(deadline).await
+    }
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Starts every task of a proxy on the current runtime.
+pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, StartError> {
+    let traffic_metrics = TrafficMetrics::new();
+    let metrics = Arc::new(Metrics::with_traffic(&traffic_metrics));
+    let shutdown = Shutdown::new();
+    let tls = Arc::new(TlsCache::new(creds.clone()));
+    let pool = Pool::new(tls.clone());
+    let dispatcher = Arc::new(Dispatcher::new_with_metrics(
+        Arc::new(pool.clone()),
+        traffic_metrics,
+    ));
+    let limiter: Arc<Mutex<Option<Arc<InboundRateLimiter>>>> = Arc::default();
+
+    let (mut watcher, config) = Watcher::new(&opts.dir, metrics.clone());
+    {
+        let dispatcher = dispatcher.clone();
+        let limiter = limiter.clone();
+        watcher.on_apply(Box::new(move |snap| {
+            dispatcher.update(&snap.config);
+            let wanted = snap
+                .config
+                .inbound_for(&snap.labels)
+                .and_then(|p| p.rate_limit.as_ref());
+            let mut slot = limiter.lock().expect("limiter lock");
+            let same = match (slot.as_ref(), wanted) {
+                (Some(cur), Some(w)) => cur.limit() == w,
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                // A changed limit starts with full buckets; an unchanged one keeps its state.
+                *slot = wanted.map(|w| Arc::new(InboundRateLimiter::new(w)));
+            }
+        }));
+    }
+    watcher.poll();
+    let status = watcher.status();
+    tokio::spawn(watcher.run(shutdown.token()));
+
+    let outbound = bind(opts.outbound_addr).await?;
+    let inbound = bind(opts.inbound_addr).await?;
+    let admin_l = bind(opts.admin_addr).await?;
+    let addr = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
+    let running = Running {
+        outbound_addr: addr(&outbound),
+        inbound_addr: addr(&inbound),
+        admin_addr: addr(&admin_l),
+        shutdown: shutdown.clone(),
+        metrics: metrics.clone(),
+    };
+
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        tls,
+        dispatcher,
+        pool,
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+        inbound_target: opts.inbound_target,
+        inbound_limiter: limiter,
+        http: http_builder(),
+    });
+    tokio::spawn(accept_loop(outbound, shared.clone(), Direction::Outbound));
+    tokio::spawn(accept_loop(inbound, shared, Direction::Inbound));
+    tokio::spawn(track_cert_expiry(creds.clone(), metrics.clone()));
+    let admin = Arc::new(Admin {
+        metrics,
+        config,
+        status,
+        creds,
+        shutdown,
+    });
+    tokio::spawn(admin.serve(admin_l));
+    tracing::info!(
+        outbound = %running.outbound_addr,
+        inbound = %running.inbound_addr,
+        admin = %running.admin_addr,
+        "proxy listening"
+    );
+    Ok(running)
+}
+
+/// Keeps `trellis_proxy_cert_expiry_timestamp_seconds` in step with the credentials.
+async fn track_cert_expiry(mut creds: CredentialsRx, metrics: Arc<Metrics>) {
+    loop {
+        let not_after = creds.borrow_and_update().as_ref().map(|c| c.not_after);
+        if let Some(t) = not_after {
+            let secs = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            metrics.cert_expiry.set(secs);
+        }
+        if creds.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn init_logging(args: &RunArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+pub fn main(args: RunArgs) -> ExitCode {
+    init_logging(&args);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        // A sidecar shares the pod's CPU with the application: two workers are enough for
+        // thousands of requests per second and keep idle memory small.
+        .worker_threads(2)
+        .thread_name("trellis-proxy")
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let (creds_tx, creds_rx) = crate::creds::channel();
+        match (&args.cert_file, &args.key_file) {
+            (Some(cert), Some(key)) => {
+                tokio::spawn(crate::tls::watch_pem_files(
+                    cert.clone(),
+                    key.clone(),
+                    args.dir.join("ca.pem"),
+                    creds_tx,
+                ));
+            }
+            _ => {
+                // Issuance from the identity endpoint is wired by the identity work; until
+                // then the proxy is not ready without --cert-file/--key-file.
+                tracing::error!(
+                    "no --cert-file/--key-file: the identity endpoint client is not wired; the proxy will not become ready"
+                );
+                std::mem::forget(creds_tx);
+            }
+        }
+        let running = match start(Options::from(&args), creds_rx).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                return ExitCode::from(64);
+            }
+        };
+        let sd = running.shutdown.clone();
+        tokio::spawn(async move {
+            crate::shutdown::signal().await;
+            sd.trigger();
+        });
+        running.wait(args.drain_timeout).await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("x").is_err());
+    }
 }

@@ -366,6 +366,19 @@ pub fn credentials_from_pem(
         what: "private key",
         detail: e.to_string(),
     })?;
+    credentials_from_parts(cert_chain, key, roots)
+}
+
+/// Assembles credentials from DER parts with the same checks as [`credentials_from_pem`]:
+/// non-empty chain and bundle, the key matches the leaf, the leaf names one SPIFFE ID.
+pub fn credentials_from_parts(
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Vec<CertificateDer<'static>>,
+) -> Result<Credentials, TlsError> {
+    if cert_chain.is_empty() {
+        return Err(TlsError::Empty("certificate chain"));
+    }
     let signing_key = provider()
         .key_provider
         .load_private_key(key.clone_key())
@@ -384,6 +397,16 @@ pub fn credentials_from_pem(
         roots,
         not_after,
     })
+}
+
+/// Parses every certificate in a PEM bundle (may be empty).
+pub fn parse_pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            what: "certificates",
+            detail: e.to_string(),
+        })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {

@@ -22,7 +22,7 @@ fn skip_reason() -> Option<String> {
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return Some("not root".into());
     }
-    for tool in ["ip", "iptables-save", "iptables-restore", "setpriv"] {
+    for tool in ["ip", "iptables-nft-save", "iptables-nft-restore", "setpriv"] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
@@ -131,9 +131,10 @@ fn connect(ns: &str, uid: Option<u32>, addr: &str) -> String {
         })
 }
 
-/// The nat table without comments and counters, for comparing two runs.
-fn nat_rules(ns: &str) -> String {
-    run(&["ip", "netns", "exec", ns, "iptables-save", "-t", "nat"])
+/// The nat table of one backend's save tool (`iptables-nft-save`, `ip6tables-legacy-save`...)
+/// without comments, for comparing two runs.
+fn nat_rules(ns: &str, save: &str) -> String {
+    run(&["ip", "netns", "exec", ns, save, "-t", "nat"])
         .lines()
         .filter(|l| !l.starts_with('#'))
         .collect::<Vec<_>>()
@@ -189,6 +190,8 @@ fn init_redirects_real_connections_in_a_network_namespace() {
             "8081",
             "--exclude-outbound-ports",
             "9091",
+            "--backend",
+            "nft",
         ];
         args.extend_from_slice(extra);
         let out = Command::new("ip").args(&args).output().unwrap();
@@ -204,20 +207,27 @@ fn init_redirects_real_connections_in_a_network_namespace() {
         first.contains("-A PREROUTING -p tcp -j TRELLIS_INBOUND"),
         "{first}"
     );
-    let after_first = nat_rules(&pod);
+    let after_first = nat_rules(&pod, "iptables-nft-save");
     assert!(
         after_first.contains("REDIRECT --to-ports 15006"),
         "{after_first}"
     );
+    let v6_after_first = nat_rules(&pod, "ip6tables-nft-save");
+    assert!(v6_after_first.contains("REDIRECT --to-ports 15006"));
     let second = init(&[]);
     assert!(
         !second.contains("-A PREROUTING"),
         "second run must not add the jump again: {second}"
     );
     assert_eq!(
-        nat_rules(&pod),
+        nat_rules(&pod, "iptables-nft-save"),
         after_first,
         "running init twice changed the ruleset"
+    );
+    assert_eq!(
+        nat_rules(&pod, "ip6tables-nft-save"),
+        v6_after_first,
+        "running init twice changed the IPv6 ruleset"
     );
 
     let _pod_server = serve(&pod, &[15006, 15001, 15020, 8080, 8081]);
@@ -251,8 +261,17 @@ fn init_redirects_real_connections_in_a_network_namespace() {
     );
     // Excluded outbound port: straight to the peer.
     assert!(connect(&pod, None, &format!("{PEER_IP}:9091")).starts_with("9091 "));
-    // The app talking to itself over loopback stays direct.
+    // The app talking to itself over loopback stays direct, also through its own pod IP
+    // (routed over lo), as in Istio.
     assert!(connect(&pod, None, "127.0.0.1:8080").starts_with("8080 "));
+    assert!(connect(&pod, None, &format!("{POD_IP}:8080")).starts_with("8080 "));
+    // The proxy calling its own pod IP is sent to inbound, like a request from another pod.
+    assert_eq!(
+        connect(&pod, Some(2137), &format!("{POD_IP}:8080")),
+        format!("15006 {POD_IP}:8080")
+    );
+    // The proxy reaching the app over 127.0.0.1 (how inbound forwards) stays direct.
+    assert!(connect(&pod, Some(2137), "127.0.0.1:8080").starts_with("8080 "));
 }
 
 /// Entry point of the helper processes the test above starts inside the namespaces; does
@@ -311,4 +330,75 @@ fn helper_client() {
     let mut line = String::new();
     BufReader::new(&mut stream).read_line(&mut line).unwrap();
     println!("\nRESULT {}", line.trim());
+}
+
+/// The legacy backend: applied twice in a fresh namespace, the ruleset is the same and holds
+/// the redirects. Skips when the kernel has no legacy iptables (`ip_tables` module).
+#[test]
+fn legacy_backend_is_idempotent() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIP legacy_backend_is_idempotent: {why}");
+        return;
+    }
+    let ns = format!("trellis-legacy-{}", std::process::id());
+    run(&["ip", "netns", "add", &ns]);
+    let _guard = Namespaces(vec![ns.clone()]);
+    let usable = Command::new("ip")
+        .args(["netns", "exec", &ns, "iptables-legacy-save", "-t", "nat"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !usable {
+        eprintln!("SKIP legacy_backend_is_idempotent: iptables-legacy unusable here");
+        return;
+    }
+    let init = || {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                env!("CARGO_BIN_EXE_trellis-proxy"),
+                "init",
+            ])
+            .args([
+                "--backend",
+                "legacy",
+                "--exclude-outbound-cidrs",
+                "10.0.0.0/8",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    init();
+    let first = nat_rules(&ns, "iptables-legacy-save");
+    assert!(
+        first.contains("-A TRELLIS_OUTPUT -d 10.0.0.0/8 -j RETURN"),
+        "{first}"
+    );
+    assert!(
+        first.contains("-A OUTPUT -p tcp -j TRELLIS_OUTPUT"),
+        "{first}"
+    );
+    init();
+    assert_eq!(nat_rules(&ns, "iptables-legacy-save"), first);
+    // auto now finds the legacy rules and stays on legacy instead of adding nft rules.
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            env!("CARGO_BIN_EXE_trellis-proxy"),
+            "init",
+        ])
+        .args(["--exclude-outbound-cidrs", "10.0.0.0/8"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(nat_rules(&ns, "iptables-legacy-save"), first);
+    assert!(!nat_rules(&ns, "iptables-nft-save").contains("TRELLIS"));
 }

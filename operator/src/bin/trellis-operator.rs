@@ -1,5 +1,33 @@
-//! `trellis-operator`: wiring only; see `trellis_operator::runtime`.
-fn main() -> std::process::ExitCode {
-    eprintln!("trellis-operator: not built yet");
-    std::process::ExitCode::from(1)
+//! `trellis-operator`: wiring only; everything lives in `trellis_operator::runtime`.
+use std::process::ExitCode;
+
+use clap::Parser;
+use trellis_operator::runtime::{self, Args, Config};
+
+fn main() -> ExitCode {
+    let config = match Config::from_args(Args::parse()) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("trellis-operator: {e}");
+            }
+            return ExitCode::from(runtime::EXIT_CONFIG);
+        }
+    };
+    runtime::init_logging(&config);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trellis-operator: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(runtime::run(config, runtime::replica_servers())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "trellis-operator stopped");
+            eprintln!("trellis-operator: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -200,9 +200,12 @@ impl CertificateAuthority {
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Trellis");
+        // A distinct subject per root: during a rotation two roots coexist in every bundle, and
+        // chain building picks candidate issuers by subject name.
+        let id: [u8; 4] = rand::random();
         dn.push(
             DnType::CommonName,
-            format!("Trellis root CA {trust_domain}"),
+            format!("Trellis root CA {trust_domain} {}", hex::encode(id)),
         );
         p.distinguished_name = dn;
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
@@ -404,6 +407,32 @@ impl CertificateAuthority {
         let issued = self.sign(p, &key, ttl, now)?;
         Ok((issued, key.serialize_pem()))
     }
+}
+
+/// The names a CSR asks for (its SAN extension), as `uri:`, `dns:`, `ip:`, `email:` or
+/// `other:` strings. The CA never copies them; the identity endpoint uses this only to refuse a
+/// request that asks for something other than the caller's own identity.
+pub fn csr_requested_names(csr_pem: &str) -> Result<Vec<String>, CaError> {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        .map_err(|e| CaError::MalformedCsr(format!("not a PEM CERTIFICATE REQUEST: {e}")))?;
+    let (_, csr) = X509CertificationRequest::from_der(der.as_ref())
+        .map_err(|e| CaError::MalformedCsr(e.to_string()))?;
+    let mut names = Vec::new();
+    for ext in csr.requested_extensions().into_iter().flatten() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext {
+            for n in &san.general_names {
+                names.push(match n {
+                    GeneralName::URI(u) => format!("uri:{u}"),
+                    GeneralName::DNSName(d) => format!("dns:{d}"),
+                    GeneralName::RFC822Name(e) => format!("email:{e}"),
+                    GeneralName::IPAddress(ip) => format!("ip:{}", hex::encode(ip)),
+                    other => format!("other:{other:?}"),
+                });
+            }
+        }
+    }
+    Ok(names)
 }
 
 /// Parses a PEM CSR, verifies its self-signature, and returns its public key if it is P-256.

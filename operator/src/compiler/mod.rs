@@ -169,6 +169,26 @@ impl std::fmt::Display for Problem {
 pub struct RenderedConfig {
     pub revision: String,
     pub json: String,
+    /// SHA-256 of `json` (hex), computed once at render time: the applier compares it with the
+    /// digest of what it observed, so neither side keeps a second copy of the text around.
+    pub digest: String,
+}
+
+impl RenderedConfig {
+    pub fn new(revision: String, json: String) -> Self {
+        let digest = digest(&json);
+        Self {
+            revision,
+            json,
+            digest,
+        }
+    }
+}
+
+/// SHA-256 (hex) of a config text.
+pub fn digest(json: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(json.as_bytes()))
 }
 
 /// A namespace whose config was not emitted because it is too large.
@@ -299,7 +319,7 @@ pub fn compile_incremental(snapshot: &Snapshot, previous: Option<&Output>) -> Ou
         match ProxyConfig::from_json(json.as_bytes()) {
             Ok(_) => {
                 out.configs
-                    .insert(ns.clone(), Arc::new(RenderedConfig { revision, json }));
+                    .insert(ns.clone(), Arc::new(RenderedConfig::new(revision, json)));
             }
             Err(e) => {
                 out.invalid.insert(ns.clone(), format!("{revision}: {e}"));

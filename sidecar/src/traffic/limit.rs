@@ -81,6 +81,7 @@ impl TokenBucket {
 pub struct InboundRateLimiter {
     limit: RateLimit,
     buckets: Mutex<HashMap<String, TokenBucket>>,
+    refused: Option<prometheus_client::metrics::counter::Counter>,
 }
 
 /// Sources tracked before idle (full) buckets are swept, so a scan of many identities cannot
@@ -92,6 +93,15 @@ impl InboundRateLimiter {
         Self {
             limit: limit.clone(),
             buckets: Mutex::new(HashMap::new()),
+            refused: None,
+        }
+    }
+
+    /// Like [`Self::new`], counting refusals in `traffic_inbound_rate_limited_total`.
+    pub fn with_metrics(limit: &RateLimit, metrics: &super::TrafficMetrics) -> Self {
+        Self {
+            refused: Some(metrics.inbound_rate_limited.clone()),
+            ..Self::new(limit)
         }
     }
 
@@ -101,6 +111,16 @@ impl InboundRateLimiter {
 
     /// Takes a token for `source`, or returns how long until it has one.
     pub fn check(&self, source: &str) -> Result<(), Duration> {
+        let r = self.check_inner(source);
+        if r.is_err()
+            && let Some(c) = &self.refused
+        {
+            c.inc();
+        }
+        r
+    }
+
+    fn check_inner(&self, source: &str) -> Result<(), Duration> {
         let now = Instant::now();
         let mut map = self.buckets.lock().expect("limiter lock");
         if let Some(b) = map.get(source) {
@@ -252,14 +272,19 @@ mod tests {
 
     #[test]
     fn inbound_limits_each_source_apart() {
-        let l = InboundRateLimiter::new(&RateLimit {
-            requests_per_second: 1.0,
-            burst: 2,
-        });
+        let m = super::super::TrafficMetrics::new();
+        let l = InboundRateLimiter::with_metrics(
+            &RateLimit {
+                requests_per_second: 1.0,
+                burst: 2,
+            },
+            &m,
+        );
         assert!(l.check("spiffe://td/ns/a/sa/x").is_ok());
         assert!(l.check("spiffe://td/ns/a/sa/x").is_ok());
         assert!(l.check("spiffe://td/ns/a/sa/x").is_err());
         assert!(l.check("spiffe://td/ns/a/sa/y").is_ok());
+        assert_eq!(m.inbound_rate_limited.get(), 1);
         let r = rate_limited_response(Duration::from_millis(300));
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["retry-after"], "1");

@@ -1,0 +1,313 @@
+//! The compile controller: reflectors over everything the compiler reads, a debounced
+//! recompile on any change, and the [`Applier`](super::compile_apply::Applier).
+//!
+//! It is one level-triggered loop rather than a `kube::runtime::Controller` per kind because
+//! the compile is global (one TrafficPolicy changes every namespace's table): every change,
+//! whatever its kind, leads to the same incremental recompile, and the applier writes only what
+//! differs. Only the Lease holder runs it; dropping the future (Lease lost, shutdown) stops the
+//! watches.
+
+use std::time::Duration;
+
+use futures::{Stream, StreamExt, stream::BoxStream};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, PodSpec, PodStatus, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, watcher};
+use kube::runtime::{WatchStreamExt, reflector::store::Writer};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::compile_apply::{
+    Applier, MANAGED_BY, MANAGED_BY_LABEL, plan_configmaps, plan_status, strip_configmap,
+};
+use crate::api::{MESH_NAME, Mesh, PeerAuthentication, TrafficPolicy};
+use crate::compiler::{self, CONFIGMAP_NAME, Output, PROXY_VERSION_ANNOTATION, Settings, Snapshot};
+
+/// How long changes are gathered before a recompile: a rollout touches hundreds of pods and
+/// slices within a second, and one compile for all of them is the point.
+pub const DEBOUNCE: Duration = Duration::from_millis(500);
+/// Recompile and re-check everything this often even without changes (level-triggered repair
+/// of anything edited behind our back).
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// Wait after a failed apply before trying again.
+pub const RETRY: Duration = Duration::from_secs(5);
+
+/// Errors that stop the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the watch streams ended")]
+    StreamsEnded,
+}
+
+/// The reflector stores of every kind the compiler reads.
+#[derive(Clone)]
+pub struct Stores {
+    pub meshes: Store<Mesh>,
+    pub traffic_policies: Store<TrafficPolicy>,
+    pub peer_authentications: Store<PeerAuthentication>,
+    pub namespaces: Store<Namespace>,
+    pub services: Store<Service>,
+    pub endpoint_slices: Store<EndpointSlice>,
+    pub pods: Store<Pod>,
+    pub configmaps: Store<ConfigMap>,
+}
+
+impl Stores {
+    /// The compiler's input, from the current store contents.
+    pub fn snapshot(&self, settings: &Settings) -> Snapshot {
+        Snapshot {
+            mesh: self
+                .meshes
+                .state()
+                .into_iter()
+                .find(|m| m.metadata.name.as_deref() == Some(MESH_NAME)),
+            traffic_policies: self.traffic_policies.state(),
+            peer_authentications: self.peer_authentications.state(),
+            namespaces: self.namespaces.state(),
+            services: self.services.state(),
+            endpoint_slices: self.endpoint_slices.state(),
+            pods: self.pods.state(),
+            settings: settings.clone(),
+        }
+    }
+
+    async fn wait_until_ready(&self) {
+        // Errors only mean the writer was dropped, which ends the loop anyway.
+        let _ = self.meshes.wait_until_ready().await;
+        let _ = self.traffic_policies.wait_until_ready().await;
+        let _ = self.peer_authentications.wait_until_ready().await;
+        let _ = self.namespaces.wait_until_ready().await;
+        let _ = self.services.wait_until_ready().await;
+        let _ = self.endpoint_slices.wait_until_ready().await;
+        let _ = self.pods.wait_until_ready().await;
+        let _ = self.configmaps.wait_until_ready().await;
+    }
+}
+
+/// Keeps only what the compiler reads of a pod: a pod object is kilobytes, the compiler needs
+/// its name, labels, service account, IPs and whether it has a sidecar.
+pub fn strip_pod(pod: &mut Pod) {
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.generate_name = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.retain(|k, _| k == PROXY_VERSION_ANNOTATION);
+    }
+    let sa = pod.spec.as_ref().and_then(|s| {
+        s.service_account_name
+            .clone()
+            .or_else(|| s.service_account.clone())
+    });
+    pod.spec = Some(PodSpec {
+        service_account_name: sa,
+        ..Default::default()
+    });
+    let (ip, ips) = pod
+        .status
+        .as_ref()
+        .map(|s| (s.pod_ip.clone(), s.pod_ips.clone()))
+        .unwrap_or_default();
+    pod.status = Some(PodStatus {
+        pod_ip: ip,
+        pod_ips: ips,
+        ..Default::default()
+    });
+}
+
+fn strip_meta<K: Resource>(obj: &mut K) {
+    obj.meta_mut().managed_fields = None;
+}
+
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    modify: impl FnMut(&mut K) + Send + 'static,
+) -> BoxStream<'static, ()>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let kind = K::kind(&()).to_string();
+    watcher(api, config)
+        .default_backoff()
+        .modify(modify)
+        .reflect(writer)
+        .filter_map(move |ev| {
+            let kind = kind.clone();
+            async move {
+                match ev {
+                    Ok(_) => Some(()),
+                    Err(e) => {
+                        tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
+                        None
+                    }
+                }
+            }
+        })
+        .boxed()
+}
+
+/// Starts the watches; returns the stores and the merged change stream (which must be polled
+/// for the stores to fill).
+pub fn watch_all(client: &Client) -> (Stores, impl Stream<Item = ()> + Send + 'static) {
+    let (meshes, w_mesh) = reflector::store();
+    let (tps, w_tp) = reflector::store();
+    let (pas, w_pa) = reflector::store();
+    let (nss, w_ns) = reflector::store();
+    let (svcs, w_svc) = reflector::store();
+    let (slices, w_slice) = reflector::store();
+    let (pods, w_pod) = reflector::store();
+    let (cms, w_cm) = reflector::store();
+    let cfg = watcher::Config::default;
+    let streams = vec![
+        watch(
+            Api::<Mesh>::all(client.clone()),
+            cfg().fields(&format!("metadata.name={MESH_NAME}")),
+            w_mesh,
+            strip_meta,
+        ),
+        watch(
+            Api::<TrafficPolicy>::all(client.clone()),
+            cfg(),
+            w_tp,
+            strip_meta,
+        ),
+        watch(
+            Api::<PeerAuthentication>::all(client.clone()),
+            cfg(),
+            w_pa,
+            strip_meta,
+        ),
+        watch(
+            Api::<Namespace>::all(client.clone()),
+            cfg(),
+            w_ns,
+            strip_meta,
+        ),
+        watch(
+            Api::<Service>::all(client.clone()),
+            cfg(),
+            w_svc,
+            strip_meta,
+        ),
+        watch(
+            Api::<EndpointSlice>::all(client.clone()),
+            cfg(),
+            w_slice,
+            strip_meta,
+        ),
+        watch(Api::<Pod>::all(client.clone()), cfg(), w_pod, strip_pod),
+        watch(
+            Api::<ConfigMap>::all(client.clone()),
+            cfg()
+                .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"))
+                .fields(&format!("metadata.name={CONFIGMAP_NAME}")),
+            w_cm,
+            strip_configmap,
+        ),
+    ];
+    let stores = Stores {
+        meshes,
+        traffic_policies: tps,
+        peer_authentications: pas,
+        namespaces: nss,
+        services: svcs,
+        endpoint_slices: slices,
+        pods,
+        configmaps: cms,
+    };
+    (stores, futures::stream::select_all(streams))
+}
+
+/// One compile and apply over the current stores. Returns the output (the next incremental
+/// compile's `previous`) and whether everything was applied.
+pub async fn reconcile_once(
+    stores: &Stores,
+    settings: &Settings,
+    applier: &Applier,
+    previous: Option<&Output>,
+) -> (Output, bool) {
+    let snapshot = stores.snapshot(settings);
+    let started = std::time::Instant::now();
+    let out = compiler::compile_incremental(&snapshot, previous);
+    for p in &out.problems {
+        tracing::warn!(problem = %p, "skipped a malformed object");
+    }
+    let mesh = snapshot.mesh.as_deref();
+    let cms = plan_configmaps(&out, &stores.configmaps.state(), mesh);
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let status = plan_status(
+        &out,
+        &snapshot.traffic_policies,
+        &snapshot.peer_authentications,
+        mesh,
+        &now,
+    );
+    let (stats, errors) = applier.apply(&cms, &status, mesh).await;
+    tracing::info!(
+        rendered = out.rendered,
+        configs = out.configs.len(),
+        applied = stats.applied,
+        deleted = stats.deleted,
+        status_patches = stats.status_patches,
+        events = stats.events,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "compiled"
+    );
+    for e in &errors {
+        tracing::warn!(error = %e, kind = e.metric_label(), "apply failed; will retry");
+    }
+    (out, errors.is_empty())
+}
+
+/// Runs the compile controller until the future is dropped or the watches end.
+pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
+    let (stores, changes) = watch_all(&client);
+    // Any number of changes while a compile runs mean one more compile: a one-slot channel
+    // that drops extra notifications is exactly that.
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let driver = AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut changes = std::pin::pin!(changes);
+        while changes.next().await.is_some() {
+            let _ = tx.try_send(());
+        }
+    }));
+    stores.wait_until_ready().await;
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGED_BY.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
+    let applier = Applier::new(client, Some(recorder));
+    let mut previous: Option<Output> = None;
+    loop {
+        let (out, ok) = reconcile_once(&stores, &settings, &applier, previous.as_ref()).await;
+        previous = Some(out);
+        let wait = if ok { RESYNC } else { RETRY };
+        tokio::select! {
+            got = rx.recv() => if got.is_none() { break },
+            _ = tokio::time::sleep(wait) => {}
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+        // Changes during the debounce are covered by the compile that follows.
+        while rx.try_recv().is_ok() {}
+        if driver.is_finished() {
+            break;
+        }
+    }
+    Err(Error::StreamsEnded)
+}

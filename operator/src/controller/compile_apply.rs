@@ -1,0 +1,473 @@
+//! The thin applier behind the compiler: turns an [`Output`] and what the reflectors observed
+//! into the few API calls that make the cluster match, and makes no call when nothing differs.
+//!
+//! - ConfigMaps: server-side apply (field manager `trellis-operator`, forced: the operator owns
+//!   these objects) of `trellis-proxy` in every namespace whose observed `config.json` differs
+//!   from the desired one; DELETE of operator-managed `trellis-proxy` ConfigMaps in namespaces
+//!   that left the mesh. A namespace whose config was refused (too large) is left alone.
+//! - Status: a JSON merge patch of `status` on every TrafficPolicy/PeerAuthentication whose
+//!   conditions changed (equal conditions keep `lastTransitionTime`, so a recompile with the same
+//!   result patches nothing), and of the Mesh's `Programmed`/`Degraded` conditions, keeping the
+//!   conditions other reconcilers own and guarded by `resourceVersion`.
+//! - Events on condition transitions.
+//!
+//! Status patches live here because the foundation's single status writer (`status.rs`) was not
+//! on `main` when this was written; [`plan_status`] is the pure part it can take over.
+//!
+//! Every decision is a pure `plan_*` function; [`Applier::apply`] only executes the plan, so the
+//! plans are tested with plain tests and the HTTP exchanges with `tower_test`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::api::conditions::{Condition, ConditionStatus, merge_conditions};
+use crate::api::{FIELD_MANAGER, Mesh, PeerAuthentication, TrafficPolicy};
+use crate::compiler::{CONFIG_KEY, CONFIGMAP_NAME, ObjectKey, Output, RenderedConfig, digest};
+
+/// Label on every object the operator owns.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Its value.
+pub const MANAGED_BY: &str = "trellis-operator";
+/// Annotation with the config's revision, for humans and `kubectl get -o yaml`.
+pub const REVISION_ANNOTATION: &str = "trellis.dev/revision";
+/// Key the controller's ConfigMap cache keeps instead of `config.json` (see
+/// [`strip_configmap`]).
+pub const DIGEST_KEY: &str = "config.json.sha256";
+/// Condition types the compiler owns on the Mesh; the others belong to other reconcilers.
+pub const MESH_CONDITION_TYPES: [&str; 2] = ["Programmed", "Degraded"];
+
+/// Errors of the applier.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("applying ConfigMap {namespace}/{CONFIGMAP_NAME}: {source}")]
+    Apply {
+        namespace: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("deleting ConfigMap {namespace}/{CONFIGMAP_NAME}: {source}")]
+    Delete {
+        namespace: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("patching status of {kind} {name}: {source}")]
+    Status {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    /// Short label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Apply { .. } => "apply",
+            Error::Delete { .. } => "delete",
+            Error::Status { .. } => "status",
+        }
+    }
+}
+
+/// Replaces a cached ConfigMap's `config.json` by its digest (and drops managed fields): the
+/// cache then costs a few hundred bytes per namespace instead of the whole config, and
+/// [`observed_digest`] still tells whether the data differs.
+pub fn strip_configmap(cm: &mut ConfigMap) {
+    cm.metadata.managed_fields = None;
+    if let Some(data) = cm.data.as_mut()
+        && let Some(json) = data.remove(CONFIG_KEY)
+    {
+        data.insert(DIGEST_KEY.into(), digest(&json));
+    }
+}
+
+/// SHA-256 of an observed ConfigMap's `config.json` (from a stripped or a full object).
+pub fn observed_digest(cm: &ConfigMap) -> Option<String> {
+    let data = cm.data.as_ref()?;
+    data.get(DIGEST_KEY)
+        .cloned()
+        .or_else(|| data.get(CONFIG_KEY).map(|j| digest(j)))
+}
+
+/// One ConfigMap call.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ConfigMapAction {
+    Apply {
+        namespace: String,
+        config: Arc<RenderedConfig>,
+    },
+    Delete {
+        namespace: String,
+    },
+}
+
+fn is_managed(cm: &ConfigMap) -> bool {
+    cm.metadata.name.as_deref() == Some(CONFIGMAP_NAME)
+        && cm.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
+}
+
+fn owner_uid(cm: &ConfigMap) -> Option<&str> {
+    cm.metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.kind == "Mesh")
+        .map(|o| o.uid.as_str())
+}
+
+/// The ConfigMap calls that make the cluster match `out`.
+pub fn plan_configmaps(
+    out: &Output,
+    observed: &[Arc<ConfigMap>],
+    mesh: Option<&Mesh>,
+) -> Vec<ConfigMapAction> {
+    let by_ns: BTreeMap<&str, &ConfigMap> = observed
+        .iter()
+        .filter(|cm| cm.metadata.name.as_deref() == Some(CONFIGMAP_NAME))
+        .filter_map(|cm| Some((cm.metadata.namespace.as_deref()?, cm.as_ref())))
+        .collect();
+    let mesh_uid = mesh.and_then(|m| m.metadata.uid.as_deref());
+    let mut actions = Vec::new();
+    for (ns, config) in &out.configs {
+        let current = by_ns.get(ns.as_str()).is_some_and(|cm| {
+            is_managed(cm)
+                && observed_digest(cm).as_deref() == Some(config.digest.as_str())
+                && owner_uid(cm) == mesh_uid
+        });
+        if !current {
+            actions.push(ConfigMapAction::Apply {
+                namespace: ns.clone(),
+                config: config.clone(),
+            });
+        }
+    }
+    for (ns, cm) in &by_ns {
+        if is_managed(cm) && !out.meshed.contains(*ns) {
+            actions.push(ConfigMapAction::Delete {
+                namespace: ns.to_string(),
+            });
+        }
+    }
+    actions
+}
+
+/// The server-side apply body of a namespace's `trellis-proxy` ConfigMap.
+pub fn configmap_body(
+    namespace: &str,
+    config: &RenderedConfig,
+    mesh: Option<&Mesh>,
+) -> serde_json::Value {
+    let mut metadata = json!({
+        "name": CONFIGMAP_NAME,
+        "namespace": namespace,
+        "labels": {
+            MANAGED_BY_LABEL: MANAGED_BY,
+            "app.kubernetes.io/part-of": "trellis",
+        },
+        "annotations": { REVISION_ANNOTATION: config.revision },
+    });
+    if let Some(uid) = mesh.and_then(|m| m.metadata.uid.as_deref()) {
+        // Deleting the Mesh garbage-collects every config it produced.
+        metadata["ownerReferences"] = json!([{
+            "apiVersion": Mesh::api_version(&()),
+            "kind": Mesh::kind(&()),
+            "name": mesh.map(|m| m.name_any()).unwrap_or_default(),
+            "uid": uid,
+        }]);
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata,
+        "data": { CONFIG_KEY: config.json },
+    })
+}
+
+/// Which CR a status patch is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusKind {
+    TrafficPolicy,
+    PeerAuthentication,
+    Mesh,
+}
+
+/// One status patch, with the transitions it makes (for Events).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusPatch {
+    pub kind: StatusKind,
+    /// Namespace is empty for the Mesh.
+    pub key: ObjectKey,
+    /// JSON merge patch body.
+    pub body: serde_json::Value,
+    pub transitions: Vec<Condition>,
+    pub reference: ObjectReference,
+}
+
+/// Conditions whose status changed (or appeared not `True`): worth an Event.
+fn transitions(existing: &[Condition], merged: &[Condition]) -> Vec<Condition> {
+    merged
+        .iter()
+        .filter(|c| c.type_ != "Ready")
+        .filter(|c| match existing.iter().find(|e| e.type_ == c.type_) {
+            Some(e) => e.status != c.status,
+            None => c.status != ConditionStatus::True,
+        })
+        .cloned()
+        .collect()
+}
+
+fn plan_one<K>(
+    kind: StatusKind,
+    obj: &K,
+    existing: &[Condition],
+    observed_generation: Option<i64>,
+    desired: &[Condition],
+    now: &str,
+) -> Option<StatusPatch>
+where
+    K: Resource<DynamicType = ()>,
+{
+    let merged = merge_conditions(existing, desired.to_vec(), now);
+    let generation = obj.meta().generation;
+    if merged == existing && observed_generation == generation {
+        return None;
+    }
+    Some(StatusPatch {
+        kind,
+        key: ObjectKey::new(obj.namespace().unwrap_or_default(), obj.name_any()),
+        body: json!({ "status": { "conditions": merged, "observedGeneration": generation } }),
+        transitions: transitions(existing, &merged),
+        reference: obj.object_ref(&()),
+    })
+}
+
+/// The status patches that bring every CR's conditions to `out`'s, skipping those that would
+/// change nothing.
+pub fn plan_status(
+    out: &Output,
+    traffic_policies: &[Arc<TrafficPolicy>],
+    peer_authentications: &[Arc<PeerAuthentication>],
+    mesh: Option<&Mesh>,
+    now: &str,
+) -> Vec<StatusPatch> {
+    let mut patches = Vec::new();
+    for tp in traffic_policies {
+        let key = ObjectKey::new(tp.namespace().unwrap_or_default(), tp.name_any());
+        let Some(desired) = out.traffic_policies.get(&key) else {
+            continue;
+        };
+        let status = tp.status.clone().unwrap_or_default();
+        patches.extend(plan_one(
+            StatusKind::TrafficPolicy,
+            tp.as_ref(),
+            &status.conditions,
+            status.observed_generation,
+            desired,
+            now,
+        ));
+    }
+    for pa in peer_authentications {
+        let key = ObjectKey::new(pa.namespace().unwrap_or_default(), pa.name_any());
+        let Some(desired) = out.peer_authentications.get(&key) else {
+            continue;
+        };
+        let status = pa.status.clone().unwrap_or_default();
+        patches.extend(plan_one(
+            StatusKind::PeerAuthentication,
+            pa.as_ref(),
+            &status.conditions,
+            status.observed_generation,
+            desired,
+            now,
+        ));
+    }
+    if let Some(mesh) = mesh {
+        let existing = mesh
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let mine: Vec<Condition> = existing
+            .iter()
+            .filter(|c| MESH_CONDITION_TYPES.contains(&c.type_.as_str()))
+            .cloned()
+            .collect();
+        let merged_mine = merge_conditions(&mine, out.mesh.clone(), now);
+        // Keep the others' conditions where they are; replace ours in place; append new ones.
+        let mut all: Vec<Condition> = existing
+            .iter()
+            .map(|c| {
+                merged_mine
+                    .iter()
+                    .find(|m| m.type_ == c.type_)
+                    .cloned()
+                    .unwrap_or_else(|| c.clone())
+            })
+            .collect();
+        for m in &merged_mine {
+            if !all.iter().any(|c| c.type_ == m.type_) {
+                all.push(m.clone());
+            }
+        }
+        if all != existing {
+            patches.push(StatusPatch {
+                kind: StatusKind::Mesh,
+                key: ObjectKey::new("", mesh.name_any()),
+                body: match mesh.resource_version() {
+                    // A precondition: another reconciler may have just written its conditions,
+                    // which this list would otherwise drop. A 409 is retried next pass.
+                    Some(rv) => json!({
+                        "metadata": { "resourceVersion": rv },
+                        "status": { "conditions": all },
+                    }),
+                    None => json!({ "status": { "conditions": all } }),
+                },
+                transitions: transitions(&mine, &merged_mine),
+                reference: mesh.object_ref(&()),
+            });
+        }
+    }
+    patches
+}
+
+/// What one [`Applier::apply`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub applied: usize,
+    pub deleted: usize,
+    pub status_patches: usize,
+    pub events: usize,
+}
+
+/// Executes plans against the API server.
+pub struct Applier {
+    client: Client,
+    recorder: Option<Recorder>,
+}
+
+impl Applier {
+    /// `recorder` publishes Events on condition transitions; `None` disables them.
+    pub fn new(client: Client, recorder: Option<Recorder>) -> Self {
+        Self { client, recorder }
+    }
+
+    /// Executes the ConfigMap plan, then the status plan. Every call is attempted even when one
+    /// fails (one broken namespace must not starve the others); the errors are returned.
+    pub async fn apply(
+        &self,
+        configmaps: &[ConfigMapAction],
+        status: &[StatusPatch],
+        mesh: Option<&Mesh>,
+    ) -> (Stats, Vec<Error>) {
+        let mut stats = Stats::default();
+        let mut errors = Vec::new();
+        let ssa = PatchParams::apply(FIELD_MANAGER).force();
+        for action in configmaps {
+            match action {
+                ConfigMapAction::Apply { namespace, config } => {
+                    let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
+                    let body = configmap_body(namespace, config, mesh);
+                    match api.patch(CONFIGMAP_NAME, &ssa, &Patch::Apply(&body)).await {
+                        Ok(_) => stats.applied += 1,
+                        Err(source) => errors.push(Error::Apply {
+                            namespace: namespace.clone(),
+                            source,
+                        }),
+                    }
+                }
+                ConfigMapAction::Delete { namespace } => {
+                    let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
+                    match api.delete(CONFIGMAP_NAME, &DeleteParams::default()).await {
+                        Ok(_) => stats.deleted += 1,
+                        // Already gone is what we wanted.
+                        Err(kube::Error::Api(s)) if s.code == 404 => stats.deleted += 1,
+                        Err(source) => errors.push(Error::Delete {
+                            namespace: namespace.clone(),
+                            source,
+                        }),
+                    }
+                }
+            }
+        }
+        let merge = PatchParams::default();
+        for p in status {
+            let patch = Patch::Merge(&p.body);
+            let (kind, result) = match p.kind {
+                StatusKind::TrafficPolicy => (
+                    "TrafficPolicy",
+                    Api::<TrafficPolicy>::namespaced(self.client.clone(), &p.key.namespace)
+                        .patch_status(&p.key.name, &merge, &patch)
+                        .await
+                        .map(|_| ()),
+                ),
+                StatusKind::PeerAuthentication => (
+                    "PeerAuthentication",
+                    Api::<PeerAuthentication>::namespaced(self.client.clone(), &p.key.namespace)
+                        .patch_status(&p.key.name, &merge, &patch)
+                        .await
+                        .map(|_| ()),
+                ),
+                StatusKind::Mesh => (
+                    "Mesh",
+                    Api::<Mesh>::all(self.client.clone())
+                        .patch_status(&p.key.name, &merge, &patch)
+                        .await
+                        .map(|_| ()),
+                ),
+            };
+            match result {
+                Ok(()) => stats.status_patches += 1,
+                Err(source) => {
+                    errors.push(Error::Status {
+                        kind,
+                        name: p.key.to_string(),
+                        source,
+                    });
+                    continue;
+                }
+            }
+            if let Some(recorder) = &self.recorder {
+                for t in &p.transitions {
+                    let ev = Event {
+                        type_: if t.is_true() {
+                            EventType::Normal
+                        } else {
+                            EventType::Warning
+                        },
+                        reason: t.reason.clone(),
+                        note: Some(truncate(&format!("{}: {}", t.type_, t.message), 1000)),
+                        action: format!("Compile{}", t.type_),
+                        secondary: None,
+                    };
+                    match recorder.publish(&ev, &p.reference).await {
+                        Ok(()) => stats.events += 1,
+                        // An Event is best effort: losing one must not fail the reconcile.
+                        Err(e) => {
+                            tracing::warn!(error = %e, object = %p.key, "event not published")
+                        }
+                    }
+                }
+            }
+        }
+        (stats, errors)
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}

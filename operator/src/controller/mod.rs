@@ -1,0 +1,296 @@
+//! Controller registration: [`all`] lists every controller the leader runs.
+//!
+//! Each controller is a `kube::runtime::Controller` whose reconcile computes a status (a pure
+//! function of the object, tested without a cluster) and hands it to the one
+//! [`StatusWriter`](crate::status::StatusWriter). For now the three kinds only report whether
+//! they are accepted; later modules (the compiler, the CA) add their own controllers to [`all`]
+//! or replace a reconcile here with theirs.
+
+pub mod compile;
+pub mod compile_apply;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::conditions::{Condition, ConditionStatus};
+use crate::api::{
+    MESH_NAME, Mesh, MeshStatus, PeerAuthentication, PeerAuthenticationStatus, TrafficPolicy,
+    TrafficPolicyStatus,
+};
+use crate::status::{self, HasStatus, StatusWriter};
+
+/// What every reconcile gets.
+pub struct Context {
+    pub client: Client,
+    pub status: StatusWriter,
+    /// The operator's namespace (the mesh root namespace).
+    pub namespace: String,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Labels of the reconcile counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    pub controller: String,
+    /// `ok` or the error's `metric_label()`.
+    pub result: String,
+}
+
+/// Controller metrics (registered under the `trellis_operator` prefix).
+pub struct Metrics {
+    pub reconciles: Family<ReconcileLabels, Counter>,
+    /// 1 while this replica holds the Lease.
+    pub leader: Gauge,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            reconciles: Family::default(),
+            leader: Gauge::default(),
+        };
+        registry.register(
+            "reconciles",
+            "Reconciles by controller and result",
+            m.reconciles.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease and runs the controllers",
+            m.leader.clone(),
+        );
+        m
+    }
+
+    fn count(&self, controller: &str, result: &str) {
+        self.reconciles
+            .get_or_create(&ReconcileLabels {
+                controller: controller.into(),
+                result: result.into(),
+            })
+            .inc();
+    }
+}
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Status(#[from] status::Error),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Status(e) => e.metric_label(),
+        }
+    }
+}
+
+/// A named controller future; it returns when `shutdown` fires.
+pub type Named = (&'static str, BoxFuture<'static, ()>);
+
+/// Every controller the leader runs. Add yours here.
+pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
+    vec![
+        (
+            "mesh",
+            run::<Mesh, _>(
+                Api::all(ctx.client.clone()),
+                ctx.clone(),
+                shutdown.clone(),
+                mesh_status,
+            ),
+        ),
+        (
+            "trafficpolicy",
+            run::<TrafficPolicy, _>(
+                Api::all(ctx.client.clone()),
+                ctx.clone(),
+                shutdown.clone(),
+                traffic_policy_status,
+            ),
+        ),
+        (
+            "peerauthentication",
+            run::<PeerAuthentication, _>(
+                Api::all(ctx.client.clone()),
+                ctx,
+                shutdown,
+                peer_authentication_status,
+            ),
+        ),
+    ]
+}
+
+/// A status-only controller: `compute` maps an object to the status it should report.
+fn run<K, F>(
+    api: Api<K>,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+    compute: F,
+) -> BoxFuture<'static, ()>
+where
+    K: HasStatus + kube::Resource<DynamicType = ()>,
+    F: Fn(&K) -> K::Status + Send + Sync + Copy + 'static,
+{
+    let kind = K::kind(&()).to_string();
+    Box::pin(async move {
+        Controller::new(api, watcher::Config::default().any_semantic())
+            .graceful_shutdown_on(async move { shutdown.cancelled_owned().await })
+            .run(
+                move |obj: Arc<K>, ctx: Arc<Context>| async move {
+                    let kind = K::kind(&()).to_string();
+                    let res = ctx.status.apply(obj.as_ref(), compute(&obj)).await;
+                    match res {
+                        Ok(_) => {
+                            ctx.metrics.count(&kind, "ok");
+                            Ok(Action::requeue(Duration::from_secs(300)))
+                        }
+                        // Deleted between the watch event and the write: nothing to report.
+                        Err(status::Error::Gone { .. }) => {
+                            ctx.metrics.count(&kind, "gone");
+                            Ok(Action::await_change())
+                        }
+                        Err(e) => {
+                            let e = Error::from(e);
+                            ctx.metrics.count(&kind, e.metric_label());
+                            Err(e)
+                        }
+                    }
+                },
+                |obj: Arc<K>, err: &Error, _ctx: Arc<Context>| {
+                    tracing::warn!(
+                        kind = %K::kind(&()),
+                        name = %obj.name_any(),
+                        namespace = obj.namespace().unwrap_or_default(),
+                        error = %err,
+                        "reconcile failed; retrying in 30s"
+                    );
+                    Action::requeue(Duration::from_secs(30))
+                },
+                ctx,
+            )
+            .for_each(|_| futures::future::ready(()))
+            .await;
+        tracing::info!(%kind, "controller finished");
+    })
+}
+
+fn cond(type_: &str, ok: bool, reason: &str, message: &str, generation: Option<i64>) -> Condition {
+    Condition::new(
+        type_,
+        ConditionStatus::from_bool(ok),
+        reason,
+        message,
+        generation,
+    )
+}
+
+/// The Mesh status: only `default` is accepted. Fields other controllers own (CA, proxy
+/// counts) are carried over unchanged.
+pub fn mesh_status(mesh: &Mesh) -> MeshStatus {
+    let generation = mesh.metadata.generation;
+    let current = mesh.status.clone().unwrap_or_default();
+    let conditions = if mesh.name_any() == MESH_NAME {
+        vec![
+            cond("Accepted", true, "Accepted", "", generation),
+            cond("Ready", true, "Ready", "", generation),
+        ]
+    } else {
+        let msg = format!(
+            "only the Mesh named {MESH_NAME:?} configures the mesh; this one is ignored: rename it to {MESH_NAME}"
+        );
+        vec![
+            cond("Accepted", false, "NotDefault", &msg, generation),
+            cond("Ready", false, "NotDefault", &msg, generation),
+        ]
+    };
+    MeshStatus {
+        conditions,
+        observed_generation: generation,
+        ..current
+    }
+}
+
+/// The TrafficPolicy status until the compiler reports on it: accepted.
+pub fn traffic_policy_status(tp: &TrafficPolicy) -> TrafficPolicyStatus {
+    let generation = tp.metadata.generation;
+    TrafficPolicyStatus {
+        conditions: vec![
+            cond("Accepted", true, "Accepted", "", generation),
+            cond("Ready", true, "Ready", "", generation),
+        ],
+        observed_generation: generation,
+    }
+}
+
+/// The PeerAuthentication status until the compiler reports on it: accepted.
+pub fn peer_authentication_status(pa: &PeerAuthentication) -> PeerAuthenticationStatus {
+    let generation = pa.metadata.generation;
+    PeerAuthenticationStatus {
+        conditions: vec![
+            cond("Accepted", true, "Accepted", "", generation),
+            cond("Ready", true, "Ready", "", generation),
+        ],
+        observed_generation: generation,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::MeshSpec;
+    use crate::api::conditions::find;
+
+    fn mesh(name: &str) -> Mesh {
+        let mut m = Mesh::new(name, MeshSpec::default());
+        m.metadata.generation = Some(4);
+        m
+    }
+
+    #[test]
+    fn the_default_mesh_is_accepted_and_ready() {
+        let s = mesh_status(&mesh("default"));
+        assert_eq!(s.observed_generation, Some(4));
+        let accepted = find(&s.conditions, "Accepted").unwrap();
+        assert!(accepted.is_true());
+        assert_eq!(accepted.observed_generation, Some(4));
+        assert!(find(&s.conditions, "Ready").unwrap().is_true());
+    }
+
+    #[test]
+    fn another_mesh_is_not_accepted() {
+        let s = mesh_status(&mesh("prod"));
+        let accepted = find(&s.conditions, "Accepted").unwrap();
+        assert_eq!(accepted.status, ConditionStatus::False);
+        assert_eq!(accepted.reason, "NotDefault");
+        assert!(accepted.message.contains("rename it to default"));
+        assert!(!find(&s.conditions, "Ready").unwrap().is_true());
+    }
+
+    #[test]
+    fn fields_owned_by_other_controllers_are_kept() {
+        let mut m = mesh("default");
+        m.status = Some(MeshStatus {
+            proxies: Some(crate::api::mesh::ProxyCounts {
+                total: 3,
+                up_to_date: 2,
+            }),
+            ..Default::default()
+        });
+        assert_eq!(mesh_status(&m).proxies.unwrap().total, 3);
+    }
+}

@@ -1,0 +1,469 @@
+//! The identity endpoint: `POST /v1/certificate` on port 15012, served by every replica.
+//!
+//! A sidecar sends its projected ServiceAccount token (`Authorization: Bearer ...`) and a CSR
+//! (`{"csr": "<PEM>"}`). The token is checked with a TokenReview ([`review`]); the namespace
+//! and service account come from the review only. The CSR must ask for nothing or for exactly
+//! the caller's own SPIFFE ID (anything else is refused, so a confused or malicious client
+//! learns why); in every case the CA sets the certificate's only name itself, from the review.
+//!
+//! Abuse limits: bodies over [`IdentityConfig::max_body`] get 413, requests taking longer than
+//! [`IdentityConfig::request_timeout`] are cut off, and each identity has a token bucket
+//! (429 when empty). Every issuance is logged on the `trellis::audit` target (SPIFFE ID, pod,
+//! serial, notAfter; never the token) and counted in the metrics.
+
+pub mod review;
+pub mod server;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+
+use crate::ca::{CaError, IssuerRx};
+pub use review::{Caller, ReviewError};
+
+/// The path of the one operation.
+pub const CERTIFICATE_PATH: &str = "/v1/certificate";
+
+/// Limits of the endpoint.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// Largest accepted request body. A P-256 CSR in PEM is about 600 bytes.
+    pub max_body: usize,
+    /// Whole-request deadline (TokenReview included).
+    pub request_timeout: Duration,
+    /// Token bucket per identity: burst size. A Deployment's replicas share one identity and
+    /// may all start at once, so the burst is generous.
+    pub rate_burst: f64,
+    /// Token bucket per identity: refill per second.
+    pub rate_per_sec: f64,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            max_body: 16 * 1024,
+            request_timeout: Duration::from_secs(10),
+            rate_burst: 100.0,
+            rate_per_sec: 10.0,
+        }
+    }
+}
+
+/// `{"csr": "<PEM>"}`
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateRequest {
+    pub csr: String,
+}
+
+/// The 200 answer.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateResponse {
+    /// Leaf, then intermediates, PEM.
+    pub certificate_chain: String,
+    /// Every root to trust, PEM.
+    pub trust_bundle: String,
+    /// RFC 3339.
+    pub not_after: String,
+}
+
+/// `{"error": "..."}`
+#[derive(Debug, Deserialize, Serialize)]
+pub struct ErrorResponse {
+    pub error: String,
+}
+
+/// Why a request was refused; each maps to one status code and one metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("not found: use POST {CERTIFICATE_PATH}")]
+    NotFound,
+    #[error("missing or malformed Authorization: Bearer header")]
+    MissingToken,
+    #[error("request body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("invalid request body: {0}")]
+    BadBody(String),
+    #[error(transparent)]
+    Review(#[from] ReviewError),
+    #[error("CSR asks for {asked:?}, but the caller is {allowed}")]
+    ForeignIdentity { asked: Vec<String>, allowed: String },
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("too many requests for {0}; retry later")]
+    RateLimited(String),
+    #[error("the mesh CA is not ready yet")]
+    NotReady,
+    #[error("request timed out")]
+    Timeout,
+}
+
+impl IdentityError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            IdentityError::NotFound => StatusCode::NOT_FOUND,
+            IdentityError::MissingToken => StatusCode::UNAUTHORIZED,
+            IdentityError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            IdentityError::BadBody(_) => StatusCode::BAD_REQUEST,
+            IdentityError::Review(ReviewError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            IdentityError::Review(ReviewError::Unauthenticated(_) | ReviewError::WrongAudience) => {
+                StatusCode::UNAUTHORIZED
+            }
+            IdentityError::Review(ReviewError::NotServiceAccount(_) | ReviewError::NotBound) => {
+                StatusCode::FORBIDDEN
+            }
+            IdentityError::ForeignIdentity { .. } => StatusCode::FORBIDDEN,
+            IdentityError::Ca(
+                CaError::MalformedCsr(_)
+                | CaError::CsrSignature
+                | CaError::WeakKey(_)
+                | CaError::InvalidIdentity(_),
+            ) => StatusCode::BAD_REQUEST,
+            IdentityError::Ca(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            IdentityError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            IdentityError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            IdentityError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            IdentityError::NotFound => "not_found",
+            IdentityError::MissingToken => "missing_token",
+            IdentityError::TooLarge(_) => "too_large",
+            IdentityError::BadBody(_) => "bad_body",
+            IdentityError::Review(r) => r.metric_label(),
+            IdentityError::ForeignIdentity { .. } => "foreign_identity",
+            IdentityError::Ca(c) => c.metric_label(),
+            IdentityError::RateLimited(_) => "rate_limited",
+            IdentityError::NotReady => "not_ready",
+            IdentityError::Timeout => "timeout",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+/// The endpoint's metrics, registered under `identity_` in the registry the runtime serves.
+#[derive(Clone)]
+pub struct IdentityMetrics {
+    issuances: Counter,
+    rejections: Family<ReasonLabel, Counter>,
+    latency: Histogram,
+}
+
+impl std::fmt::Debug for IdentityMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityMetrics").finish_non_exhaustive()
+    }
+}
+
+impl IdentityMetrics {
+    /// Registers `identity_issuances`, `identity_rejections{reason}` and
+    /// `identity_request_duration_seconds` in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            issuances: Counter::default(),
+            rejections: Family::default(),
+            // 0.5 ms .. ~4 s
+            latency: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+        };
+        let r = registry.sub_registry_with_prefix("identity");
+        r.register(
+            "issuances",
+            "Workload certificates issued",
+            m.issuances.clone(),
+        );
+        r.register(
+            "rejections",
+            "Certificate requests refused, by reason",
+            m.rejections.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time to answer a certificate request, TokenReview included",
+            m.latency.clone(),
+        );
+        m
+    }
+
+    /// Issuances so far (for tests and the bench).
+    pub fn issued(&self) -> u64 {
+        self.issuances.get()
+    }
+
+    /// Rejections so far for `reason`.
+    pub fn rejected(&self, reason: &str) -> u64 {
+        self.rejections
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .get()
+    }
+}
+
+/// Per-identity token buckets.
+#[derive(Debug)]
+pub struct RateLimiter {
+    burst: f64,
+    per_sec: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(burst: f64, per_sec: f64) -> Self {
+        Self {
+            burst,
+            per_sec,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token for `key`; false when its bucket is empty.
+    pub fn try_acquire(&self, key: &str, now: Instant) -> bool {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        // Bound memory: drop buckets that have refilled (they behave like new ones anyway).
+        if buckets.len() > 100_000 {
+            let (burst, per_sec) = (self.burst, self.per_sec);
+            buckets.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * per_sec < burst
+            });
+        }
+        let (tokens, at) = buckets.entry(key.to_string()).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The endpoint's logic, independent of sockets and TLS.
+pub struct IdentityService {
+    client: kube::Client,
+    issuer: IssuerRx,
+    config: IdentityConfig,
+    limiter: RateLimiter,
+    metrics: IdentityMetrics,
+}
+
+impl std::fmt::Debug for IdentityService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityService")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(bytes)))
+        .expect("static response parts")
+}
+
+impl IdentityService {
+    pub fn new(
+        client: kube::Client,
+        issuer: IssuerRx,
+        config: IdentityConfig,
+        metrics: IdentityMetrics,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            issuer,
+            limiter: RateLimiter::new(config.rate_burst, config.rate_per_sec),
+            config,
+            metrics,
+        })
+    }
+
+    pub fn metrics(&self) -> &IdentityMetrics {
+        &self.metrics
+    }
+
+    /// Answers one HTTP request (never fails: errors become JSON error responses).
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: http_body::Body,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let started = Instant::now();
+        let result =
+            match tokio::time::timeout(self.config.request_timeout, self.process(req)).await {
+                Ok(r) => r,
+                Err(_) => Err(IdentityError::Timeout),
+            };
+        self.metrics
+            .latency
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(answer) => json_response(StatusCode::OK, &answer),
+            Err(error) => {
+                self.metrics
+                    .rejections
+                    .get_or_create(&ReasonLabel {
+                        reason: error.metric_label().to_string(),
+                    })
+                    .inc();
+                tracing::info!(reason = error.metric_label(), %error, "certificate request refused");
+                json_response(
+                    error.status(),
+                    &ErrorResponse {
+                        error: error.to_string(),
+                    },
+                )
+            }
+        }
+    }
+
+    async fn process<B>(&self, req: Request<B>) -> Result<CertificateResponse, IdentityError>
+    where
+        B: http_body::Body,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        if req.method() != Method::POST || req.uri().path() != CERTIFICATE_PATH {
+            return Err(IdentityError::NotFound);
+        }
+        let token = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(IdentityError::MissingToken)?
+            .to_string();
+        if let Some(len) = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            && len > self.config.max_body
+        {
+            return Err(IdentityError::TooLarge(self.config.max_body));
+        }
+        let body = Limited::new(req.into_body(), self.config.max_body)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.downcast_ref::<LengthLimitError>().is_some() {
+                    IdentityError::TooLarge(self.config.max_body)
+                } else {
+                    IdentityError::BadBody(e.to_string())
+                }
+            })?
+            .to_bytes();
+        let request: CertificateRequest =
+            serde_json::from_slice(&body).map_err(|e| IdentityError::BadBody(e.to_string()))?;
+        if self.issuer.borrow().is_none() {
+            return Err(IdentityError::NotReady);
+        }
+        let caller = review::review_token(&self.client, &token).await?;
+        let key = format!("{}/{}", caller.namespace, caller.service_account);
+        if !self.limiter.try_acquire(&key, Instant::now()) {
+            return Err(IdentityError::RateLimited(key));
+        }
+        self.issue_for(&caller, &request.csr, SystemTime::now())
+    }
+
+    /// Signs `csr_pem` for an already-reviewed caller: everything after the TokenReview.
+    pub fn issue_for(
+        &self,
+        caller: &Caller,
+        csr_pem: &str,
+        now: SystemTime,
+    ) -> Result<CertificateResponse, IdentityError> {
+        let state = self
+            .issuer
+            .borrow()
+            .clone()
+            .ok_or(IdentityError::NotReady)?;
+        let spiffe_id = trellis_proxy::config::spiffe_id(
+            &state.trust_domain,
+            &caller.namespace,
+            &caller.service_account,
+        );
+        let asked = crate::ca::authority::csr_requested_names(csr_pem)?;
+        let own = format!("uri:{spiffe_id}");
+        if asked.iter().any(|n| *n != own) {
+            return Err(IdentityError::ForeignIdentity {
+                asked,
+                allowed: spiffe_id,
+            });
+        }
+        let issued = state
+            .ca
+            .sign_workload_csr(csr_pem, &spiffe_id, state.workload_ttl, now)?;
+        let not_after = jiff::Timestamp::try_from(issued.not_after)
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        self.metrics.issuances.inc();
+        tracing::info!(
+            target: "trellis::audit",
+            spiffe_id = %spiffe_id,
+            pod = %caller.pod,
+            serial = %issued.serial_hex,
+            not_after = %not_after,
+            issuer = %state.ca.fingerprint(),
+            "issued workload certificate"
+        );
+        Ok(CertificateResponse {
+            certificate_chain: format!("{}{}", issued.cert_pem, state.ca.intermediates_pem()),
+            trust_bundle: state.trust_bundle_pem.clone(),
+            not_after,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_refills_and_is_per_key() {
+        let l = RateLimiter::new(2.0, 1.0);
+        let t0 = Instant::now();
+        assert!(l.try_acquire("a", t0));
+        assert!(l.try_acquire("a", t0));
+        assert!(!l.try_acquire("a", t0));
+        assert!(l.try_acquire("b", t0));
+        assert!(!l.try_acquire("a", t0 + Duration::from_millis(500)));
+        assert!(l.try_acquire("a", t0 + Duration::from_millis(1600)));
+    }
+
+    #[test]
+    fn every_error_has_a_status_in_the_protocol() {
+        let cases = [
+            (IdentityError::MissingToken, 401),
+            (IdentityError::TooLarge(1), 413),
+            (IdentityError::BadBody("x".into()), 400),
+            (ReviewError::WrongAudience.into(), 401),
+            (ReviewError::NotBound.into(), 403),
+            (CaError::WeakKey("x".into()).into(), 400),
+            (IdentityError::RateLimited("a/b".into()), 429),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.status().as_u16(), code, "{e}");
+        }
+    }
+}

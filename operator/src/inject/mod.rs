@@ -1,0 +1,768 @@
+//! Sidecar injection: the pure decision and patch shared by the admission webhook
+//! (`crate::webhook`) and `trellis inject` (`crate::cli::inject`).
+//!
+//! [`inject`] takes a pod, what is known of its namespace, the Mesh spec and the operator's
+//! context, and returns a [`Decision`]: skip (out of scope, with the reason), deny (bad
+//! annotations, with the reason), or a JSON Patch plus the patched pod. No I/O, no clock: the
+//! same inputs give the same bytes, which the golden tests pin down.
+//!
+//! # Kubelet probes under `Strict` mTLS
+//!
+//! The kubelet probes from the node, in plaintext, with no workload certificate, so under
+//! `Strict` mTLS the inbound proxy would refuse its probes. Istio rewrites HTTP probes to the
+//! proxy's admin port and lets the proxy forward them; that needs an app-health forwarder in
+//! the proxy's admin server, which the proxy does not have (its admin port serves `/live`,
+//! `/ready`, `/metrics`, `/config`). So Trellis takes the other way: the ports of every
+//! `httpGet`, `tcpSocket` and `grpc` probe of the app containers (named ports resolved) are added
+//! to the init container's `--exclude-inbound-ports`. Probes then reach the app directly and keep
+//! working whatever the mTLS mode. The cost: everything else arriving on such a port also bypasses
+//! the proxy (no mTLS, no policy, no metrics). When a probe port is also a declared container
+//! port (the common "probe the serving port" case) the decision carries a warning, which the
+//! webhook returns to the client as an admission warning. Use a dedicated health port, or `exec`
+//! probes, to keep the serving port meshed. The proxy's own probes use its admin port 15020,
+//! which the rules never redirect.
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIProjection,
+    DownwardAPIVolumeFile, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
+    Pod, PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::{Value, json};
+
+use crate::api::MeshSpec;
+use crate::api::mesh::{LogLevel, PullPolicy};
+
+pub mod webhook_config;
+
+/// `trellis.dev/inject: enabled|disabled` on a namespace (label) or pod (annotation or label).
+pub const ANNOTATION_INJECT: &str = "trellis.dev/inject";
+/// The injected proxy image, written on every injected pod (rollouts compare it with the Mesh).
+pub const ANNOTATION_PROXY_VERSION: &str = "trellis.dev/proxy-version";
+/// Inbound ports never redirected to the proxy.
+pub const ANNOTATION_EXCLUDE_INBOUND_PORTS: &str = "trellis.dev/exclude-inbound-ports";
+/// Outbound destination ports never redirected to the proxy.
+pub const ANNOTATION_EXCLUDE_OUTBOUND_PORTS: &str = "trellis.dev/exclude-outbound-ports";
+/// Outbound destination CIDRs never redirected to the proxy.
+pub const ANNOTATION_EXCLUDE_OUTBOUND_CIDRS: &str = "trellis.dev/exclude-outbound-cidrs";
+/// Ports the proxy carries without protocol detection (mTLS kept).
+pub const ANNOTATION_OPAQUE_PORTS: &str = "trellis.dev/opaque-ports";
+pub const ANNOTATION_CPU_REQUEST: &str = "trellis.dev/proxy-cpu-request";
+pub const ANNOTATION_CPU_LIMIT: &str = "trellis.dev/proxy-cpu-limit";
+pub const ANNOTATION_MEMORY_REQUEST: &str = "trellis.dev/proxy-memory-request";
+pub const ANNOTATION_MEMORY_LIMIT: &str = "trellis.dev/proxy-memory-limit";
+
+/// Name of the injected proxy container (a native sidecar in `initContainers`).
+pub const PROXY_CONTAINER: &str = "trellis-proxy";
+/// Name of the injected init container that writes the iptables rules.
+pub const INIT_CONTAINER: &str = "trellis-init";
+/// Name of the one projected volume.
+pub const VOLUME: &str = "trellis";
+/// Where the projected volume is mounted in the proxy.
+pub const MOUNT_PATH: &str = "/var/run/trellis";
+/// The proxy's UID; its traffic is never redirected.
+pub const PROXY_UID: i64 = 2137;
+pub const INBOUND_PORT: u16 = 15006;
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const ADMIN_PORT: u16 = 15020;
+/// Env var carrying the opaque ports to the proxy (comma-separated).
+pub const ENV_OPAQUE_PORTS: &str = "TRELLIS_OPAQUE_PORTS";
+
+/// Namespaces never injected, whatever their labels say.
+pub const ALWAYS_EXCLUDED_NAMESPACES: [&str; 2] = ["kube-system", "kube-public"];
+
+/// What the injector knows of the operator's deployment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectContext {
+    /// The operator's own namespace, never injected.
+    pub operator_namespace: String,
+}
+
+impl Default for InjectContext {
+    fn default() -> Self {
+        Self {
+            operator_namespace: "trellis-system".into(),
+        }
+    }
+}
+
+/// The pod's namespace as the injector sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct NamespaceInfo<'a> {
+    pub name: &'a str,
+    /// The namespace's labels; `None` when they are not known (the webhook's namespace cache has
+    /// not seen it yet, or `trellis inject` working on files). Unknown labels count as selected:
+    /// the API server only sends pods of selected namespaces (see [`webhook_config`]), and the
+    /// CLI user asked for injection.
+    pub labels: Option<&'a BTreeMap<String, String>>,
+}
+
+/// Why a pod was left alone. [`SkipReason::as_str`] is the metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SkipReason {
+    HostNetwork,
+    AlreadyInjected,
+    ExcludedNamespace,
+    PodDisabled,
+    NamespaceNotSelected,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::HostNetwork => "host_network",
+            SkipReason::AlreadyInjected => "already_injected",
+            SkipReason::ExcludedNamespace => "excluded_namespace",
+            SkipReason::PodDisabled => "pod_disabled",
+            SkipReason::NamespaceNotSelected => "namespace_not_selected",
+        }
+    }
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SkipReason::HostNetwork => "pod uses the host network",
+            SkipReason::AlreadyInjected => "pod already has a trellis proxy",
+            SkipReason::ExcludedNamespace => "namespace is excluded from injection",
+            SkipReason::PodDisabled => "pod opts out with trellis.dev/inject: disabled",
+            SkipReason::NamespaceNotSelected => "namespace is not selected for injection",
+        })
+    }
+}
+
+/// Why a pod in scope cannot be injected.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    #[error("annotation {key}={value:?} is invalid: {why}")]
+    BadAnnotation {
+        key: String,
+        value: String,
+        why: String,
+    },
+    #[error("pod has no spec")]
+    NoSpec,
+    #[error("internal error building the patch: {0}")]
+    Internal(String),
+}
+
+impl InjectError {
+    /// Metric label of the denial.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            InjectError::BadAnnotation { .. } => "bad_annotation",
+            InjectError::NoSpec => "no_spec",
+            InjectError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// The injector's answer.
+#[derive(Debug)]
+pub enum Decision {
+    /// Leave the pod unchanged.
+    Skip { reason: SkipReason },
+    /// Refuse the pod (its annotations ask for something invalid).
+    Deny { reason: InjectError },
+    /// Apply `patch`; `pod` is the result of applying it.
+    Patch {
+        patch: json_patch::Patch,
+        pod: Box<Pod>,
+        /// Things the user should know (shown by kubectl as admission warnings).
+        warnings: Vec<String>,
+    },
+}
+
+/// The Mesh spec with every field at its default (what an empty `spec: {}` means), for
+/// `trellis inject` without `--mesh` and for tests.
+pub fn default_mesh() -> MeshSpec {
+    // Every MeshSpec field has a serde default, so an empty object always deserializes.
+    serde_json::from_value(json!({})).unwrap_or_else(|e| unreachable!("MeshSpec defaults: {e}"))
+}
+
+/// Escapes one JSON Pointer reference token (RFC 6901): `~` as `~0`, `/` as `~1`.
+pub fn escape_pointer_token(token: &str) -> String {
+    token.replace('~', "~0").replace('/', "~1")
+}
+
+/// Parses an `enabled|disabled` style value (also `true|false`).
+fn parse_switch(key: &str, value: &str) -> Result<bool, InjectError> {
+    match value.trim() {
+        "enabled" | "true" => Ok(true),
+        "disabled" | "false" => Ok(false),
+        _ => Err(InjectError::BadAnnotation {
+            key: key.into(),
+            value: value.into(),
+            why: "expected enabled or disabled".into(),
+        }),
+    }
+}
+
+/// Whether a container with the proxy's name or the version annotation is already there.
+pub fn is_injected(pod: &Pod) -> bool {
+    let annotated = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(ANNOTATION_PROXY_VERSION));
+    let has_container = pod.spec.as_ref().is_some_and(|s| {
+        s.containers
+            .iter()
+            .chain(s.init_containers.iter().flatten())
+            .any(|c| c.name == PROXY_CONTAINER)
+    });
+    annotated || has_container
+}
+
+/// Decides whether `pod` gets a sidecar and builds the patch.
+pub fn inject(pod: &Pod, ns: &NamespaceInfo<'_>, mesh: &MeshSpec, ctx: &InjectContext) -> Decision {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Decision::Deny {
+            reason: InjectError::NoSpec,
+        };
+    };
+    if spec.host_network == Some(true) {
+        return Decision::Skip {
+            reason: SkipReason::HostNetwork,
+        };
+    }
+    if is_injected(pod) {
+        return Decision::Skip {
+            reason: SkipReason::AlreadyInjected,
+        };
+    }
+    let excluded = ALWAYS_EXCLUDED_NAMESPACES.contains(&ns.name)
+        || ns.name == ctx.operator_namespace
+        || mesh
+            .injection
+            .excluded_namespaces
+            .iter()
+            .any(|n| n == ns.name);
+    if excluded {
+        return Decision::Skip {
+            reason: SkipReason::ExcludedNamespace,
+        };
+    }
+    let empty = BTreeMap::new();
+    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    // The pod's annotation wins over its label, which wins over the namespace.
+    let pod_choice = match annotations
+        .get(ANNOTATION_INJECT)
+        .or_else(|| labels.get(ANNOTATION_INJECT))
+    {
+        Some(v) => match parse_switch(ANNOTATION_INJECT, v) {
+            Ok(b) => Some(b),
+            Err(reason) => return Decision::Deny { reason },
+        },
+        None => None,
+    };
+    match pod_choice {
+        Some(false) => {
+            return Decision::Skip {
+                reason: SkipReason::PodDisabled,
+            };
+        }
+        Some(true) => {}
+        None => {
+            if !namespace_selected(ns, mesh) {
+                return Decision::Skip {
+                    reason: SkipReason::NamespaceNotSelected,
+                };
+            }
+        }
+    }
+    match build(pod, spec, annotations, mesh) {
+        Ok((patch, pod, warnings)) => Decision::Patch {
+            patch,
+            pod: Box::new(pod),
+            warnings,
+        },
+        Err(reason) => Decision::Deny { reason },
+    }
+}
+
+/// The namespace selector the Mesh asks for (default `trellis.dev/inject: enabled`).
+pub fn namespace_match_labels(mesh: &MeshSpec) -> BTreeMap<String, String> {
+    match &mesh.injection.namespace_selector {
+        Some(sel) => sel.match_labels.clone(),
+        None => BTreeMap::from([(ANNOTATION_INJECT.to_string(), "enabled".to_string())]),
+    }
+}
+
+fn namespace_selected(ns: &NamespaceInfo<'_>, mesh: &MeshSpec) -> bool {
+    let Some(labels) = ns.labels else {
+        return true;
+    };
+    namespace_match_labels(mesh)
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Validated per-pod settings read from annotations.
+struct PodOptions {
+    exclude_inbound_ports: Vec<u16>,
+    exclude_outbound_ports: Vec<u16>,
+    exclude_outbound_cidrs: Vec<String>,
+    opaque_ports: Vec<u16>,
+    resources: ResourceRequirements,
+}
+
+fn bad(key: &str, value: &str, why: impl ToString) -> InjectError {
+    InjectError::BadAnnotation {
+        key: key.into(),
+        value: value.into(),
+        why: why.to_string(),
+    }
+}
+
+fn ports_annotation(ann: &BTreeMap<String, String>, key: &str) -> Result<Vec<u16>, InjectError> {
+    match ann.get(key) {
+        Some(v) => trellis_proxy::init::rules::parse_ports(v).map_err(|e| bad(key, v, e)),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// A Kubernetes quantity (`100m`, `1.5`, `64Mi`, `1e3`), checked by shape so a typo is refused
+/// at admission instead of failing pod creation later with a less helpful message.
+fn valid_quantity(s: &str) -> bool {
+    let s = s.trim_start_matches('+');
+    let digits_end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(digits_end);
+    let number_ok = !number.is_empty()
+        && number.matches('.').count() <= 1
+        && number.chars().any(|c| c.is_ascii_digit());
+    let suffix_ok = matches!(
+        suffix,
+        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei"
+    ) || (suffix.len() > 1
+        && (suffix.starts_with('e') || suffix.starts_with('E'))
+        && suffix[1..]
+            .trim_start_matches(['+', '-'])
+            .parse::<u32>()
+            .is_ok());
+    number_ok && suffix_ok
+}
+
+fn options(ann: &BTreeMap<String, String>, mesh: &MeshSpec) -> Result<PodOptions, InjectError> {
+    let exclude_outbound_cidrs = match ann.get(ANNOTATION_EXCLUDE_OUTBOUND_CIDRS) {
+        Some(v) => trellis_proxy::init::rules::parse_cidrs(v)
+            .map_err(|e| bad(ANNOTATION_EXCLUDE_OUTBOUND_CIDRS, v, e))?
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        None => Vec::new(),
+    };
+    let r = &mesh.proxy.resources;
+    let quantity = |key: &str, default: Option<&String>| -> Result<Option<Quantity>, InjectError> {
+        match ann.get(key) {
+            Some(v) if valid_quantity(v) => Ok(Some(Quantity(v.clone()))),
+            Some(v) => Err(bad(key, v, "expected a quantity such as 100m or 64Mi")),
+            None => Ok(default.map(|d| Quantity(d.clone()))),
+        }
+    };
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    if let Some(q) = quantity(ANNOTATION_CPU_REQUEST, Some(&r.cpu_request))? {
+        requests.insert("cpu".to_string(), q);
+    }
+    if let Some(q) = quantity(ANNOTATION_MEMORY_REQUEST, Some(&r.memory_request))? {
+        requests.insert("memory".to_string(), q);
+    }
+    if let Some(q) = quantity(ANNOTATION_CPU_LIMIT, r.cpu_limit.as_ref())? {
+        limits.insert("cpu".to_string(), q);
+    }
+    if let Some(q) = quantity(ANNOTATION_MEMORY_LIMIT, Some(&r.memory_limit))? {
+        limits.insert("memory".to_string(), q);
+    }
+    Ok(PodOptions {
+        exclude_inbound_ports: ports_annotation(ann, ANNOTATION_EXCLUDE_INBOUND_PORTS)?,
+        exclude_outbound_ports: ports_annotation(ann, ANNOTATION_EXCLUDE_OUTBOUND_PORTS)?,
+        exclude_outbound_cidrs,
+        opaque_ports: ports_annotation(ann, ANNOTATION_OPAQUE_PORTS)?,
+        resources: ResourceRequirements {
+            requests: (!requests.is_empty()).then_some(requests),
+            limits: (!limits.is_empty()).then_some(limits),
+            ..Default::default()
+        },
+    })
+}
+
+/// Ports of the app containers' network probes, named ports resolved. Returns the ports and
+/// warnings for probe ports that are also declared container ports (see the module docs).
+fn probe_ports(spec: &PodSpec) -> (Vec<u16>, Vec<String>) {
+    let mut ports = Vec::new();
+    let mut warnings = Vec::new();
+    for c in &spec.containers {
+        let declared: &[ContainerPort] = c.ports.as_deref().unwrap_or(&[]);
+        let resolve = |p: &IntOrString| -> Option<u16> {
+            match p {
+                IntOrString::Int(n) => u16::try_from(*n).ok().filter(|n| *n != 0),
+                IntOrString::String(name) => declared
+                    .iter()
+                    .find(|d| d.name.as_deref() == Some(name.as_str()))
+                    .and_then(|d| u16::try_from(d.container_port).ok()),
+            }
+        };
+        for probe in [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
+            .into_iter()
+            .flatten()
+        {
+            let port = if let Some(h) = &probe.http_get {
+                resolve(&h.port)
+            } else if let Some(t) = &probe.tcp_socket {
+                resolve(&t.port)
+            } else if let Some(g) = &probe.grpc {
+                u16::try_from(g.port).ok()
+            } else {
+                None
+            };
+            let Some(port) = port else { continue };
+            if !ports.contains(&port) {
+                ports.push(port);
+                if declared.iter().any(|d| d.container_port == i32::from(port)) {
+                    warnings.push(format!(
+                        "trellis: port {port} of container {} is probed by the kubelet, so it is \
+                         excluded from the mesh (no mTLS); use a dedicated health port to keep it meshed",
+                        c.name
+                    ));
+                }
+            }
+        }
+    }
+    ports.sort_unstable();
+    (ports, warnings)
+}
+
+fn join<T: ToString>(v: &[T]) -> String {
+    v.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn pull_policy(p: PullPolicy) -> String {
+    match p {
+        PullPolicy::Always => "Always",
+        PullPolicy::IfNotPresent => "IfNotPresent",
+        PullPolicy::Never => "Never",
+    }
+    .into()
+}
+
+fn log_level(l: LogLevel) -> String {
+    match l {
+        LogLevel::Error => "error",
+        LogLevel::Warn => "warn",
+        LogLevel::Info => "info",
+        LogLevel::Debug => "debug",
+        LogLevel::Trace => "trace",
+    }
+    .into()
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn value_env(name: &str, value: String) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value),
+        ..Default::default()
+    }
+}
+
+fn admin_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(i32::from(ADMIN_PORT)),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(3),
+        ..Default::default()
+    }
+}
+
+/// The proxy as a native sidecar: an init container with `restartPolicy: Always` starts before
+/// the app containers (after its startup probe passes, i.e. once it holds a certificate) and is
+/// stopped after them, so Jobs complete.
+fn proxy_container(mesh: &MeshSpec, o: &PodOptions) -> Container {
+    let mut env = vec![
+        field_env("TRELLIS_POD_NAMESPACE", "metadata.namespace"),
+        field_env("TRELLIS_POD_NAME", "metadata.name"),
+        field_env("TRELLIS_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        value_env("TRELLIS_LOG_LEVEL", log_level(mesh.proxy.log_level)),
+        value_env("TRELLIS_DIR", MOUNT_PATH.into()),
+    ];
+    if !o.opaque_ports.is_empty() {
+        env.push(value_env(ENV_OPAQUE_PORTS, join(&o.opaque_ports)));
+    }
+    Container {
+        name: PROXY_CONTAINER.into(),
+        image: Some(mesh.proxy.image.clone()),
+        image_pull_policy: Some(pull_policy(mesh.proxy.image_pull_policy)),
+        restart_policy: Some("Always".into()),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("trellis-admin".into()),
+            container_port: i32::from(ADMIN_PORT),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        // Startup gates the app containers: up to 5 minutes to obtain the first certificate.
+        startup_probe: Some(admin_probe("/ready", 1, 300)),
+        readiness_probe: Some(admin_probe("/ready", 2, 3)),
+        liveness_probe: Some(admin_probe("/live", 10, 3)),
+        resources: Some(o.resources.clone()),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(PROXY_UID),
+            run_as_group: Some(PROXY_UID),
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: VOLUME.into(),
+            mount_path: MOUNT_PATH.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+/// The iptables init container: root with `NET_ADMIN` and `NET_RAW` only (iptables needs both),
+/// everything else dropped.
+fn init_container(mesh: &MeshSpec, o: &PodOptions, probe_ports: &[u16]) -> Container {
+    let mut args: Vec<String> = [
+        "init",
+        "--proxy-uid",
+        &PROXY_UID.to_string(),
+        "--inbound-port",
+        &INBOUND_PORT.to_string(),
+        "--outbound-port",
+        &OUTBOUND_PORT.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut inbound = o.exclude_inbound_ports.clone();
+    inbound.extend_from_slice(probe_ports);
+    inbound.sort_unstable();
+    inbound.dedup();
+    for (flag, value) in [
+        ("--exclude-inbound-ports", join(&inbound)),
+        ("--exclude-outbound-ports", join(&o.exclude_outbound_ports)),
+        (
+            "--exclude-outbound-cidrs",
+            o.exclude_outbound_cidrs.join(","),
+        ),
+    ] {
+        if !value.is_empty() {
+            args.push(flag.into());
+            args.push(value);
+        }
+    }
+    Container {
+        name: INIT_CONTAINER.into(),
+        image: Some(mesh.proxy.image.clone()),
+        image_pull_policy: Some(pull_policy(mesh.proxy.image_pull_policy)),
+        args: Some(args),
+        resources: Some(o.resources.clone()),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]),
+                drop: Some(vec!["ALL".into()]),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn projected_volume() -> Volume {
+    let config_map = |name: &str, key: &str| VolumeProjection {
+        config_map: Some(ConfigMapProjection {
+            name: name.into(),
+            items: Some(vec![KeyToPath {
+                key: key.into(),
+                path: key.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Volume {
+        name: VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![
+                config_map("trellis-proxy", "config.json"),
+                config_map("trellis-trust-bundle", "ca.pem"),
+                VolumeProjection {
+                    downward_api: Some(DownwardAPIProjection {
+                        items: Some(vec![DownwardAPIVolumeFile {
+                            path: "labels".into(),
+                            field_ref: Some(ObjectFieldSelector {
+                                field_path: "metadata.labels".into(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }]),
+                    }),
+                    ..Default::default()
+                },
+                VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some("trellis".into()),
+                        expiration_seconds: Some(3600),
+                        path: "token".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, InjectError> {
+    serde_json::to_value(v).map_err(|e| InjectError::Internal(e.to_string()))
+}
+
+type Built = (json_patch::Patch, Pod, Vec<String>);
+
+fn build(
+    pod: &Pod,
+    spec: &PodSpec,
+    annotations: &BTreeMap<String, String>,
+    mesh: &MeshSpec,
+) -> Result<Built, InjectError> {
+    let o = options(annotations, mesh)?;
+    let (probes, warnings) = probe_ports(spec);
+    let init = to_value(&init_container(mesh, &o, &probes))?;
+    let proxy = to_value(&proxy_container(mesh, &o))?;
+    let volume = to_value(&projected_volume())?;
+
+    let mut ops = Vec::new();
+    if pod.metadata.annotations.is_none() {
+        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
+    }
+    ops.push(json!({
+        "op": "add",
+        "path": format!("/metadata/annotations/{}", escape_pointer_token(ANNOTATION_PROXY_VERSION)),
+        "value": mesh.proxy.image,
+    }));
+    if spec.init_containers.is_none() {
+        ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": []}));
+    }
+    // The iptables init container first, then the proxy, then the pod's own init containers
+    // (whose traffic is then already meshed).
+    ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": init}));
+    ops.push(json!({"op": "add", "path": "/spec/initContainers/1", "value": proxy}));
+    if spec.volumes.is_none() {
+        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": []}));
+    }
+    ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
+
+    let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops))
+        .map_err(|e| InjectError::Internal(e.to_string()))?;
+    let mut doc = to_value(pod)?;
+    json_patch::patch(&mut doc, &patch).map_err(|e| InjectError::Internal(e.to_string()))?;
+    let patched: Pod =
+        serde_json::from_value(doc).map_err(|e| InjectError::Internal(e.to_string()))?;
+    Ok((patch, patched, warnings))
+}
+
+/// Removes exactly what [`inject`] adds from a pod (or pod template) given as JSON: the two
+/// init containers, the projected volume and the version annotation, and the array/object that
+/// held them when it is left empty (inject creates them when missing). An input that had an
+/// empty `annotations: {}` or `volumes: []` comes back without it, which Kubernetes treats the
+/// same. Returns whether the pod was injected.
+pub fn uninject_pod_json(pod: &mut Value) -> bool {
+    let mut changed = false;
+    if let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) {
+        changed |= remove_named(spec, "initContainers", &[INIT_CONTAINER, PROXY_CONTAINER]);
+        changed |= remove_named(spec, "volumes", &[VOLUME]);
+    }
+    if let Some(meta) = pod.get_mut("metadata").and_then(Value::as_object_mut)
+        && let Some(ann) = meta.get_mut("annotations").and_then(Value::as_object_mut)
+        && ann.remove(ANNOTATION_PROXY_VERSION).is_some()
+    {
+        changed = true;
+        if ann.is_empty() {
+            meta.remove("annotations");
+        }
+    }
+    changed
+}
+
+fn remove_named(obj: &mut serde_json::Map<String, Value>, key: &str, names: &[&str]) -> bool {
+    let Some(list) = obj.get_mut(key).and_then(Value::as_array_mut) else {
+        return false;
+    };
+    let before = list.len();
+    list.retain(|item| {
+        !item
+            .get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| names.contains(&n))
+    });
+    let changed = list.len() != before;
+    if changed && list.is_empty() {
+        obj.remove(key);
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointer_tokens_escape_tilde_then_slash() {
+        assert_eq!(
+            escape_pointer_token("trellis.dev/proxy-version"),
+            "trellis.dev~1proxy-version"
+        );
+        assert_eq!(escape_pointer_token("a~/b"), "a~0~1b");
+    }
+
+    #[test]
+    fn quantities() {
+        for ok in ["10m", "1", "0.5", "64Mi", "1Gi", "1e3", "+2", "100k"] {
+            assert!(valid_quantity(ok), "{ok}");
+        }
+        for bad in ["", "ten", "10mb", "1..2", "Mi", "-1", "1e"] {
+            assert!(!valid_quantity(bad), "{bad}");
+        }
+    }
+}

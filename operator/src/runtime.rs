@@ -1,0 +1,850 @@
+//! The operator process: configuration, startup checks, the admin server, leader election,
+//! controllers, the servers every replica runs, and graceful shutdown.
+//!
+//! Shape (see `../shared/DESIGN.md`): every replica serves the admin endpoints and the
+//! [`replica_servers`] (identity and webhook); only the replica holding the Lease runs the
+//! controllers ([`crate::controller::all`]), so two replicas never fight over the objects they
+//! write.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kube::Client;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api;
+
+/// Exit code for invalid configuration (the same as clap's usage errors).
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Raw command line / environment, before validation. Values that can be invalid are taken as
+/// strings so that [`Config::from_args`] can report every invalid one at once.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(
+    name = "trellis-operator",
+    version,
+    about = "The Trellis operator: CRD controllers, workload identity (CA) and sidecar injection.",
+    long_about = "The Trellis operator. Every replica serves the admin endpoints (/healthz, /readyz, \
+/metrics), the identity endpoint and the injection webhook; the replica holding the Lease runs \
+the controllers. Each flag can also be set by the environment variable shown."
+)]
+pub struct Args {
+    /// Namespace the operator runs in: its Lease, the CA Secret and the mesh root namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "trellis-system")]
+    pub namespace: String,
+    /// Name of this replica (the Lease holder identity). Defaults to the host name.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Address of the admin server (/healthz, /readyz, /metrics).
+    #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    pub admin_addr: String,
+    /// Address of the sidecar injection webhook (HTTPS).
+    #[arg(long, env = "TRELLIS_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    pub webhook_addr: String,
+    /// Address of the workload identity endpoint (HTTPS).
+    #[arg(long, env = "TRELLIS_IDENTITY_ADDR", default_value = "0.0.0.0:15012")]
+    pub identity_addr: String,
+    /// Name of the Lease (in --namespace) that elects the replica running the controllers.
+    #[arg(long, env = "TRELLIS_LEASE_NAME", default_value = "trellis-operator")]
+    pub lease_name: String,
+    /// How long a leader's Lease stays valid without renewal, as a duration (e.g. 15s). A new
+    /// leader takes over at most this long after the old one dies.
+    #[arg(long, env = "TRELLIS_LEASE_DURATION", default_value = "15s")]
+    pub lease_duration: String,
+    /// Log filter: a level (error, warn, info, debug, trace) or a tracing directive such as
+    /// `info,kube=debug`.
+    #[arg(long, env = "TRELLIS_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Log format: `json` (one object per line) or `text`.
+    #[arg(long, env = "TRELLIS_LOG_FORMAT", default_value = "json")]
+    pub log_format: String,
+    /// How long shutdown waits for servers and controllers to finish, as a duration.
+    #[arg(long, env = "TRELLIS_SHUTDOWN_GRACE", default_value = "10s")]
+    pub shutdown_grace: String,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub namespace: String,
+    pub pod_name: String,
+    pub admin_addr: SocketAddr,
+    pub webhook_addr: SocketAddr,
+    pub identity_addr: SocketAddr,
+    pub lease_name: String,
+    pub lease_duration: Duration,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Validates every field; the error lists every invalid value, one per line.
+    pub fn from_args(a: Args) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut addr = |flag: &str, env: &str, v: &str| -> SocketAddr {
+            v.parse().unwrap_or_else(|e| {
+                errors.push(format!(
+                    "--{flag} ({env}) {v:?} is not a socket address like 0.0.0.0:8080: {e}"
+                ));
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            })
+        };
+        let admin_addr = addr("admin-addr", "TRELLIS_ADMIN_ADDR", &a.admin_addr);
+        let webhook_addr = addr("webhook-addr", "TRELLIS_WEBHOOK_ADDR", &a.webhook_addr);
+        let identity_addr = addr("identity-addr", "TRELLIS_IDENTITY_ADDR", &a.identity_addr);
+        let mut duration = |flag: &str, env: &str, v: &str, min: Duration| -> Duration {
+            match crate::duration::parse(v) {
+                Ok(d) if d >= min => d,
+                Ok(_) => {
+                    errors.push(format!("--{flag} ({env}) {v:?} must be at least {min:?}"));
+                    min
+                }
+                Err(e) => {
+                    errors.push(format!("--{flag} ({env}): {e}"));
+                    min
+                }
+            }
+        };
+        let lease_duration = duration(
+            "lease-duration",
+            "TRELLIS_LEASE_DURATION",
+            &a.lease_duration,
+            Duration::from_secs(5),
+        );
+        let shutdown_grace = duration(
+            "shutdown-grace",
+            "TRELLIS_SHUTDOWN_GRACE",
+            &a.shutdown_grace,
+            Duration::ZERO,
+        );
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&a.log_level) {
+            errors.push(format!(
+                "--log-level (TRELLIS_LOG_LEVEL) {:?} is not a level or tracing directive: {e}",
+                a.log_level
+            ));
+        }
+        let log_format = match a.log_format.as_str() {
+            "json" => LogFormat::Json,
+            "text" => LogFormat::Text,
+            other => {
+                errors.push(format!(
+                    "--log-format (TRELLIS_LOG_FORMAT) {other:?} must be json or text"
+                ));
+                LogFormat::Json
+            }
+        };
+        if !is_dns_label(&a.namespace) {
+            errors.push(format!(
+                "--namespace (POD_NAMESPACE) {:?} is not a valid namespace name",
+                a.namespace
+            ));
+        }
+        if !is_dns_subdomain(&a.lease_name) {
+            errors.push(format!(
+                "--lease-name (TRELLIS_LEASE_NAME) {:?} is not a valid object name",
+                a.lease_name
+            ));
+        }
+        let pod_name = a
+            .pod_name
+            .filter(|p| !p.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| format!("trellis-operator-{}", std::process::id()));
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            namespace: a.namespace,
+            pod_name,
+            admin_addr,
+            webhook_addr,
+            identity_addr,
+            lease_name: a.lease_name,
+            lease_duration,
+            log_level: a.log_level,
+            log_format,
+            shutdown_grace,
+        })
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// Installs the global tracing subscriber (JSON or text, to stdout: stderr is kept for the
+/// one-line fatal error a user reads).
+pub fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    let _ = match config.log_format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Why the operator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "cannot reach the Kubernetes API ({0}): run inside a cluster or set KUBECONFIG to a reachable cluster"
+    )]
+    NoCluster(String),
+    #[error(
+        "the Trellis CRDs are not installed (missing: {}): install them: kubectl apply -k config/default",
+        .0.join(", ")
+    )]
+    CrdsMissing(Vec<String>),
+    #[error("cannot listen on {addr} for the {what}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("leader election with Lease {namespace}/{name} failed: {detail}")]
+    Lease {
+        namespace: String,
+        name: String,
+        detail: String,
+    },
+    #[error("{name} failed: {detail}")]
+    Server { name: String, detail: String },
+}
+
+/// Readiness gates: `/readyz` answers 200 only when every registered gate is open.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    gates: Arc<Mutex<BTreeMap<String, bool>>>,
+}
+
+/// One readiness gate, closed until [`Gate::set`]`(true)`.
+#[derive(Clone)]
+pub struct Gate {
+    name: String,
+    gates: Arc<Mutex<BTreeMap<String, bool>>>,
+}
+
+impl Readiness {
+    /// Registers a closed gate named `name`.
+    pub fn gate(&self, name: &str) -> Gate {
+        self.gates
+            .lock()
+            .expect("readiness lock")
+            .insert(name.to_string(), false);
+        Gate {
+            name: name.to_string(),
+            gates: self.gates.clone(),
+        }
+    }
+
+    /// The gates that are still closed (empty when ready).
+    pub fn not_ready(&self) -> Vec<String> {
+        self.gates
+            .lock()
+            .expect("readiness lock")
+            .iter()
+            .filter(|(_, open)| !**open)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+impl Gate {
+    pub fn set(&self, ready: bool) {
+        self.gates
+            .lock()
+            .expect("readiness lock")
+            .insert(self.name.clone(), ready);
+    }
+}
+
+/// What every server and controller gets from the runtime.
+#[derive(Clone)]
+pub struct Services {
+    pub client: Client,
+    pub config: Arc<Config>,
+    /// Cancelled on SIGTERM/SIGINT: stop accepting, drain, return.
+    pub shutdown: CancellationToken,
+    pub readiness: Readiness,
+    /// The one metrics registry; register under a component prefix (`registry.sub_registry_with_prefix`).
+    pub registry: Arc<Mutex<Registry>>,
+}
+
+/// A server every replica runs (identity, webhook). It must return when `shutdown` fires.
+pub type ExtraServer = (
+    &'static str,
+    Box<dyn FnOnce(Services) -> BoxFuture<'static, anyhow::Result<()>> + Send>,
+);
+
+/// The servers every replica runs next to the admin server, whether or not it leads.
+pub fn replica_servers() -> Vec<ExtraServer> {
+    // identity and webhook servers are started here by their modules
+    Vec::new()
+}
+
+/// Builds a client and proves the API server answers.
+pub async fn connect() -> Result<Client, Error> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| Error::NoCluster(one_line(&e)))?;
+    let client = Client::try_from(config).map_err(|e| Error::NoCluster(one_line(&e)))?;
+    match tokio::time::timeout(Duration::from_secs(10), client.apiserver_version()).await {
+        Ok(Ok(_)) => Ok(client),
+        Ok(Err(e)) => Err(Error::NoCluster(one_line(&e))),
+        Err(_) => Err(Error::NoCluster("no answer within 10s".into())),
+    }
+}
+
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        src = inner.source();
+    }
+    s.replace('\n', " ")
+}
+
+/// Checks that the API server serves every Trellis kind (discovery needs no RBAC).
+pub async fn check_crds(client: &Client) -> Result<(), Error> {
+    let expected: Vec<String> = api::crds()
+        .iter()
+        .map(|c| format!("{}.{}", c.spec.names.plural, c.spec.group))
+        .collect();
+    let served: Vec<String> = match client
+        .list_api_group_resources(&format!("{}/{}", api::GROUP, api::VERSION))
+        .await
+    {
+        Ok(list) => list
+            .resources
+            .iter()
+            .map(|r| format!("{}.{}", r.name, api::GROUP))
+            .collect(),
+        Err(kube::Error::Api(s)) if s.code == 404 => Vec::new(),
+        Err(e) => return Err(Error::NoCluster(one_line(&e))),
+    };
+    let missing: Vec<String> = expected
+        .into_iter()
+        .filter(|e| !served.contains(e))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::CrdsMissing(missing))
+    }
+}
+
+/// Runs the operator until SIGTERM/SIGINT.
+pub async fn run(config: Config, extras: Vec<ExtraServer>) -> Result<(), Error> {
+    let client = connect().await?;
+    check_crds(&client).await?;
+
+    let shutdown = CancellationToken::new();
+    let services = Services {
+        client: client.clone(),
+        config: Arc::new(config.clone()),
+        shutdown: shutdown.clone(),
+        readiness: Readiness::default(),
+        registry: Arc::new(Mutex::new(Registry::with_prefix("trellis_operator"))),
+    };
+    let metrics = Arc::new(crate::controller::Metrics::register(
+        &mut services.registry.lock().expect("registry lock"),
+    ));
+    let election_gate = services.readiness.gate("leader-election");
+
+    tokio::spawn(signal_on_shutdown(shutdown.clone()));
+
+    let admin = TcpListener::bind(config.admin_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            what: "admin server",
+            addr: config.admin_addr,
+            source,
+        })?;
+    tracing::info!(addr = %config.admin_addr, "admin server listening");
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let s = services.clone();
+        tasks.spawn(async move {
+            serve_admin(admin, s).await;
+            Ok::<(), Error>(())
+        });
+    }
+    for (name, start) in extras {
+        let fut = start(services.clone());
+        tasks.spawn(async move {
+            fut.await.map_err(|e| Error::Server {
+                name: name.to_string(),
+                detail: format!("{e:#}"),
+            })
+        });
+    }
+    {
+        let s = services.clone();
+        tasks.spawn(async move { lead(s, metrics, election_gate).await });
+    }
+
+    // Run until shutdown or until a task fails; then drain within the grace period.
+    let mut result = Ok(());
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        Some(joined) = tasks.join_next() => {
+            if let Ok(Err(e)) = joined {
+                result = Err(e);
+            }
+            shutdown.cancel();
+        }
+    }
+    tracing::info!(grace = ?config.shutdown_grace, "shutting down");
+    let drain = async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok(Err(e)) = joined {
+                tracing::error!(error = %e, "task failed during shutdown");
+            }
+        }
+    };
+    if tokio::time::timeout(config.shutdown_grace, drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over; aborting remaining tasks");
+        tasks.abort_all();
+    }
+    result
+}
+
+async fn signal_on_shutdown(shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install SIGTERM handler");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = shutdown.cancelled() => return,
+    }
+    shutdown.cancel();
+}
+
+/// Takes part in leader election; while leading, runs the controllers.
+async fn lead(
+    services: Services,
+    metrics: Arc<crate::controller::Metrics>,
+    gate: Gate,
+) -> Result<(), Error> {
+    let config = &services.config;
+    let lease_err = |e: kube_lease_manager::LeaseManagerError| Error::Lease {
+        namespace: config.namespace.clone(),
+        name: config.lease_name.clone(),
+        detail: e.to_string(),
+    };
+    let secs = config.lease_duration.as_secs().max(5);
+    let manager =
+        kube_lease_manager::LeaseManagerBuilder::new(services.client.clone(), &config.lease_name)
+            .with_namespace(&config.namespace)
+            .with_identity(&config.pod_name)
+            .with_duration(secs)
+            .with_grace((secs / 3).max(2))
+            .with_field_manager(format!("{}-lease", api::FIELD_MANAGER))
+            .build()
+            .await
+            .map_err(lease_err)?;
+    let (mut leader, lease_task) = manager.watch().await;
+    let ctx = Arc::new(crate::controller::Context {
+        client: services.client.clone(),
+        status: crate::status::StatusWriter::new(services.client.clone()),
+        namespace: config.namespace.clone(),
+        metrics: metrics.clone(),
+    });
+    let controllers_gate = services.readiness.gate("controllers");
+    let mut running: Option<(CancellationToken, tokio::task::JoinSet<()>)> = None;
+    // A follower is ready (it serves the webhook and identity); a leader once its controllers
+    // run. The first lease state decides which one this replica is.
+    controllers_gate.set(true);
+    gate.set(true);
+    loop {
+        let is_leader = *leader.borrow_and_update();
+        metrics.leader.set(i64::from(is_leader));
+        match (is_leader, running.is_some()) {
+            (true, false) => {
+                tracing::info!(identity = %config.pod_name, "became leader; starting controllers");
+                controllers_gate.set(false);
+                let token = services.shutdown.child_token();
+                let mut set = tokio::task::JoinSet::new();
+                for (name, fut) in crate::controller::all(ctx.clone(), token.clone()) {
+                    set.spawn(async move {
+                        fut.await;
+                        tracing::info!(controller = name, "controller stopped");
+                    });
+                }
+                running = Some((token, set));
+                controllers_gate.set(true);
+            }
+            (false, true) => {
+                tracing::warn!(identity = %config.pod_name, "lost leadership; stopping controllers");
+                if let Some((token, mut set)) = running.take() {
+                    token.cancel();
+                    while set.join_next().await.is_some() {}
+                }
+            }
+            _ => {}
+        }
+        tokio::select! {
+            changed = leader.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            _ = services.shutdown.cancelled() => break,
+        }
+    }
+    if let Some((token, mut set)) = running.take() {
+        token.cancel();
+        while set.join_next().await.is_some() {}
+    }
+    // Closing the channel makes the lease task release the Lease, so a standby takes over at
+    // once instead of after the lease duration.
+    drop(leader);
+    match lease_task.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(lease_err(e)),
+        Err(e) => Err(Error::Lease {
+            namespace: config.namespace.clone(),
+            name: config.lease_name.clone(),
+            detail: e.to_string(),
+        }),
+    }
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` until shutdown.
+pub async fn serve_admin(listener: TcpListener, services: Services) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        continue;
+                    }
+                };
+                let s = services.clone();
+                let svc = hyper::service::service_fn(move |req| {
+                    let s = s.clone();
+                    async move { Ok::<_, Infallible>(admin_response(&req, &s)) }
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "admin connection ended with an error");
+                    }
+                });
+            }
+            _ = services.shutdown.cancelled() => break,
+        }
+    }
+    graceful.shutdown().await;
+}
+
+/// The admin endpoints. Pure apart from reading readiness and metrics.
+pub fn admin_response(req: &Request<Incoming>, s: &Services) -> Response<Full<Bytes>> {
+    admin_route(req.method(), req.uri().path(), s)
+}
+
+fn admin_route(method: &Method, path: &str, s: &Services) -> Response<Full<Bytes>> {
+    let reply = |code: StatusCode, ctype: &str, body: String| {
+        Response::builder()
+            .status(code)
+            .header(http::header::CONTENT_TYPE, ctype)
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts")
+    };
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if method != Method::GET && method != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "use GET\n".into());
+    }
+    match path {
+        "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
+        "/readyz" => {
+            let not_ready = s.readiness.not_ready();
+            if not_ready.is_empty() {
+                reply(StatusCode::OK, TEXT, "ok\n".into())
+            } else {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    format!("not ready: {}\n", not_ready.join(", ")),
+                )
+            }
+        }
+        "/metrics" => {
+            let mut out = String::new();
+            let registry = s.registry.lock().expect("registry lock");
+            match prometheus_client::encoding::text::encode(&mut out, &registry) {
+                Ok(()) => reply(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    out,
+                ),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    TEXT,
+                    format!("encoding metrics: {e}\n"),
+                ),
+            }
+        }
+        _ => reply(StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, Vec<String>> {
+        let mut argv = vec!["trellis-operator"];
+        argv.extend_from_slice(args);
+        Config::from_args(Args::try_parse_from(argv).unwrap())
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        // Environment variables would override defaults; this test only sets flags it checks.
+        let c = parse(&["--namespace", "trellis-system", "--pod-name", "op-0"]).unwrap();
+        assert_eq!(c.namespace, "trellis-system");
+        assert_eq!(c.admin_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.webhook_addr.to_string(), "0.0.0.0:9443");
+        assert_eq!(c.identity_addr.to_string(), "0.0.0.0:15012");
+        assert_eq!(c.lease_name, "trellis-operator");
+        assert_eq!(c.lease_duration, Duration::from_secs(15));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.pod_name, "op-0");
+    }
+
+    #[test]
+    fn every_invalid_value_is_reported() {
+        let errors = parse(&[
+            "--admin-addr",
+            "localhost",
+            "--webhook-addr",
+            "0.0.0.0:99999",
+            "--identity-addr",
+            "x:1",
+            "--lease-duration",
+            "15",
+            "--log-level",
+            "info,=[",
+            "--log-format",
+            "yaml",
+            "--namespace",
+            "Trellis_System",
+            "--lease-name",
+            "UPPER",
+            "--shutdown-grace",
+            "soon",
+        ])
+        .unwrap_err();
+        let joined = errors.join("\n");
+        for flag in [
+            "--admin-addr",
+            "--webhook-addr",
+            "--identity-addr",
+            "--lease-duration",
+            "--log-level",
+            "--log-format",
+            "--namespace",
+            "--lease-name",
+            "--shutdown-grace",
+        ] {
+            assert!(joined.contains(flag), "{flag} not reported in:\n{joined}");
+        }
+        assert_eq!(errors.len(), 9, "{joined}");
+    }
+
+    #[test]
+    fn a_too_short_lease_is_refused() {
+        let errors = parse(&["--lease-duration", "1s"]).unwrap_err();
+        assert!(errors[0].contains("at least"), "{errors:?}");
+    }
+
+    fn services() -> Services {
+        let (svc, _handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        Services {
+            client: Client::new(svc, "default"),
+            config: Arc::new(parse(&["--pod-name", "t"]).unwrap()),
+            shutdown: CancellationToken::new(),
+            readiness: Readiness::default(),
+            registry: Arc::new(Mutex::new(Registry::with_prefix("trellis_operator"))),
+        }
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let code = out[9..12].parse().unwrap();
+        let ctype = out
+            .lines()
+            .find_map(|l| l.strip_prefix("content-type: "))
+            .unwrap_or_default()
+            .to_string();
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+        (code, ctype, body)
+    }
+
+    /// `check_crds` against a recorded discovery answer.
+    async fn crds_check_with(status: u16, reply: serde_json::Value) -> Result<(), Error> {
+        let (svc, mut handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let server = tokio::spawn(async move {
+            let (req, send) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+                .await
+                .expect("discovery request")
+                .expect("discovery request");
+            assert_eq!(req.method(), Method::GET);
+            assert_eq!(req.uri().path(), "/apis/trellis.dev/v1alpha1");
+            send.send_response(
+                http::Response::builder()
+                    .status(status)
+                    .body(kube::client::Body::from(
+                        serde_json::to_vec(&reply).unwrap(),
+                    ))
+                    .unwrap(),
+            );
+        });
+        let res = check_crds(&Client::new(svc, "default")).await;
+        server.await.unwrap();
+        res
+    }
+
+    #[tokio::test]
+    async fn missing_crds_are_named_with_the_install_command() {
+        let err = crds_check_with(
+            404,
+            serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                               "code": 404, "reason": "NotFound", "message": "the server could not find the requested resource"}),
+        )
+        .await
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(
+                "meshes.trellis.dev, trafficpolicies.trellis.dev, peerauthentications.trellis.dev"
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.ends_with("install them: kubectl apply -k config/default"),
+            "{msg}"
+        );
+
+        let resource = |name: &str, kind: &str| serde_json::json!({"name": name, "singularName": "", "namespaced": true, "kind": kind, "verbs": ["get"]});
+        let err = crds_check_with(
+            200,
+            serde_json::json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "trellis.dev/v1alpha1",
+                               "resources": [resource("meshes", "Mesh"), resource("meshes/status", "Mesh")]}),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&err, Error::CrdsMissing(m) if m == &["trafficpolicies.trellis.dev", "peerauthentications.trellis.dev"]),
+            "{err:?}"
+        );
+        crds_check_with(
+            200,
+            serde_json::json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "trellis.dev/v1alpha1",
+                               "resources": [resource("meshes", "Mesh"), resource("trafficpolicies", "TrafficPolicy"),
+                                             resource("peerauthentications", "PeerAuthentication")]}),
+        )
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn admin_server_reports_health_readiness_and_metrics() {
+        let s = services();
+        let metrics = crate::controller::Metrics::register(&mut s.registry.lock().unwrap());
+        metrics.leader.set(1);
+        let gate = s.readiness.gate("controllers");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_admin(listener, s.clone()));
+
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        let (code, _, body) = get(addr, "/readyz").await;
+        assert_eq!((code, body.as_str()), (503, "not ready: controllers\n"));
+        gate.set(true);
+        assert_eq!(get(addr, "/readyz").await.0, 200);
+        let (code, ctype, body) = get(addr, "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+        assert!(body.contains("trellis_operator_leader 1"), "{body}");
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        assert_eq!(get(addr, "/nope").await.0, 404);
+
+        s.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("admin server stops on shutdown")
+            .unwrap();
+    }
+}

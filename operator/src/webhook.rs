@@ -1,0 +1,545 @@
+//! The sidecar injection admission webhook: HTTPS, `POST /inject`, AdmissionReview v1.
+//!
+//! Served by every operator replica on 9443 (Service port 443). The decision is
+//! [`crate::inject::inject`]; this module only speaks the protocol and guards the edges:
+//!
+//! - The serving certificate comes through a `watch` of rustls `ServerConfig`: each new TLS
+//!   connection uses the latest value, so a rotated certificate is served without a restart.
+//! - The response is built as JSON here, not with kube's `AdmissionResponse`: kube serializes
+//!   `response.patch` as an array of numbers (kube issue 1781) where the API server wants a
+//!   base64 string.
+//! - Bad input never panics or hangs: header and body reads have deadlines, bodies over
+//!   [`MAX_BODY_BYTES`] are refused with 413 without being buffered, JSON that cannot be read at
+//!   all gets HTTP 400, and a readable review with a bad request gets a denial carrying its
+//!   `uid` and the reason. Non-pod objects and out-of-scope pods are allowed unchanged.
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::MeshSpec;
+use crate::inject::{Decision, InjectContext, NamespaceInfo, inject};
+
+/// Largest AdmissionReview accepted. The API server refuses objects over about 3 MiB anyway
+/// (its request limit; etcd's default is 1.5 MiB), so anything larger is not a real review.
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// The only AdmissionReview version we register for and answer.
+pub const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
+
+/// Errors of the webhook server itself (per-request problems are answers, not errors).
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Injection metrics, registered under the `trellis_injector` prefix.
+#[derive(Debug, Default)]
+pub struct WebhookMetrics {
+    /// Pods patched.
+    pub injections: Counter,
+    /// Pods left unchanged, by reason (`host_network`, `not_a_pod`, ...).
+    pub skips: Family<Vec<(String, String)>, Counter>,
+    /// Requests denied or refused, by reason (`bad_annotation`, `malformed`, ...).
+    pub denials: Family<Vec<(String, String)>, Counter>,
+}
+
+impl WebhookMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let m = Arc::new(Self::default());
+        let sub = registry.sub_registry_with_prefix("trellis_injector");
+        sub.register(
+            "injections",
+            "Pods injected with the proxy",
+            m.injections.clone(),
+        );
+        sub.register(
+            "skips",
+            "Pods admitted without injection, by reason",
+            m.skips.clone(),
+        );
+        sub.register(
+            "denials",
+            "Admission requests denied, by reason",
+            m.denials.clone(),
+        );
+        m
+    }
+
+    fn skip(&self, reason: &str) {
+        self.skips
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+
+    fn deny(&self, reason: &str) {
+        self.denials
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+}
+
+/// Namespace name to labels, as last seen by the operator's namespace watch. A namespace
+/// missing from the map counts as selected (see [`NamespaceInfo::labels`]).
+pub type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
+
+/// Builds the [`NamespaceLabels`] map from observed namespaces (for the runtime's namespace
+/// watch to publish on the `watch` channel the [`Injector`] reads).
+pub fn namespace_labels<'a>(
+    namespaces: impl IntoIterator<Item = &'a k8s_openapi::api::core::v1::Namespace>,
+) -> NamespaceLabels {
+    namespaces
+        .into_iter()
+        .filter_map(|ns| {
+            let name = ns.metadata.name.clone()?;
+            Some((name, ns.metadata.labels.clone().unwrap_or_default()))
+        })
+        .collect()
+}
+
+/// Limits of the server; the defaults suit production, tests shorten the timeouts.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Time allowed for the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time allowed for the request headers.
+    pub header_timeout: Duration,
+    /// Time allowed for the whole request body. The API server gives up after the webhook's
+    /// `timeoutSeconds` (10 s) anyway.
+    pub body_timeout: Duration,
+    /// How long in-flight requests may finish after shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything a request needs: the current Mesh, namespace labels, context and metrics.
+#[derive(Clone)]
+pub struct Injector {
+    /// The `default` Mesh's spec, as last observed.
+    pub mesh: watch::Receiver<MeshSpec>,
+    /// Namespace labels, as last observed (see [`namespace_labels`]).
+    pub namespaces: watch::Receiver<Arc<NamespaceLabels>>,
+    pub ctx: InjectContext,
+    pub metrics: Arc<WebhookMetrics>,
+}
+
+impl Injector {
+    /// An injector whose metrics are registered in `registry`.
+    pub fn new(
+        mesh: watch::Receiver<MeshSpec>,
+        namespaces: watch::Receiver<Arc<NamespaceLabels>>,
+        ctx: InjectContext,
+        registry: &mut Registry,
+    ) -> Self {
+        Self {
+            mesh,
+            namespaces,
+            ctx,
+            metrics: WebhookMetrics::register(registry),
+        }
+    }
+}
+
+/// An HTTP answer: status and JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: Value,
+}
+
+impl Answer {
+    fn http_error(status: StatusCode, message: impl Into<String>) -> Self {
+        Answer {
+            status,
+            body: json!({"error": message.into()}),
+        }
+    }
+
+    fn review(api_version: &str, response: Value) -> Self {
+        Answer {
+            status: StatusCode::OK,
+            body: json!({
+                "apiVersion": api_version,
+                "kind": "AdmissionReview",
+                "response": response,
+            }),
+        }
+    }
+}
+
+fn allowed(uid: &str) -> Value {
+    json!({"uid": uid, "allowed": true})
+}
+
+fn denied(uid: &str, message: &str) -> Value {
+    json!({
+        "uid": uid,
+        "allowed": false,
+        "status": {"status": "Failure", "code": 400, "reason": "BadRequest", "message": message},
+    })
+}
+
+impl Injector {
+    /// Answers one AdmissionReview body. Pure apart from metrics; the HTTP layer only moves
+    /// bytes.
+    pub fn review(&self, body: &[u8]) -> Answer {
+        let m = &self.metrics;
+        let value: Value = match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => {
+                m.deny("malformed");
+                return Answer::http_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("request body is not JSON: {e}"),
+                );
+            }
+        };
+        let uid = value
+            .pointer("/request/uid")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let api_version = value
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let Some(uid) = uid else {
+            m.deny("malformed");
+            return Answer::http_error(
+                StatusCode::BAD_REQUEST,
+                "not an AdmissionReview: request.uid is missing",
+            );
+        };
+        if value.get("kind").and_then(Value::as_str) != Some("AdmissionReview") {
+            m.deny("malformed");
+            return Answer::review(
+                REVIEW_API_VERSION,
+                denied(
+                    &uid,
+                    "not an AdmissionReview (kind must be AdmissionReview)",
+                ),
+            );
+        }
+        if api_version != REVIEW_API_VERSION {
+            m.deny("unsupported_version");
+            // Answer in the caller's version so it can read the reason.
+            let version = if api_version.is_empty() {
+                REVIEW_API_VERSION
+            } else {
+                &api_version
+            };
+            return Answer::review(
+                version,
+                denied(
+                    &uid,
+                    &format!(
+                        "unsupported AdmissionReview version {api_version:?}: this webhook speaks {REVIEW_API_VERSION} only"
+                    ),
+                ),
+            );
+        }
+        let review: AdmissionReview<DynamicObject> = match serde_json::from_value(value) {
+            Ok(r) => r,
+            Err(e) => {
+                m.deny("malformed");
+                return Answer::review(
+                    REVIEW_API_VERSION,
+                    denied(&uid, &format!("malformed AdmissionReview: {e}")),
+                );
+            }
+        };
+        let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+            Ok(r) => r,
+            Err(_) => {
+                m.deny("malformed");
+                return Answer::review(
+                    REVIEW_API_VERSION,
+                    denied(&uid, "malformed AdmissionReview: no request"),
+                );
+            }
+        };
+        Answer::review(REVIEW_API_VERSION, self.review_request(&uid, &request))
+    }
+
+    fn review_request(&self, uid: &str, req: &AdmissionRequest<DynamicObject>) -> Value {
+        let m = &self.metrics;
+        let is_pod = req.kind.group.is_empty() && req.kind.kind == "Pod";
+        if !is_pod || req.sub_resource.is_some() {
+            m.skip("not_a_pod");
+            return allowed(uid);
+        }
+        if !matches!(req.operation, Operation::Create) {
+            m.skip("not_create");
+            return allowed(uid);
+        }
+        let Some(object) = &req.object else {
+            m.deny("malformed");
+            return denied(uid, "CREATE request without an object");
+        };
+        let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
+            Ok(p) => p,
+            Err(e) => {
+                m.deny("malformed");
+                return denied(uid, &format!("object is not a valid Pod: {e}"));
+            }
+        };
+        let Some(namespace) = req.namespace.clone().or(pod.metadata.namespace.clone()) else {
+            m.deny("malformed");
+            return denied(uid, "pod has no namespace");
+        };
+        let decision = {
+            let namespaces = self.namespaces.borrow();
+            let mesh = self.mesh.borrow();
+            let ns = NamespaceInfo {
+                name: &namespace,
+                labels: namespaces.get(&namespace),
+            };
+            inject(&pod, &ns, &mesh, &self.ctx)
+        };
+        let pod_name = pod
+            .metadata
+            .name
+            .clone()
+            .or(pod.metadata.generate_name.clone())
+            .unwrap_or_default();
+        match decision {
+            Decision::Skip { reason } => {
+                tracing::debug!(%namespace, pod = %pod_name, reason = reason.as_str(), "not injected");
+                m.skip(reason.as_str());
+                allowed(uid)
+            }
+            Decision::Deny { reason } => {
+                tracing::info!(%namespace, pod = %pod_name, %reason, "injection denied");
+                m.deny(reason.as_str());
+                denied(uid, &reason.to_string())
+            }
+            Decision::Patch {
+                patch, warnings, ..
+            } => match serde_json::to_vec(&patch) {
+                Ok(bytes) => {
+                    tracing::info!(%namespace, pod = %pod_name, "injected");
+                    m.injections.inc();
+                    let mut response = json!({
+                        "uid": uid,
+                        "allowed": true,
+                        "patchType": "JSONPatch",
+                        "patch": base64::engine::general_purpose::STANDARD.encode(bytes),
+                    });
+                    if !warnings.is_empty() {
+                        response["warnings"] = json!(warnings);
+                    }
+                    response
+                }
+                Err(e) => {
+                    m.deny("internal");
+                    denied(uid, &format!("internal error serializing the patch: {e}"))
+                }
+            },
+        }
+    }
+
+    async fn handle(self, opts: Arc<ServeOptions>, req: Request<Incoming>) -> Answer {
+        if req.uri().path() != "/inject" {
+            return Answer::http_error(StatusCode::NOT_FOUND, "not found; POST /inject");
+        }
+        if req.method() != Method::POST {
+            return Answer::http_error(StatusCode::METHOD_NOT_ALLOWED, "use POST /inject");
+        }
+        let too_large = || {
+            self.metrics.deny("too_large");
+            Answer::http_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("AdmissionReview larger than {MAX_BODY_BYTES} bytes"),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+            return too_large();
+        }
+        // Limited stops reading (and buffering) at the limit, whatever Content-Length said.
+        let body = Limited::new(req.into_body(), MAX_BODY_BYTES);
+        let bytes = match tokio::time::timeout(opts.body_timeout, body.collect()).await {
+            Err(_) => {
+                self.metrics.deny("timeout");
+                return Answer::http_error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request body not received in time",
+                );
+            }
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+            Ok(Err(e)) => {
+                self.metrics.deny("malformed");
+                return Answer::http_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("could not read the body: {e}"),
+                );
+            }
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+        self.review(&bytes)
+    }
+}
+
+fn to_response(answer: Answer) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(&answer.body).unwrap_or_default();
+    Response::builder()
+        .status(answer.status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+/// Binds `addr` (9443 in the operator) and serves until `shutdown` is cancelled.
+pub async fn serve(
+    addr: SocketAddr,
+    tls: watch::Receiver<Arc<rustls::ServerConfig>>,
+    injector: Injector,
+    opts: ServeOptions,
+    shutdown: CancellationToken,
+) -> Result<(), WebhookError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| WebhookError::Bind { addr, source })?;
+    serve_on(listener, tls, injector, opts, shutdown).await;
+    Ok(())
+}
+
+/// Serves on an already bound listener (tests bind 127.0.0.1:0).
+pub async fn serve_on(
+    listener: TcpListener,
+    tls: watch::Receiver<Arc<rustls::ServerConfig>>,
+    injector: Injector,
+    opts: ServeOptions,
+    shutdown: CancellationToken,
+) {
+    let opts = Arc::new(opts);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_timeout);
+    let builder = Arc::new(builder);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "webhook accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // The latest certificate for every new connection: rotation needs no restart.
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
+        let injector = injector.clone();
+        let opts = opts.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(opts.handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "webhook TLS handshake timed out");
+                        return;
+                    }
+                };
+            let service = hyper::service::service_fn(move |req| {
+                let injector = injector.clone();
+                let opts = opts.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(to_response(injector.handle(opts, req).await))
+                }
+            });
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(%peer, error = %e, "webhook connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(opts.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("webhook connections still open after the drain timeout");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    #[test]
+    fn namespace_labels_from_observed_namespaces() {
+        let ns = |name: &str, labels: Option<&[(&str, &str)]>| Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: labels.map(|l| {
+                    l.iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let list = [
+            ns("shop", Some(&[("trellis.dev/inject", "enabled")])),
+            ns("bare", None),
+        ];
+        let map = namespace_labels(&list);
+        assert_eq!(map["shop"]["trellis.dev/inject"], "enabled");
+        // A namespace with no labels is known (and not selected), unlike a missing one.
+        assert!(map["bare"].is_empty());
+        assert!(!map.contains_key("other"));
+    }
+}

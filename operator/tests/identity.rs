@@ -1,0 +1,292 @@
+//! The identity endpoint over real TLS, with TokenReviews answered from recorded API server
+//! exchanges (tower-test). Every refusal must carry a clear reason and issue nothing.
+
+mod identity_support;
+
+use std::time::Duration;
+
+use identity_support::*;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use trellis_operator::identity::{CERTIFICATE_PATH, IdentityConfig};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.projected.token";
+const REVIEWS: &str = "spiffe://cluster.local/ns/shop/sa/reviews";
+
+fn metrics_text(ep: &Endpoint) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &ep.registry).unwrap();
+    out
+}
+
+/// Posts and expects a refusal with `status` whose message contains `why`; nothing issued.
+async fn refused(ep: &Endpoint, token: Option<&str>, body: Vec<u8>, status: u16, why: &str) {
+    let (code, json) = post(ep.addr, &ep.bundle_pem(), CERTIFICATE_PATH, token, body).await;
+    assert_eq!(code, status, "{json}");
+    let msg = json["error"].as_str().expect("error field");
+    assert!(msg.contains(why), "{msg:?} should mention {why:?}");
+    assert!(json.get("certificateChain").is_none());
+    assert_eq!(ep.service.metrics().issued(), 0, "nothing may be issued");
+}
+
+#[tokio::test]
+async fn issues_only_the_proven_identity() {
+    let (ep, mut api) = start(Duration::from_secs(3600), IdentityConfig::default()).await;
+    for sans in [vec![REVIEWS], vec![]] {
+        let (key, csr) = csr(&sans);
+        let client = async {
+            post(
+                ep.addr,
+                &ep.bundle_pem(),
+                CERTIFICATE_PATH,
+                Some(TOKEN),
+                body(&csr),
+            )
+            .await
+        };
+        let ((code, json), ()) = tokio::join!(
+            client,
+            api.token_review(TOKEN, review_allowed("shop", "reviews"))
+        );
+        assert_eq!(code, 200, "{json}");
+        let chain: Vec<_> =
+            CertificateDer::pem_slice_iter(json["certificateChain"].as_str().unwrap().as_bytes())
+                .collect::<Result<_, _>>()
+                .unwrap();
+        assert_eq!(chain.len(), 1);
+        let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
+        let san = leaf.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(san.value.general_names, vec![GeneralName::URI(REVIEWS)]);
+        assert_eq!(
+            leaf.public_key().raw,
+            rcgen::PublicKeyData::subject_public_key_info(&key)
+        );
+        let (_, root) = X509Certificate::from_der(ep.ca.cert_der()).unwrap();
+        leaf.verify_signature(Some(root.public_key())).unwrap();
+        assert_eq!(json["trustBundle"], ep.ca.roots_pem());
+        let not_after: jiff::Timestamp = json["notAfter"].as_str().unwrap().parse().unwrap();
+        assert_eq!(not_after.as_second(), leaf.validity().not_after.timestamp());
+    }
+    api.no_more_calls().await;
+    assert_eq!(ep.service.metrics().issued(), 2);
+    let text = metrics_text(&ep);
+    assert!(
+        text.contains("trellis_identity_issuances_total 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("trellis_identity_request_duration_seconds_count 2"),
+        "{text}"
+    );
+    ep.stop().await;
+}
+
+#[tokio::test]
+async fn refuses_denied_unauthenticated_wrong_audience_and_unbound_tokens() {
+    let (ep, mut api) = start(Duration::from_secs(3600), IdentityConfig::default()).await;
+    let (_, csr) = csr(&[REVIEWS]);
+    let cases = [
+        (
+            review_denied(
+                "[invalid bearer token, square/go-jose: error in cryptographic primitive]",
+            ),
+            401,
+            "not authenticated: [invalid bearer token",
+        ),
+        (
+            serde_json::json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "metadata": {}, "spec": {"token": "x"}, "status": {"authenticated": false, "user": {}}}),
+            401,
+            "not authenticated",
+        ),
+        (
+            review_denied(
+                r#"[invalid bearer token, token audiences ["https://kubernetes.default.svc"] is invalid for the target audiences ["trellis"]]"#,
+            ),
+            401,
+            "is invalid for the target audiences",
+        ),
+        (
+            review_other_audience("shop", "reviews"),
+            401,
+            "audience \"trellis\"",
+        ),
+        (
+            review_legacy_token("shop", "reviews"),
+            403,
+            "not bound to a pod",
+        ),
+        (
+            serde_json::json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "metadata": {}, "spec": {"token": "x"}, "status": {"authenticated": true, "audiences": ["trellis"], "user": {"username": "alice", "extra": {"authentication.kubernetes.io/pod-name": ["p"]}}}}),
+            403,
+            "not a service account",
+        ),
+    ];
+    for (answer, status, why) in cases {
+        let ((), ()) = tokio::join!(
+            refused(&ep, Some(TOKEN), body(&csr), status, why),
+            api.token_review(TOKEN, answer)
+        );
+    }
+    api.no_more_calls().await;
+    let text = metrics_text(&ep);
+    for reason in [
+        "unauthenticated\"} 3",
+        "wrong_audience\"} 1",
+        "not_bound\"} 1",
+        "not_service_account\"} 1",
+    ] {
+        assert!(
+            text.contains(&format!(
+                "trellis_identity_rejections_total{{reason=\"{reason}"
+            )),
+            "{reason}\n{text}"
+        );
+    }
+    ep.stop().await;
+}
+
+#[tokio::test]
+async fn refuses_csrs_for_other_identities_weak_keys_and_garbage() {
+    let (ep, mut api) = start(Duration::from_secs(3600), IdentityConfig::default()).await;
+    let other_sa = csr(&["spiffe://cluster.local/ns/shop/sa/payments"]).1;
+    let extra_san = csr(&[REVIEWS, "reviews.shop.svc"]).1;
+    let p384 = {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap()
+    };
+    let rsa = include_str!("../src/ca/testdata/rsa2048.csr").to_string();
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (
+            body(&other_sa),
+            403,
+            "spiffe://cluster.local/ns/shop/sa/payments",
+        ),
+        (body(&extra_san), 403, "dns:reviews.shop.svc"),
+        (
+            body("-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n"),
+            400,
+            "malformed CSR",
+        ),
+        (body("not a csr"), 400, "malformed CSR"),
+        (body(&p384), 400, "workload keys must be ECDSA P-256"),
+        (body(&rsa), 400, "RSA-2048 key"),
+    ];
+    for (b, status, why) in cases {
+        let ((), ()) = tokio::join!(
+            refused(&ep, Some(TOKEN), b, status, why),
+            api.token_review(TOKEN, review_allowed("shop", "reviews"))
+        );
+    }
+    // Refused before any TokenReview: no token, bad JSON, oversized body, unknown path.
+    refused(&ep, None, body(&other_sa), 401, "Authorization: Bearer").await;
+    refused(
+        &ep,
+        Some(TOKEN),
+        b"{\"csr\": 1}".to_vec(),
+        400,
+        "invalid request body",
+    )
+    .await;
+    refused(
+        &ep,
+        Some(TOKEN),
+        b"{\"csr\": \"x\", \"spiffeId\": \"spiffe://x/y\"}".to_vec(),
+        400,
+        "unknown field",
+    )
+    .await;
+    let huge = body(&"A".repeat(20 * 1024));
+    refused(&ep, Some(TOKEN), huge, 413, "larger than 16384 bytes").await;
+    let (code, _) = post(
+        ep.addr,
+        &ep.bundle_pem(),
+        "/v1/other",
+        Some(TOKEN),
+        body("x"),
+    )
+    .await;
+    assert_eq!(code, 404);
+    api.no_more_calls().await;
+    let text = metrics_text(&ep);
+    for reason in [
+        "foreign_identity\"} 2",
+        "malformed_csr\"} 2",
+        "weak_key\"} 2",
+        "too_large\"} 1",
+        "missing_token\"} 1",
+    ] {
+        assert!(
+            text.contains(&format!("reason=\"{reason}")),
+            "{reason}\n{text}"
+        );
+    }
+    ep.stop().await;
+}
+
+#[tokio::test]
+async fn rate_limits_per_identity() {
+    let config = IdentityConfig {
+        rate_burst: 2.0,
+        rate_per_sec: 0.001,
+        ..IdentityConfig::default()
+    };
+    let (ep, mut api) = start(Duration::from_secs(3600), config).await;
+    let bundle = ep.bundle_pem();
+    let (_, req) = csr(&[]);
+    for _ in 0..2 {
+        let ((code, _), ()) = tokio::join!(
+            post(ep.addr, &bundle, CERTIFICATE_PATH, Some(TOKEN), body(&req)),
+            api.token_review(TOKEN, review_allowed("shop", "reviews"))
+        );
+        assert_eq!(code, 200);
+    }
+    let ((code, json), ()) = tokio::join!(
+        post(ep.addr, &bundle, CERTIFICATE_PATH, Some(TOKEN), body(&req)),
+        api.token_review(TOKEN, review_allowed("shop", "reviews"))
+    );
+    assert_eq!(code, 429, "{json}");
+    assert!(json["error"].as_str().unwrap().contains("shop/reviews"));
+    // Another identity has its own bucket.
+    let ((code, _), ()) = tokio::join!(
+        post(ep.addr, &bundle, CERTIFICATE_PATH, Some(TOKEN), body(&req)),
+        api.token_review(TOKEN, review_allowed("shop", "ratings"))
+    );
+    assert_eq!(code, 200);
+    assert_eq!(ep.service.metrics().issued(), 3);
+    ep.stop().await;
+}
+
+#[tokio::test]
+async fn token_review_outage_is_a_503_and_issues_nothing() {
+    let (ep, mut api) = start(Duration::from_secs(3600), IdentityConfig::default()).await;
+    let bundle = ep.bundle_pem();
+    let (_, req) = csr(&[]);
+    let client = post(ep.addr, &bundle, CERTIFICATE_PATH, Some(TOKEN), body(&req));
+    let server = async {
+        let (_, send) = api.0.next_request().await.unwrap();
+        send.send_response(
+            http::Response::builder()
+                .status(500)
+                .body(kube::client::Body::from(
+                    br#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"etcdserver: request timed out","reason":"InternalError","code":500}"#.to_vec(),
+                ))
+                .unwrap(),
+        );
+    };
+    let ((code, json), ()) = tokio::join!(client, server);
+    assert_eq!(code, 503, "{json}");
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap()
+            .contains("TokenReview failed")
+    );
+    assert_eq!(ep.service.metrics().issued(), 0);
+    ep.stop().await;
+}

@@ -1,0 +1,313 @@
+//! Inbound: connections to this workload, redirected to 15006.
+//!
+//! The mTLS mode for the original port comes from the first inbound policy whose selector
+//! matches our labels (`Strict` when none does: a workload without policy is not opened up):
+//! - `Strict`: only a TLS ClientHello is accepted; plaintext is refused and counted.
+//! - `Permissive`: a ClientHello is terminated as mesh mTLS, anything else is served in
+//!   plaintext. (Known limit: an application doing its own TLS on a Permissive port sees its
+//!   handshake terminated by the proxy; use `Disable` for such ports.)
+//! - `Disable`: plaintext only; TLS passes through to the application untouched.
+//!
+//! After mTLS, ALPN says what the stream carries (see [`super::mtls`]). Traffic goes to
+//! `127.0.0.1:<original port>`, or `--inbound-target` in local mode.
+
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::detect::{Detected, detect};
+use super::http::{
+    ORIG_PROTO, authority, clean_response, ensure_request_id, is_upgrade, strip_hop_by_hop,
+    trace_id,
+};
+use super::io::{Prefixed, original_dst};
+use super::mtls::Alpn;
+use super::upstream::{Io, connect};
+use super::{Completed, Shared, record, serve_http, spawn_tunnel, tcp};
+use crate::config::{MtlsMode, Protocol};
+use crate::metrics::{Direction, ReasonLabels, TcpLabels};
+use crate::traffic::{BoxError, Outcome, Target, Upstream, error_response, rate_limited_response};
+
+/// A peer that opens TCP but never finishes the handshake is dropped after this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct ConnInfo {
+    target: SocketAddr,
+    client_ip: String,
+    peer: Arc<str>,
+    tls: bool,
+    dst_service: Arc<str>,
+}
+
+fn refuse(shared: &Shared, reason: &'static str) {
+    shared
+        .metrics
+        .refused
+        .get_or_create(&ReasonLabels { reason })
+        .inc();
+}
+
+pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, client: SocketAddr) {
+    let (orig_dst, local) = match (original_dst(&stream), stream.local_addr()) {
+        (Ok(o), Ok(l)) => (o, l),
+        _ => return,
+    };
+    let target = match (shared.inbound_target, orig_dst != local) {
+        (Some(t), _) => t,
+        (None, true) => SocketAddr::from((Ipv4Addr::LOCALHOST, orig_dst.port())),
+        (None, false) => {
+            tracing::debug!(%client, "inbound connection was not redirected and no --inbound-target is set");
+            return;
+        }
+    };
+    let port = target.port();
+    let mode = {
+        let snap = shared.config.borrow();
+        let Some(s) = snap.as_ref() else {
+            // Not ready: no config means no policy to enforce.
+            refuse(&shared, "not_ready");
+            return;
+        };
+        s.config
+            .inbound_for(&s.labels)
+            .map(|p| p.mode_for_port(port))
+            .unwrap_or(MtlsMode::Strict)
+    };
+    let dst_service: Arc<str> = format!("local:{port}").into();
+    let opaque_port = shared.skips_detection(port);
+    let (detected, prefix) = if mode == MtlsMode::Disable && opaque_port {
+        (Detected::Opaque, bytes::Bytes::new())
+    } else {
+        match detect(&mut stream, shared.detect_timeout()).await {
+            Ok(d) => d,
+            Err(_) => return,
+        }
+    };
+    let io = Prefixed::new(prefix, stream);
+    match (mode, detected) {
+        (MtlsMode::Strict | MtlsMode::Permissive, Detected::Tls) => {
+            accept_mtls(&shared, io, client, target, dst_service).await
+        }
+        (MtlsMode::Strict, _) => {
+            tracing::debug!(%client, port, "plaintext refused: port is Strict");
+            refuse(&shared, "plaintext");
+        }
+        (_, d) if d.is_http() => {
+            plain_http(
+                &shared,
+                io,
+                client,
+                target,
+                dst_service,
+                Arc::from(""),
+                false,
+            )
+            .await
+        }
+        (_, _) => plain_tcp(&shared, io, target, dst_service, false).await,
+    }
+}
+
+async fn accept_mtls(
+    shared: &Arc<Shared>,
+    io: Prefixed<TcpStream>,
+    client: SocketAddr,
+    target: SocketAddr,
+    dst_service: Arc<str>,
+) {
+    let cfg = match shared.tls.server() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot terminate mTLS");
+            refuse(shared, "no_credentials");
+            return;
+        }
+    };
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(cfg).accept(io)).await;
+    let tls = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "inbound TLS handshake failed");
+            refuse(shared, "handshake");
+            return;
+        }
+        Err(_) => {
+            refuse(shared, "handshake_timeout");
+            return;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    let peer: Arc<str> = crate::tls::peer_spiffe_id(conn).unwrap_or_default().into();
+    match Alpn::from_id(conn.alpn_protocol()) {
+        Some(Alpn::H2 | Alpn::Http1) => {
+            plain_http(shared, tls, client, target, dst_service, peer, true).await
+        }
+        Some(Alpn::Tcp) => plain_tcp(shared, tls, target, dst_service, true).await,
+        None => refuse(shared, "alpn"),
+    }
+}
+
+async fn plain_tcp<I: Io>(
+    shared: &Shared,
+    io: I,
+    target: SocketAddr,
+    dst_service: Arc<str>,
+    tls: bool,
+) {
+    let labels = TcpLabels {
+        direction: Direction::Inbound.as_str(),
+        dst_service,
+        tls,
+    };
+    match connect(&shared.tls, target, &Arc::from(Vec::new()), Alpn::Tcp, None).await {
+        Ok((upstream, _)) => tcp::splice(shared, io, upstream, labels).await,
+        Err(e) => tracing::debug!(error = %e, "inbound tcp connect failed"),
+    }
+}
+
+async fn plain_http<I: Io>(
+    shared: &Arc<Shared>,
+    io: I,
+    client: SocketAddr,
+    target: SocketAddr,
+    dst_service: Arc<str>,
+    peer: Arc<str>,
+    tls: bool,
+) {
+    let info = Arc::new(ConnInfo {
+        target,
+        client_ip: client.ip().to_string(),
+        peer,
+        tls,
+        dst_service,
+    });
+    let sh = shared.clone();
+    serve_http(shared, io, move |req| handle(sh.clone(), info.clone(), req)).await;
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    info: Arc<ConnInfo>,
+    mut req: Request<Incoming>,
+) -> Result<Response<crate::traffic::Body>, Infallible> {
+    let start = Instant::now();
+    let request_id = ensure_request_id(req.headers_mut());
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    // HTTP/1.1 from the far application rode our HTTP/2: give the application HTTP/1.1 back.
+    let orig_h1 = req.headers_mut().remove(ORIG_PROTO).is_some();
+    let protocol = if orig_h1 || req.version() != Version::HTTP_2 {
+        Protocol::Http1
+    } else {
+        Protocol::Http2
+    };
+    let method = req.method().clone();
+    let version = if orig_h1 {
+        Version::HTTP_11
+    } else {
+        req.version()
+    };
+    // Copied out of the request only when an access log line will be written.
+    let (auth, path, trace) = if shared.access_log().is_some() {
+        (
+            authority(&req).unwrap_or("").to_owned(),
+            req.uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
+            trace_id(req.headers()).map(str::to_owned),
+        )
+    } else {
+        (String::new(), String::new(), None)
+    };
+
+    let limiter = shared.inbound_limiter.lock().expect("limiter lock").clone();
+    // Rate limited per source identity (per source address for plaintext clients).
+    let limited = limiter.and_then(|l| {
+        let source = if info.peer.is_empty() {
+            info.client_ip.as_str()
+        } else {
+            &info.peer
+        };
+        l.check(source).err()
+    });
+    if let Some(wait) = limited {
+        shared.dispatcher.metrics().inbound_rate_limited.inc();
+        let mut resp = rate_limited_response(wait);
+        resp.extensions_mut().insert(Outcome {
+            flags: vec!["RL"],
+            ..Default::default()
+        });
+        record(
+            &shared,
+            &Completed {
+                direction: Direction::Inbound,
+                start,
+                method: &method,
+                authority: &auth,
+                path: &path,
+                version,
+                request_id: request_id.to_str().unwrap_or(""),
+                trace_id: trace.as_deref(),
+                peer_identity: &info.peer,
+                dst_service: &info.dst_service,
+                tls: info.tls,
+            },
+            &resp,
+        );
+        return Ok(resp);
+    }
+    let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
+    let target = Target {
+        addr: info.target,
+        identities: Arc::from(Vec::new()),
+        protocol,
+        connect_timeout: None,
+    };
+    let mut resp = match shared.pool.send(target, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "local application did not answer");
+            let mut r = error_response(StatusCode::BAD_GATEWAY);
+            r.extensions_mut().insert(Outcome {
+                backend: String::new(),
+                endpoint: Some(info.target),
+                attempts: 1,
+                flags: vec!["UF"],
+            });
+            r
+        }
+    };
+    if let Some(cu) = client_upgrade
+        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        spawn_tunnel(&shared, cu, &mut resp);
+    }
+    clean_response(&mut resp);
+    record(
+        &shared,
+        &Completed {
+            direction: Direction::Inbound,
+            start,
+            method: &method,
+            authority: &auth,
+            path: &path,
+            version,
+            request_id: request_id.to_str().unwrap_or(""),
+            trace_id: trace.as_deref(),
+            peer_identity: &info.peer,
+            dst_service: &info.dst_service,
+            tls: info.tls,
+        },
+        &resp,
+    );
+    Ok(resp)
+}

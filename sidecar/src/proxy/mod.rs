@@ -1,0 +1,216 @@
+//! The data path, as named stages: [`io`] (original destination, replay), [`detect`]
+//! (protocol), [`outbound`] and [`inbound`] (per-direction routing and mTLS policy), [`http`]
+//! (L7 forwarding rules), [`tcp`] (L4), [`upstream`] (the pooled client behind
+//! [`crate::traffic::Upstream`]) and [`mtls`] (TLS configs per credentials snapshot).
+
+pub mod detect;
+pub mod http;
+pub mod inbound;
+pub mod io;
+pub mod mtls;
+pub mod outbound;
+pub mod tcp;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ::http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::access_log;
+use crate::config::AccessLogFormat;
+use crate::metrics::{Direction, Metrics};
+use crate::reload::ConfigRx;
+use crate::shutdown::Shutdown;
+use crate::traffic::{Body, Dispatcher, Outcome};
+use mtls::TlsCache;
+use upstream::{Io, Pool};
+
+/// Everything a connection task needs, shared by all of them.
+pub struct Shared {
+    pub config: ConfigRx,
+    pub tls: Arc<TlsCache>,
+    pub pool: Pool,
+    pub dispatcher: Arc<Dispatcher>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: Shutdown,
+    /// Local mode: inbound traffic goes here instead of `127.0.0.1:<original port>`.
+    pub inbound_target: Option<SocketAddr>,
+    /// The inbound rate limit of our policy, per source identity; replaced on reload when the
+    /// limit changes.
+    pub inbound_limiter: Arc<std::sync::Mutex<Option<Arc<crate::traffic::InboundRateLimiter>>>>,
+    pub http: auto::Builder<TokioExecutor>,
+}
+
+impl Shared {
+    /// The detection timeout of the current config.
+    pub fn detect_timeout(&self) -> Duration {
+        let ms = self
+            .config
+            .borrow()
+            .as_ref()
+            .map(|s| s.config.mesh.detect_timeout_ms)
+            .unwrap_or(100);
+        Duration::from_millis(ms)
+    }
+
+    pub fn skips_detection(&self, port: u16) -> bool {
+        self.config
+            .borrow()
+            .as_ref()
+            .is_some_and(|s| s.config.mesh.skip_detection_ports.contains(&port))
+    }
+
+    /// The access log format, when access logs are on.
+    pub fn access_log(&self) -> Option<AccessLogFormat> {
+        let cfg = self.config.borrow();
+        let al = &cfg.as_ref()?.config.mesh.telemetry.access_log;
+        al.enabled.then_some(al.format)
+    }
+}
+
+/// The server-side HTTP builder: HTTP/1.1 and HTTP/2 on the same socket (hyper-util picks by
+/// the preface), upgrades allowed.
+pub fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1().timer(hyper_util::rt::TokioTimer::new());
+    b.http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .adaptive_window(true);
+    b
+}
+
+/// Accepts until shutdown; each connection runs in a tracked task.
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, direction: Direction) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                let _ = stream.set_nodelay(true);
+                let sh = shared.clone();
+                shared.shutdown.tracker().spawn(async move {
+                    match direction {
+                        Direction::Outbound => outbound::serve(sh, stream, client).await,
+                        Direction::Inbound => inbound::serve(sh, stream, client).await,
+                    }
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, direction = direction.as_str(), "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!(direction = direction.as_str(), "listener closed");
+}
+
+/// Serves HTTP on one connection until it closes; on shutdown, finishes in-flight requests
+/// (HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY).
+pub async fn serve_http<I, F, Fut>(shared: &Shared, io: I, handler: F)
+where
+    I: Io,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let svc = hyper::service::service_fn(handler);
+    let conn = shared
+        .http
+        .serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shared.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+/// Facts recorded once per request, after the response headers.
+pub struct Completed<'a> {
+    pub direction: Direction,
+    pub start: Instant,
+    pub method: &'a ::http::Method,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub version: ::http::Version,
+    pub request_id: &'a str,
+    pub trace_id: Option<&'a str>,
+    pub peer_identity: &'a Arc<str>,
+    pub dst_service: &'a Arc<str>,
+    pub tls: bool,
+}
+
+/// Metrics and (when enabled) the access log line for one request.
+pub fn record(shared: &Shared, c: &Completed<'_>, resp: &Response<Body>) {
+    let elapsed = c.start.elapsed();
+    let status = resp.status().as_u16();
+    shared.metrics.record_request(
+        c.direction,
+        c.peer_identity,
+        c.dst_service,
+        status,
+        c.tls,
+        elapsed,
+    );
+    if let Some(fmt) = shared.access_log() {
+        let outcome = resp.extensions().get::<Outcome>();
+        let entry = access_log::Entry {
+            timestamp: access_log::now(),
+            direction: c.direction.as_str(),
+            method: c.method.as_str(),
+            authority: c.authority,
+            path: c.path,
+            protocol: version_str(c.version),
+            status,
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            request_id: c.request_id,
+            trace_id: c.trace_id,
+            peer_identity: c.peer_identity,
+            dst_service: c.dst_service,
+            upstream: outcome.and_then(|o| o.endpoint).map(|e| e.to_string()),
+            flags: outcome.map(|o| o.flags.as_slice()).unwrap_or(&[]),
+        };
+        access_log::write(&entry, fmt);
+    }
+}
+
+fn version_str(v: ::http::Version) -> &'static str {
+    match v {
+        ::http::Version::HTTP_10 => "HTTP/1.0",
+        ::http::Version::HTTP_11 => "HTTP/1.1",
+        ::http::Version::HTTP_2 => "HTTP/2",
+        _ => "HTTP",
+    }
+}
+
+/// After a `101 Switching Protocols`, splices the client's and the upstream's upgraded
+/// connections together.
+pub fn spawn_tunnel(shared: &Shared, client: hyper::upgrade::OnUpgrade, resp: &mut Response<Body>) {
+    let upstream = hyper::upgrade::on(resp);
+    shared.shutdown.tracker().spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((c, u)) => {
+                let mut c = TokioIo::new(c);
+                let mut u = TokioIo::new(u);
+                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                    tracing::debug!(error = %e, "upgraded tunnel ended");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+}

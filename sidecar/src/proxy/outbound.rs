@@ -1,0 +1,332 @@
+//! Outbound: connections the application opens, redirected to 15001.
+//!
+//! The original destination picks the Service (by cluster IP or endpoint address and port).
+//! HTTP goes through the traffic layer ([`Dispatcher::dispatch`](crate::traffic::Dispatcher));
+//! opaque TCP is spliced at L4, wrapped in mTLS when the destination is meshed. A connection
+//! to an address the config does not know is passed through untouched (plaintext).
+//!
+//! Local mode (no iptables: the application connects to 15001 directly) routes HTTP by the
+//! `Host` header instead ([`OutboundService::matches_authority`]).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::net::TcpStream;
+
+use super::detect::{Detected, detect};
+use super::http::{
+    authority, clean_response, ensure_request_id, is_upgrade, strip_hop_by_hop, trace_id,
+};
+use super::io::{Prefixed, original_dst};
+use super::mtls::Alpn;
+use super::upstream::PeerIdentity;
+use super::{Completed, Shared, record, serve_http, spawn_tunnel, tcp};
+use crate::config::{OutboundService, Protocol, ProxyConfig};
+use crate::metrics::{Direction, TcpLabels};
+use crate::traffic::{BoxError, Outcome, RequestCtx, Target, Upstream, error_response};
+
+/// The Service (and port) a redirected connection was meant for.
+pub fn service_for_addr(cfg: &ProxyConfig, dst: SocketAddr) -> Option<&OutboundService> {
+    cfg.outbound.iter().find(|s| {
+        s.port(dst.port()).is_some()
+            && (s.addresses.contains(&dst.ip())
+                || s.ports
+                    .iter()
+                    .any(|p| p.endpoints.iter().any(|e| e.address == dst)))
+    })
+}
+
+/// Local mode: the Service an HTTP authority names, and the port (from the authority, else the
+/// Service's first port).
+pub fn service_for_authority<'a>(
+    cfg: &'a ProxyConfig,
+    authority: &str,
+) -> Option<(&'a OutboundService, u16)> {
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+            Ok(p) => (h, Some(p)),
+            Err(_) => (authority, None),
+        },
+        _ => (authority, None),
+    };
+    let svc = cfg.outbound.iter().find(|s| s.matches_authority(host))?;
+    let port = match port {
+        Some(p) if svc.port(p).is_some() => p,
+        Some(_) => return None,
+        None => svc.ports.first()?.port,
+    };
+    Some((svc, port))
+}
+
+struct ConnInfo {
+    client: SocketAddr,
+    orig_dst: SocketAddr,
+    redirected: bool,
+}
+
+pub async fn serve(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr) {
+    let (orig_dst, local) = match (original_dst(&stream), stream.local_addr()) {
+        (Ok(o), Ok(l)) => (o, l),
+        _ => return,
+    };
+    let redirected = orig_dst != local;
+    let snap = shared.config.borrow().clone();
+    let svc_port = snap.as_deref().and_then(|s| {
+        let svc = service_for_addr(&s.config, orig_dst)?;
+        Some((svc, svc.port(orig_dst.port())?.protocol))
+    });
+    let opaque_port =
+        shared.skips_detection(orig_dst.port()) || matches!(&svc_port, Some((_, Protocol::Tcp)));
+    let mut stream = stream;
+    let (detected, prefix) = if opaque_port {
+        (Detected::Opaque, bytes::Bytes::new())
+    } else {
+        match detect(&mut stream, shared.detect_timeout()).await {
+            Ok(d) => d,
+            Err(_) => return,
+        }
+    };
+    let io = Prefixed::new(prefix, stream);
+    if detected.is_http() {
+        // Requests read the config current at their start, not this connection's.
+        drop(snap);
+        let info = Arc::new(ConnInfo {
+            client,
+            orig_dst,
+            redirected,
+        });
+        let sh = shared.clone();
+        serve_http(&shared, io, move |req| {
+            handle(sh.clone(), info.clone(), req)
+        })
+        .await;
+        return;
+    }
+    if !redirected && svc_port.is_none() {
+        // Local mode has no original destination for opaque bytes, unless a Service was given
+        // this listener's own address.
+        tracing::debug!(%client, "opaque connection in local mode; closing");
+        return;
+    }
+    tcp_outbound(&shared, io, orig_dst, svc_port.map(|(s, _)| s)).await;
+}
+
+async fn tcp_outbound(
+    shared: &Shared,
+    io: Prefixed<TcpStream>,
+    orig_dst: SocketAddr,
+    svc: Option<&OutboundService>,
+) {
+    let (addr, identities, dst_service): (SocketAddr, Arc<[String]>, Arc<str>) = match svc {
+        Some(s) => {
+            let eps = s
+                .port(orig_dst.port())
+                .map(|p| p.endpoints.as_slice())
+                .unwrap_or(&[]);
+            let addr = if eps.is_empty() {
+                orig_dst
+            } else {
+                eps[rand::random_range(0..eps.len())].address
+            };
+            (addr, s.identities.clone().into(), s.key().into())
+        }
+        None => (orig_dst, Arc::from(Vec::new()), "unknown".into()),
+    };
+    let labels = TcpLabels {
+        direction: Direction::Outbound.as_str(),
+        dst_service,
+        tls: !identities.is_empty(),
+    };
+    match shared
+        .pool
+        .connect(addr, &identities, Alpn::Tcp, None)
+        .await
+    {
+        Ok((upstream, _peer)) => tcp::splice(shared, io, upstream, labels).await,
+        Err(e) => tracing::debug!(error = %e, "outbound tcp connect failed"),
+    }
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    info: Arc<ConnInfo>,
+    mut req: Request<Incoming>,
+) -> Result<Response<crate::traffic::Body>, Infallible> {
+    let start = Instant::now();
+    let request_id = ensure_request_id(req.headers_mut());
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+
+    let method = req.method().clone();
+    let version = req.version();
+    // Copied out of the request only when an access log line will be written.
+    let (auth, path, trace) = if shared.access_log().is_some() {
+        (
+            authority(&req).unwrap_or("").to_owned(),
+            req.uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
+            trace_id(req.headers()).map(str::to_owned),
+        )
+    } else {
+        (String::new(), String::new(), None)
+    };
+
+    let snap = shared.config.borrow().clone();
+    // References into the snapshot this request started with: a reload publishes a new
+    // snapshot and never changes this one.
+    let route = snap.as_deref().and_then(|s| {
+        if info.redirected {
+            service_for_addr(&s.config, info.orig_dst).map(|svc| (svc, info.orig_dst.port()))
+        } else {
+            service_for_authority(&s.config, authority(&req).unwrap_or(""))
+        }
+    });
+    let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
+    let ctx = RequestCtx {
+        original_dst: info.orig_dst,
+        source_ip: info.client.ip(),
+    };
+    let (mut resp, dst_service, tls) = match route {
+        Some((svc, port)) => {
+            let resp = shared.dispatcher.dispatch(svc, port, req, &ctx).await;
+            (
+                resp,
+                Arc::<str>::from(svc.key()),
+                !svc.identities.is_empty(),
+            )
+        }
+        None if info.redirected => {
+            // Not a Service we know: pass it through, plaintext, to where the client meant.
+            let target = Target {
+                addr: info.orig_dst,
+                identities: Arc::from(Vec::new()),
+                protocol: Protocol::Auto,
+                connect_timeout: None,
+            };
+            let mut outcome = Outcome {
+                backend: String::new(),
+                endpoint: Some(info.orig_dst),
+                attempts: 1,
+                flags: Vec::new(),
+            };
+            let mut resp = match shared.pool.send(target, req).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "passthrough request failed");
+                    outcome.flags.push("UF");
+                    error_response(StatusCode::BAD_GATEWAY)
+                }
+            };
+            resp.extensions_mut().insert(outcome);
+            (resp, Arc::<str>::from("unknown"), false)
+        }
+        None => {
+            let mut resp = error_response(StatusCode::NOT_FOUND);
+            resp.extensions_mut().insert(Outcome {
+                flags: vec!["NR"],
+                ..Default::default()
+            });
+            (resp, Arc::<str>::from("unknown"), false)
+        }
+    };
+    if let Some(cu) = client_upgrade
+        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        spawn_tunnel(&shared, cu, &mut resp);
+    }
+    clean_response(&mut resp);
+    let peer = resp
+        .extensions()
+        .get::<PeerIdentity>()
+        .map(|p| p.0.clone())
+        .unwrap_or_else(|| Arc::from(""));
+    record(
+        &shared,
+        &Completed {
+            direction: Direction::Outbound,
+            start,
+            method: &method,
+            authority: &auth,
+            path: &path,
+            version,
+            request_id: request_id.to_str().unwrap_or(""),
+            trace_id: trace.as_deref(),
+            peer_identity: &peer,
+            dst_service: &dst_service,
+            tls,
+        },
+        &resp,
+    );
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CONFIG_VERSION, MeshSettings, ServicePort, Telemetry};
+
+    fn cfg() -> ProxyConfig {
+        ProxyConfig {
+            version: CONFIG_VERSION,
+            revision: String::new(),
+            namespace: "shop".into(),
+            mesh: MeshSettings {
+                trust_domain: "cluster.local".into(),
+                identity_endpoint: None,
+                telemetry: Telemetry::default(),
+                skip_detection_ports: vec![],
+                detect_timeout_ms: 100,
+            },
+            inbound: vec![],
+            outbound: vec![OutboundService {
+                name: "reviews".into(),
+                namespace: "shop".into(),
+                addresses: vec!["10.96.0.10".parse().unwrap()],
+                ports: vec![
+                    ServicePort {
+                        port: 9080,
+                        name: None,
+                        protocol: Protocol::Http1,
+                        endpoints: vec![],
+                    },
+                    ServicePort {
+                        port: 9443,
+                        name: None,
+                        protocol: Protocol::Auto,
+                        endpoints: vec![],
+                    },
+                ],
+                identities: vec![],
+                policy: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn routes_by_original_destination() {
+        let c = cfg();
+        assert!(service_for_addr(&c, "10.96.0.10:9080".parse().unwrap()).is_some());
+        assert!(service_for_addr(&c, "10.96.0.10:1234".parse().unwrap()).is_none());
+        assert!(service_for_addr(&c, "10.96.0.11:9080".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn routes_by_authority_in_local_mode() {
+        let c = cfg();
+        assert_eq!(service_for_authority(&c, "reviews").unwrap().1, 9080);
+        assert_eq!(
+            service_for_authority(&c, "reviews.shop:9443").unwrap().1,
+            9443
+        );
+        assert!(service_for_authority(&c, "reviews:1").is_none());
+        assert!(service_for_authority(&c, "ratings:9080").is_none());
+    }
+}

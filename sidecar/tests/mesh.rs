@@ -1,0 +1,441 @@
+//! Two in-process proxies talking mTLS on loopback, in local mode: the client sends to proxy
+//! A's outbound listener with the Service's name in `Host`; A routes to the Service's endpoint,
+//! which is proxy B's inbound listener; B terminates mTLS and forwards to a real upstream.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use trellis_proxy::config::{MtlsMode, Protocol};
+
+const PORT: u16 = 8080;
+
+/// Client proxy A ("web") and server proxy B ("backend") in front of `upstream`.
+async fn pair(
+    pki: &Pki,
+    upstream: std::net::SocketAddr,
+    protocol: Protocol,
+    expect: &str,
+) -> (TestProxy, TestProxy) {
+    let b = TestProxy::start(
+        pki,
+        &id("backend"),
+        &config("b1", inbound(MtlsMode::Strict), vec![]),
+        Some(upstream),
+    )
+    .await;
+    let a = TestProxy::start(
+        pki,
+        &id("web"),
+        &config(
+            "a1",
+            inbound(MtlsMode::Strict),
+            vec![service(
+                "backend",
+                PORT,
+                protocol,
+                b.running.inbound_addr,
+                vec![expect.to_string()],
+            )],
+        ),
+        None,
+    )
+    .await;
+    (a, b)
+}
+
+#[tokio::test]
+async fn http1_through_two_proxies_over_mtls() {
+    let pki = Pki::new("mesh");
+    let up = upstream(Speaks::Http1Only).await;
+    let (a, b) = pair(&pki, up, Protocol::Http1, &id("backend")).await;
+
+    let req = Request::builder()
+        .method("POST")
+        .uri("/echo?x=1")
+        .header("host", "backend.shop:8080")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .header("tracestate", "vendor=1")
+        .header("connection", "x-hop")
+        .header("x-hop", "secret")
+        .body(Full::new(Bytes::from_static(b"hello")))
+        .unwrap();
+    let (status, _, body) = h1_send(a.running.outbound_addr, req).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    let echo = echo_json(&body);
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["path"], "/echo");
+    assert_eq!(echo["bodyLen"], 5);
+    assert_eq!(echo["version"], "HTTP/1.1", "the app gets HTTP/1.1 back");
+    let h = &echo["headers"];
+    assert_eq!(h["host"], "backend.shop:8080");
+    assert_eq!(
+        h["traceparent"],
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+    assert_eq!(h["tracestate"], "vendor=1");
+    assert_eq!(h["x-request-id"].as_str().unwrap().len(), 36);
+    assert!(
+        h.get("x-hop").is_none(),
+        "Connection-named header forwarded"
+    );
+    assert!(h.get("trellis-orig-proto").is_none());
+
+    // Both sides saw the other's verified identity.
+    let ma = a.metrics().await;
+    assert_eq!(
+        metric_value(
+            &ma,
+            &[
+                "direction=\"outbound\"",
+                &format!("peer_identity=\"{}\"", id("backend")),
+                "dst_service=\"backend.shop\"",
+                "status_code=\"200\"",
+                "tls=\"true\""
+            ],
+            "trellis_proxy_requests_total"
+        ),
+        Some(1.0),
+        "{ma}"
+    );
+    let mb = b.metrics().await;
+    assert_eq!(
+        metric_value(
+            &mb,
+            &[
+                "direction=\"inbound\"",
+                &format!("peer_identity=\"{}\"", id("web")),
+                "tls=\"true\""
+            ],
+            "trellis_proxy_requests_total"
+        ),
+        Some(1.0),
+        "{mb}"
+    );
+
+    // An existing x-request-id passes through unchanged.
+    let mut req = get("backend.shop", "/echo");
+    req.headers_mut()
+        .insert("x-request-id", "my-id".parse().unwrap());
+    let (_, _, body) = h1_send(a.running.outbound_addr, req).await.unwrap();
+    assert_eq!(echo_json(&body)["headers"]["x-request-id"], "my-id");
+
+    // Unknown authority in local mode: no route.
+    let (status, _, _) = h1_send(a.running.outbound_addr, get("nope.shop", "/"))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn grpc_streaming_with_trailers_over_h2() {
+    let pki = Pki::new("mesh");
+    let up = upstream(Speaks::Http2Only).await;
+    let (a, _b) = pair(&pki, up, Protocol::Grpc, &id("backend")).await;
+
+    let tcp = TcpStream::connect(a.running.outbound_addr).await.unwrap();
+    let (mut sr, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
+    let req = Request::builder()
+        .method("POST")
+        .uri("http://backend.shop:8080/grpc")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(StreamBody::new(tokio_stream_from(rx)))
+        .unwrap();
+    let resp_fut = tokio::spawn(async move { sr.send_request(req).await });
+    // Stream: send one message, read its echo, then the next (proves streaming, not buffering).
+    tx.send(Ok(Frame::data(Bytes::from_static(b"one"))))
+        .await
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp_fut)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let f = body.frame().await.unwrap().unwrap();
+    assert_eq!(f.into_data().unwrap(), Bytes::from_static(b"one"));
+    tx.send(Ok(Frame::data(Bytes::from_static(b"two"))))
+        .await
+        .unwrap();
+    let f = body.frame().await.unwrap().unwrap();
+    assert_eq!(f.into_data().unwrap(), Bytes::from_static(b"two"));
+    drop(tx);
+    let mut trailers = None;
+    while let Some(f) = body.frame().await {
+        let f = f.unwrap();
+        if f.is_trailers() {
+            trailers = Some(f.into_trailers().unwrap());
+        }
+    }
+    let t = trailers.expect("trailers crossed both proxies");
+    assert_eq!(t["grpc-status"], "0");
+    assert_eq!(t["grpc-message"], "ok");
+}
+
+#[tokio::test]
+async fn h2_prior_knowledge_reaches_h2_app() {
+    let pki = Pki::new("mesh");
+    let up = upstream(Speaks::Both).await;
+    let (a, _b) = pair(&pki, up, Protocol::Auto, &id("backend")).await;
+    let tcp = TcpStream::connect(a.running.outbound_addr).await.unwrap();
+    let (mut sr, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("http://backend.shop:8080/echo")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sr.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let echo = echo_json(&body);
+    assert_eq!(echo["version"], "HTTP/2.0");
+    assert_eq!(echo["authority"], "backend.shop:8080");
+}
+
+#[tokio::test]
+async fn websocket_style_upgrade_is_tunnelled() {
+    let pki = Pki::new("mesh");
+    let up = upstream(Speaks::Http1Only).await;
+    let (a, _b) = pair(&pki, up, Protocol::Http1, &id("backend")).await;
+    let mut s = TcpStream::connect(a.running.outbound_addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: backend.shop:8080\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed during the 101");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: echo"),
+        "{head}"
+    );
+    for msg in [&b"ping"[..], b"second message"] {
+        s.write_all(msg).await.unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(buf, msg);
+    }
+}
+
+#[tokio::test]
+async fn wrong_spiffe_id_is_refused() {
+    let pki = Pki::new("mesh");
+    let up = upstream(Speaks::Both).await;
+    // A expects "payments", B presents "backend".
+    let (a, b) = pair(&pki, up, Protocol::Http1, &id("payments")).await;
+    let (status, _, _) = h1_send(a.running.outbound_addr, get("backend.shop", "/echo"))
+        .await
+        .unwrap();
+    // The traffic layer turns a failed connect into 502 or 503 (no endpoint left).
+    assert!(
+        status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE,
+        "{status}"
+    );
+    let mb = b.metrics().await;
+    assert_eq!(
+        metric_value(
+            &mb,
+            &["direction=\"inbound\""],
+            "trellis_proxy_requests_total"
+        ),
+        None,
+        "nothing reached B's application side: {mb}"
+    );
+}
+
+#[tokio::test]
+async fn peer_from_another_ca_is_refused() {
+    let pki = Pki::new("mesh");
+    let rogue = Pki::new("rogue");
+    let up = upstream(Speaks::Both).await;
+    let b = TestProxy::start(
+        &pki,
+        &id("backend"),
+        &config("b1", inbound(MtlsMode::Strict), vec![]),
+        Some(up),
+    )
+    .await;
+    // A holds a certificate with the right trust domain, signed by another CA.
+    let a = TestProxy::start(
+        &rogue,
+        &id("web"),
+        &config(
+            "a1",
+            inbound(MtlsMode::Strict),
+            vec![service(
+                "backend",
+                PORT,
+                Protocol::Http1,
+                b.running.inbound_addr,
+                vec![id("backend")],
+            )],
+        ),
+        None,
+    )
+    .await;
+    let (status, _, _) = h1_send(a.running.outbound_addr, get("backend.shop", "/echo"))
+        .await
+        .unwrap();
+    // The traffic layer turns a failed connect into 502 or 503 (no endpoint left).
+    assert!(
+        status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE,
+        "{status}"
+    );
+    let mb = b.metrics().await;
+    assert_eq!(
+        metric_value(
+            &mb,
+            &["reason=\"handshake\""],
+            "trellis_proxy_inbound_refused_total"
+        ),
+        Some(1.0),
+        "{mb}"
+    );
+}
+
+#[tokio::test]
+async fn plaintext_refused_under_strict_and_accepted_when_permissive() {
+    let pki = Pki::new("mesh");
+    let up = upstream(Speaks::Both).await;
+    let (_a, mut b) = pair(&pki, up, Protocol::Http1, &id("backend")).await;
+    let err = h1_send(b.running.inbound_addr, get("backend", "/echo")).await;
+    assert!(
+        err.is_err(),
+        "plaintext got an answer under Strict: {err:?}"
+    );
+    let mb = b.metrics().await;
+    assert_eq!(
+        metric_value(
+            &mb,
+            &["reason=\"plaintext\""],
+            "trellis_proxy_inbound_refused_total"
+        ),
+        Some(1.0),
+        "{mb}"
+    );
+
+    b.apply(&config("b2", inbound(MtlsMode::Permissive), vec![]))
+        .await;
+    let (status, _, body) = h1_send(b.running.inbound_addr, get("backend", "/echo"))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(echo_json(&body)["path"], "/echo");
+    let mb = b.metrics().await;
+    assert_eq!(
+        metric_value(
+            &mb,
+            &["direction=\"inbound\"", "tls=\"false\""],
+            "trellis_proxy_requests_total"
+        ),
+        Some(1.0),
+        "{mb}"
+    );
+}
+
+#[tokio::test]
+async fn opaque_tcp_through_both_proxies_over_mtls() {
+    let pki = Pki::new("mesh");
+    // A server-first TCP upstream: greets, then echoes.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                s.write_all(b"220 hello\r\n").await.unwrap();
+                let mut buf = [0u8; 256];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut b_cfg = config("b1", inbound(MtlsMode::Strict), vec![]);
+    b_cfg.mesh.skip_detection_ports = vec![up.port()];
+    let b = TestProxy::start(&pki, &id("db"), &b_cfg, Some(up)).await;
+    let mut a = TestProxy::start(
+        &pki,
+        &id("web"),
+        &config("a1", inbound(MtlsMode::Strict), vec![]),
+        None,
+    )
+    .await;
+    // Local mode has no SO_ORIGINAL_DST: declare a TCP Service whose address is A's outbound
+    // listener itself, so a plain connect() to it is routed like a redirected one.
+    let out = a.running.outbound_addr;
+    let mut svc = service(
+        "db",
+        out.port(),
+        Protocol::Tcp,
+        b.running.inbound_addr,
+        vec![id("db")],
+    );
+    svc.addresses = vec![out.ip()];
+    a.apply(&config("a2", inbound(MtlsMode::Strict), vec![svc]))
+        .await;
+
+    let mut s = TcpStream::connect(out).await.unwrap();
+    let mut greet = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut greet))
+        .await
+        .expect("server-first greeting must not wait for detection")
+        .unwrap();
+    assert_eq!(&greet, b"220 hello\r\n");
+    s.write_all(b"PING\r\n").await.unwrap();
+    let mut buf = [0u8; 6];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"PING\r\n");
+    drop(s);
+    // Bytes are recorded when the connection closes.
+    let mut ok = false;
+    for _ in 0..100 {
+        let mb = b.metrics().await;
+        if metric_value(
+            &mb,
+            &[
+                "direction=\"inbound\"",
+                "tls=\"true\"",
+                "flow=\"from_client\"",
+            ],
+            "trellis_proxy_tcp_transfer_bytes_total",
+        ) == Some(6.0)
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "{}", b.metrics().await);
+}
