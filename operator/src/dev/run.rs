@@ -38,6 +38,8 @@ pub struct Options {
     pub once: bool,
     /// The `trellis` binary (this one): run as `trellis proxy` and `trellis demo-service`.
     pub exe: PathBuf,
+    /// Where sidecars get their certificates.
+    pub credentials: creds::Mode,
 }
 
 /// Longest `--once` waits when no `--duration` bounds it.
@@ -161,7 +163,7 @@ struct LocalMesh {
     pod_procs: BTreeMap<String, PodProcs>,
     tokens: TokenAuthority,
     pod_tokens: BTreeMap<String, String>,
-    ca: Option<CertificateAuthority>,
+    ca: Option<std::sync::Arc<CertificateAuthority>>,
     /// The config each namespace's pods were last given.
     configs: BTreeMap<String, String>,
     status: Vec<String>,
@@ -280,7 +282,7 @@ impl LocalMesh {
     async fn start(&mut self) -> anyhow::Result<()> {
         let ca = control::new_ca(&self.params)?;
         std::fs::write(self.state_dir.join("ca.pem"), ca.roots_pem())?;
-        self.ca = Some(ca);
+        self.ca = Some(std::sync::Arc::new(ca));
         for pod in self.plan.pods.clone() {
             if pod.proxy.is_some() {
                 let token = self.tokens.mint(TokenOwner {
@@ -294,6 +296,7 @@ impl LocalMesh {
         }
         let ca = self.ca.as_ref().expect("CA created above");
         let (cred_args, cred_desc) = creds::start(creds::Inputs {
+            mode: self.opts.credentials,
             ca,
             plan: &self.plan,
             params: &self.params,
