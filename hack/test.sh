@@ -9,6 +9,11 @@ cd "$(dirname "$0")/.."
 # tests read the same variable.
 export TRELLIS_CACHE="${TRELLIS_CACHE:-${HOME:-/root}/.cache/trellis}"
 
+# A CI run builds from scratch once: incremental caches only cost time and disk there.
+if [ "${CI:-}" = true ]; then
+  export CARGO_INCREMENTAL=0
+fi
+
 bash hack/install-deps.sh
 
 cargo fmt --all -- --check
