@@ -127,10 +127,18 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
             "peerauthentication",
             run::<PeerAuthentication, _>(
                 Api::all(ctx.client.clone()),
-                ctx,
-                shutdown,
+                ctx.clone(),
+                shutdown.clone(),
                 peer_authentication_status,
             ),
+        ),
+        (
+            "ca",
+            Box::pin(crate::ca::controller::run(
+                ctx.client.clone(),
+                ctx.status.clone(),
+                shutdown,
+            )),
         ),
     ]
 }
@@ -218,6 +226,15 @@ pub fn mesh_status(mesh: &Mesh) -> MeshStatus {
             cond("Ready", false, "NotDefault", &msg, generation),
         ]
     };
+    // Conditions other controllers own (CAReady, ...) are kept as they are.
+    let mut conditions = conditions;
+    conditions.extend(
+        current
+            .conditions
+            .iter()
+            .filter(|c| c.type_ != "Accepted" && c.type_ != "Ready")
+            .cloned(),
+    );
     MeshStatus {
         conditions,
         observed_generation: generation,
@@ -292,6 +309,13 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(mesh_status(&m).proxies.unwrap().total, 3);
+        // The CA controller's condition survives this writer.
+        m.status.as_mut().unwrap().conditions = vec![cond("CAReady", true, "Ready", "", Some(4))];
+        assert!(
+            find(&mesh_status(&m).conditions, "CAReady")
+                .unwrap()
+                .is_true()
+        );
     }
 }
 
