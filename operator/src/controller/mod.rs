@@ -114,24 +114,20 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
                 mesh_status,
             ),
         ),
-        (
-            "trafficpolicy",
-            run::<TrafficPolicy, _>(
-                Api::all(ctx.client.clone()),
-                ctx.clone(),
-                shutdown.clone(),
-                traffic_policy_status,
-            ),
-        ),
-        (
-            "peerauthentication",
-            run::<PeerAuthentication, _>(
-                Api::all(ctx.client.clone()),
-                ctx,
-                shutdown,
-                peer_authentication_status,
-            ),
-        ),
+        // The compiler owns TrafficPolicy and PeerAuthentication status (Accepted, Programmed,
+        // Ready) and the Mesh's Programmed/Degraded conditions.
+        ("compile", {
+            let settings = crate::compiler::Settings {
+                root_namespace: ctx.namespace.clone(),
+                ..Default::default()
+            };
+            let (client, status) = (ctx.client.clone(), ctx.status.clone());
+            Box::pin(async move {
+                if let Err(e) = compile::run(client, settings, status, shutdown).await {
+                    tracing::error!(error = %e, "compile controller stopped");
+                }
+            })
+        }),
     ]
 }
 
@@ -204,7 +200,7 @@ fn cond(type_: &str, ok: bool, reason: &str, message: &str, generation: Option<i
 pub fn mesh_status(mesh: &Mesh) -> MeshStatus {
     let generation = mesh.metadata.generation;
     let current = mesh.status.clone().unwrap_or_default();
-    let conditions = if mesh.name_any() == MESH_NAME {
+    let mut conditions = if mesh.name_any() == MESH_NAME {
         vec![
             cond("Accepted", true, "Accepted", "", generation),
             cond("Ready", true, "Ready", "", generation),
@@ -218,6 +214,16 @@ pub fn mesh_status(mesh: &Mesh) -> MeshStatus {
             cond("Ready", false, "NotDefault", &msg, generation),
         ]
     };
+    // Conditions other controllers own (the compiler's Programmed and Degraded) are carried
+    // over like the fields below: the status writer replaces the whole list, and dropping them
+    // would make the two controllers rewrite each other's status forever.
+    conditions.extend(
+        current
+            .conditions
+            .iter()
+            .filter(|c| c.type_ != "Accepted" && c.type_ != "Ready")
+            .cloned(),
+    );
     MeshStatus {
         conditions,
         observed_generation: generation,
