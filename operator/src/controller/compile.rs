@@ -19,6 +19,7 @@ use kube::runtime::{WatchStreamExt, reflector::store::Writer};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::compile_apply::{
@@ -28,6 +29,7 @@ use crate::api::{MESH_NAME, Mesh, PeerAuthentication, TrafficPolicy};
 use crate::compiler::{
     self, CONFIGMAP_NAME, Output, PROXY_VERSION_ANNOTATION, Settings, SlimPod, Snapshot,
 };
+use crate::status::StatusWriter;
 
 /// How long changes are gathered before a recompile: a rollout touches hundreds of pods and
 /// slices within a second, and one compile for all of them is the point.
@@ -235,7 +237,7 @@ pub async fn reconcile_once(
         &out,
         &snapshot.traffic_policies,
         &snapshot.peer_authentications,
-        mesh,
+        snapshot.mesh.as_ref(),
         &now,
     );
     let (stats, errors) = applier.apply(&cms, &status, mesh).await;
@@ -256,8 +258,14 @@ pub async fn reconcile_once(
     (out, errors.is_empty())
 }
 
-/// Runs the compile controller until the future is dropped or the watches end.
-pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
+/// Runs the compile controller until `shutdown` fires (Lease lost, process stopping) or the
+/// watches end. Status goes through the shared [`StatusWriter`].
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    status: StatusWriter,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let (stores, changes) = watch_all(&client);
     // Any number of changes while a compile runs mean one more compile: a one-slot channel
     // that drops extra notifications is exactly that.
@@ -268,7 +276,10 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
             let _ = tx.try_send(());
         }
     }));
-    stores.wait_until_ready().await;
+    tokio::select! {
+        _ = stores.wait_until_ready() => {}
+        _ = shutdown.cancelled() => return Ok(()),
+    }
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -276,7 +287,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
             instance: std::env::var("POD_NAME").ok(),
         },
     );
-    let applier = Applier::new(client, Some(recorder));
+    let applier = Applier::new(client, status, Some(recorder));
     let mut previous: Option<Output> = None;
     loop {
         let (out, ok) = reconcile_once(&stores, &settings, &applier, previous.as_ref()).await;
@@ -285,8 +296,12 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
         tokio::select! {
             got = rx.recv() => if got.is_none() { break },
             _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return Ok(()),
         }
-        tokio::time::sleep(DEBOUNCE).await;
+        tokio::select! {
+            _ = tokio::time::sleep(DEBOUNCE) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
         // Changes during the debounce are covered by the compile that follows.
         while rx.try_recv().is_ok() {}
         if driver.is_finished() {

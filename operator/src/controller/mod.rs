@@ -115,31 +115,27 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
             ),
         ),
         (
-            "trafficpolicy",
-            run::<TrafficPolicy, _>(
-                Api::all(ctx.client.clone()),
-                ctx.clone(),
-                shutdown.clone(),
-                traffic_policy_status,
-            ),
-        ),
-        (
-            "peerauthentication",
-            run::<PeerAuthentication, _>(
-                Api::all(ctx.client.clone()),
-                ctx.clone(),
-                shutdown.clone(),
-                peer_authentication_status,
-            ),
-        ),
-        (
             "ca",
             Box::pin(crate::ca::controller::run(
                 ctx.client.clone(),
                 ctx.status.clone(),
-                shutdown,
+                shutdown.clone(),
             )),
         ),
+        // The compiler owns TrafficPolicy and PeerAuthentication status (Accepted, Programmed,
+        // Ready) and the Mesh's Programmed/Degraded conditions.
+        ("compile", {
+            let settings = crate::compiler::Settings {
+                root_namespace: ctx.namespace.clone(),
+                ..Default::default()
+            };
+            let (client, status) = (ctx.client.clone(), ctx.status.clone());
+            Box::pin(async move {
+                if let Err(e) = compile::run(client, settings, status, shutdown).await {
+                    tracing::error!(error = %e, "compile controller stopped");
+                }
+            })
+        }),
     ]
 }
 
@@ -212,7 +208,7 @@ fn cond(type_: &str, ok: bool, reason: &str, message: &str, generation: Option<i
 pub fn mesh_status(mesh: &Mesh) -> MeshStatus {
     let generation = mesh.metadata.generation;
     let current = mesh.status.clone().unwrap_or_default();
-    let conditions = if mesh.name_any() == MESH_NAME {
+    let mut conditions = if mesh.name_any() == MESH_NAME {
         vec![
             cond("Accepted", true, "Accepted", "", generation),
             cond("Ready", true, "Ready", "", generation),
@@ -226,8 +222,9 @@ pub fn mesh_status(mesh: &Mesh) -> MeshStatus {
             cond("Ready", false, "NotDefault", &msg, generation),
         ]
     };
-    // Conditions other controllers own (CAReady, ...) are kept as they are.
-    let mut conditions = conditions;
+    // Conditions other controllers own (CAReady from the CA controller, the compiler's
+    // Programmed and Degraded) are carried over: the status writer replaces the whole list, and
+    // dropping them would make the controllers rewrite each other's status forever.
     conditions.extend(
         current
             .conditions
