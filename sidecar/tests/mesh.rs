@@ -469,3 +469,19 @@ async fn inbound_rate_limit_applies_per_source_identity() {
         "{mb}"
     );
 }
+
+#[tokio::test]
+async fn local_mode_waits_for_a_client_that_speaks_late() {
+    let pki = Pki::new("mesh");
+    let up = upstream(Speaks::Both).await;
+    let (a, _b) = pair(&pki, up, Protocol::Http1, &id("backend")).await;
+    // Pre-connected pools speak long after connect (here 3x the 100 ms detection timeout).
+    let tcp = TcpStream::connect(a.running.outbound_addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut sr, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = sr.send_request(get("backend.shop", "/echo")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}

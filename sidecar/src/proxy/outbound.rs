@@ -63,6 +63,9 @@ pub fn service_for_authority<'a>(
     Some((svc, port))
 }
 
+/// Detection timeout for local-mode connections that can only be HTTP.
+const LOCAL_DETECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 struct ConnInfo {
     client: SocketAddr,
     orig_dst: SocketAddr,
@@ -83,10 +86,18 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr) {
     let opaque_port =
         shared.skips_detection(orig_dst.port()) || matches!(&svc_port, Some((_, Protocol::Tcp)));
     let mut stream = stream;
+    // Local mode without a TCP Service on this listener: only HTTP can go anywhere, so a client
+    // that connects early and speaks late (pre-connecting pools) is waited for instead of
+    // being closed as opaque after the short detection timeout.
+    let timeout = if !redirected && svc_port.is_none() {
+        LOCAL_DETECT_TIMEOUT
+    } else {
+        shared.detect_timeout()
+    };
     let (detected, prefix) = if opaque_port {
         (Detected::Opaque, bytes::Bytes::new())
     } else {
-        match detect(&mut stream, shared.detect_timeout()).await {
+        match detect(&mut stream, timeout).await {
             Ok(d) => d,
             Err(_) => return,
         }
