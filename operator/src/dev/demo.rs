@@ -133,6 +133,7 @@ pub fn main(args: Args) -> ExitCode {
         }
     };
     let result = rt.block_on(async {
+        tokio::spawn(exit_when_orphaned());
         match args.mode {
             Mode::Serve(a) => serve(a).await,
             Mode::Load(a) => load(a).await,
@@ -143,6 +144,19 @@ pub fn main(args: Args) -> ExitCode {
         Err(e) => {
             eprintln!("demo-service: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `trellis dev` stops its children itself; this covers the case where it cannot (it was
+/// SIGKILLed): a demo program whose parent is gone exits instead of running on unattended.
+async fn exit_when_orphaned() {
+    let parent = std::os::unix::process::parent_id();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if std::os::unix::process::parent_id() != parent {
+            eprintln!("demo-service: parent {parent} is gone; exiting");
+            std::process::exit(0);
         }
     }
 }
@@ -185,9 +199,41 @@ fn grpc_response(code: u32, msg: &str) -> Response<Body> {
 
 type HttpClient = Client<HttpConnector, Body>;
 
+/// Connects every request to one address, whatever its URI says. HTTP/2 carries the
+/// authority in the URI (`:authority`), not in a Host header, so a gRPC call to
+/// `reviews.shop:9081` through the sidecar needs that URI and this connector.
+#[derive(Clone)]
+struct FixedConnector(SocketAddr);
+
+impl tower::Service<http::Uri> for FixedConnector {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let addr = self.0;
+        Box::pin(async move {
+            let s =
+                tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            s.set_nodelay(true)?;
+            Ok(TokioIo::new(s))
+        })
+    }
+}
+
 struct Downstream {
     h1: HttpClient,
-    h2: HttpClient,
+    /// One HTTP/2 client (and connection pool) per address called.
+    h2: std::sync::Mutex<std::collections::HashMap<SocketAddr, Client<FixedConnector, Body>>>,
 }
 
 impl Downstream {
@@ -196,11 +242,22 @@ impl Downstream {
         conn.set_nodelay(true);
         conn.set_connect_timeout(Some(Duration::from_secs(2)));
         Downstream {
-            h1: Client::builder(TokioExecutor::new()).build(conn.clone()),
-            h2: Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .build(conn),
+            h1: Client::builder(TokioExecutor::new()).build(conn),
+            h2: Default::default(),
         }
+    }
+
+    fn h2_client(&self, to: SocketAddr) -> Client<FixedConnector, Body> {
+        self.h2
+            .lock()
+            .expect("client map poisoned")
+            .entry(to)
+            .or_insert_with(|| {
+                Client::builder(TokioExecutor::new())
+                    .http2_only(true)
+                    .build(FixedConnector(to))
+            })
+            .clone()
     }
 
     /// Sends one request to `to` with the call's Host and returns the outcome.
@@ -208,8 +265,7 @@ impl Downstream {
         let req = if call.grpc {
             Request::builder()
                 .method(Method::POST)
-                .uri(format!("http://{to}/trellis.demo.Demo/Call"))
-                .header("host", &call.authority)
+                .uri(format!("http://{}/trellis.demo.Demo/Call", call.authority))
                 .header("content-type", "application/grpc")
                 .header("te", "trailers")
                 .body(full(grpc_frame(b"ping")))
@@ -222,9 +278,12 @@ impl Downstream {
         let Ok(req) = req else {
             return Outcome::Error;
         };
-        let client = if call.grpc { &self.h2 } else { &self.h1 };
         let fut = async {
-            let resp = client.request(req).await?;
+            let resp = if call.grpc {
+                self.h2_client(to).request(req).await?
+            } else {
+                self.h1.request(req).await?
+            };
             let status = resp.status();
             let collected = resp.into_body().collect().await?;
             let grpc_status = collected
