@@ -266,14 +266,14 @@ fn init_logging(args: &RunArgs) {
 
 pub fn main(args: RunArgs) -> ExitCode {
     init_logging(&args);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        // A sidecar shares the pod's CPU with the application: two workers are enough for
-        // thousands of requests per second and keep idle memory small.
-        .worker_threads(2)
-        .thread_name("trellis-proxy")
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // A sidecar shares the pod's CPU with the application: two workers are enough for
+    // thousands of requests per second and keep idle memory small. tokio's own
+    // TOKIO_WORKER_THREADS overrides this (e.g. 1 for a pod with a one-CPU limit).
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(2);
+    }
+    let runtime = match builder.thread_name("trellis-proxy").enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");
