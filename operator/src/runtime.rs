@@ -315,7 +315,7 @@ pub type ExtraServer = (
 /// The servers every replica runs next to the admin server, whether or not it leads.
 pub fn replica_servers() -> Vec<ExtraServer> {
     // identity and webhook servers are started here by their modules
-    Vec::new()
+    vec![crate::identity::replica::server()]
 }
 
 /// Builds a client and proves the API server answers.

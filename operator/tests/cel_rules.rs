@@ -289,6 +289,14 @@ fn port_level_mtls_needs_a_selector_and_numeric_ports() {
         );
     }
     fail(pa(json!({"mtls": {"mode": "Optional"}})), "is not one of");
+    // Bounded so the API server's CEL cost estimate for the key rule stays within budget.
+    let many: serde_json::Map<String, Value> = (1..=17)
+        .map(|p| (p.to_string(), json!({"mode": "Disable"})))
+        .collect();
+    fail(
+        pa(json!({"selector": sel, "portLevelMtls": many})),
+        "more than 16 entries",
+    );
 }
 
 /// The duration rule embeds `trellis_operator::duration::PATTERN`; the parser must accept

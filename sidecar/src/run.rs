@@ -18,7 +18,7 @@ use crate::metrics::{Direction, Metrics};
 use crate::proxy::mtls::TlsCache;
 use crate::proxy::upstream::Pool;
 use crate::proxy::{Shared, accept_loop, http_builder};
-use crate::reload::Watcher;
+use crate::reload::{ConfigRx, Watcher};
 use crate::shutdown::Shutdown;
 use crate::traffic::{Dispatcher, InboundRateLimiter, TrafficMetrics};
 
@@ -121,6 +121,8 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub shutdown: Shutdown,
     pub metrics: Arc<Metrics>,
+    /// The config in force (for the identity client, which may take its endpoint from it).
+    pub config: ConfigRx,
 }
 
 impl Running {
@@ -178,7 +180,8 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
             };
             if !same {
                 // A changed limit starts with full buckets; an unchanged one keeps its state.
-                *slot = wanted.map(|w| Arc::new(InboundRateLimiter::new(w)));
+                *slot = wanted
+                    .map(|w| Arc::new(InboundRateLimiter::with_metrics(w, dispatcher.metrics())));
             }
         }));
     }
@@ -196,6 +199,7 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         admin_addr: addr(&admin_l),
         shutdown: shutdown.clone(),
         metrics: metrics.clone(),
+        config: config.clone(),
     };
 
     let shared = Arc::new(Shared {
@@ -249,8 +253,10 @@ async fn track_cert_expiry(mut creds: CredentialsRx, metrics: Arc<Metrics>) {
 fn init_logging(args: &RunArgs) {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Json => builder.json().init(),
@@ -276,6 +282,13 @@ pub fn main(args: RunArgs) -> ExitCode {
     };
     runtime.block_on(async move {
         let (creds_tx, creds_rx) = crate::creds::channel();
+        let running = match start(Options::from(&args), creds_rx).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                return ExitCode::from(64);
+            }
+        };
         match (&args.cert_file, &args.key_file) {
             (Some(cert), Some(key)) => {
                 tokio::spawn(crate::tls::watch_pem_files(
@@ -286,21 +299,15 @@ pub fn main(args: RunArgs) -> ExitCode {
                 ));
             }
             _ => {
-                // Issuance from the identity endpoint is wired by the identity work; until
-                // then the proxy is not ready without --cert-file/--key-file.
-                tracing::error!(
-                    "no --cert-file/--key-file: the identity endpoint client is not wired; the proxy will not become ready"
-                );
-                std::mem::forget(creds_tx);
+                tokio::spawn(identity_task(
+                    args.identity_endpoint.clone(),
+                    running.config.clone(),
+                    args.dir.clone(),
+                    creds_tx,
+                    running.shutdown.token(),
+                ));
             }
         }
-        let running = match start(Options::from(&args), creds_rx).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start");
-                return ExitCode::from(64);
-            }
-        };
         let sd = running.shutdown.clone();
         tokio::spawn(async move {
             crate::shutdown::signal().await;
@@ -310,6 +317,37 @@ pub fn main(args: RunArgs) -> ExitCode {
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// Runs the identity client against `--identity-endpoint`, or the config's
+/// `mesh.identityEndpoint` once a config names one. The proxy stays not-ready until then.
+async fn identity_task(
+    flag: Option<String>,
+    mut config: ConfigRx,
+    dir: PathBuf,
+    tx: crate::creds::CredentialsTx,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let endpoint = match flag {
+        Some(e) => e,
+        None => loop {
+            let from_config = config
+                .borrow_and_update()
+                .as_ref()
+                .and_then(|s| s.config.mesh.identity_endpoint.clone());
+            if let Some(e) = from_config {
+                break e;
+            }
+            tracing::info!("waiting for an identity endpoint (flag or config)");
+            tokio::select! {
+                r = config.changed() => if r.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+        },
+    };
+    if let Err(e) = crate::identity::run_identity_client(endpoint, dir, tx, stop).await {
+        tracing::error!(error = %e, "identity client stopped; the proxy will not become ready");
+    }
 }
 
 #[cfg(test)]

@@ -439,3 +439,49 @@ async fn opaque_tcp_through_both_proxies_over_mtls() {
     }
     assert!(ok, "{}", b.metrics().await);
 }
+
+#[tokio::test]
+async fn inbound_rate_limit_applies_per_source_identity() {
+    let pki = Pki::new("mesh");
+    let up = upstream(Speaks::Both).await;
+    let (a, mut b) = pair(&pki, up, Protocol::Http1, &id("backend")).await;
+    let mut pol = inbound(MtlsMode::Strict);
+    pol[0].rate_limit = Some(trellis_proxy::config::RateLimit {
+        requests_per_second: 0.01,
+        burst: 2,
+    });
+    b.apply(&config("b2", pol, vec![])).await;
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let (s, h, _) = h1_send(a.running.outbound_addr, get("backend.shop", "/echo"))
+            .await
+            .unwrap();
+        if s == StatusCode::TOO_MANY_REQUESTS {
+            assert!(h.contains_key("retry-after"));
+        }
+        statuses.push(s.as_u16());
+    }
+    assert_eq!(statuses, vec![200, 200, 429]);
+    let mb = b.metrics().await;
+    assert_eq!(
+        metric_value(&mb, &[], "trellis_proxy_traffic_inbound_rate_limited_total"),
+        Some(1.0),
+        "{mb}"
+    );
+}
+
+#[tokio::test]
+async fn local_mode_waits_for_a_client_that_speaks_late() {
+    let pki = Pki::new("mesh");
+    let up = upstream(Speaks::Both).await;
+    let (a, _b) = pair(&pki, up, Protocol::Http1, &id("backend")).await;
+    // Pre-connected pools speak long after connect (here 3x the 100 ms detection timeout).
+    let tcp = TcpStream::connect(a.running.outbound_addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut sr, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = sr.send_request(get("backend.shop", "/echo")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}

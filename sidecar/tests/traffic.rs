@@ -910,3 +910,40 @@ async fn exhausted_retries_are_flagged_urx() {
     assert_eq!(a.outcome.flags, vec!["URX"]);
     assert_eq!(s.hits(), 3);
 }
+
+/// A push-style discovery source: its view changes without a config reload.
+struct Pushed(std::sync::Mutex<Vec<std::net::SocketAddr>>);
+
+impl trellis_proxy::traffic::Discover for Pushed {
+    fn endpoints(&self, _svc: &OutboundService, _port: &ServicePort) -> Vec<Endpoint> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .map(endpoint)
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn discovery_source_changes_apply_without_a_reload() {
+    let first = serve(|_| Reply::Ok).await;
+    let second = serve(|_| Reply::Ok).await;
+    let source = Arc::new(Pushed(std::sync::Mutex::new(vec![first.addr])));
+    let d = Dispatcher::with_parts(
+        Arc::new(PlainUpstream::default()),
+        source.clone(),
+        TrafficMetrics::new(),
+    );
+    // The config lists no endpoints; discovery supplies them.
+    let svc = service("pushed", &[], Protocol::Http1, None);
+    d.update(&config(vec![svc.clone()]));
+    assert_eq!(send(&d, &svc, get()).await.port(), first.addr.port());
+    *source.0.lock().unwrap() = vec![second.addr];
+    d.refresh_endpoints();
+    for _ in 0..5 {
+        assert_eq!(send(&d, &svc, get()).await.port(), second.addr.port());
+    }
+    assert_eq!(first.hits(), 1);
+}

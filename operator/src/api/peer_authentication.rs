@@ -37,10 +37,10 @@ pub struct PeerAuthenticationSpec {
     /// mTLS mode of the selected workloads.
     #[serde(default)]
     pub mtls: MtlsSpec,
-    /// Per container-port mode overrides, keyed by container port number (`"8080"`). Only allowed
-    /// with a `selector`.
+    /// Per container-port mode overrides, keyed by container port number (`"8080"`), at most 16.
+    /// Only allowed with a `selector`.
     #[serde(default)]
-    #[schemars(extend("maxProperties" = 64))]
+    #[schemars(extend("maxProperties" = 16))]
     #[x_kube(validation = Rule::new("self.all(k, k.size() <= 5 && k.matches('^[0-9]+$') && int(k) >= 1 && int(k) <= 65535)")
         .message("portLevelMtls keys must be port numbers 1 to 65535"))]
     pub port_level_mtls: BTreeMap<String, MtlsSpec>,

@@ -4,6 +4,8 @@
 //! ([`reconcile`]).
 
 pub mod authority;
+pub mod controller;
+pub mod reconcile;
 
 pub mod serving;
 

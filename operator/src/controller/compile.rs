@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use futures::{Stream, StreamExt, stream::BoxStream};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, PodSpec, PodStatus, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -19,13 +19,17 @@ use kube::runtime::{WatchStreamExt, reflector::store::Writer};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::compile_apply::{
     Applier, MANAGED_BY, MANAGED_BY_LABEL, plan_configmaps, plan_status, strip_configmap,
 };
 use crate::api::{MESH_NAME, Mesh, PeerAuthentication, TrafficPolicy};
-use crate::compiler::{self, CONFIGMAP_NAME, Output, PROXY_VERSION_ANNOTATION, Settings, Snapshot};
+use crate::compiler::{
+    self, CONFIGMAP_NAME, Output, PROXY_VERSION_ANNOTATION, Settings, SlimPod, Snapshot,
+};
+use crate::status::StatusWriter;
 
 /// How long changes are gathered before a recompile: a rollout touches hundreds of pods and
 /// slices within a second, and one compile for all of them is the point.
@@ -52,7 +56,7 @@ pub struct Stores {
     pub namespaces: Store<Namespace>,
     pub services: Store<Service>,
     pub endpoint_slices: Store<EndpointSlice>,
-    pub pods: Store<Pod>,
+    pub pods: Store<SlimPod>,
     pub configmaps: Store<ConfigMap>,
 }
 
@@ -88,9 +92,9 @@ impl Stores {
     }
 }
 
-/// Keeps only what the compiler reads of a pod: a pod object is kilobytes, the compiler needs
-/// its name, labels, service account, IPs and whether it has a sidecar.
-pub fn strip_pod(pod: &mut Pod) {
+/// Drops what the compiler does not read from a cached pod's metadata (the spec and status
+/// are already slim, see [`SlimPod`]).
+pub fn strip_pod(pod: &mut SlimPod) {
     let meta = &mut pod.metadata;
     meta.managed_fields = None;
     meta.owner_references = None;
@@ -99,25 +103,6 @@ pub fn strip_pod(pod: &mut Pod) {
     if let Some(a) = meta.annotations.as_mut() {
         a.retain(|k, _| k == PROXY_VERSION_ANNOTATION);
     }
-    let sa = pod.spec.as_ref().and_then(|s| {
-        s.service_account_name
-            .clone()
-            .or_else(|| s.service_account.clone())
-    });
-    pod.spec = Some(PodSpec {
-        service_account_name: sa,
-        ..Default::default()
-    });
-    let (ip, ips) = pod
-        .status
-        .as_ref()
-        .map(|s| (s.pod_ip.clone(), s.pod_ips.clone()))
-        .unwrap_or_default();
-    pod.status = Some(PodStatus {
-        pod_ip: ip,
-        pod_ips: ips,
-        ..Default::default()
-    });
 }
 
 fn strip_meta<K: Resource>(obj: &mut K) {
@@ -208,7 +193,7 @@ pub fn watch_all(client: &Client) -> (Stores, impl Stream<Item = ()> + Send + 's
             w_slice,
             strip_meta,
         ),
-        watch(Api::<Pod>::all(client.clone()), cfg(), w_pod, strip_pod),
+        watch(Api::<SlimPod>::all(client.clone()), cfg(), w_pod, strip_pod),
         watch(
             Api::<ConfigMap>::all(client.clone()),
             cfg()
@@ -241,7 +226,7 @@ pub async fn reconcile_once(
 ) -> (Output, bool) {
     let snapshot = stores.snapshot(settings);
     let started = std::time::Instant::now();
-    let out = compiler::compile_incremental(&snapshot, previous);
+    let out = compiler::compile(&snapshot);
     for p in &out.problems {
         tracing::warn!(problem = %p, "skipped a malformed object");
     }
@@ -252,12 +237,13 @@ pub async fn reconcile_once(
         &out,
         &snapshot.traffic_policies,
         &snapshot.peer_authentications,
-        mesh,
+        snapshot.mesh.as_ref(),
         &now,
     );
     let (stats, errors) = applier.apply(&cms, &status, mesh).await;
+    let changed = previous.map(|p| out.changed_since(p).len());
     tracing::info!(
-        rendered = out.rendered,
+        changed_namespaces = changed,
         configs = out.configs.len(),
         applied = stats.applied,
         deleted = stats.deleted,
@@ -272,8 +258,14 @@ pub async fn reconcile_once(
     (out, errors.is_empty())
 }
 
-/// Runs the compile controller until the future is dropped or the watches end.
-pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
+/// Runs the compile controller until `shutdown` fires (Lease lost, process stopping) or the
+/// watches end. Status goes through the shared [`StatusWriter`].
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    status: StatusWriter,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let (stores, changes) = watch_all(&client);
     // Any number of changes while a compile runs mean one more compile: a one-slot channel
     // that drops extra notifications is exactly that.
@@ -284,7 +276,10 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
             let _ = tx.try_send(());
         }
     }));
-    stores.wait_until_ready().await;
+    tokio::select! {
+        _ = stores.wait_until_ready() => {}
+        _ = shutdown.cancelled() => return Ok(()),
+    }
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -292,7 +287,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
             instance: std::env::var("POD_NAME").ok(),
         },
     );
-    let applier = Applier::new(client, Some(recorder));
+    let applier = Applier::new(client, status, Some(recorder));
     let mut previous: Option<Output> = None;
     loop {
         let (out, ok) = reconcile_once(&stores, &settings, &applier, previous.as_ref()).await;
@@ -301,8 +296,12 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
         tokio::select! {
             got = rx.recv() => if got.is_none() { break },
             _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return Ok(()),
         }
-        tokio::time::sleep(DEBOUNCE).await;
+        tokio::select! {
+            _ = tokio::time::sleep(DEBOUNCE) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
         // Changes during the debounce are covered by the compile that follows.
         while rx.try_recv().is_ok() {}
         if driver.is_finished() {

@@ -5,14 +5,11 @@
 //!   these objects) of `trellis-proxy` in every namespace whose observed `config.json` differs
 //!   from the desired one; DELETE of operator-managed `trellis-proxy` ConfigMaps in namespaces
 //!   that left the mesh. A namespace whose config was refused (too large) is left alone.
-//! - Status: a JSON merge patch of `status` on every TrafficPolicy/PeerAuthentication whose
-//!   conditions changed (equal conditions keep `lastTransitionTime`, so a recompile with the same
-//!   result patches nothing), and of the Mesh's `Programmed`/`Degraded` conditions, keeping the
-//!   conditions other reconcilers own and guarded by `resourceVersion`.
+//! - Status: through the one [`StatusWriter`] (server-side apply of `/status`), for every
+//!   TrafficPolicy/PeerAuthentication whose conditions changed (equal conditions keep
+//!   `lastTransitionTime`, so a recompile with the same result writes nothing), and for the
+//!   Mesh's `Programmed`/`Degraded` conditions, keeping the conditions other reconcilers own.
 //! - Events on condition transitions.
-//!
-//! Status patches live here because the foundation's single status writer (`status.rs`) was not
-//! on `main` when this was written; [`plan_status`] is the pure part it can take over.
 //!
 //! Every decision is a pure `plan_*` function; [`Applier::apply`] only executes the plan, so the
 //! plans are tested with plain tests and the HTTP exchanges with `tower_test`.
@@ -27,15 +24,23 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::api::conditions::{Condition, ConditionStatus, merge_conditions};
-use crate::api::{FIELD_MANAGER, Mesh, PeerAuthentication, TrafficPolicy};
-use crate::compiler::{CONFIG_KEY, CONFIGMAP_NAME, ObjectKey, Output, RenderedConfig, digest};
+use crate::api::{
+    FIELD_MANAGER, Mesh, MeshStatus, PeerAuthentication, PeerAuthenticationStatus, TrafficPolicy,
+    TrafficPolicyStatus,
+};
+use crate::compiler::{CONFIG_KEY, CONFIGMAP_NAME, NamespaceConfig, ObjectKey, Output, digest};
+use crate::status::{self, Outcome, StatusWriter};
 
 /// Label on every object the operator owns.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Its value.
 pub const MANAGED_BY: &str = "trellis-operator";
-/// Annotation with the config's revision, for humans and `kubectl get -o yaml`.
+/// Annotation with the config's revision (a content hash): equal revisions mean equal desired
+/// text, so the applier compares revisions instead of rendering every namespace.
 pub const REVISION_ANNOTATION: &str = "trellis.dev/revision";
+/// Annotation with the SHA-256 of the `config.json` written: data edited behind the operator's
+/// back no longer matches it and is rewritten.
+pub const DIGEST_ANNOTATION: &str = "trellis.dev/config-digest";
 /// Key the controller's ConfigMap cache keeps instead of `config.json` (see
 /// [`strip_configmap`]).
 pub const DIGEST_KEY: &str = "config.json.sha256";
@@ -57,13 +62,8 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
-    #[error("patching status of {kind} {name}: {source}")]
-    Status {
-        kind: &'static str,
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error(transparent)]
+    Status(#[from] status::Error),
 }
 
 impl Error {
@@ -72,7 +72,7 @@ impl Error {
         match self {
             Error::Apply { .. } => "apply",
             Error::Delete { .. } => "delete",
-            Error::Status { .. } => "status",
+            Error::Status(_) => "status",
         }
     }
 }
@@ -98,11 +98,11 @@ pub fn observed_digest(cm: &ConfigMap) -> Option<String> {
 }
 
 /// One ConfigMap call.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum ConfigMapAction {
     Apply {
         namespace: String,
-        config: Arc<RenderedConfig>,
+        config: Arc<NamespaceConfig>,
     },
     Delete {
         namespace: String,
@@ -138,8 +138,11 @@ pub fn plan_configmaps(
     let mut actions = Vec::new();
     for (ns, config) in &out.configs {
         let current = by_ns.get(ns.as_str()).is_some_and(|cm| {
+            let annotations = cm.annotations();
             is_managed(cm)
-                && observed_digest(cm).as_deref() == Some(config.digest.as_str())
+                && annotations.get(REVISION_ANNOTATION).map(String::as_str)
+                    == Some(config.revision())
+                && observed_digest(cm).as_ref() == annotations.get(DIGEST_ANNOTATION)
                 && owner_uid(cm) == mesh_uid
         });
         if !current {
@@ -159,10 +162,11 @@ pub fn plan_configmaps(
     actions
 }
 
-/// The server-side apply body of a namespace's `trellis-proxy` ConfigMap.
+/// The server-side apply body of a namespace's `trellis-proxy` ConfigMap holding `config_json`.
 pub fn configmap_body(
     namespace: &str,
-    config: &RenderedConfig,
+    revision: &str,
+    config_json: &str,
     mesh: Option<&Mesh>,
 ) -> serde_json::Value {
     let mut metadata = json!({
@@ -172,7 +176,10 @@ pub fn configmap_body(
             MANAGED_BY_LABEL: MANAGED_BY,
             "app.kubernetes.io/part-of": "trellis",
         },
-        "annotations": { REVISION_ANNOTATION: config.revision },
+        "annotations": {
+            REVISION_ANNOTATION: revision,
+            DIGEST_ANNOTATION: digest(config_json),
+        },
     });
     if let Some(uid) = mesh.and_then(|m| m.metadata.uid.as_deref()) {
         // Deleting the Mesh garbage-collects every config it produced.
@@ -187,26 +194,24 @@ pub fn configmap_body(
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata,
-        "data": { CONFIG_KEY: config.json },
+        "data": { CONFIG_KEY: config_json },
     })
 }
 
-/// Which CR a status patch is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StatusKind {
-    TrafficPolicy,
-    PeerAuthentication,
-    Mesh,
+/// A status to write, with what the API server is told.
+#[derive(Clone, Debug)]
+pub enum StatusTarget {
+    TrafficPolicy(Arc<TrafficPolicy>, TrafficPolicyStatus),
+    PeerAuthentication(Arc<PeerAuthentication>, PeerAuthenticationStatus),
+    Mesh(Arc<Mesh>, MeshStatus),
 }
 
-/// One status patch, with the transitions it makes (for Events).
-#[derive(Clone, Debug, PartialEq)]
-pub struct StatusPatch {
-    pub kind: StatusKind,
-    /// Namespace is empty for the Mesh.
+/// One status write, with the transitions it makes (for Events).
+#[derive(Clone, Debug)]
+pub struct StatusUpdate {
+    pub target: StatusTarget,
+    /// `namespace/name` (namespace empty for the Mesh).
     pub key: ObjectKey,
-    /// JSON merge patch body.
-    pub body: serde_json::Value,
     pub transitions: Vec<Condition>,
     pub reference: ObjectReference,
 }
@@ -224,118 +229,128 @@ fn transitions(existing: &[Condition], merged: &[Condition]) -> Vec<Condition> {
         .collect()
 }
 
-fn plan_one<K>(
-    kind: StatusKind,
-    obj: &K,
+/// Whether writing `desired` conditions (merged as the status writer merges them) and
+/// generation would change what the object reports.
+fn differs(
     existing: &[Condition],
     observed_generation: Option<i64>,
     desired: &[Condition],
+    generation: Option<i64>,
     now: &str,
-) -> Option<StatusPatch>
-where
-    K: Resource<DynamicType = ()>,
-{
-    let merged = merge_conditions(existing, desired.to_vec(), now);
-    let generation = obj.meta().generation;
-    if merged == existing && observed_generation == generation {
-        return None;
-    }
-    Some(StatusPatch {
-        kind,
-        key: ObjectKey::new(obj.namespace().unwrap_or_default(), obj.name_any()),
-        body: json!({ "status": { "conditions": merged, "observedGeneration": generation } }),
-        transitions: transitions(existing, &merged),
-        reference: obj.object_ref(&()),
-    })
+) -> bool {
+    merge_conditions(existing, desired.to_vec(), now) != existing
+        || observed_generation != generation
 }
 
-/// The status patches that bring every CR's conditions to `out`'s, skipping those that would
-/// change nothing.
+/// The status writes that bring every CR's conditions to `out`'s, skipping those that would
+/// change nothing (the [`StatusWriter`] skips them too; planning them away keeps the plan an
+/// honest list of requests).
 pub fn plan_status(
     out: &Output,
     traffic_policies: &[Arc<TrafficPolicy>],
     peer_authentications: &[Arc<PeerAuthentication>],
-    mesh: Option<&Mesh>,
+    mesh: Option<&Arc<Mesh>>,
     now: &str,
-) -> Vec<StatusPatch> {
-    let mut patches = Vec::new();
+) -> Vec<StatusUpdate> {
+    let mut updates = Vec::new();
     for tp in traffic_policies {
         let key = ObjectKey::new(tp.namespace().unwrap_or_default(), tp.name_any());
         let Some(desired) = out.traffic_policies.get(&key) else {
             continue;
         };
-        let status = tp.status.clone().unwrap_or_default();
-        patches.extend(plan_one(
-            StatusKind::TrafficPolicy,
-            tp.as_ref(),
-            &status.conditions,
-            status.observed_generation,
+        let current = tp.status.clone().unwrap_or_default();
+        let generation = tp.metadata.generation;
+        if !differs(
+            &current.conditions,
+            current.observed_generation,
             desired,
+            generation,
             now,
-        ));
+        ) {
+            continue;
+        }
+        updates.push(StatusUpdate {
+            transitions: transitions(&current.conditions, desired),
+            reference: tp.object_ref(&()),
+            key,
+            target: StatusTarget::TrafficPolicy(
+                tp.clone(),
+                TrafficPolicyStatus {
+                    conditions: desired.clone(),
+                    observed_generation: generation,
+                },
+            ),
+        });
     }
     for pa in peer_authentications {
         let key = ObjectKey::new(pa.namespace().unwrap_or_default(), pa.name_any());
         let Some(desired) = out.peer_authentications.get(&key) else {
             continue;
         };
-        let status = pa.status.clone().unwrap_or_default();
-        patches.extend(plan_one(
-            StatusKind::PeerAuthentication,
-            pa.as_ref(),
-            &status.conditions,
-            status.observed_generation,
+        let current = pa.status.clone().unwrap_or_default();
+        let generation = pa.metadata.generation;
+        if !differs(
+            &current.conditions,
+            current.observed_generation,
             desired,
+            generation,
             now,
-        ));
+        ) {
+            continue;
+        }
+        updates.push(StatusUpdate {
+            transitions: transitions(&current.conditions, desired),
+            reference: pa.object_ref(&()),
+            key,
+            target: StatusTarget::PeerAuthentication(
+                pa.clone(),
+                PeerAuthenticationStatus {
+                    conditions: desired.clone(),
+                    observed_generation: generation,
+                },
+            ),
+        });
     }
     if let Some(mesh) = mesh {
-        let existing = mesh
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
+        let current = mesh.status.clone().unwrap_or_default();
+        let existing = &current.conditions;
         let mine: Vec<Condition> = existing
             .iter()
             .filter(|c| MESH_CONDITION_TYPES.contains(&c.type_.as_str()))
             .cloned()
             .collect();
-        let merged_mine = merge_conditions(&mine, out.mesh.clone(), now);
         // Keep the others' conditions where they are; replace ours in place; append new ones.
         let mut all: Vec<Condition> = existing
             .iter()
             .map(|c| {
-                merged_mine
+                out.mesh
                     .iter()
                     .find(|m| m.type_ == c.type_)
                     .cloned()
                     .unwrap_or_else(|| c.clone())
             })
             .collect();
-        for m in &merged_mine {
+        for m in &out.mesh {
             if !all.iter().any(|c| c.type_ == m.type_) {
                 all.push(m.clone());
             }
         }
-        if all != existing {
-            patches.push(StatusPatch {
-                kind: StatusKind::Mesh,
-                key: ObjectKey::new("", mesh.name_any()),
-                body: match mesh.resource_version() {
-                    // A precondition: another reconciler may have just written its conditions,
-                    // which this list would otherwise drop. A 409 is retried next pass.
-                    Some(rv) => json!({
-                        "metadata": { "resourceVersion": rv },
-                        "status": { "conditions": all },
-                    }),
-                    None => json!({ "status": { "conditions": all } }),
-                },
-                transitions: transitions(&mine, &merged_mine),
+        if merge_conditions(existing, all.clone(), now) != *existing {
+            updates.push(StatusUpdate {
+                transitions: transitions(&mine, &out.mesh),
                 reference: mesh.object_ref(&()),
+                key: ObjectKey::new("", mesh.name_any()),
+                target: StatusTarget::Mesh(
+                    mesh.clone(),
+                    MeshStatus {
+                        conditions: all,
+                        ..current
+                    },
+                ),
             });
         }
     }
-    patches
+    updates
 }
 
 /// What one [`Applier::apply`] did.
@@ -350,13 +365,18 @@ pub struct Stats {
 /// Executes plans against the API server.
 pub struct Applier {
     client: Client,
+    status: StatusWriter,
     recorder: Option<Recorder>,
 }
 
 impl Applier {
     /// `recorder` publishes Events on condition transitions; `None` disables them.
-    pub fn new(client: Client, recorder: Option<Recorder>) -> Self {
-        Self { client, recorder }
+    pub fn new(client: Client, status: StatusWriter, recorder: Option<Recorder>) -> Self {
+        Self {
+            client,
+            status,
+            recorder,
+        }
     }
 
     /// Executes the ConfigMap plan, then the status plan. Every call is attempted even when one
@@ -364,7 +384,7 @@ impl Applier {
     pub async fn apply(
         &self,
         configmaps: &[ConfigMapAction],
-        status: &[StatusPatch],
+        status: &[StatusUpdate],
         mesh: Option<&Mesh>,
     ) -> (Stats, Vec<Error>) {
         let mut stats = Stats::default();
@@ -374,7 +394,9 @@ impl Applier {
             match action {
                 ConfigMapAction::Apply { namespace, config } => {
                     let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
-                    let body = configmap_body(namespace, config, mesh);
+                    // Rendered only now, and only for the namespaces being written.
+                    let json = config.render();
+                    let body = configmap_body(namespace, config.revision(), &json, mesh);
                     match api.patch(CONFIGMAP_NAME, &ssa, &Patch::Apply(&body)).await {
                         Ok(_) => stats.applied += 1,
                         Err(source) => errors.push(Error::Apply {
@@ -397,45 +419,28 @@ impl Applier {
                 }
             }
         }
-        let merge = PatchParams::default();
-        for p in status {
-            let patch = Patch::Merge(&p.body);
-            let (kind, result) = match p.kind {
-                StatusKind::TrafficPolicy => (
-                    "TrafficPolicy",
-                    Api::<TrafficPolicy>::namespaced(self.client.clone(), &p.key.namespace)
-                        .patch_status(&p.key.name, &merge, &patch)
-                        .await
-                        .map(|_| ()),
-                ),
-                StatusKind::PeerAuthentication => (
-                    "PeerAuthentication",
-                    Api::<PeerAuthentication>::namespaced(self.client.clone(), &p.key.namespace)
-                        .patch_status(&p.key.name, &merge, &patch)
-                        .await
-                        .map(|_| ()),
-                ),
-                StatusKind::Mesh => (
-                    "Mesh",
-                    Api::<Mesh>::all(self.client.clone())
-                        .patch_status(&p.key.name, &merge, &patch)
-                        .await
-                        .map(|_| ()),
-                ),
+        for u in status {
+            let result = match &u.target {
+                StatusTarget::TrafficPolicy(obj, s) => {
+                    self.status.apply(obj.as_ref(), s.clone()).await
+                }
+                StatusTarget::PeerAuthentication(obj, s) => {
+                    self.status.apply(obj.as_ref(), s.clone()).await
+                }
+                StatusTarget::Mesh(obj, s) => self.status.apply(obj.as_ref(), s.clone()).await,
             };
             match result {
-                Ok(()) => stats.status_patches += 1,
-                Err(source) => {
-                    errors.push(Error::Status {
-                        kind,
-                        name: p.key.to_string(),
-                        source,
-                    });
+                Ok(Outcome::Patched) => stats.status_patches += 1,
+                Ok(Outcome::Unchanged) => continue,
+                // Deleted since the snapshot: nothing to report on.
+                Err(status::Error::Gone { .. }) => continue,
+                Err(e) => {
+                    errors.push(Error::Status(e));
                     continue;
                 }
             }
             if let Some(recorder) = &self.recorder {
-                for t in &p.transitions {
+                for t in &u.transitions {
                     let ev = Event {
                         type_: if t.is_true() {
                             EventType::Normal
@@ -447,11 +452,11 @@ impl Applier {
                         action: format!("Compile{}", t.type_),
                         secondary: None,
                     };
-                    match recorder.publish(&ev, &p.reference).await {
+                    match recorder.publish(&ev, &u.reference).await {
                         Ok(()) => stats.events += 1,
                         // An Event is best effort: losing one must not fail the reconcile.
                         Err(e) => {
-                            tracing::warn!(error = %e, object = %p.key, "event not published")
+                            tracing::warn!(error = %e, object = %u.key, "event not published")
                         }
                     }
                 }

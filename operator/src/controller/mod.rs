@@ -115,23 +115,27 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
             ),
         ),
         (
-            "trafficpolicy",
-            run::<TrafficPolicy, _>(
-                Api::all(ctx.client.clone()),
-                ctx.clone(),
+            "ca",
+            Box::pin(crate::ca::controller::run(
+                ctx.client.clone(),
+                ctx.status.clone(),
                 shutdown.clone(),
-                traffic_policy_status,
-            ),
+            )),
         ),
-        (
-            "peerauthentication",
-            run::<PeerAuthentication, _>(
-                Api::all(ctx.client.clone()),
-                ctx,
-                shutdown,
-                peer_authentication_status,
-            ),
-        ),
+        // The compiler owns TrafficPolicy and PeerAuthentication status (Accepted, Programmed,
+        // Ready) and the Mesh's Programmed/Degraded conditions.
+        ("compile", {
+            let settings = crate::compiler::Settings {
+                root_namespace: ctx.namespace.clone(),
+                ..Default::default()
+            };
+            let (client, status) = (ctx.client.clone(), ctx.status.clone());
+            Box::pin(async move {
+                if let Err(e) = compile::run(client, settings, status, shutdown).await {
+                    tracing::error!(error = %e, "compile controller stopped");
+                }
+            })
+        }),
     ]
 }
 
@@ -204,7 +208,7 @@ fn cond(type_: &str, ok: bool, reason: &str, message: &str, generation: Option<i
 pub fn mesh_status(mesh: &Mesh) -> MeshStatus {
     let generation = mesh.metadata.generation;
     let current = mesh.status.clone().unwrap_or_default();
-    let conditions = if mesh.name_any() == MESH_NAME {
+    let mut conditions = if mesh.name_any() == MESH_NAME {
         vec![
             cond("Accepted", true, "Accepted", "", generation),
             cond("Ready", true, "Ready", "", generation),
@@ -218,6 +222,16 @@ pub fn mesh_status(mesh: &Mesh) -> MeshStatus {
             cond("Ready", false, "NotDefault", &msg, generation),
         ]
     };
+    // Conditions other controllers own (CAReady from the CA controller, the compiler's
+    // Programmed and Degraded) are carried over: the status writer replaces the whole list, and
+    // dropping them would make the controllers rewrite each other's status forever.
+    conditions.extend(
+        current
+            .conditions
+            .iter()
+            .filter(|c| c.type_ != "Accepted" && c.type_ != "Ready")
+            .cloned(),
+    );
     MeshStatus {
         conditions,
         observed_generation: generation,
@@ -292,5 +306,152 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(mesh_status(&m).proxies.unwrap().total, 3);
+        // The CA controller's condition survives this writer.
+        m.status.as_mut().unwrap().conditions = vec![cond("CAReady", true, "Ready", "", Some(4))];
+        assert!(
+            find(&mesh_status(&m).conditions, "CAReady")
+                .unwrap()
+                .is_true()
+        );
+    }
+}
+
+/// The controllers' wiring against recorded API exchanges: a list answers with objects, the
+/// watch stays open, and the reconcile must write the expected status through the status
+/// writer.
+#[cfg(test)]
+mod wiring_tests {
+    use std::time::Duration;
+
+    use http::{Method, Request, Response};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn context() -> (Arc<Context>, Handle, Registry) {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "default");
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::register(&mut registry));
+        let ctx = Arc::new(Context {
+            client: client.clone(),
+            status: StatusWriter::with_clock(client, Arc::new(|| "2026-11-25T12:00:00Z".into())),
+            namespace: "trellis-system".into(),
+            metrics,
+        });
+        (ctx, handle, registry)
+    }
+
+    /// Serves list and watch requests for `list_path` and returns the first status patch body.
+    async fn first_status_patch(
+        mut handle: Handle,
+        list_path: &str,
+        list: Value,
+    ) -> (String, Value) {
+        let mut open_watches = Vec::new();
+        loop {
+            let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+                .await
+                .expect("no status patch within 5s")
+                .expect("client gone");
+            let path = req.uri().path().to_string();
+            let query = req.uri().query().unwrap_or_default().to_string();
+            match *req.method() {
+                Method::GET if path == list_path && query.contains("watch=true") => {
+                    // Keep the watch open and silent.
+                    open_watches.push(send);
+                }
+                Method::GET if path == list_path => send.send_response(
+                    Response::builder()
+                        .body(Body::from(serde_json::to_vec(&list).unwrap()))
+                        .unwrap(),
+                ),
+                Method::PATCH if path.ends_with("/status") => {
+                    assert!(query.contains("fieldManager=trellis-operator"), "{query}");
+                    let body: Value =
+                        serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap())
+                            .unwrap();
+                    // Answer like the API server: the whole object with the new status.
+                    let mut object = list["items"][0].clone();
+                    object["status"] = body["status"].clone();
+                    send.send_response(
+                        Response::builder()
+                            .body(Body::from(serde_json::to_vec(&object).unwrap()))
+                            .unwrap(),
+                    );
+                    return (path, body);
+                }
+                ref m => panic!("unexpected request {m} {path}?{query}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_mesh_not_named_default_is_reported_not_default() {
+        let (ctx, handle, registry) = context();
+        let shutdown = CancellationToken::new();
+        let mesh = json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "Mesh",
+            "metadata": {"name": "prod", "generation": 2, "resourceVersion": "7", "uid": "u1"},
+            "spec": {}});
+        let list = json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "MeshList",
+            "metadata": {"resourceVersion": "7"}, "items": [mesh]});
+        let controller = tokio::spawn(run::<Mesh, _>(
+            Api::all(ctx.client.clone()),
+            ctx.clone(),
+            shutdown.clone(),
+            mesh_status,
+        ));
+        let (path, body) =
+            first_status_patch(handle, "/apis/trellis.dev/v1alpha1/meshes", list).await;
+        assert_eq!(path, "/apis/trellis.dev/v1alpha1/meshes/prod/status");
+        assert_eq!(body["status"]["observedGeneration"], 2);
+        let accepted = &body["status"]["conditions"][0];
+        assert_eq!(accepted["type"], "Accepted");
+        assert_eq!(accepted["status"], "False");
+        assert_eq!(accepted["reason"], "NotDefault");
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), controller)
+            .await
+            .expect("controller stops on shutdown")
+            .unwrap();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(r#"reconciles_total{controller="Mesh",result="ok"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_traffic_policy_is_reported_accepted() {
+        let (ctx, handle, _registry) = context();
+        let shutdown = CancellationToken::new();
+        let tp = json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "TrafficPolicy",
+            "metadata": {"name": "web", "namespace": "shop", "generation": 1, "resourceVersion": "3", "uid": "u2"},
+            "spec": {"targetRef": {"kind": "Service", "name": "web"}}});
+        let list = json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "TrafficPolicyList",
+            "metadata": {"resourceVersion": "3"}, "items": [tp]});
+        let controller = tokio::spawn(run::<TrafficPolicy, _>(
+            Api::all(ctx.client.clone()),
+            ctx,
+            shutdown.clone(),
+            traffic_policy_status,
+        ));
+        let (path, body) =
+            first_status_patch(handle, "/apis/trellis.dev/v1alpha1/trafficpolicies", list).await;
+        assert_eq!(
+            path,
+            "/apis/trellis.dev/v1alpha1/namespaces/shop/trafficpolicies/web/status"
+        );
+        assert_eq!(body["status"]["conditions"][0]["status"], "True");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), controller)
+            .await
+            .expect("controller stops on shutdown")
+            .unwrap();
     }
 }

@@ -11,6 +11,7 @@
 //! (429 when empty). Every issuance is logged on the `trellis::audit` target (SPIFFE ID, pod,
 //! serial, notAfter; never the token) and counted in the metrics.
 
+pub mod replica;
 pub mod review;
 pub mod server;
 

@@ -240,7 +240,6 @@ async fn handle(
         l.check(source).err()
     });
     if let Some(wait) = limited {
-        shared.dispatcher.metrics().inbound_rate_limited.inc();
         let mut resp = rate_limited_response(wait);
         resp.extensions_mut().insert(Outcome {
             flags: vec!["RL"],

@@ -63,6 +63,9 @@ pub fn service_for_authority<'a>(
     Some((svc, port))
 }
 
+/// Detection timeout for local-mode connections that can only be HTTP.
+const LOCAL_DETECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 struct ConnInfo {
     client: SocketAddr,
     orig_dst: SocketAddr,
@@ -83,10 +86,18 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr) {
     let opaque_port =
         shared.skips_detection(orig_dst.port()) || matches!(&svc_port, Some((_, Protocol::Tcp)));
     let mut stream = stream;
+    // Local mode without a TCP Service on this listener: only HTTP can go anywhere, so a client
+    // that connects early and speaks late (pre-connecting pools) is waited for instead of
+    // being closed as opaque after the short detection timeout.
+    let timeout = if !redirected && svc_port.is_none() {
+        LOCAL_DETECT_TIMEOUT
+    } else {
+        shared.detect_timeout()
+    };
     let (detected, prefix) = if opaque_port {
         (Detected::Opaque, bytes::Bytes::new())
     } else {
-        match detect(&mut stream, shared.detect_timeout()).await {
+        match detect(&mut stream, timeout).await {
             Ok(d) => d,
             Err(_) => return,
         }
@@ -113,43 +124,69 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr) {
         tracing::debug!(%client, "opaque connection in local mode; closing");
         return;
     }
-    tcp_outbound(&shared, io, orig_dst, svc_port.map(|(s, _)| s)).await;
+    tcp_outbound(&shared, io, orig_dst, client, svc_port.map(|(s, _)| s)).await;
 }
 
 async fn tcp_outbound(
     shared: &Shared,
     io: Prefixed<TcpStream>,
     orig_dst: SocketAddr,
+    client: SocketAddr,
     svc: Option<&OutboundService>,
 ) {
-    let (addr, identities, dst_service): (SocketAddr, Arc<[String]>, Arc<str>) = match svc {
-        Some(s) => {
-            let eps = s
-                .port(orig_dst.port())
-                .map(|p| p.endpoints.as_slice())
-                .unwrap_or(&[]);
-            let addr = if eps.is_empty() {
-                orig_dst
-            } else {
-                eps[rand::random_range(0..eps.len())].address
-            };
-            (addr, s.identities.clone().into(), s.key().into())
-        }
-        None => (orig_dst, Arc::from(Vec::new()), "unknown".into()),
-    };
+    // The traffic layer picks the endpoint per connection (balancer, ejection, split,
+    // maxConnections, rate limit); holding `conn` counts the connection until it closes.
+    let mut conn = None;
+    let (addr, identities, dst_service, timeout): (SocketAddr, Arc<[String]>, Arc<str>, _) =
+        match svc {
+            Some(s) => {
+                let ctx = RequestCtx {
+                    original_dst: orig_dst,
+                    source_ip: client.ip(),
+                };
+                let t = match shared.dispatcher.pick_tcp(s, orig_dst.port(), &ctx) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "outbound tcp refused by traffic policy");
+                        return;
+                    }
+                };
+                let picked = (
+                    t.target.addr,
+                    t.target.identities.clone(),
+                    s.key().into(),
+                    t.target.connect_timeout,
+                );
+                conn = Some(t);
+                picked
+            }
+            None => (orig_dst, Arc::from(Vec::new()), "unknown".into(), None),
+        };
     let labels = TcpLabels {
         direction: Direction::Outbound.as_str(),
         dst_service,
         tls: !identities.is_empty(),
     };
+    let started = Instant::now();
     match shared
         .pool
-        .connect(addr, &identities, Alpn::Tcp, None)
+        .connect(addr, &identities, Alpn::Tcp, timeout)
         .await
     {
-        Ok((upstream, _peer)) => tcp::splice(shared, io, upstream, labels).await,
-        Err(e) => tracing::debug!(error = %e, "outbound tcp connect failed"),
+        Ok((upstream, _peer)) => {
+            if let Some(t) = &conn {
+                t.connected(Ok(started.elapsed()));
+            }
+            tcp::splice(shared, io, upstream, labels).await
+        }
+        Err(e) => {
+            if let Some(t) = &conn {
+                t.connected(Err(()));
+            }
+            tracing::debug!(error = %e, "outbound tcp connect failed")
+        }
     }
+    drop(conn);
 }
 
 async fn handle(

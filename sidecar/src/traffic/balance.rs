@@ -264,4 +264,24 @@ mod tests {
             assert_eq!(second, r.lookup(h, |i| i != first).unwrap());
         }
     }
+
+    proptest::proptest! {
+        /// Removing an endpoint moves exactly the keys it owned; nothing else changes owner.
+        #[test]
+        fn removal_moves_only_the_removed_endpoints_keys(n in 2u16..24, gone in 0usize..24, seed in 0u64..1000) {
+            let before = addrs(n);
+            let gone = gone % before.len();
+            let mut after = before.clone();
+            after.remove(gone);
+            let (r1, r2) = (Ring::new(&before), Ring::new(&after));
+            for k in 0..300u64 {
+                let h = hash_bytes(&(seed * 1000 + k).to_be_bytes());
+                let a = before[r1.lookup(h, |_| true).unwrap()];
+                let b = after[r2.lookup(h, |_| true).unwrap()];
+                if a != before[gone] {
+                    proptest::prop_assert_eq!(a, b);
+                }
+            }
+        }
+    }
 }

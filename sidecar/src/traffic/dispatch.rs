@@ -235,16 +235,19 @@ impl Dispatcher {
     /// Applies a new config (call on every reload). Requests in flight keep the state they
     /// started with; kept endpoints keep their statistics; removed endpoints drain.
     pub fn update(&self, cfg: &ProxyConfig) {
+        // Held across the rebuild so concurrent updates apply one after the other, each
+        // carrying over the state of the previous table.
+        let mut last = self.config.lock().expect("config lock");
         let cfg = Arc::new(cfg.clone());
         self.rebuild(&cfg);
-        *self.config.lock().expect("config lock") = Some(cfg);
+        *last = Some(cfg);
     }
 
     /// Rebuilds endpoint sets from the last config, for a discovery source whose view changed.
     pub fn refresh_endpoints(&self) {
-        let cfg = self.config.lock().expect("config lock").clone();
-        if let Some(cfg) = cfg {
-            self.rebuild(&cfg);
+        let last = self.config.lock().expect("config lock");
+        if let Some(cfg) = last.as_ref() {
+            self.rebuild(cfg);
         }
     }
 
@@ -569,6 +572,88 @@ impl Dispatcher {
     }
 }
 
+/// Why an opaque TCP connection was refused before connecting.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpRefused {
+    #[error("local rate limit reached; retry in {0:?}")]
+    RateLimited(Duration),
+    #[error("circuit breaker: too many connections to {backend}")]
+    Overflow { backend: String },
+}
+
+/// The endpoint chosen for one opaque TCP connection. Holding it counts the connection (for
+/// least-request/P2C load and `maxConnections`); drop it when the connection closes.
+pub struct TcpTarget {
+    pub target: Target,
+    /// `name.namespace` of the backend Service (after a split).
+    pub backend: String,
+    dest: Arc<Destination>,
+    idx: Option<usize>,
+    _inflight: Option<InflightGuard>,
+    _active: ActiveGuard,
+}
+
+impl TcpTarget {
+    /// Reports how connecting went: a failure counts toward ejection; the connect time feeds
+    /// the latency estimate.
+    pub fn connected(&self, result: Result<Duration, ()>) {
+        let Some(i) = self.idx else {
+            return;
+        };
+        match result {
+            Ok(took) => {
+                self.dest.endpoints.eps[i].observe_rtt(took, Instant::now());
+                self.dest.record(i, Class::Success);
+            }
+            Err(()) => self.dest.record(i, Class::Connect),
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Picks the endpoint for an opaque TCP connection to `service:port`, applying the policy
+    /// that makes sense per connection: rate limit (one token per connection), split,
+    /// `maxConnections`, balancing and ejection. The core connects to `target` and reports with
+    /// [`TcpTarget::connected`]; on failure it may pick again.
+    pub fn pick_tcp(
+        &self,
+        service: &OutboundService,
+        port: u16,
+        ctx: &RequestCtx,
+    ) -> Result<TcpTarget, TcpRefused> {
+        let route = self.route(service, port);
+        if let Some(rl) = &route.rate_limit
+            && let Err(wait) = rl.try_acquire()
+        {
+            route.dest.metrics.rate_limited.inc();
+            return Err(TcpRefused::RateLimited(wait));
+        }
+        let dest = route.pick_backend().clone();
+        dest.metrics.requests.inc();
+        let active = dest.admit().map_err(|o| {
+            let mut outcome = Outcome::default();
+            dest.overflow(o, &mut outcome);
+            TcpRefused::Overflow {
+                backend: dest.key.to_string(),
+            }
+        })?;
+        let hash = match (&dest.lb, &dest.hash_key) {
+            (LbAlgorithm::ConsistentHash, Some(HashKey::SourceIp)) => Some(hash_ip(ctx.source_ip)),
+            _ => None,
+        };
+        let (target, idx) = dest.pick(&[], hash, ctx);
+        let inflight = idx.map(|i| dest.endpoints.eps[i].start());
+        Ok(TcpTarget {
+            target,
+            backend: dest.key.to_string(),
+            idx,
+            _inflight: inflight,
+            _active: active,
+            dest,
+        })
+    }
+}
+
 fn classify(res: &Result<Response<Body>, (UpstreamError, bool)>) -> Class {
     match res {
         Ok(r) => {
@@ -657,8 +742,10 @@ impl Destination {
         // Each HTTP/1 request in flight holds one connection, so capping concurrent requests
         // caps connections. HTTP/2 multiplexes on one connection per endpoint; the limit is also
         // passed to the core in `ConnectionParams`.
-        if matches!(self.protocol, Protocol::Http1 | Protocol::Auto)
-            && self.limits.max_connections.is_some_and(|m| n > m)
+        if matches!(
+            self.protocol,
+            Protocol::Http1 | Protocol::Auto | Protocol::Tcp
+        ) && self.limits.max_connections.is_some_and(|m| n > m)
         {
             return Err(Overflow::Connections);
         }
@@ -846,4 +933,97 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(on: &[RetryOn]) -> RetryPolicy {
+        let r = crate::config::Retries {
+            attempts: 3,
+            per_try_timeout_ms: None,
+            retry_on: on.to_vec(),
+            status_codes: vec![409],
+            grpc_codes: vec![14],
+            backoff_base_ms: 10,
+            backoff_max_ms: 40,
+            budget_percent: 20.0,
+            min_retries_per_second: 10,
+            retry_non_idempotent: false,
+        };
+        let svc = OutboundService {
+            name: "a".into(),
+            namespace: "b".into(),
+            addresses: vec![],
+            ports: vec![],
+            identities: vec![],
+            policy: Some(TrafficPolicy {
+                retries: Some(r),
+                ..Default::default()
+            }),
+        };
+        let metrics = TrafficMetrics::new();
+        let dest = Arc::new(Destination {
+            key: Arc::from("b.a"),
+            protocol: Protocol::Http1,
+            identities: Arc::from(Vec::new()),
+            endpoints: EndpointSet::new(Vec::new(), false),
+            lb: LbAlgorithm::RoundRobin,
+            hash_key: None,
+            limits: CircuitBreaker::default(),
+            outlier: None,
+            connect_timeout: None,
+            conn_params: None,
+            counters: Default::default(),
+            rr: AtomicUsize::new(0),
+            metrics: metrics.for_backend("b.a"),
+        });
+        build_route(dest, svc.policy.as_ref(), Vec::new(), 0, None)
+            .retries
+            .unwrap()
+    }
+
+    #[test]
+    fn retry_conditions_by_class_and_method_safety() {
+        use RetryOn::*;
+        let gw = policy(&[GatewayError]);
+        assert!(gw.retriable(Class::Status(503), true, false));
+        assert!(!gw.retriable(Class::Status(500), true, false));
+        assert!(!gw.retriable(Class::Status(503), false, false), "POST");
+        assert!(gw.retriable(Class::Timeout, true, false));
+        assert!(!gw.retriable(Class::Connect, true, false));
+        let all = policy(&[
+            ConnectFailure,
+            Reset,
+            ServerError,
+            RetriableStatusCodes,
+            GrpcStatus,
+        ]);
+        assert!(
+            all.retriable(Class::Connect, false, false),
+            "never sent: safe"
+        );
+        assert!(all.retriable(Class::Status(500), true, false));
+        assert!(all.retriable(Class::Status(409), true, false));
+        assert!(!all.retriable(Class::Status(404), true, false));
+        assert!(!all.retriable(Class::Reset, false, false));
+        assert!(
+            all.retriable(Class::Grpc(14), false, true),
+            "listed gRPC code on a POST"
+        );
+        assert!(!all.retriable(Class::Grpc(3), false, true));
+        assert!(!all.retriable(Class::Success, true, false));
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_an_exponential_cap() {
+        let p = policy(&[]);
+        for retry in 1..6u32 {
+            let cap = Duration::from_millis((10u64 << (retry - 1)).min(40));
+            let max = (0..200).map(|_| p.backoff(retry)).max().unwrap();
+            assert!(max <= cap, "retry {retry}: {max:?} > {cap:?}");
+            assert!(max > cap / 2, "jitter spans the range: {max:?} of {cap:?}");
+        }
+    }
 }

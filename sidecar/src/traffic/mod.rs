@@ -6,6 +6,29 @@
 //! decision about *which* address and *whether/when* to send, through [`Dispatcher`]. Keeping
 //! the two apart lets the policy logic be tested against real upstream servers without the
 //! listeners, and lets the core change its pooling without touching policy.
+//!
+//! What the core does with it:
+//! - builds one [`Dispatcher`] (`Dispatcher::new_with_metrics` with a [`TrafficMetrics`]
+//!   registered in its registry) and calls [`Dispatcher::update`] with every config it applies;
+//! - calls [`Dispatcher::dispatch`] for every outbound HTTP request and reads the [`Outcome`]
+//!   from the response extensions for access logs and metrics;
+//! - honours [`ConnectionParams`] (idle timeout, max connections per endpoint) found in the
+//!   extensions of each request its [`Upstream`] receives, and [`Target::connect_timeout`];
+//! - inbound, keeps an [`InboundRateLimiter`] per `InboundPolicy.rate_limit` and answers
+//!   [`rate_limited_response`] when [`InboundRateLimiter::check`] refuses a source identity.
+//!
+//! Pipeline per request: local rate limit (429 `RL`) → weighted split (picks the backend
+//! Service, [`Outcome::backend`]) → circuit breaker (503 `UO`, never a queue) → endpoint pick
+//! (balancer, skipping ejected endpoints and those a retry already tried) → attempt under the
+//! per-try timeout → classify (status, trailers-only `grpc-status`, error kind) → outlier
+//! detection → retry (conditions, idempotency, replayable body, budget, jittered backoff) or
+//! answer. The whole pipeline runs under the request timeout (504 `UT`). Decisions are made on
+//! response headers only, so nothing is retried once the response has started to stream.
+//!
+//! Policy split: the requested Service's policy decides timeouts, retries, the rate limit and
+//! the split; the backend Service's own policy decides balancing, circuit breaking and outlier
+//! detection (a Service's endpoints behave the same whoever routes to them). Splits are one level
+//! deep.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -30,7 +53,7 @@ mod plain;
 pub use balance::{Ring, VNODES, hash_bytes};
 pub use body::MAX_REPLAY_BYTES;
 pub use discover::{Discover, InlineEndpoints};
-pub use dispatch::{Dispatcher, EndpointStats};
+pub use dispatch::{Dispatcher, EndpointStats, TcpRefused, TcpTarget};
 pub use endpoint::{EWMA_DECAY, EWMA_DEFAULT_RTT};
 pub use limit::{BUDGET_TTL, InboundRateLimiter, RetryBudget, TokenBucket, rate_limited_response};
 pub use metrics::TrafficMetrics;

@@ -1,0 +1,205 @@
+//! Runs the CA reconcile against the cluster (leader only), and keeps every replica's issuer
+//! in step with the CA Secret.
+//!
+//! Both loops are level-triggered polls: each pass reads the few objects involved and acts on
+//! the difference. The CA changes on a scale of minutes (rotation stages) and a newly meshed
+//! namespace gets its bundle within one period, so a [`PERIOD`] poll keeps the code small
+//! (no watches to restart) at the cost of a handful of GETs per period.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use kube::api::ListParams;
+use kube::{Api, Client};
+use tokio_util::sync::CancellationToken;
+
+use super::reconcile::{
+    self, CA_READY, CA_SECRET, CaState, OPERATOR_NAMESPACE, Observed, ReconcileError,
+};
+use super::{IssuerState, IssuerTx};
+use crate::api::{MESH_NAME, Mesh, MeshStatus};
+use crate::status::StatusWriter;
+
+/// How often the loops look again when nothing asks for sooner.
+pub const PERIOD: Duration = Duration::from_secs(10);
+
+/// The issuer a replica serves with, from the CA Secret the leader maintains.
+pub fn issuer_from(mesh: Option<&Mesh>, secret: &Secret) -> Result<IssuerState, ReconcileError> {
+    let state = CaState::from_secret(secret)?;
+    let spec = mesh.map(|m| m.spec.clone()).unwrap_or_default();
+    Ok(IssuerState {
+        trust_bundle_pem: state.bundle_pem(),
+        ca: state.active,
+        trust_domain: spec.trust_domain,
+        workload_ttl: crate::duration::parse(&spec.workload_cert_ttl)?,
+    })
+}
+
+/// Every replica: publishes the issuer from the CA Secret on `tx` until `shutdown`.
+pub async fn follow_issuer(client: Client, tx: IssuerTx, shutdown: CancellationToken) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let meshes: Api<Mesh> = Api::all(client);
+    let mut last_seen: Option<(Option<String>, Option<String>)> = None;
+    loop {
+        match (
+            secrets.get_opt(CA_SECRET).await,
+            meshes.get_opt(MESH_NAME).await,
+        ) {
+            (Ok(Some(secret)), Ok(mesh)) => {
+                let seen = (
+                    secret.metadata.resource_version.clone(),
+                    mesh.as_ref()
+                        .and_then(|m| m.metadata.resource_version.clone()),
+                );
+                if last_seen.as_ref() != Some(&seen) {
+                    match issuer_from(mesh.as_ref(), &secret) {
+                        Ok(issuer) => {
+                            tracing::info!(root = %issuer.ca.fingerprint(), "identity issuer updated");
+                            tx.send_replace(Some(Arc::new(issuer)));
+                            last_seen = Some(seen);
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "CA Secret unusable; keeping the current issuer")
+                        }
+                    }
+                }
+            }
+            (Ok(None), _) => tracing::debug!("no CA Secret yet"),
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::warn!(%error, "reading the CA Secret or Mesh failed")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PERIOD) => {}
+        }
+    }
+}
+
+/// Why one pass of the CA controller failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+    #[error(transparent)]
+    Reconcile(#[from] ReconcileError),
+    #[error(transparent)]
+    Status(#[from] crate::status::Error),
+}
+
+/// One pass: observe, reconcile, apply, report. Returns when to look again.
+pub async fn reconcile_once(
+    client: &Client,
+    status: &StatusWriter,
+) -> Result<Duration, ControllerError> {
+    let Some(mesh) = Api::<Mesh>::all(client.clone()).get_opt(MESH_NAME).await? else {
+        // Without the Mesh nothing is configured; the install creates it.
+        return Ok(PERIOD);
+    };
+    let ca_secret = Api::<Secret>::namespaced(client.clone(), OPERATOR_NAMESPACE)
+        .get_opt(CA_SECRET)
+        .await?;
+    let user_secret = match &mesh.spec.ca.secret_ref {
+        Some(r) => {
+            Api::<Secret>::namespaced(
+                client.clone(),
+                r.namespace.as_deref().unwrap_or(OPERATOR_NAMESPACE),
+            )
+            .get_opt(&r.name)
+            .await?
+        }
+        None => None,
+    };
+    let namespaces = Api::<Namespace>::all(client.clone())
+        .list(&ListParams::default())
+        .await?;
+    let snapshot = crate::compiler::Snapshot {
+        mesh: Some(Arc::new(mesh.clone())),
+        namespaces: namespaces.items.into_iter().map(Arc::new).collect(),
+        ..Default::default()
+    };
+    let meshed: Vec<String> = crate::compiler::meshed_namespaces(&snapshot)
+        .into_iter()
+        .collect();
+    let bundles: Vec<ConfigMap> = Api::<ConfigMap>::all(client.clone())
+        .list(&ListParams::default().labels("trellis.dev/component=trust-bundle"))
+        .await?
+        .items;
+    let desired = reconcile::reconcile(&Observed {
+        mesh: &mesh,
+        ca_secret: ca_secret.as_ref(),
+        user_secret: user_secret.as_ref(),
+        meshed_namespaces: &meshed,
+        bundles: &bundles,
+        now: SystemTime::now(),
+    });
+    reconcile::apply(client, &desired).await?;
+    // Report CAReady and the CA fields; keep every other condition and field as they are.
+    let current = mesh.status.clone().unwrap_or_default();
+    let mut conditions: Vec<_> = current
+        .conditions
+        .iter()
+        .filter(|c| c.type_ != CA_READY)
+        .cloned()
+        .collect();
+    conditions.push(desired.condition.clone());
+    let new_status = MeshStatus {
+        conditions,
+        ca: desired.ca_status.clone().or(current.ca.clone()),
+        ..current
+    };
+    status.apply(&mesh, new_status).await?;
+    Ok(desired.requeue_after.unwrap_or(PERIOD).min(PERIOD))
+}
+
+/// The leader's CA controller: [`reconcile_once`] every [`PERIOD`] (or sooner when a rotation
+/// stage is due) until `shutdown`.
+pub async fn run(client: Client, status: StatusWriter, shutdown: CancellationToken) {
+    loop {
+        let wait = match reconcile_once(&client, &status).await {
+            Ok(wait) => wait,
+            Err(error) => {
+                tracing::warn!(%error, "CA reconcile failed; retrying");
+                PERIOD
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait.max(Duration::from_secs(1))) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::MeshSpec;
+
+    #[test]
+    fn replicas_build_their_issuer_from_the_secret() {
+        let mut mesh = Mesh::new("default", MeshSpec::default());
+        mesh.spec.workload_cert_ttl = "2h".into();
+        mesh.spec.trust_domain = "prod.example".into();
+        let d = reconcile::reconcile(&Observed {
+            mesh: &mesh,
+            ca_secret: None,
+            user_secret: None,
+            meshed_namespaces: &[],
+            bundles: &[],
+            now: SystemTime::now(),
+        });
+        let secret = d.ca_secret.unwrap();
+        let issuer = issuer_from(Some(&mesh), &secret).unwrap();
+        assert_eq!(
+            issuer.ca.fingerprint(),
+            d.issuer.as_ref().unwrap().ca.fingerprint()
+        );
+        assert_eq!(issuer.trust_domain, "prod.example");
+        assert_eq!(issuer.workload_ttl, Duration::from_secs(7200));
+        assert_eq!(issuer.trust_bundle_pem, d.issuer.unwrap().trust_bundle_pem);
+        let mut broken = secret.clone();
+        broken.data.as_mut().unwrap().remove("tls.key");
+        assert!(issuer_from(Some(&mesh), &broken).is_err());
+    }
+}

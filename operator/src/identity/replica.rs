@@ -1,0 +1,61 @@
+//! What every operator replica runs for identity: the issuer follower, the serving
+//! certificate renewal and the HTTPS endpoint on `--identity-addr` (15012).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::net::TcpListener;
+
+use super::{IdentityConfig, IdentityMetrics, IdentityService, server};
+use crate::ca::serving::{OPERATOR_SERVICE_DNS, SERVING_CERT_TTL, ServingCert};
+use crate::runtime::{ExtraServer, Services};
+
+/// DNS names of the operator Service, as clients may spell them.
+pub fn service_names() -> Vec<String> {
+    vec![
+        OPERATOR_SERVICE_DNS.to_string(),
+        format!("{OPERATOR_SERVICE_DNS}.cluster.local"),
+        "trellis-operator.trellis-system".to_string(),
+    ]
+}
+
+/// The identity endpoint as a runtime server.
+pub fn server() -> ExtraServer {
+    ("identity", Box::new(|s: Services| run(s).boxed()))
+}
+
+async fn run(s: Services) -> anyhow::Result<()> {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(crate::ca::controller::follow_issuer(
+        s.client.clone(),
+        tx,
+        s.shutdown.clone(),
+    ));
+    let serving = ServingCert::new(service_names(), SERVING_CERT_TTL);
+    tokio::spawn(serving.clone().run_renewal(
+        rx.clone(),
+        Duration::from_secs(60),
+        s.shutdown.clone(),
+    ));
+    let metrics = {
+        let mut registry = s
+            .registry
+            .lock()
+            .map_err(|_| anyhow::anyhow!("metrics registry lock poisoned"))?;
+        IdentityMetrics::register(&mut registry)
+    };
+    let service = IdentityService::new(s.client.clone(), rx, IdentityConfig::default(), metrics);
+    let listener = TcpListener::bind(s.config.identity_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", s.config.identity_addr))?;
+    tracing::info!(addr = %s.config.identity_addr, "identity endpoint listening");
+    server::serve(
+        listener,
+        serving.server_config(&[b"h2", b"http/1.1"]),
+        Arc::clone(&service),
+        s.shutdown.clone(),
+    )
+    .await;
+    Ok(())
+}
