@@ -102,7 +102,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             killed.join(", ")
         );
     }
-    if let Err(e) = std::fs::remove_dir_all(&state_dir) {
+    // A child killed a moment ago may still have been writing its log: retry briefly.
+    let mut removed = Ok(());
+    for _ in 0..5 {
+        removed = std::fs::remove_dir_all(&state_dir);
+        if removed.is_ok() || !state_dir.exists() {
+            removed = Ok(());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Err(e) = removed {
         eprintln!("trellis dev: could not remove {}: {e}", state_dir.display());
     }
     result
