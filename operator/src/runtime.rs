@@ -314,8 +314,15 @@ pub type ExtraServer = (
 
 /// The servers every replica runs next to the admin server, whether or not it leads.
 pub fn replica_servers() -> Vec<ExtraServer> {
-    // identity and webhook servers are started here by their modules
-    vec![crate::identity::replica::server()]
+    // One serving certificate from the mesh CA for both HTTPS servers; its resolver-backed
+    // rustls config picks up renewals by itself, so the webhook's channel never needs a new value.
+    let serving = crate::identity::replica::serving_cert();
+    let (_, webhook_tls) =
+        tokio::sync::watch::channel(serving.server_config(&[b"h2", b"http/1.1"]));
+    vec![
+        crate::identity::replica::server(serving),
+        crate::webhook::replica_server(webhook_tls),
+    ]
 }
 
 /// Builds a client and proves the API server answers.

@@ -62,6 +62,11 @@ pub struct RunArgs {
     /// `127.0.0.1:<original port>`.
     #[arg(long, env = "TRELLIS_INBOUND_TARGET")]
     pub inbound_target: Option<SocketAddr>,
+    /// Ports of this pod proxied as opaque TCP without protocol detection (mTLS still applies),
+    /// in addition to the config's `skipDetectionPorts`: the injector sets this from the pod's
+    /// `trellis.dev/opaque-ports` annotation, e.g. `3306,6379`.
+    #[arg(long, env = "TRELLIS_OPAQUE_PORTS", value_delimiter = ',')]
+    pub opaque_ports: Vec<u16>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +105,8 @@ pub struct Options {
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub inbound_target: Option<SocketAddr>,
+    /// Ports never detected (see [`RunArgs::opaque_ports`]).
+    pub opaque_ports: Vec<u16>,
 }
 
 impl From<&RunArgs> for Options {
@@ -110,6 +117,7 @@ impl From<&RunArgs> for Options {
             inbound_addr: a.inbound_addr,
             admin_addr: a.admin_addr,
             inbound_target: a.inbound_target,
+            opaque_ports: a.opaque_ports.clone(),
         }
     }
 }
@@ -210,6 +218,7 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         inbound_target: opts.inbound_target,
+        opaque_ports: opts.opaque_ports.clone(),
         inbound_limiter: limiter,
         http: http_builder(),
     });
@@ -266,14 +275,14 @@ fn init_logging(args: &RunArgs) {
 
 pub fn main(args: RunArgs) -> ExitCode {
     init_logging(&args);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        // A sidecar shares the pod's CPU with the application: two workers are enough for
-        // thousands of requests per second and keep idle memory small.
-        .worker_threads(2)
-        .thread_name("trellis-proxy")
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // A sidecar shares the pod's CPU with the application: two workers are enough for
+    // thousands of requests per second and keep idle memory small. tokio's own
+    // TOKIO_WORKER_THREADS overrides this (e.g. 1 for a pod with a one-CPU limit).
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(2);
+    }
+    let runtime = match builder.thread_name("trellis-proxy").enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");

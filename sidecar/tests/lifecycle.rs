@@ -301,6 +301,7 @@ async fn not_ready_without_credentials() {
             inbound_addr: any,
             admin_addr: any,
             inbound_target: None,
+            opaque_ports: Vec::new(),
         },
         rx,
     )

@@ -365,6 +365,17 @@ async fn plaintext_refused_under_strict_and_accepted_when_permissive() {
 
 #[tokio::test]
 async fn opaque_tcp_through_both_proxies_over_mtls() {
+    opaque_tcp_case(false).await;
+}
+
+/// The pod annotation `trellis.dev/opaque-ports` reaches the proxy as `--opaque-ports`
+/// (`TRELLIS_OPAQUE_PORTS`); a server-first port listed only there must not wait either.
+#[tokio::test]
+async fn opaque_ports_flag_skips_detection_like_the_config() {
+    opaque_tcp_case(true).await;
+}
+
+async fn opaque_tcp_case(via_flag: bool) {
     let pki = Pki::new("mesh");
     // A server-first TCP upstream: greets, then echoes.
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -383,8 +394,13 @@ async fn opaque_tcp_through_both_proxies_over_mtls() {
         }
     });
     let mut b_cfg = config("b1", inbound(MtlsMode::Strict), vec![]);
-    b_cfg.mesh.skip_detection_ports = vec![up.port()];
-    let b = TestProxy::start(&pki, &id("db"), &b_cfg, Some(up)).await;
+    let opaque = if via_flag {
+        vec![up.port()]
+    } else {
+        b_cfg.mesh.skip_detection_ports = vec![up.port()];
+        Vec::new()
+    };
+    let b = TestProxy::start_with_opaque(&pki, &id("db"), &b_cfg, Some(up), opaque).await;
     let mut a = TestProxy::start(
         &pki,
         &id("web"),

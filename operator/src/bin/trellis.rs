@@ -24,7 +24,7 @@ enum Cmd {
     /// Run the sidecar proxy: the same code as the `trellis-proxy` binary, so one
     /// `cargo run --bin trellis -- dev` builds everything the local mesh runs.
     #[command(hide = true)]
-    Proxy(trellis_proxy::run::RunArgs),
+    Proxy(Box<trellis_proxy::run::RunArgs>),
     /// The demo program `trellis dev` runs for each local service and client.
     #[command(hide = true)]
     DemoService(trellis_operator::dev::demo::Args),
@@ -32,7 +32,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let result = match Cli::parse().cmd {
-        Cmd::Proxy(a) => return trellis_proxy::run::main(a),
+        Cmd::Proxy(a) => return trellis_proxy::run::main(*a),
         Cmd::DemoService(a) => return trellis_operator::dev::demo::main(a),
         Cmd::Crds(a) => cli::crds::run(a),
         Cmd::Inject(a) => cli::inject::run_inject(a),

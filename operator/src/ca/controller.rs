@@ -135,15 +135,18 @@ pub async fn reconcile_once(
         now: SystemTime::now(),
     });
     reconcile::apply(client, &desired).await?;
-    // Report CAReady and the CA fields; keep every other condition and field as they are.
+    let webhook = apply_webhook_config(client, &mesh, desired.issuer.as_ref()).await;
+    // Report CAReady, WebhookReady and the CA fields; keep every other condition and field as
+    // they are.
     let current = mesh.status.clone().unwrap_or_default();
     let mut conditions: Vec<_> = current
         .conditions
         .iter()
-        .filter(|c| c.type_ != CA_READY)
+        .filter(|c| c.type_ != CA_READY && c.type_ != WEBHOOK_READY)
         .cloned()
         .collect();
     conditions.push(desired.condition.clone());
+    conditions.push(webhook);
     let new_status = MeshStatus {
         conditions,
         ca: desired.ca_status.clone().or(current.ca.clone()),
@@ -151,6 +154,59 @@ pub async fn reconcile_once(
     };
     status.apply(&mesh, new_status).await?;
     Ok(desired.requeue_after.unwrap_or(PERIOD).min(PERIOD))
+}
+
+/// The condition the Mesh reports for the injection webhook's configuration.
+pub const WEBHOOK_READY: &str = "WebhookReady";
+
+/// Converges the MutatingWebhookConfiguration (the Mesh reconciler owns it, with the CA bundle
+/// the webhook's serving certificate chains to) and reports `WebhookReady`. Without a usable CA
+/// there is no bundle to publish, so the configuration is left alone and the condition says why.
+async fn apply_webhook_config(
+    client: &Client,
+    mesh: &Mesh,
+    issuer: Option<&super::IssuerState>,
+) -> crate::api::Condition {
+    let generation = mesh.metadata.generation;
+    let condition = |ok: bool, reason: &str, message: String| {
+        crate::api::Condition::new(
+            WEBHOOK_READY,
+            crate::api::ConditionStatus::from_bool(ok),
+            reason,
+            message,
+            generation,
+        )
+    };
+    let Some(issuer) = issuer else {
+        return condition(
+            false,
+            "CANotReady",
+            "the webhook configuration needs the CA bundle; see CAReady".into(),
+        );
+    };
+    let desired = crate::inject::webhook_config::desired(
+        &mesh.spec,
+        &issuer.trust_bundle_pem,
+        OPERATOR_NAMESPACE,
+    );
+    match crate::inject::webhook_config::apply(client.clone(), &desired).await {
+        Ok(_) => condition(
+            true,
+            "Configured",
+            format!(
+                "{} points at the operator with the current CA bundle",
+                crate::inject::webhook_config::NAME
+            ),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot apply the webhook configuration");
+            condition(
+                false,
+                "ApplyFailed",
+                format!("applying the MutatingWebhookConfiguration failed: {e}"),
+            )
+        }
+    }
 }
 
 /// The leader's CA controller: [`reconcile_once`] every [`PERIOD`] (or sooner when a rotation

@@ -203,16 +203,46 @@ fn cond(type_: &str, ok: bool, reason: &str, message: &str, generation: Option<i
     )
 }
 
-/// The Mesh status: only `default` is accepted. Fields other controllers own (CA, proxy
-/// counts) are carried over unchanged.
+/// The parts whose conditions make the Mesh `Ready`; other controllers report them.
+pub const MESH_PARTS: [&str; 2] = ["CAReady", "WebhookReady"];
+
+/// The Mesh status: only `default` is accepted, and `Ready` summarises the parts other
+/// controllers report ([`MESH_PARTS`], plus the compiler's `Degraded`), so `kubectl get mesh`
+/// and GitOps health checks read one condition. Fields other controllers own (CA, proxy counts)
+/// are carried over unchanged.
 pub fn mesh_status(mesh: &Mesh) -> MeshStatus {
     let generation = mesh.metadata.generation;
     let current = mesh.status.clone().unwrap_or_default();
     let mut conditions = if mesh.name_any() == MESH_NAME {
-        vec![
-            cond("Accepted", true, "Accepted", "", generation),
-            cond("Ready", true, "Ready", "", generation),
-        ]
+        let mut waiting = Vec::new();
+        let mut failing = Vec::new();
+        for part in MESH_PARTS {
+            match crate::api::conditions::find(&current.conditions, part) {
+                None => waiting.push(part.to_string()),
+                Some(c) if !c.is_true() => failing.push(format!("{part}: {}", c.message)),
+                Some(_) => {}
+            }
+        }
+        if let Some(d) = crate::api::conditions::find(&current.conditions, "Degraded")
+            && d.is_true()
+        {
+            failing.push(format!("Degraded: {}", d.message));
+        }
+        let ready = if !failing.is_empty() {
+            cond(
+                "Ready",
+                false,
+                "PartNotReady",
+                &failing.join("; "),
+                generation,
+            )
+        } else if !waiting.is_empty() {
+            let msg = format!("waiting for {}", waiting.join(", "));
+            cond("Ready", false, "Pending", &msg, generation)
+        } else {
+            cond("Ready", true, "Ready", "", generation)
+        };
+        vec![cond("Accepted", true, "Accepted", "", generation), ready]
     } else {
         let msg = format!(
             "only the Mesh named {MESH_NAME:?} configures the mesh; this one is ignored: rename it to {MESH_NAME}"
@@ -222,9 +252,9 @@ pub fn mesh_status(mesh: &Mesh) -> MeshStatus {
             cond("Ready", false, "NotDefault", &msg, generation),
         ]
     };
-    // Conditions other controllers own (CAReady from the CA controller, the compiler's
-    // Programmed and Degraded) are carried over: the status writer replaces the whole list, and
-    // dropping them would make the controllers rewrite each other's status forever.
+    // Conditions other controllers own (CAReady and WebhookReady from the CA controller, the
+    // compiler's Programmed and Degraded) are carried over: the status writer replaces the whole
+    // list, and dropping them would make the controllers rewrite each other's status forever.
     conditions.extend(
         current
             .conditions
@@ -275,14 +305,77 @@ mod tests {
         m
     }
 
+    fn with_parts(mut m: Mesh, parts: Vec<Condition>) -> Mesh {
+        m.status = Some(MeshStatus {
+            conditions: parts,
+            ..Default::default()
+        });
+        m
+    }
+
     #[test]
-    fn the_default_mesh_is_accepted_and_ready() {
+    fn the_default_mesh_is_ready_once_its_parts_are() {
         let s = mesh_status(&mesh("default"));
         assert_eq!(s.observed_generation, Some(4));
         let accepted = find(&s.conditions, "Accepted").unwrap();
         assert!(accepted.is_true());
         assert_eq!(accepted.observed_generation, Some(4));
-        assert!(find(&s.conditions, "Ready").unwrap().is_true());
+        let ready = find(&s.conditions, "Ready").unwrap();
+        assert!(!ready.is_true(), "nothing reported yet");
+        assert_eq!(ready.reason, "Pending");
+        assert!(ready.message.contains("CAReady"), "{}", ready.message);
+
+        let m = with_parts(
+            mesh("default"),
+            vec![
+                cond("CAReady", true, "Ready", "", Some(4)),
+                cond("WebhookReady", true, "Configured", "", Some(4)),
+            ],
+        );
+        assert!(
+            find(&mesh_status(&m).conditions, "Ready")
+                .unwrap()
+                .is_true()
+        );
+    }
+
+    #[test]
+    fn a_failing_part_or_degradation_makes_the_mesh_not_ready() {
+        let m = with_parts(
+            mesh("default"),
+            vec![
+                cond(
+                    "CAReady",
+                    false,
+                    "SecretInvalid",
+                    "tls.key is missing",
+                    Some(4),
+                ),
+                cond("WebhookReady", true, "Configured", "", Some(4)),
+            ],
+        );
+        let ready = mesh_status(&m).conditions[1].clone();
+        assert_eq!(ready.type_, "Ready");
+        assert_eq!(ready.reason, "PartNotReady");
+        assert!(
+            ready.message.contains("tls.key is missing"),
+            "{}",
+            ready.message
+        );
+
+        let m = with_parts(
+            mesh("default"),
+            vec![
+                cond("CAReady", true, "Ready", "", Some(4)),
+                cond("WebhookReady", true, "Configured", "", Some(4)),
+                cond("Degraded", true, "ConfigTooLarge", "namespace big", Some(4)),
+            ],
+        );
+        assert!(
+            !find(&mesh_status(&m).conditions, "Ready")
+                .unwrap()
+                .is_true()
+        );
     }
 
     #[test]

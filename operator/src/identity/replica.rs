@@ -20,19 +20,28 @@ pub fn service_names() -> Vec<String> {
     ]
 }
 
-/// The identity endpoint as a runtime server.
-pub fn server() -> ExtraServer {
-    ("identity", Box::new(|s: Services| run(s).boxed()))
+/// The operator's serving certificate (identity endpoint and webhook share it: both are reached
+/// through the `trellis-operator` Service). Renewed by [`server`]'s task.
+pub fn serving_cert() -> Arc<ServingCert> {
+    ServingCert::new(service_names(), SERVING_CERT_TTL)
 }
 
-async fn run(s: Services) -> anyhow::Result<()> {
+/// The identity endpoint as a runtime server. It also keeps `serving` renewed from the mesh CA,
+/// for every server that presents it.
+pub fn server(serving: Arc<ServingCert>) -> ExtraServer {
+    (
+        "identity",
+        Box::new(move |s: Services| run(s, serving).boxed()),
+    )
+}
+
+async fn run(s: Services, serving: Arc<ServingCert>) -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(None);
     tokio::spawn(crate::ca::controller::follow_issuer(
         s.client.clone(),
         tx,
         s.shutdown.clone(),
     ));
-    let serving = ServingCert::new(service_names(), SERVING_CERT_TTL);
     tokio::spawn(serving.clone().run_renewal(
         rx.clone(),
         Duration::from_secs(60),

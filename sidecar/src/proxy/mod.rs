@@ -42,6 +42,8 @@ pub struct Shared {
     pub shutdown: Shutdown,
     /// Local mode: inbound traffic goes here instead of `127.0.0.1:<original port>`.
     pub inbound_target: Option<SocketAddr>,
+    /// Ports of this pod that skip detection whatever the config says (pod annotation).
+    pub opaque_ports: Vec<u16>,
     /// The inbound rate limit of our policy, per source identity; replaced on reload when the
     /// limit changes.
     pub inbound_limiter: Arc<std::sync::Mutex<Option<Arc<crate::traffic::InboundRateLimiter>>>>,
@@ -61,10 +63,12 @@ impl Shared {
     }
 
     pub fn skips_detection(&self, port: u16) -> bool {
-        self.config
-            .borrow()
-            .as_ref()
-            .is_some_and(|s| s.config.mesh.skip_detection_ports.contains(&port))
+        self.opaque_ports.contains(&port)
+            || self
+                .config
+                .borrow()
+                .as_ref()
+                .is_some_and(|s| s.config.mesh.skip_detection_ports.contains(&port))
     }
 
     /// The access log format, when access logs are on.

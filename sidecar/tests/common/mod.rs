@@ -167,6 +167,17 @@ impl TestProxy {
         cfg: &ProxyConfig,
         inbound_target: Option<SocketAddr>,
     ) -> Self {
+        Self::start_with_opaque(pki, spiffe_id, cfg, inbound_target, Vec::new()).await
+    }
+
+    /// Like [`TestProxy::start`], with `--opaque-ports` (the pod annotation's route).
+    pub async fn start_with_opaque(
+        pki: &Pki,
+        spiffe_id: &str,
+        cfg: &ProxyConfig,
+        inbound_target: Option<SocketAddr>,
+        opaque_ports: Vec<u16>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
         kubelet_write(dir.path(), 1, &cfg.to_json_pretty(), "app=\"test\"\n");
@@ -186,6 +197,7 @@ impl TestProxy {
                 inbound_addr: any,
                 admin_addr: any,
                 inbound_target,
+                opaque_ports,
             },
             rx,
         )
