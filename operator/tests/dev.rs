@@ -259,6 +259,14 @@ fn dev_runs_the_example_mesh_enforces_strict_and_cleans_up() {
     let out = dev.output();
     assert!(status.success(), "{status}\n{out}");
     assert!(out.contains("edit refused"), "{out}");
+    // Certificates came from the identity endpoint, whose TokenReview stand-in is announced.
+    assert!(
+        out.contains(&format!("identity endpoint https://127.0.0.1:{base}"))
+            && out.contains("local stand-in"),
+        "{out}"
+    );
+    // The live view saw it too: the plaintext client's requests were refused.
+    assert!(out.contains("plaintext, refused so far"), "{out}");
     let needle = state.display().to_string();
     let mut left = processes_mentioning(&needle);
     for _ in 0..20 {

@@ -7,9 +7,10 @@
 //! whose transport is the local stand-in ([`super::tokenreview`]); nothing else differs.
 //!
 //! [`Mode::Files`] issues each sidecar's certificate directly from the mesh CA and hands it
-//! over as files (`--cert-file`/`--key-file`, the proxy's file-credential mode). It exists
-//! because the proxy's `run` does not start its identity client yet; the key is then
-//! generated here and exists on disk (mode 0600, inside the state directory, removed on exit).
+//! over as files (`--cert-file`/`--key-file`, the proxy's file-credential mode), for
+//! debugging the data path without the identity flow. The key is then generated here and
+//! exists on disk (mode 0600, inside the state directory, removed on exit); with the endpoint
+//! it never leaves the sidecar's memory.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -30,9 +31,9 @@ use crate::ca::CertificateAuthority;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
     /// The identity endpoint, as in a cluster.
+    #[default]
     Endpoint,
     /// Files issued by the CA directly.
-    #[default]
     Files,
 }
 

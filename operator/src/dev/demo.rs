@@ -238,11 +238,22 @@ struct Downstream {
 
 impl Downstream {
     fn new() -> Self {
+        Self::with_pooling(true)
+    }
+
+    /// Without pooling every HTTP/1.1 request opens a new connection. The plaintext client
+    /// uses that: a sidecar applies the mTLS mode when it accepts a connection, so a keep-alive
+    /// connection accepted under `Permissive` would hide a switch to `Strict` until it closes.
+    fn with_pooling(pool: bool) -> Self {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
         conn.set_connect_timeout(Some(Duration::from_secs(2)));
+        let mut h1 = Client::builder(TokioExecutor::new());
+        if !pool {
+            h1.pool_max_idle_per_host(0);
+        }
         Downstream {
-            h1: Client::builder(TokioExecutor::new()).build(conn),
+            h1: h1.build(conn),
             h2: Default::default(),
         }
     }
@@ -492,7 +503,7 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
             });
         }
     });
-    let down = Arc::new(Downstream::new());
+    let down = Arc::new(Downstream::with_pooling(a.via.is_some()));
     let sem = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

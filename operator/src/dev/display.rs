@@ -28,6 +28,8 @@ pub struct Frame<'a> {
     pub edges: &'a [EdgeView],
     /// Requests per backend after splits (`destination` is the backend Service).
     pub backends: &'a [EdgeView],
+    /// Per `caller>backend`: retries and outlier ejections.
+    pub backend_notes: &'a [(String, String)],
     /// Per plaintext-client edge: how its failed requests failed (e.g. `closed 2.0/s`).
     pub edge_notes: &'a [(String, String)],
     pub footer: &'a str,
@@ -105,30 +107,25 @@ pub fn render(f: &Frame<'_>) -> String {
         }
         let _ = writeln!(o, "{line}");
     }
-    // Where split traffic went: only worth a line when some caller's requests reached more
-    // backends than the services it named.
-    let split: Vec<&EdgeView> = f
-        .backends
-        .iter()
-        .filter(|b| {
-            !f.edges
-                .iter()
-                .any(|e| e.key.source == b.key.source && e.key.destination == b.key.destination)
-        })
-        .collect();
-    if !split.is_empty() {
+    // Where requests went after splits, and what retries and outlier detection did.
+    if !f.backends.is_empty() {
         let _ = writeln!(o);
         let _ = writeln!(
             o,
-            "{:<40} {:>8}  (after TrafficPolicy splits)",
+            "{:<40} {:>8}  (after TrafficPolicy splits, retries, ejections)",
             "BACKEND (caller -> backend)", "RPS"
         );
-        for b in f.backends.iter().filter(|b| {
-            split.iter().any(|s| s.key.source == b.key.source) && b.total_requests > 0.0
-        }) {
+        for b in f.backends.iter().filter(|b| b.total_requests > 0.0) {
+            let key = format!("{}>{}", b.key.source, b.key.destination);
+            let note = f
+                .backend_notes
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, n)| n.as_str())
+                .unwrap_or("");
             let _ = writeln!(
                 o,
-                "{:<40} {:>8.1}  total {}",
+                "{:<40} {:>8.1}  total {}  {note}",
                 format!("{} -> {}", b.key.source, b.key.destination),
                 b.rps,
                 b.total_requests as u64
@@ -186,6 +183,7 @@ mod tests {
             }],
             edges: &edges,
             backends: &[],
+            backend_notes: &[],
             edge_notes: &[],
             footer: "",
         });

@@ -89,6 +89,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         sidecars: BTreeMap::new(),
         backends: EdgeStats::default(),
         backend_views: Vec::new(),
+        extras: BTreeMap::new(),
     };
     let result = local.run().await;
     // Whatever happened, stop what was started and remove the state directory.
@@ -101,7 +102,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             killed.join(", ")
         );
     }
-    if let Err(e) = std::fs::remove_dir_all(&state_dir) {
+    // A child killed a moment ago may still have been writing its log: retry briefly.
+    let mut removed = Ok(());
+    for _ in 0..5 {
+        removed = std::fs::remove_dir_all(&state_dir);
+        if removed.is_ok() || !state_dir.exists() {
+            removed = Ok(());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Err(e) = removed {
         eprintln!("trellis dev: could not remove {}: {e}", state_dir.display());
     }
     result
@@ -182,6 +193,8 @@ struct LocalMesh {
     /// Requests per backend after splits (the canary's share).
     backends: EdgeStats,
     backend_views: Vec<EdgeView>,
+    /// Per pod: its workload and its traffic layer's per-backend retries and ejections.
+    extras: BTreeMap<String, (String, BTreeMap<String, stats::BackendExtras>)>,
 }
 
 pub(crate) fn pod_key(p: &Pod) -> String {
@@ -645,6 +658,10 @@ impl LocalMesh {
                     .insert(id.clone(), stats::sidecar_counts(&samples));
                 self.backends
                     .record(&id, stats::backends_from_scrape(&source, &samples));
+                self.extras.insert(
+                    id.clone(),
+                    (source.clone(), stats::backend_extras(&samples)),
+                );
             } else {
                 let (edges, note) = plaintext_client_edges(&source, &samples);
                 if let Some(n) = note {
@@ -817,12 +834,31 @@ impl LocalMesh {
             self.state_dir.join("prometheus.yml").display(),
             self.opts.dir.display()
         );
+        let mut sums: BTreeMap<String, stats::BackendExtras> = BTreeMap::new();
+        for (source, per_backend) in self.extras.values() {
+            for (b, x) in per_backend {
+                sums.entry(format!("{source}>{b}")).or_default().add(x);
+            }
+        }
+        let backend_notes: Vec<(String, String)> = sums
+            .into_iter()
+            .map(|(k, x)| {
+                (
+                    k,
+                    format!(
+                        "retries {}  ejections {}  ejected now {}",
+                        x.retries, x.ejections, x.ejected_now
+                    ),
+                )
+            })
+            .collect();
         display::render(&Frame {
             header: &header,
             status_lines: &status,
             services: &rows,
             edges: &self.views,
             backends: &self.backend_views,
+            backend_notes: &backend_notes,
             edge_notes: &self.notes,
             footer: &footer,
         })

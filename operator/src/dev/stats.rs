@@ -28,6 +28,10 @@ pub mod names {
     pub const TLS: &str = "tls";
     /// Requests per backend Service after splits, labelled `backend`.
     pub const BACKEND_REQUESTS: &str = "trellis_proxy_traffic_requests_total";
+    pub const BACKEND_RETRIES: &str = "trellis_proxy_traffic_retries_total";
+    pub const BACKEND_EJECTIONS: &str = "trellis_proxy_traffic_ejections_total";
+    /// Gauge: endpoints of the backend ejected right now.
+    pub const BACKEND_EJECTED: &str = "trellis_proxy_traffic_ejected_endpoints";
     /// Config load attempts by `result` (`applied`, `rejected`).
     pub const CONFIG_RELOADS: &str = "trellis_proxy_config_reloads_total";
     /// Inbound connections refused, by `reason`.
@@ -170,6 +174,45 @@ pub fn backends_from_scrape(source: &str, samples: &[Sample]) -> BTreeMap<EdgeKe
     out
 }
 
+/// What a caller's traffic layer did for one backend: retries sent, endpoints ejected by
+/// outlier detection (since start) and ejected now.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BackendExtras {
+    pub retries: f64,
+    pub ejections: f64,
+    pub ejected_now: f64,
+}
+
+impl BackendExtras {
+    pub fn add(&mut self, o: &BackendExtras) {
+        self.retries += o.retries;
+        self.ejections += o.ejections;
+        self.ejected_now += o.ejected_now;
+    }
+}
+
+/// Reads [`BackendExtras`] per backend from one sidecar's scrape.
+pub fn backend_extras(samples: &[Sample]) -> BTreeMap<String, BackendExtras> {
+    let mut out: BTreeMap<String, BackendExtras> = BTreeMap::new();
+    for s in samples {
+        let Some(b) = s.label("backend") else {
+            continue;
+        };
+        let e = match s.name.as_str() {
+            names::BACKEND_RETRIES | names::BACKEND_EJECTIONS | names::BACKEND_EJECTED => {
+                out.entry(b.to_string()).or_default()
+            }
+            _ => continue,
+        };
+        match s.name.as_str() {
+            names::BACKEND_RETRIES => e.retries += s.value,
+            names::BACKEND_EJECTIONS => e.ejections += s.value,
+            _ => e.ejected_now += s.value,
+        }
+    }
+    out
+}
+
 /// A sidecar's own counters the view shows next to its workload.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SidecarCounts {
@@ -179,6 +222,10 @@ pub struct SidecarCounts {
     pub reloads_rejected: f64,
     /// Inbound connections refused (plaintext under `Strict`, failed handshakes).
     pub inbound_refused: f64,
+    /// Requests the sidecar passed to its app, and how many the app answered with a 5xx:
+    /// the server-side view, before the callers' retries.
+    pub served: f64,
+    pub served_5xx: f64,
 }
 
 impl SidecarCounts {
@@ -186,12 +233,18 @@ impl SidecarCounts {
         self.reloads_applied += o.reloads_applied;
         self.reloads_rejected += o.reloads_rejected;
         self.inbound_refused += o.inbound_refused;
+        self.served += o.served;
+        self.served_5xx += o.served_5xx;
     }
 
     pub fn describe(&self) -> String {
         format!(
-            "configs applied {} rejected {}, inbound refused {}",
-            self.reloads_applied, self.reloads_rejected, self.inbound_refused
+            "served {} (5xx {}), inbound refused {}, configs applied {} rejected {}",
+            self.served,
+            self.served_5xx,
+            self.inbound_refused,
+            self.reloads_applied,
+            self.reloads_rejected
         )
     }
 }
@@ -207,6 +260,12 @@ pub fn sidecar_counts(samples: &[Sample]) -> SidecarCounts {
                 _ => {}
             },
             names::INBOUND_REFUSED => c.inbound_refused += s.value,
+            names::REQUESTS if s.label(names::DIRECTION) == Some("inbound") => {
+                c.served += s.value;
+                if s.label(names::STATUS).is_some_and(|st| !is_success(st)) {
+                    c.served_5xx += s.value;
+                }
+            }
             _ => {}
         }
     }
@@ -358,6 +417,8 @@ trellis_proxy_response_latency_seconds_bucket{{direction="outbound",dst_service=
              trellis_proxy_traffic_retries_total{backend=\"reviews.shop\"} 3\n",
         )
         .unwrap();
+        let x = backend_extras(&samples);
+        assert_eq!(x["reviews.shop"].retries, 3.0);
         let b = backends_from_scrape("frontend.shop", &samples);
         let v2 = b
             .iter()
