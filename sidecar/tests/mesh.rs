@@ -363,6 +363,60 @@ async fn plaintext_refused_under_strict_and_accepted_when_permissive() {
     );
 }
 
+/// A plaintext keep-alive connection accepted under Permissive must not keep working once the
+/// port becomes Strict: the mode is re-checked per request, not only at accept time.
+#[tokio::test]
+async fn switching_to_strict_refuses_open_plaintext_connections() {
+    let pki = Pki::new("mesh");
+    let up = upstream(Speaks::Both).await;
+    let (_a, mut b) = pair(&pki, up, Protocol::Http1, &id("backend")).await;
+    b.apply(&config("b2", inbound(MtlsMode::Permissive), vec![]))
+        .await;
+    let tcp = TcpStream::connect(b.running.inbound_addr).await.unwrap();
+    let (mut sr, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let resp = sr.send_request(get("backend", "/echo")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+
+    b.apply(&config("b3", inbound(MtlsMode::Strict), vec![]))
+        .await;
+    sr.ready()
+        .await
+        .expect("the keep-alive connection is still open");
+    let resp = sr.send_request(get("backend", "/echo")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    resp.into_body().collect().await.unwrap();
+    // The proxy closes the connection after refusing.
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("connection closed by the proxy")
+        .unwrap()
+        .unwrap();
+    let mb = b.metrics().await;
+    assert_eq!(
+        metric_value(
+            &mb,
+            &["reason=\"plaintext\""],
+            "trellis_proxy_inbound_refused_total"
+        ),
+        Some(1.0),
+        "{mb}"
+    );
+    // Only the first request reached the upstream in plaintext.
+    assert_eq!(
+        metric_value(
+            &mb,
+            &["direction=\"inbound\"", "tls=\"false\""],
+            "trellis_proxy_requests_total"
+        ),
+        Some(1.0),
+        "{mb}"
+    );
+}
+
 #[tokio::test]
 async fn opaque_tcp_through_both_proxies_over_mtls() {
     opaque_tcp_case(false).await;

@@ -54,6 +54,27 @@ fn refuse(shared: &Shared, reason: &'static str) {
         .inc();
 }
 
+/// The mTLS mode the current config gives a container port (`Strict` when no policy matches);
+/// `None` before any config is loaded.
+fn current_mode(shared: &Shared, port: u16) -> Option<MtlsMode> {
+    let snap = shared.config.borrow();
+    let s = snap.as_ref()?;
+    Some(
+        s.config
+            .inbound_for(&s.labels)
+            .map(|p| p.mode_for_port(port))
+            .unwrap_or(MtlsMode::Strict),
+    )
+}
+
+/// Whether plaintext accepted earlier on `port` is still allowed. The mode is checked when a
+/// connection is accepted, but a keep-alive or long-lived TCP connection outlives that check:
+/// without this, switching a port from `Permissive` to `Strict` would leave every open
+/// plaintext connection working until the client closed it.
+fn plaintext_still_allowed(shared: &Shared, port: u16) -> bool {
+    !matches!(current_mode(shared, port), Some(MtlsMode::Strict) | None)
+}
+
 pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, client: SocketAddr) {
     let (orig_dst, local) = match (original_dst(&stream), stream.local_addr()) {
         (Ok(o), Ok(l)) => (o, l),
@@ -68,17 +89,10 @@ pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, client: SocketAdd
         }
     };
     let port = target.port();
-    let mode = {
-        let snap = shared.config.borrow();
-        let Some(s) = snap.as_ref() else {
-            // Not ready: no config means no policy to enforce.
-            refuse(&shared, "not_ready");
-            return;
-        };
-        s.config
-            .inbound_for(&s.labels)
-            .map(|p| p.mode_for_port(port))
-            .unwrap_or(MtlsMode::Strict)
+    let Some(mode) = current_mode(&shared, port) else {
+        // Not ready: no config means no policy to enforce.
+        refuse(&shared, "not_ready");
+        return;
     };
     let dst_service: Arc<str> = format!("local:{port}").into();
     let opaque_port = shared.skips_detection(port);
@@ -166,9 +180,36 @@ async fn plain_tcp<I: Io>(
         dst_service,
         tls,
     };
-    match connect(&shared.tls, target, &Arc::from(Vec::new()), Alpn::Tcp, None).await {
-        Ok((upstream, _)) => tcp::splice(shared, io, upstream, labels).await,
-        Err(e) => tracing::debug!(error = %e, "inbound tcp connect failed"),
+    let upstream = match connect(&shared.tls, target, &Arc::from(Vec::new()), Alpn::Tcp, None).await
+    {
+        Ok((upstream, _)) => upstream,
+        Err(e) => {
+            tracing::debug!(error = %e, "inbound tcp connect failed");
+            return;
+        }
+    };
+    if tls {
+        return tcp::splice(shared, io, upstream, labels).await;
+    }
+    // Plaintext: cut the connection as soon as a reload makes its port Strict.
+    let mut config = shared.config.clone();
+    let port = target.port();
+    let revoked = async {
+        loop {
+            if config.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if !plaintext_still_allowed(shared, port) {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tcp::splice(shared, io, upstream, labels) => {}
+        _ = revoked => {
+            tracing::debug!(port, "plaintext TCP connection closed: port is now Strict");
+            refuse(shared, "plaintext");
+        }
     }
 }
 
@@ -197,6 +238,21 @@ async fn handle(
     info: Arc<ConnInfo>,
     mut req: Request<Incoming>,
 ) -> Result<Response<crate::traffic::Body>, Infallible> {
+    if !info.tls && !plaintext_still_allowed(&shared, info.target.port()) {
+        // A plaintext keep-alive connection accepted under Permissive/Disable; the port has
+        // become Strict since. Refuse and close it.
+        tracing::debug!(
+            port = info.target.port(),
+            "plaintext request refused: port is now Strict"
+        );
+        refuse(&shared, "plaintext");
+        let mut resp = crate::traffic::error_response(http::StatusCode::FORBIDDEN);
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        return Ok(resp);
+    }
     let start = Instant::now();
     let request_id = ensure_request_id(req.headers_mut());
     let upgrade = is_upgrade(&req);
