@@ -10,6 +10,7 @@
 //! Skips with a message when not root or when `ip` / `iptables` / `setpriv` are missing.
 
 mod common;
+mod netns_support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -21,47 +22,14 @@ use std::time::Duration;
 use common::*;
 use trellis_proxy::config::{Endpoint, MtlsMode, OutboundService, Protocol, ServicePort};
 
+use netns_support::{Namespaces, run};
+
 const ROLE: &str = "TRELLIS_MESH_ROLE";
 const APP_PORT: u16 = 8080;
 const CLUSTER_IP: &str = "10.96.77.10";
 
 fn skip_reason() -> Option<String> {
-    let uid = Command::new("id").arg("-u").output().ok()?;
-    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        return Some("not root".into());
-    }
-    for tool in ["ip", "iptables-save", "iptables-restore", "setpriv"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !found {
-            return Some(format!("{tool} not installed (hack/install-deps.sh)"));
-        }
-    }
-    None
-}
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Deletes the namespaces (and with them the veth pair and every rule) on drop, pass or fail.
-struct Namespaces(Vec<String>);
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
+    netns_support::skip_reason(&["ip", "iptables-save", "iptables-restore", "setpriv"])
 }
 
 /// A child process; killed on drop unless already reaped.
