@@ -285,6 +285,26 @@ async fn handle(
         (String::new(), String::new(), None)
     };
 
+    // Metrics and the access log line, the same for a rate-limited and a forwarded request.
+    let record_inbound = |resp: &Response<crate::traffic::Body>| {
+        record(
+            &shared,
+            &Completed {
+                direction: Direction::Inbound,
+                start,
+                method: &method,
+                authority: &auth,
+                path: &path,
+                version,
+                request_id: request_id.to_str().unwrap_or(""),
+                trace_id: trace.as_deref(),
+                peer_identity: &info.peer,
+                dst_service: &info.dst_service,
+                tls: info.tls,
+            },
+            resp,
+        )
+    };
     let limiter = shared.inbound_limiter.lock().expect("limiter lock").clone();
     // Rate limited per source identity (per source address for plaintext clients).
     let limited = limiter.and_then(|l| {
@@ -301,23 +321,7 @@ async fn handle(
             flags: vec!["RL"],
             ..Default::default()
         });
-        record(
-            &shared,
-            &Completed {
-                direction: Direction::Inbound,
-                start,
-                method: &method,
-                authority: &auth,
-                path: &path,
-                version,
-                request_id: request_id.to_str().unwrap_or(""),
-                trace_id: trace.as_deref(),
-                peer_identity: &info.peer,
-                dst_service: &info.dst_service,
-                tls: info.tls,
-            },
-            &resp,
-        );
+        record_inbound(&resp);
         return Ok(resp);
     }
     let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
@@ -347,22 +351,6 @@ async fn handle(
         spawn_tunnel(&shared, cu, &mut resp);
     }
     clean_response(&mut resp);
-    record(
-        &shared,
-        &Completed {
-            direction: Direction::Inbound,
-            start,
-            method: &method,
-            authority: &auth,
-            path: &path,
-            version,
-            request_id: request_id.to_str().unwrap_or(""),
-            trace_id: trace.as_deref(),
-            peer_identity: &info.peer,
-            dst_service: &info.dst_service,
-            tls: info.tls,
-        },
-        &resp,
-    );
+    record_inbound(&resp);
     Ok(resp)
 }
