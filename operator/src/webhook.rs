@@ -199,6 +199,24 @@ impl Answer {
     }
 }
 
+/// Finds `request.uid` in a body that is not valid JSON (truncated, say): the first `"uid"`
+/// key after the first `"request"` key, if its value is a plain JSON string.
+fn recover_uid(body: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    let after_request = &text[text.find("\"request\"")? + 9..];
+    let after_key = &after_request[after_request.find("\"uid\"")? + 5..];
+    let value = after_key.trim_start().strip_prefix(':')?.trim_start();
+    let value = value.strip_prefix('"')?;
+    let end = value.find('"')?;
+    let uid = &value[..end];
+    let plain = !uid.is_empty()
+        && uid.len() <= 128
+        && uid
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    plain.then(|| uid.to_string())
+}
+
 fn allowed(uid: &str) -> Value {
     json!({"uid": uid, "allowed": true})
 }
@@ -220,10 +238,13 @@ impl Injector {
             Ok(v) => v,
             Err(e) => {
                 m.deny("malformed");
-                return Answer::http_error(
-                    StatusCode::BAD_REQUEST,
-                    format!("request body is not JSON: {e}"),
-                );
+                let message = format!("request body is not JSON: {e}");
+                // With the uid the API server shows our reason to the user; without it all we
+                // can do is fail the HTTP request.
+                return match recover_uid(body) {
+                    Some(uid) => Answer::review(REVIEW_API_VERSION, denied(&uid, &message)),
+                    None => Answer::http_error(StatusCode::BAD_REQUEST, message),
+                };
             }
         };
         let uid = value
@@ -512,11 +533,285 @@ pub async fn serve_on(
     }
 }
 
+/// The namespace labels the webhook decides with, kept from a namespace watch. Events of a
+/// re-list are buffered until the list is complete, so a restart never publishes a partial map
+/// (which would make known namespaces look unknown).
+#[derive(Debug, Default)]
+pub struct NamespaceIndex {
+    current: NamespaceLabels,
+    building: Option<NamespaceLabels>,
+}
+
+impl NamespaceIndex {
+    /// Applies one watch event (namespace metadata); returns whether the published map changed.
+    pub fn apply(
+        &mut self,
+        event: kube::runtime::watcher::Event<
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        >,
+    ) -> bool {
+        use kube::runtime::watcher::Event;
+        let entry = |m: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            m.name.map(|n| (n, m.labels.unwrap_or_default()))
+        };
+        match event {
+            Event::Init => {
+                self.building = Some(NamespaceLabels::new());
+                false
+            }
+            Event::InitApply(m) => {
+                if let (Some(b), Some((n, l))) = (self.building.as_mut(), entry(m)) {
+                    b.insert(n, l);
+                }
+                false
+            }
+            Event::InitDone => match self.building.take() {
+                Some(b) if b != self.current => {
+                    self.current = b;
+                    true
+                }
+                _ => false,
+            },
+            Event::Apply(m) => match entry(m) {
+                Some((n, l)) if self.current.get(&n) != Some(&l) => {
+                    self.current.insert(n, l);
+                    true
+                }
+                _ => false,
+            },
+            Event::Delete(m) => entry(m).is_some_and(|(n, _)| self.current.remove(&n).is_some()),
+        }
+    }
+
+    pub fn labels(&self) -> &NamespaceLabels {
+        &self.current
+    }
+}
+
+/// The Mesh spec to inject with after a watch event on Meshes: the `default` Mesh's spec, or
+/// the defaults when it is deleted. `None` when the event changes nothing.
+pub fn mesh_from_event(event: kube::runtime::watcher::Event<crate::api::Mesh>) -> Option<MeshSpec> {
+    use kube::runtime::watcher::Event;
+    let is_default =
+        |m: &crate::api::Mesh| m.metadata.name.as_deref() == Some(crate::api::MESH_NAME);
+    match event {
+        Event::Apply(m) | Event::InitApply(m) if is_default(&m) => Some(m.spec),
+        Event::Delete(m) if is_default(&m) => Some(crate::inject::default_mesh()),
+        _ => None,
+    }
+}
+
+/// Starts the two watches the webhook reads (the `default` Mesh and namespace metadata) and
+/// returns their channels; the tasks end with `shutdown`. Until the first events arrive the
+/// webhook injects with the Mesh defaults and treats namespaces as selected by the API server.
+pub fn spawn_inputs(
+    client: kube::Client,
+    shutdown: CancellationToken,
+) -> (
+    watch::Receiver<MeshSpec>,
+    watch::Receiver<Arc<NamespaceLabels>>,
+) {
+    use futures::StreamExt as _;
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::core::PartialObjectMeta;
+    use kube::runtime::{WatchStreamExt as _, watcher};
+
+    let (mesh_tx, mesh_rx) = watch::channel(crate::inject::default_mesh());
+    let (ns_tx, ns_rx) = watch::channel(Arc::new(NamespaceLabels::new()));
+
+    let meshes: kube::Api<crate::api::Mesh> = kube::Api::all(client.clone());
+    let selector = format!("metadata.name={}", crate::api::MESH_NAME);
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        let mut events = watcher(meshes, watcher::Config::default().fields(&selector))
+            .default_backoff()
+            .boxed();
+        loop {
+            let next = tokio::select! {
+                _ = token.cancelled() => return,
+                next = events.next() => next,
+            };
+            match next {
+                None => return,
+                Some(Err(e)) => tracing::warn!(error = %e, "webhook: Mesh watch failed; retrying"),
+                Some(Ok(event)) => {
+                    if let Some(spec) = mesh_from_event(event) {
+                        mesh_tx.send_replace(spec);
+                    }
+                }
+            }
+        }
+    });
+
+    // Metadata only: labels are all the webhook needs.
+    let namespaces: kube::Api<PartialObjectMeta<Namespace>> = kube::Api::all(client);
+    tokio::spawn(async move {
+        let mut index = NamespaceIndex::default();
+        let mut events = watcher(namespaces, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = events.next() => next,
+            };
+            match next {
+                None => return,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "webhook: namespace watch failed; retrying")
+                }
+                Some(Ok(event)) => {
+                    use kube::runtime::watcher::Event;
+                    let event = match event {
+                        Event::Apply(m) => Event::Apply(m.metadata),
+                        Event::Delete(m) => Event::Delete(m.metadata),
+                        Event::InitApply(m) => Event::InitApply(m.metadata),
+                        Event::Init => Event::Init,
+                        Event::InitDone => Event::InitDone,
+                    };
+                    if index.apply(event) {
+                        ns_tx.send_replace(Arc::new(index.labels().clone()));
+                    }
+                }
+            }
+        }
+    });
+    (mesh_rx, ns_rx)
+}
+
+/// The webhook as one of the runtime's replica servers: starts the watches, registers the
+/// metrics, and serves on `--webhook-addr` (9443) with `tls` (for example
+/// `watch::channel(serving_cert.server_config(&[b"h2", b"http/1.1"])).1`; a resolver-backed
+/// config rotates by itself, a new value on the channel rotates too).
+pub fn replica_server(
+    tls: watch::Receiver<Arc<rustls::ServerConfig>>,
+) -> crate::runtime::ExtraServer {
+    (
+        "webhook",
+        Box::new(move |s: crate::runtime::Services| {
+            Box::pin(async move {
+                let (mesh, namespaces) = spawn_inputs(s.client.clone(), s.shutdown.clone());
+                let injector = {
+                    let mut registry = s.registry.lock().unwrap_or_else(|e| e.into_inner());
+                    Injector::new(
+                        mesh,
+                        namespaces,
+                        InjectContext {
+                            operator_namespace: s.config.namespace.clone(),
+                        },
+                        &mut registry,
+                    )
+                };
+                serve(
+                    s.config.webhook_addr,
+                    tls,
+                    injector,
+                    ServeOptions::default(),
+                    s.shutdown,
+                )
+                .await?;
+                Ok(())
+            })
+        }),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uid_recovery_from_broken_json() {
+        assert_eq!(
+            recover_uid(br#"{"kind":"AdmissionReview","request": { "uid" : "ab-12", "object": {"#)
+                .as_deref(),
+            Some("ab-12")
+        );
+        // No request key, no uid, odd characters: nothing recovered.
+        assert_eq!(recover_uid(br#"{"uid":"ab"#), None);
+        assert_eq!(recover_uid(br#"{"request":{"kind":"#), None);
+        assert_eq!(recover_uid(br#"{"request":{"uid":"a\"b"}"#), None);
+        assert_eq!(recover_uid(br#"{"request":{"uid":12}"#), None);
+    }
     use k8s_openapi::api::core::v1::Namespace;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn namespace_index_publishes_complete_lists_and_changes_only() {
+        use kube::runtime::watcher::Event;
+        let mut idx = NamespaceIndex::default();
+        assert!(!idx.apply(Event::Init));
+        assert!(!idx.apply(Event::InitApply(meta(
+            "shop",
+            &[("trellis.dev/inject", "enabled")]
+        ))));
+        assert!(
+            idx.labels().is_empty(),
+            "partial list must not be published"
+        );
+        assert!(idx.apply(Event::InitDone));
+        assert_eq!(idx.labels()["shop"]["trellis.dev/inject"], "enabled");
+        // Same labels again: nothing to publish.
+        assert!(!idx.apply(Event::Apply(meta(
+            "shop",
+            &[("trellis.dev/inject", "enabled")]
+        ))));
+        assert!(idx.apply(Event::Apply(meta("shop", &[]))));
+        assert!(idx.labels()["shop"].is_empty());
+        assert!(idx.apply(Event::Delete(meta("shop", &[]))));
+        assert!(!idx.apply(Event::Delete(meta("shop", &[]))));
+        // A re-list replaces the map as a whole.
+        idx.apply(Event::Apply(meta("old", &[])));
+        idx.apply(Event::Init);
+        idx.apply(Event::InitApply(meta("new", &[])));
+        assert!(idx.apply(Event::InitDone));
+        assert!(idx.labels().contains_key("new") && !idx.labels().contains_key("old"));
+    }
+
+    #[test]
+    fn mesh_events() {
+        use kube::runtime::watcher::Event;
+        let mut spec = crate::inject::default_mesh();
+        spec.proxy.image = "custom:1".into();
+        let mesh = |name: &str| {
+            let mut m = crate::api::Mesh::new(name, spec.clone());
+            m.metadata.name = Some(name.into());
+            m
+        };
+        assert_eq!(
+            mesh_from_event(Event::Apply(mesh("default")))
+                .unwrap()
+                .proxy
+                .image,
+            "custom:1"
+        );
+        assert_eq!(
+            mesh_from_event(Event::InitApply(mesh("default")))
+                .unwrap()
+                .proxy
+                .image,
+            "custom:1"
+        );
+        assert!(mesh_from_event(Event::Apply(mesh("other"))).is_none());
+        assert_eq!(
+            mesh_from_event(Event::Delete(mesh("default"))).unwrap(),
+            crate::inject::default_mesh()
+        );
+        assert!(mesh_from_event(Event::InitDone).is_none());
+    }
 
     #[test]
     fn namespace_labels_from_observed_namespaces() {

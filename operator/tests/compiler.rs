@@ -14,7 +14,7 @@ use trellis_operator::api::traffic_policy::{
     TimeoutsSpec,
 };
 use trellis_operator::compiler::{
-    InlineEndpoints, ObjectKey, Output, Snapshot, compile, compile_incremental, infer_protocol,
+    InlineEndpoints, ObjectKey, Output, Snapshot, compile, infer_protocol,
 };
 use trellis_proxy::config::{self as cfg, MtlsMode, Protocol, ProxyConfig};
 
@@ -55,10 +55,16 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 /// Every compiled config passes the sidecar's `from_json` and re-serializes to the same bytes.
 fn assert_round_trips(out: &Output) {
     for (ns, c) in &out.configs {
-        let parsed = ProxyConfig::from_json(c.json.as_bytes())
+        let json = c.render();
+        assert_eq!(
+            json.len(),
+            c.len(),
+            "{ns}: length computed without rendering"
+        );
+        let parsed = ProxyConfig::from_json(json.as_bytes())
             .unwrap_or_else(|e| panic!("{ns}: sidecar refused the config: {e}"));
-        assert_eq!(parsed.to_json_pretty(), c.json, "{ns}: not canonical");
-        assert_eq!(parsed.revision, c.revision);
+        assert_eq!(parsed.to_json_pretty(), json, "{ns}: not canonical");
+        assert_eq!(parsed.revision, c.revision());
         assert_eq!(parsed.namespace, *ns);
     }
 }
@@ -936,10 +942,10 @@ fn compiling_twice_or_shuffled_gives_the_same_bytes() {
     let snap = busy_world().snap;
     let a = compile(&snap);
     let b = compile(&snap);
-    assert_eq!(a.configs, b.configs);
+    assert_eq!(a.render_all(), b.render_all());
     for seed in 1..20 {
         let c = compile(&shuffled(&snap, seed));
-        assert_eq!(a.configs, c.configs, "seed {seed}");
+        assert_eq!(a.render_all(), c.render_all(), "seed {seed}");
         assert_eq!(a.traffic_policies, c.traffic_policies, "seed {seed}");
         assert_eq!(
             a.peer_authentications, c.peer_authentications,
@@ -948,16 +954,16 @@ fn compiling_twice_or_shuffled_gives_the_same_bytes() {
         assert_eq!(a.mesh, c.mesh, "seed {seed}");
     }
     // The revision is a hash of the content.
-    assert_ne!(a.configs["shop"].revision, a.configs["b"].revision);
-    assert_eq!(a.configs["shop"].revision.len(), 16);
+    assert_ne!(a.configs["shop"].revision(), a.configs["b"].revision());
+    assert_eq!(a.configs["shop"].revision().len(), 16);
 }
 
 #[test]
 fn oversized_config_is_not_emitted_and_mesh_says_so() {
     let mut world = busy_world().with(mesh());
     let small = compile(&world.snap);
-    let shop_len = small.configs["shop"].json.len();
-    let b_len = small.configs["b"].json.len();
+    let shop_len = small.configs["shop"].len();
+    let b_len = small.configs["b"].len();
     assert!(shop_len > b_len, "shop inlines its endpoints");
     world.snap.settings.max_config_bytes = (shop_len + b_len) / 2;
     let out = compile(&world.snap);
@@ -987,7 +993,7 @@ fn oversized_config_is_not_emitted_and_mesh_says_so() {
 }
 
 #[test]
-fn incremental_compile_renders_only_changed_namespaces() {
+fn a_change_touches_only_the_namespaces_it_affects() {
     let world = busy_world()
         .with(namespace("c").meshed())
         .with(service("c", "api").ip("10.96.5.1").port(80, "http"))
@@ -997,47 +1003,38 @@ fn incremental_compile_renders_only_changed_namespaces() {
                 .endpoint("10.5.0.1", None),
         );
     let first = compile(&world.snap);
-    assert_eq!(first.rendered, 3);
+    let changed = |w: &World| {
+        compile(&w.snap)
+            .changed_since(&first)
+            .into_iter()
+            .collect::<Vec<_>>()
+    };
 
-    // Nothing changed: nothing rendered, nothing to write.
-    let same = compile_incremental(&world.snap, Some(&first));
-    assert_eq!(same.rendered, 0);
-    assert!(same.changed_since(&first).is_empty());
-    assert_eq!(same.configs, first.configs);
+    // Nothing changed: nothing to write.
+    assert!(changed(&world).is_empty());
 
     // A workload policy in b: only b.
-    let w2 = world
+    let w = world
         .clone()
         .with(peer_auth("b", "new", M::Permissive).selector("app", "y"));
-    let out = compile_incremental(&w2.snap, Some(&first));
-    assert_eq!(out.rendered, 1);
-    assert_eq!(
-        out.changed_since(&first).into_iter().collect::<Vec<_>>(),
-        ["b"]
-    );
+    assert_eq!(changed(&w), ["b"]);
 
     // An endpoint in c: only c (other namespaces do not inline c's endpoints).
-    let w3 = world.clone().with(
+    let w = world.clone().with(
         slice("c", "api", "api-2")
             .port(Some("http"), 80)
             .endpoint("10.5.0.2", None),
     );
-    let out = compile_incremental(&w3.snap, Some(&first));
-    assert_eq!(
-        out.changed_since(&first).into_iter().collect::<Vec<_>>(),
-        ["c"]
-    );
+    assert_eq!(changed(&w), ["c"]);
 
     // A TrafficPolicy: every namespace lists the Service, so every namespace.
-    let w4 = world.clone().with(traffic_policy("c", "api", "api"));
-    let out = compile_incremental(&w4.snap, Some(&first));
-    assert_eq!(out.rendered, 3);
-    // The same result as a full compile.
-    assert_eq!(out.configs, compile(&w4.snap).configs);
-    // A conflicted policy changes no config.
-    let w5 = world.with(traffic_policy("shop", "t3", "reviews").created(9));
-    let out = compile_incremental(&w5.snap, Some(&first));
-    assert_eq!(out.rendered, 0);
+    let w = world.clone().with(traffic_policy("c", "api", "api"));
+    assert_eq!(changed(&w), ["b", "c", "shop"]);
+
+    // A conflicted policy changes no config, only its own status.
+    let w = world.with(traffic_policy("shop", "t3", "reviews").created(9));
+    assert!(changed(&w).is_empty());
+    let out = compile(&w.snap);
     assert_eq!(tp_cond(&out, "shop", "t3", "Accepted").reason, "Conflicted");
 }
 

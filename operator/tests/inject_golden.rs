@@ -436,3 +436,46 @@ fn projected_volume_layout() {
         })
     );
 }
+
+/// The patched pods and the webhook configuration pass the Kubernetes OpenAPI schema of the
+/// oldest (1.29) and newest supported versions, strictly (no unknown fields), when PyPI's
+/// `kubernetes-validate` is installed; skips with a message otherwise.
+#[test]
+fn golden_objects_pass_the_kubernetes_schema() {
+    let tool =
+        std::env::var("KUBERNETES_VALIDATE").unwrap_or_else(|_| "kubernetes-validate".into());
+    if std::process::Command::new(&tool)
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "SKIP golden_objects_pass_the_kubernetes_schema: {tool} not installed (pip install kubernetes-validate)"
+        );
+        return;
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/inject");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.ends_with(".patched.json") || name == "webhook-config.json"
+        })
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5, "{files:?}");
+    for version in ["1.29.0", "1.37.0"] {
+        let out = std::process::Command::new(&tool)
+            .args(["--strict", "--quiet", "-k", version])
+            .args(&files)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "schema {version}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

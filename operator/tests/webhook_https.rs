@@ -299,6 +299,20 @@ async fn malformed_json_is_http_400() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body.contains("request body is not JSON"), "{body}");
+    // Truncated JSON with a readable uid: a denial the API server can show.
+    let (status, body) = h
+        .post(format!(r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{"uid":"{UID}","kind":{{"#))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["response"]["uid"], UID);
+    assert_eq!(v["response"]["allowed"], false);
+    assert!(
+        v["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not JSON")
+    );
     // JSON, but no uid to answer to.
     let (status, body) = h
         .post(r#"{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}"#)
@@ -307,7 +321,7 @@ async fn malformed_json_is_http_400() {
     assert!(body.contains("request.uid is missing"), "{body}");
     assert!(
         h.metrics()
-            .contains(r#"trellis_injector_denials_total{reason="malformed"} 2"#),
+            .contains(r#"trellis_injector_denials_total{reason="malformed"} 3"#),
         "{}",
         h.metrics()
     );
@@ -546,5 +560,19 @@ async fn rotated_certificate_is_served_without_restart() {
         .unwrap()
         .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 404"));
+    h.stop().await;
+}
+
+/// A client that connects and never starts TLS is dropped after the handshake timeout.
+#[tokio::test]
+async fn silent_connection_is_closed() {
+    let h = Harness::start().await;
+    let mut tcp = TcpStream::connect(h.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .expect("server kept a silent connection open")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "expected the server to close the connection");
     h.stop().await;
 }

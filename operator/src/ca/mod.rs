@@ -4,6 +4,7 @@
 //! ([`reconcile`]).
 
 pub mod authority;
+pub mod reconcile;
 
 pub mod serving;
 

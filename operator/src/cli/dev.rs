@@ -29,6 +29,10 @@ pub struct Args {
     /// Default: a new directory under the system temp dir.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Where sidecars get certificates: `endpoint` (the identity endpoint, as in a cluster) or
+    /// `files` (issued by the CA directly and passed as --cert-file/--key-file).
+    #[arg(long, value_enum, default_value_t = crate::dev::creds::Mode::default())]
+    pub credentials: crate::dev::creds::Mode,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -56,5 +60,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         duration: a.duration,
         once: a.once,
         exe,
+        credentials: a.credentials,
     }))
 }

@@ -26,21 +26,24 @@
 //!   so two policies on the same Service conflict even when they name different ports.
 //!
 //! # Incremental compiles
-//! [`compile_incremental`] rebuilds the shared indexes (cheap), computes each namespace's
-//! revision from per-Service digests without rendering, and renders only namespaces whose
-//! revision differs from the previous [`Output`]; the others reuse the previous text (shared
-//! through `Arc`). The applier then writes only ConfigMaps whose data differs from what it
-//! observed.
+//! A compile builds the shared indexes once (outbound table, policies, one pre-serialized
+//! fragment per Service) and then, per namespace, only its inbound policies and a plan of
+//! fragments; the revision and size follow from the plan without rendering. No text is produced
+//! here: the applier compares each namespace's revision with what it observed and renders only
+//! the ConfigMaps it writes. A TrafficPolicy change touches one fragment, which every
+//! namespace's table includes; a namespace-level PeerAuthentication or an endpoint change
+//! touches one namespace.
 
 mod inbound;
 mod outbound;
+mod pod;
 mod policy;
 mod render;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use trellis_proxy::config::{
@@ -52,6 +55,7 @@ use crate::api::conditions::{Condition, ConditionStatus};
 use crate::api::{Mesh, PeerAuthentication, TrafficPolicy};
 
 pub use outbound::infer_protocol;
+pub use pod::{SlimPod, SlimPodSpec, SlimPodStatus};
 
 /// Name of the ConfigMap the compiler writes into every meshed namespace.
 pub const CONFIGMAP_NAME: &str = "trellis-proxy";
@@ -117,7 +121,8 @@ pub struct Snapshot {
     pub namespaces: Vec<Arc<Namespace>>,
     pub services: Vec<Arc<Service>>,
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
-    pub pods: Vec<Arc<Pod>>,
+    /// Pods, as the controller caches them (see [`SlimPod`]).
+    pub pods: Vec<Arc<SlimPod>>,
     pub settings: Settings,
 }
 
@@ -164,24 +169,26 @@ impl std::fmt::Display for Problem {
     }
 }
 
-/// A rendered `config.json` and its revision.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RenderedConfig {
-    pub revision: String,
-    pub json: String,
-    /// SHA-256 of `json` (hex), computed once at render time: the applier compares it with the
-    /// digest of what it observed, so neither side keeps a second copy of the text around.
-    pub digest: String,
-}
+pub use render::NamespaceConfig;
 
-impl RenderedConfig {
-    pub fn new(revision: String, json: String) -> Self {
-        let digest = digest(&json);
-        Self {
-            revision,
-            json,
-            digest,
-        }
+impl NamespaceConfig {
+    /// Content hash of the config (also its `revision` field).
+    pub fn revision(&self) -> &str {
+        &self.header.revision
+    }
+
+    /// The `config.json` text, rendered now from the shared fragments.
+    pub fn render(&self) -> String {
+        self.fragments.render(&self.header, &self.plan)
+    }
+
+    /// Length of [`render`](Self::render)'s text, without rendering.
+    pub fn len(&self) -> usize {
+        self.fragments.rendered_len(&self.header, &self.plan)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
     }
 }
 
@@ -204,8 +211,8 @@ pub struct Output {
     /// Every meshed namespace (emitted or not). A `trellis-proxy` ConfigMap managed by the
     /// operator outside this set is an orphan to delete.
     pub meshed: BTreeSet<String>,
-    /// Desired `config.json` per meshed namespace.
-    pub configs: BTreeMap<String, Arc<RenderedConfig>>,
+    /// Desired `config.json` per meshed namespace (rendered on demand).
+    pub configs: BTreeMap<String, Arc<NamespaceConfig>>,
     /// Meshed namespaces whose config was refused: the ConfigMap in the cluster stays as it is.
     pub too_large: BTreeMap<String, TooLarge>,
     /// Meshed namespaces whose compiled config failed the sidecar's validation (a compiler bug or
@@ -219,21 +226,28 @@ pub struct Output {
     pub mesh: Vec<Condition>,
     /// Objects skipped as malformed.
     pub problems: Vec<Problem>,
-    /// Namespaces rendered by this compile (the rest reused the previous text).
-    pub rendered: usize,
 }
 
 impl Output {
-    /// The desired `config.json` of a namespace.
-    pub fn config(&self, namespace: &str) -> Option<&str> {
-        self.configs.get(namespace).map(|c| c.json.as_str())
+    /// The desired `config.json` of a namespace, rendered.
+    pub fn config(&self, namespace: &str) -> Option<String> {
+        self.configs.get(namespace).map(|c| c.render())
+    }
+
+    /// Every desired config, rendered (tests and tools; the applier renders only what it
+    /// writes).
+    pub fn render_all(&self) -> BTreeMap<String, String> {
+        self.configs
+            .iter()
+            .map(|(ns, c)| (ns.clone(), c.render()))
+            .collect()
     }
 
     /// Namespaces whose desired config differs from `previous` (new, changed or gone).
     pub fn changed_since(&self, previous: &Output) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
         for (ns, c) in &self.configs {
-            if previous.configs.get(ns).map(|p| &p.revision) != Some(&c.revision) {
+            if previous.configs.get(ns).map(|p| p.revision()) != Some(c.revision()) {
                 out.insert(ns.clone());
             }
         }
@@ -246,14 +260,13 @@ impl Output {
     }
 }
 
-/// Compiles a snapshot from scratch.
+/// Compiles a snapshot.
+///
+/// The compile is per namespace over shared indexes: the outbound table, the policies and the
+/// Service fragments are built once; each namespace adds its inbound policies and a plan of
+/// fragments, from which its revision and size follow without rendering. What changed since a
+/// previous compile is [`Output::changed_since`]; the applier renders and writes only those.
 pub fn compile(snapshot: &Snapshot) -> Output {
-    compile_incremental(snapshot, None)
-}
-
-/// Compiles a snapshot, reusing the rendered text of namespaces whose revision did not change
-/// since `previous`.
-pub fn compile_incremental(snapshot: &Snapshot, previous: Option<&Output>) -> Output {
     let mut problems = Vec::new();
     let settings = &snapshot.settings;
     let mesh_spec = snapshot.mesh.as_ref().map(|m| &m.spec);
@@ -263,68 +276,62 @@ pub fn compile_incremental(snapshot: &Snapshot, previous: Option<&Output>) -> Ou
     let policies = policy::compile(&snapshot.traffic_policies, &table);
     let inbound = inbound::resolve(&snapshot.peer_authentications, &settings.root_namespace);
     let header_mesh = mesh_settings(mesh_spec, settings);
-    let fragments = render::Fragments::build(&table, &policies.attached);
+    let blank = ProxyConfig {
+        version: CONFIG_VERSION,
+        revision: String::new(),
+        namespace: String::new(),
+        mesh: header_mesh.clone(),
+        inbound: Vec::new(),
+        outbound: Vec::new(),
+    };
+    let fragments = Arc::new(render::Fragments::build(&table, &policies.attached, &blank));
 
     let mut out = Output {
         meshed: meshed.clone(),
         ..Default::default()
     };
     for ns in &meshed {
-        let header = ProxyConfig {
-            version: CONFIG_VERSION,
-            revision: String::new(),
+        let mut header = ProxyConfig {
             namespace: ns.clone(),
-            mesh: header_mesh.clone(),
             inbound: inbound.policies_for(ns),
-            outbound: Vec::new(),
+            ..blank.clone()
         };
-        let plan = fragments.plan(ns, settings.inline_endpoints);
-        let revision = render::revision(&header, &plan);
-        if let Some(prev) = previous {
-            if let Some(c) = prev.configs.get(ns)
-                && c.revision == revision
-            {
-                out.configs.insert(ns.clone(), c.clone());
-                continue;
-            }
-            if let Some(t) = prev.too_large.get(ns)
-                && t.revision == revision
-            {
-                out.too_large.insert(ns.clone(), t.clone());
-                continue;
-            }
-            if let Some(reason) = prev.invalid.get(ns)
-                && reason.starts_with(&revision)
-            {
-                out.invalid.insert(ns.clone(), reason.clone());
-                continue;
-            }
+        // The sidecar's own validation, so a config it would refuse is never written: the
+        // table once (in `Fragments::build`), each namespace's header here. Together they are
+        // everything `ProxyConfig::validate` checks (tests parse every rendered config back).
+        let errors = header
+            .validate()
+            .err()
+            .map(|errs| {
+                errs.iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
+            .or_else(|| fragments.table_errors.clone());
+        if let Some(e) = errors {
+            out.invalid.insert(ns.clone(), e);
+            continue;
         }
-        out.rendered += 1;
-        let mut header = header;
-        header.revision = revision.clone();
-        let json = render::render(&header, &plan);
-        if json.len() > settings.max_config_bytes {
+        let plan = fragments.plan(ns, settings.inline_endpoints);
+        header.revision = fragments.revision(&header, &plan);
+        let config = NamespaceConfig {
+            header,
+            plan,
+            fragments: fragments.clone(),
+        };
+        let bytes = config.len();
+        if bytes > settings.max_config_bytes {
             out.too_large.insert(
                 ns.clone(),
                 TooLarge {
-                    revision,
-                    bytes: json.len(),
+                    revision: config.revision().to_string(),
+                    bytes,
                 },
             );
             continue;
         }
-        // The sidecar's own validation, so a config it would refuse is never written. Rendering
-        // is ours; parsing it back proves the splice produced what the sidecar reads.
-        match ProxyConfig::from_json(json.as_bytes()) {
-            Ok(_) => {
-                out.configs
-                    .insert(ns.clone(), Arc::new(RenderedConfig::new(revision, json)));
-            }
-            Err(e) => {
-                out.invalid.insert(ns.clone(), format!("{revision}: {e}"));
-            }
-        }
+        out.configs.insert(ns.clone(), Arc::new(config));
     }
 
     let emitted: BTreeSet<&str> = out.configs.keys().map(String::as_str).collect();
@@ -492,7 +499,7 @@ fn mesh_conditions(snapshot: &Snapshot, out: &Output, problems: &[Problem]) -> V
                 out.invalid
                     .values()
                     .next()
-                    .map(|s| s.split_once(": ").map_or(s.as_str(), |(_, e)| e))
+                    .map(String::as_str)
                     .unwrap_or_default()
             ),
             generation,

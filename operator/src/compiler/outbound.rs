@@ -4,10 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use trellis_proxy::config::{Endpoint, OutboundService, Protocol, ServicePort, spiffe_id};
 
-use super::{ObjectKey, PROXY_VERSION_ANNOTATION, Problem, Snapshot};
+use super::{ObjectKey, PROXY_VERSION_ANNOTATION, Problem, SlimPod, Snapshot};
 
 /// Label EndpointSlices carry to name their Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -56,18 +56,13 @@ pub fn infer_protocol(app_protocol: Option<&str>, name: Option<&str>) -> Protoco
     Protocol::Auto
 }
 
-fn pod_info<'a>(pod: &'a Pod, trust_domain: &str) -> PodInfo<'a> {
+fn pod_info<'a>(pod: &'a SlimPod, trust_domain: &str) -> PodInfo<'a> {
     let meta = &pod.metadata;
     let meshed = meta
         .annotations
         .as_ref()
         .is_some_and(|a| a.contains_key(PROXY_VERSION_ANNOTATION));
-    let spec_sa = pod.spec.as_ref().and_then(|s| {
-        s.service_account_name
-            .as_deref()
-            .or(s.service_account.as_deref())
-    });
-    let sa = spec_sa.filter(|s| !s.is_empty()).unwrap_or("default");
+    let sa = pod.service_account();
     let identity = meshed.then(|| {
         spiffe_id(
             trust_domain,
@@ -76,17 +71,15 @@ fn pod_info<'a>(pod: &'a Pod, trust_domain: &str) -> PodInfo<'a> {
         )
     });
     let mut ips = Vec::new();
-    if let Some(status) = &pod.status {
-        for ip in status.pod_ips.iter().flatten() {
-            if let Ok(ip) = ip.ip.parse() {
-                ips.push(ip);
-            }
-        }
-        if let Some(ip) = status.pod_ip.as_deref().and_then(|ip| ip.parse().ok())
-            && !ips.contains(&ip)
-        {
+    for ip in &pod.status.pod_ips {
+        if let Ok(ip) = ip.ip.parse() {
             ips.push(ip);
         }
+    }
+    if let Some(ip) = pod.status.pod_ip.as_deref().and_then(|ip| ip.parse().ok())
+        && !ips.contains(&ip)
+    {
+        ips.push(ip);
     }
     PodInfo {
         identity,

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use futures::{Stream, StreamExt, stream::BoxStream};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, PodSpec, PodStatus, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -25,7 +25,9 @@ use super::compile_apply::{
     Applier, MANAGED_BY, MANAGED_BY_LABEL, plan_configmaps, plan_status, strip_configmap,
 };
 use crate::api::{MESH_NAME, Mesh, PeerAuthentication, TrafficPolicy};
-use crate::compiler::{self, CONFIGMAP_NAME, Output, PROXY_VERSION_ANNOTATION, Settings, Snapshot};
+use crate::compiler::{
+    self, CONFIGMAP_NAME, Output, PROXY_VERSION_ANNOTATION, Settings, SlimPod, Snapshot,
+};
 
 /// How long changes are gathered before a recompile: a rollout touches hundreds of pods and
 /// slices within a second, and one compile for all of them is the point.
@@ -52,7 +54,7 @@ pub struct Stores {
     pub namespaces: Store<Namespace>,
     pub services: Store<Service>,
     pub endpoint_slices: Store<EndpointSlice>,
-    pub pods: Store<Pod>,
+    pub pods: Store<SlimPod>,
     pub configmaps: Store<ConfigMap>,
 }
 
@@ -88,9 +90,9 @@ impl Stores {
     }
 }
 
-/// Keeps only what the compiler reads of a pod: a pod object is kilobytes, the compiler needs
-/// its name, labels, service account, IPs and whether it has a sidecar.
-pub fn strip_pod(pod: &mut Pod) {
+/// Drops what the compiler does not read from a cached pod's metadata (the spec and status
+/// are already slim, see [`SlimPod`]).
+pub fn strip_pod(pod: &mut SlimPod) {
     let meta = &mut pod.metadata;
     meta.managed_fields = None;
     meta.owner_references = None;
@@ -99,25 +101,6 @@ pub fn strip_pod(pod: &mut Pod) {
     if let Some(a) = meta.annotations.as_mut() {
         a.retain(|k, _| k == PROXY_VERSION_ANNOTATION);
     }
-    let sa = pod.spec.as_ref().and_then(|s| {
-        s.service_account_name
-            .clone()
-            .or_else(|| s.service_account.clone())
-    });
-    pod.spec = Some(PodSpec {
-        service_account_name: sa,
-        ..Default::default()
-    });
-    let (ip, ips) = pod
-        .status
-        .as_ref()
-        .map(|s| (s.pod_ip.clone(), s.pod_ips.clone()))
-        .unwrap_or_default();
-    pod.status = Some(PodStatus {
-        pod_ip: ip,
-        pod_ips: ips,
-        ..Default::default()
-    });
 }
 
 fn strip_meta<K: Resource>(obj: &mut K) {
@@ -208,7 +191,7 @@ pub fn watch_all(client: &Client) -> (Stores, impl Stream<Item = ()> + Send + 's
             w_slice,
             strip_meta,
         ),
-        watch(Api::<Pod>::all(client.clone()), cfg(), w_pod, strip_pod),
+        watch(Api::<SlimPod>::all(client.clone()), cfg(), w_pod, strip_pod),
         watch(
             Api::<ConfigMap>::all(client.clone()),
             cfg()
@@ -241,7 +224,7 @@ pub async fn reconcile_once(
 ) -> (Output, bool) {
     let snapshot = stores.snapshot(settings);
     let started = std::time::Instant::now();
-    let out = compiler::compile_incremental(&snapshot, previous);
+    let out = compiler::compile(&snapshot);
     for p in &out.problems {
         tracing::warn!(problem = %p, "skipped a malformed object");
     }
@@ -256,8 +239,9 @@ pub async fn reconcile_once(
         &now,
     );
     let (stats, errors) = applier.apply(&cms, &status, mesh).await;
+    let changed = previous.map(|p| out.changed_since(p).len());
     tracing::info!(
-        rendered = out.rendered,
+        changed_namespaces = changed,
         configs = out.configs.len(),
         applied = stats.applied,
         deleted = stats.deleted,

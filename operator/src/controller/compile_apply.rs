@@ -28,14 +28,18 @@ use serde_json::json;
 
 use crate::api::conditions::{Condition, ConditionStatus, merge_conditions};
 use crate::api::{FIELD_MANAGER, Mesh, PeerAuthentication, TrafficPolicy};
-use crate::compiler::{CONFIG_KEY, CONFIGMAP_NAME, ObjectKey, Output, RenderedConfig, digest};
+use crate::compiler::{CONFIG_KEY, CONFIGMAP_NAME, NamespaceConfig, ObjectKey, Output, digest};
 
 /// Label on every object the operator owns.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Its value.
 pub const MANAGED_BY: &str = "trellis-operator";
-/// Annotation with the config's revision, for humans and `kubectl get -o yaml`.
+/// Annotation with the config's revision (a content hash): equal revisions mean equal desired
+/// text, so the applier compares revisions instead of rendering every namespace.
 pub const REVISION_ANNOTATION: &str = "trellis.dev/revision";
+/// Annotation with the SHA-256 of the `config.json` written: data edited behind the operator's
+/// back no longer matches it and is rewritten.
+pub const DIGEST_ANNOTATION: &str = "trellis.dev/config-digest";
 /// Key the controller's ConfigMap cache keeps instead of `config.json` (see
 /// [`strip_configmap`]).
 pub const DIGEST_KEY: &str = "config.json.sha256";
@@ -98,11 +102,11 @@ pub fn observed_digest(cm: &ConfigMap) -> Option<String> {
 }
 
 /// One ConfigMap call.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum ConfigMapAction {
     Apply {
         namespace: String,
-        config: Arc<RenderedConfig>,
+        config: Arc<NamespaceConfig>,
     },
     Delete {
         namespace: String,
@@ -138,8 +142,11 @@ pub fn plan_configmaps(
     let mut actions = Vec::new();
     for (ns, config) in &out.configs {
         let current = by_ns.get(ns.as_str()).is_some_and(|cm| {
+            let annotations = cm.annotations();
             is_managed(cm)
-                && observed_digest(cm).as_deref() == Some(config.digest.as_str())
+                && annotations.get(REVISION_ANNOTATION).map(String::as_str)
+                    == Some(config.revision())
+                && observed_digest(cm).as_ref() == annotations.get(DIGEST_ANNOTATION)
                 && owner_uid(cm) == mesh_uid
         });
         if !current {
@@ -159,10 +166,11 @@ pub fn plan_configmaps(
     actions
 }
 
-/// The server-side apply body of a namespace's `trellis-proxy` ConfigMap.
+/// The server-side apply body of a namespace's `trellis-proxy` ConfigMap holding `config_json`.
 pub fn configmap_body(
     namespace: &str,
-    config: &RenderedConfig,
+    revision: &str,
+    config_json: &str,
     mesh: Option<&Mesh>,
 ) -> serde_json::Value {
     let mut metadata = json!({
@@ -172,7 +180,10 @@ pub fn configmap_body(
             MANAGED_BY_LABEL: MANAGED_BY,
             "app.kubernetes.io/part-of": "trellis",
         },
-        "annotations": { REVISION_ANNOTATION: config.revision },
+        "annotations": {
+            REVISION_ANNOTATION: revision,
+            DIGEST_ANNOTATION: digest(config_json),
+        },
     });
     if let Some(uid) = mesh.and_then(|m| m.metadata.uid.as_deref()) {
         // Deleting the Mesh garbage-collects every config it produced.
@@ -187,7 +198,7 @@ pub fn configmap_body(
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata,
-        "data": { CONFIG_KEY: config.json },
+        "data": { CONFIG_KEY: config_json },
     })
 }
 
@@ -374,7 +385,9 @@ impl Applier {
             match action {
                 ConfigMapAction::Apply { namespace, config } => {
                     let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
-                    let body = configmap_body(namespace, config, mesh);
+                    // Rendered only now, and only for the namespaces being written.
+                    let json = config.render();
+                    let body = configmap_body(namespace, config.revision(), &json, mesh);
                     match api.patch(CONFIGMAP_NAME, &ssa, &Patch::Apply(&body)).await {
                         Ok(_) => stats.applied += 1,
                         Err(source) => errors.push(Error::Apply {

@@ -120,7 +120,10 @@ pub fn compile(
         namespaces: cluster.namespaces.into_iter().map(Arc::new).collect(),
         services: cluster.services.into_iter().map(Arc::new).collect(),
         endpoint_slices: cluster.endpoint_slices.into_iter().map(Arc::new).collect(),
-        pods: pods.into_iter().map(Arc::new).collect(),
+        pods: pods
+            .iter()
+            .map(|p| Arc::new(crate::compiler::SlimPod::from(p)))
+            .collect(),
         settings: Settings {
             root_namespace: super::ROOT_NAMESPACE.into(),
             identity_endpoint: Some(identity_endpoint.to_string()),

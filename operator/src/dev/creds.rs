@@ -1,13 +1,21 @@
 //! How the local sidecars get their certificates.
 //!
-//! Until the identity endpoint is on `main`, `trellis dev` issues each sidecar's certificate
-//! directly from the mesh CA and hands it over as files (`--cert-file`/`--key-file`, the
-//! proxy's documented file-credential mode). The key is generated here, so unlike the endpoint
-//! flow it exists on disk (mode 0600, inside the state directory, removed on exit).
+//! [`Mode::Endpoint`] is the cluster's flow: the operator's identity endpoint runs in this
+//! process on 127.0.0.1 (serving certificate from the mesh CA, with `127.0.0.1` and
+//! `localhost` added to its names), and each sidecar sends a CSR with the token from its
+//! projected volume. The endpoint checks the token with a TokenReview through a `kube::Client`
+//! whose transport is the local stand-in ([`super::tokenreview`]); nothing else differs.
+//!
+//! [`Mode::Files`] issues each sidecar's certificate directly from the mesh CA and hands it
+//! over as files (`--cert-file`/`--key-file`, the proxy's file-credential mode). It exists
+//! because the proxy's `run` does not start its identity client yet; the key is then
+//! generated here and exists on disk (mode 0600, inside the state directory, removed on exit).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Context as _;
@@ -18,9 +26,20 @@ use super::run::pod_key;
 use super::tokenreview::TokenAuthority;
 use crate::ca::CertificateAuthority;
 
+/// Where sidecars get certificates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// The identity endpoint, as in a cluster.
+    Endpoint,
+    /// Files issued by the CA directly.
+    #[default]
+    Files,
+}
+
 /// What starting the credential source needs.
 pub struct Inputs<'a> {
-    pub ca: &'a CertificateAuthority,
+    pub mode: Mode,
+    pub ca: &'a Arc<CertificateAuthority>,
     pub plan: &'a Plan,
     pub params: &'a MeshParams,
     pub state_dir: &'a Path,
@@ -42,9 +61,80 @@ fn write_private(path: &Path, data: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Issues every sidecar's credentials and returns the extra proxy arguments per pod, and a
-/// line describing the source for the display.
+/// Starts the credential source and returns the extra proxy arguments per pod, and a line
+/// describing the source for the display.
 pub async fn start(i: Inputs<'_>) -> anyhow::Result<(BTreeMap<String, Vec<String>>, String)> {
+    match i.mode {
+        Mode::Files => files(i),
+        Mode::Endpoint => endpoint(i).await,
+    }
+}
+
+async fn endpoint(i: Inputs<'_>) -> anyhow::Result<(BTreeMap<String, Vec<String>>, String)> {
+    use crate::ca::IssuerState;
+    use crate::ca::serving::{OPERATOR_SERVICE_DNS, SERVING_CERT_TTL, ServingCert};
+    use crate::identity::{IdentityConfig, IdentityMetrics, IdentityService};
+
+    let state = IssuerState {
+        ca: i.ca.clone(),
+        trust_bundle_pem: i.ca.roots_pem().to_string(),
+        trust_domain: i.params.trust_domain.clone(),
+        workload_ttl: i.params.workload_ttl,
+    };
+    let (tx, rx) = tokio::sync::watch::channel(Some(Arc::new(state)));
+    // The endpoint outlives this function: keep the sender alive until shutdown.
+    let shutdown = i.shutdown.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        drop(tx);
+    });
+    let serving = ServingCert::new(
+        vec![
+            OPERATOR_SERVICE_DNS.to_string(),
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ],
+        SERVING_CERT_TTL,
+    );
+    serving.refresh(i.ca, SystemTime::now())?;
+    let tls = serving.server_config(&[b"h2", b"http/1.1"]);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let service = IdentityService::new(
+        i.tokens.client(),
+        rx,
+        IdentityConfig::default(),
+        IdentityMetrics::register(&mut registry),
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], i.plan.identity_port));
+    crate::identity::server::bind_and_serve(addr, tls, service, i.shutdown.clone())
+        .await
+        .with_context(|| format!("identity endpoint on {addr}"))?;
+    let args = i
+        .plan
+        .pods
+        .iter()
+        .filter(|p| p.proxy.is_some())
+        .map(|p| {
+            (
+                pod_key(p),
+                vec![
+                    "--identity-endpoint".to_string(),
+                    i.identity_url.to_string(),
+                ],
+            )
+        })
+        .collect();
+    Ok((
+        args,
+        format!(
+            "identity endpoint {} (TokenReview: a local stand-in that answers only for tokens \
+             trellis dev minted)",
+            i.identity_url
+        ),
+    ))
+}
+
+fn files(i: Inputs<'_>) -> anyhow::Result<(BTreeMap<String, Vec<String>>, String)> {
     let mut args = BTreeMap::new();
     for pod in &i.plan.pods {
         if pod.proxy.is_none() {
@@ -79,10 +169,8 @@ pub async fn start(i: Inputs<'_>) -> anyhow::Result<(BTreeMap<String, Vec<String
             ],
         );
     }
-    let _ = (i.tokens, i.identity_url, i.shutdown);
     Ok((
         args,
-        "certificates: issued by the local mesh CA as files (identity endpoint not on main yet)"
-            .to_string(),
+        "certificates: issued by the local mesh CA as files (--credentials files)".to_string(),
     ))
 }

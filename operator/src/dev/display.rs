@@ -26,6 +26,8 @@ pub struct Frame<'a> {
     pub status_lines: &'a [String],
     pub services: &'a [ServiceRow],
     pub edges: &'a [EdgeView],
+    /// Requests per backend after splits (`destination` is the backend Service).
+    pub backends: &'a [EdgeView],
     /// Per plaintext-client edge: how its failed requests failed (e.g. `closed 2.0/s`).
     pub edge_notes: &'a [(String, String)],
     pub footer: &'a str,
@@ -103,6 +105,36 @@ pub fn render(f: &Frame<'_>) -> String {
         }
         let _ = writeln!(o, "{line}");
     }
+    // Where split traffic went: only worth a line when some caller's requests reached more
+    // backends than the services it named.
+    let split: Vec<&EdgeView> = f
+        .backends
+        .iter()
+        .filter(|b| {
+            !f.edges
+                .iter()
+                .any(|e| e.key.source == b.key.source && e.key.destination == b.key.destination)
+        })
+        .collect();
+    if !split.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "{:<40} {:>8}  (after TrafficPolicy splits)",
+            "BACKEND (caller -> backend)", "RPS"
+        );
+        for b in f.backends.iter().filter(|b| {
+            split.iter().any(|s| s.key.source == b.key.source) && b.total_requests > 0.0
+        }) {
+            let _ = writeln!(
+                o,
+                "{:<40} {:>8.1}  total {}",
+                format!("{} -> {}", b.key.source, b.key.destination),
+                b.rps,
+                b.total_requests as u64
+            );
+        }
+    }
     let _ = writeln!(o);
     o.push_str(f.footer);
     o
@@ -153,6 +185,7 @@ mod tests {
                 sidecar: Some("reloads 2, refused 0".into()),
             }],
             edges: &edges,
+            backends: &[],
             edge_notes: &[],
             footer: "",
         });

@@ -38,6 +38,8 @@ pub struct Options {
     pub once: bool,
     /// The `trellis` binary (this one): run as `trellis proxy` and `trellis demo-service`.
     pub exe: PathBuf,
+    /// Where sidecars get their certificates.
+    pub credentials: creds::Mode,
 }
 
 /// Longest `--once` waits when no `--duration` bounds it.
@@ -85,6 +87,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         shutdown: tokio_util::sync::CancellationToken::new(),
         cred_desc: String::new(),
         sidecars: BTreeMap::new(),
+        backends: EdgeStats::default(),
+        backend_views: Vec::new(),
     };
     let result = local.run().await;
     // Whatever happened, stop what was started and remove the state directory.
@@ -159,7 +163,7 @@ struct LocalMesh {
     pod_procs: BTreeMap<String, PodProcs>,
     tokens: TokenAuthority,
     pod_tokens: BTreeMap<String, String>,
-    ca: Option<CertificateAuthority>,
+    ca: Option<std::sync::Arc<CertificateAuthority>>,
     /// The config each namespace's pods were last given.
     configs: BTreeMap<String, String>,
     status: Vec<String>,
@@ -175,6 +179,9 @@ struct LocalMesh {
     cred_desc: String,
     /// Latest per-pod sidecar counters (refused connections, config reloads).
     sidecars: BTreeMap<String, stats::SidecarCounts>,
+    /// Requests per backend after splits (the canary's share).
+    backends: EdgeStats,
+    backend_views: Vec<EdgeView>,
 }
 
 pub(crate) fn pod_key(p: &Pod) -> String {
@@ -275,7 +282,7 @@ impl LocalMesh {
     async fn start(&mut self) -> anyhow::Result<()> {
         let ca = control::new_ca(&self.params)?;
         std::fs::write(self.state_dir.join("ca.pem"), ca.roots_pem())?;
-        self.ca = Some(ca);
+        self.ca = Some(std::sync::Arc::new(ca));
         for pod in self.plan.pods.clone() {
             if pod.proxy.is_some() {
                 let token = self.tokens.mint(TokenOwner {
@@ -289,6 +296,7 @@ impl LocalMesh {
         }
         let ca = self.ca.as_ref().expect("CA created above");
         let (cred_args, cred_desc) = creds::start(creds::Inputs {
+            mode: self.opts.credentials,
             ca,
             plan: &self.plan,
             params: &self.params,
@@ -633,6 +641,10 @@ impl LocalMesh {
             if is_proxy {
                 self.stats
                     .record(&id, stats::edges_from_scrape(&source, &samples));
+                self.sidecars
+                    .insert(id.clone(), stats::sidecar_counts(&samples));
+                self.backends
+                    .record(&id, stats::backends_from_scrape(&source, &samples));
             } else {
                 let (edges, note) = plaintext_client_edges(&source, &samples);
                 if let Some(n) = note {
@@ -642,7 +654,9 @@ impl LocalMesh {
             }
         }
         self.notes = notes;
-        self.views = self.stats.window(Instant::now());
+        let now = Instant::now();
+        self.views = self.stats.window(now);
+        self.backend_views = self.backends.window(now);
     }
 
     /// Expected edges (declared calls of meshed workloads) without successful mTLS traffic.
@@ -808,6 +822,7 @@ impl LocalMesh {
             status_lines: &status,
             services: &rows,
             edges: &self.views,
+            backends: &self.backend_views,
             edge_notes: &self.notes,
             footer: &footer,
         })

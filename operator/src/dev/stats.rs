@@ -26,6 +26,8 @@ pub mod names {
     pub const STATUS: &str = "status_code";
     /// `"true"` when the hop used mTLS.
     pub const TLS: &str = "tls";
+    /// Requests per backend Service after splits, labelled `backend`.
+    pub const BACKEND_REQUESTS: &str = "trellis_proxy_traffic_requests_total";
     /// Config load attempts by `result` (`applied`, `rejected`).
     pub const CONFIG_RELOADS: &str = "trellis_proxy_config_reloads_total";
     /// Inbound connections refused, by `reason`.
@@ -139,6 +141,31 @@ pub fn edges_from_scrape(source: &str, samples: &[Sample]) -> BTreeMap<EdgeKey, 
             key(false)
         };
         out.entry(k).or_default().buckets = buckets;
+    }
+    out
+}
+
+/// Requests the traffic layer of one sidecar of `source` sent to each backend Service, after
+/// splits (a canary's share shows here; the request counter names the Service called).
+/// How retries are counted is the traffic layer's business; this shows its counter as is.
+pub fn backends_from_scrape(source: &str, samples: &[Sample]) -> BTreeMap<EdgeKey, Counters> {
+    let mut out: BTreeMap<EdgeKey, Counters> = BTreeMap::new();
+    for s in samples {
+        if s.name != names::BACKEND_REQUESTS {
+            continue;
+        }
+        let Some(backend) = s.label("backend") else {
+            continue;
+        };
+        let c = out
+            .entry(EdgeKey {
+                source: source.to_string(),
+                destination: backend.to_string(),
+                mtls: true,
+            })
+            .or_default();
+        c.requests += s.value;
+        c.successes += s.value;
     }
     out
 }
@@ -321,6 +348,39 @@ trellis_proxy_response_latency_seconds_bucket{{direction="outbound",dst_service=
         assert!((v.p50.unwrap() - 0.01).abs() < 1e-9, "{:?}", v.p50);
         assert!((v.p99.unwrap() - (0.01 + 0.09 * (79.2 - 40.0) / 40.0)).abs() < 1e-9);
         assert_eq!(v.total_successes, 150.0);
+    }
+
+    #[test]
+    fn backends_show_where_a_split_sent_requests() {
+        let samples = parse(
+            "trellis_proxy_traffic_requests_total{backend=\"reviews.shop\"} 90\n\
+             trellis_proxy_traffic_requests_total{backend=\"reviews-v2.shop\"} 10\n\
+             trellis_proxy_traffic_retries_total{backend=\"reviews.shop\"} 3\n",
+        )
+        .unwrap();
+        let b = backends_from_scrape("frontend.shop", &samples);
+        let v2 = b
+            .iter()
+            .find(|(k, _)| k.destination == "reviews-v2.shop")
+            .unwrap();
+        assert_eq!(v2.1.requests, 10.0);
+        assert_eq!(b.len(), 2);
+        let counts = sidecar_counts(
+            &parse(
+                "trellis_proxy_config_reloads_total{result=\"applied\"} 2\n\
+                 trellis_proxy_config_reloads_total{result=\"rejected\"} 1\n\
+                 trellis_proxy_inbound_refused_total{reason=\"plaintext\"} 4\n",
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            (
+                counts.reloads_applied,
+                counts.reloads_rejected,
+                counts.inbound_refused
+            ),
+            (2.0, 1.0, 4.0)
+        );
     }
 
     #[test]

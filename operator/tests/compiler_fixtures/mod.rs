@@ -13,7 +13,7 @@ use trellis_operator::api::mesh::LabelSelector;
 use trellis_operator::api::peer_authentication::{MtlsMode, MtlsSpec, PeerAuthenticationSpec};
 use trellis_operator::api::traffic_policy::{TargetRef, TrafficPolicySpec};
 use trellis_operator::api::{Mesh, MeshSpec, PeerAuthentication, TrafficPolicy};
-use trellis_operator::compiler::Snapshot;
+use trellis_operator::compiler::{SlimPod, Snapshot};
 
 pub fn meta(ns: Option<&str>, name: &str) -> ObjectMeta {
     ObjectMeta {
@@ -236,7 +236,7 @@ impl P {
 }
 impl Fixture for P {
     fn add_to(self, s: &mut Snapshot) {
-        s.pods.push(Arc::new(self.0));
+        s.pods.push(Arc::new(SlimPod::from(&self.0)));
     }
 }
 
