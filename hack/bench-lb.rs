@@ -215,8 +215,89 @@ async fn run_mode(
     }
 }
 
+/// An in-memory upstream that answers 200 at once: isolates the Dispatcher's own cost.
+struct Immediate;
+
+impl trellis_proxy::traffic::Upstream for Immediate {
+    fn send(
+        &self,
+        _target: trellis_proxy::traffic::Target,
+        _req: Request<trellis_proxy::traffic::Body>,
+    ) -> futures::future::BoxFuture<
+        'static,
+        Result<Response<trellis_proxy::traffic::Body>, trellis_proxy::traffic::UpstreamError>,
+    > {
+        Box::pin(async { Ok(Response::new(full(Bytes::new()))) })
+    }
+}
+
+/// Nanoseconds per `dispatch` (request in, response body drained) with an in-memory upstream.
+async fn overhead(svc: &OutboundService, n: u32) -> f64 {
+    let d = Dispatcher::new(Arc::new(Immediate));
+    d.update(&config(svc));
+    let ctx = RequestCtx {
+        original_dst: "127.0.0.1:9".parse().unwrap(),
+        source_ip: "127.0.0.1".parse().unwrap(),
+    };
+    let start = Instant::now();
+    for _ in 0..n {
+        let req = Request::builder()
+            .uri("/")
+            .body(full(Bytes::new()))
+            .unwrap();
+        let resp = d.dispatch(svc, 80, req, &ctx).await;
+        let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+    }
+    start.elapsed().as_nanos() as f64 / f64::from(n)
+}
+
 fn main() {
     let a = parse_args();
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let eps: Vec<SocketAddr> = (1..=3)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 8080)))
+            .collect();
+        let plain = service(&eps, LbAlgorithm::P2cEwma);
+        let mut full_policy = service(&eps, LbAlgorithm::P2cEwma);
+        if let Some(p) = full_policy.policy.as_mut() {
+            p.retries = Some(Retries {
+                attempts: 3,
+                per_try_timeout_ms: Some(1000),
+                retry_on: vec![RetryOn::GatewayError, RetryOn::ConnectFailure],
+                status_codes: vec![],
+                grpc_codes: vec![],
+                backoff_base_ms: 25,
+                backoff_max_ms: 250,
+                budget_percent: 20.0,
+                min_retries_per_second: 10,
+                retry_non_idempotent: false,
+            });
+            p.timeouts.request_ms = Some(5000);
+            p.circuit_breaker = Some(CircuitBreaker {
+                max_requests: Some(10_000),
+                ..Default::default()
+            });
+            p.outlier_detection = Some(OutlierDetection {
+                consecutive_failures: 5,
+                base_ejection_ms: 30_000,
+                max_ejection_percent: 50,
+            });
+        }
+        let n = 200_000;
+        let (t_plain, t_full) = rt.block_on(async {
+            overhead(&plain, n / 10).await; // warm-up
+            (overhead(&plain, n).await, overhead(&full_policy, n).await)
+        });
+        println!(
+            "dispatch overhead (in-memory upstream, {n} requests): P2C-EWMA no policy {:.0} ns/req; \
+             with retries+budget+timeouts+circuit breaker+outlier detection {:.0} ns/req",
+            t_plain, t_full
+        );
+    }
     let servers = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("upstreams")

@@ -156,7 +156,7 @@ async fn failing_endpoint_is_ejected_and_comes_back() {
     let pol = TrafficPolicy {
         outlier_detection: Some(OutlierDetection {
             consecutive_failures: 3,
-            base_ejection_ms: 300,
+            base_ejection_ms: 1000,
             max_ejection_percent: 50,
         }),
         ..with_lb(LbAlgorithm::RoundRobin)
@@ -183,7 +183,7 @@ async fn failing_endpoint_is_ejected_and_comes_back() {
     assert_eq!(flaky.hits(), 3, "no traffic while ejected");
     // Heal it; after the ejection runs out a probe brings it back.
     broken.store(false, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(1050)).await;
     for _ in 0..30 {
         assert_eq!(send(&d, &svc, get()).await.status, 200);
     }
@@ -199,7 +199,7 @@ async fn ejection_doubles_and_a_failed_probe_re_ejects() {
     let pol = TrafficPolicy {
         outlier_detection: Some(OutlierDetection {
             consecutive_failures: 2,
-            base_ejection_ms: 200,
+            base_ejection_ms: 400,
             max_ejection_percent: 50,
         }),
         ..with_lb(LbAlgorithm::RoundRobin)
@@ -211,8 +211,8 @@ async fn ejection_doubles_and_a_failed_probe_re_ejects() {
         send(&d, &svc, get()).await;
     }
     assert_eq!(bad.hits(), 2);
-    // First ejection: 200 ms. After it, one failed probe re-ejects for 400 ms.
-    tokio::time::sleep(Duration::from_millis(230)).await;
+    // First ejection: 400 ms. After it, one failed probe re-ejects for 800 ms.
+    tokio::time::sleep(Duration::from_millis(450)).await;
     for _ in 0..10 {
         send(&d, &svc, get()).await;
     }
@@ -221,16 +221,16 @@ async fn ejection_doubles_and_a_failed_probe_re_ejects() {
     let b = st.iter().find(|s| s.addr == bad.addr).unwrap();
     assert!(b.ejected);
     assert_eq!(b.ejections, 2);
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(450)).await;
     for _ in 0..10 {
         send(&d, &svc, get()).await;
     }
     assert_eq!(bad.hits(), 3, "second ejection lasts twice as long");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     for _ in 0..10 {
         send(&d, &svc, get()).await;
     }
-    assert_eq!(bad.hits(), 4, "probed again after 400 ms");
+    assert_eq!(bad.hits(), 4, "probed again after 800 ms");
 }
 
 #[tokio::test]
@@ -264,7 +264,7 @@ async fn max_ejection_percent_holds() {
 
 #[tokio::test]
 async fn circuit_breaker_sheds_with_503_without_queueing() {
-    let slow = serve(|_| Reply::Delay(Duration::from_millis(400))).await;
+    let slow = serve(|_| Reply::Delay(Duration::from_millis(600))).await;
     let pol = TrafficPolicy {
         circuit_breaker: Some(CircuitBreaker {
             max_connections: None,
@@ -293,7 +293,7 @@ async fn circuit_breaker_sheds_with_503_without_queueing() {
             200 => ok += 1,
             503 => {
                 assert_eq!(a.outcome.flags, vec!["UO"]);
-                assert!(took < Duration::from_millis(200), "shed fast: {took:?}");
+                assert!(took < Duration::from_millis(300), "shed fast: {took:?}");
                 shed += 1;
             }
             s => panic!("unexpected {s}"),
@@ -804,7 +804,7 @@ async fn no_endpoints_means_original_destination() {
 
 #[tokio::test]
 async fn p2c_ewma_prefers_the_fast_endpoint_and_least_request_balances_load() {
-    let slow = serve(|_| Reply::Delay(Duration::from_millis(20))).await;
+    let slow = serve(|_| Reply::Delay(Duration::from_millis(50))).await;
     let fast1 = serve(|_| Reply::Ok).await;
     let fast2 = serve(|_| Reply::Ok).await;
     let addrs = [slow.addr, fast1.addr, fast2.addr];

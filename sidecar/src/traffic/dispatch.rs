@@ -17,7 +17,7 @@ use rand::Rng;
 use super::balance::{EndpointSet, Pick, hash_bytes, hash_ip};
 use super::body::{Guarded, Replay};
 use super::discover::{Discover, InlineEndpoints};
-use super::endpoint::{EndpointState, InflightGuard, now_ms};
+use super::endpoint::{EndpointState, InflightGuard, now_ms_at};
 use super::limit::{RetryBudget, TokenBucket, rate_limited_response};
 use super::metrics::{DestMetrics, TrafficMetrics};
 use super::{
@@ -521,7 +521,8 @@ impl Dispatcher {
             let class = classify(&res);
             if let (Some(ep), Some(i)) = (ep, idx) {
                 if res.is_ok() {
-                    ep.observe_rtt(sent.elapsed(), Instant::now());
+                    let done = Instant::now();
+                    ep.observe_rtt(done.saturating_duration_since(sent), done);
                 }
                 dest.record(i, class);
             }
@@ -797,11 +798,12 @@ impl Destination {
         hash: Option<u64>,
         ctx: &RequestCtx,
     ) -> (Target, Option<usize>) {
+        let now = Instant::now();
         let pick = Pick {
             set: &self.endpoints,
             tried,
-            now_ms: now_ms(),
-            now: Instant::now(),
+            now_ms: now_ms_at(now),
+            now,
             expired: Default::default(),
         };
         let idx = pick.choose(self.lb, &self.rr, hash);

@@ -24,10 +24,15 @@ pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 
 /// Milliseconds since a process-wide epoch, so ejection deadlines fit in an atomic.
 pub(crate) fn now_ms() -> u64 {
+    now_ms_at(Instant::now())
+}
+
+/// [`now_ms`] for an instant the caller already read (clock reads are not free on every host).
+pub(crate) fn now_ms_at(now: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     let epoch = *EPOCH.get_or_init(Instant::now);
     // +1 so that 0 can mean "not ejected".
-    epoch.elapsed().as_millis() as u64 + 1
+    now.saturating_duration_since(epoch).as_millis() as u64 + 1
 }
 
 /// Peak-EWMA round-trip estimate (Finagle's `PeakEwma`, tower's `peak_ewma`): a slower sample

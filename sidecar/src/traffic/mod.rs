@@ -14,6 +14,9 @@
 //!   from the response extensions for access logs and metrics;
 //! - honours [`ConnectionParams`] (idle timeout, max connections per endpoint) found in the
 //!   extensions of each request its [`Upstream`] receives, and [`Target::connect_timeout`];
+//! - for opaque TCP, asks [`Dispatcher::pick_tcp`] for each connection's endpoint, reports the
+//!   connect with [`TcpTarget::connected`] and holds the [`TcpTarget`] while the connection
+//!   lives;
 //! - inbound, keeps an [`InboundRateLimiter`] per `InboundPolicy.rate_limit` and answers
 //!   [`rate_limited_response`] when [`InboundRateLimiter::check`] refuses a source identity.
 //!
