@@ -242,6 +242,34 @@ fn differs(
         || observed_generation != generation
 }
 
+/// The status write for one namespaced policy, when the compiler has conditions for it and
+/// writing them would change what it reports. `target` wraps the new conditions and generation
+/// in the kind's own status type.
+fn policy_update<K>(
+    obj: &K,
+    desired_by_key: &std::collections::BTreeMap<ObjectKey, Vec<Condition>>,
+    existing: &[Condition],
+    observed_generation: Option<i64>,
+    now: &str,
+    target: impl FnOnce(Vec<Condition>, Option<i64>) -> StatusTarget,
+) -> Option<StatusUpdate>
+where
+    K: kube::Resource<DynamicType = ()>,
+{
+    let key = ObjectKey::new(obj.namespace().unwrap_or_default(), obj.name_any());
+    let desired = desired_by_key.get(&key)?;
+    let generation = obj.meta().generation;
+    if !differs(existing, observed_generation, desired, generation, now) {
+        return None;
+    }
+    Some(StatusUpdate {
+        transitions: transitions(existing, desired),
+        reference: obj.object_ref(&()),
+        key,
+        target: target(desired.clone(), generation),
+    })
+}
+
 /// The status writes that bring every CR's conditions to `out`'s, skipping those that would
 /// change nothing (the [`StatusWriter`] skips them too; planning them away keeps the plan an
 /// honest list of requests).
@@ -254,62 +282,42 @@ pub fn plan_status(
 ) -> Vec<StatusUpdate> {
     let mut updates = Vec::new();
     for tp in traffic_policies {
-        let key = ObjectKey::new(tp.namespace().unwrap_or_default(), tp.name_any());
-        let Some(desired) = out.traffic_policies.get(&key) else {
-            continue;
-        };
         let current = tp.status.clone().unwrap_or_default();
-        let generation = tp.metadata.generation;
-        if !differs(
+        updates.extend(policy_update(
+            tp.as_ref(),
+            &out.traffic_policies,
             &current.conditions,
             current.observed_generation,
-            desired,
-            generation,
             now,
-        ) {
-            continue;
-        }
-        updates.push(StatusUpdate {
-            transitions: transitions(&current.conditions, desired),
-            reference: tp.object_ref(&()),
-            key,
-            target: StatusTarget::TrafficPolicy(
-                tp.clone(),
-                TrafficPolicyStatus {
-                    conditions: desired.clone(),
-                    observed_generation: generation,
-                },
-            ),
-        });
+            |conditions, observed_generation| {
+                StatusTarget::TrafficPolicy(
+                    tp.clone(),
+                    TrafficPolicyStatus {
+                        conditions,
+                        observed_generation,
+                    },
+                )
+            },
+        ));
     }
     for pa in peer_authentications {
-        let key = ObjectKey::new(pa.namespace().unwrap_or_default(), pa.name_any());
-        let Some(desired) = out.peer_authentications.get(&key) else {
-            continue;
-        };
         let current = pa.status.clone().unwrap_or_default();
-        let generation = pa.metadata.generation;
-        if !differs(
+        updates.extend(policy_update(
+            pa.as_ref(),
+            &out.peer_authentications,
             &current.conditions,
             current.observed_generation,
-            desired,
-            generation,
             now,
-        ) {
-            continue;
-        }
-        updates.push(StatusUpdate {
-            transitions: transitions(&current.conditions, desired),
-            reference: pa.object_ref(&()),
-            key,
-            target: StatusTarget::PeerAuthentication(
-                pa.clone(),
-                PeerAuthenticationStatus {
-                    conditions: desired.clone(),
-                    observed_generation: generation,
-                },
-            ),
-        });
+            |conditions, observed_generation| {
+                StatusTarget::PeerAuthentication(
+                    pa.clone(),
+                    PeerAuthenticationStatus {
+                        conditions,
+                        observed_generation,
+                    },
+                )
+            },
+        ));
     }
     if let Some(mesh) = mesh {
         let current = mesh.status.clone().unwrap_or_default();
