@@ -2,13 +2,13 @@
 //!
 //! It takes the status a reconcile computed (a pure function of what it observed), keeps
 //! `lastTransitionTime` of conditions whose status did not change
-//! ([`merge_conditions`](crate::api::conditions::merge_conditions)), and skips the request when
+//! ([`merge_conditions`]), and skips the request when
 //! the result equals what the object already reports: a level-triggered controller re-reconciles
 //! often, and a patch that changes nothing would still bump `resourceVersion`, wake every watcher
 //! and re-trigger the controller itself.
 //!
 //! Writes are server-side apply on the `/status` subresource with field manager
-//! [`FIELD_MANAGER`](crate::api::FIELD_MANAGER) and `force=true`: the operator is the only
+//! [`FIELD_MANAGER`] and `force=true`: the operator is the only
 //! author of these status fields, so it takes ownership back from anyone who edited them by hand
 //! instead of failing forever.
 

@@ -2,7 +2,7 @@
 //!
 //! We keep our own type instead of `k8s_openapi`'s `Condition` so it can derive `JsonSchema`
 //! with a plain schema, and so `lastTransitionTime` handling lives in one pure function
-//! ([`set_condition`]) that every status writer uses: equal conditions keep their transition
+//! ([`merge_conditions`]) that every status writer uses: equal conditions keep their transition
 //! time, which is what keeps status patches from churning.
 
 use schemars::JsonSchema;

@@ -2,7 +2,7 @@
 //!
 //! Each controller is a `kube::runtime::Controller` whose reconcile computes a status (a pure
 //! function of the object, tested without a cluster) and hands it to the one
-//! [`StatusWriter`](crate::status::StatusWriter). For now the three kinds only report whether
+//! [`StatusWriter`]. For now the three kinds only report whether
 //! they are accepted; later modules (the compiler, the CA) add their own controllers to [`all`]
 //! or replace a reconcile here with theirs.
 

@@ -21,7 +21,7 @@ pub fn service_names() -> Vec<String> {
 }
 
 /// The operator's serving certificate (identity endpoint and webhook share it: both are reached
-/// through the `trellis-operator` Service). Renewed by [`server`]'s task.
+/// through the `trellis-operator` Service). Renewed by [`server()`]'s task.
 pub fn serving_cert() -> Arc<ServingCert> {
     ServingCert::new(service_names(), SERVING_CERT_TTL)
 }
