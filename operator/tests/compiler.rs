@@ -13,8 +13,9 @@ use trellis_operator::api::traffic_policy::{
     GrpcCode, HashSpec, LbAlgorithm, LoadBalancerSpec, RetriesSpec, RetryOn, SplitBackend,
     TimeoutsSpec,
 };
+use trellis_operator::compiler::visibility::{EXPORT_TO_ANNOTATION, IMPORT_FROM_ANNOTATION};
 use trellis_operator::compiler::{
-    InlineEndpoints, ObjectKey, Output, Snapshot, compile, infer_protocol,
+    InlineEndpoints, ObjectKey, Output, Snapshot, compile, compile_incremental, infer_protocol,
 };
 use trellis_proxy::config::{self as cfg, MtlsMode, Protocol, ProxyConfig};
 
@@ -1030,6 +1031,26 @@ fn a_change_touches_only_the_namespaces_it_affects() {
     // A TrafficPolicy: every namespace lists the Service, so every namespace.
     let w = world.clone().with(traffic_policy("c", "api", "api"));
     assert_eq!(changed(&w), ["b", "c", "shop"]);
+    // ... unless the Service is exported to fewer namespaces: then only those.
+    let mut scoped = world.clone();
+    scoped
+        .snap
+        .services
+        .retain(|s| s.metadata.name.as_deref() != Some("api"));
+    let scoped = scoped.with(
+        service("c", "api")
+            .ip("10.96.5.1")
+            .port(80, "http")
+            .annotate(EXPORT_TO_ANNOTATION, ".,b"),
+    );
+    let base = compile(&scoped.snap);
+    let w = scoped.clone().with(traffic_policy("c", "api", "api"));
+    let out = compile_incremental(&w.snap, Some(&base));
+    assert_eq!(
+        out.changed_since(&base).into_iter().collect::<Vec<_>>(),
+        ["b", "c"]
+    );
+    assert_eq!(out.stats.serialized, 1, "one Service re-serialized");
 
     // A conflicted policy changes no config, only its own status.
     let w = world.with(traffic_policy("shop", "t3", "reviews").created(9));
@@ -1047,4 +1068,199 @@ fn an_invalid_mesh_setting_is_refused_by_the_sidecar_validation() {
     let d = out.mesh.iter().find(|c| c.type_ == "Degraded").unwrap();
     assert_eq!(d.reason, "InvalidConfig");
     assert!(d.message.contains("trustDomain"), "{}", d.message);
+}
+
+// ---------------------------------------------------------------- visibility
+
+/// Three meshed namespaces: `shop` (reviews, reviews-v2), `shared` (auth, exported everywhere)
+/// and `batch` (jobs, exported to its own namespace only); `legacy` is not meshed.
+fn scoped_world() -> World {
+    shop()
+        .with(mesh())
+        .with(namespace("shared").meshed())
+        .with(namespace("batch").meshed())
+        .with(service("shared", "auth").ip("10.96.2.1").port(80, "http"))
+        .with(
+            service("batch", "jobs")
+                .ip("10.96.3.1")
+                .port(80, "http")
+                .annotate(EXPORT_TO_ANNOTATION, "."),
+        )
+}
+
+fn listed(out: &Output, ns: &str) -> Vec<String> {
+    config(out, ns)
+        .outbound
+        .iter()
+        .map(|s| format!("{}/{}", s.namespace, s.name))
+        .collect()
+}
+
+#[test]
+fn export_to_hides_a_service_from_other_namespaces() {
+    let out = compile(&scoped_world().snap);
+    assert_round_trips(&out);
+    assert!(listed(&out, "batch").contains(&"batch/jobs".to_string()));
+    for ns in ["shop", "shared"] {
+        assert!(
+            !listed(&out, ns).contains(&"batch/jobs".to_string()),
+            "{ns}: {:?}",
+            listed(&out, ns)
+        );
+        assert!(listed(&out, ns).contains(&"shared/auth".to_string()));
+    }
+    // `~`: nobody, not even its own namespace.
+    let w = scoped_world().with(
+        service("shared", "hidden")
+            .ip("10.96.2.2")
+            .port(80, "http")
+            .annotate(EXPORT_TO_ANNOTATION, "~"),
+    );
+    let out = compile(&w.snap);
+    for ns in ["shop", "shared", "batch"] {
+        assert!(!listed(&out, ns).contains(&"shared/hidden".to_string()));
+    }
+}
+
+#[test]
+fn import_from_limits_a_namespace_to_its_own_and_the_named_ones() {
+    let mut w = scoped_world();
+    w.snap
+        .namespaces
+        .retain(|n| n.metadata.name.as_deref() != Some("shop"));
+    let w = w.with(
+        namespace("shop")
+            .meshed()
+            .annotate(IMPORT_FROM_ANNOTATION, "shared"),
+    );
+    let out = compile(&w.snap);
+    assert_round_trips(&out);
+    assert_eq!(
+        listed(&out, "shop"),
+        ["shared/auth", "shop/reviews", "shop/reviews-v2"],
+        "legacy/db is in neither imported namespace"
+    );
+    // Other namespaces are unaffected.
+    assert!(listed(&out, "shared").contains(&"legacy/db".to_string()));
+}
+
+#[test]
+fn a_policy_reaches_only_the_namespaces_that_see_its_service() {
+    let base = scoped_world();
+    let before = compile(&base.snap);
+    // Policy on batch/jobs (exported to batch only): only batch is rewritten.
+    let w = base
+        .clone()
+        .with(traffic_policy("batch", "jobs-policy", "jobs"));
+    let out = compile_incremental(&w.snap, Some(&before));
+    assert_eq!(
+        out.changed_since(&before).into_iter().collect::<Vec<_>>(),
+        ["batch"]
+    );
+    assert_eq!(out.stats.serialized, 1);
+    let p = tp_cond(&out, "batch", "jobs-policy", "Programmed");
+    assert!(p.is_true(), "{p:?}");
+    assert!(
+        p.message
+            .contains("every meshed namespace that sees Service jobs"),
+        "{}",
+        p.message
+    );
+    // The same compile from scratch agrees.
+    assert_eq!(out.render_all(), compile(&w.snap).render_all());
+
+    // Policy on shared/auth (exported everywhere): every meshed namespace.
+    let w = base.with(traffic_policy("shared", "auth-policy", "auth"));
+    let out = compile_incremental(&w.snap, Some(&before));
+    assert_eq!(
+        out.changed_since(&before).into_iter().collect::<Vec<_>>(),
+        ["batch", "shared", "shop"]
+    );
+}
+
+#[test]
+fn a_policy_on_a_service_nobody_sees_is_not_programmed() {
+    // Exported only to `legacy`, which is not meshed.
+    let w = shop()
+        .with(
+            service("shop", "internal")
+                .ip("10.96.0.20")
+                .port(80, "http")
+                .annotate(EXPORT_TO_ANNOTATION, "legacy"),
+        )
+        .with(traffic_policy("shop", "p", "internal"));
+    let out = compile(&w.snap);
+    assert!(tp_cond(&out, "shop", "p", "Accepted").is_true());
+    let p = tp_cond(&out, "shop", "p", "Programmed");
+    assert!(!p.is_true());
+    assert_eq!(p.reason, "NotVisible");
+    assert!(p.message.contains(EXPORT_TO_ANNOTATION), "{}", p.message);
+    assert_eq!(tp_cond(&out, "shop", "p", "Ready").reason, "NotVisible");
+}
+
+#[test]
+fn split_backends_are_listed_wherever_the_split_service_is() {
+    // reviews-v2 is hidden from everyone but shop; reviews (visible everywhere) splits to it.
+    let mut w = scoped_world();
+    w.snap
+        .services
+        .retain(|s| s.metadata.name.as_deref() != Some("reviews-v2"));
+    let w = w
+        .with(
+            service("shop", "reviews-v2")
+                .ip("10.96.0.11")
+                .port(9080, "http")
+                .annotate(EXPORT_TO_ANNOTATION, "."),
+        )
+        .with(traffic_policy("shop", "canary", "reviews").spec(|s| {
+            s.split = vec![
+                SplitBackend {
+                    name: "reviews".into(),
+                    weight: 90,
+                },
+                SplitBackend {
+                    name: "reviews-v2".into(),
+                    weight: 10,
+                },
+            ]
+        }));
+    let out = compile(&w.snap);
+    assert_round_trips(&out);
+    for ns in ["shop", "shared", "batch"] {
+        assert!(
+            listed(&out, ns).contains(&"shop/reviews-v2".to_string()),
+            "{ns}: {:?}",
+            listed(&out, ns)
+        );
+    }
+}
+
+#[test]
+fn a_malformed_visibility_annotation_is_reported_and_means_everyone() {
+    let mut w = scoped_world();
+    w.snap
+        .namespaces
+        .retain(|n| n.metadata.name.as_deref() != Some("shop"));
+    let w = w
+        .with(
+            namespace("shop")
+                .meshed()
+                .annotate(IMPORT_FROM_ANNOTATION, "Shared"),
+        )
+        .with(
+            service("shared", "typo")
+                .ip("10.96.2.3")
+                .port(80, "http")
+                .annotate(EXPORT_TO_ANNOTATION, "batch;shop"),
+        );
+    let out = compile(&w.snap);
+    assert_round_trips(&out);
+    // Both fall back to `*`.
+    assert!(listed(&out, "shop").contains(&"legacy/db".to_string()));
+    assert!(listed(&out, "batch").contains(&"shared/typo".to_string()));
+    let d = out.mesh.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!(d.reason, "MalformedObjects");
+    assert!(d.message.contains("Namespace shop"), "{}", d.message);
+    assert!(d.message.contains("Service shared/typo"), "{}", d.message);
+    assert!(d.message.contains("treated as *"), "{}", d.message);
 }

@@ -7,7 +7,8 @@ use compiler_fixtures::*;
 use proptest::prelude::*;
 use trellis_operator::api::peer_authentication::MtlsMode as M;
 use trellis_operator::api::traffic_policy::{RetriesSpec, RetryOn, SplitBackend, TimeoutsSpec};
-use trellis_operator::compiler::compile;
+use trellis_operator::compiler::visibility::{EXPORT_TO_ANNOTATION, IMPORT_FROM_ANNOTATION};
+use trellis_operator::compiler::{Output, compile, compile_incremental};
 use trellis_proxy::config::ProxyConfig;
 
 const NAMESPACES: [&str; 4] = ["a", "b", "c", "trellis-system"];
@@ -33,6 +34,10 @@ fn port_name() -> impl Strategy<Value = Option<&'static str>> {
         &["http", "grpc-a", "tcp-db", "web", ""][..],
     ))
 }
+/// `export-to` / `import-from` values, valid and not.
+fn scope() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(&["*", ".", "~", "a", "b,.", "c, a", "A!", "", "~,a"][..])
+}
 fn mode() -> impl Strategy<Value = M> {
     prop::sample::select(&[M::Unset, M::Strict, M::Permissive, M::Disable][..])
 }
@@ -53,12 +58,13 @@ fn duration() -> impl Strategy<Value = String> {
 
 #[derive(Debug, Clone)]
 enum Obj {
-    Ns(&'static str, bool),
+    Ns(&'static str, bool, Option<&'static str>),
     Svc(
         &'static str,
         &'static str,
         String,
         Vec<(i32, Option<&'static str>, bool)>,
+        Option<&'static str>,
     ),
     Slice(
         &'static str,
@@ -90,14 +96,15 @@ enum Obj {
 
 fn obj() -> impl Strategy<Value = Obj> {
     prop_oneof![
-        (ns(), any::<bool>()).prop_map(|(n, m)| Obj::Ns(n, m)),
+        (ns(), any::<bool>(), prop::option::of(scope())).prop_map(|(n, m, i)| Obj::Ns(n, m, i)),
         (
             ns(),
             name(),
             ip(),
-            prop::collection::vec((-1i32..70000, port_name(), any::<bool>()), 0..3)
+            prop::collection::vec((-1i32..70000, port_name(), any::<bool>()), 0..3),
+            prop::option::of(scope())
         )
-            .prop_map(|(n, s, i, p)| Obj::Svc(n, s, i, p)),
+            .prop_map(|(n, s, i, p, e)| Obj::Svc(n, s, i, p, e)),
         (
             ns(),
             name(),
@@ -150,7 +157,7 @@ fn world(objs: &[Obj]) -> World {
     let mut seen = std::collections::BTreeSet::new();
     for o in objs.iter().cloned() {
         let key = match &o {
-            Obj::Ns(n, _) => ("ns", *n, String::new()),
+            Obj::Ns(n, ..) => ("ns", *n, String::new()),
             Obj::Svc(n, s, ..) => ("svc", *n, s.to_string()),
             Obj::Slice(n, s, i, ..) => ("slice", *n, format!("{s}-{i}")),
             Obj::Pod(n, p, ..) => ("pod", *n, p.to_string()),
@@ -161,12 +168,18 @@ fn world(objs: &[Obj]) -> World {
             continue;
         }
         match o {
-            Obj::Ns(n, meshed) => {
-                let b = namespace(n);
+            Obj::Ns(n, meshed, import) => {
+                let mut b = namespace(n);
+                if let Some(v) = import {
+                    b = b.annotate(IMPORT_FROM_ANNOTATION, v);
+                }
                 w.add(if meshed { b.meshed() } else { b });
             }
-            Obj::Svc(n, s, i, ports) => {
+            Obj::Svc(n, s, i, ports, export) => {
                 let mut b = service(n, s).ip(&i).selector("app", s);
+                if let Some(v) = export {
+                    b = b.annotate(EXPORT_TO_ANNOTATION, v);
+                }
                 for (port, name, udp) in ports {
                     b = b.port_full(port, name, None, udp.then_some("UDP"));
                 }
@@ -265,4 +278,44 @@ proptest! {
         prop_assert_eq!(&rendered, &c.render_all());
         prop_assert!(c.changed_since(&a).is_empty());
     }
+
+    /// A recompile that reuses the previous compile's fragments gives exactly what a compile
+    /// from scratch gives (text, revisions, statuses), whether objects were added or removed.
+    #[test]
+    fn incremental_compile_equals_a_full_compile(
+        objs in prop::collection::vec(obj(), 0..40),
+        cut in 0usize..40,
+    ) {
+        let small = world(&objs[..cut.min(objs.len())]);
+        let big = world(&objs);
+        for (before, after) in [(&small, &big), (&big, &small)] {
+            let previous = compile(&before.snap);
+            let inc = compile_incremental(&after.snap, Some(&previous));
+            let full = compile(&after.snap);
+            same(&inc, &full)?;
+            prop_assert!(inc.stats.serialized <= full.stats.serialized);
+        }
+        // Nothing changed: nothing serialized.
+        let first = compile(&big.snap);
+        let again = compile_incremental(&big.snap, Some(&first));
+        prop_assert_eq!(again.stats.serialized, 0);
+        same(&again, &first)?;
+    }
+}
+
+fn same(a: &Output, b: &Output) -> Result<(), TestCaseError> {
+    prop_assert_eq!(a.render_all(), b.render_all());
+    let revisions = |o: &Output| {
+        o.configs
+            .iter()
+            .map(|(ns, c)| (ns.clone(), c.revision().to_string()))
+            .collect::<Vec<_>>()
+    };
+    prop_assert_eq!(revisions(a), revisions(b));
+    prop_assert_eq!(&a.traffic_policies, &b.traffic_policies);
+    prop_assert_eq!(&a.peer_authentications, &b.peer_authentications);
+    prop_assert_eq!(&a.mesh, &b.mesh);
+    prop_assert_eq!(&a.too_large, &b.too_large);
+    prop_assert_eq!(&a.invalid, &b.invalid);
+    Ok(())
 }

@@ -7,9 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use super::conditions::Condition;
 
-/// Client-side traffic policy for one Service. Applied by every sidecar that calls the Service.
-/// When two policies target the same Service (and port), the oldest wins and the others report
-/// `Accepted=False` with reason `Conflicted`.
+/// Client-side traffic policy for one Service. Applied by every sidecar that calls the Service,
+/// that is every meshed namespace that sees it (see the Service's `trellis.dev/export-to` and
+/// the namespace's `trellis.dev/import-from` annotations). When two policies target the same
+/// Service (and port), the oldest wins and the others report `Accepted=False` with reason
+/// `Conflicted`.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
     group = "trellis.dev",

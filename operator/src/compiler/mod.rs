@@ -6,10 +6,12 @@
 //! configs and unchanged namespaces cause no writes.
 //!
 //! # Decisions (documented here because they are policy, not accident)
-//! - **Outbound visibility.** Every namespace's table lists every Service of the cluster that has
-//!   a TCP port (meshed or not): a meshed workload may call anything, and a Service whose pods
-//!   have no sidecar is listed with empty `identities`, which tells the proxy to use plaintext.
-//!   A TrafficPolicy therefore changes the table of every meshed namespace.
+//! - **Outbound visibility.** By default every namespace's table lists every Service of the
+//!   cluster that has a TCP port (meshed or not): a meshed workload may call anything, and a
+//!   Service whose pods have no sidecar is listed with empty `identities`, which tells the proxy
+//!   to use plaintext. A TrafficPolicy therefore changes the table of every meshed namespace,
+//!   unless `trellis.dev/export-to` / `trellis.dev/import-from` narrow who sees the Service
+//!   (see [`visibility`]); then it changes exactly the namespaces that see it.
 //! - **Inline endpoints.** By default ([`InlineEndpoints::SameNamespace`]) a namespace's config
 //!   carries the endpoints of its own Services only; other Services are reached through their
 //!   cluster IP (the design's fallback) and verified against the Service-level identities. With
@@ -26,19 +28,21 @@
 //!   so two policies on the same Service conflict even when they name different ports.
 //!
 //! # Incremental compiles
-//! A compile builds the shared indexes once (outbound table, policies, one pre-serialized
-//! fragment per Service) and then, per namespace, only its inbound policies and a plan of
-//! fragments; the revision and size follow from the plan without rendering. No text is produced
-//! here: the applier compares each namespace's revision with what it observed and renders only
-//! the ConfigMaps it writes. A TrafficPolicy change touches one fragment, which every
-//! namespace's table includes; a namespace-level PeerAuthentication or an endpoint change
-//! touches one namespace.
+//! A compile builds the shared indexes once (outbound table, policies) and reuses from the
+//! previous compile ([`compile_incremental`]) the pre-serialized, pre-validated fragment of
+//! every Service whose compiled value did not change; per namespace it computes only its
+//! inbound policies and a plan of fragments, and the revision and size follow from the plan
+//! without rendering. No text is produced here: the applier compares each namespace's revision
+//! with what it observed and renders only the ConfigMaps it writes. A TrafficPolicy change
+//! re-serializes one fragment and moves the revision of the namespaces that see its Service; a
+//! namespace-level PeerAuthentication or an endpoint change touches one namespace.
 
 mod inbound;
 mod outbound;
 mod pod;
 mod policy;
 mod render;
+pub mod visibility;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -151,7 +155,12 @@ impl ObjectKey {
 
 impl std::fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        if self.namespace.is_empty() {
+            // Cluster-scoped (a Namespace).
+            write!(f, "{}", self.name)
+        } else {
+            write!(f, "{}/{}", self.namespace, self.name)
+        }
     }
 }
 
@@ -226,6 +235,18 @@ pub struct Output {
     pub mesh: Vec<Condition>,
     /// Objects skipped as malformed.
     pub problems: Vec<Problem>,
+    /// How much of this compile was new work.
+    pub stats: CompileStats,
+    /// The shared fragments, for the next [`compile_incremental`].
+    fragments: Option<Arc<render::Fragments>>,
+}
+
+/// How much work a compile did: Services in the table, and how many of them were serialized and
+/// validated anew (the rest were reused from the previous compile).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompileStats {
+    pub services: usize,
+    pub serialized: usize,
 }
 
 impl Output {
@@ -260,17 +281,25 @@ impl Output {
     }
 }
 
-/// Compiles a snapshot.
-///
-/// The compile is per namespace over shared indexes: the outbound table, the policies and the
-/// Service fragments are built once; each namespace adds its inbound policies and a plan of
-/// fragments, from which its revision and size follow without rendering. What changed since a
-/// previous compile is [`Output::changed_since`]; the applier renders and writes only those.
+/// Compiles a snapshot from scratch.
 pub fn compile(snapshot: &Snapshot) -> Output {
+    compile_incremental(snapshot, None)
+}
+
+/// Compiles a snapshot, reusing what `previous` (the last compile's output) already serialized.
+///
+/// The compile is per namespace over shared indexes: the outbound table and the policies are
+/// built once, and each Service's fragment is serialized and validated only when its compiled
+/// value differs from `previous`'s; each namespace adds its inbound policies and a plan of
+/// fragments, from which its revision and size follow without rendering. The result is the same
+/// as [`compile`]'s, byte for byte (tests check). What changed since `previous` is
+/// [`Output::changed_since`]; the applier renders and writes only those.
+pub fn compile_incremental(snapshot: &Snapshot, previous: Option<&Output>) -> Output {
     let mut problems = Vec::new();
     let settings = &snapshot.settings;
     let mesh_spec = snapshot.mesh.as_ref().map(|m| &m.spec);
     let meshed = meshed_namespaces(snapshot);
+    let imports = import_scopes(snapshot, &meshed, &mut problems);
 
     let table = outbound::build(snapshot, &mut problems);
     let policies = policy::compile(&snapshot.traffic_policies, &table);
@@ -284,20 +313,35 @@ pub fn compile(snapshot: &Snapshot) -> Output {
         inbound: Vec::new(),
         outbound: Vec::new(),
     };
-    let fragments = Arc::new(render::Fragments::build(&table, &policies.attached, &blank));
+    let fragments = Arc::new(render::Fragments::build(
+        table,
+        &policies.attached,
+        &blank,
+        previous.and_then(|p| p.fragments.as_deref()),
+    ));
 
     let mut out = Output {
         meshed: meshed.clone(),
+        stats: CompileStats {
+            services: fragments.len(),
+            serialized: fragments.serialized,
+        },
+        fragments: Some(fragments.clone()),
         ..Default::default()
     };
+    // How many meshed namespaces see each Service, and how many of those got their config:
+    // what a TrafficPolicy's `Programmed` condition reports.
+    let mut reach = Reach::new(fragments.len());
     for ns in &meshed {
+        let import = imports.get(ns).unwrap_or(&visibility::Scope::All);
+        let plan = fragments.plan(ns, settings.inline_endpoints, import);
         let mut header = ProxyConfig {
             namespace: ns.clone(),
             inbound: inbound.policies_for(ns),
             ..blank.clone()
         };
-        // The sidecar's own validation, so a config it would refuse is never written: the
-        // table once (in `Fragments::build`), each namespace's header here. Together they are
+        // The sidecar's own validation, so a config it would refuse is never written: each
+        // Service once (in `Fragments::build`), each namespace's header here. Together they are
         // everything `ProxyConfig::validate` checks (tests parse every rendered config back).
         let errors = header
             .validate()
@@ -310,10 +354,10 @@ pub fn compile(snapshot: &Snapshot) -> Output {
             })
             .or_else(|| fragments.table_errors.clone());
         if let Some(e) = errors {
+            reach.add(&plan, false);
             out.invalid.insert(ns.clone(), e);
             continue;
         }
-        let plan = fragments.plan(ns, settings.inline_endpoints);
         header.revision = fragments.revision(&header, &plan);
         let config = NamespaceConfig {
             header,
@@ -322,6 +366,7 @@ pub fn compile(snapshot: &Snapshot) -> Output {
         };
         let bytes = config.len();
         if bytes > settings.max_config_bytes {
+            reach.add(&config.plan, false);
             out.too_large.insert(
                 ns.clone(),
                 TooLarge {
@@ -331,16 +376,93 @@ pub fn compile(snapshot: &Snapshot) -> Output {
             );
             continue;
         }
+        reach.add(&config.plan, true);
         out.configs.insert(ns.clone(), Arc::new(config));
     }
 
+    out.traffic_policies = policies.conditions(&meshed, |target| {
+        fragments.index_of(target).map(|i| reach.get(i))
+    });
     let emitted: BTreeSet<&str> = out.configs.keys().map(String::as_str).collect();
-    out.traffic_policies = policies.conditions(&emitted, &meshed, &table);
     out.peer_authentications = inbound.conditions(&emitted, &meshed, &settings.root_namespace);
     problems.sort();
     problems.dedup();
     out.mesh = mesh_conditions(snapshot, &out, &problems);
     out.problems = problems;
+    out
+}
+
+/// Per Service: in how many meshed namespaces' tables it is, and how many of those were written.
+struct Reach {
+    /// Namespaces that see the whole table (counted once instead of per Service).
+    all: (usize, usize),
+    each: Vec<(usize, usize)>,
+}
+
+impl Reach {
+    fn new(services: usize) -> Self {
+        Self {
+            all: (0, 0),
+            each: vec![(0, 0); services],
+        }
+    }
+
+    fn add(&mut self, plan: &render::Plan, written: bool) {
+        let slot = |c: &mut (usize, usize)| {
+            c.0 += 1;
+            c.1 += usize::from(written);
+        };
+        match plan.included() {
+            None => slot(&mut self.all),
+            Some(list) => list.iter().for_each(|i| slot(&mut self.each[*i as usize])),
+        }
+    }
+
+    /// `(seen by, written into)` for one Service.
+    fn get(&self, i: u32) -> PolicyReach {
+        let e = self.each[i as usize];
+        PolicyReach {
+            namespaces: self.all.0 + e.0,
+            written: self.all.1 + e.1,
+        }
+    }
+}
+
+/// How far a Service's policy reaches: the meshed namespaces whose table lists the Service, and
+/// how many of those had their config written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PolicyReach {
+    pub namespaces: usize,
+    pub written: usize,
+}
+
+/// The import scope of every meshed namespace that narrows it; malformed annotations are
+/// reported (and mean `*`).
+fn import_scopes(
+    snapshot: &Snapshot,
+    meshed: &BTreeSet<String>,
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<String, visibility::Scope> {
+    let mut out = BTreeMap::new();
+    for ns in &snapshot.namespaces {
+        let Some(name) = ns.metadata.name.as_deref() else {
+            continue;
+        };
+        if !meshed.contains(name) {
+            continue;
+        }
+        match visibility::import_scope(ns.metadata.annotations.as_ref(), name) {
+            Ok(visibility::Scope::All) => {}
+            Ok(scope) => {
+                out.insert(name.to_string(), scope);
+            }
+            Err(message) => problems.push(Problem {
+                kind: "Namespace",
+                object: ObjectKey::new("", name),
+                message,
+            }),
+        }
+    }
     out
 }
 

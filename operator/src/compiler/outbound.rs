@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use k8s_openapi::api::core::v1::Service;
 use trellis_proxy::config::{Endpoint, OutboundService, Protocol, ServicePort, spiffe_id};
 
+use super::visibility::{self, Scope};
 use super::{ObjectKey, PROXY_VERSION_ANNOTATION, Problem, SlimPod, Snapshot};
 
 /// Label EndpointSlices carry to name their Service.
@@ -15,6 +16,8 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The compiled table, sorted by `(namespace, name)`.
 pub(crate) struct Table {
     pub services: BTreeMap<ObjectKey, OutboundService>,
+    /// Services whose `trellis.dev/export-to` narrows who sees them (absent: everyone).
+    pub exports: BTreeMap<ObjectKey, Scope>,
 }
 
 impl Table {
@@ -133,6 +136,7 @@ pub(crate) fn build(snapshot: &Snapshot, problems: &mut Vec<Problem>) -> Table {
     }
 
     let mut services = BTreeMap::new();
+    let mut exports = BTreeMap::new();
     for svc in &snapshot.services {
         let key = ObjectKey::of(&svc.metadata);
         if key.name.is_empty() || key.namespace.is_empty() {
@@ -147,13 +151,20 @@ pub(crate) fn build(snapshot: &Snapshot, problems: &mut Vec<Problem>) -> Table {
         };
         match compile_service(svc, &key, &slices, &pods, &mut report) {
             Ok(Some(s)) => {
+                match visibility::export_scope(svc.metadata.annotations.as_ref(), &key.namespace) {
+                    Ok(Scope::All) => {}
+                    Ok(scope) => {
+                        exports.insert(key.clone(), scope);
+                    }
+                    Err(message) => report(message),
+                }
                 services.insert(key.clone(), s);
             }
             Ok(None) => {}
             Err(message) => report(message),
         }
     }
-    Table { services }
+    Table { services, exports }
 }
 
 fn compile_service(

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use trellis_proxy::config as cfg;
 
 use super::outbound::Table;
-use super::{ObjectKey, age_key};
+use super::visibility::{EXPORT_TO_ANNOTATION, IMPORT_FROM_ANNOTATION};
+use super::{ObjectKey, PolicyReach, age_key};
 use crate::api::conditions::{Condition, ConditionStatus};
 use crate::api::traffic_policy as api;
 use crate::duration;
@@ -59,14 +60,14 @@ pub(crate) fn compile(policies: &[Arc<api::TrafficPolicy>], table: &Table) -> Co
 }
 
 impl Compiled {
-    /// `Accepted`, `Programmed` and `Ready` of every policy. `Programmed` needs at least one
-    /// emitted namespace config (every config lists every Service, so one is enough to say the
-    /// policy reaches callers there).
+    /// `Accepted`, `Programmed` and `Ready` of every policy. `reach` says, for a Service in the
+    /// table, how many meshed namespaces list it (see [`visibility`](super::visibility)) and
+    /// into how many of those the config was written. Messages carry counts only when something
+    /// is wrong, so adding a namespace does not rewrite every policy's status.
     pub fn conditions(
         &self,
-        emitted: &BTreeSet<&str>,
         meshed: &BTreeSet<String>,
-        table: &Table,
+        reach: impl Fn(&ObjectKey) -> Option<PolicyReach>,
     ) -> BTreeMap<ObjectKey, Vec<Condition>> {
         let mut out = BTreeMap::new();
         for (key, (target, generation, verdict)) in &self.verdicts {
@@ -97,61 +98,71 @@ impl Compiled {
                     g,
                 ),
             };
-            let programmed = if verdict.is_some() {
-                Condition::new(
+            let programmed = match (verdict, reach(target)) {
+                (Some(_), _) => Condition::new(
                     "Programmed",
                     ConditionStatus::False,
                     "NotAccepted",
                     "The policy is not accepted; see the Accepted condition.",
                     g,
-                )
-            } else if table.get(target).is_none() {
-                Condition::new(
+                ),
+                (None, None) => Condition::new(
                     "Programmed",
                     ConditionStatus::False,
                     "TargetNotFound",
                     "The target Service is not in the outbound table.",
                     g,
-                )
-            } else if meshed.is_empty() {
-                Condition::new(
+                ),
+                (None, Some(_)) if meshed.is_empty() => Condition::new(
                     "Programmed",
                     ConditionStatus::False,
                     "NoMeshedNamespaces",
                     "No namespace is meshed, so no sidecar calls this Service. Label a namespace \
                      trellis.dev/inject=enabled.",
                     g,
-                )
-            } else if emitted.is_empty() {
-                Condition::new(
+                ),
+                (None, Some(r)) if r.namespaces == 0 => Condition::new(
+                    "Programmed",
+                    ConditionStatus::False,
+                    "NotVisible",
+                    format!(
+                        "No meshed namespace sees Service {}, so no sidecar applies this policy. \
+                         Check the Service's {EXPORT_TO_ANNOTATION} annotation and the calling \
+                         namespaces' {IMPORT_FROM_ANNOTATION} annotation.",
+                        target.name
+                    ),
+                    g,
+                ),
+                (None, Some(r)) if r.written == 0 => Condition::new(
                     "Programmed",
                     ConditionStatus::False,
                     "ConfigNotWritten",
-                    "No namespace's sidecar configuration could be written; see the Mesh's \
-                     Degraded condition.",
+                    "No sidecar configuration that lists this Service could be written; see the \
+                     Mesh's Degraded condition.",
                     g,
-                )
-            } else if emitted.len() < meshed.len() {
-                Condition::new(
+                ),
+                (None, Some(r)) if r.written < r.namespaces => Condition::new(
                     "Programmed",
                     ConditionStatus::True,
                     "PartiallyProgrammed",
                     format!(
-                        "Written into {} of {} meshed namespaces; see the Mesh's Degraded \
-                         condition for the others.",
-                        emitted.len(),
-                        meshed.len()
+                        "Written into {} of the {} meshed namespaces that see Service {}; see the \
+                         Mesh's Degraded condition for the others.",
+                        r.written, r.namespaces, target.name
                     ),
                     g,
-                )
-            } else {
-                Condition::new(
+                ),
+                (None, Some(_)) => Condition::new(
                     "Programmed",
                     ConditionStatus::True,
                     "Programmed",
-                    "Written into the sidecar configuration of every meshed namespace.",
+                    format!(
+                        "Written into the sidecar configuration of every meshed namespace that \
+                         sees Service {}.",
+                        target.name
+                    ),
                     g,
-                )
+                ),
             };
             let ready = Condition::new(
                 "Ready",

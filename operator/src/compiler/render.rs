@@ -1,20 +1,27 @@
 //! Rendering a namespace's `config.json` from shared, pre-serialized pieces.
 //!
-//! Every namespace lists the same Services, so each Service is serialized once, in two variants
-//! (with its inline endpoints, and without), and a namespace's text is its header followed by
-//! one variant of every Service. The bytes are exactly `ProxyConfig::to_json_pretty()` (tests
-//! check). A namespace is described by a [`Plan`]: a base variant for all Services plus the few
-//! Services that use the other one (its own, by default). The revision and the length follow
-//! from the plan without rendering, so a compile never materializes 200 copies of the table:
-//! text is produced only for the ConfigMaps the applier actually writes.
+//! Every namespace lists (a subset of) the same Services, so each Service is serialized once,
+//! in two variants (with its inline endpoints, and without), and a namespace's text is its
+//! header followed by one variant of each Service it sees. The bytes are exactly
+//! `ProxyConfig::to_json_pretty()` (tests check). A namespace is described by a [`Plan`]: which
+//! Services it sees (all, or a list when `export-to`/`import-from` narrow it, see
+//! [`visibility`](super::visibility)), a base variant, and the few Services that use the other
+//! one (its own, by default). The revision and the length follow from the plan without
+//! rendering, so a compile never materializes 200 copies of the table: text is produced only for
+//! the ConfigMaps the applier actually writes.
+//!
+//! Fragments are also what makes a recompile incremental: an entry whose compiled Service
+//! (policy included) equals the previous compile's is reused as is, text, digest and validation
+//! verdict, so a TrafficPolicy edit serializes and validates one Service, not the table.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use trellis_proxy::config::{OutboundService, ProxyConfig, TrafficPolicy};
+use trellis_proxy::config::{OutboundService, ProxyConfig, ServicePort, TrafficPolicy};
 
 use super::outbound::Table;
+use super::visibility::Scope;
 use super::{InlineEndpoints, ObjectKey};
 
 /// One Service, serialized at the indentation of an element of the top-level `outbound` array.
@@ -23,10 +30,15 @@ struct Fragment {
     digest: [u8; 32],
 }
 
+/// One Service of the table, immutable once built and shared by consecutive compiles.
 struct Entry {
+    /// The compiled Service with its policy: what the next compile compares against.
+    value: OutboundService,
     full: Fragment,
     /// Without inline endpoints; `None` when the Service has none (then `full` is used).
     remote: Option<Fragment>,
+    /// The sidecar validator's verdict on this Service; `None` when valid.
+    errors: Option<String>,
 }
 
 impl Entry {
@@ -36,11 +48,22 @@ impl Entry {
             _ => &self.full,
         }
     }
+
+    fn key(&self) -> (&str, &str) {
+        (&self.value.namespace, &self.value.name)
+    }
 }
 
 /// Every Service's fragments, shared by all namespaces of one compile.
 pub(crate) struct Fragments {
-    entries: Vec<Entry>,
+    entries: Vec<Arc<Entry>>,
+    /// Who may see each entry (parallel to `entries`).
+    export: Vec<Scope>,
+    /// Entries each entry splits traffic to (parallel to `entries`).
+    backends: Vec<Vec<u32>>,
+    /// Whether any entry is hidden from some namespace (else every namespace that imports
+    /// everything sees the whole table, the fast path).
+    restricted: bool,
     /// Indices of each namespace's own Services.
     by_namespace: BTreeMap<String, Vec<u32>>,
     /// Digest and total text length of the all-remote and the all-full tables.
@@ -48,14 +71,34 @@ pub(crate) struct Fragments {
     full: ([u8; 32], usize),
     /// Problems the sidecar's validation finds in the table (same in every namespace).
     pub table_errors: Option<String>,
+    /// Entries serialized by this compile; the others were reused from the previous one.
+    pub serialized: usize,
+}
+
+impl std::fmt::Debug for Fragments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fragments")
+            .field("services", &self.entries.len())
+            .field("serialized", &self.serialized)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Which fragments one namespace's config is made of.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Plan {
     base_full: bool,
-    /// Services that use the other variant than the base.
+    /// The Services the namespace sees (sorted indices); `None` is all of them.
+    include: Option<Vec<u32>>,
+    /// Services that use the other variant than the base (sorted, all included).
     overrides: Vec<u32>,
+}
+
+impl Plan {
+    /// Included indices, or `None` for all of them.
+    pub fn included(&self) -> Option<&[u32]> {
+        self.include.as_deref()
+    }
 }
 
 fn fragment(svc: &OutboundService) -> Fragment {
@@ -74,44 +117,132 @@ fn fragment(svc: &OutboundService) -> Fragment {
     Fragment { text, digest }
 }
 
+/// Runs the sidecar's own validator on one Service. Split backends are checked by the policy
+/// compiler (a split to a Service outside the table is `Invalid`) and kept visible by
+/// [`Fragments::plan`]; here they are stood in for by minimal valid entries so the validator's
+/// cross-Service check passes and everything else about the Service is checked for real.
+fn validate(svc: &OutboundService, header: &ProxyConfig) -> Option<String> {
+    let mut cfg = header.clone();
+    cfg.outbound.push(svc.clone());
+    for b in svc.policy.iter().flat_map(|p| &p.split) {
+        if let Some((name, namespace)) = b.service.split_once('.')
+            && b.service != svc.key()
+        {
+            cfg.outbound.push(OutboundService {
+                name: name.into(),
+                namespace: namespace.into(),
+                addresses: Vec::new(),
+                ports: vec![ServicePort {
+                    port: 1,
+                    name: None,
+                    protocol: Default::default(),
+                    endpoints: Vec::new(),
+                }],
+                identities: Vec::new(),
+                policy: None,
+            });
+        }
+    }
+    cfg.validate().err().map(|errs| {
+        errs.iter()
+            .map(|e| format!("Service {}/{}: {e}", svc.namespace, svc.name))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
+fn build_entry(value: OutboundService, header: &ProxyConfig) -> Entry {
+    let full = fragment(&value);
+    let remote = value
+        .ports
+        .iter()
+        .any(|p| !p.endpoints.is_empty())
+        .then(|| {
+            let mut bare = value.clone();
+            for p in &mut bare.ports {
+                p.endpoints.clear();
+            }
+            fragment(&bare)
+        });
+    let errors = validate(&value, header);
+    Entry {
+        value,
+        full,
+        remote,
+        errors,
+    }
+}
+
 impl Fragments {
-    /// Serializes every Service with its attached policy and validates the whole table once
-    /// with the sidecar's own validator (`header` supplies valid mesh settings).
+    /// Serializes every Service with its attached policy, reusing the entries of `previous`
+    /// whose compiled value is unchanged, and validates what is new with the sidecar's own
+    /// validator (`header` supplies valid mesh settings; a Service's text and verdict do not
+    /// depend on them, which is what makes reuse across Mesh edits sound).
     pub fn build(
-        table: &Table,
+        table: Table,
         policies: &BTreeMap<ObjectKey, TrafficPolicy>,
         header: &ProxyConfig,
+        previous: Option<&Fragments>,
     ) -> Self {
-        let mut entries = Vec::with_capacity(table.services.len());
+        let n = table.services.len();
+        let mut entries: Vec<Arc<Entry>> = Vec::with_capacity(n);
+        let mut export = Vec::with_capacity(n);
         let mut by_namespace: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-        let mut all = Vec::with_capacity(table.services.len());
-        for (key, svc) in &table.services {
-            let mut svc = svc.clone();
-            svc.policy = policies.get(key).cloned();
-            let has_endpoints = svc.ports.iter().any(|p| !p.endpoints.is_empty());
-            let full = fragment(&svc);
-            let remote = has_endpoints.then(|| {
-                let mut bare = svc.clone();
-                for p in &mut bare.ports {
-                    p.endpoints.clear();
+        let mut serialized = 0;
+        let mut exports = table.exports;
+        // Both tables are sorted by (namespace, name): one cursor walks the previous one.
+        let prev = previous.map(|p| p.entries.as_slice()).unwrap_or_default();
+        let mut cursor = 0;
+        for (key, mut svc) in table.services {
+            svc.policy = policies.get(&key).cloned();
+            while cursor < prev.len()
+                && prev[cursor].key() < (key.namespace.as_str(), key.name.as_str())
+            {
+                cursor += 1;
+            }
+            let entry = match prev.get(cursor) {
+                Some(p) if p.value == svc => p.clone(),
+                _ => {
+                    serialized += 1;
+                    Arc::new(build_entry(svc, header))
                 }
-                fragment(&bare)
-            });
+            };
             by_namespace
                 .entry(key.namespace.clone())
                 .or_default()
                 .push(entries.len() as u32);
-            entries.push(Entry { full, remote });
-            all.push(svc);
+            export.push(exports.remove(&key).unwrap_or_default());
+            entries.push(entry);
         }
-        let mut validate = header.clone();
-        validate.outbound = all;
-        let table_errors = validate.validate().err().map(|errs| {
-            errs.iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        });
+        let index = |service: &str| {
+            let (name, namespace) = service.split_once('.')?;
+            entries
+                .binary_search_by(|e| e.key().cmp(&(namespace, name)))
+                .ok()
+                .map(|i| i as u32)
+        };
+        let backends: Vec<Vec<u32>> = entries
+            .iter()
+            .map(|e| {
+                e.value
+                    .policy
+                    .iter()
+                    .flat_map(|p| &p.split)
+                    .filter_map(|b| index(&b.service))
+                    .collect()
+            })
+            .collect();
+        let mut errors: Vec<&str> = entries.iter().filter_map(|e| e.errors.as_deref()).collect();
+        // A split backend missing from the table would be refused by the sidecar; the policy
+        // compiler rejects such splits, so this only fires on a compiler bug.
+        for e in &entries {
+            for b in e.value.policy.iter().flat_map(|p| &p.split) {
+                if index(&b.service).is_none() {
+                    errors.push("a split backend is missing from the outbound table");
+                }
+            }
+        }
+        let table_errors = (!errors.is_empty()).then(|| errors.join("; "));
         let sum = |full: bool| {
             let mut h = Sha256::new();
             let mut len = 0;
@@ -124,61 +255,150 @@ impl Fragments {
         };
         let remote = sum(false);
         let full = sum(true);
+        let restricted = export.iter().any(|s| !s.is_all());
         Self {
             entries,
+            export,
+            backends,
+            restricted,
             by_namespace,
             remote,
             full,
             table_errors,
+            serialized,
         }
     }
 
-    pub fn plan(&self, namespace: &str, inline: InlineEndpoints) -> Plan {
-        match inline {
-            InlineEndpoints::All => Plan {
-                base_full: true,
-                overrides: Vec::new(),
-            },
-            InlineEndpoints::None => Plan {
-                base_full: false,
-                overrides: Vec::new(),
-            },
-            InlineEndpoints::SameNamespace => Plan {
-                base_full: false,
-                overrides: self
-                    .by_namespace
+    /// Number of Services in the table.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Index of a Service, if it is in the table.
+    pub fn index_of(&self, key: &ObjectKey) -> Option<u32> {
+        self.entries
+            .binary_search_by(|e| e.key().cmp(&(key.namespace.as_str(), key.name.as_str())))
+            .ok()
+            .map(|i| i as u32)
+    }
+
+    /// What `namespace`, importing from `import`, sees and in which variant.
+    pub fn plan(&self, namespace: &str, inline: InlineEndpoints, import: &Scope) -> Plan {
+        let include = if import.is_all() && !self.restricted {
+            None
+        } else {
+            let mut seen = vec![false; self.entries.len()];
+            let mut stack = Vec::new();
+            let admit = |i: u32, seen: &mut Vec<bool>, stack: &mut Vec<u32>| {
+                if !seen[i as usize] {
+                    seen[i as usize] = true;
+                    stack.push(i);
+                }
+            };
+            let candidates: Box<dyn Iterator<Item = u32>> = match import {
+                Scope::All => Box::new(0..self.entries.len() as u32),
+                Scope::Only(set) => Box::new(
+                    set.iter()
+                        .filter_map(|ns| self.by_namespace.get(ns))
+                        .flatten()
+                        .copied(),
+                ),
+            };
+            for i in candidates {
+                if self.export[i as usize].contains(namespace) {
+                    admit(i, &mut seen, &mut stack);
+                }
+            }
+            // Split backends of what is visible, transitively.
+            while let Some(i) = stack.pop() {
+                for &b in &self.backends[i as usize] {
+                    admit(b, &mut seen, &mut stack);
+                }
+            }
+            Some(
+                seen.iter()
+                    .enumerate()
+                    .filter(|(_, s)| **s)
+                    .map(|(i, _)| i as u32)
+                    .collect::<Vec<u32>>(),
+            )
+        };
+        let (base_full, overrides) = match inline {
+            InlineEndpoints::All => (true, Vec::new()),
+            InlineEndpoints::None => (false, Vec::new()),
+            InlineEndpoints::SameNamespace => (
+                false,
+                self.by_namespace
                     .get(namespace)
                     .map(|v| {
                         v.iter()
                             .copied()
                             .filter(|i| self.entries[*i as usize].remote.is_some())
+                            .filter(|i| {
+                                include
+                                    .as_ref()
+                                    .is_none_or(|list| list.binary_search(i).is_ok())
+                            })
                             .collect()
                     })
                     .unwrap_or_default(),
-            },
+            ),
+        };
+        Plan {
+            base_full,
+            include,
+            overrides,
         }
     }
 
+    /// The included entries of a plan with the variant each uses, in table order.
+    fn chosen<'a>(&'a self, plan: &'a Plan) -> impl Iterator<Item = &'a Fragment> + 'a {
+        let all = 0..self.entries.len() as u32;
+        let list: Box<dyn Iterator<Item = u32> + 'a> = match &plan.include {
+            None => Box::new(all),
+            Some(list) => Box::new(list.iter().copied()),
+        };
+        let mut overrides = plan.overrides.iter().peekable();
+        list.map(move |i| {
+            let flip = overrides.next_if(|o| **o == i).is_some();
+            self.entries[i as usize].variant(plan.base_full != flip)
+        })
+    }
+
     /// The revision of a config: a hash over its header (with an empty revision) and the
-    /// fragments' digests. The base table's digest stands for all of its fragments, and each
-    /// override adds its position and digest, so equal revisions mean equal text.
+    /// fragments' digests, so equal revisions mean equal text. For a namespace that sees the
+    /// whole table, the base table's digest stands for all of its fragments and each override
+    /// adds its position and digest: 200 namespaces cost 200 short hashes, not 200 tables.
     pub fn revision(&self, header: &ProxyConfig, plan: &Plan) -> String {
         debug_assert!(header.revision.is_empty() && header.outbound.is_empty());
         let mut h = Sha256::new();
         h.update(header.to_json_pretty().as_bytes());
-        h.update(if plan.base_full {
-            self.full.0
-        } else {
-            self.remote.0
-        });
-        for i in &plan.overrides {
-            h.update(i.to_le_bytes());
-            h.update(self.entries[*i as usize].variant(!plan.base_full).digest);
+        match &plan.include {
+            None => {
+                h.update(if plan.base_full {
+                    self.full.0
+                } else {
+                    self.remote.0
+                });
+                for i in &plan.overrides {
+                    h.update(i.to_le_bytes());
+                    h.update(self.entries[*i as usize].variant(!plan.base_full).digest);
+                }
+            }
+            Some(_) => {
+                h.update(b"subset");
+                for f in self.chosen(plan) {
+                    h.update(f.digest);
+                }
+            }
         }
         hex::encode(&h.finalize()[..8])
     }
 
     fn text_len(&self, plan: &Plan) -> usize {
+        if plan.include.is_some() {
+            return self.chosen(plan).map(|f| f.text.len()).sum();
+        }
         let mut len = if plan.base_full {
             self.full.1
         } else {
@@ -192,17 +412,18 @@ impl Fragments {
         len
     }
 
+    fn count(&self, plan: &Plan) -> usize {
+        plan.include.as_ref().map_or(self.entries.len(), Vec::len)
+    }
+
     /// Length of the rendered text, without rendering it.
     pub fn rendered_len(&self, header: &ProxyConfig, plan: &Plan) -> usize {
         let head = header.to_json_pretty().len();
-        if self.entries.is_empty() {
+        let count = self.count(plan);
+        if count == 0 {
             return head;
         }
-        head - EMPTY_TAIL.len()
-            + "[\n".len()
-            + self.text_len(plan)
-            + 2 * (self.entries.len() - 1)
-            + CLOSE.len()
+        head - EMPTY_TAIL.len() + "[\n".len() + self.text_len(plan) + 2 * (count - 1) + CLOSE.len()
     }
 
     /// The full `config.json` text: `header` (whose `outbound` is empty) with the plan's
@@ -210,7 +431,7 @@ impl Fragments {
     pub fn render(&self, header: &ProxyConfig, plan: &Plan) -> String {
         debug_assert!(header.outbound.is_empty());
         let head = header.to_json_pretty();
-        if self.entries.is_empty() {
+        if self.count(plan) == 0 {
             return head;
         }
         let stem = head
@@ -219,13 +440,11 @@ impl Fragments {
         let mut out = String::with_capacity(self.rendered_len(header, plan));
         out.push_str(stem);
         out.push_str("[\n");
-        let mut overrides = plan.overrides.iter().peekable();
-        for (i, e) in self.entries.iter().enumerate() {
+        for (i, f) in self.chosen(plan).enumerate() {
             if i > 0 {
                 out.push_str(",\n");
             }
-            let flip = overrides.next_if(|o| **o as usize == i).is_some();
-            out.push_str(&e.variant(plan.base_full != flip).text);
+            out.push_str(&f.text);
         }
         out.push_str(CLOSE);
         out
@@ -298,15 +517,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn spliced_text_equals_the_contract_serialization() {
-        let services = [
-            svc("a", "x", true),
-            svc("b", "x", false),
-            svc("c", "y", true),
-            svc("d", "y", true),
-        ];
-        let table = Table {
+    fn table(services: &[OutboundService], exports: &[(&str, &str, Scope)]) -> Table {
+        Table {
             services: services
                 .iter()
                 .map(|s| {
@@ -316,23 +528,49 @@ mod tests {
                     )
                 })
                 .collect(),
-        };
-        let frags = Fragments::build(&table, &BTreeMap::new(), &header("x"));
-        assert!(frags.table_errors.is_none(), "{:?}", frags.table_errors);
+            exports: exports
+                .iter()
+                .map(|(ns, n, s)| (ObjectKey::new(*ns, *n), s.clone()))
+                .collect(),
+        }
+    }
+
+    fn only(names: &[&str]) -> Scope {
+        Scope::Only(names.iter().map(|s| s.to_string()).collect())
+    }
+
+    fn services() -> Vec<OutboundService> {
+        vec![
+            svc("a", "x", true),
+            svc("b", "x", false),
+            svc("c", "y", true),
+            svc("d", "y", true),
+        ]
+    }
+
+    /// Text, length and revision of every plan against the contract's own serialization of the
+    /// Services the namespace should see.
+    fn check(
+        frags: &Fragments,
+        services: &[OutboundService],
+        visible: impl Fn(&str, &OutboundService) -> bool,
+        import: impl Fn(&str) -> Scope,
+    ) {
         for inline in [
             InlineEndpoints::All,
             InlineEndpoints::None,
             InlineEndpoints::SameNamespace,
         ] {
             for ns in ["x", "y", "z"] {
-                let plan = frags.plan(ns, inline);
+                let plan = frags.plan(ns, inline, &import(ns));
                 let mut h = header(ns);
                 h.revision = "r".into();
                 let text = frags.render(&h, &plan);
-                assert_eq!(text.len(), frags.rendered_len(&h, &plan));
+                assert_eq!(text.len(), frags.rendered_len(&h, &plan), "{inline:?} {ns}");
                 let mut want = h.clone();
                 want.outbound = services
                     .iter()
+                    .filter(|s| visible(ns, s))
                     .map(|s| {
                         let mut s = s.clone();
                         let keep = match inline {
@@ -347,12 +585,24 @@ mod tests {
                     })
                     .collect();
                 assert_eq!(text, want.to_json_pretty(), "{inline:?} {ns}");
+                assert!(
+                    ProxyConfig::from_json(text.as_bytes()).is_ok(),
+                    "{inline:?} {ns}"
+                );
             }
         }
+    }
+
+    #[test]
+    fn spliced_text_equals_the_contract_serialization() {
+        let services = services();
+        let frags = Fragments::build(table(&services, &[]), &BTreeMap::new(), &header("x"), None);
+        assert!(frags.table_errors.is_none(), "{:?}", frags.table_errors);
+        check(&frags, &services, |_, _| true, |_| Scope::All);
         // Different plans, different revisions; same plan, same revision.
         let (x, y) = (
-            frags.plan("x", InlineEndpoints::SameNamespace),
-            frags.plan("y", InlineEndpoints::SameNamespace),
+            frags.plan("x", InlineEndpoints::SameNamespace, &Scope::All),
+            frags.plan("y", InlineEndpoints::SameNamespace, &Scope::All),
         );
         let h = header("x");
         assert_ne!(frags.revision(&h, &x), frags.revision(&h, &y));
@@ -360,15 +610,127 @@ mod tests {
     }
 
     #[test]
-    fn empty_table_renders_the_header() {
+    fn export_and_import_narrow_what_a_namespace_sees() {
+        let services = services();
+        // a: only its own namespace; c: only z; d: nobody. Namespace z imports only from x.
+        let exports = [
+            ("x", "a", only(&["x"])),
+            ("y", "c", only(&["z"])),
+            ("y", "d", only(&[])),
+        ];
         let frags = Fragments::build(
-            &Table {
-                services: BTreeMap::new(),
-            },
+            table(&services, &exports),
             &BTreeMap::new(),
             &header("x"),
+            None,
         );
-        let plan = frags.plan("x", InlineEndpoints::SameNamespace);
+        let import = |ns: &str| {
+            if ns == "z" {
+                only(&["x", "z"])
+            } else {
+                Scope::All
+            }
+        };
+        let visible = |ns: &str, s: &OutboundService| match (s.namespace.as_str(), s.name.as_str())
+        {
+            ("x", "a") => ns == "x",
+            ("x", "b") => true,
+            ("y", "c") => false, // exported to z, but z does not import from y
+            ("y", "d") => false,
+            _ => unreachable!(),
+        };
+        check(&frags, &services, visible, import);
+        // A namespace that sees nothing renders an empty table.
+        let none = frags.plan("q", InlineEndpoints::SameNamespace, &only(&["q"]));
+        assert_eq!(none.included(), Some(&[][..]));
+        let h = header("q");
+        assert_eq!(frags.render(&h, &none), h.to_json_pretty());
+        assert_eq!(frags.rendered_len(&h, &none), h.to_json_pretty().len());
+    }
+
+    #[test]
+    fn split_backends_follow_the_service_that_splits() {
+        let mut services = services();
+        // c (exported everywhere) splits to d (exported nowhere): whoever sees c sees d.
+        let policy = TrafficPolicy {
+            source: "y/canary".into(),
+            split: vec![
+                trellis_proxy::config::WeightedBackend {
+                    service: "c.y".into(),
+                    weight: 90,
+                },
+                trellis_proxy::config::WeightedBackend {
+                    service: "d.y".into(),
+                    weight: 10,
+                },
+            ],
+            ..Default::default()
+        };
+        let policies = BTreeMap::from([(ObjectKey::new("y", "c"), policy.clone())]);
+        let frags = Fragments::build(
+            table(&services, &[("y", "d", only(&[]))]),
+            &policies,
+            &header("x"),
+            None,
+        );
+        assert!(frags.table_errors.is_none(), "{:?}", frags.table_errors);
+        services[2].policy = Some(policy);
+        check(&frags, &services, |_, _| true, |_| Scope::All);
+    }
+
+    #[test]
+    fn unchanged_services_are_reused_and_changed_ones_rebuilt() {
+        let services = services();
+        let first = Fragments::build(table(&services, &[]), &BTreeMap::new(), &header("x"), None);
+        assert_eq!(first.serialized, 4);
+        let again = Fragments::build(
+            table(&services, &[]),
+            &BTreeMap::new(),
+            &header("x"),
+            Some(&first),
+        );
+        assert_eq!(again.serialized, 0);
+        let h = header("x");
+        let plan = again.plan("x", InlineEndpoints::SameNamespace, &Scope::All);
+        assert_eq!(again.revision(&h, &plan), first.revision(&h, &plan));
+
+        // A policy on c, a new Service e, and b gone: two new entries, the rest reused, and the
+        // result equal to a compile from scratch.
+        let mut next = services.clone();
+        next.remove(1);
+        next.push(svc("e", "z", true));
+        let policies = BTreeMap::from([(
+            ObjectKey::new("y", "c"),
+            TrafficPolicy {
+                source: "y/p".into(),
+                ..Default::default()
+            },
+        )]);
+        let inc = Fragments::build(table(&next, &[]), &policies, &header("x"), Some(&first));
+        let scratch = Fragments::build(table(&next, &[]), &policies, &header("x"), None);
+        assert_eq!(inc.serialized, 2);
+        for ns in ["x", "y", "z"] {
+            let p = inc.plan(ns, InlineEndpoints::SameNamespace, &Scope::All);
+            let q = scratch.plan(ns, InlineEndpoints::SameNamespace, &Scope::All);
+            let h = header(ns);
+            assert_eq!(inc.render(&h, &p), scratch.render(&h, &q));
+            assert_eq!(inc.revision(&h, &p), scratch.revision(&h, &q));
+        }
+    }
+
+    #[test]
+    fn an_invalid_service_is_reported_by_name() {
+        let mut bad = svc("a", "x", true);
+        bad.identities = vec!["not-spiffe".into()];
+        let frags = Fragments::build(table(&[bad], &[]), &BTreeMap::new(), &header("x"), None);
+        let e = frags.table_errors.expect("refused");
+        assert!(e.contains("Service x/a") && e.contains("spiffe://"), "{e}");
+    }
+
+    #[test]
+    fn empty_table_renders_the_header() {
+        let frags = Fragments::build(table(&[], &[]), &BTreeMap::new(), &header("x"), None);
+        let plan = frags.plan("x", InlineEndpoints::SameNamespace, &Scope::All);
         let h = header("x");
         assert_eq!(frags.render(&h, &plan), h.to_json_pretty());
         assert_eq!(frags.rendered_len(&h, &plan), h.to_json_pretty().len());

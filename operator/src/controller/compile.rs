@@ -226,7 +226,8 @@ pub async fn reconcile_once(
 ) -> (Output, bool) {
     let snapshot = stores.snapshot(settings);
     let started = std::time::Instant::now();
-    let out = compiler::compile(&snapshot);
+    // Reuses what the previous compile serialized: a policy edit re-serializes one Service.
+    let out = compiler::compile_incremental(&snapshot, previous);
     for p in &out.problems {
         tracing::warn!(problem = %p, "skipped a malformed object");
     }
@@ -245,6 +246,8 @@ pub async fn reconcile_once(
     tracing::info!(
         changed_namespaces = changed,
         configs = out.configs.len(),
+        services = out.stats.services,
+        serialized = out.stats.serialized,
         applied = stats.applied,
         deleted = stats.deleted,
         status_patches = stats.status_patches,

@@ -71,6 +71,14 @@ impl Ns {
     pub fn meshed(self) -> Self {
         self.label("trellis.dev/inject", "enabled")
     }
+    pub fn annotate(mut self, k: &str, v: &str) -> Self {
+        self.0
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(k.into(), v.into());
+        self
+    }
 }
 impl Fixture for Ns {
     fn add_to(self, s: &mut Snapshot) {
@@ -130,6 +138,14 @@ impl Svc {
     }
     pub fn type_(mut self, t: &str) -> Self {
         self.spec().type_ = Some(t.into());
+        self
+    }
+    pub fn annotate(mut self, k: &str, v: &str) -> Self {
+        self.0
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(k.into(), v.into());
         self
     }
 }
