@@ -1,10 +1,12 @@
 //! Controller registration: [`all`] lists every controller the leader runs.
 //!
-//! Each controller is a `kube::runtime::Controller` whose reconcile computes a status (a pure
-//! function of the object, tested without a cluster) and hands it to the one
-//! [`StatusWriter`]. For now the three kinds only report whether
-//! they are accepted; later modules (the compiler, the CA) add their own controllers to [`all`]
-//! or replace a reconcile here with theirs.
+//! Three controllers, all writing status through the one [`StatusWriter`]:
+//! - `mesh`: a `kube::runtime::Controller` whose reconcile is a pure function of the Mesh
+//!   ([`mesh_status`]: accepted or not, and `Ready` summarising the parts);
+//! - `ca` ([`crate::ca::controller`]): the CA Secret, trust bundles, the webhook configuration,
+//!   and the Mesh's `CAReady` / `WebhookReady`;
+//! - `compile` ([`compile`]): the sidecar configs, TrafficPolicy and PeerAuthentication status,
+//!   and the Mesh's `Programmed` / `Degraded`.
 
 pub mod compile;
 pub mod compile_apply;
@@ -25,10 +27,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::conditions::{Condition, ConditionStatus};
-use crate::api::{
-    MESH_NAME, Mesh, MeshStatus, PeerAuthentication, PeerAuthenticationStatus, TrafficPolicy,
-    TrafficPolicyStatus,
-};
+use crate::api::{MESH_NAME, Mesh, MeshStatus};
 use crate::status::{self, HasStatus, StatusWriter};
 
 /// What every reconcile gets.
@@ -269,30 +268,6 @@ pub fn mesh_status(mesh: &Mesh) -> MeshStatus {
     }
 }
 
-/// The TrafficPolicy status until the compiler reports on it: accepted.
-pub fn traffic_policy_status(tp: &TrafficPolicy) -> TrafficPolicyStatus {
-    let generation = tp.metadata.generation;
-    TrafficPolicyStatus {
-        conditions: vec![
-            cond("Accepted", true, "Accepted", "", generation),
-            cond("Ready", true, "Ready", "", generation),
-        ],
-        observed_generation: generation,
-    }
-}
-
-/// The PeerAuthentication status until the compiler reports on it: accepted.
-pub fn peer_authentication_status(pa: &PeerAuthentication) -> PeerAuthenticationStatus {
-    let generation = pa.metadata.generation;
-    PeerAuthenticationStatus {
-        conditions: vec![
-            cond("Accepted", true, "Accepted", "", generation),
-            cond("Ready", true, "Ready", "", generation),
-        ],
-        observed_generation: generation,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,6 +396,7 @@ mod wiring_tests {
     use serde_json::{Value, json};
 
     use super::*;
+    use crate::api::{TrafficPolicy, TrafficPolicyStatus};
 
     type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -519,8 +495,17 @@ mod wiring_tests {
         );
     }
 
+    /// A status computed from a namespaced object, for [`run`]'s namespaced path.
+    fn accepted(tp: &TrafficPolicy) -> TrafficPolicyStatus {
+        let generation = tp.metadata.generation;
+        TrafficPolicyStatus {
+            conditions: vec![cond("Accepted", true, "Accepted", "", generation)],
+            observed_generation: generation,
+        }
+    }
+
     #[tokio::test]
-    async fn a_traffic_policy_is_reported_accepted() {
+    async fn a_namespaced_object_gets_its_status_at_its_namespaced_path() {
         let (ctx, handle, _registry) = context();
         let shutdown = CancellationToken::new();
         let tp = json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "TrafficPolicy",
@@ -532,7 +517,7 @@ mod wiring_tests {
             Api::all(ctx.client.clone()),
             ctx,
             shutdown.clone(),
-            traffic_policy_status,
+            accepted,
         ));
         let (path, body) =
             first_status_patch(handle, "/apis/trellis.dev/v1alpha1/trafficpolicies", list).await;
