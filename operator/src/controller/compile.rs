@@ -267,6 +267,28 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let (stores, changes) = watch_all(&client);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGED_BY.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
+    let applier = Applier::new(client, status, Some(recorder));
+    drive(stores, changes, applier, settings, shutdown).await
+}
+
+/// The loop of [`run`], apart from the watches so that tests can fill the stores and signal
+/// changes by hand. `changes` must yield after the stores took a change (as
+/// [`watch_all`]'s stream does) and end when the watches do; it is polled on its own task so
+/// the stores keep filling while a compile runs.
+pub async fn drive(
+    stores: Stores,
+    changes: impl Stream<Item = ()> + Send + 'static,
+    applier: Applier,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     // Any number of changes while a compile runs mean one more compile: a one-slot channel
     // that drops extra notifications is exactly that.
     let (tx, mut rx) = mpsc::channel::<()>(1);
@@ -280,14 +302,6 @@ pub async fn run(
         _ = stores.wait_until_ready() => {}
         _ = shutdown.cancelled() => return Ok(()),
     }
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: MANAGED_BY.into(),
-            instance: std::env::var("POD_NAME").ok(),
-        },
-    );
-    let applier = Applier::new(client, status, Some(recorder));
     let mut previous: Option<Output> = None;
     loop {
         let (out, ok) = reconcile_once(&stores, &settings, &applier, previous.as_ref()).await;
