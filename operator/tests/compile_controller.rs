@@ -595,3 +595,26 @@ async fn the_change_stream_ending_mid_debounce_stops_the_loop_without_writing() 
     h.watches.changes.close_channel();
     h.expect_streams_ended().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_change_stream_ending_before_the_stores_sync_stops_the_loop_with_an_error() {
+    let w = shop();
+    let mut h = Harness::start(&w);
+    h.watches.list_all_but_pods(&w, vec![]);
+    h.watches.changes.close_channel();
+    h.expect_streams_ended().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watch_ending_before_its_store_synced_stops_the_loop_without_writing() {
+    let w = shop();
+    let mut h = Harness::start(&w);
+    h.watches.list_all_but_pods(&w, vec![]);
+    // The pod watch ends before its first list completed: its reflector drops the writer. The
+    // pod store stays empty for good, and a config compiled from it would drop every endpoint's
+    // identity.
+    h.watches.pods.apply_watcher_event(&Event::Init);
+    drop(std::mem::take(&mut h.watches.pods));
+    h.watches.notify();
+    h.expect_streams_ended().await;
+}
