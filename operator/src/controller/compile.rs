@@ -43,6 +43,8 @@ pub const RETRY: Duration = Duration::from_secs(5);
 /// Errors that stop the controller.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The stores no longer follow the cluster: the change stream ended, or a watch ended
+    /// before its store synced.
     #[error("the watch streams ended")]
     StreamsEnded,
 }
@@ -79,16 +81,28 @@ impl Stores {
         }
     }
 
-    async fn wait_until_ready(&self) {
-        // Errors only mean the writer was dropped, which ends the loop anyway.
-        let _ = self.meshes.wait_until_ready().await;
-        let _ = self.traffic_policies.wait_until_ready().await;
-        let _ = self.peer_authentications.wait_until_ready().await;
-        let _ = self.namespaces.wait_until_ready().await;
-        let _ = self.services.wait_until_ready().await;
-        let _ = self.endpoint_slices.wait_until_ready().await;
-        let _ = self.pods.wait_until_ready().await;
-        let _ = self.configmaps.wait_until_ready().await;
+    /// Fails when a writer is dropped first: its watch ended, so that store will never be
+    /// complete, and a compile over it would publish configs missing what it lacks (or delete
+    /// the ConfigMaps of namespaces it never listed).
+    async fn wait_until_ready(&self) -> Result<(), Error> {
+        let ended = |_| Error::StreamsEnded;
+        self.meshes.wait_until_ready().await.map_err(ended)?;
+        self.traffic_policies
+            .wait_until_ready()
+            .await
+            .map_err(ended)?;
+        self.peer_authentications
+            .wait_until_ready()
+            .await
+            .map_err(ended)?;
+        self.namespaces.wait_until_ready().await.map_err(ended)?;
+        self.services.wait_until_ready().await.map_err(ended)?;
+        self.endpoint_slices
+            .wait_until_ready()
+            .await
+            .map_err(ended)?;
+        self.pods.wait_until_ready().await.map_err(ended)?;
+        self.configmaps.wait_until_ready().await.map_err(ended)
     }
 }
 
@@ -270,19 +284,6 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let (stores, changes) = watch_all(&client);
-    // Any number of changes while a compile runs mean one more compile: a one-slot channel
-    // that drops extra notifications is exactly that.
-    let (tx, mut rx) = mpsc::channel::<()>(1);
-    let driver = AbortOnDropHandle::new(tokio::spawn(async move {
-        let mut changes = std::pin::pin!(changes);
-        while changes.next().await.is_some() {
-            let _ = tx.try_send(());
-        }
-    }));
-    tokio::select! {
-        _ = stores.wait_until_ready() => {}
-        _ = shutdown.cancelled() => return Ok(()),
-    }
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -291,6 +292,35 @@ pub async fn run(
         },
     );
     let applier = Applier::new(client, status, Some(recorder));
+    drive(stores, changes, applier, settings, shutdown).await
+}
+
+/// The loop of [`run`], apart from the watches so that tests can fill the stores and signal
+/// changes by hand. `changes` must yield after the stores took a change (as
+/// [`watch_all`]'s stream does) and end when the watches do; it is polled on its own task so
+/// the stores keep filling while a compile runs.
+pub async fn drive(
+    stores: Stores,
+    changes: impl Stream<Item = ()> + Send + 'static,
+    applier: Applier,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    // Any number of changes while a compile runs mean one more compile: a one-slot channel
+    // that drops extra notifications is exactly that.
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let mut driver = AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut changes = std::pin::pin!(changes);
+        while changes.next().await.is_some() {
+            let _ = tx.try_send(());
+        }
+    }));
+    // Stores that will never sync must stop the loop, not keep it waiting.
+    tokio::select! {
+        ready = stores.wait_until_ready() => ready?,
+        _ = &mut driver => return Err(Error::StreamsEnded),
+        _ = shutdown.cancelled() => return Ok(()),
+    }
     let mut previous: Option<Output> = None;
     loop {
         let (out, ok) = reconcile_once(&stores, &settings, &applier, previous.as_ref()).await;
