@@ -5,10 +5,12 @@ mod compiler_fixtures;
 
 use compiler_fixtures::*;
 use proptest::prelude::*;
+use std::sync::Arc;
 use trellis_operator::api::peer_authentication::MtlsMode as M;
 use trellis_operator::api::traffic_policy::{RetriesSpec, RetryOn, SplitBackend, TimeoutsSpec};
 use trellis_operator::compiler::visibility::{EXPORT_TO_ANNOTATION, IMPORT_FROM_ANNOTATION};
-use trellis_operator::compiler::{Output, compile, compile_incremental};
+
+use trellis_operator::compiler::{Output, Snapshot, compile, compile_incremental};
 use trellis_proxy::config::ProxyConfig;
 
 const NAMESPACES: [&str; 4] = ["a", "b", "c", "trellis-system"];
@@ -279,28 +281,63 @@ proptest! {
         prop_assert!(c.changed_since(&a).is_empty());
     }
 
-    /// A recompile that reuses the previous compile's fragments gives exactly what a compile
-    /// from scratch gives (text, revisions, statuses), whether objects were added or removed.
+    /// A recompile that reuses the previous compile's rows and fragments gives exactly what a
+    /// compile from scratch gives (text, revisions, statuses), whatever was added, changed or
+    /// removed in between. Unchanged objects keep their `Arc`, as reflector stores do.
     #[test]
     fn incremental_compile_equals_a_full_compile(
         objs in prop::collection::vec(obj(), 0..40),
+        edits in prop::collection::vec(obj(), 0..8),
         cut in 0usize..40,
+        flips in prop::collection::vec(any::<bool>(), 8),
     ) {
-        let small = world(&objs[..cut.min(objs.len())]);
-        let big = world(&objs);
-        for (before, after) in [(&small, &big), (&big, &small)] {
-            let previous = compile(&before.snap);
-            let inc = compile_incremental(&after.snap, Some(&previous));
-            let full = compile(&after.snap);
+        let before = world(&objs[..cut.min(objs.len())]);
+        // Only pods change (sidecar added or removed), the most common change of all.
+        let mut restarted = before.clone();
+        for (i, p) in restarted.snap.pods.iter_mut().enumerate() {
+            if flips[i % flips.len()] {
+                let mut pod = (**p).clone();
+                let a = pod.metadata.annotations.get_or_insert_with(Default::default);
+                if a.remove("trellis.dev/proxy-version").is_none() {
+                    a.insert("trellis.dev/proxy-version".into(), "v2".into());
+                }
+                *p = Arc::new(pod);
+            }
+        }
+        // `edits` come first, so for a key they share with `objs` the edit wins (a change).
+        let mut after = world(&[edits, objs].concat());
+        share(&before.snap, &mut after.snap);
+        for (a, b) in [(&before, &after), (&after, &before), (&before, &restarted)] {
+            let previous = compile(&a.snap);
+            let inc = compile_incremental(&b.snap, Some(&previous));
+            let full = compile(&b.snap);
             same(&inc, &full)?;
             prop_assert!(inc.stats.serialized <= full.stats.serialized);
+            prop_assert!(inc.stats.namespaces_indexed <= full.stats.namespaces_indexed);
         }
-        // Nothing changed: nothing serialized.
-        let first = compile(&big.snap);
-        let again = compile_incremental(&big.snap, Some(&first));
+        // Nothing changed: nothing compiled anew.
+        let first = compile(&after.snap);
+        let again = compile_incremental(&after.snap, Some(&first));
         prop_assert_eq!(again.stats.serialized, 0);
+        prop_assert_eq!(again.stats.namespaces_indexed, 0);
         same(&again, &first)?;
     }
+}
+
+/// Gives `into` the `Arc`s of `from` for objects with equal content, as a reflector store does
+/// for objects that did not change between two snapshots.
+fn share(from: &Snapshot, into: &mut Snapshot) {
+    fn swap<T: PartialEq>(from: &[Arc<T>], into: &mut [Arc<T>]) {
+        for o in into.iter_mut() {
+            if let Some(f) = from.iter().find(|f| ***f == **o) {
+                *o = f.clone();
+            }
+        }
+    }
+    swap(&from.services, &mut into.services);
+    swap(&from.endpoint_slices, &mut into.endpoint_slices);
+    swap(&from.pods, &mut into.pods);
+    swap(&from.namespaces, &mut into.namespaces);
 }
 
 fn same(a: &Output, b: &Output) -> Result<(), TestCaseError> {

@@ -237,16 +237,21 @@ pub struct Output {
     pub problems: Vec<Problem>,
     /// How much of this compile was new work.
     pub stats: CompileStats,
-    /// The shared fragments, for the next [`compile_incremental`].
+    /// The shared fragments and the outbound rows, for the next [`compile_incremental`].
     fragments: Option<Arc<render::Fragments>>,
+    rows: Option<Arc<outbound::RowCache>>,
 }
 
-/// How much work a compile did: Services in the table, and how many of them were serialized and
-/// validated anew (the rest were reused from the previous compile).
+/// How much work a compile did, against what a compile from scratch would do.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CompileStats {
+    /// Services in the outbound table.
     pub services: usize,
+    /// Services serialized and validated anew (the rest were reused from the previous compile).
     pub serialized: usize,
+    /// Namespaces whose Services, EndpointSlices or pods changed, so their outbound rows were
+    /// compiled anew (out of every namespace holding any of those).
+    pub namespaces_indexed: usize,
 }
 
 impl Output {
@@ -301,7 +306,11 @@ pub fn compile_incremental(snapshot: &Snapshot, previous: Option<&Output>) -> Ou
     let meshed = meshed_namespaces(snapshot);
     let imports = import_scopes(snapshot, &meshed, &mut problems);
 
-    let table = outbound::build(snapshot, &mut problems);
+    let (table, rows, rebuilt) = outbound::build(
+        snapshot,
+        previous.and_then(|p| p.rows.as_deref()),
+        &mut problems,
+    );
     let policies = policy::compile(&snapshot.traffic_policies, &table);
     let inbound = inbound::resolve(&snapshot.peer_authentications, &settings.root_namespace);
     let header_mesh = mesh_settings(mesh_spec, settings);
@@ -325,8 +334,10 @@ pub fn compile_incremental(snapshot: &Snapshot, previous: Option<&Output>) -> Ou
         stats: CompileStats {
             services: fragments.len(),
             serialized: fragments.serialized,
+            namespaces_indexed: rebuilt,
         },
         fragments: Some(fragments.clone()),
+        rows: Some(Arc::new(rows)),
         ..Default::default()
     };
     // How many meshed namespaces see each Service, and how many of those got their config:

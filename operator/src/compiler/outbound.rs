@@ -3,8 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use trellis_proxy::config::{Endpoint, OutboundService, Protocol, ServicePort, spiffe_id};
 
 use super::visibility::{self, Scope};
@@ -15,14 +18,14 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The compiled table, sorted by `(namespace, name)`.
 pub(crate) struct Table {
-    pub services: BTreeMap<ObjectKey, OutboundService>,
+    pub services: BTreeMap<ObjectKey, Arc<OutboundService>>,
     /// Services whose `trellis.dev/export-to` narrows who sees them (absent: everyone).
     pub exports: BTreeMap<ObjectKey, Scope>,
 }
 
 impl Table {
     pub fn get(&self, key: &ObjectKey) -> Option<&OutboundService> {
-        self.services.get(key)
+        self.services.get(key).map(|s| &**s)
     }
 }
 
@@ -98,25 +101,144 @@ fn selects(selector: &BTreeMap<String, String>, labels: Option<&BTreeMap<String,
             .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
 }
 
-/// Builds the table; malformed Services and endpoints are skipped and reported.
-pub(crate) fn build(snapshot: &Snapshot, problems: &mut Vec<Problem>) -> Table {
+/// The rows of one namespace's Services, and the objects they were compiled from.
+///
+/// A Service's row depends only on objects of its own namespace (the Service, its
+/// EndpointSlices, the pods there) and the trust domain, so when none of those changed since the
+/// previous compile the rows are reused as they are. "Unchanged" is pointer identity: reflector
+/// stores hand out the same `Arc` until an object changes, and the previous inputs are held
+/// here, so an address cannot be reused by a different object while it is compared.
+pub(crate) struct NamespaceRows {
+    trust_domain: String,
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    pods: Vec<Arc<SlimPod>>,
+    rows: Vec<(ObjectKey, Arc<OutboundService>)>,
+    exports: Vec<(ObjectKey, Scope)>,
+    problems: Vec<Problem>,
+}
+
+impl std::fmt::Debug for NamespaceRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NamespaceRows")
+            .field("services", &self.rows.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every namespace's rows, kept in the compile's output for the next compile.
+pub(crate) type RowCache = BTreeMap<String, Arc<NamespaceRows>>;
+
+/// One namespace's inputs, sorted by address.
+#[derive(Default)]
+struct Inputs<'a> {
+    services: Vec<&'a Arc<Service>>,
+    slices: Vec<&'a Arc<EndpointSlice>>,
+    pods: Vec<&'a Arc<SlimPod>>,
+}
+
+fn namespace_of(m: &ObjectMeta) -> &str {
+    m.namespace.as_deref().unwrap_or_default()
+}
+
+fn same<T>(held: &[Arc<T>], now: &[&Arc<T>]) -> bool {
+    held.len() == now.len() && held.iter().zip(now).all(|(a, b)| Arc::ptr_eq(a, b))
+}
+
+fn by_address<T>(v: &mut [&Arc<T>]) {
+    v.sort_unstable_by_key(|a| Arc::as_ptr(a));
+}
+
+/// Builds the table, reusing the rows of every namespace whose inputs are those `previous` was
+/// built from; malformed Services and endpoints are skipped and reported. Returns the table,
+/// the rows for the next compile, and how many namespaces were compiled anew.
+pub(crate) fn build(
+    snapshot: &Snapshot,
+    previous: Option<&RowCache>,
+    problems: &mut Vec<Problem>,
+) -> (Table, RowCache, usize) {
     let trust_domain = snapshot
         .mesh
         .as_ref()
         .map(|m| m.spec.trust_domain.as_str())
         .unwrap_or("cluster.local");
 
-    let mut pods: BTreeMap<ObjectKey, PodInfo<'_>> = BTreeMap::new();
-    for pod in &snapshot.pods {
-        let key = ObjectKey::of(&pod.metadata);
-        if key.name.is_empty() || key.namespace.is_empty() {
-            continue;
-        }
-        pods.insert(key, pod_info(pod, trust_domain));
+    let mut groups: BTreeMap<&str, Inputs<'_>> = BTreeMap::new();
+    let named = |m: &'_ ObjectMeta| {
+        m.name.as_deref().is_some_and(|n| !n.is_empty())
+            && m.namespace.as_deref().is_some_and(|n| !n.is_empty())
+    };
+    for s in snapshot.services.iter().filter(|s| named(&s.metadata)) {
+        groups
+            .entry(namespace_of(&s.metadata))
+            .or_default()
+            .services
+            .push(s);
     }
-    let mut slices: BTreeMap<ObjectKey, Vec<&k8s_openapi::api::discovery::v1::EndpointSlice>> =
-        BTreeMap::new();
-    for slice in &snapshot.endpoint_slices {
+    for s in snapshot
+        .endpoint_slices
+        .iter()
+        .filter(|s| named(&s.metadata))
+    {
+        groups
+            .entry(namespace_of(&s.metadata))
+            .or_default()
+            .slices
+            .push(s);
+    }
+    for p in snapshot.pods.iter().filter(|p| named(&p.metadata)) {
+        groups
+            .entry(namespace_of(&p.metadata))
+            .or_default()
+            .pods
+            .push(p);
+    }
+
+    let mut cache = RowCache::new();
+    let mut rebuilt = 0;
+    let mut table = Table {
+        services: BTreeMap::new(),
+        exports: BTreeMap::new(),
+    };
+    for (ns, mut inputs) in groups {
+        by_address(&mut inputs.services);
+        by_address(&mut inputs.slices);
+        by_address(&mut inputs.pods);
+        let reuse = previous.and_then(|p| p.get(ns)).filter(|held| {
+            held.trust_domain == trust_domain
+                && same(&held.services, &inputs.services)
+                && same(&held.slices, &inputs.slices)
+                && same(&held.pods, &inputs.pods)
+        });
+        let rows = match reuse {
+            Some(held) => held.clone(),
+            None => {
+                rebuilt += 1;
+                Arc::new(build_namespace(&inputs, trust_domain))
+            }
+        };
+        for (key, svc) in &rows.rows {
+            table.services.insert(key.clone(), svc.clone());
+        }
+        for (key, scope) in &rows.exports {
+            table.exports.insert(key.clone(), scope.clone());
+        }
+        problems.extend(rows.problems.iter().cloned());
+        cache.insert(ns.to_string(), rows);
+    }
+    (table, cache, rebuilt)
+}
+
+/// Compiles the rows of one namespace's Services. Endpoints are matched to pods of the same
+/// namespace only (where EndpointSlice controllers put them); an endpoint naming a pod in
+/// another namespace gets no identity.
+fn build_namespace(inputs: &Inputs<'_>, trust_domain: &str) -> NamespaceRows {
+    let mut pods: BTreeMap<ObjectKey, PodInfo<'_>> = BTreeMap::new();
+    for pod in &inputs.pods {
+        pods.insert(ObjectKey::of(&pod.metadata), pod_info(pod, trust_domain));
+    }
+    let mut slices: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in &inputs.slices {
         let Some(svc) = slice
             .metadata
             .labels
@@ -135,13 +257,11 @@ pub(crate) fn build(snapshot: &Snapshot, problems: &mut Vec<Problem>) -> Table {
         v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     }
 
-    let mut services = BTreeMap::new();
-    let mut exports = BTreeMap::new();
-    for svc in &snapshot.services {
+    let mut rows = BTreeMap::new();
+    let mut exports = Vec::new();
+    let mut problems = Vec::new();
+    for svc in &inputs.services {
         let key = ObjectKey::of(&svc.metadata);
-        if key.name.is_empty() || key.namespace.is_empty() {
-            continue;
-        }
         let mut report = |message: String| {
             problems.push(Problem {
                 kind: "Service",
@@ -153,24 +273,32 @@ pub(crate) fn build(snapshot: &Snapshot, problems: &mut Vec<Problem>) -> Table {
             Ok(Some(s)) => {
                 match visibility::export_scope(svc.metadata.annotations.as_ref(), &key.namespace) {
                     Ok(Scope::All) => {}
-                    Ok(scope) => {
-                        exports.insert(key.clone(), scope);
-                    }
+                    Ok(scope) => exports.push((key.clone(), scope)),
                     Err(message) => report(message),
                 }
-                services.insert(key.clone(), s);
+                rows.insert(key.clone(), Arc::new(s));
             }
             Ok(None) => {}
             Err(message) => report(message),
         }
     }
-    Table { services, exports }
+    exports.sort_by(|a, b| a.0.cmp(&b.0));
+    problems.sort();
+    NamespaceRows {
+        trust_domain: trust_domain.to_string(),
+        services: inputs.services.iter().map(|a| Arc::clone(a)).collect(),
+        slices: inputs.slices.iter().map(|a| Arc::clone(a)).collect(),
+        pods: inputs.pods.iter().map(|a| Arc::clone(a)).collect(),
+        rows: rows.into_iter().collect(),
+        exports,
+        problems,
+    }
 }
 
 fn compile_service(
     svc: &Service,
     key: &ObjectKey,
-    slices: &BTreeMap<ObjectKey, Vec<&k8s_openapi::api::discovery::v1::EndpointSlice>>,
+    slices: &BTreeMap<ObjectKey, Vec<&EndpointSlice>>,
     pods: &BTreeMap<ObjectKey, PodInfo<'_>>,
     report: &mut impl FnMut(String),
 ) -> Result<Option<OutboundService>, String> {

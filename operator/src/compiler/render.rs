@@ -32,8 +32,10 @@ struct Fragment {
 
 /// One Service of the table, immutable once built and shared by consecutive compiles.
 struct Entry {
-    /// The compiled Service with its policy: what the next compile compares against.
-    value: OutboundService,
+    /// The compiled Service (without policy) and its policy: what the next compile compares
+    /// against. The Service is shared with the outbound table's row cache.
+    service: Arc<OutboundService>,
+    policy: Option<TrafficPolicy>,
     full: Fragment,
     /// Without inline endpoints; `None` when the Service has none (then `full` is used).
     remote: Option<Fragment>,
@@ -50,7 +52,7 @@ impl Entry {
     }
 
     fn key(&self) -> (&str, &str) {
-        (&self.value.namespace, &self.value.name)
+        (&self.service.namespace, &self.service.name)
     }
 }
 
@@ -151,7 +153,13 @@ fn validate(svc: &OutboundService, header: &ProxyConfig) -> Option<String> {
     })
 }
 
-fn build_entry(value: OutboundService, header: &ProxyConfig) -> Entry {
+fn build_entry(
+    service: Arc<OutboundService>,
+    policy: Option<TrafficPolicy>,
+    header: &ProxyConfig,
+) -> Entry {
+    let mut value = (*service).clone();
+    value.policy = policy.clone();
     let full = fragment(&value);
     let remote = value
         .ports
@@ -166,7 +174,8 @@ fn build_entry(value: OutboundService, header: &ProxyConfig) -> Entry {
         });
     let errors = validate(&value, header);
     Entry {
-        value,
+        service,
+        policy,
         full,
         remote,
         errors,
@@ -193,18 +202,23 @@ impl Fragments {
         // Both tables are sorted by (namespace, name): one cursor walks the previous one.
         let prev = previous.map(|p| p.entries.as_slice()).unwrap_or_default();
         let mut cursor = 0;
-        for (key, mut svc) in table.services {
-            svc.policy = policies.get(&key).cloned();
+        for (key, svc) in table.services {
+            let policy = policies.get(&key);
             while cursor < prev.len()
                 && prev[cursor].key() < (key.namespace.as_str(), key.name.as_str())
             {
                 cursor += 1;
             }
             let entry = match prev.get(cursor) {
-                Some(p) if p.value == svc => p.clone(),
+                Some(p)
+                    if p.policy.as_ref() == policy
+                        && (Arc::ptr_eq(&p.service, &svc) || p.service == svc) =>
+                {
+                    p.clone()
+                }
                 _ => {
                     serialized += 1;
-                    Arc::new(build_entry(svc, header))
+                    Arc::new(build_entry(svc, policy.cloned(), header))
                 }
             };
             by_namespace
@@ -224,8 +238,7 @@ impl Fragments {
         let backends: Vec<Vec<u32>> = entries
             .iter()
             .map(|e| {
-                e.value
-                    .policy
+                e.policy
                     .iter()
                     .flat_map(|p| &p.split)
                     .filter_map(|b| index(&b.service))
@@ -236,7 +249,7 @@ impl Fragments {
         // A split backend missing from the table would be refused by the sidecar; the policy
         // compiler rejects such splits, so this only fires on a compiler bug.
         for e in &entries {
-            for b in e.value.policy.iter().flat_map(|p| &p.split) {
+            for b in e.policy.iter().flat_map(|p| &p.split) {
                 if index(&b.service).is_none() {
                     errors.push("a split backend is missing from the outbound table");
                 }
@@ -524,7 +537,7 @@ mod tests {
                 .map(|s| {
                     (
                         ObjectKey::new(s.namespace.clone(), s.name.clone()),
-                        s.clone(),
+                        Arc::new(s.clone()),
                     )
                 })
                 .collect(),

@@ -1,5 +1,5 @@
 //! The compile controller: reflectors over everything the compiler reads, a debounced
-//! recompile on any change, and the [`Applier`](super::compile_apply::Applier).
+//! recompile on any change, and the [`Applier`].
 //!
 //! It is one level-triggered loop rather than a `kube::runtime::Controller` per kind because
 //! the compile is global (one TrafficPolicy changes every namespace's table): every change,
