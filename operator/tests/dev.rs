@@ -281,6 +281,91 @@ fn dev_runs_the_example_mesh_enforces_strict_and_cleans_up() {
 }
 
 #[test]
+fn a_killed_trellis_dev_leaves_no_process_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mesh");
+    copy_dir(Path::new(EXAMPLE), &dir);
+    let state = tmp.path().join("state");
+    let loaded = spec::load_dir(&dir).expect("the example loads");
+    let probe = Plan::new(&loaded.topology, 20000, &state).unwrap();
+    let base = free_base(probe.ports().len() as u16);
+    let plan = Plan::new(&loaded.topology, base, &state).unwrap();
+    let mut dev = start(&dir, base, &state, &tmp.path().join("out.txt"), &[]);
+    // Wait until the mesh carries mTLS traffic: every sidecar and app is up by then.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while mtls_successes(&plan, "load.shop", "frontend.shop") <= 0.0 {
+        if let Some(st) = dev.child.try_wait().unwrap() {
+            panic!("trellis dev exited early ({st}):\n{}", dev.output());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mesh never carried traffic:\n{}",
+            dev.output()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let children = live_children_of(dev.child.id());
+    assert!(
+        children.len() >= plan.pods.len(),
+        "expected a process per pod at least, found {children:?}"
+    );
+    // SIGKILL: no shutdown code runs; the kernel's parent-death signal must stop the children.
+    dev.child.kill().unwrap();
+    dev.child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let alive = || {
+        children
+            .iter()
+            .filter(|pid| is_alive(**pid))
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    let mut left = alive();
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        left = alive();
+    }
+    assert!(
+        left.is_empty(),
+        "children still running after SIGKILL: {left:?}"
+    );
+}
+
+/// `(pid, state, ppid)` of every process.
+fn processes() -> Vec<(u32, char, u32)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        out.push((pid, state, ppid));
+    }
+    out
+}
+
+fn live_children_of(parent: u32) -> Vec<u32> {
+    processes()
+        .into_iter()
+        .filter(|(_, state, ppid)| *ppid == parent && *state != 'Z')
+        .map(|(pid, ..)| pid)
+        .collect()
+}
+
+/// Running (not gone, not a zombie waiting for a reaper).
+fn is_alive(pid: u32) -> bool {
+    processes()
+        .into_iter()
+        .any(|(p, state, _)| p == pid && state != 'Z')
+}
+
+#[test]
 fn a_taken_port_is_named_before_anything_starts() {
     let tmp = tempfile::tempdir().unwrap();
     let hold = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -32,8 +32,14 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let result = match Cli::parse().cmd {
-        Cmd::Proxy(a) => return trellis_proxy::run::main(*a),
-        Cmd::DemoService(a) => return trellis_operator::dev::demo::main(a),
+        Cmd::Proxy(a) => {
+            trellis_operator::dev::supervise::exit_with_parent();
+            return trellis_proxy::run::main(*a);
+        }
+        Cmd::DemoService(a) => {
+            trellis_operator::dev::supervise::exit_with_parent();
+            return trellis_operator::dev::demo::main(a);
+        }
         Cmd::Crds(a) => cli::crds::run(a),
         Cmd::Inject(a) => cli::inject::run_inject(a),
         Cmd::Uninject(a) => cli::inject::run_uninject(a),

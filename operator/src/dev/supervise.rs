@@ -1,6 +1,7 @@
 //! Child processes of `trellis dev`: started each in its own process group (so a Ctrl-C in the
 //! terminal reaches only `trellis dev`, which then stops them in order), logged to files in the
-//! state directory, and always reaped.
+//! state directory, always reaped, and stopped by the kernel if `trellis dev` dies without
+//! stopping them ([`exit_with_parent`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -87,6 +88,10 @@ pub fn spawn(
         .process_group(0)
         // Last line of defence if `trellis dev` unwinds without running its shutdown.
         .kill_on_drop(true);
+    cmd.env(
+        PARENT_ENV,
+        rustix::process::getpid().as_raw_nonzero().to_string(),
+    );
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -100,6 +105,33 @@ pub fn spawn(
         child,
         exited: None,
     })
+}
+
+/// Set on every child: the pid of the `trellis dev` that started it.
+pub const PARENT_ENV: &str = "TRELLIS_DEV_PARENT";
+
+/// Called first thing by the `trellis proxy` and `trellis demo-service` children: when
+/// `trellis dev` is SIGKILLed (or crashes) its shutdown never runs, so the kernel is asked to
+/// send this process SIGTERM when its parent goes away; it then drains and exits instead of
+/// holding the dev ports forever. (The workspace forbids `unsafe`, so this runs in the child
+/// rather than in a `pre_exec` hook.) The death signal follows the parent *thread* that forked,
+/// a runtime worker that lives as long as `trellis dev`. If the parent is already gone (it died
+/// before this ran), the process exits at once.
+pub fn exit_with_parent() {
+    let Some(parent) = std::env::var(PARENT_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return;
+    };
+    if let Err(e) = rustix::process::set_parent_process_death_signal(Some(Signal::TERM)) {
+        eprintln!("trellis: cannot ask to be stopped with trellis dev: {e}");
+        return;
+    }
+    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(parent) {
+        eprintln!("trellis: trellis dev (pid {parent}) exited before this process started");
+        std::process::exit(1);
+    }
 }
 
 fn signal_group(p: &Proc, sig: Signal) {
