@@ -152,7 +152,7 @@ impl Metrics {
         let tcp_bytes = Family::<TcpBytesLabels, Counter>::default();
         registry.register_with_unit(
             "tcp_transfer",
-            "Bytes proxied at L4",
+            "Bytes proxied at L4, published while connections are open and at close",
             Unit::Bytes,
             tcp_bytes.clone(),
         );

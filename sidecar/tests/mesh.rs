@@ -488,7 +488,7 @@ async fn opaque_tcp_case(via_flag: bool) {
     s.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"PING\r\n");
     drop(s);
-    // Bytes are recorded when the connection closes.
+    // All bytes are published by the time the connection has closed.
     let mut ok = false;
     for _ in 0..100 {
         let mb = b.metrics().await;
