@@ -68,9 +68,9 @@ pub struct RunArgs {
     /// `trellis.dev/opaque-ports` annotation, e.g. `3306,6379`.
     #[arg(long, env = "TRELLIS_OPAQUE_PORTS", value_delimiter = ',')]
     pub opaque_ports: Vec<u16>,
-    /// How often open TCP connections publish `trellis_proxy_tcp_transfer_bytes_total` (`15s`
-    /// when unset; see [`crate::proxy::tcp::FLUSH_INTERVAL`]). Shorter follows bursts more
-    /// closely at the cost of a timer wake-up per connection per interval.
+    /// How often open TCP connections add their bytes to `trellis_proxy_tcp_transfer_bytes_total`
+    /// (default `15s`, as in Istio). Shorter follows traffic more closely, at the cost of a timer
+    /// wake-up per open connection per interval.
     #[arg(long, env = "TRELLIS_TCP_FLUSH_INTERVAL", value_parser = parse_flush_interval)]
     pub tcp_flush_interval: Option<Duration>,
 }
