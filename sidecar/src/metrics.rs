@@ -7,6 +7,7 @@
 //! so recording a request clones pointers, not strings.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -151,7 +152,7 @@ impl Metrics {
         let tcp_bytes = Family::<TcpBytesLabels, Counter>::default();
         registry.register_with_unit(
             "tcp_transfer",
-            "Bytes proxied at L4",
+            "Bytes proxied at L4, published while connections are open and at close",
             Unit::Bytes,
             tcp_bytes.clone(),
         );
@@ -263,6 +264,85 @@ impl Drop for OpenConn {
     }
 }
 
+/// One connection's `tcp_transfer_bytes`, counted by the connection and published in batches.
+///
+/// The copy loop adds to counters that only this connection touches, so a write costs an
+/// uncontended add instead of bouncing the family's shared cache line between every core that
+/// carries traffic with the same labels. [`TcpBytesMeter::flush`] moves what accumulated into
+/// the family; the last flush runs on drop, so the total is exact however the connection ends
+/// (closed, failed, or cancelled by a policy change or shutdown), and no byte is published twice.
+pub struct TcpBytesMeter {
+    from_client: Flow,
+    to_client: Flow,
+}
+
+struct Flow {
+    pending: ByteCount,
+    published: Counter,
+}
+
+impl Flow {
+    fn flush(&self) {
+        // `swap` hands every byte counted so far to exactly one flush.
+        let n = self.pending.0.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            self.published.inc_by(n);
+        }
+    }
+}
+
+/// Where the copy loop counts the bytes of one flow.
+#[derive(Clone, Debug, Default)]
+pub struct ByteCount(Arc<AtomicU64>);
+
+impl ByteCount {
+    pub fn add(&self, n: usize) {
+        self.0.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+impl TcpBytesMeter {
+    pub fn new(metrics: &Metrics, labels: &TcpLabels) -> Self {
+        // The family's handles are looked up once, not per flush: the lookup takes its lock.
+        let flow = |flow| Flow {
+            pending: ByteCount::default(),
+            published: metrics
+                .tcp_bytes
+                .get_or_create(&TcpBytesLabels {
+                    direction: labels.direction,
+                    dst_service: labels.dst_service.clone(),
+                    tls: labels.tls,
+                    flow,
+                })
+                .clone(),
+        };
+        Self {
+            from_client: flow("from_client"),
+            to_client: flow("to_client"),
+        }
+    }
+
+    pub fn from_client(&self) -> ByteCount {
+        self.from_client.pending.clone()
+    }
+
+    pub fn to_client(&self) -> ByteCount {
+        self.to_client.pending.clone()
+    }
+
+    /// Publishes what was counted since the last flush.
+    pub fn flush(&self) {
+        self.from_client.flush();
+        self.to_client.flush();
+    }
+}
+
+impl Drop for TcpBytesMeter {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,5 +367,47 @@ mod tests {
         );
         assert!(text.contains("trellis_proxy_response_latency_seconds_bucket"));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn tcp_bytes_are_published_by_flushes_once_each() {
+        let m = Metrics::new();
+        let labels = TcpLabels {
+            direction: "outbound",
+            dst_service: "db.shop".into(),
+            tls: true,
+        };
+        let series = |flow| {
+            format!(
+                "trellis_proxy_tcp_transfer_bytes_total{{direction=\"outbound\",dst_service=\"db.shop\",tls=\"true\",flow=\"{flow}\"}}"
+            )
+        };
+        let value = |text: &str, flow| {
+            let series = series(flow);
+            text.lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .map(|v| v.trim().parse::<u64>().unwrap())
+        };
+        let meter = TcpBytesMeter::new(&m, &labels);
+        let (up, down) = (meter.from_client(), meter.to_client());
+        up.add(100);
+        down.add(7);
+        assert_eq!(
+            value(&m.encode(), "from_client"),
+            Some(0),
+            "not before a flush"
+        );
+        meter.flush();
+        up.add(20);
+        let text = m.encode();
+        assert_eq!(value(&text, "from_client"), Some(100), "{text}");
+        assert_eq!(value(&text, "to_client"), Some(7), "{text}");
+        meter.flush();
+        meter.flush();
+        up.add(3);
+        drop(meter);
+        let text = m.encode();
+        assert_eq!(value(&text, "from_client"), Some(123), "{text}");
+        assert_eq!(value(&text, "to_client"), Some(7), "{text}");
     }
 }

@@ -302,6 +302,7 @@ async fn not_ready_without_credentials() {
             admin_addr: any,
             inbound_target: None,
             opaque_ports: Vec::new(),
+            tcp_flush_interval: trellis_proxy::proxy::tcp::FLUSH_INTERVAL,
         },
         rx,
     )

@@ -488,7 +488,7 @@ async fn opaque_tcp_case(via_flag: bool) {
     s.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"PING\r\n");
     drop(s);
-    // Bytes are recorded when the connection closes.
+    // All bytes are published by the time the connection has closed.
     let mut ok = false;
     for _ in 0..100 {
         let mb = b.metrics().await;
@@ -554,4 +554,151 @@ async fn local_mode_waits_for_a_client_that_speaks_late() {
     tokio::spawn(conn);
     let resp = sr.send_request(get("backend.shop", "/echo")).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// A long-lived opaque TCP connection shows its bytes while it is open (on both proxies, both
+/// flows), and its totals are exact after it closes: the bytes flushed while open are not
+/// counted again at close.
+#[tokio::test]
+async fn open_tcp_connections_report_bytes_before_they_close() {
+    const N: usize = 10_000;
+    const M: usize = 3_000;
+    let pki = Pki::new("mesh");
+    let up = echo_upstream().await;
+    let fast = |o: &mut trellis_proxy::run::Options| {
+        o.tcp_flush_interval = Duration::from_millis(50);
+    };
+    let b = TestProxy::start_with(
+        &pki,
+        &id("db"),
+        &config("b1", inbound(MtlsMode::Strict), vec![]),
+        Some(up),
+        fast,
+    )
+    .await;
+    let mut a = TestProxy::start_with(
+        &pki,
+        &id("web"),
+        &config("a1", inbound(MtlsMode::Strict), vec![]),
+        None,
+        fast,
+    )
+    .await;
+    // As in `opaque_tcp_case`: a TCP Service at A's own outbound address stands in for a
+    // redirected connection.
+    let out = a.running.outbound_addr;
+    let mut svc = service(
+        "db",
+        out.port(),
+        Protocol::Tcp,
+        b.running.inbound_addr,
+        vec![id("db")],
+    );
+    svc.addresses = vec![out.ip()];
+    a.apply(&config("a2", inbound(MtlsMode::Strict), vec![svc]))
+        .await;
+
+    let mut s = TcpStream::connect(out).await.unwrap();
+    echo_round(&mut s, N).await;
+    // Both proxies, both flows, while the connection stays open.
+    let series = [
+        (&a, "direction=\"outbound\""),
+        (&b, "direction=\"inbound\""),
+    ];
+    for (p, direction) in series {
+        for flow in ["flow=\"from_client\"", "flow=\"to_client\""] {
+            tcp_bytes_reach(p, &[direction, flow], N).await;
+        }
+    }
+    assert_eq!(tcp_open(&a, "direction=\"outbound\"").await, 1.0);
+
+    // More traffic, then a clean close: half-close reaches the upstream through both proxies
+    // and its close comes back.
+    echo_round(&mut s, M).await;
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("half-close propagated to the upstream and back")
+        .unwrap();
+    assert!(rest.is_empty());
+    drop(s);
+    for (p, direction) in series {
+        for _ in 0..250 {
+            if tcp_open(p, direction).await == 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The proxy publishes the last bytes before it drops the open gauge.
+        let m = p.metrics().await;
+        assert_eq!(tcp_open(p, direction).await, 0.0, "{m}");
+        for flow in ["flow=\"from_client\"", "flow=\"to_client\""] {
+            assert_eq!(
+                metric_value(
+                    &m,
+                    &[direction, flow, "tls=\"true\""],
+                    "trellis_proxy_tcp_transfer_bytes_total"
+                ),
+                Some((N + M) as f64),
+                "{direction} {flow}: exact, not doubled\n{m}"
+            );
+        }
+    }
+}
+
+/// An upstream that echoes every byte until the client closes its side, then closes.
+async fn echo_upstream() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Writes `n` bytes and reads the `n` echoed back.
+async fn echo_round(s: &mut TcpStream, n: usize) {
+    let sent: Vec<u8> = (0..n).map(|i| i as u8).collect();
+    let (mut r, mut w) = s.split();
+    let mut got = vec![0u8; n];
+    let (wrote, read) = tokio::join!(w.write_all(&sent), r.read_exact(&mut got));
+    wrote.unwrap();
+    read.unwrap();
+    assert!(got == sent, "echo mismatch");
+}
+
+/// Waits until the series shows exactly `n` bytes (with a short flush interval this takes
+/// milliseconds; the old code only published at close, so it never got there).
+async fn tcp_bytes_reach(p: &TestProxy, series: &[&str], n: usize) {
+    let mut last = None;
+    for _ in 0..250 {
+        last = metric_value(
+            &p.metrics().await,
+            series,
+            "trellis_proxy_tcp_transfer_bytes_total",
+        );
+        if last == Some(n as f64) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "{series:?}: {last:?} bytes while open, want {n}\n{}",
+        p.metrics().await
+    );
+}
+
+async fn tcp_open(p: &TestProxy, direction: &str) -> f64 {
+    metric_value(
+        &p.metrics().await,
+        &[direction],
+        "trellis_proxy_tcp_connections_open",
+    )
+    .unwrap_or(0.0)
 }

@@ -47,6 +47,9 @@ pub struct Shared {
     /// The inbound rate limit of our policy, per source identity; replaced on reload when the
     /// limit changes.
     pub inbound_limiter: Arc<std::sync::Mutex<Option<Arc<crate::traffic::InboundRateLimiter>>>>,
+    /// How often open TCP connections publish their byte counts ([`tcp::FLUSH_INTERVAL`] in
+    /// production; tests shorten it instead of waiting). Never zero.
+    pub tcp_flush_interval: Duration,
     pub http: auto::Builder<TokioExecutor>,
 }
 

@@ -1,37 +1,113 @@
 //! L4: splices two streams and counts what passed.
 
-use crate::metrics::{OpenConn, TcpBytesLabels, TcpLabels};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::MissedTickBehavior;
+
+use crate::metrics::{ByteCount, OpenConn, TcpBytesMeter, TcpLabels};
 
 use super::Shared;
 use super::upstream::Io;
 
-/// Copies both ways until both sides close (half-close is propagated), then records bytes.
-pub async fn splice<A: Io, B: Io>(
-    shared: &Shared,
-    mut client: A,
-    mut upstream: B,
-    labels: TcpLabels,
-) {
+/// How often an open connection publishes its byte counts to `tcp_transfer_bytes` (the rest is
+/// published at close). Istio's default `tcpReportingDuration`: fine enough that `rate()` over
+/// the usual 15 to 60 s scrape interval follows a long-lived connection (database session,
+/// WebSocket, opaque gRPC stream) instead of seeing one jump at close, coarse enough that the
+/// timer wake-up it costs every connection, idle ones included, stays negligible.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Copies both ways until both sides close (half-close is propagated), publishing the bytes
+/// copied every `shared.tcp_flush_interval` and when the copy ends or is cancelled.
+pub async fn splice<A: Io, B: Io>(shared: &Shared, client: A, upstream: B, labels: TcpLabels) {
     let open = OpenConn::new(&shared.metrics, &labels);
-    let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-    drop(open);
-    let (from_client, to_client) = match result {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::debug!(error = %e, "tcp splice ended with an error");
-            return;
+    let meter = TcpBytesMeter::new(&shared.metrics, &labels);
+    let mut client = Counted::new(client, meter.to_client());
+    let mut upstream = Counted::new(upstream, meter.from_client());
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    let every = shared.tcp_flush_interval;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    // Ticks missed on a busy runtime are not worth a burst of catch-up flushes.
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            biased;
+            r = &mut copy => break r,
+            _ = tick.tick() => meter.flush(),
         }
     };
-    for (flow, n) in [("from_client", from_client), ("to_client", to_client)] {
-        shared
-            .metrics
-            .tcp_bytes
-            .get_or_create(&TcpBytesLabels {
-                direction: labels.direction,
-                dst_service: labels.dst_service.clone(),
-                tls: labels.tls,
-                flow,
-            })
-            .inc_by(n);
+    // Bytes first, then the open gauge: a scrape that sees the connection gone sees all of its
+    // bytes. Cancellation drops them in the same order (reverse declaration).
+    drop(meter);
+    drop(open);
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "tcp splice ended with an error");
+    }
+}
+
+/// A stream that counts the bytes written into it, i.e. the bytes the copy loop delivered to
+/// this side (a read that could not be written on is not counted, as `copy_bidirectional`'s own
+/// totals do not count it).
+struct Counted<S> {
+    inner: S,
+    written: ByteCount,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S, written: ByteCount) -> Self {
+        Self { inner, written }
+    }
+
+    fn count(&self, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = r {
+            self.written.add(n);
+        }
+        r
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.count(r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.count(r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

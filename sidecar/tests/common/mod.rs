@@ -178,6 +178,20 @@ impl TestProxy {
         inbound_target: Option<SocketAddr>,
         opaque_ports: Vec<u16>,
     ) -> Self {
+        Self::start_with(pki, spiffe_id, cfg, inbound_target, |o| {
+            o.opaque_ports = opaque_ports
+        })
+        .await
+    }
+
+    /// Like [`TestProxy::start`], with `tweak` applied to the proxy's [`Options`] (flags).
+    pub async fn start_with(
+        pki: &Pki,
+        spiffe_id: &str,
+        cfg: &ProxyConfig,
+        inbound_target: Option<SocketAddr>,
+        tweak: impl FnOnce(&mut Options),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
         kubelet_write(dir.path(), 1, &cfg.to_json_pretty(), "app=\"test\"\n");
@@ -190,19 +204,17 @@ impl TestProxy {
             tx,
         ));
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let running = trellis_proxy::run::start(
-            Options {
-                dir: dir.path().to_path_buf(),
-                outbound_addr: any,
-                inbound_addr: any,
-                admin_addr: any,
-                inbound_target,
-                opaque_ports,
-            },
-            rx,
-        )
-        .await
-        .unwrap();
+        let mut opts = Options {
+            dir: dir.path().to_path_buf(),
+            outbound_addr: any,
+            inbound_addr: any,
+            admin_addr: any,
+            inbound_target,
+            opaque_ports: Vec::new(),
+            tcp_flush_interval: trellis_proxy::proxy::tcp::FLUSH_INTERVAL,
+        };
+        tweak(&mut opts);
+        let running = trellis_proxy::run::start(opts, rx).await.unwrap();
         let p = TestProxy {
             running,
             dir,
