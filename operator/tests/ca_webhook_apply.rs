@@ -445,7 +445,15 @@ async fn refused_webhook_apply(code: u16, reason: &'static str, api_message: &'s
                 );
                 assert_eq!(wh["lastTransitionTime"], NOW, "a transition");
                 let msg = wh["message"].as_str().unwrap();
-                assert!(msg.contains(api_message), "{msg}");
+                assert!(msg.contains("trellis-sidecar-injector"), "{msg}");
+                assert_eq!(msg.matches(api_message).count(), 1, "{msg}");
+                assert!(msg.contains(&format!("({code} {reason})")), "{msg}");
+                assert!(!msg.contains("Status {"), "no Rust debug output: {msg}");
+                assert_eq!(
+                    msg.contains("config/rbac/cluster_role.yaml"),
+                    code == 403,
+                    "the RBAC hint only for a refusal: {msg}"
+                );
             })
         },
     ])
