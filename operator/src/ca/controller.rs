@@ -200,12 +200,29 @@ async fn apply_webhook_config(
         ),
         Err(e) => {
             tracing::warn!(error = %e, "cannot apply the webhook configuration");
-            condition(
-                false,
-                "ApplyFailed",
-                format!("applying the MutatingWebhookConfiguration failed: {e}"),
-            )
+            condition(false, "ApplyFailed", apply_failed_message(&e))
         }
+    }
+}
+
+/// The `WebhookReady` message for a failed apply. It is read in `kubectl describe mesh` and
+/// quoted by `Ready`, so it carries the API server's own explanation once, not kube's `Display`
+/// (which appends the whole `Status` in Rust debug form), and says where the usual fix for a
+/// refusal lives.
+fn apply_failed_message(e: &kube::Error) -> String {
+    let name = crate::inject::webhook_config::NAME;
+    match e {
+        kube::Error::Api(s) if s.code == 403 => format!(
+            "applying MutatingWebhookConfiguration {name} failed: {} ({} {}); the operator's \
+             ClusterRole must allow patch on mutatingwebhookconfigurations/{name} \
+             (config/rbac/cluster_role.yaml)",
+            s.message, s.code, s.reason
+        ),
+        kube::Error::Api(s) => format!(
+            "applying MutatingWebhookConfiguration {name} failed: {} ({} {})",
+            s.message, s.code, s.reason
+        ),
+        e => format!("applying MutatingWebhookConfiguration {name} failed: {e}"),
     }
 }
 
