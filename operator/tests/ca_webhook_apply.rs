@@ -591,3 +591,51 @@ async fn an_unusable_ca_leaves_the_webhook_configuration_alone() {
     .await
     .unwrap();
 }
+
+/// A trust bundle that cannot be written (RBAC removed, say) must not leave `CAReady=True`: it
+/// turns False and names the ConfigMap, the webhook configuration is not touched (nothing is
+/// published from a pass that did not finish), `WebhookReady` keeps its state, and the pass
+/// fails so the controller logs it.
+#[tokio::test]
+async fn a_refused_trust_bundle_write_reports_ca_not_ready_and_skips_the_webhook() {
+    let c = converged();
+    let m = c.mesh.clone();
+    let message = "configmaps \"trellis-trust-bundle\" is forbidden: User \"system:serviceaccount:trellis-system:trellis-operator\" cannot patch resource \"configmaps\" in the namespace \"shop\"";
+    let out = run_pass(vec![
+        get(MESH, serde_json::to_value(&m).unwrap()),
+        get(CA_SECRET, serde_json::to_value(&c.secret).unwrap()),
+        get(NAMESPACES, namespaces()),
+        get(BUNDLES, configmap_list(&[])),
+        Exchange {
+            status: 403,
+            reply: api_status(403, "Forbidden", message),
+            ..apply(SHOP_BUNDLE_APPLY, |_| {})
+        },
+        Exchange {
+            reply: serde_json::to_value(&m).unwrap(),
+            ..apply(MESH_STATUS, move |b| {
+                let ca = condition(b, "CAReady");
+                assert_eq!(
+                    (&ca["status"], &ca["reason"]),
+                    (&json!("False"), &json!("ApplyFailed"))
+                );
+                assert_eq!(ca["lastTransitionTime"], NOW, "a transition");
+                let msg = ca["message"].as_str().unwrap();
+                assert!(
+                    msg.contains("ConfigMap shop/trellis-trust-bundle"),
+                    "names the object: {msg}"
+                );
+                assert_eq!(msg.matches(message).count(), 1, "{msg}");
+                assert!(msg.contains("(403 Forbidden)"), "{msg}");
+                assert!(msg.contains("config/rbac/cluster_role.yaml"), "{msg}");
+                assert!(!msg.contains("Status {"), "no Rust debug output: {msg}");
+                let wh = condition(b, "WebhookReady");
+                assert_eq!(wh["status"], "True");
+                assert_eq!(wh["lastTransitionTime"], EARLIER, "WebhookReady untouched");
+            })
+        },
+    ])
+    .await;
+    let e = out.expect_err("the pass fails so it is logged");
+    assert!(e.contains("ConfigMap shop/trellis-trust-bundle"), "{e}");
+}

@@ -134,11 +134,35 @@ pub async fn reconcile_once(
         bundles: &bundles,
         now: SystemTime::now(),
     });
-    reconcile::apply(client, &desired).await?;
+    let current = mesh.status.clone().unwrap_or_default();
+    if let Err(e) = reconcile::apply(client, &desired).await {
+        // The Secret or a trust bundle could not be written: say so in CAReady (a stale True
+        // there would hide it), leave the webhook configuration and WebhookReady alone (a CA
+        // that was not persisted must not be published), and fail the pass so it is logged.
+        let failed = crate::api::Condition::new(
+            CA_READY,
+            crate::api::ConditionStatus::False,
+            "ApplyFailed",
+            write_failed_message(&e),
+            mesh.metadata.generation,
+        );
+        let mut conditions: Vec<_> = current
+            .conditions
+            .iter()
+            .filter(|c| c.type_ != CA_READY)
+            .cloned()
+            .collect();
+        conditions.push(failed);
+        let new_status = MeshStatus {
+            conditions,
+            ..current
+        };
+        status.apply(&mesh, new_status).await?;
+        return Err(e.into());
+    }
     let webhook = apply_webhook_config(client, &mesh, desired.issuer.as_ref()).await;
     // Report CAReady, WebhookReady and the CA fields; keep every other condition and field as
     // they are.
-    let current = mesh.status.clone().unwrap_or_default();
     let mut conditions: Vec<_> = current
         .conditions
         .iter()
@@ -154,6 +178,28 @@ pub async fn reconcile_once(
     };
     status.apply(&mesh, new_status).await?;
     Ok(desired.requeue_after.unwrap_or(PERIOD).min(PERIOD))
+}
+
+/// The `CAReady` message when the CA's own objects could not be written: the object, the API
+/// server's explanation once, and for a refusal where the RBAC lives.
+fn write_failed_message(e: &ReconcileError) -> String {
+    match e {
+        ReconcileError::Write {
+            object,
+            source: kube::Error::Api(s),
+        } => {
+            let hint = if s.code == 403 {
+                "; the operator's ClusterRole must allow it (config/rbac/cluster_role.yaml)"
+            } else {
+                ""
+            };
+            format!(
+                "applying {object} failed: {} ({} {}){hint}",
+                s.message, s.code, s.reason
+            )
+        }
+        e => e.to_string(),
+    }
 }
 
 /// The condition the Mesh reports for the injection webhook's configuration.

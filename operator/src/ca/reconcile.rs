@@ -82,6 +82,9 @@ pub enum ReconcileError {
     Generate(CaError),
     #[error("Kubernetes API: {0}")]
     Api(#[from] kube::Error),
+    /// Writing one of the CA's objects failed; `object` names it (`Secret trellis-system/...`).
+    #[error("applying {object} failed: {source}")]
+    Write { object: String, source: kube::Error },
 }
 
 impl ReconcileError {
@@ -93,6 +96,7 @@ impl ReconcileError {
             ReconcileError::Duration(_) => "InvalidDuration",
             ReconcileError::Generate(_) => "GenerateFailed",
             ReconcileError::Api(_) => "ApiError",
+            ReconcileError::Write { .. } => "ApplyFailed",
         }
     }
 
@@ -732,16 +736,19 @@ fn annotations_match(old: &Secret, new: &Secret) -> bool {
 /// bundles of namespaces that left the mesh. The status is written by the status writer.
 pub async fn apply(client: &kube::Client, desired: &Desired) -> Result<(), ReconcileError> {
     let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let write = |object: String| move |source| ReconcileError::Write { object, source };
     if let Some(secret) = &desired.ca_secret {
         Api::<Secret>::namespaced(client.clone(), OPERATOR_NAMESPACE)
             .patch(CA_SECRET, &pp, &Patch::Apply(with_type_meta(secret)))
-            .await?;
+            .await
+            .map_err(write(format!("Secret {OPERATOR_NAMESPACE}/{CA_SECRET}")))?;
     }
     for cm in &desired.bundles {
         let ns = cm.metadata.namespace.as_deref().unwrap_or_default();
         Api::<ConfigMap>::namespaced(client.clone(), ns)
             .patch(TRUST_BUNDLE, &pp, &Patch::Apply(with_type_meta(cm)))
-            .await?;
+            .await
+            .map_err(write(format!("ConfigMap {ns}/{TRUST_BUNDLE}")))?;
     }
     for ns in &desired.delete_bundles {
         match Api::<ConfigMap>::namespaced(client.clone(), ns)
@@ -750,7 +757,7 @@ pub async fn apply(client: &kube::Client, desired: &Desired) -> Result<(), Recon
         {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(write(format!("deleting ConfigMap {ns}/{TRUST_BUNDLE}"))(e)),
         }
     }
     Ok(())
