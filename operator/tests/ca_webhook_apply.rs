@@ -6,15 +6,15 @@
 //! (Ignore). Each request is checked for method, path and body, in order; "no further request"
 //! is proven by seeing every client handle dropped.
 
+mod recorded;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
-use http::{Method, Request, Response};
+use http::Method;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
-use kube::Client;
-use kube::client::Body;
 use serde_json::{Value, json};
 use trellis_operator::api::conditions::{Condition, ConditionStatus};
 use trellis_operator::api::{Mesh, MeshSpec, MeshStatus};
@@ -22,7 +22,7 @@ use trellis_operator::ca::controller::{WEBHOOK_READY, reconcile_once};
 use trellis_operator::ca::reconcile::{self, Observed};
 use trellis_operator::status::StatusWriter;
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+use recorded::{Exchange, api_status, mock, verifier};
 
 const NOW: &str = "2026-11-25T17:00:00Z";
 const EARLIER: &str = "2026-11-25T16:00:00Z";
@@ -36,15 +36,6 @@ const NAMESPACES: &str = "/api/v1/namespaces?";
 const BUNDLES: &str = "/api/v1/configmaps?&labelSelector=trellis.dev%2Fcomponent%3Dtrust-bundle";
 const SHOP_BUNDLE_APPLY: &str = "/api/v1/namespaces/shop/configmaps/trellis-trust-bundle?&force=true&fieldManager=trellis-operator";
 const WEBHOOK_APPLY: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/trellis-sidecar-injector?&force=true&fieldManager=trellis-operator";
-
-/// One expected request and the reply to give.
-struct Exchange {
-    method: Method,
-    path_and_query: String,
-    check: Box<dyn FnOnce(&Value) + Send>,
-    status: u16,
-    reply: Value,
-}
 
 fn get(path: &str, reply: Value) -> Exchange {
     Exchange {
@@ -77,64 +68,9 @@ fn apply(path: &str, check: impl FnOnce(&Value) + Send + 'static) -> Exchange {
     }
 }
 
-fn api_status(code: u16, reason: &str, message: &str) -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-           "message": message, "reason": reason, "code": code})
-}
-
-/// Answers `expected` in order, then requires that every client handle is dropped with no
-/// further request.
-fn verifier(mut handle: Handle, expected: Vec<Exchange>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        for (i, ex) in expected.into_iter().enumerate() {
-            let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-                .await
-                .unwrap_or_else(|_| panic!("exchange {i}: no request within 5s"))
-                .unwrap_or_else(|| panic!("exchange {i}: client dropped before request"));
-            assert_eq!(
-                (req.method(), req.uri().path_and_query().unwrap().as_str()),
-                (&ex.method, ex.path_and_query.as_str()),
-                "exchange {i}"
-            );
-            if ex.method == Method::PATCH {
-                assert_eq!(
-                    req.headers()["content-type"],
-                    "application/apply-patch+yaml",
-                    "exchange {i}"
-                );
-            }
-            let bytes = req.into_body().collect_bytes().await.unwrap();
-            let body: Value = if bytes.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&bytes).unwrap()
-            };
-            let reply = if ex.reply.is_null() {
-                body.clone()
-            } else {
-                ex.reply
-            };
-            (ex.check)(&body);
-            send.send_response(
-                Response::builder()
-                    .status(ex.status)
-                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
-                    .unwrap(),
-            );
-        }
-        let extra = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-            .await
-            .expect("the client was not dropped");
-        if let Some((req, _)) = extra {
-            panic!("unexpected extra request {} {}", req.method(), req.uri());
-        }
-    })
-}
-
 /// Runs one pass against `expected`; returns what the pass returned.
 async fn run_pass(expected: Vec<Exchange>) -> Result<Duration, String> {
-    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(svc, "default");
+    let (client, handle) = mock();
     let v = verifier(handle, expected);
     let status = StatusWriter::with_clock(client.clone(), Arc::new(|| NOW.to_string()));
     let out = reconcile_once(&client, &status)

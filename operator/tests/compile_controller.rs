@@ -10,6 +10,7 @@
 //! counting requests counts compiles.
 
 mod compiler_fixtures;
+mod recorded;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,8 @@ use kube::client::Body;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher::Event;
 use kube::{Client, Resource, ResourceExt};
-use serde_json::{Value, json};
+use recorded::{ApiServer, Exchange};
+use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -33,20 +35,8 @@ use trellis_operator::controller::compile::{DEBOUNCE, Error, RESYNC, RETRY, Stor
 use trellis_operator::controller::compile_apply::{Applier, configmap_body, strip_configmap};
 use trellis_operator::status::StatusWriter;
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-
 const NOW: &str = "2026-11-25T17:00:00Z";
 const SSA: &str = "?&force=true&fieldManager=trellis-operator";
-
-/// One expected request and the reply to give.
-struct Exchange {
-    method: Method,
-    path_and_query: String,
-    /// Checks the JSON body (`Null` when empty).
-    check: Box<dyn Fn(&Value) + Send>,
-    reply: Value,
-    status: u16,
-}
 
 /// The server-side apply of `namespace`'s ConfigMap holding `out`'s config for it.
 fn apply_configmap(out: &Output, namespace: &str) -> Exchange {
@@ -135,57 +125,6 @@ fn failing(mut ex: Exchange) -> Exchange {
         "message": "etcdserver: request timed out", "reason": "InternalError", "code": 500,
         "metadata": {}});
     ex
-}
-
-/// The API server side of the controller's client.
-struct ApiServer(Handle);
-
-impl ApiServer {
-    /// The next request must arrive within `within` (virtual time) and match `ex`; it gets
-    /// `ex`'s reply.
-    async fn expect(&mut self, within: Duration, ex: Exchange) {
-        let (req, send) = tokio::time::timeout(within, self.0.next_request())
-            .await
-            .unwrap_or_else(|_| panic!("no {} {} within {within:?}", ex.method, ex.path_and_query))
-            .expect("the controller stopped before the request");
-        assert_eq!(req.method(), ex.method, "{}", req.uri());
-        assert_eq!(
-            req.uri().path_and_query().unwrap().as_str(),
-            ex.path_and_query
-        );
-        let bytes = req.into_body().collect_bytes().await.unwrap();
-        let body: Value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        (ex.check)(&body);
-        send.send_response(
-            Response::builder()
-                .status(ex.status)
-                .body(Body::from(serde_json::to_vec(&ex.reply).unwrap()))
-                .unwrap(),
-        );
-    }
-
-    /// No request for `d` of virtual time, and the controller still running.
-    async fn expect_none_for(&mut self, d: Duration) {
-        match tokio::time::timeout(d, self.0.next_request()).await {
-            Err(_) => {}
-            Ok(Some((req, _))) => panic!("unexpected request {} {}", req.method(), req.uri()),
-            Ok(None) => panic!("the controller stopped"),
-        }
-    }
-
-    /// Once the controller has returned: it left no request behind.
-    async fn expect_no_more(mut self) {
-        let next = tokio::time::timeout(Duration::from_secs(1), self.0.next_request())
-            .await
-            .expect("the controller's client outlived it");
-        if let Some((req, _)) = next {
-            panic!("unexpected request {} {}", req.method(), req.uri());
-        }
-    }
 }
 
 /// The writing side of every store and the change stream: what the watches hold.

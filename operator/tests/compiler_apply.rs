@@ -4,16 +4,16 @@
 //! client dropped with nothing sent.
 
 mod compiler_fixtures;
+mod recorded;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use compiler_fixtures::*;
-use http::{Method, Request, Response};
+use http::Method;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::client::Body;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::{Client, ResourceExt};
+use recorded::{exchange, mock, verifier};
 use serde_json::{Value, json};
 use trellis_operator::api::conditions::{Condition, ConditionStatus, merge_conditions};
 use trellis_operator::api::{Mesh, MeshStatus, TrafficPolicy, TrafficPolicyStatus};
@@ -24,81 +24,11 @@ use trellis_operator::controller::compile_apply::{
 };
 use trellis_operator::status::StatusWriter;
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-
 const NOW: &str = "2026-11-25T17:00:00Z";
-
-/// One expected request and the reply to give.
-struct Exchange {
-    method: Method,
-    path_and_query: String,
-    /// Checks the JSON body.
-    check: Box<dyn Fn(&Value) + Send>,
-    reply: Value,
-    status: u16,
-}
-
-fn exchange(
-    method: Method,
-    pq: &str,
-    check: impl Fn(&Value) + Send + 'static,
-    reply: Value,
-) -> Exchange {
-    Exchange {
-        method,
-        path_and_query: pq.into(),
-        check: Box::new(check),
-        reply,
-        status: 200,
-    }
-}
-
-/// Answers `expected` in order, then requires that no further request arrives before every
-/// client handle is dropped.
-fn verifier(mut handle: Handle, expected: Vec<Exchange>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        for (i, ex) in expected.into_iter().enumerate() {
-            let (req, send) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
-                .await
-                .unwrap_or_else(|_| panic!("exchange {i}: no request within 1s"))
-                .unwrap_or_else(|| panic!("exchange {i}: client dropped before request"));
-            assert_eq!(req.method(), ex.method, "exchange {i}");
-            assert_eq!(
-                req.uri().path_and_query().unwrap().as_str(),
-                ex.path_and_query,
-                "exchange {i}"
-            );
-            let bytes = req.into_body().collect_bytes().await.unwrap();
-            let body: Value = if bytes.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&bytes).unwrap()
-            };
-            (ex.check)(&body);
-            send.send_response(
-                Response::builder()
-                    .status(ex.status)
-                    .body(Body::from(serde_json::to_vec(&ex.reply).unwrap()))
-                    .unwrap(),
-            );
-        }
-        let extra = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
-            .await
-            .expect("the client was not dropped");
-        if let Some((req, _)) = extra {
-            panic!("unexpected extra request {} {}", req.method(), req.uri());
-        }
-    })
-}
 
 /// The shared status writer, with a fixed clock.
 fn writer(client: Client) -> StatusWriter {
     StatusWriter::with_clock(client, Arc::new(|| NOW.to_string()))
-}
-
-fn mock() -> (Client, Handle) {
-    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    (Client::new(svc, "default"), handle)
 }
 
 fn world_with_policy() -> World {
