@@ -161,8 +161,17 @@ fn mtls_successes(plan: &Plan, source: &str, dst: &str) -> f64 {
     total
 }
 
-#[test]
-fn dev_runs_the_example_mesh_enforces_strict_and_cleans_up() {
+/// The example mesh copied into a temp dir, with its plan on free ports.
+struct Example {
+    tmp: tempfile::TempDir,
+    dir: PathBuf,
+    state: PathBuf,
+    loaded: spec::DevDir,
+    base: u16,
+    plan: Plan,
+}
+
+fn example() -> Example {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("mesh");
     copy_dir(Path::new(EXAMPLE), &dir);
@@ -171,6 +180,26 @@ fn dev_runs_the_example_mesh_enforces_strict_and_cleans_up() {
     let probe = Plan::new(&loaded.topology, 20000, &state).unwrap();
     let base = free_base(probe.ports().len() as u16);
     let plan = Plan::new(&loaded.topology, base, &state).unwrap();
+    Example {
+        tmp,
+        dir,
+        state,
+        loaded,
+        base,
+        plan,
+    }
+}
+
+#[test]
+fn dev_runs_the_example_mesh_enforces_strict_and_cleans_up() {
+    let Example {
+        tmp,
+        dir,
+        state,
+        loaded,
+        base,
+        plan,
+    } = example();
     let mut dev = start(&dir, base, &state, &tmp.path().join("out.txt"), &[]);
 
     // 1. Every declared edge of a meshed workload carries successful mTLS traffic.
@@ -282,14 +311,14 @@ fn dev_runs_the_example_mesh_enforces_strict_and_cleans_up() {
 
 #[test]
 fn a_killed_trellis_dev_leaves_no_process_behind() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("mesh");
-    copy_dir(Path::new(EXAMPLE), &dir);
-    let state = tmp.path().join("state");
-    let loaded = spec::load_dir(&dir).expect("the example loads");
-    let probe = Plan::new(&loaded.topology, 20000, &state).unwrap();
-    let base = free_base(probe.ports().len() as u16);
-    let plan = Plan::new(&loaded.topology, base, &state).unwrap();
+    let Example {
+        tmp,
+        dir,
+        state,
+        loaded: _,
+        base,
+        plan,
+    } = example();
     let mut dev = start(&dir, base, &state, &tmp.path().join("out.txt"), &[]);
     // Wait until the mesh carries mTLS traffic: every sidecar and app is up by then.
     let deadline = Instant::now() + Duration::from_secs(90);

@@ -51,6 +51,12 @@ impl World {
     }
 }
 
+/// Sets a label or annotation.
+fn put(map: &mut Option<BTreeMap<String, String>>, k: &str, v: &str) {
+    map.get_or_insert_with(BTreeMap::new)
+        .insert(k.into(), v.into());
+}
+
 // ---- Namespace ----
 pub struct Ns(Namespace);
 pub fn namespace(name: &str) -> Ns {
@@ -61,22 +67,14 @@ pub fn namespace(name: &str) -> Ns {
 }
 impl Ns {
     pub fn label(mut self, k: &str, v: &str) -> Self {
-        self.0
-            .metadata
-            .labels
-            .get_or_insert_with(BTreeMap::new)
-            .insert(k.into(), v.into());
+        put(&mut self.0.metadata.labels, k, v);
         self
     }
     pub fn meshed(self) -> Self {
         self.label("trellis.dev/inject", "enabled")
     }
     pub fn annotate(mut self, k: &str, v: &str) -> Self {
-        self.0
-            .metadata
-            .annotations
-            .get_or_insert_with(BTreeMap::new)
-            .insert(k.into(), v.into());
+        put(&mut self.0.metadata.annotations, k, v);
         self
     }
 }
@@ -141,11 +139,7 @@ impl Svc {
         self
     }
     pub fn annotate(mut self, k: &str, v: &str) -> Self {
-        self.0
-            .metadata
-            .annotations
-            .get_or_insert_with(BTreeMap::new)
-            .insert(k.into(), v.into());
+        put(&mut self.0.metadata.annotations, k, v);
         self
     }
 }
