@@ -54,6 +54,43 @@ fn mesh_must_be_named_default() {
 }
 
 #[test]
+fn mesh_default_export_to_takes_the_annotation_values() {
+    for good in [
+        json!(["*"]),
+        json!(["."]),
+        json!(["~"]),
+        json!([".", "ops-1"]),
+    ] {
+        pass(mesh(
+            "default",
+            json!({"outbound": {"defaultExportTo": good}}),
+        ));
+    }
+    for bad in [
+        json!(["Ops"]),
+        json!(["a_b"]),
+        json!(["-a"]),
+        json!(["shop/x"]),
+    ] {
+        fail(
+            mesh("default", json!({"outbound": {"defaultExportTo": bad}})),
+            "defaultExportTo entries are *, ., ~ or namespace names",
+        );
+    }
+    fail(
+        mesh(
+            "default",
+            json!({"outbound": {"defaultExportTo": ["~", "."]}}),
+        ),
+        "cannot be combined",
+    );
+    fail(
+        mesh("default", json!({"outbound": {"defaultExportTo": []}})),
+        "defaultExportTo",
+    );
+}
+
+#[test]
 fn mesh_ca_is_self_signed_or_secret_not_both() {
     pass(mesh(
         "default",

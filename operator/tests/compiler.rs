@@ -1236,6 +1236,45 @@ fn split_backends_are_listed_wherever_the_split_service_is() {
 }
 
 #[test]
+fn the_mesh_default_makes_services_private_unless_annotated() {
+    // Services without the annotation follow `defaultExportTo: ["."]`: only their own namespace.
+    let mut w = scoped_world();
+    w.snap.mesh = None;
+    let w = w
+        .with(mesh().spec(|s| s.outbound.default_export_to = vec![".".into()]))
+        .with(
+            service("shared", "auth-public")
+                .ip("10.96.2.9")
+                .port(80, "http")
+                .annotate(EXPORT_TO_ANNOTATION, "*"),
+        );
+    let before = compile(&w.snap);
+    assert_round_trips(&before);
+    assert_eq!(
+        listed(&before, "shop"),
+        ["shared/auth-public", "shop/reviews", "shop/reviews-v2"]
+    );
+    assert_eq!(
+        listed(&before, "shared"),
+        ["shared/auth", "shared/auth-public"]
+    );
+    // A policy on a private Service rewrites only its namespace.
+    let after = w.clone().with(traffic_policy("shop", "r", "reviews"));
+    let out = compile_incremental(&after.snap, Some(&before));
+    assert_eq!(
+        out.changed_since(&before).into_iter().collect::<Vec<_>>(),
+        ["shop"]
+    );
+    // Back to the default: every Service everywhere, every namespace indexed again.
+    let mut open = w.clone();
+    open.snap.mesh = None;
+    let open = open.with(mesh());
+    let out = compile_incremental(&open.snap, Some(&before));
+    assert!(listed(&out, "shop").contains(&"legacy/db".to_string()));
+    assert_eq!(out.render_all(), compile(&open.snap).render_all());
+}
+
+#[test]
 fn a_malformed_visibility_annotation_is_reported_and_means_everyone() {
     let mut w = scoped_world();
     w.snap

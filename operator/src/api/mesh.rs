@@ -54,6 +54,42 @@ pub struct MeshSpec {
     /// Metrics, dashboards and tracing addons.
     #[serde(default)]
     pub observability: ObservabilitySpec,
+    /// What each namespace's sidecars are told about the mesh's Services.
+    #[serde(default)]
+    pub outbound: OutboundSpec,
+}
+
+/// Defaults of the outbound table compiled for every meshed namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundSpec {
+    /// Which namespaces see a Service that has no `trellis.dev/export-to` annotation, with the
+    /// annotation's values (as Istio's `defaultServiceExportTo`): `*` every namespace (the
+    /// default), `.` the Service's own namespace, `~` none, or namespace names. `["."]` keeps each
+    /// namespace's config to its own Services plus those annotated for it, which keeps configs
+    /// small in large meshes and makes a TrafficPolicy edit rewrite only the namespaces that see
+    /// its Service.
+    #[serde(default = "default_export_to")]
+    #[schemars(length(min = 1, max = 32), inner(length(max = 63)))]
+    #[x_kube(
+        validation = Rule::new("self.all(x, x == '*' || x == '.' || x == '~' || x.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'))")
+            .message("defaultExportTo entries are *, ., ~ or namespace names"),
+        validation = Rule::new("!self.exists(x, x == '~') || self.size() == 1")
+            .message("~ (no namespace) cannot be combined with other entries")
+    )]
+    pub default_export_to: Vec<String>,
+}
+
+impl Default for OutboundSpec {
+    fn default() -> Self {
+        Self {
+            default_export_to: default_export_to(),
+        }
+    }
+}
+
+fn default_export_to() -> Vec<String> {
+    vec!["*".into()]
 }
 
 /// The spec an empty `spec: {}` deserializes to.
@@ -67,6 +103,7 @@ impl Default for MeshSpec {
             proxy: ProxySpec::default(),
             rollout: RolloutSpec::default(),
             observability: ObservabilitySpec::default(),
+            outbound: OutboundSpec::default(),
         }
     }
 }

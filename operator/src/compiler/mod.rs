@@ -520,15 +520,7 @@ fn mesh_settings(spec: Option<&crate::api::MeshSpec>, settings: &Settings) -> Me
     let spec = match spec {
         Some(s) => s,
         None => {
-            default_spec = crate::api::MeshSpec {
-                trust_domain: "cluster.local".into(),
-                ca: Default::default(),
-                workload_cert_ttl: "24h".into(),
-                injection: Default::default(),
-                proxy: Default::default(),
-                rollout: Default::default(),
-                observability: Default::default(),
-            };
+            default_spec = crate::api::MeshSpec::default();
             &default_spec
         }
     };

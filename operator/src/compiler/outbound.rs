@@ -110,6 +110,7 @@ fn selects(selector: &BTreeMap<String, String>, labels: Option<&BTreeMap<String,
 /// here, so an address cannot be reused by a different object while it is compared.
 pub(crate) struct NamespaceRows {
     trust_domain: String,
+    default_export: String,
     services: Vec<Arc<Service>>,
     slices: Vec<Arc<EndpointSlice>>,
     pods: Vec<Arc<SlimPod>>,
@@ -162,6 +163,22 @@ pub(crate) fn build(
         .as_ref()
         .map(|m| m.spec.trust_domain.as_str())
         .unwrap_or("cluster.local");
+    let default_export = match snapshot
+        .mesh
+        .as_ref()
+        .map(|m| visibility::mesh_default(&m.spec.outbound.default_export_to))
+    {
+        None => "*".to_string(),
+        Some(Ok(v)) => v,
+        Some(Err(message)) => {
+            problems.push(Problem {
+                kind: "Mesh",
+                object: ObjectKey::new("", crate::api::MESH_NAME),
+                message,
+            });
+            "*".to_string()
+        }
+    };
 
     let mut groups: BTreeMap<&str, Inputs<'_>> = BTreeMap::new();
     let named = |m: &'_ ObjectMeta| {
@@ -206,6 +223,7 @@ pub(crate) fn build(
         by_address(&mut inputs.pods);
         let reuse = previous.and_then(|p| p.get(ns)).filter(|held| {
             held.trust_domain == trust_domain
+                && held.default_export == default_export
                 && same(&held.services, &inputs.services)
                 && same(&held.slices, &inputs.slices)
                 && same(&held.pods, &inputs.pods)
@@ -214,7 +232,7 @@ pub(crate) fn build(
             Some(held) => held.clone(),
             None => {
                 rebuilt += 1;
-                Arc::new(build_namespace(&inputs, trust_domain))
+                Arc::new(build_namespace(&inputs, trust_domain, &default_export))
             }
         };
         for (key, svc) in &rows.rows {
@@ -232,7 +250,7 @@ pub(crate) fn build(
 /// Compiles the rows of one namespace's Services. Endpoints are matched to pods of the same
 /// namespace only (where EndpointSlice controllers put them); an endpoint naming a pod in
 /// another namespace gets no identity.
-fn build_namespace(inputs: &Inputs<'_>, trust_domain: &str) -> NamespaceRows {
+fn build_namespace(inputs: &Inputs<'_>, trust_domain: &str, default_export: &str) -> NamespaceRows {
     let mut pods: BTreeMap<ObjectKey, PodInfo<'_>> = BTreeMap::new();
     for pod in &inputs.pods {
         pods.insert(ObjectKey::of(&pod.metadata), pod_info(pod, trust_domain));
@@ -271,7 +289,11 @@ fn build_namespace(inputs: &Inputs<'_>, trust_domain: &str) -> NamespaceRows {
         };
         match compile_service(svc, &key, &slices, &pods, &mut report) {
             Ok(Some(s)) => {
-                match visibility::export_scope(svc.metadata.annotations.as_ref(), &key.namespace) {
+                match visibility::export_scope(
+                    svc.metadata.annotations.as_ref(),
+                    &key.namespace,
+                    default_export,
+                ) {
                     Ok(Scope::All) => {}
                     Ok(scope) => exports.push((key.clone(), scope)),
                     Err(message) => report(message),
@@ -286,6 +308,7 @@ fn build_namespace(inputs: &Inputs<'_>, trust_domain: &str) -> NamespaceRows {
     problems.sort();
     NamespaceRows {
         trust_domain: trust_domain.to_string(),
+        default_export: default_export.to_string(),
         services: inputs.services.iter().map(|a| Arc::clone(a)).collect(),
         slices: inputs.slices.iter().map(|a| Arc::clone(a)).collect(),
         pods: inputs.pods.iter().map(|a| Arc::clone(a)).collect(),

@@ -107,17 +107,34 @@ pub fn parse(value: &str, own: &str, allow_none: bool) -> Result<Scope, String> 
     Ok(if all { Scope::All } else { Scope::Only(set) })
 }
 
-/// The export scope of a Service from its annotations; `Err` carries the problem message
-/// (the scope is then `*`).
+/// The export scope of a Service from its annotations, else the Mesh's `defaultExportTo`
+/// (`default`, already checked by [`mesh_default`]); `Err` carries the problem message (the
+/// scope is then `*`).
 pub fn export_scope(
     annotations: Option<&std::collections::BTreeMap<String, String>>,
     own: &str,
+    default: &str,
 ) -> Result<Scope, String> {
     match annotations.and_then(|a| a.get(EXPORT_TO_ANNOTATION)) {
-        None => Ok(Scope::All),
+        None if default == "*" => Ok(Scope::All),
+        None => Ok(parse(default, own, true).unwrap_or_default()),
         Some(v) => parse(v, own, true).map_err(|e| {
             format!("annotation {EXPORT_TO_ANNOTATION}={v:?}: {e}; treated as * until fixed")
         }),
+    }
+}
+
+/// The Mesh's `outbound.defaultExportTo` as one annotation-style value. The CRD's rules refuse
+/// bad entries; one that got past them (an old API server without CEL) is reported and `*`
+/// is used, as for a bad annotation.
+pub fn mesh_default(entries: &[String]) -> Result<String, String> {
+    let joined = entries.join(",");
+    // `.` resolves per Service; any namespace name stands in for checking the syntax.
+    match parse(&joined, "x", true) {
+        Ok(_) => Ok(joined),
+        Err(e) => Err(format!(
+            "spec.outbound.defaultExportTo {entries:?}: {e}; treated as * until fixed"
+        )),
     }
 }
 
@@ -189,14 +206,34 @@ mod tests {
 
     #[test]
     fn export_defaults_to_everyone_and_reports_typos() {
-        assert_eq!(export_scope(None, "shop"), Ok(Scope::All));
+        assert_eq!(export_scope(None, "shop", "*"), Ok(Scope::All));
         let a = [(EXPORT_TO_ANNOTATION.to_string(), ".".to_string())].into();
-        assert_eq!(export_scope(Some(&a), "shop"), Ok(only(&["shop"])));
+        assert_eq!(export_scope(Some(&a), "shop", "*"), Ok(only(&["shop"])));
         let bad = [(EXPORT_TO_ANNOTATION.to_string(), "fr0nt end".to_string())].into();
         assert!(
-            export_scope(Some(&bad), "shop")
+            export_scope(Some(&bad), "shop", "*")
                 .unwrap_err()
                 .contains(EXPORT_TO_ANNOTATION)
+        );
+    }
+
+    #[test]
+    fn the_mesh_default_applies_to_services_without_the_annotation() {
+        assert_eq!(export_scope(None, "shop", "."), Ok(only(&["shop"])));
+        assert_eq!(
+            export_scope(None, "shop", ".,ops"),
+            Ok(only(&["ops", "shop"]))
+        );
+        let a = [(EXPORT_TO_ANNOTATION.to_string(), "*".to_string())].into();
+        assert_eq!(export_scope(Some(&a), "shop", "."), Ok(Scope::All));
+        assert_eq!(
+            mesh_default(&[".".into(), "ops".into()]),
+            Ok(".,ops".into())
+        );
+        let e = mesh_default(&["Ops".into()]).unwrap_err();
+        assert!(
+            e.contains("defaultExportTo") && e.contains("treated as *"),
+            "{e}"
         );
     }
 }
