@@ -18,11 +18,13 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use serde_json::{Value, json};
 use trellis_operator::api::conditions::{Condition, ConditionStatus};
 use trellis_operator::api::{Mesh, MeshSpec, MeshStatus};
-use trellis_operator::ca::controller::{WEBHOOK_READY, reconcile_once};
+use trellis_operator::ca::controller::{
+    DEBOUNCE, RESYNC, RETRY, WEBHOOK_READY, drive, reconcile_once,
+};
 use trellis_operator::ca::reconcile::{self, Observed};
 use trellis_operator::status::StatusWriter;
 
-use recorded::{Exchange, api_status, mock, verifier};
+use recorded::{ApiServer, Exchange, api_status, mock, verifier};
 
 const NOW: &str = "2026-11-25T17:00:00Z";
 const EARLIER: &str = "2026-11-25T16:00:00Z";
@@ -574,4 +576,132 @@ async fn a_refused_trust_bundle_write_reports_ca_not_ready_and_skips_the_webhook
     .await;
     let e = out.expect_err("the pass fails so it is logged");
     assert!(e.contains("ConfigMap shop/trellis-trust-bundle"), "{e}");
+}
+
+// ---------------------------------------------------------------- the leader's loop
+
+/// The requests of one pass over a converged mesh (reads, then the webhook apply).
+fn converged_pass(c: &Converged) -> Vec<Exchange> {
+    let pem = c.bundle_pem.clone();
+    vec![
+        get(MESH, serde_json::to_value(&c.mesh).unwrap()),
+        get(CA_SECRET, serde_json::to_value(&c.secret).unwrap()),
+        get(NAMESPACES, namespaces()),
+        get(BUNDLES, configmap_list(std::slice::from_ref(&c.bundle))),
+        apply(WEBHOOK_APPLY, move |b| {
+            assert_webhook_configuration(b, &pem)
+        }),
+    ]
+}
+
+struct Loop {
+    api: ApiServer,
+    changes: futures::channel::mpsc::UnboundedSender<()>,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Loop {
+    fn start() -> Self {
+        let (client, handle) = mock();
+        let status = StatusWriter::with_clock(client.clone(), Arc::new(|| NOW.to_string()));
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move { drive(&client, &status, rx, token).await });
+        Loop {
+            api: ApiServer(handle),
+            changes: tx,
+            shutdown,
+            task,
+        }
+    }
+
+    /// One whole pass, its first request within `within`.
+    async fn pass(&mut self, c: &Converged, within: Duration) {
+        let mut first = true;
+        for ex in converged_pass(c) {
+            let wait = if first {
+                within
+            } else {
+                Duration::from_secs(1)
+            };
+            first = false;
+            self.api.expect(wait, ex).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(1), self.task)
+            .await
+            .expect("the loop stops on shutdown")
+            .unwrap();
+        self.api.expect_no_more().await;
+    }
+}
+
+/// A change (say a namespace labelled for the mesh) starts a pass after the debounce, not at
+/// the next resync: its pods need the trust bundle to start. Without changes, nothing runs
+/// until the resync.
+#[tokio::test(start_paused = true)]
+async fn a_change_starts_a_pass_at_once_and_quiet_waits_for_the_resync() {
+    let c = converged();
+    let mut l = Loop::start();
+    l.pass(&c, Duration::from_secs(1)).await;
+    l.api.expect_none_for(Duration::from_secs(60)).await;
+    let at = tokio::time::Instant::now();
+    l.changes.unbounded_send(()).unwrap();
+    l.pass(&c, DEBOUNCE + Duration::from_millis(50)).await;
+    assert!(at.elapsed() >= DEBOUNCE, "debounced: {:?}", at.elapsed());
+    // Quiet again: the next pass is the resync.
+    l.api.expect_none_for(RESYNC - Duration::from_secs(1)).await;
+    l.pass(&c, Duration::from_secs(2)).await;
+    l.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_changes_is_one_pass() {
+    let c = converged();
+    let mut l = Loop::start();
+    l.pass(&c, Duration::from_secs(1)).await;
+    for _ in 0..20 {
+        l.changes.unbounded_send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    l.pass(&c, DEBOUNCE + Duration::from_millis(200)).await;
+    l.api.expect_none_for(Duration::from_secs(60)).await;
+    l.stop().await;
+}
+
+/// The watches ending must not stop the CA from converging: passes go on at the resync.
+#[tokio::test(start_paused = true)]
+async fn without_watches_the_loop_keeps_resyncing() {
+    let c = converged();
+    let mut l = Loop::start();
+    l.pass(&c, Duration::from_secs(1)).await;
+    l.changes.close_channel();
+    l.api.expect_none_for(RESYNC - Duration::from_secs(1)).await;
+    l.pass(&c, Duration::from_secs(2)).await;
+    l.stop().await;
+}
+
+/// A failed pass (the API server down) is retried after RETRY, without waiting for a change.
+#[tokio::test(start_paused = true)]
+async fn a_failed_pass_is_retried() {
+    let c = converged();
+    let mut l = Loop::start();
+    l.api
+        .expect(
+            Duration::from_secs(1),
+            Exchange {
+                status: 503,
+                reply: api_status(503, "ServiceUnavailable", "etcd is down"),
+                ..get(MESH, Value::Null)
+            },
+        )
+        .await;
+    l.api.expect_none_for(RETRY - Duration::from_secs(1)).await;
+    l.pass(&c, Duration::from_secs(2)).await;
+    l.stop().await;
 }

@@ -1,14 +1,20 @@
 //! Runs the CA reconcile against the cluster (leader only), and keeps every replica's issuer
 //! in step with the CA Secret.
 //!
-//! Both loops are level-triggered polls: each pass reads the few objects involved and acts on
-//! the difference. The CA changes on a scale of minutes (rotation stages) and a newly meshed
-//! namespace gets its bundle within one period, so a [`PERIOD`] poll keeps the code small
-//! (no watches to restart) at the cost of a handful of GETs per period.
+//! Both loops are level-triggered: each pass reads the few objects involved and acts on the
+//! difference. The leader's pass runs when anything it reads or writes changes ([`triggers`]:
+//! metadata-only watches, debounced by [`DEBOUNCE`]), so a namespace labelled for the mesh has
+//! its trust bundle before its first pods need to mount it, and a deleted bundle or webhook
+//! configuration is back at once; [`RESYNC`] repairs anything a watch missed, and rotation
+//! stages ask for their own requeue. The replicas' issuer follower polls the CA Secret every
+//! [`PERIOD`]: a new root reaches them in well under its overlap window.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::api::ListParams;
 use kube::{Api, Client};
@@ -21,8 +27,15 @@ use super::{IssuerState, IssuerTx};
 use crate::api::{MESH_NAME, Mesh, MeshStatus};
 use crate::status::StatusWriter;
 
-/// How often the loops look again when nothing asks for sooner.
+/// How often the issuer follower reads the CA Secret.
 pub const PERIOD: Duration = Duration::from_secs(10);
+/// How long the leader's loop gathers changes before a pass: a namespace created with its
+/// labels, or a rollout touching many bundles, is one pass.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+/// How often the leader's loop passes without any change.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// Wait after a failed pass before trying again.
+pub const RETRY: Duration = Duration::from_secs(10);
 
 /// The issuer a replica serves with, from the CA Secret the leader maintains.
 pub fn issuer_from(mesh: Option<&Mesh>, secret: &Secret) -> Result<IssuerState, ReconcileError> {
@@ -95,7 +108,7 @@ pub async fn reconcile_once(
 ) -> Result<Duration, ControllerError> {
     let Some(mesh) = Api::<Mesh>::all(client.clone()).get_opt(MESH_NAME).await? else {
         // Without the Mesh nothing is configured; the install creates it.
-        return Ok(PERIOD);
+        return Ok(RESYNC);
     };
     let ca_secret = Api::<Secret>::namespaced(client.clone(), OPERATOR_NAMESPACE)
         .get_opt(CA_SECRET)
@@ -177,7 +190,7 @@ pub async fn reconcile_once(
         ..current
     };
     status.apply(&mesh, new_status).await?;
-    Ok(desired.requeue_after.unwrap_or(PERIOD).min(PERIOD))
+    Ok(desired.requeue_after.unwrap_or(RESYNC).min(RESYNC))
 }
 
 /// The `CAReady` message when the CA's own objects could not be written: the object, the API
@@ -272,20 +285,96 @@ fn apply_failed_message(e: &kube::Error) -> String {
     }
 }
 
-/// The leader's CA controller: [`reconcile_once`] every [`PERIOD`] (or sooner when a rotation
-/// stage is due) until `shutdown`.
+/// The leader's CA controller: [`triggers`] and [`drive`] until `shutdown`.
 pub async fn run(client: Client, status: StatusWriter, shutdown: CancellationToken) {
+    let changes = triggers(&client);
+    drive(&client, &status, changes, shutdown).await;
+}
+
+/// One notification per change of anything a pass reads or writes: the Mesh, the CA Secret,
+/// namespaces (joining or leaving the mesh), trust-bundle ConfigMaps and the webhook
+/// configuration. Metadata-only watches: a pass reads the objects itself, so nothing is cached.
+pub fn triggers(client: &Client) -> impl Stream<Item = ()> + Send + 'static {
+    use kube::core::PartialObjectMeta;
+    use kube::runtime::WatchStreamExt;
+    use kube::runtime::watcher::{self, watcher};
+    fn watch<K>(api: Api<PartialObjectMeta<K>>, config: watcher::Config) -> BoxStream<'static, ()>
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
+    {
+        let kind = K::kind(&()).to_string();
+        watcher(api, config)
+            .default_backoff()
+            .filter_map(move |ev| {
+                let ok = match ev {
+                    Ok(_) => true,
+                    Err(error) => {
+                        tracing::warn!(kind, %error, "CA watch failed; retrying with backoff");
+                        false
+                    }
+                };
+                async move { ok.then_some(()) }
+            })
+            .boxed()
+    }
+    let by_name = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
+    futures::stream::select_all([
+        watch(
+            Api::<PartialObjectMeta<Mesh>>::all(client.clone()),
+            by_name(MESH_NAME),
+        ),
+        watch(
+            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), OPERATOR_NAMESPACE),
+            by_name(CA_SECRET),
+        ),
+        watch(
+            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+            Default::default(),
+        ),
+        watch(
+            Api::<PartialObjectMeta<ConfigMap>>::all(client.clone()),
+            watcher::Config::default().labels("trellis.dev/component=trust-bundle"),
+        ),
+        watch(
+            Api::<PartialObjectMeta<MutatingWebhookConfiguration>>::all(client.clone()),
+            by_name(crate::inject::webhook_config::NAME),
+        ),
+    ])
+}
+
+/// The leader's loop: a pass now, then one after each burst of `changes` (gathered for
+/// [`DEBOUNCE`]), or when the pass asked (rotation stages), or after [`RESYNC`] ([`RETRY`]
+/// after a failed pass), until `shutdown`. If the change stream ends, the loop goes on with
+/// timed passes only: the CA must not stop converging because a watch did.
+pub async fn drive(
+    client: &Client,
+    status: &StatusWriter,
+    changes: impl Stream<Item = ()> + Send,
+    shutdown: CancellationToken,
+) {
+    let mut changes = std::pin::pin!(changes.fuse());
     loop {
-        let wait = match reconcile_once(&client, &status).await {
+        let wait = match reconcile_once(client, status).await {
             Ok(wait) => wait,
             Err(error) => {
                 tracing::warn!(%error, "CA reconcile failed; retrying");
-                PERIOD
+                RETRY
             }
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait.max(Duration::from_secs(1))) => {}
+            _ = tokio::time::sleep(wait.max(Duration::from_secs(1))) => continue,
+            Some(()) = changes.next() => {}
+        }
+        // Gather the rest of the burst; what arrives during the pass starts the next one.
+        let debounce = tokio::time::sleep(DEBOUNCE);
+        tokio::pin!(debounce);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = &mut debounce => break,
+                Some(()) = changes.next() => {}
+            }
         }
     }
 }
