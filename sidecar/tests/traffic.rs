@@ -387,7 +387,7 @@ async fn split_90_10_over_10000_requests() {
             for _ in 0..1250 {
                 let a = send(&d, &main, get()).await;
                 assert_eq!(a.status, 200);
-                *by_backend.entry(a.outcome.backend.clone()).or_default() += 1;
+                *by_backend.entry(a.outcome.backend.to_string()).or_default() += 1;
             }
             by_backend
         }));
@@ -799,7 +799,7 @@ async fn no_endpoints_means_original_destination() {
     let a = send_ctx(&d, &svc, get(), &c).await;
     assert_eq!(a.status, 200);
     assert_eq!(a.outcome.endpoint, Some(s.addr));
-    assert_eq!(a.outcome.backend, "clusterip.shop");
+    assert_eq!(&*a.outcome.backend, "clusterip.shop");
 }
 
 #[tokio::test]

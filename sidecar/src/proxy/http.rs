@@ -77,17 +77,18 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&X_REQUEST_ID) {
         return v.clone();
     }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let id: u128 = rand::random();
     let mut buf = [0u8; 36];
-    let hex = format!("{id:032x}");
-    // 8-4-4-4-12, UUID-shaped so log tooling recognises it.
+    // 8-4-4-4-12, UUID-shaped so log tooling recognises it. Written in place: this runs for
+    // most requests and `format!` would allocate.
     let mut j = 0;
-    for (i, b) in hex.bytes().enumerate() {
+    for i in 0..32 {
         if matches!(i, 8 | 12 | 16 | 20) {
             buf[j] = b'-';
             j += 1;
         }
-        buf[j] = b;
+        buf[j] = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
         j += 1;
     }
     let v = HeaderValue::from_bytes(&buf).expect("hex and dashes are valid header bytes");
@@ -210,6 +211,10 @@ mod tests {
         let id = ensure_request_id(&mut h);
         assert_eq!(id.len(), 36);
         assert_eq!(ensure_request_id(&mut h), id);
+        let s = id.to_str().unwrap();
+        let dashes: Vec<usize> = s.match_indices('-').map(|(i, _)| i).collect();
+        assert_eq!(dashes, [8, 13, 18, 23]);
+        assert!(s.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit()));
     }
 
     #[test]

@@ -32,7 +32,7 @@ use super::mtls::Alpn;
 use super::upstream::{Io, connect};
 use super::{Completed, Shared, record, serve_http, spawn_tunnel, tcp};
 use crate::config::{MtlsMode, Protocol};
-use crate::metrics::{Direction, ReasonLabels, TcpLabels};
+use crate::metrics::{Direction, ReasonLabels, SeriesCache, TcpLabels};
 use crate::traffic::{BoxError, Outcome, Target, Upstream, error_response, rate_limited_response};
 
 /// A peer that opens TCP but never finishes the handshake is dropped after this.
@@ -44,6 +44,7 @@ struct ConnInfo {
     peer: Arc<str>,
     tls: bool,
     dst_service: Arc<str>,
+    series: SeriesCache,
 }
 
 fn refuse(shared: &Shared, reason: &'static str) {
@@ -228,6 +229,7 @@ async fn plain_http<I: Io>(
         peer,
         tls,
         dst_service,
+        series: SeriesCache::default(),
     });
     let sh = shared.clone();
     serve_http(shared, io, move |req| handle(sh.clone(), info.clone(), req)).await;
@@ -301,6 +303,7 @@ async fn handle(
                 peer_identity: &info.peer,
                 dst_service: &info.dst_service,
                 tls: info.tls,
+                series: &info.series,
             },
             resp,
         )
@@ -337,7 +340,7 @@ async fn handle(
             tracing::debug!(error = %e, "local application did not answer");
             let mut r = error_response(StatusCode::BAD_GATEWAY);
             r.extensions_mut().insert(Outcome {
-                backend: String::new(),
+                backend: Arc::from(""),
                 endpoint: Some(info.target),
                 attempts: 1,
                 flags: vec!["UF"],

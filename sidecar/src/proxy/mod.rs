@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 
 use crate::access_log;
 use crate::config::AccessLogFormat;
-use crate::metrics::{Direction, Metrics};
+use crate::metrics::{Direction, Metrics, SeriesCache};
 use crate::reload::ConfigRx;
 use crate::shutdown::Shutdown;
 use crate::traffic::{Body, Dispatcher, Outcome};
@@ -159,13 +159,16 @@ pub struct Completed<'a> {
     pub peer_identity: &'a Arc<str>,
     pub dst_service: &'a Arc<str>,
     pub tls: bool,
+    /// The connection's series cache.
+    pub series: &'a SeriesCache,
 }
 
 /// Metrics and (when enabled) the access log line for one request.
 pub fn record(shared: &Shared, c: &Completed<'_>, resp: &Response<Body>) {
     let elapsed = c.start.elapsed();
     let status = resp.status().as_u16();
-    shared.metrics.record_request(
+    shared.metrics.record_request_cached(
+        c.series,
         c.direction,
         c.peer_identity,
         c.dst_service,

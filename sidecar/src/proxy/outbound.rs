@@ -27,7 +27,7 @@ use super::mtls::Alpn;
 use super::upstream::PeerIdentity;
 use super::{Completed, Shared, record, serve_http, spawn_tunnel, tcp};
 use crate::config::{OutboundService, Protocol, ProxyConfig};
-use crate::metrics::{Direction, TcpLabels};
+use crate::metrics::{Direction, SeriesCache, TcpLabels};
 use crate::traffic::{BoxError, Outcome, RequestCtx, Target, Upstream, error_response};
 
 /// The Service (and port) a redirected connection was meant for.
@@ -70,6 +70,33 @@ struct ConnInfo {
     client: SocketAddr,
     orig_dst: SocketAddr,
     redirected: bool,
+    /// The `dst_service` label of the connection's last request: a keep-alive connection
+    /// nearly always talks to one Service, and building the label costs two allocations.
+    dst_service: std::sync::Mutex<Option<Arc<str>>>,
+    series: SeriesCache,
+}
+
+impl ConnInfo {
+    /// `svc.key()` as a shared string, reused while the connection's requests go to `svc`.
+    fn dst_service(&self, svc: &OutboundService) -> Arc<str> {
+        let mut last = self.dst_service.lock().expect("dst_service lock");
+        if let Some(k) = last.as_ref()
+            && is_key_of(k, svc)
+        {
+            return k.clone();
+        }
+        let k: Arc<str> = svc.key().into();
+        *last = Some(k.clone());
+        k
+    }
+}
+
+/// Whether `key` is `svc.key()` (`name.namespace`), without formatting it.
+fn is_key_of(key: &str, svc: &OutboundService) -> bool {
+    key.len() == svc.name.len() + 1 + svc.namespace.len()
+        && key.starts_with(svc.name.as_str())
+        && key.as_bytes()[svc.name.len()] == b'.'
+        && key.ends_with(svc.namespace.as_str())
 }
 
 pub async fn serve(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr) {
@@ -110,6 +137,8 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr) {
             client,
             orig_dst,
             redirected,
+            dst_service: std::sync::Mutex::new(None),
+            series: SeriesCache::default(),
         });
         let sh = shared.clone();
         serve_http(&shared, io, move |req| {
@@ -234,11 +263,7 @@ async fn handle(
     let (mut resp, dst_service, tls) = match route {
         Some((svc, port)) => {
             let resp = shared.dispatcher.dispatch(svc, port, req, &ctx).await;
-            (
-                resp,
-                Arc::<str>::from(svc.key()),
-                !svc.identities.is_empty(),
-            )
+            (resp, info.dst_service(svc), !svc.identities.is_empty())
         }
         None if info.redirected => {
             // Not a Service we know: pass it through, plaintext, to where the client meant.
@@ -249,7 +274,7 @@ async fn handle(
                 connect_timeout: None,
             };
             let mut outcome = Outcome {
-                backend: String::new(),
+                backend: Arc::from(""),
                 endpoint: Some(info.orig_dst),
                 attempts: 1,
                 flags: Vec::new(),
@@ -299,6 +324,7 @@ async fn handle(
             peer_identity: &peer,
             dst_service: &dst_service,
             tls,
+            series: &info.series,
         },
         &resp,
     );
@@ -365,5 +391,14 @@ mod tests {
         );
         assert!(service_for_authority(&c, "reviews:1").is_none());
         assert!(service_for_authority(&c, "ratings:9080").is_none());
+    }
+
+    #[test]
+    fn recognises_a_service_key() {
+        let svc = &cfg().outbound[0];
+        assert!(is_key_of("reviews.shop", svc));
+        assert!(!is_key_of("reviews.shops", svc));
+        assert!(!is_key_of("reviewsxshop", svc));
+        assert!(!is_key_of("ratings.shop", svc));
     }
 }

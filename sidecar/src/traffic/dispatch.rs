@@ -413,7 +413,7 @@ impl Dispatcher {
     ) -> Response<Body> {
         let route = self.route(service, port);
         let mut outcome = Outcome {
-            backend: String::new(),
+            backend: Arc::from(""),
             endpoint: None,
             attempts: 0,
             flags: Vec::new(),
@@ -445,13 +445,13 @@ impl Dispatcher {
         if let Some(rl) = &route.rate_limit
             && let Err(wait) = rl.try_acquire()
         {
-            outcome.backend = route.dest.key.to_string();
+            outcome.backend = route.dest.key.clone();
             outcome.flags.push("RL");
             route.dest.metrics.rate_limited.inc();
             return rate_limited_response(wait);
         }
         let dest = route.pick_backend();
-        outcome.backend = dest.key.to_string();
+        outcome.backend = dest.key.clone();
         dest.metrics.requests.inc();
         let active = match dest.admit() {
             Ok(g) => g,

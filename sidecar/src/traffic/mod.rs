@@ -125,8 +125,8 @@ pub struct RequestCtx {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
     /// `name.namespace` of the Service that served the request (differs from the requested one
-    /// under a split).
-    pub backend: String,
+    /// under a split). Shared with the destination's state: set on every request.
+    pub backend: std::sync::Arc<str>,
     /// The endpoint of the last attempt, if one was made.
     pub endpoint: Option<SocketAddr>,
     /// Attempts made (1 without retries).
