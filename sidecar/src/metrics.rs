@@ -194,25 +194,10 @@ impl Metrics {
         }
     }
 
-    /// Records one completed HTTP request.
-    pub fn record_request(
-        &self,
-        direction: Direction,
-        peer_identity: &Arc<str>,
-        dst_service: &Arc<str>,
-        status: u16,
-        tls: bool,
-        elapsed: Duration,
-    ) {
-        let (requests, latency) = self.series(direction, peer_identity, dst_service, status, tls);
-        requests.inc();
-        latency.observe(elapsed.as_secs_f64());
-    }
-
-    /// Like [`Metrics::record_request`], reusing the series of the connection's previous request
-    /// when the labels match. Requests on one connection almost always share their labels, and
-    /// the family lookups (two label-set hashes, two read locks) are a measurable share of a
-    /// proxied request's CPU.
+    /// Records one completed HTTP request, reusing the series of the connection's previous
+    /// request when the labels match. Requests on one connection almost always share their
+    /// labels, and the family lookups (two label-set hashes, two read locks) are a measurable
+    /// share of a proxied request's CPU.
     #[allow(clippy::too_many_arguments)]
     pub fn record_request_cached(
         &self,
@@ -423,7 +408,8 @@ mod tests {
         let m = Metrics::new();
         let peer: Arc<str> = "spiffe://cluster.local/ns/a/sa/b".into();
         let svc: Arc<str> = "reviews.shop".into();
-        m.record_request(
+        m.record_request_cached(
+            &SeriesCache::default(),
             Direction::Outbound,
             &peer,
             &svc,
