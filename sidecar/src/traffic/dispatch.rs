@@ -282,8 +282,12 @@ impl Dispatcher {
                     else {
                         continue;
                     };
-                    if b.weight > 0 {
-                        total += b.weight;
+                    // validate() bounds the sum; a weight that would overflow it is skipped
+                    // rather than wrapped.
+                    if let Some(t) = total.checked_add(b.weight)
+                        && b.weight > 0
+                    {
+                        total = t;
                         split.push((total, bdest.clone()));
                     }
                 }
