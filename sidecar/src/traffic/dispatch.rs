@@ -181,6 +181,9 @@ enum Class {
     Connect,
     Reset,
     Timeout,
+    /// The pool had no stream for it (never sent): retried like a connect failure, but not a
+    /// failure of the endpoint for ejection.
+    Overflow,
 }
 
 impl Dispatcher {
@@ -566,6 +569,7 @@ impl Dispatcher {
                     tracing::debug!(error = %e, backend = %dest.key, "upstream attempt failed");
                     let (status, flag) = match (class, per_try_timeout) {
                         (_, true) => (StatusCode::GATEWAY_TIMEOUT, "UT"),
+                        (Class::Overflow, _) => (StatusCode::SERVICE_UNAVAILABLE, "UO"),
                         (Class::Connect, _) => (StatusCode::SERVICE_UNAVAILABLE, "UF"),
                         _ => (StatusCode::BAD_GATEWAY, "UC"),
                     };
@@ -687,6 +691,7 @@ fn classify(res: &Result<Response<Body>, (UpstreamError, bool)>) -> Class {
             Class::Connect
         }
         Err((UpstreamError::Tls { .. }, _)) => Class::Connect,
+        Err((UpstreamError::Overflow { .. }, _)) => Class::Overflow,
         Err((UpstreamError::Reset { .. } | UpstreamError::Other { .. }, _)) => Class::Reset,
     }
 }
@@ -699,7 +704,7 @@ impl RetryPolicy {
     fn retriable(&self, class: Class, safe: bool, grpc: bool) -> bool {
         match class {
             Class::Success => false,
-            Class::Connect => self.on_connect_failure,
+            Class::Connect | Class::Overflow => self.on_connect_failure,
             Class::Reset => safe && self.on_reset,
             Class::Timeout => safe && (self.on_server_error || self.on_gateway_error),
             Class::Status(s) => {
@@ -835,9 +840,12 @@ impl Destination {
 
     /// Outlier detection: 5xx, connect failures, resets and timeouts are failures.
     fn record(&self, i: usize, class: Class) {
+        if class == Class::Overflow {
+            return; // Never reached the endpoint: says nothing of its health.
+        }
         let ep = &self.endpoints.eps[i];
         let failed = match class {
-            Class::Success | Class::Grpc(_) => false,
+            Class::Success | Class::Grpc(_) | Class::Overflow => false,
             Class::Status(s) => s >= 500,
             Class::Connect | Class::Reset | Class::Timeout => true,
         };

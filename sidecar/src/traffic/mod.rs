@@ -90,6 +90,10 @@ pub enum UpstreamError {
     Reset { addr: SocketAddr, source: BoxError },
     #[error("upstream {addr}: {source}")]
     Other { addr: SocketAddr, source: BoxError },
+    /// The pool has no stream for the request: every connection to `addr` is at the peer's
+    /// stream limit, no more may be opened, and the bounded queue is full. Nothing was sent.
+    #[error("no HTTP/2 stream free to {addr} and the wait queue is full")]
+    Overflow { addr: SocketAddr },
 }
 
 /// Where one attempt goes and how to reach it.
