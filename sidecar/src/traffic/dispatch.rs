@@ -264,6 +264,9 @@ impl Dispatcher {
                 dests.insert((&svc.namespace, &svc.name, sp.port), Arc::new(d));
             }
         }
+        // Split backends by key, once: `cfg.service()` scans, and every Service may split.
+        let by_key: HashMap<String, &OutboundService> =
+            cfg.outbound.iter().map(|s| (s.key(), s)).collect();
         let mut table = Table::default();
         for svc in &cfg.outbound {
             for sp in &svc.ports {
@@ -273,7 +276,7 @@ impl Dispatcher {
                 let mut split = Vec::new();
                 let mut total = 0u32;
                 for b in policy.map(|p| p.split.as_slice()).unwrap_or(&[]) {
-                    let Some(bsvc) = cfg.service(&b.service) else {
+                    let Some(bsvc) = by_key.get(&b.service) else {
                         continue; // validate() refuses unknown backends; skip defensively.
                     };
                     let bport = bsvc
