@@ -25,7 +25,7 @@ use trellis_proxy::config::Protocol;
 use trellis_proxy::creds::{self, Credentials};
 use trellis_proxy::proxy::mtls::TlsCache;
 use trellis_proxy::proxy::upstream::Pool;
-use trellis_proxy::traffic::{Target, Upstream, UpstreamError, full};
+use trellis_proxy::traffic::{ConnectionParams, Target, Upstream, UpstreamError, full};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
 const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/server";
@@ -232,6 +232,38 @@ async fn beyond_the_connection_cap_requests_wait_bounded_then_overflow() {
         started.elapsed() >= delay * 2,
         "the queued one waited for a stream"
     );
+}
+
+/// `circuitBreaker.maxConnections` reaches the pool: one connection, the rest wait for its
+/// stream (bounded) instead of opening more.
+#[tokio::test]
+async fn the_policys_max_connections_caps_http2_connections() {
+    let delay = Duration::from_millis(200);
+    let (addr, seen) = h2_server(1, delay, None).await;
+    let pool = plain_pool();
+    let reqs = (0..3).map(|_| {
+        let mut req = Request::builder()
+            .uri("http://svc/slow")
+            .body(full(Bytes::new()))
+            .unwrap();
+        req.extensions_mut().insert(ConnectionParams {
+            idle_timeout: None,
+            max_connections: Some(1),
+        });
+        let pool = pool.clone();
+        async move {
+            let resp = pool.send(target(addr, &[]), req).await?;
+            let status = resp.status();
+            let _ = resp.into_body().collect().await;
+            Ok::<_, UpstreamError>(status)
+        }
+    });
+    let started = Instant::now();
+    for r in futures::future::join_all(reqs).await {
+        assert_eq!(r.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    assert!(started.elapsed() >= delay * 3, "one stream at a time");
 }
 
 /// Endpoint churn: connections to endpoints no longer used are closed and their keys

@@ -221,7 +221,8 @@ pub struct Pool {
 /// What the pool holds, for `/config`-style views and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolStats {
-    /// Keys (address, identities) with at least one connection or slot.
+    /// Pool entries: HTTP/2 keys (address, identities) plus HTTP/1.1 keys, each with at least
+    /// one connection or a connect under way.
     pub keys: usize,
     pub h2_conns: usize,
     pub idle_h1_conns: usize,
@@ -320,7 +321,16 @@ impl Pool {
                         .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
                 }
                 to_http2(&mut req);
-                let (mut sr, peer, guard) = self.h2_sender(&key, target.connect_timeout).await?;
+                // The policy's `circuitBreaker.maxConnections` caps connections per endpoint.
+                let cap = req
+                    .extensions()
+                    .get::<ConnectionParams>()
+                    .and_then(|p| p.max_connections)
+                    .map_or(self.inner.settings.max_h2_conns, |m| {
+                        (m as usize).min(self.inner.settings.max_h2_conns)
+                    });
+                let (mut sr, peer, guard) =
+                    self.h2_sender(&key, cap, target.connect_timeout).await?;
                 let mut resp = sr.send_request(req).await.map_err(|e| classify(addr, e))?;
                 if let Some(p) = peer {
                     resp.extensions_mut().insert(PeerIdentity(p));
@@ -366,15 +376,16 @@ impl Pool {
     async fn h2_sender(
         &self,
         key: &Key,
+        cap: usize,
         timeout: Option<Duration>,
     ) -> Result<(http2::SendRequest<Body>, Option<Arc<str>>, StreamGuard), UpstreamError> {
-        let gate = match self.pick_h2(key) {
+        let gate = match self.pick_h2(key, cap) {
             H2Pick::Use(sr, peer, g) => return Ok((sr, peer, g)),
             H2Pick::Full => return Err(UpstreamError::Overflow { addr: key.addr }),
             H2Pick::Connect(gate) => gate,
         };
         let _g = gate.lock().await;
-        match self.pick_h2(key) {
+        match self.pick_h2(key, cap) {
             H2Pick::Use(sr, peer, g) => return Ok((sr, peer, g)),
             H2Pick::Full => return Err(UpstreamError::Overflow { addr: key.addr }),
             H2Pick::Connect(_) => {}
@@ -393,9 +404,9 @@ impl Pool {
         Ok(picked)
     }
 
-    /// The least loaded usable connection with a free stream; else whether to connect, queue
-    /// (bounded) or refuse.
-    fn pick_h2(&self, key: &Key) -> H2Pick {
+    /// The least loaded usable connection with a free stream; else whether to connect (fewer
+    /// than `cap` connections), queue (bounded) or refuse.
+    fn pick_h2(&self, key: &Key, cap: usize) -> H2Pick {
         let creds = if key.identities.is_empty() {
             None
         } else {
@@ -418,7 +429,7 @@ impl Pool {
         };
         let chosen = match least(&slot.conns, true) {
             Some(i) => i,
-            None if slot.conns.len() < settings.max_h2_conns.max(1) => {
+            None if slot.conns.len() < cap.max(1) => {
                 return H2Pick::Connect(slot.connecting.clone());
             }
             None => {

@@ -146,7 +146,8 @@ pub struct Outcome {
 /// core reads them with `req.extensions().get::<ConnectionParams>()`).
 ///
 /// The traffic layer also enforces `max_connections` itself for HTTP/1 destinations, as a cap
-/// on concurrent requests (each holds one connection); for HTTP/2 only the pool can.
+/// on concurrent requests (each holds one connection); for HTTP/2 the pool caps its
+/// connections per endpoint with it (more open only at the peer's stream limit).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectionParams {
     /// `timeouts.idleMs`: close pooled connections idle this long.
