@@ -1,5 +1,12 @@
 //! Destination lookup with 10 versus 10 000 Services: the per-config index against the linear
-//! scan it replaced. Run with `hack/bench-lookup.sh`; not run by CI, only compiled.
+//! scan it replaced, and connection setup through a real in-process proxy. Run with
+//! `hack/bench-lookup.sh`; not run by CI, only compiled.
+//!
+//! Connection setup: two proxies (10 and 10 000 Services in their config, the destination last
+//! in config order) in local mode on loopback, each in front of the same HTTP/1.1 upstream;
+//! every sample is a new TCP connection to the proxy's outbound port carrying one
+//! `Connection: close` request routed by its authority, timed until the response has been
+//! read to the end.
 //!
 //! Each Service has a cluster IP, two ports and three endpoints per port (the shape the
 //! compiler emits with inline discovery). Queries are a fixed random mix of cluster IP:port,
@@ -11,7 +18,11 @@
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 use trellis_proxy::config::{
     CONFIG_VERSION, Endpoint, MeshSettings, OutboundService, Protocol, ProxyConfig, ServicePort,
@@ -83,10 +94,14 @@ fn queries(n: usize, count: usize) -> Vec<Query> {
     (0..count)
         .map(|_| {
             let i = next() as usize % n;
-            let port = if next() % 2 == 0 { 80 } else { 9090 };
+            let pi = (next() % 2) as usize;
+            let port = [80, 9090][pi];
             match next() % 3 {
                 0 => Query::Addr(SocketAddr::new(ip(96, i), port)),
-                1 => Query::Addr(SocketAddr::new(ip(1 + (next() % 6) as u8, i), port)),
+                1 => {
+                    let net = 1 + (pi * 3) as u8 + (next() % 3) as u8;
+                    Query::Addr(SocketAddr::new(ip(net, i), port))
+                }
                 _ => Query::Authority(format!("svc-{i}.ns-{}.svc.cluster.local:{port}", i % 50)),
             }
         })
@@ -122,6 +137,154 @@ fn measure(snap: &Snapshot, qs: &[Query], method: Method, iters: usize) -> f64 {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// Credentials for the proxy (it is ready only with a certificate; the bench itself is
+/// plaintext).
+fn creds() -> trellis_proxy::creds::Credentials {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_der = ca.self_signed(&ca_key).unwrap().der().clone();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::default();
+    leaf.subject_alt_names = vec![SanType::URI(
+        "spiffe://cluster.local/ns/bench/sa/client"
+            .try_into()
+            .unwrap(),
+    )];
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    trellis_proxy::tls::credentials_from_parts(
+        vec![cert.der().clone()],
+        rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        vec![ca_der],
+    )
+    .unwrap()
+}
+
+/// A keep-it-simple HTTP/1.1 upstream answering `ok`.
+async fn upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A proxy whose config has `n` Services, the last of which (`target.bench:80`) leads to
+/// `upstream`. Returns its outbound address and the temp dir it reads.
+async fn proxy(n: usize, upstream: SocketAddr) -> (SocketAddr, tempfile::TempDir) {
+    let mut cfg = config(n - 1);
+    cfg.outbound.push(OutboundService {
+        name: "target".into(),
+        namespace: "bench".into(),
+        addresses: vec![],
+        ports: vec![ServicePort {
+            port: 80,
+            name: None,
+            protocol: Protocol::Http1,
+            endpoints: vec![Endpoint {
+                address: upstream,
+                identity: None,
+                zone: None,
+            }],
+        }],
+        identities: vec![],
+        policy: None,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), cfg.to_json_pretty()).unwrap();
+    std::fs::write(dir.path().join("labels"), "app=\"bench\"\n").unwrap();
+    let (tx, rx) = trellis_proxy::creds::channel();
+    tx.send_replace(Some(Arc::new(creds())));
+    // Keep the sender alive with the proxy.
+    std::mem::forget(tx);
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let running = trellis_proxy::run::start(
+        trellis_proxy::run::Options {
+            dir: dir.path().to_path_buf(),
+            outbound_addr: any,
+            inbound_addr: any,
+            admin_addr: any,
+            inbound_target: None,
+            opaque_ports: Vec::new(),
+            tcp_flush_interval: trellis_proxy::proxy::tcp::FLUSH_INTERVAL,
+        },
+        rx,
+    )
+    .await
+    .unwrap();
+    let addr = running.outbound_addr;
+    std::mem::forget(running);
+    // Wait for the config to load: the first request that routes.
+    for _ in 0..500 {
+        if one_connection(addr).await.is_ok() {
+            return (addr, dir);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("proxy with {n} Services did not route within 10 s");
+}
+
+/// One new connection, one request, the response read to the end.
+async fn one_connection(proxy: SocketAddr) -> Result<Duration, String> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect(proxy).await.map_err(|e| e.to_string())?;
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: target.bench:80\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::with_capacity(256);
+    s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+    let took = start.elapsed();
+    if buf.starts_with(b"HTTP/1.1 200") {
+        Ok(took)
+    } else {
+        Err(String::from_utf8_lossy(&buf).into_owned())
+    }
+}
+
+/// Connection setup through real proxies: median microseconds per connection, per round.
+fn setup_bench(rounds: usize, per_round: usize) -> BTreeMap<usize, Vec<f64>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let up = upstream().await;
+        let mut proxies = Vec::new();
+        for n in [10usize, 10_000] {
+            proxies.push((n, proxy(n, up).await));
+        }
+        let mut out: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        for _ in 0..rounds {
+            for (n, (addr, _)) in &proxies {
+                let mut samples = Vec::with_capacity(per_round);
+                for _ in 0..per_round {
+                    let d = one_connection(*addr)
+                        .await
+                        .expect("request through the proxy");
+                    samples.push(d.as_secs_f64() * 1e6);
+                }
+                out.entry(*n).or_default().push(median(samples));
+            }
+        }
+        out
+    })
 }
 
 fn main() {
@@ -178,6 +341,17 @@ fn main() {
         build[&10],
         round_us(build[&10_000])
     );
+    let per_round = 500;
+    let setup = setup_bench(rounds, per_round);
+    let small = median(setup[&10].clone());
+    let large = median(setup[&10_000].clone());
+    println!(
+        "\nconnection setup through the proxy (new connection + one request, {per_round} per \
+         round and proxy, median of per-round medians, µs):\n"
+    );
+    println!("| 10 Services | 10 000 Services | ratio 10 000 / 10 |");
+    println!("|---|---|---|");
+    println!("| {small:.1} | {large:.1} | {:.3}x |", large / small);
 }
 
 fn round_us(d: Duration) -> Duration {
