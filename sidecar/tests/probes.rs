@@ -147,7 +147,7 @@ async fn a_probe_that_hangs_fails_within_its_timeout() {
         assert!(body.contains("no answer within"), "{path}: {body}");
         // Answered before the kubelet's own timeout, but not before the app had most of it.
         assert!(took < timeout, "{path}: took {took:?}");
-        assert!(took >= timeout * 8 / 10, "{path}: gave up early, {took:?}");
+        assert!(took >= timeout * 7 / 10, "{path}: gave up early, {took:?}");
     }
 }
 
