@@ -10,6 +10,7 @@ pub mod identity;
 pub mod init;
 pub mod lookup;
 pub mod metrics;
+pub mod probe;
 pub mod proxy;
 pub mod reload;
 pub mod run;
