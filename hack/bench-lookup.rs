@@ -223,6 +223,8 @@ async fn proxy(n: usize, upstream: SocketAddr) -> (SocketAddr, tempfile::TempDir
             inbound_target: None,
             opaque_ports: Vec::new(),
             tcp_flush_interval: trellis_proxy::proxy::tcp::FLUSH_INTERVAL,
+            app_probes: Default::default(),
+            pod_ip: None,
         },
         rx,
     )
