@@ -364,6 +364,20 @@ fn rule_alm_examples_kind_not_owned() {
     assert_breaks(&b, Rule::AlmExamples, "Gateway, which the CSV does not own");
     let b = csv_broken(|c| c["metadata"]["annotations"]["alm-examples"] = json!("[{"));
     assert_breaks(&b, Rule::AlmExamples, "not JSON");
+    let b = csv_broken(|c| {
+        let ex: Vec<Value> = serde_json::from_str(
+            c["metadata"]["annotations"]["alm-examples"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        let ex: Vec<Value> = ex
+            .into_iter()
+            .filter(|e| e["kind"] != "TrafficPolicy")
+            .collect();
+        c["metadata"]["annotations"]["alm-examples"] = json!(serde_json::to_string(&ex).unwrap());
+    });
+    assert_breaks(&b, Rule::AlmExamples, "TrafficPolicy has no example");
 }
 
 #[test]

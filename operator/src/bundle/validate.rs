@@ -31,7 +31,8 @@ pub enum Rule {
     /// `installModes` types are valid and unique, at least one supported; Trellis supports
     /// AllNamespaces only.
     InstallModes,
-    /// `alm-examples` is a JSON array whose every kind is owned.
+    /// `alm-examples` is a JSON array whose every kind is owned, with an example of every
+    /// owned kind (OperatorHub's "create" forms start from them).
     AlmExamples,
     /// Every owned CRD is in the bundle (name, group, kind, served version).
     OwnedCrdsInBundle,
@@ -307,6 +308,17 @@ fn alm_examples(csv: &Value, r: &mut Report) {
         Err(e) => return r.add(Rule::AlmExamples, format!("alm-examples is not JSON: {e}")),
     };
     let owned = owned(csv);
+    for (g, v, k, _) in &owned {
+        let shown = examples
+            .iter()
+            .any(|e| e["kind"] == k.as_str() && e["apiVersion"] == format!("{g}/{v}").as_str());
+        if !shown {
+            r.add(
+                Rule::AlmExamples,
+                format!("owned {g}/{v} {k} has no example in alm-examples"),
+            );
+        }
+    }
     for ex in &examples {
         let api = ex["apiVersion"].as_str().unwrap_or_default();
         let kind = ex["kind"].as_str().unwrap_or_default();
