@@ -1,19 +1,30 @@
 //! Pure generation of the pod's redirect rules as one `iptables-restore` file.
 //!
-//! The file only touches the `nat` table and four chains of our own. It is applied with
-//! `--noflush`, so rules of anyone else survive. Declaring a chain (`:TRELLIS_INBOUND - [0:0]`)
-//! in a restore file creates it when missing and flushes it when present, which makes the chain
-//! bodies idempotent by construction. The two jumps from the built-in chains (`PREROUTING`,
-//! `OUTPUT`) cannot be made idempotent inside the file (a restore file has no "append if absent"),
-//! so [`render`] takes which jumps already exist and leaves those out; [`super::apply`] checks
-//! them with `iptables -C` first.
+//! The file touches the `raw` table (one chain, [`CHAIN_GUARD`]) and the `nat` table (four
+//! chains), all our own. It is applied with `--noflush`, so rules of anyone else survive.
+//! Declaring a chain (`:TRELLIS_INBOUND - [0:0]`) in a restore file creates it when missing and
+//! flushes it when present, which makes the chain bodies idempotent by construction. The three
+//! jumps from the built-in chains (`raw PREROUTING`, `nat PREROUTING`, `nat OUTPUT`) cannot be
+//! made idempotent inside the file (a restore file has no "append if absent"), so [`render`]
+//! takes which jumps already exist and leaves those out; [`super::apply`] checks them with
+//! `iptables -C` first.
+//!
+//! Traffic the rules drop: new connections from outside the pod (not on `lo`) straight to the
+//! proxy's inbound or outbound port. Only redirected traffic may reach those; a direct
+//! connection is someone trying to use the proxy (as a relay with the pod's identity, or to
+//! reach the inbound side without an original destination). The `raw` table sees the packet
+//! before `nat` rewrites it, so a redirected connection (original port 8080) is never confused
+//! with a direct one (port 15006). The admin port stays reachable: the kubelet probes it.
 //!
 //! Traffic the rules leave alone, and why:
 //! - inbound to the proxy's own ports (inbound, outbound, admin 15020) so the kubelet can probe
-//!   the proxy and redirected connections never loop;
+//!   the proxy and redirected connections never loop (from outside, the first two are dropped
+//!   earlier, in `raw`);
 //! - inbound to the excluded ports (the pod's `trellis.dev/exclude-inbound-ports` annotation,
 //!   plus the ports of the app's kubelet probes, added by the injector);
-//! - outbound from the proxy UID (the proxy's own upstream connections);
+//! - outbound from the proxy UID (the proxy's own upstream connections), including its inbound
+//!   forwarding to the pod IP, which comes from [`inbound_source`] so that it is told apart
+//!   from the exception below;
 //! - outbound to loopback from the app (app to itself, including the app calling its own pod IP,
 //!   which Linux routes over `lo`: like Istio, this stays direct and does not pass through the
 //!   proxy);
@@ -35,6 +46,8 @@ pub const CHAIN_IN_REDIRECT: &str = "TRELLIS_IN_REDIRECT";
 pub const CHAIN_OUTPUT: &str = "TRELLIS_OUTPUT";
 /// Chain that redirects to the outbound port.
 pub const CHAIN_OUT_REDIRECT: &str = "TRELLIS_OUT_REDIRECT";
+/// Chain in the `raw` table that drops direct connections from outside to the proxy's ports.
+pub const CHAIN_GUARD: &str = "TRELLIS_GUARD";
 
 /// The proxy's admin port: never redirected, so kubelet probes reach the proxy itself.
 pub const ADMIN_PORT: u16 = 15020;
@@ -43,6 +56,17 @@ pub const ADMIN_PORT: u16 = 15020;
 pub const JUMP_PREROUTING: [&str; 5] = ["PREROUTING", "-p", "tcp", "-j", CHAIN_INBOUND];
 /// The jump from `OUTPUT` into our outbound chain, as `iptables` rule arguments.
 pub const JUMP_OUTPUT: [&str; 5] = ["OUTPUT", "-p", "tcp", "-j", CHAIN_OUTPUT];
+/// The jump from `raw PREROUTING` into the guard chain, as `iptables` rule arguments.
+pub const JUMP_GUARD: [&str; 5] = ["PREROUTING", "-p", "tcp", "-j", CHAIN_GUARD];
+
+/// The source address of the proxy's inbound forwarding to the pod IP, exempt from the
+/// redirect (must match `trellis_proxy::proxy::upstream::SourceAddr`).
+pub fn inbound_source(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "127.0.0.6/32",
+        Family::V6 => "::1/128",
+    }
+}
 
 /// Address family of a rules file: `iptables` (IPv4) or `ip6tables` (IPv6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,13 +180,16 @@ impl Default for RuleSpec {
 pub struct Jumps {
     pub prerouting: bool,
     pub output: bool,
+    /// `raw PREROUTING` into [`CHAIN_GUARD`].
+    pub guard: bool,
 }
 
 impl Jumps {
-    /// A fresh network namespace: both jumps are missing.
+    /// A fresh network namespace: every jump is missing.
     pub const ALL: Jumps = Jumps {
         prerouting: true,
         output: true,
+        guard: true,
     };
 }
 
@@ -190,6 +217,21 @@ pub fn render(spec: &RuleSpec, family: Family, jumps: Jumps) -> String {
     line(format!(
         "# Generated by trellis-proxy init ({name}); applied with iptables-restore --noflush."
     ));
+    // Guard: new connections from outside straight to the proxy's data ports are dropped.
+    line("*raw".into());
+    line(format!(":{CHAIN_GUARD} - [0:0]"));
+    if jumps.guard {
+        line(format!("-A {}", JUMP_GUARD.join(" ")));
+    }
+    line(format!("-A {CHAIN_GUARD} -i lo -j RETURN"));
+    let mut guarded = vec![spec.inbound_port, spec.outbound_port];
+    guarded.dedup();
+    for port in guarded {
+        line(format!(
+            "-A {CHAIN_GUARD} -p tcp --dport {port} --tcp-flags FIN,SYN,RST,ACK SYN -j DROP"
+        ));
+    }
+    line("COMMIT".into());
     line("*nat".into());
     for chain in [
         CHAIN_INBOUND,
@@ -224,7 +266,12 @@ pub fn render(spec: &RuleSpec, family: Family, jumps: Jumps) -> String {
         spec.inbound_port
     ));
 
-    // Outbound.
+    // Outbound. First the proxy's inbound forwarding to the pod IP (from the exempt source):
+    // direct, or it would loop back into inbound through the rule after it.
+    line(format!(
+        "-A {CHAIN_OUTPUT} -s {} -o lo -m owner --uid-owner {uid} -j RETURN",
+        inbound_source(family)
+    ));
     line(format!(
         "-A {CHAIN_OUTPUT} -o lo ! -d {lo} -m owner --uid-owner {uid} -j {CHAIN_IN_REDIRECT}"
     ));
@@ -302,9 +349,11 @@ mod tests {
         let none = Jumps {
             prerouting: false,
             output: false,
+            guard: false,
         };
         let s = render(&RuleSpec::default(), Family::V4, none);
         assert!(!s.contains("-A PREROUTING") && !s.contains("-A OUTPUT"));
+        assert!(s.contains(":TRELLIS_GUARD - [0:0]"));
         // The chains are still declared, hence flushed and refilled: the body is idempotent.
         assert!(s.contains(":TRELLIS_OUTPUT - [0:0]"));
     }
