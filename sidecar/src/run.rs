@@ -187,15 +187,11 @@ impl From<&RunArgs> for Options {
     }
 }
 
-/// A started proxy. The `*_addr` fields are the first bound address of each kind, the
-/// `*_addrs` fields all of them.
+/// A started proxy; each address is the first one bound of its kind.
 pub struct Running {
     pub outbound_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub outbound_addrs: Vec<SocketAddr>,
-    pub inbound_addrs: Vec<SocketAddr>,
-    pub admin_addrs: Vec<SocketAddr>,
     pub shutdown: Shutdown,
     pub metrics: Arc<Metrics>,
     /// The config in force (for the identity client, which may take its endpoint from it).
@@ -335,9 +331,6 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         outbound_addr: outbound_addrs[0],
         inbound_addr: inbound_addrs[0],
         admin_addr: admin_addrs[0],
-        outbound_addrs,
-        inbound_addrs,
-        admin_addrs,
         shutdown: shutdown.clone(),
         metrics: metrics.clone(),
         config: config.clone(),
@@ -379,9 +372,9 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         tokio::spawn(admin.clone().serve(l));
     }
     tracing::info!(
-        outbound = ?running.outbound_addrs,
-        inbound = ?running.inbound_addrs,
-        admin = ?running.admin_addrs,
+        outbound = ?outbound_addrs,
+        inbound = ?inbound_addrs,
+        admin = ?admin_addrs,
         local_mode = opts.local_mode,
         inbound_forward = ?inbound_forward,
         "proxy listening"
@@ -509,6 +502,44 @@ async fn identity_task(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("trellis-proxy").chain(args.iter().copied()))
+            .map(|c| c.run)
+    }
+
+    #[test]
+    fn default_listeners_are_dual_stack_and_outbound_is_loopback_only() {
+        let a = parse(&[]).unwrap();
+        let s = |v: &[SocketAddr]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(s(&a.outbound_addr), ["127.0.0.1:15001", "[::1]:15001"]);
+        assert_eq!(s(&a.inbound_addr), ["0.0.0.0:15006", "[::]:15006"]);
+        assert_eq!(s(&a.admin_addr), ["0.0.0.0:15020", "[::]:15020"]);
+        assert!(!a.local_mode && !a.inbound_to_localhost);
+    }
+
+    #[test]
+    fn inbound_target_is_for_local_mode_only() {
+        assert!(parse(&["--inbound-target", "127.0.0.1:9000"]).is_err());
+        let a = parse(&["--local-mode", "--inbound-target", "127.0.0.1:9000"]).unwrap();
+        assert!(a.local_mode && a.inbound_target.is_some());
+        assert!(
+            parse(&[
+                "--local-mode",
+                "--inbound-target",
+                "127.0.0.1:9000",
+                "--inbound-to-localhost"
+            ])
+            .is_err()
+        );
+    }
 
     #[test]
     fn durations() {

@@ -269,7 +269,7 @@ pub fn render(spec: &RuleSpec, family: Family, jumps: Jumps) -> String {
     // Outbound. First the proxy's inbound forwarding to the pod IP (from the exempt source):
     // direct, or it would loop back into inbound through the rule after it.
     line(format!(
-        "-A {CHAIN_OUTPUT} -s {} -o lo -m owner --uid-owner {uid} -j RETURN",
+        "-A {CHAIN_OUTPUT} -o lo -s {} -m owner --uid-owner {uid} -j RETURN",
         inbound_source(family)
     ));
     line(format!(

@@ -447,3 +447,20 @@ impl Upstream for Pool {
         Box::pin(self.clone().send_inner(target, req))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbound_connections_to_the_pod_ip_come_from_the_exempt_source() {
+        let s = SourceAddr::InboundLoopback;
+        let v4: SocketAddr = "10.0.0.5:8080".parse().unwrap();
+        let v6: SocketAddr = "[fd00::5]:8080".parse().unwrap();
+        assert_eq!(s.for_dst(v4), Some(INBOUND_SOURCE_V4.into()));
+        assert_eq!(s.for_dst(v6), Some(INBOUND_SOURCE_V6.into()));
+        // inbound-to-localhost: loopback needs no exemption.
+        assert_eq!(s.for_dst("127.0.0.1:8080".parse().unwrap()), None);
+        assert_eq!(SourceAddr::Any.for_dst(v4), None);
+    }
+}
