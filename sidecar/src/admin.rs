@@ -2,9 +2,10 @@
 //! a saturated data path still answers probes.
 //!
 //! Routes are split by who may call them ([`Access`]):
-//! - public, read-only: `/live`, `/ready` (the kubelet, from the node's address) and `/metrics`
-//!   (Prometheus, from wherever it runs). Kubelet app-probe routes (`/app-health/...`) belong
-//!   here too.
+//! - public, read-only: `/live`, `/ready` (the kubelet, from the node's address), `/metrics`
+//!   (Prometheus, from wherever it runs) and the kubelet's rewritten app probes under
+//!   `GET /app-health/...` (see [`crate::probe`]: they run only the probes the injector wrote,
+//!   and answer with a verdict, never the app's body).
 //! - loopback only: everything that changes state or shows configuration, `POST /shutdown`
 //!   and `GET /config` (the whole outbound table, endpoints and identities), and any future
 //!   debug route. Anyone else gets `403`.
@@ -36,6 +37,7 @@ use tokio::net::TcpListener;
 
 use crate::creds::CredentialsRx;
 use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE};
+use crate::probe::{PATH_PREFIX, Prober};
 use crate::reload::{ConfigRx, ReloadStatus};
 use crate::shutdown::Shutdown;
 
@@ -84,6 +86,8 @@ pub enum Route {
     Live,
     Ready,
     Metrics,
+    /// `/app-health/...`: one of the app's rewritten kubelet probes.
+    AppHealth,
     Config,
     Shutdown,
 }
@@ -96,13 +100,14 @@ impl Route {
             "/metrics" => Route::Metrics,
             "/config" => Route::Config,
             "/shutdown" => Route::Shutdown,
+            p if p.starts_with(PATH_PREFIX) => Route::AppHealth,
             _ => return None,
         })
     }
 
     pub fn access(self) -> Access {
         match self {
-            Route::Live | Route::Ready | Route::Metrics => Access::Public,
+            Route::Live | Route::Ready | Route::Metrics | Route::AppHealth => Access::Public,
             Route::Config | Route::Shutdown => Access::Loopback,
         }
     }
@@ -130,6 +135,8 @@ pub struct Admin {
     pub status: Arc<Mutex<ReloadStatus>>,
     pub creds: CredentialsRx,
     pub shutdown: Shutdown,
+    /// The app probes the injector configured; `/app-health/...` runs only these.
+    pub probes: Arc<Prober>,
     pub limits: Limits,
     open: Mutex<Open>,
 }
@@ -174,6 +181,7 @@ impl Admin {
         status: Arc<Mutex<ReloadStatus>>,
         creds: CredentialsRx,
         shutdown: Shutdown,
+        probes: Arc<Prober>,
         limits: Limits,
     ) -> Self {
         Self {
@@ -182,6 +190,7 @@ impl Admin {
             status,
             creds,
             shutdown,
+            probes,
             limits,
             open: Mutex::default(),
         }
@@ -220,7 +229,7 @@ impl Admin {
         })
     }
 
-    fn handle(&self, req: &Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
+    async fn handle(&self, req: &Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
         let Some(route) = Route::parse(req.uri().path()) else {
             return text(StatusCode::NOT_FOUND, "not found\n");
         };
@@ -256,6 +265,16 @@ impl Admin {
                 tracing::info!("shutdown requested on the admin port");
                 self.shutdown.trigger();
                 text(StatusCode::OK, "shutting down\n")
+            }
+            Route::AppHealth => {
+                let ua = req.headers().get(header::USER_AGENT);
+                let (status, body) = match self.probes.run(req.uri().path(), ua).await {
+                    Some(outcome) => (outcome.status(), format!("{}\n", outcome.detail)),
+                    None => (StatusCode::NOT_FOUND, "no such probe\n".into()),
+                };
+                let mut r = Response::new(Full::new(Bytes::from(body)));
+                *r.status_mut() = status;
+                r
             }
         }
     }
@@ -307,14 +326,18 @@ impl Admin {
         let max = self.limits.max_requests_per_connection.max(1);
         let admin = self.clone();
         let svc = hyper::service::service_fn(move |req| {
-            let mut r = admin.handle(&req, peer.ip());
-            if served.fetch_add(1, Ordering::Relaxed) + 1 >= max {
-                r.headers_mut().insert(
-                    header::CONNECTION,
-                    header::HeaderValue::from_static("close"),
-                );
+            let admin = admin.clone();
+            let last = served.fetch_add(1, Ordering::Relaxed) + 1 >= max;
+            async move {
+                let mut r = admin.handle(&req, peer.ip()).await;
+                if last {
+                    r.headers_mut().insert(
+                        header::CONNECTION,
+                        header::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(r)
             }
-            async move { Ok::<_, Infallible>(r) }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -350,6 +373,7 @@ mod tests {
             ("/metrics", true),
             ("/config", false),
             ("/shutdown", false),
+            ("/app-health/app/readyz", true),
         ] {
             let access = Route::parse(path).unwrap().access();
             assert_eq!(allowed(access, outside), public, "{path}");

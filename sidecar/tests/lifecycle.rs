@@ -306,6 +306,8 @@ async fn not_ready_without_credentials() {
             admin_limits: trellis_proxy::admin::Limits::default(),
             opaque_ports: Vec::new(),
             tcp_flush_interval: trellis_proxy::proxy::tcp::FLUSH_INTERVAL,
+            app_probes: Default::default(),
+            pod_ip: None,
         },
         rx,
     )

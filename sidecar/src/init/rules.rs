@@ -20,11 +20,11 @@
 //! - inbound to the proxy's own ports (inbound, outbound, admin 15020) so the kubelet can probe
 //!   the proxy and redirected connections never loop (from outside, the first two are dropped
 //!   earlier, in `raw`);
-//! - inbound to the excluded ports (the pod's `trellis.dev/exclude-inbound-ports` annotation,
-//!   plus the ports of the app's kubelet probes, added by the injector);
-//! - outbound from the proxy UID (the proxy's own upstream connections), including its inbound
-//!   forwarding to the pod IP, which comes from [`inbound_source`] so that it is told apart
-//!   from the exception below;
+//! - inbound to the excluded ports (the pod's `trellis.dev/exclude-inbound-ports` annotation;
+//!   kubelet probes exclude nothing: the injector sends them through the admin port);
+//! - outbound from the proxy UID (the proxy's own upstream connections), including its direct
+//!   connections to the app at the pod IP (inbound forwarding and app probes), which come from
+//!   [`Family::probe_source`] so that they are told apart from the exception below;
 //! - outbound to loopback from the app (app to itself, including the app calling its own pod IP,
 //!   which Linux routes over `lo`: like Istio, this stays direct and does not pass through the
 //!   proxy);
@@ -32,7 +32,10 @@
 //!
 //! One exception, also as in Istio: the proxy connecting to its own pod IP over `lo` (an
 //! outbound request whose endpoint is this very pod) is sent to the inbound port, so the request
-//! gets inbound policy exactly like one from another pod.
+//! gets inbound policy exactly like one from another pod. The proxy's inbound forwarding and
+//! app probes (see `crate::probe`) must reach the app directly instead, so they are told apart
+//! by their source address ([`Family::probe_source`]) and left alone; nothing else the proxy
+//! sends uses it.
 use std::net::IpAddr;
 use std::str::FromStr;
 
@@ -59,15 +62,6 @@ pub const JUMP_OUTPUT: [&str; 5] = ["OUTPUT", "-p", "tcp", "-j", CHAIN_OUTPUT];
 /// The jump from `raw PREROUTING` into the guard chain, as `iptables` rule arguments.
 pub const JUMP_GUARD: [&str; 5] = ["PREROUTING", "-p", "tcp", "-j", CHAIN_GUARD];
 
-/// The source address of the proxy's inbound forwarding to the pod IP, exempt from the
-/// redirect (must match `trellis_proxy::proxy::upstream::SourceAddr`).
-pub fn inbound_source(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "127.0.0.6/32",
-        Family::V6 => "::1/128",
-    }
-}
-
 /// Address family of a rules file: `iptables` (IPv4) or `ip6tables` (IPv6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
@@ -80,6 +74,16 @@ impl Family {
         match self {
             Family::V4 => "127.0.0.1/32",
             Family::V6 => "::1/128",
+        }
+    }
+
+    /// The source address of the proxy's direct connections to the app, app probes
+    /// ([`crate::probe::PROBE_SOURCE_V4`] / [`crate::probe::PROBE_SOURCE_V6`]) and inbound
+    /// forwarding (`crate::proxy::upstream::SourceAddr`, the same addresses), as a host network.
+    pub fn probe_source(self) -> String {
+        match self {
+            Family::V4 => format!("{}/32", crate::probe::PROBE_SOURCE_V4),
+            Family::V6 => format!("{}/128", crate::probe::PROBE_SOURCE_V6),
         }
     }
 }
@@ -266,11 +270,11 @@ pub fn render(spec: &RuleSpec, family: Family, jumps: Jumps) -> String {
         spec.inbound_port
     ));
 
-    // Outbound. First the proxy's inbound forwarding to the pod IP (from the exempt source):
-    // direct, or it would loop back into inbound through the rule after it.
+    // Outbound. First the proxy's inbound forwarding and app probes to the pod IP (from the
+    // exempt source): direct, or they would loop back into inbound through the rule after it.
     line(format!(
         "-A {CHAIN_OUTPUT} -o lo -s {} -m owner --uid-owner {uid} -j RETURN",
-        inbound_source(family)
+        family.probe_source()
     ));
     line(format!(
         "-A {CHAIN_OUTPUT} -o lo ! -d {lo} -m owner --uid-owner {uid} -j {CHAIN_IN_REDIRECT}"

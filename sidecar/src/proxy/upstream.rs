@@ -82,10 +82,11 @@ pub enum SourceAddr {
     InboundLoopback,
 }
 
-/// The IPv4 source of inbound forwarding; `trellis-proxy init` exempts it from redirection.
-pub const INBOUND_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
-/// The IPv6 source of inbound forwarding; `trellis-proxy init` exempts it from redirection.
-pub const INBOUND_SOURCE_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::LOCALHOST;
+/// The IPv4 source of inbound forwarding; `trellis-proxy init` exempts it from redirection
+/// (the app probes' source: one exemption for every direct connection to the app).
+pub const INBOUND_SOURCE_V4: std::net::Ipv4Addr = crate::probe::PROBE_SOURCE_V4;
+/// The IPv6 source of inbound forwarding; see [`INBOUND_SOURCE_V4`].
+pub const INBOUND_SOURCE_V6: std::net::Ipv6Addr = crate::probe::PROBE_SOURCE_V6;
 
 impl SourceAddr {
     /// The address to bind before connecting to `dst`, if any.

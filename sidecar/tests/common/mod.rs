@@ -217,6 +217,8 @@ impl TestProxy {
             admin_limits: trellis_proxy::admin::Limits::default(),
             opaque_ports: Vec::new(),
             tcp_flush_interval: trellis_proxy::proxy::tcp::FLUSH_INTERVAL,
+            app_probes: Default::default(),
+            pod_ip: None,
         };
         tweak(&mut opts);
         let running = trellis_proxy::run::start(opts, rx).await.unwrap();
