@@ -64,9 +64,11 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(5),
             max_connection_age: Duration::from_secs(60),
             max_requests_per_connection: 100,
-            // The kubelet, a Prometheus or two and someone debugging need a handful.
+            // The kubelet, a Prometheus or two and someone debugging need a handful; the
+            // kubelet opens one connection per probe in flight (every container's liveness,
+            // readiness and startup probes may overlap), all from the node's address.
             max_connections: 128,
-            max_connections_per_peer: 16,
+            max_connections_per_peer: 32,
         }
     }
 }
