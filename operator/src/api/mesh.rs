@@ -450,11 +450,14 @@ impl Default for TracingSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MeshStatus {
-    /// `Ready`, `CAReady`, `WebhookReady`, `ProxiesUpToDate`, `ObservabilityReady`.
+    /// `Accepted`; `Ready` (True only when `CAReady`, `WebhookReady` and `Programmed` are True
+    /// and `Degraded` is not, each at the current `metadata.generation`); `CAReady`,
+    /// `WebhookReady`, `Programmed`, `Degraded`, and `ProxiesUpToDate` (every injected pod runs
+    /// `spec.proxy.image`; not part of `Ready`). Each controller writes its own conditions.
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-    /// The generation the status was computed from.
+    /// The generation `Accepted` and `Ready` were computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// The root CA currently signing workload certificates.
@@ -478,13 +481,13 @@ pub struct CaStatus {
     pub rotation: Option<String>,
 }
 
-/// Sidecar counts.
+/// Sidecar counts, from the pods carrying the `trellis.dev/proxy-version` annotation.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyCounts {
-    /// Pods with a sidecar.
+    /// Pods with a sidecar (not being deleted).
     pub total: i64,
-    /// Pods whose sidecar runs the Mesh's current proxy image.
+    /// Pods whose sidecar runs the Mesh's current proxy image (`spec.proxy.image`).
     pub up_to_date: i64,
 }
 
