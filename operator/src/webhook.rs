@@ -601,6 +601,22 @@ pub fn mesh_from_event(event: kube::runtime::watcher::Event<crate::api::Mesh>) -
     }
 }
 
+/// Whether each watch the webhook reads has completed its first list. Until both have, the
+/// webhook would inject with the Mesh defaults and guess namespaces, so the replica reports
+/// not-ready (the runtime's `webhook-inputs` readiness check).
+#[derive(Debug, Default)]
+pub struct InputsSynced {
+    mesh: std::sync::atomic::AtomicBool,
+    namespaces: std::sync::atomic::AtomicBool,
+}
+
+impl InputsSynced {
+    pub fn is_synced(&self) -> bool {
+        use std::sync::atomic::Ordering::Acquire;
+        self.mesh.load(Acquire) && self.namespaces.load(Acquire)
+    }
+}
+
 /// Starts the two watches the webhook reads (the `default` Mesh and namespace metadata) and
 /// returns their channels; the tasks end with `shutdown`. Until the first events arrive the
 /// webhook injects with the Mesh defaults and treats namespaces as selected by the API server.
@@ -611,10 +627,23 @@ pub fn spawn_inputs(
     watch::Receiver<MeshSpec>,
     watch::Receiver<Arc<NamespaceLabels>>,
 ) {
+    spawn_inputs_tracked(client, shutdown, Arc::default())
+}
+
+/// [`spawn_inputs`], recording in `synced` when each watch has completed its first list.
+pub fn spawn_inputs_tracked(
+    client: kube::Client,
+    shutdown: CancellationToken,
+    synced: Arc<InputsSynced>,
+) -> (
+    watch::Receiver<MeshSpec>,
+    watch::Receiver<Arc<NamespaceLabels>>,
+) {
     use futures::StreamExt as _;
     use k8s_openapi::api::core::v1::Namespace;
     use kube::core::PartialObjectMeta;
     use kube::runtime::{WatchStreamExt as _, watcher};
+    use std::sync::atomic::Ordering::Release;
 
     let (mesh_tx, mesh_rx) = watch::channel(crate::inject::default_mesh());
     let (ns_tx, ns_rx) = watch::channel(Arc::new(NamespaceLabels::new()));
@@ -622,6 +651,7 @@ pub fn spawn_inputs(
     let meshes: kube::Api<crate::api::Mesh> = kube::Api::all(client.clone());
     let selector = format!("metadata.name={}", crate::api::MESH_NAME);
     let token = shutdown.clone();
+    let mesh_synced = synced.clone();
     tokio::spawn(async move {
         let mut events = watcher(meshes, watcher::Config::default().fields(&selector))
             .default_backoff()
@@ -635,8 +665,12 @@ pub fn spawn_inputs(
                 None => return,
                 Some(Err(e)) => tracing::warn!(error = %e, "webhook: Mesh watch failed; retrying"),
                 Some(Ok(event)) => {
+                    let listed = matches!(event, kube::runtime::watcher::Event::InitDone);
                     if let Some(spec) = mesh_from_event(event) {
                         mesh_tx.send_replace(spec);
+                    }
+                    if listed {
+                        mesh_synced.mesh.store(true, Release);
                     }
                 }
             }
@@ -669,8 +703,12 @@ pub fn spawn_inputs(
                         Event::Init => Event::Init,
                         Event::InitDone => Event::InitDone,
                     };
+                    let listed = matches!(event, Event::InitDone);
                     if index.apply(event) {
                         ns_tx.send_replace(Arc::new(index.labels().clone()));
+                    }
+                    if listed {
+                        synced.namespaces.store(true, Release);
                     }
                 }
             }
@@ -689,8 +727,13 @@ pub fn replica_server(
     (
         "webhook",
         Box::new(move |s: crate::runtime::Services| {
+            let synced = Arc::new(InputsSynced::default());
+            let check = synced.clone();
+            s.readiness
+                .check("webhook-inputs", Arc::new(move || check.is_synced()));
             Box::pin(async move {
-                let (mesh, namespaces) = spawn_inputs(s.client.clone(), s.shutdown.clone());
+                let (mesh, namespaces) =
+                    spawn_inputs_tracked(s.client.clone(), s.shutdown.clone(), synced);
                 let injector = {
                     let mut registry = s.registry.lock().unwrap_or_else(|e| e.into_inner());
                     Injector::new(
