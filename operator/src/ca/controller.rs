@@ -41,11 +41,12 @@ pub const RETRY: Duration = Duration::from_secs(10);
 pub fn issuer_from(mesh: Option<&Mesh>, secret: &Secret) -> Result<IssuerState, ReconcileError> {
     let state = CaState::from_secret(secret)?;
     let spec = mesh.map(|m| m.spec.clone()).unwrap_or_default();
+    let workload_ttl = spec.workload_cert_ttl()?;
     Ok(IssuerState {
         trust_bundle_pem: state.bundle_pem(),
         ca: state.active,
         trust_domain: spec.trust_domain,
-        workload_ttl: crate::duration::parse(&spec.workload_cert_ttl)?,
+        workload_ttl,
     })
 }
 

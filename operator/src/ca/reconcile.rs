@@ -76,8 +76,8 @@ pub enum ReconcileError {
     UserSecretMissing(String),
     #[error("CA Secret {0} referenced by the Mesh is unusable: {1}")]
     UserSecretInvalid(String, String),
-    #[error("invalid duration in the Mesh: {0}")]
-    Duration(#[from] crate::duration::DurationError),
+    #[error("{0}")]
+    Duration(#[from] crate::api::mesh::InvalidDuration),
     #[error("generating a root CA: {0}")]
     Generate(CaError),
     #[error("Kubernetes API: {0}")]
@@ -373,14 +373,7 @@ fn user_ca(o: &Observed<'_>) -> Option<Result<CertificateAuthority, ReconcileErr
 }
 
 fn root_validity(mesh: &Mesh) -> Result<Duration, ReconcileError> {
-    let v = mesh
-        .spec
-        .ca
-        .self_signed
-        .clone()
-        .unwrap_or_default()
-        .root_validity;
-    Ok(crate::duration::parse(&v)?)
+    Ok(mesh.spec.root_validity()?)
 }
 
 fn since(now: SystemTime, t: SystemTime) -> Duration {
@@ -588,12 +581,19 @@ pub fn bundle_configmap(namespace: &str, bundle_pem: &str, mesh: &Mesh) -> Confi
 /// The reconcile.
 pub fn reconcile(o: &Observed<'_>) -> Desired {
     let generation = o.mesh.meta().generation;
-    let workload_ttl = match crate::duration::parse(&o.mesh.spec.workload_cert_ttl) {
+    // Both durations are checked before anything is generated or signed: out of range they
+    // are refused here with the field and range (the CRD's CEL rules say the same).
+    let workload_ttl = match o.mesh.spec.workload_cert_ttl() {
         Ok(t) => t,
         Err(e) => {
             return Desired::unchanged(not_ready("InvalidDuration", e.to_string(), generation));
         }
     };
+    if o.mesh.spec.ca.secret_ref.is_none()
+        && let Err(e) = o.mesh.spec.root_validity()
+    {
+        return Desired::unchanged(not_ready("InvalidDuration", e.to_string(), generation));
+    }
     let user = match user_ca(o) {
         None => Ok(None),
         Some(Ok(ca)) => Ok(Some(Arc::new(ca))),
@@ -890,7 +890,8 @@ mod tests {
     #[test]
     fn creates_a_self_signed_root_and_bundles_then_is_idempotent() {
         let mut w = World::new(mesh(
-            serde_json::json!({"ca": {"selfSigned": {"rootValidity": "100h"}}}),
+            // A 100 h root needs TTLs of at most 20 h: its last fifth must hold a rotation.
+            serde_json::json!({"workloadCertTtl": "20h", "ca": {"selfSigned": {"rootValidity": "100h"}}}),
         ));
         let d = w.step();
         let secret = d.ca_secret.as_ref().expect("CA Secret created");
@@ -920,7 +921,7 @@ mod tests {
         let na: jiff::Timestamp = status.not_after.parse().unwrap();
         let want = jiff::Timestamp::try_from(w.now + 100 * HOUR).unwrap();
         assert!((na.as_second() - want.as_second()).abs() <= 1);
-        assert_eq!(d.issuer.as_ref().unwrap().workload_ttl, 24 * HOUR);
+        assert_eq!(d.issuer.as_ref().unwrap().workload_ttl, 20 * HOUR);
         // Requeue when 20 % of the lifetime is left (80 h from now).
         let rq = d.requeue_after.unwrap();
         assert_eq!(rq, HOUR, "capped at an hour");
@@ -1040,7 +1041,8 @@ mod tests {
     #[test]
     fn root_near_expiry_starts_a_rotation() {
         let mut w = World::new(mesh(
-            serde_json::json!({"ca": {"selfSigned": {"rootValidity": "100h"}}}),
+            // A 100 h root needs TTLs of at most 20 h: its last fifth must hold a rotation.
+            serde_json::json!({"workloadCertTtl": "20h", "ca": {"selfSigned": {"rootValidity": "100h"}}}),
         ));
         w.step();
         w.advance(79 * HOUR);
@@ -1052,6 +1054,33 @@ mod tests {
             "{}",
             d.condition.message
         );
+    }
+
+    /// Issue 13 item 6: a huge rootValidity or a 0s TTL is reported in CAReady with the field
+    /// and the range; nothing is created, and the leader does not panic.
+    #[test]
+    fn out_of_range_durations_are_reported_not_acted_on() {
+        for (spec, field) in [
+            (
+                serde_json::json!({"ca": {"selfSigned": {"rootValidity": "99999999999h"}}}),
+                "spec.ca.selfSigned.rootValidity \"99999999999h\" is out of range",
+            ),
+            (
+                serde_json::json!({"workloadCertTtl": "0s"}),
+                "spec.workloadCertTtl \"0s\" is out of range: it must be between 10m and 2160h",
+            ),
+        ] {
+            let mut w = World::new(mesh(spec));
+            let d = w.step();
+            assert_eq!(d.condition.status, ConditionStatus::False);
+            assert_eq!(d.condition.reason, "InvalidDuration");
+            assert!(
+                d.condition.message.contains(field),
+                "{}",
+                d.condition.message
+            );
+            assert!(d.ca_secret.is_none() && d.bundles.is_empty() && d.issuer.is_none());
+        }
     }
 
     #[test]
