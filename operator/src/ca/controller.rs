@@ -39,11 +39,12 @@ pub const RETRY: Duration = Duration::from_secs(10);
 pub fn issuer_from(mesh: Option<&Mesh>, secret: &Secret) -> Result<IssuerState, ReconcileError> {
     let state = CaState::from_secret(secret)?;
     let spec = mesh.map(|m| m.spec.clone()).unwrap_or_default();
+    let workload_ttl = spec.workload_cert_ttl()?;
     Ok(IssuerState {
         trust_bundle_pem: state.bundle_pem(),
         ca: state.active,
         trust_domain: spec.trust_domain,
-        workload_ttl: crate::duration::parse(&spec.workload_cert_ttl)?,
+        workload_ttl,
     })
 }
 
@@ -163,35 +164,27 @@ pub async fn reconcile_once(
             write_failed_message(&e),
             mesh.metadata.generation,
         );
-        let mut conditions: Vec<_> = current
-            .conditions
-            .iter()
-            .filter(|c| c.type_ != CA_READY)
-            .cloned()
-            .collect();
-        conditions.push(failed);
+        // This controller's part only (see `crate::status`): the failed CAReady, and
+        // WebhookReady and the CA fields as they are (omitting them would drop them, since
+        // this field manager owns them).
+        let mut conditions = vec![failed];
+        conditions
+            .extend(crate::api::conditions::find(&current.conditions, WEBHOOK_READY).cloned());
         let new_status = MeshStatus {
             conditions,
-            ..current
+            ca: current.ca.clone(),
+            ..Default::default()
         };
         status.apply(&mesh, new_status).await?;
         return Err(e.into());
     }
     let webhook = apply_webhook_config(client, &mesh, namespace, desired.issuer.as_ref()).await;
-    // Report CAReady, WebhookReady and the CA fields; keep every other condition and field as
-    // they are.
-    let mut conditions: Vec<_> = current
-        .conditions
-        .iter()
-        .filter(|c| c.type_ != CA_READY && c.type_ != WEBHOOK_READY)
-        .cloned()
-        .collect();
-    conditions.push(desired.condition.clone());
-    conditions.push(webhook);
+    // This controller's part of the status: CAReady, WebhookReady and the CA fields. The
+    // other controllers' conditions are theirs (see `crate::status`).
     let new_status = MeshStatus {
-        conditions,
+        conditions: vec![desired.condition.clone(), webhook],
         ca: desired.ca_status.clone().or(current.ca.clone()),
-        ..current
+        ..Default::default()
     };
     status.apply(&mesh, new_status).await?;
     Ok(desired.requeue_after.unwrap_or(RESYNC).min(RESYNC))

@@ -253,6 +253,7 @@ pub async fn reconcile_once(
         &snapshot.traffic_policies,
         &snapshot.peer_authentications,
         snapshot.mesh.as_ref(),
+        &snapshot.pods,
         &now,
     );
     let (stats, errors) = applier.apply(&cms, &status, mesh).await;

@@ -50,17 +50,14 @@ pub struct MeshParams {
 }
 
 pub fn mesh_params(mesh: &Mesh) -> Result<MeshParams, ControlError> {
-    let ttl = crate::duration::parse(&mesh.spec.workload_cert_ttl)
-        .map_err(|e| ControlError::Mesh(format!("spec.workloadCertTtl: {e}")))?;
-    let root = mesh
+    let ttl = mesh
         .spec
-        .ca
-        .self_signed
-        .as_ref()
-        .map(|s| s.root_validity.clone())
-        .unwrap_or_else(|| "87600h".into());
-    let root_validity = crate::duration::parse(&root)
-        .map_err(|e| ControlError::Mesh(format!("spec.ca.selfSigned.rootValidity: {e}")))?;
+        .workload_cert_ttl()
+        .map_err(|e| ControlError::Mesh(e.to_string()))?;
+    let root_validity = mesh
+        .spec
+        .root_validity()
+        .map_err(|e| ControlError::Mesh(e.to_string()))?;
     if mesh.spec.ca.secret_ref.is_some() {
         return Err(ControlError::Mesh(
             "spec.ca.secretRef names a Secret, and `trellis dev` has no cluster to read it from: \
