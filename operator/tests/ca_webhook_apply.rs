@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use trellis_operator::api::conditions::{Condition, ConditionStatus};
 use trellis_operator::api::{Mesh, MeshSpec, MeshStatus};
 use trellis_operator::ca::controller::{
-    DEBOUNCE, RESYNC, RETRY, WEBHOOK_READY, drive, reconcile_once,
+    DEBOUNCE, Inputs, RESYNC, RETRY, WEBHOOK_READY, drive, reconcile_once,
 };
 use trellis_operator::ca::reconcile::{self, Observed};
 use trellis_operator::status::StatusWriter;
@@ -75,7 +75,7 @@ async fn run_pass(expected: Vec<Exchange>) -> Result<Duration, String> {
     let (client, handle) = mock();
     let v = verifier(handle, expected);
     let status = StatusWriter::with_clock(client.clone(), Arc::new(|| NOW.to_string()));
-    let out = reconcile_once(&client, &status)
+    let out = reconcile_once(&client, &status, &Inputs::standalone("trellis-system"))
         .await
         .map_err(|e| e.to_string());
     drop((client, status));
@@ -143,6 +143,7 @@ fn converged() -> Converged {
         meshed_namespaces: &["shop".to_string()],
         bundles: &[],
         now: SystemTime::now(),
+        namespace: "trellis-system",
     });
     let mut secret = first.ca_secret.clone().unwrap();
     secret.metadata.resource_version = Some("12".into());
@@ -241,7 +242,7 @@ fn assert_webhook_configuration(body: &Value, bundle: &str) {
             exprs.contains(&json!({
                 "key": "kubernetes.io/metadata.name",
                 "operator": "NotIn",
-                "values": ["kube-public", "kube-system", "legacy", "trellis-system"]
+                "values": ["kube-node-lease", "kube-public", "kube-system", "legacy", "trellis-system"]
             })),
             "{}: {exprs:?}",
             w["name"]
@@ -608,7 +609,16 @@ impl Loop {
         let (tx, rx) = futures::channel::mpsc::unbounded();
         let shutdown = tokio_util::sync::CancellationToken::new();
         let token = shutdown.clone();
-        let task = tokio::spawn(async move { drive(&client, &status, rx, token).await });
+        let task = tokio::spawn(async move {
+            drive(
+                &client,
+                &status,
+                &Inputs::standalone("trellis-system"),
+                rx,
+                token,
+            )
+            .await
+        });
         Loop {
             api: ApiServer(handle),
             changes: tx,

@@ -45,6 +45,7 @@ async fn applies_secret_and_bundles_with_ssa_and_deletes_departed_namespaces() {
         meshed_namespaces: &namespaces,
         bundles: &bundles,
         now: SystemTime::now(),
+        namespace: "trellis-system",
     });
     let bundle_pem = desired.issuer.as_ref().unwrap().trust_bundle_pem.clone();
 

@@ -20,12 +20,34 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
-use super::reconcile::{
-    self, CA_READY, CA_SECRET, CaState, OPERATOR_NAMESPACE, Observed, ReconcileError,
-};
+use super::reconcile::{self, CA_READY, CA_SECRET, CaState, Observed, ReconcileError};
 use super::{IssuerState, IssuerTx};
 use crate::api::{MESH_NAME, Mesh, MeshStatus};
+use crate::compiler::MeshedRx;
 use crate::status::StatusWriter;
+
+/// What a CA pass needs besides the API: where the operator runs, and which namespaces the
+/// compiler found meshed.
+#[derive(Clone, Debug)]
+pub struct Inputs {
+    /// The operator's namespace (`POD_NAMESPACE`): the CA Secret, the webhook's Service.
+    pub namespace: String,
+    /// The compile controller's meshed namespaces (namespaces selected for injection and
+    /// namespaces holding opted-in pods; see [`crate::inject::scope`]), `None` until its first
+    /// compile. Until then a pass derives the selected namespaces from a namespace list and
+    /// deletes no bundle, since it cannot see the pods that keep a namespace in the mesh.
+    pub meshed: MeshedRx,
+}
+
+impl Inputs {
+    /// Inputs without a compile controller (tests, tools): namespace-level selection only.
+    pub fn standalone(namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            meshed: tokio::sync::watch::channel(None).1,
+        }
+    }
+}
 
 /// How often the issuer follower reads the CA Secret.
 pub const PERIOD: Duration = Duration::from_secs(10);
@@ -50,8 +72,13 @@ pub fn issuer_from(mesh: Option<&Mesh>, secret: &Secret) -> Result<IssuerState, 
 }
 
 /// Every replica: publishes the issuer from the CA Secret on `tx` until `shutdown`.
-pub async fn follow_issuer(client: Client, tx: IssuerTx, shutdown: CancellationToken) {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+pub async fn follow_issuer(
+    client: Client,
+    namespace: String,
+    tx: IssuerTx,
+    shutdown: CancellationToken,
+) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     let meshes: Api<Mesh> = Api::all(client);
     let mut last_seen: Option<(Option<String>, Option<String>)> = None;
     loop {
@@ -105,40 +132,45 @@ pub enum ControllerError {
 pub async fn reconcile_once(
     client: &Client,
     status: &StatusWriter,
+    inputs: &Inputs,
 ) -> Result<Duration, ControllerError> {
     let Some(mesh) = Api::<Mesh>::all(client.clone()).get_opt(MESH_NAME).await? else {
-        // Without the Mesh nothing is configured; the install creates it.
+        // Without the Mesh nothing is configured, and no webhook may point at it: the garbage
+        // collector removes the owned configuration, this covers one created before owner
+        // references (or orphaned by `kubectl delete --cascade=orphan`).
+        if crate::inject::webhook_config::delete(client.clone()).await? {
+            tracing::info!(
+                name = crate::inject::webhook_config::NAME,
+                "no Mesh: deleted the webhook configuration"
+            );
+        }
         return Ok(RESYNC);
     };
-    let ca_secret = Api::<Secret>::namespaced(client.clone(), OPERATOR_NAMESPACE)
+    let namespace = inputs.namespace.as_str();
+    let ca_secret = Api::<Secret>::namespaced(client.clone(), namespace)
         .get_opt(CA_SECRET)
         .await?;
+    let mut forbidden = None;
     let user_secret = match &mesh.spec.ca.secret_ref {
         Some(r) => {
-            Api::<Secret>::namespaced(
-                client.clone(),
-                r.namespace.as_deref().unwrap_or(OPERATOR_NAMESPACE),
-            )
-            .get_opt(&r.name)
-            .await?
+            let ns = r.namespace.as_deref().unwrap_or(namespace);
+            match Api::<Secret>::namespaced(client.clone(), ns)
+                .get_opt(&r.name)
+                .await
+            {
+                Ok(s) => s,
+                // Another namespace's Secret needs a Role there: say which, and keep the CA
+                // that exists signing rather than stopping the whole pass.
+                Err(kube::Error::Api(e)) if e.code == 403 => {
+                    forbidden = Some(forbidden_message(ns, &r.name, namespace));
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         None => None,
     };
-    let namespaces = Api::<Namespace>::all(client.clone())
-        .list(&ListParams::default())
-        .await?;
-    let snapshot = crate::compiler::Snapshot {
-        mesh: Some(Arc::new(mesh.clone())),
-        namespaces: namespaces.items.into_iter().map(Arc::new).collect(),
-        ..Default::default()
-    };
-    let meshed: Vec<String> = crate::compiler::meshed_namespaces(&snapshot)
-        .into_iter()
-        .collect();
-    let bundles: Vec<ConfigMap> = Api::<ConfigMap>::all(client.clone())
-        .list(&ListParams::default().labels("trellis.dev/component=trust-bundle"))
-        .await?
-        .items;
+    let (meshed, bundles) = meshed_and_bundles(client, &mesh, inputs).await?;
     let desired = reconcile::reconcile(&Observed {
         mesh: &mesh,
         ca_secret: ca_secret.as_ref(),
@@ -146,7 +178,23 @@ pub async fn reconcile_once(
         meshed_namespaces: &meshed,
         bundles: &bundles,
         now: SystemTime::now(),
+        namespace,
     });
+    let mut desired = desired;
+    if let Some(message) = forbidden {
+        let signing = desired
+            .issuer
+            .as_ref()
+            .map(|i| format!("; still signing with root {}", i.ca.fingerprint()))
+            .unwrap_or_default();
+        desired.condition = crate::api::Condition::new(
+            CA_READY,
+            crate::api::ConditionStatus::False,
+            "CASecretForbidden",
+            format!("{message}{signing}"),
+            mesh.metadata.generation,
+        );
+    }
     let current = mesh.status.clone().unwrap_or_default();
     if let Err(e) = reconcile::apply(client, &desired).await {
         // The Secret or a trust bundle could not be written: say so in CAReady (a stale True
@@ -173,7 +221,7 @@ pub async fn reconcile_once(
         status.apply(&mesh, new_status).await?;
         return Err(e.into());
     }
-    let webhook = apply_webhook_config(client, &mesh, desired.issuer.as_ref()).await;
+    let webhook = apply_webhook_config(client, &mesh, desired.issuer.as_ref(), namespace).await;
     // Report CAReady, WebhookReady and the CA fields; keep every other condition and field as
     // they are.
     let mut conditions: Vec<_> = current
@@ -191,6 +239,62 @@ pub async fn reconcile_once(
     };
     status.apply(&mesh, new_status).await?;
     Ok(desired.requeue_after.unwrap_or(RESYNC).min(RESYNC))
+}
+
+/// The `CAReady` message when the Mesh's `ca.secretRef` names a Secret the operator may not
+/// read: what to create, in the words of `kubectl create role`.
+fn forbidden_message(secret_namespace: &str, name: &str, operator_namespace: &str) -> String {
+    format!(
+        "the operator may not read Secret {secret_namespace}/{name} (403 Forbidden): grant it \
+         with `kubectl -n {secret_namespace} create role trellis-ca-reader --verb=get \
+         --resource=secrets --resource-name={name}` and `kubectl -n {secret_namespace} create \
+         rolebinding trellis-ca-reader --role=trellis-ca-reader \
+         --serviceaccount={operator_namespace}:trellis-operator` (README: \"A CA from another \
+         namespace\")"
+    )
+}
+
+/// The namespaces that get a trust bundle, and the observed bundles the pass may act on.
+///
+/// With the compiler's set, every managed bundle outside it is an orphan to delete. Before
+/// the first compile the pass lists namespaces and applies [`crate::inject::scope`] to their
+/// labels alone; a namespace kept in the mesh only by its pods is not in that set, so only
+/// bundles inside it are passed on and none is deleted.
+async fn meshed_and_bundles(
+    client: &Client,
+    mesh: &Mesh,
+    inputs: &Inputs,
+) -> Result<(Vec<String>, Vec<ConfigMap>), kube::Error> {
+    let published = inputs.meshed.borrow().clone();
+    let (meshed, complete) = match published {
+        Some(meshed) => (meshed.as_ref().clone(), true),
+        None => {
+            let namespaces = Api::<Namespace>::all(client.clone())
+                .list(&ListParams::default())
+                .await?;
+            let snapshot = crate::compiler::Snapshot {
+                mesh: Some(Arc::new(mesh.clone())),
+                namespaces: namespaces.items.into_iter().map(Arc::new).collect(),
+                settings: crate::compiler::Settings::for_namespace(&inputs.namespace),
+                ..Default::default()
+            };
+            (crate::compiler::meshed_namespaces(&snapshot), false)
+        }
+    };
+    let bundles = Api::<ConfigMap>::all(client.clone())
+        .list(&ListParams::default().labels("trellis.dev/component=trust-bundle"))
+        .await?
+        .items
+        .into_iter()
+        .filter(|b| {
+            complete
+                || b.metadata
+                    .namespace
+                    .as_ref()
+                    .is_some_and(|ns| meshed.contains(ns))
+        })
+        .collect();
+    Ok((meshed.into_iter().collect(), bundles))
 }
 
 /// The `CAReady` message when the CA's own objects could not be written: the object, the API
@@ -225,6 +329,7 @@ async fn apply_webhook_config(
     client: &Client,
     mesh: &Mesh,
     issuer: Option<&super::IssuerState>,
+    namespace: &str,
 ) -> crate::api::Condition {
     let generation = mesh.metadata.generation;
     let condition = |ok: bool, reason: &str, message: String| {
@@ -243,11 +348,7 @@ async fn apply_webhook_config(
             "the webhook configuration needs the CA bundle; see CAReady".into(),
         );
     };
-    let desired = crate::inject::webhook_config::desired(
-        &mesh.spec,
-        &issuer.trust_bundle_pem,
-        OPERATOR_NAMESPACE,
-    );
+    let desired = crate::inject::webhook_config::desired(mesh, &issuer.trust_bundle_pem, namespace);
     match crate::inject::webhook_config::apply(client.clone(), &desired).await {
         Ok(_) => condition(
             true,
@@ -286,15 +387,21 @@ fn apply_failed_message(e: &kube::Error) -> String {
 }
 
 /// The leader's CA controller: [`triggers`] and [`drive`] until `shutdown`.
-pub async fn run(client: Client, status: StatusWriter, shutdown: CancellationToken) {
-    let changes = triggers(&client);
-    drive(&client, &status, changes, shutdown).await;
+pub async fn run(
+    client: Client,
+    status: StatusWriter,
+    inputs: Inputs,
+    shutdown: CancellationToken,
+) {
+    let changes = triggers(&client, &inputs);
+    drive(&client, &status, &inputs, changes, shutdown).await;
 }
 
 /// One notification per change of anything a pass reads or writes: the Mesh, the CA Secret,
 /// namespaces (joining or leaving the mesh), trust-bundle ConfigMaps and the webhook
-/// configuration. Metadata-only watches: a pass reads the objects itself, so nothing is cached.
-pub fn triggers(client: &Client) -> impl Stream<Item = ()> + Send + 'static {
+/// configuration, plus every new meshed set from the compiler. Metadata-only watches: a pass
+/// reads the objects itself, so nothing is cached.
+pub fn triggers(client: &Client, inputs: &Inputs) -> impl Stream<Item = ()> + Send + 'static {
     use kube::core::PartialObjectMeta;
     use kube::runtime::WatchStreamExt;
     use kube::runtime::watcher::{self, watcher};
@@ -324,7 +431,7 @@ pub fn triggers(client: &Client) -> impl Stream<Item = ()> + Send + 'static {
             by_name(MESH_NAME),
         ),
         watch(
-            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), OPERATOR_NAMESPACE),
+            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), &inputs.namespace),
             by_name(CA_SECRET),
         ),
         watch(
@@ -339,7 +446,17 @@ pub fn triggers(client: &Client) -> impl Stream<Item = ()> + Send + 'static {
             Api::<PartialObjectMeta<MutatingWebhookConfiguration>>::all(client.clone()),
             by_name(crate::inject::webhook_config::NAME),
         ),
+        meshed_changes(inputs.meshed.clone()),
     ])
+}
+
+/// One item per new value of the compiler's meshed set; ends when the compiler's sender goes.
+fn meshed_changes(rx: MeshedRx) -> BoxStream<'static, ()> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
+    .boxed()
 }
 
 /// The leader's loop: a pass now, then one after each burst of `changes` (gathered for
@@ -349,12 +466,13 @@ pub fn triggers(client: &Client) -> impl Stream<Item = ()> + Send + 'static {
 pub async fn drive(
     client: &Client,
     status: &StatusWriter,
+    inputs: &Inputs,
     changes: impl Stream<Item = ()> + Send,
     shutdown: CancellationToken,
 ) {
     let mut changes = std::pin::pin!(changes.fuse());
     loop {
-        let wait = match reconcile_once(client, status).await {
+        let wait = match reconcile_once(client, status, inputs).await {
             Ok(wait) => wait,
             Err(error) => {
                 tracing::warn!(%error, "CA reconcile failed; retrying");
@@ -396,6 +514,7 @@ mod tests {
             meshed_namespaces: &[],
             bundles: &[],
             now: SystemTime::now(),
+            namespace: "trellis-system",
         });
         let secret = d.ca_secret.unwrap();
         let issuer = issuer_from(Some(&mesh), &secret).unwrap();

@@ -18,8 +18,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CaError, CertificateAuthority, IssuerRx};
 
-/// DNS name of the operator Service, the one SAN every serving certificate carries.
+/// DNS name of the operator Service in the default install.
 pub const OPERATOR_SERVICE_DNS: &str = "trellis-operator.trellis-system.svc";
+
+/// DNS name of the operator Service when the operator runs in `namespace`: the name the API
+/// server (webhook) and the sidecars (identity endpoint) check the serving certificate for.
+pub fn operator_service_dns(namespace: &str) -> String {
+    format!("trellis-operator.{namespace}.svc")
+}
 
 /// Default lifetime of serving certificates; renewed with a third left.
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);

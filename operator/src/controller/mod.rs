@@ -103,6 +103,9 @@ pub type Named = (&'static str, BoxFuture<'static, ()>);
 
 /// Every controller the leader runs. Add yours here.
 pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
+    // The compiler's meshed namespaces, for the CA's trust bundles: one predicate, computed
+    // once from the compiler's caches (namespaces and pods).
+    let (meshed_tx, meshed_rx) = tokio::sync::watch::channel(None);
     vec![
         (
             "mesh",
@@ -118,19 +121,20 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
             Box::pin(crate::ca::controller::run(
                 ctx.client.clone(),
                 ctx.status.clone(),
+                crate::ca::controller::Inputs {
+                    namespace: ctx.namespace.clone(),
+                    meshed: meshed_rx,
+                },
                 shutdown.clone(),
             )),
         ),
         // The compiler owns TrafficPolicy and PeerAuthentication status (Accepted, Programmed,
         // Ready) and the Mesh's Programmed/Degraded conditions.
         ("compile", {
-            let settings = crate::compiler::Settings {
-                root_namespace: ctx.namespace.clone(),
-                ..Default::default()
-            };
+            let settings = crate::compiler::Settings::for_namespace(&ctx.namespace);
             let (client, status) = (ctx.client.clone(), ctx.status.clone());
             Box::pin(async move {
-                if let Err(e) = compile::run(client, settings, status, shutdown).await {
+                if let Err(e) = compile::run(client, settings, status, meshed_tx, shutdown).await {
                     tracing::error!(error = %e, "compile controller stopped");
                 }
             })

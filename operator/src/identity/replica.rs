@@ -8,22 +8,24 @@ use futures::FutureExt;
 use tokio::net::TcpListener;
 
 use super::{IdentityConfig, IdentityMetrics, IdentityService, server};
-use crate::ca::serving::{OPERATOR_SERVICE_DNS, SERVING_CERT_TTL, ServingCert};
+use crate::ca::serving::{SERVING_CERT_TTL, ServingCert, operator_service_dns};
 use crate::runtime::{ExtraServer, Services};
 
-/// DNS names of the operator Service, as clients may spell them.
-pub fn service_names() -> Vec<String> {
+/// DNS names of the operator Service in `namespace` (the operator's own, `POD_NAMESPACE`), as
+/// clients may spell them.
+pub fn service_names(namespace: &str) -> Vec<String> {
+    let dns = operator_service_dns(namespace);
     vec![
-        OPERATOR_SERVICE_DNS.to_string(),
-        format!("{OPERATOR_SERVICE_DNS}.cluster.local"),
-        "trellis-operator.trellis-system".to_string(),
+        dns.clone(),
+        format!("{dns}.cluster.local"),
+        format!("trellis-operator.{namespace}"),
     ]
 }
 
 /// The operator's serving certificate (identity endpoint and webhook share it: both are reached
-/// through the `trellis-operator` Service). Renewed by [`server()`]'s task.
-pub fn serving_cert() -> Arc<ServingCert> {
-    ServingCert::new(service_names(), SERVING_CERT_TTL)
+/// through the `trellis-operator` Service of `namespace`). Renewed by [`server()`]'s task.
+pub fn serving_cert(namespace: &str) -> Arc<ServingCert> {
+    ServingCert::new(service_names(namespace), SERVING_CERT_TTL)
 }
 
 /// The identity endpoint as a runtime server. It also keeps `serving` renewed from the mesh CA,
@@ -39,6 +41,7 @@ async fn run(s: Services, serving: Arc<ServingCert>) -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(None);
     tokio::spawn(crate::ca::controller::follow_issuer(
         s.client.clone(),
+        s.config.namespace.clone(),
         tx,
         s.shutdown.clone(),
     ));
