@@ -83,10 +83,16 @@ if ! grep -F 'direction="inbound"' <<<"$metrics" | grep -F "peer_identity=\"$pee
   exit 1
 fi
 
-# An unmeshed caller, straight to the pod: Strict refuses its plaintext.
-if kc -n "$plain" run plain-caller --image=curlimages/curl:8.11.1 --restart=Never --rm -i \
-  --command -- curl -fsS --max-time 5 "http://echo.$n/hostname"; then
-  echo "e2e: an unmeshed caller reached $n/echo under Strict mTLS" >&2
+# An unmeshed caller: Strict refuses its plaintext. The refusal must come from curl (the pod
+# ran and connected), not from the pod failing to start.
+if out="$(kubectl -n "$plain" run plain-caller --image=curlimages/curl:8.11.1 --restart=Never \
+  --rm -i --pod-running-timeout="$E2E_TIMEOUT" \
+  --command -- curl -fsS --max-time 5 "http://echo.$n/hostname" 2>&1)"; then
+  echo "e2e: an unmeshed caller reached $n/echo under Strict mTLS: $out" >&2
+  exit 1
+fi
+if [[ "$out" != *"curl: ("* ]]; then
+  echo "e2e: the unmeshed caller did not get to call echo: $out" >&2
   exit 1
 fi
 if [ "${E2E_KEEP:-}" != 1 ]; then
