@@ -46,12 +46,13 @@ const fn cluster(
 /// Every rule the operator needs, and nothing else.
 pub const RULES: &[Rule] = &[
     // The Trellis kinds: watched everywhere (controllers, compiler, webhook); the one `default`
-    // Mesh is also read directly (CA pass, issuer follower). Spec is never changed.
-    cluster("trellis.dev", &["meshes"], &["get", "list", "watch"]),
+    // Mesh is also read directly (CA pass, issuer follower). Spec is never changed. `get` on
+    // the other two is not called, but OLM's bundle validation requires it on every owned kind
+    // an operator watches (operator/src/bundle/validate.rs).
     cluster(
         "trellis.dev",
-        &["trafficpolicies", "peerauthentications"],
-        &["list", "watch"],
+        &["meshes", "trafficpolicies", "peerauthentications"],
+        &["get", "list", "watch"],
     ),
     // Status only, by server-side apply (a PATCH) from the status writer.
     cluster(

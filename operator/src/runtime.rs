@@ -312,8 +312,8 @@ pub type ExtraServer = (
     Box<dyn FnOnce(Services) -> BoxFuture<'static, anyhow::Result<()>> + Send>,
 );
 
-/// The servers every replica runs next to the admin server, whether or not it leads.
-/// `namespace` is the operator's (`POD_NAMESPACE`): the serving certificate names its Service.
+/// The servers every replica runs next to the admin server, whether or not it leads, for an
+/// operator in `namespace` (`--namespace`, `POD_NAMESPACE`).
 pub fn replica_servers(namespace: &str) -> Vec<ExtraServer> {
     // One serving certificate from the mesh CA for both HTTPS servers; its resolver-backed
     // rustls config picks up renewals by itself, so the webhook's channel never needs a new value.

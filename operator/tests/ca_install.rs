@@ -13,7 +13,7 @@ use http::Method;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use serde_json::{Value, json};
 use trellis_operator::api::{Mesh, MeshSpec};
-use trellis_operator::ca::controller::{Inputs, reconcile_once};
+use trellis_operator::ca::controller::reconcile_with;
 use trellis_operator::ca::reconcile::bundle_configmap;
 use trellis_operator::status::StatusWriter;
 
@@ -80,11 +80,15 @@ fn delete(path: &str) -> Exchange {
     }
 }
 
-async fn run_pass(inputs: Inputs, expected: Vec<Exchange>) -> Result<(), String> {
+/// One pass of an operator in `namespace`, with the compiler's meshed set if given.
+async fn run_pass(
+    (namespace, meshed): (&str, Option<BTreeSet<String>>),
+    expected: Vec<Exchange>,
+) -> Result<(), String> {
     let (client, handle) = mock();
     let v = verifier(handle, expected);
     let status = StatusWriter::with_clock(client.clone(), Arc::new(|| NOW.to_string()));
-    let out = reconcile_once(&client, &status, &inputs)
+    let out = reconcile_with(&client, &status, namespace, meshed.as_ref())
         .await
         .map(|_| ())
         .map_err(|e| e.to_string());
@@ -142,14 +146,14 @@ fn condition<'a>(status_body: &'a Value, type_: &str) -> &'a Value {
 #[tokio::test]
 async fn without_a_mesh_the_webhook_configuration_is_deleted() {
     let out = run_pass(
-        Inputs::standalone("trellis-system"),
+        ("trellis-system", None),
         vec![refused(Method::GET, MESH, 404, "NotFound"), delete(WEBHOOK)],
     )
     .await;
     assert_eq!(out, Ok(()));
     // Already gone: not an error.
     let out = run_pass(
-        Inputs::standalone("trellis-system"),
+        ("trellis-system", None),
         vec![
             refused(Method::GET, MESH, 404, "NotFound"),
             refused(Method::DELETE, &format!("{WEBHOOK}?"), 404, "NotFound"),
@@ -167,7 +171,7 @@ async fn without_a_mesh_the_webhook_configuration_is_deleted() {
 async fn an_operator_in_another_namespace_uses_it_everywhere_and_the_mesh_owns_the_webhook() {
     let m = mesh(json!({}));
     let out = run_pass(
-        Inputs::standalone("mesh-ops"),
+        ("mesh-ops", None),
         vec![
             get(MESH, serde_json::to_value(&m).unwrap()),
             refused(
@@ -228,7 +232,7 @@ async fn an_operator_in_another_namespace_uses_it_everywhere_and_the_mesh_owns_t
 async fn a_forbidden_ca_secret_says_which_role_to_create_and_the_pass_goes_on() {
     let m = mesh(json!({"ca": {"secretRef": {"name": "my-ca", "namespace": "cert-manager"}}}));
     let out = run_pass(
-        Inputs::standalone("trellis-system"),
+        ("trellis-system", None),
         vec![
             get(MESH, serde_json::to_value(&m).unwrap()),
             refused(
@@ -278,17 +282,10 @@ async fn a_forbidden_ca_secret_says_which_role_to_create_and_the_pass_goes_on() 
 #[tokio::test]
 async fn trust_bundles_follow_the_compilers_meshed_namespaces() {
     let m = mesh(json!({}));
-    let (tx, rx) = tokio::sync::watch::channel(None);
-    tx.send_replace(Some(Arc::new(BTreeSet::from([
-        "batch".to_string(),
-        "shop".to_string(),
-    ]))));
+    let meshed = BTreeSet::from(["batch".to_string(), "shop".to_string()]);
     let left = bundle_configmap("left", "pem", &m);
     let out = run_pass(
-        Inputs {
-            namespace: "trellis-system".into(),
-            meshed: rx,
-        },
+        ("trellis-system", Some(meshed)),
         vec![
             get(MESH, serde_json::to_value(&m).unwrap()),
             refused(
@@ -318,7 +315,6 @@ async fn trust_bundles_follow_the_compilers_meshed_namespaces() {
     )
     .await;
     assert_eq!(out, Ok(()));
-    drop(tx);
 }
 
 /// Before the compiler has spoken, the pass sees namespaces only: a bundle in a namespace that
@@ -328,7 +324,7 @@ async fn before_the_first_compile_no_bundle_is_deleted() {
     let m = mesh(json!({}));
     let batch = bundle_configmap("batch", "pem", &m);
     let out = run_pass(
-        Inputs::standalone("trellis-system"),
+        ("trellis-system", None),
         vec![
             get(MESH, serde_json::to_value(&m).unwrap()),
             refused(

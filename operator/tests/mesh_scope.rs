@@ -177,7 +177,7 @@ fn webhook_configuration_injector_and_compiler_agree() {
                 mesh: Some(Arc::new(mesh.clone())),
                 namespaces: vec![Arc::new(namespace.clone())],
                 pods,
-                settings: compiler::Settings::for_namespace(OPERATOR_NS),
+                settings: trellis_operator::controller::compile_settings(OPERATOR_NS),
                 ..Default::default()
             };
             let empty = compiler::meshed_namespaces(&snapshot(Vec::new())).contains(ns);

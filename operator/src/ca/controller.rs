@@ -9,6 +9,7 @@
 //! stages ask for their own requeue. The replicas' issuer follower polls the CA Secret every
 //! [`PERIOD`]: a new root reaches them in well under its overlap window.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -25,29 +26,6 @@ use super::{IssuerState, IssuerTx};
 use crate::api::{MESH_NAME, Mesh, MeshStatus};
 use crate::compiler::MeshedRx;
 use crate::status::StatusWriter;
-
-/// What a CA pass needs besides the API: where the operator runs, and which namespaces the
-/// compiler found meshed.
-#[derive(Clone, Debug)]
-pub struct Inputs {
-    /// The operator's namespace (`POD_NAMESPACE`): the CA Secret, the webhook's Service.
-    pub namespace: String,
-    /// The compile controller's meshed namespaces (namespaces selected for injection and
-    /// namespaces holding opted-in pods; see [`crate::inject::scope`]), `None` until its first
-    /// compile. Until then a pass derives the selected namespaces from a namespace list and
-    /// deletes no bundle, since it cannot see the pods that keep a namespace in the mesh.
-    pub meshed: MeshedRx,
-}
-
-impl Inputs {
-    /// Inputs without a compile controller (tests, tools): namespace-level selection only.
-    pub fn standalone(namespace: &str) -> Self {
-        Self {
-            namespace: namespace.to_string(),
-            meshed: tokio::sync::watch::channel(None).1,
-        }
-    }
-}
 
 /// How often the issuer follower reads the CA Secret.
 pub const PERIOD: Duration = Duration::from_secs(10);
@@ -71,7 +49,8 @@ pub fn issuer_from(mesh: Option<&Mesh>, secret: &Secret) -> Result<IssuerState, 
     })
 }
 
-/// Every replica: publishes the issuer from the CA Secret on `tx` until `shutdown`.
+/// Every replica: publishes the issuer from the CA Secret in the operator's `namespace` on `tx`
+/// until `shutdown`.
 pub async fn follow_issuer(
     client: Client,
     namespace: String,
@@ -128,11 +107,28 @@ pub enum ControllerError {
     Status(#[from] crate::status::Error),
 }
 
-/// One pass: observe, reconcile, apply, report. Returns when to look again.
+/// One pass: observe, reconcile, apply, report. Returns when to look again. `namespace` is the
+/// operator's own (`POD_NAMESPACE`): the CA Secret's and the webhook Service's. Trust bundles
+/// go to the namespaces selected by their labels ([`reconcile_with`] without a meshed set).
 pub async fn reconcile_once(
     client: &Client,
     status: &StatusWriter,
-    inputs: &Inputs,
+    namespace: &str,
+) -> Result<Duration, ControllerError> {
+    reconcile_with(client, status, namespace, None).await
+}
+
+/// [`reconcile_once`], with the compiler's meshed namespaces when it has published them
+/// (namespaces selected for injection and namespaces holding opted-in pods, see
+/// [`crate::inject::scope`]): trust bundles go exactly there, and a managed bundle elsewhere is
+/// deleted. Without them (before the first compile) the pass lists namespaces and applies the
+/// rule to their labels alone; a namespace kept in the mesh only by its pods is not in that
+/// set, so no bundle outside it is touched.
+pub async fn reconcile_with(
+    client: &Client,
+    status: &StatusWriter,
+    namespace: &str,
+    meshed: Option<&BTreeSet<String>>,
 ) -> Result<Duration, ControllerError> {
     let Some(mesh) = Api::<Mesh>::all(client.clone()).get_opt(MESH_NAME).await? else {
         // Without the Mesh nothing is configured, and no webhook may point at it: the garbage
@@ -146,7 +142,6 @@ pub async fn reconcile_once(
         }
         return Ok(RESYNC);
     };
-    let namespace = inputs.namespace.as_str();
     let ca_secret = Api::<Secret>::namespaced(client.clone(), namespace)
         .get_opt(CA_SECRET)
         .await?;
@@ -170,15 +165,15 @@ pub async fn reconcile_once(
         }
         None => None,
     };
-    let (meshed, bundles) = meshed_and_bundles(client, &mesh, inputs).await?;
+    let (meshed, bundles) = meshed_and_bundles(client, &mesh, namespace, meshed).await?;
     let desired = reconcile::reconcile(&Observed {
         mesh: &mesh,
+        namespace,
         ca_secret: ca_secret.as_ref(),
         user_secret: user_secret.as_ref(),
         meshed_namespaces: &meshed,
         bundles: &bundles,
         now: SystemTime::now(),
-        namespace,
     });
     let mut desired = desired;
     if let Some(message) = forbidden {
@@ -221,7 +216,7 @@ pub async fn reconcile_once(
         status.apply(&mesh, new_status).await?;
         return Err(e.into());
     }
-    let webhook = apply_webhook_config(client, &mesh, desired.issuer.as_ref(), namespace).await;
+    let webhook = apply_webhook_config(client, &mesh, namespace, desired.issuer.as_ref()).await;
     // Report CAReady, WebhookReady and the CA fields; keep every other condition and field as
     // they are.
     let mut conditions: Vec<_> = current
@@ -254,20 +249,16 @@ fn forbidden_message(secret_namespace: &str, name: &str, operator_namespace: &st
     )
 }
 
-/// The namespaces that get a trust bundle, and the observed bundles the pass may act on.
-///
-/// With the compiler's set, every managed bundle outside it is an orphan to delete. Before
-/// the first compile the pass lists namespaces and applies [`crate::inject::scope`] to their
-/// labels alone; a namespace kept in the mesh only by its pods is not in that set, so only
-/// bundles inside it are passed on and none is deleted.
+/// The namespaces that get a trust bundle, and the observed bundles the pass may act on (see
+/// [`reconcile_with`]).
 async fn meshed_and_bundles(
     client: &Client,
     mesh: &Mesh,
-    inputs: &Inputs,
+    namespace: &str,
+    published: Option<&BTreeSet<String>>,
 ) -> Result<(Vec<String>, Vec<ConfigMap>), kube::Error> {
-    let published = inputs.meshed.borrow().clone();
     let (meshed, complete) = match published {
-        Some(meshed) => (meshed.as_ref().clone(), true),
+        Some(meshed) => (meshed.clone(), true),
         None => {
             let namespaces = Api::<Namespace>::all(client.clone())
                 .list(&ListParams::default())
@@ -275,7 +266,7 @@ async fn meshed_and_bundles(
             let snapshot = crate::compiler::Snapshot {
                 mesh: Some(Arc::new(mesh.clone())),
                 namespaces: namespaces.items.into_iter().map(Arc::new).collect(),
-                settings: crate::compiler::Settings::for_namespace(&inputs.namespace),
+                settings: crate::controller::compile_settings(namespace),
                 ..Default::default()
             };
             (crate::compiler::meshed_namespaces(&snapshot), false)
@@ -328,8 +319,8 @@ pub const WEBHOOK_READY: &str = "WebhookReady";
 async fn apply_webhook_config(
     client: &Client,
     mesh: &Mesh,
-    issuer: Option<&super::IssuerState>,
     namespace: &str,
+    issuer: Option<&super::IssuerState>,
 ) -> crate::api::Condition {
     let generation = mesh.metadata.generation;
     let condition = |ok: bool, reason: &str, message: String| {
@@ -386,22 +377,36 @@ fn apply_failed_message(e: &kube::Error) -> String {
     }
 }
 
-/// The leader's CA controller: [`triggers`] and [`drive`] until `shutdown`.
+/// The leader's CA controller in the operator's `namespace`: [`triggers`] (plus every new
+/// meshed set the compile controller publishes on `meshed`) and [`drive_with`] until
+/// `shutdown`.
 pub async fn run(
     client: Client,
     status: StatusWriter,
-    inputs: Inputs,
+    namespace: String,
+    meshed: MeshedRx,
     shutdown: CancellationToken,
 ) {
-    let changes = triggers(&client, &inputs);
-    drive(&client, &status, &inputs, changes, shutdown).await;
+    let changes = futures::stream::select(
+        triggers(&client, &namespace),
+        meshed_changes(meshed.clone()),
+    );
+    drive_with(&client, &status, &namespace, &meshed, changes, shutdown).await;
+}
+
+/// One item per new value of the compiler's meshed set; ends when the compiler's sender goes.
+fn meshed_changes(rx: MeshedRx) -> BoxStream<'static, ()> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
+    .boxed()
 }
 
 /// One notification per change of anything a pass reads or writes: the Mesh, the CA Secret,
 /// namespaces (joining or leaving the mesh), trust-bundle ConfigMaps and the webhook
-/// configuration, plus every new meshed set from the compiler. Metadata-only watches: a pass
-/// reads the objects itself, so nothing is cached.
-pub fn triggers(client: &Client, inputs: &Inputs) -> impl Stream<Item = ()> + Send + 'static {
+/// configuration. Metadata-only watches: a pass reads the objects itself, so nothing is cached.
+pub fn triggers(client: &Client, namespace: &str) -> impl Stream<Item = ()> + Send + 'static {
     use kube::core::PartialObjectMeta;
     use kube::runtime::WatchStreamExt;
     use kube::runtime::watcher::{self, watcher};
@@ -431,7 +436,7 @@ pub fn triggers(client: &Client, inputs: &Inputs) -> impl Stream<Item = ()> + Se
             by_name(MESH_NAME),
         ),
         watch(
-            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), &inputs.namespace),
+            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), namespace),
             by_name(CA_SECRET),
         ),
         watch(
@@ -446,17 +451,7 @@ pub fn triggers(client: &Client, inputs: &Inputs) -> impl Stream<Item = ()> + Se
             Api::<PartialObjectMeta<MutatingWebhookConfiguration>>::all(client.clone()),
             by_name(crate::inject::webhook_config::NAME),
         ),
-        meshed_changes(inputs.meshed.clone()),
     ])
-}
-
-/// One item per new value of the compiler's meshed set; ends when the compiler's sender goes.
-fn meshed_changes(rx: MeshedRx) -> BoxStream<'static, ()> {
-    futures::stream::unfold(rx, |mut rx| async move {
-        rx.changed().await.ok()?;
-        Some(((), rx))
-    })
-    .boxed()
 }
 
 /// The leader's loop: a pass now, then one after each burst of `changes` (gathered for
@@ -466,13 +461,27 @@ fn meshed_changes(rx: MeshedRx) -> BoxStream<'static, ()> {
 pub async fn drive(
     client: &Client,
     status: &StatusWriter,
-    inputs: &Inputs,
+    namespace: &str,
+    changes: impl Stream<Item = ()> + Send,
+    shutdown: CancellationToken,
+) {
+    let none = tokio::sync::watch::channel(None).1;
+    drive_with(client, status, namespace, &none, changes, shutdown).await;
+}
+
+/// [`drive`], each pass with the compiler's latest meshed set ([`reconcile_with`]).
+pub async fn drive_with(
+    client: &Client,
+    status: &StatusWriter,
+    namespace: &str,
+    meshed: &MeshedRx,
     changes: impl Stream<Item = ()> + Send,
     shutdown: CancellationToken,
 ) {
     let mut changes = std::pin::pin!(changes.fuse());
     loop {
-        let wait = match reconcile_once(client, status, inputs).await {
+        let published = meshed.borrow().clone();
+        let wait = match reconcile_with(client, status, namespace, published.as_deref()).await {
             Ok(wait) => wait,
             Err(error) => {
                 tracing::warn!(%error, "CA reconcile failed; retrying");
@@ -501,6 +510,7 @@ pub async fn drive(
 mod tests {
     use super::*;
     use crate::api::MeshSpec;
+    use crate::ca::reconcile::OPERATOR_NAMESPACE;
 
     #[test]
     fn replicas_build_their_issuer_from_the_secret() {
@@ -509,12 +519,12 @@ mod tests {
         mesh.spec.trust_domain = "prod.example".into();
         let d = reconcile::reconcile(&Observed {
             mesh: &mesh,
+            namespace: OPERATOR_NAMESPACE,
             ca_secret: None,
             user_secret: None,
             meshed_namespaces: &[],
             bundles: &[],
             now: SystemTime::now(),
-            namespace: "trellis-system",
         });
         let secret = d.ca_secret.unwrap();
         let issuer = issuer_from(Some(&mesh), &secret).unwrap();

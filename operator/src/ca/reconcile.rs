@@ -42,8 +42,8 @@ use crate::api::conditions::{Condition, ConditionStatus};
 use crate::api::mesh::CaStatus;
 use crate::api::{FIELD_MANAGER, Mesh};
 
-/// The operator's namespace in the default install; the reconcile uses the one it runs in
-/// ([`Observed::namespace`], `POD_NAMESPACE`).
+/// The operator's namespace in the default install (`config/default`). The controllers use the
+/// namespace they run in (`POD_NAMESPACE`, [`Observed::namespace`]): OLM installs elsewhere.
 pub const OPERATOR_NAMESPACE: &str = "trellis-system";
 /// The CA Secret in the operator's namespace.
 pub const CA_SECRET: &str = "trellis-ca";
@@ -251,7 +251,7 @@ impl CaState {
         }
     }
 
-    /// The CA Secret for this state, in `namespace` (the operator's).
+    /// The CA Secret for this state, in the operator's `namespace`.
     pub fn to_secret(&self, namespace: &str) -> Secret {
         let mut data = BTreeMap::new();
         let mut put = |k: &str, v: &str| {
@@ -296,7 +296,10 @@ impl CaState {
 #[derive(Debug, Clone, Copy)]
 pub struct Observed<'a> {
     pub mesh: &'a Mesh,
-    /// The CA Secret (`trellis-ca` in [`namespace`](Self::namespace)), if it exists.
+    /// The operator's namespace (`POD_NAMESPACE`): where the CA Secret lives, and the default
+    /// namespace of `spec.ca.secretRef`.
+    pub namespace: &'a str,
+    /// `<namespace>/trellis-ca`, if it exists.
     pub ca_secret: Option<&'a Secret>,
     /// The Secret `mesh.spec.ca.secretRef` names, if any and if it exists.
     pub user_secret: Option<&'a Secret>,
@@ -305,9 +308,6 @@ pub struct Observed<'a> {
     /// Existing `trellis-trust-bundle` ConfigMaps, in any namespace.
     pub bundles: &'a [ConfigMap],
     pub now: SystemTime,
-    /// The operator's namespace (`POD_NAMESPACE`): where the CA Secret lives, and the
-    /// namespace of a `secretRef` that names none.
-    pub namespace: &'a str,
 }
 
 /// What should be.
@@ -343,11 +343,11 @@ impl Desired {
     }
 }
 
-fn desired_source(mesh: &Mesh, operator_namespace: &str) -> String {
+fn desired_source(mesh: &Mesh, namespace: &str) -> String {
     match &mesh.spec.ca.secret_ref {
         Some(r) => format!(
             "secret/{}/{}",
-            r.namespace.as_deref().unwrap_or(operator_namespace),
+            r.namespace.as_deref().unwrap_or(namespace),
             r.name
         ),
         None => "self-signed".into(),
@@ -843,12 +843,12 @@ mod tests {
         fn step(&mut self) -> Desired {
             let d = reconcile(&Observed {
                 mesh: &self.mesh,
+                namespace: OPERATOR_NAMESPACE,
                 ca_secret: self.ca_secret.as_ref(),
                 user_secret: self.user_secret.as_ref(),
                 meshed_namespaces: &self.namespaces,
                 bundles: &self.bundles,
                 now: self.now,
-                namespace: OPERATOR_NAMESPACE,
             });
             if let Some(s) = &d.ca_secret {
                 self.ca_secret = Some(s.clone());

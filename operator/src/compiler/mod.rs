@@ -66,9 +66,11 @@ pub const CONFIGMAP_NAME: &str = "trellis-proxy";
 /// Key of the compiled config in that ConfigMap.
 pub const CONFIG_KEY: &str = "config.json";
 /// The operator's namespace in the default install, where a PeerAuthentication without selector
-/// applies mesh-wide. The running operator uses its own (`POD_NAMESPACE`, [`Settings::for_namespace`]).
+/// applies mesh-wide. The running operator uses its own (`POD_NAMESPACE`,
+/// `controller::compile_settings`).
 pub const DEFAULT_ROOT_NAMESPACE: &str = "trellis-system";
-/// Where sidecars ask for certificates in the default install ([`identity_endpoint`] for others).
+/// Where sidecars ask for certificates in the default install (`controller::compile_settings`
+/// for others).
 pub const DEFAULT_IDENTITY_ENDPOINT: &str = "https://trellis-operator.trellis-system.svc:15012";
 /// Namespace label that opts a namespace into the mesh (`enabled`) or out of it (`disabled`).
 pub const INJECT_LABEL: &str = crate::inject::scope::INJECT;
@@ -78,11 +80,6 @@ pub const PROXY_VERSION_ANNOTATION: &str = crate::inject::scope::PROXY_VERSION;
 pub const DEFAULT_MAX_CONFIG_BYTES: usize = 1024 * 1024 - 64 * 1024;
 /// Namespaces that are never meshed, whatever their labels say.
 pub const SYSTEM_NAMESPACES: [&str; 3] = crate::inject::scope::SYSTEM_NAMESPACES;
-
-/// The identity endpoint of an operator running in `namespace`: its Service's cluster DNS name.
-pub fn identity_endpoint(namespace: &str) -> String {
-    format!("https://trellis-operator.{namespace}.svc:15012")
-}
 
 /// The meshed namespaces of the last compile ([`Output::meshed`]), which the compile
 /// controller publishes so the CA writes trust bundles for exactly those; `None` before the
@@ -118,17 +115,9 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self::for_namespace(DEFAULT_ROOT_NAMESPACE)
-    }
-}
-
-impl Settings {
-    /// The settings of an operator running in `namespace`: its root namespace and its
-    /// identity endpoint follow it.
-    pub fn for_namespace(namespace: &str) -> Self {
         Self {
-            root_namespace: namespace.into(),
-            identity_endpoint: Some(identity_endpoint(namespace)),
+            root_namespace: DEFAULT_ROOT_NAMESPACE.into(),
+            identity_endpoint: Some(DEFAULT_IDENTITY_ENDPOINT.into()),
             inline_endpoints: InlineEndpoints::default(),
             max_config_bytes: DEFAULT_MAX_CONFIG_BYTES,
         }

@@ -46,7 +46,7 @@ pub fn api_status(code: u16, reason: &str, message: &str) -> Value {
 }
 
 /// The operator namespaces the tests install into: the Role's rules hold in these.
-pub const OPERATOR_NAMESPACES: [&str; 2] = ["trellis-system", "mesh-ops"];
+pub const OPERATOR_NAMESPACES: [&str; 3] = ["trellis-system", "mesh-ops", "operators"];
 
 /// Every request the code makes must be granted by the install's RBAC
 /// (`trellis_operator::rbac::RULES`, which `config/rbac` must say), unless the recorded reply is
