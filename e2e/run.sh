@@ -17,7 +17,7 @@
 #
 # A case is a bash file in e2e/cases/ using the helpers below (kc, wait_for, expect_refused,
 # apply_mesh, wait_until); it fails the suite by exiting non-zero. Cases run in name order; the
-# last one (90-uninstall.sh) removes the install.
+# last one (99-uninstall.sh) removes the install.
 # The helpers (and the cleanup trap) are called by the cases and on exit, which shellcheck
 # cannot follow: it would call them unreachable.
 # shellcheck disable=SC2317
