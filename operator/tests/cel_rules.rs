@@ -301,7 +301,11 @@ fn outlier_detection_and_rate_limit_are_bounded() {
     pass(rl(json!({"requestsPerSecond": 100, "burst": 200})));
     fail(
         rl(json!({"requestsPerSecond": 0})),
-        "requestsPerSecond must be at least 1",
+        "requestsPerSecond must be 1 to 1000000000",
+    );
+    fail(
+        rl(json!({"requestsPerSecond": 4_000_000_000u64})),
+        "requestsPerSecond must be 1 to 1000000000",
     );
 }
 

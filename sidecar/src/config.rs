@@ -21,6 +21,16 @@ use serde::{Deserialize, Serialize};
 /// The config schema version this proxy speaks.
 pub const CONFIG_VERSION: u32 = 1;
 
+/// Longest duration a config may carry (30 days). Timers, deadlines and ejection arithmetic
+/// add durations to clock readings; bounding every duration keeps that arithmetic far from
+/// overflow and refuses values that can only be typos.
+pub const MAX_DURATION_MS: u64 = 30 * 24 * 3600 * 1000;
+/// Slowest rate limit: one request per 1000 s. Below it the wait for the next token is not a
+/// number a `Retry-After` header or a timer can carry.
+pub const MIN_RATE_PER_SECOND: f64 = 0.001;
+/// Fastest rate limit; above it a limit limits nothing.
+pub const MAX_RATE_PER_SECOND: f64 = 1e9;
+
 /// The whole config for the sidecars of one namespace.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -568,10 +578,16 @@ impl ProxyConfig {
 }
 
 fn validate_rate_limit(rl: &RateLimit, at: &str, err: &mut impl FnMut(String, &str)) {
-    if !(rl.requests_per_second.is_finite() && rl.requests_per_second > 0.0) {
+    // NaN fails both comparisons.
+    if !(rl.requests_per_second >= MIN_RATE_PER_SECOND
+        && rl.requests_per_second <= MAX_RATE_PER_SECOND)
+    {
         err(
             format!("{at}.requestsPerSecond"),
-            "must be a positive number",
+            &format!(
+                "must be between {MIN_RATE_PER_SECOND} and {MAX_RATE_PER_SECOND:e} (got {})",
+                rl.requests_per_second
+            ),
         );
     }
     if rl.burst == 0 {
@@ -603,20 +619,29 @@ fn validate_policy(
         ("idleMs", pol.timeouts.idle_ms),
         ("connectMs", pol.timeouts.connect_ms),
     ] {
-        if v == Some(0) {
-            err(format!("{at}.timeouts.{name}"), "must be greater than 0");
+        if let Some(v) = v {
+            validate_duration_ms(v, 1, &format!("{at}.timeouts.{name}"), err);
         }
     }
     if let Some(r) = &pol.retries {
         if r.attempts == 0 || r.attempts > 10 {
             err(format!("{at}.retries.attempts"), "must be between 1 and 10");
         }
-        if r.per_try_timeout_ms == Some(0) {
-            err(
-                format!("{at}.retries.perTryTimeoutMs"),
-                "must be greater than 0",
-            );
+        if let Some(v) = r.per_try_timeout_ms {
+            validate_duration_ms(v, 1, &format!("{at}.retries.perTryTimeoutMs"), err);
         }
+        validate_duration_ms(
+            r.backoff_base_ms,
+            0,
+            &format!("{at}.retries.backoffBaseMs"),
+            err,
+        );
+        validate_duration_ms(
+            r.backoff_max_ms,
+            0,
+            &format!("{at}.retries.backoffMaxMs"),
+            err,
+        );
         if r.backoff_base_ms > r.backoff_max_ms {
             err(
                 format!("{at}.retries.backoffBaseMs"),
@@ -649,12 +674,12 @@ fn validate_policy(
                 "must be at least 1",
             );
         }
-        if o.base_ejection_ms == 0 {
-            err(
-                format!("{at}.outlierDetection.baseEjectionMs"),
-                "must be greater than 0",
-            );
-        }
+        validate_duration_ms(
+            o.base_ejection_ms,
+            1,
+            &format!("{at}.outlierDetection.baseEjectionMs"),
+            err,
+        );
         if o.max_ejection_percent > 100 {
             err(
                 format!("{at}.outlierDetection.maxEjectionPercent"),
@@ -669,6 +694,27 @@ fn validate_policy(
         err(
             format!("{at}.split"),
             "at least one weight must be positive",
+        );
+    }
+    // The balancer draws a number below the sum of the weights, as a u32.
+    let total: u64 = pol.split.iter().map(|b| u64::from(b.weight)).sum();
+    if total > u64::from(u32::MAX) {
+        err(
+            format!("{at}.split"),
+            &format!(
+                "the weights must add up to at most {} (got {total})",
+                u32::MAX
+            ),
+        );
+    }
+}
+
+/// A duration in milliseconds between `min` and [`MAX_DURATION_MS`].
+fn validate_duration_ms(v: u64, min: u64, at: &str, err: &mut impl FnMut(String, &str)) {
+    if v < min || v > MAX_DURATION_MS {
+        err(
+            at.to_string(),
+            &format!("must be between {min} and {MAX_DURATION_MS} milliseconds (30 days), got {v}"),
         );
     }
 }

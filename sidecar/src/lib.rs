@@ -8,6 +8,7 @@ pub mod config;
 pub mod creds;
 pub mod identity;
 pub mod init;
+pub mod lookup;
 pub mod metrics;
 pub mod probe;
 pub mod proxy;

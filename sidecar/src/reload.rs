@@ -22,7 +22,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{LoadError, ProxyConfig, parse_downward_labels};
+use crate::config::{LoadError, OutboundService, ProxyConfig, parse_downward_labels};
+use crate::lookup::OutboundIndex;
 use crate::metrics::{Metrics, ResultLabels};
 
 /// How often the files are checked.
@@ -31,12 +32,38 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 pub const CONFIG_FILE: &str = "config.json";
 pub const LABELS_FILE: &str = "labels";
 
-/// What the data path uses: one validated config and the workload's labels.
+/// What the data path uses: one validated config, the workload's labels, and the index that
+/// finds a connection's Service without scanning the config.
 #[derive(Debug)]
 pub struct Snapshot {
     pub config: Arc<ProxyConfig>,
     pub labels: Arc<BTreeMap<String, String>>,
     pub applied_at: SystemTime,
+    /// Built in [`Snapshot::new`], once per accepted config, so no connection pays for it;
+    /// private so it always matches `config`.
+    index: OutboundIndex,
+}
+
+impl Snapshot {
+    pub fn new(config: ProxyConfig, labels: BTreeMap<String, String>) -> Self {
+        let index = OutboundIndex::build(&config);
+        Snapshot {
+            config: Arc::new(config),
+            labels: Arc::new(labels),
+            applied_at: SystemTime::now(),
+            index,
+        }
+    }
+
+    /// The Service (and port) a redirected connection was meant for.
+    pub fn service_for_addr(&self, dst: std::net::SocketAddr) -> Option<&OutboundService> {
+        self.index.service_for_addr(&self.config, dst)
+    }
+
+    /// Local mode: the Service an HTTP authority names, and its port.
+    pub fn service_for_authority(&self, authority: &str) -> Option<(&OutboundService, u16)> {
+        self.index.service_for_authority(&self.config, authority)
+    }
 }
 
 /// `None` until a config has loaded (the proxy is not ready then).
@@ -225,11 +252,7 @@ impl Watcher {
         let config = ProxyConfig::from_json(&config_bytes)?;
         let labels = parse_downward_labels(&String::from_utf8_lossy(&labels_bytes));
         self.last_bytes = Some((config_bytes, labels_bytes));
-        Ok(Some(Snapshot {
-            config: Arc::new(config),
-            labels: Arc::new(labels),
-            applied_at: SystemTime::now(),
-        }))
+        Ok(Some(Snapshot::new(config, labels)))
     }
 
     /// Polls until `stop` is cancelled.
