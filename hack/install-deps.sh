@@ -8,6 +8,8 @@ need=()
 # the real redirect rules.
 command -v iptables-restore >/dev/null 2>&1 || need+=(iptables)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+# The shell linter: hack/test.sh checks every shell script (hack/, e2e/) with it.
+command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then

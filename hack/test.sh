@@ -16,6 +16,9 @@ fi
 
 bash hack/install-deps.sh
 
+# Every shell script: the dev scripts, the cluster suite and its cases (sourced by run.sh's
+# helpers, so checked as bash).
+shellcheck --shell=bash hack/*.sh e2e/run.sh e2e/cases/*.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked

@@ -12,6 +12,7 @@ pub mod dev;
 pub mod duration;
 pub mod identity;
 pub mod inject;
+pub mod rbac;
 pub mod runtime;
 pub mod status;
 pub mod webhook;

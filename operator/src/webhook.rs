@@ -396,9 +396,20 @@ impl Injector {
             .unwrap_or_default();
         match decision {
             Decision::Skip { reason } => {
-                tracing::debug!(%namespace, pod = %pod_name, reason = reason.as_str(), "not injected");
                 m.skip(reason.as_str());
-                allowed(uid)
+                match reason.warning() {
+                    // The user asked for something we will not do: kubectl prints it.
+                    Some(warning) => {
+                        tracing::warn!(%namespace, pod = %pod_name, reason = reason.as_str(), "not injected: {warning}");
+                        let mut response = allowed(uid);
+                        response["warnings"] = json!([warning]);
+                        response
+                    }
+                    None => {
+                        tracing::debug!(%namespace, pod = %pod_name, reason = reason.as_str(), "not injected");
+                        allowed(uid)
+                    }
+                }
             }
             Decision::Deny { reason } => {
                 tracing::info!(%namespace, pod = %pod_name, %reason, "injection denied");

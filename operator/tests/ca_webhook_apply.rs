@@ -248,7 +248,7 @@ fn assert_webhook_configuration(body: &Value, bundle: &str) {
             exprs.contains(&json!({
                 "key": "kubernetes.io/metadata.name",
                 "operator": "NotIn",
-                "values": ["kube-public", "kube-system", "legacy", "trellis-system"]
+                "values": ["kube-node-lease", "kube-public", "kube-system", "legacy", "trellis-system"]
             })),
             "{}: {exprs:?}",
             w["name"]

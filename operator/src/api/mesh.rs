@@ -306,15 +306,18 @@ pub enum FailurePolicy {
 #[serde(rename_all = "camelCase")]
 pub struct InjectionSpec {
     /// Namespaces whose pods are injected, by label. Defaults to namespaces labelled
-    /// `trellis.dev/inject: enabled`. A pod's own `trellis.dev/inject` annotation wins.
+    /// `trellis.dev/inject: enabled`; a selector given here replaces that label (it alone then
+    /// selects nothing). A namespace labelled `trellis.dev/inject: disabled` is never selected.
+    /// A pod's own `trellis.dev/inject` wins, and a pod labelled `trellis.dev/inject: enabled`
+    /// is injected in any namespace that is not excluded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
     /// What the API server does with pods when the webhook is unreachable: `Fail` or `Ignore`.
     /// There is no silent default in the webhook configuration: this value is written as is.
     #[serde(default)]
     pub failure_policy: FailurePolicy,
-    /// Namespaces never injected, in addition to `kube-system`, `kube-public` and the operator's
-    /// own namespace.
+    /// Namespaces never injected, in addition to `kube-system`, `kube-public`,
+    /// `kube-node-lease` and the operator's own namespace.
     #[serde(default)]
     pub excluded_namespaces: Vec<String>,
 }

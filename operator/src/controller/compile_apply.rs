@@ -375,6 +375,8 @@ pub struct Applier {
     client: Client,
     status: StatusWriter,
     recorder: Option<Recorder>,
+    /// Where the meshed namespaces of each compile go (the CA writes their trust bundles).
+    meshed: Option<crate::compiler::MeshedTx>,
 }
 
 impl Applier {
@@ -384,6 +386,29 @@ impl Applier {
             client,
             status,
             recorder,
+            meshed: None,
+        }
+    }
+
+    /// Publishes every compile's meshed namespaces on `tx`, so the trust bundles follow the
+    /// same set as the `trellis-proxy` ConfigMaps.
+    pub fn with_meshed_publisher(self, tx: crate::compiler::MeshedTx) -> Self {
+        Self {
+            meshed: Some(tx),
+            ..self
+        }
+    }
+
+    /// Sends `meshed` to the publisher, if any, when it differs from the last value.
+    pub fn publish_meshed(&self, meshed: &std::collections::BTreeSet<String>) {
+        if let Some(tx) = &self.meshed {
+            tx.send_if_modified(|current| {
+                if current.as_deref() == Some(meshed) {
+                    return false;
+                }
+                *current = Some(std::sync::Arc::new(meshed.clone()));
+                true
+            });
         }
     }
 

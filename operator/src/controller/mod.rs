@@ -108,6 +108,9 @@ pub type Named = (&'static str, BoxFuture<'static, ()>);
 
 /// Every controller the leader runs. Add yours here.
 pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
+    // The compiler's meshed namespaces, for the CA's trust bundles: one predicate, computed
+    // once from the compiler's caches (namespaces and pods).
+    let (meshed_tx, meshed_rx) = tokio::sync::watch::channel(None);
     vec![
         (
             "mesh",
@@ -124,6 +127,7 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
                 ctx.client.clone(),
                 ctx.status.for_controller("ca"),
                 ctx.namespace.clone(),
+                meshed_rx,
                 shutdown.clone(),
             )),
         ),
@@ -133,7 +137,7 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
             let settings = compile_settings(&ctx.namespace);
             let (client, status) = (ctx.client.clone(), ctx.status.for_controller("compile"));
             Box::pin(async move {
-                if let Err(e) = compile::run(client, settings, status, shutdown).await {
+                if let Err(e) = compile::run(client, settings, status, meshed_tx, shutdown).await {
                     tracing::error!(error = %e, "compile controller stopped");
                 }
             })

@@ -45,6 +45,28 @@ pub fn api_status(code: u16, reason: &str, message: &str) -> Value {
            "message": message, "reason": reason, "code": code})
 }
 
+/// The operator namespaces the tests install into: the Role's rules hold in these.
+pub const OPERATOR_NAMESPACES: [&str; 3] = ["trellis-system", "mesh-ops", "operators"];
+
+/// Every request the code makes must be granted by the install's RBAC
+/// (`trellis_operator::rbac::RULES`, which `config/rbac` must say), unless the recorded reply is
+/// the API server's 403 (the test is about being refused).
+pub fn assert_granted(ex: &Exchange) {
+    let Some(r) = trellis_operator::rbac::Request::of(ex.method.as_str(), &ex.path_and_query)
+    else {
+        return;
+    };
+    let granted = OPERATOR_NAMESPACES
+        .iter()
+        .any(|ns| trellis_operator::rbac::allows(&r, ns));
+    assert!(
+        granted || ex.status == 403,
+        "{} {} is not granted by the operator's RBAC (operator/src/rbac.rs, config/rbac): {r:?}",
+        ex.method,
+        ex.path_and_query
+    );
+}
+
 /// A client whose every request goes to the returned handle.
 pub fn mock() -> (Client, Handle) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
@@ -71,6 +93,7 @@ impl ApiServer {
             (req.method(), req.uri().path_and_query().unwrap().as_str()),
             (&ex.method, ex.path_and_query.as_str()),
         );
+        assert_granted(&ex);
         if ex.method == Method::PATCH && ex.path_and_query.contains("fieldManager=") {
             assert_eq!(
                 req.headers()["content-type"],
