@@ -142,6 +142,8 @@ pub struct Options {
     pub app_probes: ProbeSet,
     /// Where app probes go (see [`RunArgs::pod_ip`]); `None` is 127.0.0.1.
     pub pod_ip: Option<IpAddr>,
+    /// The pod, as exported spans name it (resource attributes).
+    pub pod: crate::spans::Pod,
 }
 
 impl From<&RunArgs> for Options {
@@ -156,6 +158,11 @@ impl From<&RunArgs> for Options {
             tcp_flush_interval: a.tcp_flush_interval.unwrap_or(FLUSH_INTERVAL),
             app_probes: a.app_probes.clone(),
             pod_ip: a.pod_ip,
+            pod: crate::spans::Pod {
+                name: a.pod_name.clone(),
+                namespace: a.pod_namespace.clone(),
+                service_account: a.service_account.clone(),
+            },
         }
     }
 }
@@ -208,12 +215,23 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
     ));
     let limiter: Arc<Mutex<Option<Arc<InboundRateLimiter>>>> = Arc::default();
 
+    let tracing = Arc::new(crate::spans::Tracing::new(
+        opts.pod.clone(),
+        metrics.spans_dropped.clone(),
+    ));
+
     let (mut watcher, config) = Watcher::new(&opts.dir, metrics.clone());
     {
         let dispatcher = dispatcher.clone();
         let limiter = limiter.clone();
+        let tracing = tracing.clone();
         watcher.on_apply(Box::new(move |snap| {
             dispatcher.update(&snap.config);
+            tracing.apply(
+                snap.config.mesh.telemetry.tracing.as_ref(),
+                &snap.labels,
+                &snap.config.namespace,
+            );
             let wanted = snap
                 .config
                 .inbound_for(&snap.labels)
@@ -261,6 +279,7 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         // `Options` can be built in code, past the flag's check: tokio's interval panics on zero.
         tcp_flush_interval: opts.tcp_flush_interval.max(Duration::from_millis(1)),
         http: http_builder(),
+        tracing,
     });
     tokio::spawn(accept_loop(outbound, shared.clone(), Direction::Outbound));
     tokio::spawn(accept_loop(inbound, shared, Direction::Inbound));
