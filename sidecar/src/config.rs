@@ -111,7 +111,7 @@ pub struct TracingSettings {
 /// Why a collector address cannot be exported to, if it cannot. The exporter speaks OTLP/gRPC
 /// in plaintext (no TLS client for the collector is built in), so `https://` is refused here
 /// rather than failing on every export.
-fn collector_problem(c: &str) -> Option<&'static str> {
+pub fn collector_problem(c: &str) -> Option<&'static str> {
     let hostport = match c.split_once("://") {
         Some(("http", rest)) => rest,
         Some(_) => return Some("must be host:port or http://host:port (OTLP/gRPC, plaintext)"),
