@@ -176,13 +176,24 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// The config in force (for the identity client, which may take its endpoint from it).
     pub config: ConfigRx,
+    /// The span exporter, flushed on the way out.
+    pub tracing: Arc<crate::spans::Tracing>,
 }
 
+/// How long a stopping proxy waits for its last spans to reach the collector: short against
+/// the pod's grace period, long enough for one export to a healthy collector.
+pub const SPAN_FLUSH: Duration = Duration::from_secs(2);
+
 impl Running {
-    /// Waits for the shutdown signal, then drains for at most `deadline`.
+    /// Waits for the shutdown signal, drains for at most `deadline`, then sends the spans still
+    /// queued (for at most [`SPAN_FLUSH`]).
     pub async fn wait(&self, deadline: Duration) -> bool {
         self.shutdown.cancelled().await;
-        self.shutdown.drain(deadline).await
+        let drained = self.shutdown.drain(deadline).await;
+        if !self.tracing.flush(SPAN_FLUSH).await {
+            tracing::warn!("spans still queued at exit were not all exported");
+        }
+        drained
     }
 }
 
@@ -264,6 +275,7 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         shutdown: shutdown.clone(),
         metrics: metrics.clone(),
         config: config.clone(),
+        tracing: tracing.clone(),
     };
 
     let shared = Arc::new(Shared {

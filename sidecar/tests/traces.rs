@@ -324,3 +324,26 @@ async fn a_dead_collector_fails_no_request_and_counts_drops() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn a_stopping_proxy_sends_its_last_spans_before_it_returns() {
+    let pki = Pki::new("mesh");
+    let (collector, mut rx) = collector().await;
+    let (a, b) = pair(&pki, &collector, 100.0).await;
+    let seen = send(&a, None).await.unwrap();
+    let trace = seen[3..35].to_owned();
+    // Stop both at once, well within the export batch delay: the spans are still queued.
+    for p in [&a, &b] {
+        p.running.shutdown.trigger();
+    }
+    tokio::join!(
+        a.running.wait(Duration::from_secs(2)),
+        b.running.wait(Duration::from_secs(2))
+    );
+    // Once `wait` returned (the process would exit now), both spans are at the collector.
+    let mut got = Vec::new();
+    while let Ok(req) = rx.try_recv() {
+        got.extend(spans_of(req).into_iter().filter(|s| s.trace_id == trace));
+    }
+    assert_eq!(got.len(), 2, "spans lost at exit: {got:#?}");
+}

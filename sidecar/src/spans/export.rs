@@ -12,6 +12,7 @@ use std::time::Duration;
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// Spans waiting for export. A span is a few hundred bytes with its attributes, so this bounds
 /// the backlog to about a megabyte while riding out a collector hiccup of a second or two at
@@ -29,6 +30,8 @@ pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Queue {
     tx: mpsc::Sender<SpanData>,
     dropped: Counter,
+    /// Cancelled when the export task has sent (or dropped) its last batch.
+    finished: CancellationToken,
 }
 
 impl Queue {
@@ -46,14 +49,24 @@ impl Queue {
         export_timeout: Duration,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(
-            rx,
-            exporter,
-            dropped.clone(),
-            batch_delay,
-            export_timeout,
-        ));
-        Self { tx, dropped }
+        let finished = CancellationToken::new();
+        let done = finished.clone().drop_guard();
+        let counter = dropped.clone();
+        tokio::spawn(async move {
+            let _done = done;
+            run(rx, exporter, counter, batch_delay, export_timeout).await
+        });
+        Self {
+            tx,
+            dropped,
+            finished,
+        }
+    }
+
+    /// Resolves once every clone of this queue is dropped and the backlog is exported (or
+    /// dropped): what a stopping proxy waits for, so its last spans are not lost.
+    pub fn finished(&self) -> CancellationToken {
+        self.finished.clone()
     }
 
     /// Queues one span, or counts it as dropped when the queue is full. Never waits.

@@ -98,9 +98,19 @@ impl Tracing {
             .begin(headers)
     }
 
-    /// Whether an exporter is running (for tests and the admin view).
-    pub fn is_on(&self) -> bool {
-        self.current.read().expect("tracer lock").is_some()
+    /// Stops tracing and waits, at most `deadline`, for the spans already queued to be
+    /// exported: called once requests are drained, so a stopping proxy does not lose its last
+    /// batch. Returns whether everything queued went out (or was counted as dropped).
+    pub async fn flush(&self, deadline: Duration) -> bool {
+        let Some(tracer) = self.current.write().expect("tracer lock").take() else {
+            return true;
+        };
+        let finished = tracer.queue.finished();
+        // The queue closes when the last request holding this tracer is done.
+        drop(tracer);
+        tokio::time::timeout(deadline, finished.cancelled())
+            .await
+            .is_ok()
     }
 
     /// Follows a new config: starts, replaces or stops the exporter. Must run inside the tokio
