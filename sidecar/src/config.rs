@@ -118,6 +118,25 @@ pub struct TracingSettings {
     pub collector: String,
 }
 
+/// Why a collector address cannot be exported to, if it cannot. The exporter speaks OTLP/gRPC
+/// in plaintext (no TLS client for the collector is built in), so `https://` is refused here
+/// rather than failing on every export.
+pub fn collector_problem(c: &str) -> Option<&'static str> {
+    let hostport = match c.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some(_) => return Some("must be host:port or http://host:port (OTLP/gRPC, plaintext)"),
+        None => c,
+    };
+    let port = hostport.rsplit_once(':').map(|(_, p)| p);
+    if hostport.is_empty()
+        || hostport.contains(|ch: char| ch.is_whitespace() || ch == '/')
+        || port.is_none_or(|p| p.parse::<u16>().is_err())
+    {
+        return Some("must be host:port or http://host:port (OTLP/gRPC, plaintext)");
+    }
+    None
+}
+
 /// mTLS mode of an inbound port, already resolved (never `Unset`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum MtlsMode {
@@ -498,13 +517,16 @@ impl ProxyConfig {
         if self.mesh.detect_timeout_ms == 0 || self.mesh.detect_timeout_ms > 10_000 {
             err("mesh.detectTimeoutMs".into(), "must be between 1 and 10000");
         }
-        if let Some(t) = &self.mesh.telemetry.tracing
-            && !(0.0..=100.0).contains(&t.sampling_percent)
-        {
-            err(
-                "mesh.telemetry.tracing.samplingPercent".into(),
-                "must be between 0 and 100",
-            );
+        if let Some(t) = &self.mesh.telemetry.tracing {
+            if !(0.0..=100.0).contains(&t.sampling_percent) {
+                err(
+                    "mesh.telemetry.tracing.samplingPercent".into(),
+                    "must be between 0 and 100",
+                );
+            }
+            if let Some(problem) = collector_problem(&t.collector) {
+                err("mesh.telemetry.tracing.collector".into(), problem);
+            }
         }
         for (i, p) in self.inbound.iter().enumerate() {
             if p.port_mtls.contains_key(&0) {
@@ -879,6 +901,30 @@ mod tests {
             json,
             "serialization is deterministic"
         );
+    }
+
+    #[test]
+    fn refuses_collectors_the_exporter_cannot_reach() {
+        for ok in ["otel.obs:4317", "http://10.0.0.1:4317", "[::1]:4317"] {
+            assert_eq!(collector_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "",
+            "otel.obs",
+            "https://otel:4317",
+            "otel:port",
+            "otel:4317/v1",
+            "a b:1",
+        ] {
+            assert!(collector_problem(bad).is_some(), "{bad:?}");
+        }
+        let mut cfg = sample();
+        cfg.mesh.telemetry.tracing = Some(TracingSettings {
+            sampling_percent: 1.0,
+            collector: "https://otel:4317".into(),
+        });
+        let errs = cfg.validate().unwrap_err();
+        assert_eq!(errs[0].path, "mesh.telemetry.tracing.collector");
     }
 
     #[test]

@@ -15,5 +15,6 @@ pub mod proxy;
 pub mod reload;
 pub mod run;
 pub mod shutdown;
+pub mod spans;
 pub mod tls;
 pub mod traffic;

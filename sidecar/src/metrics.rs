@@ -98,6 +98,8 @@ pub struct Metrics {
     /// 1 while the newest config on disk is refused and an older one is in force.
     pub config_stale: Gauge,
     pub cert_expiry: Gauge,
+    /// Spans lost to a full export queue or a failed export (see [`crate::spans::export`]).
+    pub spans_dropped: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -180,6 +182,12 @@ impl Metrics {
             "Unix time at which the proxy's certificate expires",
             cert_expiry.clone(),
         );
+        let spans_dropped = Counter::default();
+        registry.register(
+            "spans_dropped",
+            "Trace spans dropped because the export queue was full or the collector did not take them",
+            spans_dropped.clone(),
+        );
         Self {
             registry,
             requests,
@@ -191,6 +199,7 @@ impl Metrics {
             config_reloads,
             config_stale,
             cert_expiry,
+            spans_dropped,
         }
     }
 

@@ -33,6 +33,17 @@ pub struct Args {
     /// `files` (issued by the CA directly and passed as --cert-file/--key-file).
     #[arg(long, value_enum, default_value_t = crate::dev::creds::Mode::default())]
     pub credentials: crate::dev::creds::Mode,
+    /// Export the sidecars' spans over OTLP/gRPC to this collector (`host:port`, e.g. a Jaeger
+    /// all-in-one on `127.0.0.1:4317`), sampling every request unless the Mesh sets tracing.
+    #[arg(long, value_parser = parse_collector)]
+    pub otlp: Option<String>,
+}
+
+fn parse_collector(s: &str) -> Result<String, String> {
+    match trellis_proxy::config::collector_problem(s) {
+        None => Ok(s.to_owned()),
+        Some(why) => Err(why.to_owned()),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -61,5 +72,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         once: a.once,
         exe,
         credentials: a.credentials,
+        otlp: a.otlp,
     }))
 }

@@ -40,6 +40,8 @@ pub struct Options {
     pub exe: PathBuf,
     /// Where sidecars get their certificates.
     pub credentials: creds::Mode,
+    /// `--otlp`: the collector every sidecar exports spans to (overrides the Mesh's tracing).
+    pub otlp: Option<String>,
 }
 
 /// Longest `--once` waits when no `--duration` bounds it.
@@ -56,7 +58,10 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// Runs the local mesh until a signal, the duration, or (with `--once`) success. Returns
 /// `Ok(())` only when, in a bounded run, every edge carried successful mTLS traffic.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let dev = spec::load_dir(&opts.dir)?;
+    let mut dev = spec::load_dir(&opts.dir)?;
+    if let Some(c) = &opts.otlp {
+        control::with_otlp(&mut dev, c);
+    }
     let mesh = control::mesh_of(&dev);
     let params = control::mesh_params(&mesh)?;
     // Lay out and check every port before creating anything.
@@ -509,7 +514,10 @@ impl LocalMesh {
     async fn reload(&mut self) {
         let result = spec::load_dir(&self.opts.dir)
             .map_err(anyhow::Error::from)
-            .and_then(|dev| {
+            .and_then(|mut dev| {
+                if let Some(c) = &self.opts.otlp {
+                    control::with_otlp(&mut dev, c);
+                }
                 if dev.topology != self.dev.topology {
                     anyhow::bail!(
                         "{} changed: the running processes follow the file as it was at start \
@@ -747,6 +755,31 @@ impl LocalMesh {
             "Prometheus scrape config: {}\n",
             self.state_dir.join("prometheus.yml").display()
         ));
+        if let Some(c) = &self.opts.otlp {
+            let mesh = control::mesh_of(&self.dev);
+            // The names the sidecars give themselves (`service.name`).
+            let services: std::collections::BTreeSet<String> = self
+                .plan
+                .pods
+                .iter()
+                .filter(|p| p.proxy.is_some())
+                .map(|p| {
+                    let pod = trellis_proxy::spans::Pod {
+                        service_account: Some(p.service_account.clone()),
+                        ..Default::default()
+                    };
+                    trellis_proxy::spans::service_name(&p.labels, &pod)
+                })
+                .collect();
+            s.push_str(&format!(
+                "Traces: every sidecar exports spans over OTLP/gRPC to {} ({}% of new traces \
+                 sampled); look them up in that collector's UI (Jaeger all-in-one: \
+                 http://127.0.0.1:16686) by service: {}\n",
+                trellis_proxy::spans::endpoint(c),
+                mesh.spec.observability.tracing.sampling_percent,
+                services.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
         s
     }
 

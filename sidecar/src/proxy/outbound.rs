@@ -208,8 +208,11 @@ async fn handle(
 
     let method = req.method().clone();
     let version = req.version();
-    // Copied out of the request only when an access log line will be written.
-    let (auth, path, trace) = if shared.access_log().is_some() {
+    // Joins or starts the trace before the headers go on, so the next hop's span (or the
+    // application's) is this span's child.
+    let span = shared.tracing.begin(req.headers_mut());
+    // Copied out of the request only when a span or an access log line will be written.
+    let (auth, path, trace) = if span.is_some() || shared.access_log().is_some() {
         (
             authority(&req).unwrap_or("").to_owned(),
             req.uri()
@@ -303,6 +306,7 @@ async fn handle(
             dst_service: &dst_service,
             tls,
             series: &info.series,
+            span: span.as_ref(),
         },
         &resp,
     );
