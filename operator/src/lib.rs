@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod ca;
+pub mod check;
 pub mod cli;
 pub mod compiler;
 pub mod controller;

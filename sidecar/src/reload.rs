@@ -331,11 +331,18 @@ mod tests {
         let info = |rev: &str| format!("trellis_proxy_config_info{{revision=\"{rev}\"}} 1");
         kubelet_write(dir.path(), 1, &cfg("r1"), "");
         assert!(w.poll());
-        assert!(metrics.encode().contains(&info("r1")), "{}", metrics.encode());
+        assert!(
+            metrics.encode().contains(&info("r1")),
+            "{}",
+            metrics.encode()
+        );
 
         kubelet_write(dir.path(), 2, "{ not json", "");
         assert!(!w.poll());
-        assert!(metrics.encode().contains(&info("r1")), "the last good config stays");
+        assert!(
+            metrics.encode().contains(&info("r1")),
+            "the last good config stays"
+        );
 
         kubelet_write(dir.path(), 3, &cfg("r3"), "");
         assert!(w.poll());

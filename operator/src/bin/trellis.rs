@@ -13,6 +13,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Check the cluster before install (`--pre`), Trellis once installed, and the proxies
+    /// (`--proxy`); exits non-zero when any check fails.
+    Check(cli::check::Args),
     /// Print the CustomResourceDefinitions generated from the Rust types.
     Crds(cli::crds::Args),
     /// Add the sidecar to workload manifests (files or stdin), as the webhook would.
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
             trellis_operator::dev::supervise::exit_with_parent();
             return trellis_operator::dev::demo::main(a);
         }
+        Cmd::Check(a) => cli::check::run_cli(a),
         Cmd::Crds(a) => cli::crds::run(a),
         Cmd::Inject(a) => cli::inject::run_inject(a),
         Cmd::Uninject(a) => cli::inject::run_uninject(a),

@@ -45,6 +45,14 @@ pub fn api_status(code: u16, reason: &str, message: &str) -> Value {
            "message": message, "reason": reason, "code": code})
 }
 
+/// A reply sent as these bytes, not as JSON: what a service or pod proxy relays (a proxy's
+/// `/metrics`, a webhook's plain-text error).
+pub fn text_reply(text: &str) -> Value {
+    json!({ TEXT_REPLY: text })
+}
+
+const TEXT_REPLY: &str = "$recorded-text";
+
 /// A client whose every request goes to the returned handle.
 pub fn mock() -> (Client, Handle) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
@@ -91,10 +99,14 @@ impl ApiServer {
             ex.reply
         };
         (ex.check)(&body);
+        let bytes = match reply.get(TEXT_REPLY).and_then(Value::as_str) {
+            Some(text) => text.as_bytes().to_vec(),
+            None => serde_json::to_vec(&reply).unwrap(),
+        };
         send.send_response(
             Response::builder()
                 .status(ex.status)
-                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                .body(Body::from(bytes))
                 .unwrap(),
         );
     }
