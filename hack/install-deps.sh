@@ -8,6 +8,10 @@ need=()
 # the real redirect rules.
 command -v iptables-restore >/dev/null 2>&1 || need+=(iptables)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+# chromium: hack/dev-e2e.sh checks the dashboard's DOM and takes its screenshot headless.
+# curl: the same script waits on the dashboard's /api/graph.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then

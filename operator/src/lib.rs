@@ -8,6 +8,7 @@ pub mod check;
 pub mod cli;
 pub mod compiler;
 pub mod controller;
+pub mod dashboard;
 pub mod dev;
 pub mod duration;
 pub mod identity;

@@ -33,6 +33,10 @@ pub struct Args {
     /// `files` (issued by the CA directly and passed as --cert-file/--key-file).
     #[arg(long, value_enum, default_value_t = crate::dev::creds::Mode::default())]
     pub credentials: crate::dev::creds::Mode,
+    /// 127.0.0.1 port of the live service graph in the browser (0: any free port). The URL is
+    /// printed beside the table.
+    #[arg(long, default_value_t = 0)]
+    pub dashboard_port: u16,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -61,5 +65,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         once: a.once,
         exe,
         credentials: a.credentials,
+        dashboard_port: a.dashboard_port,
     }))
 }
