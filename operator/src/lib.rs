@@ -14,5 +14,6 @@ pub mod duration;
 pub mod identity;
 pub mod inject;
 pub mod runtime;
+pub mod stat;
 pub mod status;
 pub mod webhook;

@@ -22,6 +22,10 @@ enum Cmd {
     Inject(cli::inject::InjectArgs),
     /// Remove an injected sidecar from workload manifests.
     Uninject(cli::inject::UninjectArgs),
+    /// Golden metrics per workload and edge from Prometheus (`deploy/NAME`, `ns/NAME` or all).
+    Stat(cli::stat::Args),
+    /// The live service graph in the browser, from Prometheus, on 127.0.0.1.
+    Dashboard(cli::dashboard::Args),
     /// Run the whole mesh on this machine, with no cluster.
     Dev(cli::dev::Args),
     /// Run the sidecar proxy: the same code as the `trellis-proxy` binary, so one
@@ -48,6 +52,8 @@ fn main() -> ExitCode {
         Cmd::Inject(a) => cli::inject::run_inject(a),
         Cmd::Uninject(a) => cli::inject::run_uninject(a),
         Cmd::Dev(a) => cli::dev::run(a),
+        Cmd::Stat(a) => cli::stat::run(a),
+        Cmd::Dashboard(a) => cli::dashboard::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

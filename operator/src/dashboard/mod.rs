@@ -2,7 +2,7 @@
 //!
 //! One data model ([`Graph`]) behind every source: `trellis dev` builds it from its local
 //! sidecars' scrapes ([`from_dev`]), and `trellis dashboard --prometheus URL` from PromQL
-//! (planned). The page (`assets/`, plain HTML/CSS/JS with a hand-drawn SVG graph, no
+//! ([`crate::stat::Stat::to_graph`]). The page (`assets/`, plain HTML/CSS/JS with a hand-drawn SVG graph, no
 //! third-party code and no build step) is embedded in the binary and polls `/api/graph`; it
 //! keeps the last minutes of each edge's numbers itself for the small charts.
 
