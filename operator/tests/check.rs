@@ -897,6 +897,8 @@ mod live {
                 inbound_target: None,
                 opaque_ports: vec![],
                 tcp_flush_interval: Duration::from_secs(15),
+                app_probes: Default::default(),
+                pod_ip: None,
             },
             rx,
         )
