@@ -361,6 +361,21 @@ impl Stat {
                 },
             );
         }
+        // Callers that only send (clients) have no served metrics: their outbound metrics
+        // prove a sidecar. The `(no sidecar)` caller has none.
+        for e in &self.edges {
+            let (name, namespace) = e.source.split_once('.').unwrap_or((&e.source, ""));
+            nodes.entry(e.source.clone()).or_insert_with(|| Node {
+                id: e.source.clone(),
+                name: name.to_string(),
+                namespace: namespace.to_string(),
+                meshed: e.source != NO_SIDECAR,
+                identity: None,
+                peer_authentication: None,
+                traffic_policy: None,
+                refused_rps: 0.0,
+            });
+        }
         Graph {
             source: source.to_string(),
             at_ms,
@@ -454,8 +469,36 @@ mod tests {
         assert_eq!(st.workloads[0].success, Some(1.0));
         assert_eq!(st.workloads[0].refused_rps, 2.0);
         let g = st.to_graph("test", 0, 30.0);
+        let meshed: BTreeMap<&str, bool> =
+            g.nodes.iter().map(|n| (n.id.as_str(), n.meshed)).collect();
+        assert_eq!(
+            meshed,
+            BTreeMap::from([(NO_SIDECAR, false), ("frontend.shop", true)]),
+            "a caller's outbound metrics prove its sidecar"
+        );
         assert_eq!(g.edges[0].transport, crate::dashboard::Transport::Refused);
         assert_eq!(g.edges[1].transport, crate::dashboard::Transport::Mtls);
+    }
+
+    #[test]
+    fn a_client_that_only_sends_is_a_meshed_node() {
+        let load = [
+            ("app", "load"),
+            ("namespace", "shop"),
+            ("dst_service", "frontend.shop"),
+            ("tls", "true"),
+        ];
+        let st = build(
+            "30s",
+            &BTreeMap::from([(Query::EdgeRps, vec![s(&load, 5.0)])]),
+        );
+        assert!(st.workloads.is_empty());
+        let g = st.to_graph("test", 0, 30.0);
+        assert_eq!(g.nodes.len(), 1);
+        assert_eq!(
+            (g.nodes[0].id.as_str(), g.nodes[0].meshed),
+            ("load.shop", true)
+        );
     }
 
     #[test]
