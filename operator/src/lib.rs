@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod bundle;
 pub mod ca;
 pub mod check;
 pub mod cli;
