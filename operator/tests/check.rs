@@ -891,9 +891,12 @@ mod live {
         let running = trellis_proxy::run::start(
             Options {
                 dir: dir.path().to_path_buf(),
-                outbound_addr: any,
-                inbound_addr: any,
-                admin_addr: any,
+                outbound_addrs: vec![any],
+                inbound_addrs: vec![any],
+                admin_addrs: vec![any],
+                local_mode: true,
+                inbound_to_localhost: false,
+                admin_limits: trellis_proxy::admin::Limits::default(),
                 inbound_target: None,
                 opaque_ports: vec![],
                 tcp_flush_interval: Duration::from_secs(15),
