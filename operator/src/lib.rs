@@ -5,14 +5,17 @@
 pub mod api;
 pub mod bundle;
 pub mod ca;
+pub mod check;
 pub mod cli;
 pub mod compiler;
 pub mod controller;
+pub mod dashboard;
 pub mod dev;
 pub mod duration;
 pub mod identity;
 pub mod inject;
 pub mod rbac;
 pub mod runtime;
+pub mod stat;
 pub mod status;
 pub mod webhook;

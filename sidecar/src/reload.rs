@@ -187,6 +187,7 @@ impl Watcher {
                 if let Some(hook) = &self.on_apply {
                     hook(&snapshot);
                 }
+                self.metrics.set_config_revision(&snapshot.config.revision);
                 self.tx.send_replace(Some(Arc::new(snapshot)));
                 self.metrics
                     .config_reloads
@@ -341,5 +342,35 @@ mod tests {
         let text = metrics.encode();
         assert!(text.contains("trellis_proxy_config_reloads_total{result=\"applied\"} 2"));
         assert!(text.contains("trellis_proxy_config_reloads_total{result=\"rejected\"} 1"));
+    }
+
+    /// `trellis check --proxy` compares this series with the ConfigMap's revision: it must name
+    /// the config in force (the last good one while a newer one is refused) and only that one.
+    #[test]
+    fn config_info_names_the_revision_in_force_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let (mut w, _rx) = Watcher::new(dir.path(), metrics.clone());
+        let info = |rev: &str| format!("trellis_proxy_config_info{{revision=\"{rev}\"}} 1");
+        kubelet_write(dir.path(), 1, &cfg("r1"), "");
+        assert!(w.poll());
+        assert!(
+            metrics.encode().contains(&info("r1")),
+            "{}",
+            metrics.encode()
+        );
+
+        kubelet_write(dir.path(), 2, "{ not json", "");
+        assert!(!w.poll());
+        assert!(
+            metrics.encode().contains(&info("r1")),
+            "the last good config stays"
+        );
+
+        kubelet_write(dir.path(), 3, &cfg("r3"), "");
+        assert!(w.poll());
+        let text = metrics.encode();
+        assert!(text.contains(&info("r3")), "{text}");
+        assert!(!text.contains("revision=\"r1\""), "{text}");
     }
 }

@@ -37,6 +37,10 @@ pub struct Args {
     /// all-in-one on `127.0.0.1:4317`), sampling every request unless the Mesh sets tracing.
     #[arg(long, value_parser = parse_collector)]
     pub otlp: Option<String>,
+    /// 127.0.0.1 port of the live service graph in the browser (0: any free port). The URL is
+    /// printed beside the table.
+    #[arg(long, default_value_t = 0)]
+    pub dashboard_port: u16,
 }
 
 fn parse_collector(s: &str) -> Result<String, String> {
@@ -73,5 +77,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         exe,
         credentials: a.credentials,
         otlp: a.otlp,
+        dashboard_port: a.dashboard_port,
     }))
 }

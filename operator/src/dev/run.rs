@@ -42,6 +42,8 @@ pub struct Options {
     pub credentials: creds::Mode,
     /// `--otlp`: the collector every sidecar exports spans to (overrides the Mesh's tracing).
     pub otlp: Option<String>,
+    /// 127.0.0.1 port of the dashboard (0: any free port; the URL is printed).
+    pub dashboard_port: u16,
 }
 
 /// Longest `--once` waits when no `--duration` bounds it.
@@ -68,6 +70,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (state_dir, owned) = state_dir_path(opts.state_dir.as_deref())?;
     let plan = Plan::new(&dev.topology, opts.base_port, &state_dir)?;
     plan.probe_ports()?;
+    let dashboard = crate::dashboard::server::bind(opts.dashboard_port)
+        .await
+        .with_context(|| format!("dashboard port 127.0.0.1:{}", opts.dashboard_port))?;
+    let dashboard_url = crate::dashboard::server::url(&dashboard);
+    let (graph_tx, graph_rx) = tokio::sync::watch::channel(crate::dashboard::Graph::default());
     create_state_dir(&state_dir, owned)?;
     let mut local = LocalMesh {
         opts: opts.clone(),
@@ -95,7 +102,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         backends: EdgeStats::default(),
         backend_views: Vec::new(),
         extras: BTreeMap::new(),
+        graph_tx,
+        dashboard_url,
+        refused_prev: BTreeMap::new(),
+        last_scrape: None,
     };
+    tokio::spawn(crate::dashboard::server::serve(
+        dashboard,
+        graph_rx,
+        local.shutdown.clone(),
+    ));
     let result = local.run().await;
     // Whatever happened, stop what was started and remove the state directory.
     let killed = supervise::stop_all(&mut local.procs, STOP_GRACE).await;
@@ -200,6 +216,12 @@ struct LocalMesh {
     backend_views: Vec<EdgeView>,
     /// Per pod: its workload and its traffic layer's per-backend retries and ejections.
     extras: BTreeMap<String, (String, BTreeMap<String, stats::BackendExtras>)>,
+    /// The dashboard's data: the graph of the last window.
+    graph_tx: tokio::sync::watch::Sender<crate::dashboard::Graph>,
+    dashboard_url: String,
+    /// Refused inbound connections per workload at the previous scrape, for rates.
+    refused_prev: BTreeMap<String, f64>,
+    last_scrape: Option<Instant>,
 }
 
 pub(crate) fn pod_key(p: &Pod) -> String {
@@ -684,6 +706,48 @@ impl LocalMesh {
         let now = Instant::now();
         self.views = self.stats.window(now);
         self.backend_views = self.backends.window(now);
+        self.publish_graph(now);
+    }
+
+    /// Hands the window to the dashboard.
+    fn publish_graph(&mut self, now: Instant) {
+        let secs = self
+            .last_scrape
+            .map(|t| now.saturating_duration_since(t).as_secs_f64())
+            .unwrap_or(0.0);
+        self.last_scrape = Some(now);
+        let mut refused: BTreeMap<String, f64> = BTreeMap::new();
+        for p in &self.plan.pods {
+            if let Some(c) = self.sidecars.get(&pod_key(p)) {
+                *refused.entry(p.workload_key()).or_default() += c.inbound_refused;
+            }
+        }
+        let rates = refused
+            .iter()
+            .map(|(k, total)| {
+                let before = self.refused_prev.get(k).copied().unwrap_or(*total);
+                let rate = if secs > 0.0 {
+                    (total - before).max(0.0) / secs
+                } else {
+                    0.0
+                };
+                (k.clone(), rate)
+            })
+            .collect();
+        self.refused_prev = refused;
+        let graph = super::graph::graph(
+            &self.plan.pods,
+            &self.dev.objects,
+            &self.params.trust_domain,
+            &super::graph::Window {
+                views: &self.views,
+                backends: &self.backend_views,
+                refused_rps: &rates,
+                at_ms: jiff::Timestamp::now().as_millisecond(),
+                secs,
+            },
+        );
+        self.graph_tx.send_replace(graph);
     }
 
     /// Expected edges (declared calls of meshed workloads) without successful mTLS traffic.
@@ -738,6 +802,7 @@ impl LocalMesh {
             self.state_dir.display()
         ));
         s.push_str(&format!("{}\n", self.identity_line()));
+        s.push_str(&format!("Dashboard: {}\n", self.dashboard_url));
         for p in &self.plan.pods {
             if let Some(x) = p.proxy {
                 s.push_str(&format!(
@@ -853,9 +918,10 @@ impl LocalMesh {
             status.push(format!("ERROR {e}"));
         }
         let footer = format!(
-            "Metrics: {}\nPrometheus scrape config: {}\nEdit {}/*.yaml: TrafficPolicy and \
+            "Dashboard: {}\nMetrics: {}\nPrometheus scrape config: {}\nEdit {}/*.yaml: TrafficPolicy and \
              PeerAuthentication changes recompile and the proxies reload live. Ctrl-C stops \
              everything.\n",
+            self.dashboard_url,
             self.plan
                 .pods
                 .iter()
