@@ -229,6 +229,7 @@ async fn proxy(n: usize, upstream: SocketAddr) -> (SocketAddr, tempfile::TempDir
             tcp_flush_interval: trellis_proxy::proxy::tcp::FLUSH_INTERVAL,
             app_probes: Default::default(),
             pod_ip: None,
+            pod: Default::default(),
         },
         rx,
     )

@@ -428,3 +428,31 @@ fn duration_rule_agrees_with_the_parser() {
         );
     }
 }
+
+/// A collector the sidecars would refuse makes every namespace's compiled config invalid, so it
+/// is refused when the Mesh is applied instead.
+#[test]
+fn mesh_tracing_collector_is_an_address_the_sidecars_accept() {
+    let with = |c: &str| {
+        mesh(
+            "default",
+            json!({"observability": {"tracing": {"enabled": true, "collector": c}}}),
+        )
+    };
+    for good in [
+        "jaeger.tracing:4317",
+        "http://otel.observability.svc:4317",
+        "10.0.0.1:4317",
+    ] {
+        pass(with(good));
+    }
+    for bad in [
+        "https://otel:4317",
+        "otel",
+        "otel:port",
+        "http://otel:4317/v1",
+        "a b:4317",
+    ] {
+        fail(with(bad), "collector must be host:port or http://host:port");
+    }
+}

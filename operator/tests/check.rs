@@ -902,6 +902,7 @@ mod live {
                 tcp_flush_interval: Duration::from_secs(15),
                 app_probes: Default::default(),
                 pod_ip: None,
+                pod: Default::default(),
             },
             rx,
         )

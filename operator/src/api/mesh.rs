@@ -550,8 +550,13 @@ pub struct TracingSpec {
     #[x_kube(validation = Rule::new("self >= 0.0 && self <= 100.0")
         .message("samplingPercent must be between 0 and 100"))]
     pub sampling_percent: f64,
-    /// OTLP/gRPC collector address (`host:port`). Empty with `enabled` installs a collector.
+    /// OTLP/gRPC collector address, `host:port` or `http://host:port` (plaintext; the sidecars
+    /// have no TLS client for the collector). Without it nothing is exported: the operator does
+    /// not install a collector yet. Checked here as well as by the sidecars, because a value
+    /// the sidecars refuse would stop every namespace's config from updating.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("size(self) <= 253 && self.matches('^(http://)?[^/\\\\s]+:[0-9]{1,5}$')")
+        .message("collector must be host:port or http://host:port (OTLP/gRPC, plaintext)"))]
     pub collector: Option<String>,
     /// Image of the collector the operator installs when `collector` is empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]

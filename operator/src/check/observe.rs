@@ -16,7 +16,7 @@ use super::installed::{Answer, DeploymentView, LeaseView};
 use super::preinstall::{CrdView, ExpectedCrd, Permission, ServerVersion, WebhookConfigView};
 use super::{Report, dataplane, installed, preinstall};
 use crate::api::{MESH_NAME, Mesh, MeshSpec};
-use crate::inject::{ADMIN_PORT, ALWAYS_EXCLUDED_NAMESPACES, PROXY_CONTAINER};
+use crate::inject::{ADMIN_PORT, PROXY_CONTAINER};
 
 /// Name of the operator's Deployment, Service and Lease in the default install.
 pub const OPERATOR: &str = "trellis-operator";
@@ -272,16 +272,15 @@ fn has_proxy(p: &Pod) -> bool {
 /// selector, less the excluded ones), their ConfigMap and pods, and each running proxy's
 /// `/metrics`.
 pub async fn dataplane(client: &Client, operator_ns: &str, mesh: &MeshSpec) -> dataplane::Observed {
-    let selector = crate::inject::namespace_match_labels(mesh)
+    let scope = crate::inject::scope::Scope::new(mesh, operator_ns);
+    let selector = scope
+        .namespace_match_labels()
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
-    let excluded = |n: &str| {
-        n == operator_ns
-            || ALWAYS_EXCLUDED_NAMESPACES.contains(&n)
-            || mesh.injection.excluded_namespaces.iter().any(|e| e == n)
-    };
+    // The one meshed predicate (`inject::scope`), as the webhook and the compiler use it.
+    let excluded = |n: &str| scope.namespace_excluded(n);
     let names = Api::<Namespace>::all(client.clone())
         .list(&ListParams::default().labels(&selector))
         .await
