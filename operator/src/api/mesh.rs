@@ -555,7 +555,8 @@ pub struct TracingSpec {
     /// not install a collector yet. Checked here as well as by the sidecars, because a value
     /// the sidecars refuse would stop every namespace's config from updating.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("size(self) <= 253 && self.matches('^(http://)?[^/\\\\s]+:[0-9]{1,5}$')")
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new("self.matches('^(http://)?[^/\\\\s]+:[0-9]{1,5}$')")
         .message("collector must be host:port or http://host:port (OTLP/gRPC, plaintext)"))]
     pub collector: Option<String>,
     /// Image of the collector the operator installs when `collector` is empty.
