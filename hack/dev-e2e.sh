@@ -29,6 +29,7 @@ cp -r examples/demo "$work/demo"
 dev=$!
 prom=
 promdash=
+# shellcheck disable=SC2317  # called by the EXIT trap
 cleanup() {
   for p in $promdash $prom $dev; do kill "$p" 2>/dev/null || true; done
   for p in $promdash $prom $dev; do wait "$p" 2>/dev/null || true; done
