@@ -11,6 +11,7 @@ pub mod dev;
 pub mod duration;
 pub mod identity;
 pub mod inject;
+pub mod rollout;
 pub mod runtime;
 pub mod status;
 pub mod webhook;

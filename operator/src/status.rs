@@ -219,6 +219,59 @@ impl StatusWriter {
     }
 }
 
+impl StatusWriter {
+    /// Writes only the status fields and conditions one controller owns, under that
+    /// controller's own field manager (`trellis-operator/<controller>`), so that server-side
+    /// apply leaves every other controller's fields and conditions alone (conditions merge by
+    /// `type`). `fields` are top-level status fields; `conditions` are merged with the current
+    /// ones for transition times. Skipped when the object already reports exactly this.
+    pub async fn apply_fields<K: HasStatus>(
+        &self,
+        obj: &K,
+        manager: &str,
+        fields: serde_json::Map<String, serde_json::Value>,
+        conditions: Vec<Condition>,
+    ) -> Result<Outcome, Error> {
+        let kind = K::kind(&()).to_string();
+        let name = obj.name_any();
+        let existing = obj.current_status().map(K::conditions).unwrap_or_default();
+        let merged = merge_conditions(existing, conditions, &(self.clock)());
+        let current =
+            serde_json::to_value(obj.current_status()).map_err(|source| Error::Serialize {
+                kind: kind.clone(),
+                name: name.clone(),
+                source,
+            })?;
+        let unchanged = fields.iter().all(|(k, v)| current.get(k) == Some(v))
+            && merged.iter().all(|c| existing.contains(c));
+        if unchanged {
+            tracing::debug!(%kind, %name, manager, "status unchanged; not patching");
+            return Ok(Outcome::Unchanged);
+        }
+        let mut status = fields;
+        if !merged.is_empty() {
+            let conditions = serde_json::to_value(&merged).map_err(|source| Error::Serialize {
+                kind: kind.clone(),
+                name: name.clone(),
+                source,
+            })?;
+            status.insert("conditions".into(), conditions);
+        }
+        let body = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": kind,
+            "status": status,
+        });
+        let params = PatchParams::apply(manager).force();
+        K::api_for(self.client.clone(), obj)
+            .patch_status(&name, &params, &Patch::Apply(&body))
+            .await
+            .map_err(|e| classify(e, &kind, &name))?;
+        tracing::info!(%kind, %name, manager, "status written");
+        Ok(Outcome::Patched)
+    }
+}
+
 /// Turns an API error into the typed error callers branch on.
 fn classify(e: kube::Error, kind: &str, name: &str) -> Error {
     match &e {

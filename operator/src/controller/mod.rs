@@ -6,7 +6,10 @@
 //! - `ca` ([`crate::ca::controller`]): the CA Secret, trust bundles, the webhook configuration,
 //!   and the Mesh's `CAReady` / `WebhookReady`;
 //! - `compile` ([`compile`]): the sidecar configs, TrafficPolicy and PeerAuthentication status,
-//!   and the Mesh's `Programmed` / `Degraded`.
+//!   and the Mesh's `Programmed` / `Degraded`;
+//! - `rollout` ([`crate::rollout::controller`]): restarts out-of-date workloads in health-gated
+//!   batches, and writes the Mesh's `status.rollout` and `RolloutProgressing` under its own
+//!   field manager.
 
 pub mod compile;
 pub mod compile_apply;
@@ -129,9 +132,18 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
                 ..Default::default()
             };
             let (client, status) = (ctx.client.clone(), ctx.status.clone());
+            let shutdown = shutdown.clone();
             Box::pin(async move {
                 if let Err(e) = compile::run(client, settings, status, shutdown).await {
                     tracing::error!(error = %e, "compile controller stopped");
+                }
+            })
+        }),
+        ("rollout", {
+            let (client, status) = (ctx.client.clone(), ctx.status.clone());
+            Box::pin(async move {
+                if let Err(e) = crate::rollout::controller::run(client, status, shutdown).await {
+                    tracing::error!(error = %e, "rollout controller stopped");
                 }
             })
         }),
