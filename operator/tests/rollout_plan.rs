@@ -384,6 +384,15 @@ proptest! {
             }
             let p = w.plan();
             check_step(&w, &p);
+            if p.actions.is_empty() {
+                // Nothing changed, nothing done: planning again from its own status gives the
+                // same status (no status write every pass).
+                let mut again = w.clone();
+                again.status = Some(p.status.clone());
+                let q = again.plan();
+                prop_assert!(q.actions.is_empty());
+                prop_assert_eq!(&q.status, &p.status);
+            }
             w.apply(&p);
         }
     }

@@ -368,10 +368,11 @@ pub fn plan(input: &Input<'_>) -> Plan {
     }
     let excess = st.failures.len().saturating_sub(MAX_FAILURES);
     st.failures.drain(..excess);
-    // Rolled-back workloads leave the candidates at once (their pin shows up on the next watch
-    // event); under Pause, failed ones stay candidates for the retry.
+    // Judged again now that the batch in flight was: a workload that failed under Pause is a
+    // candidate for the retry. Rolled-back ones leave the candidates at once (their pin shows up
+    // on a later watch event).
     let rolled_back: BTreeSet<WorkloadKey> = out.actions.iter().map(|a| a.key().clone()).collect();
-    let candidates: Vec<&Workload> = candidates
+    let candidates: Vec<&Workload> = self::candidates(input, &st)
         .into_iter()
         .filter(|w| !rolled_back.contains(&w.key))
         .collect();
