@@ -25,6 +25,7 @@ use super::conditions::Condition;
     printcolumn = r#"{"name":"Trust Domain","type":"string","jsonPath":".spec.trustDomain"}"#,
     printcolumn = r#"{"name":"Proxies","type":"integer","jsonPath":".status.proxies.total"}"#,
     printcolumn = r#"{"name":"Up To Date","type":"integer","jsonPath":".status.proxies.upToDate"}"#,
+    printcolumn = r#"{"name":"Rollout","type":"string","jsonPath":".status.rollout.state"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
