@@ -16,6 +16,7 @@ use http::Method;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Resource;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher::Event;
 use recorded::{ApiServer, Exchange};
@@ -36,12 +37,16 @@ const SSA: &str = "?&force=true&fieldManager=trellis-operator%2Frollout";
 const WINDOW: Duration = Duration::from_secs(10);
 
 fn mesh(generation: i64) -> Mesh {
+    mesh_with(generation, "Pause")
+}
+
+fn mesh_with(generation: i64, failure_policy: &str) -> Mesh {
     serde_json::from_value(json!({
         "apiVersion": "trellis.dev/v1alpha1", "kind": "Mesh",
         "metadata": {"name": "default", "generation": generation},
         "spec": {
             "proxy": {"image": NEW},
-            "rollout": {"batchSize": 1, "progressDeadline": "1m",
+            "rollout": {"batchSize": 1, "progressDeadline": "1m", "failurePolicy": failure_policy,
                         "healthGate": {"window": "10s"}}
         }
     }))
@@ -124,6 +129,8 @@ impl Watches {
 }
 
 struct Harness {
+    /// The Mesh the stores hold (its status follows the controller's writes).
+    mesh: Mesh,
     w: Watches,
     api: ApiServer,
     shutdown: CancellationToken,
@@ -133,6 +140,16 @@ struct Harness {
 impl Harness {
     /// Starts the loop over stores listing `deployments` and `pods`.
     fn start(deployments: Vec<Deployment>, pods: Vec<SlimPod>) -> Self {
+        Self::start_with(mesh(1), false, deployments, pods)
+    }
+
+    /// As [`start`](Self::start), with `mesh`, and Events recorded when `events`.
+    fn start_with(
+        mesh: Mesh,
+        events: bool,
+        deployments: Vec<Deployment>,
+        pods: Vec<SlimPod>,
+    ) -> Self {
         let (meshes, w_mesh) = reflector::store();
         let (namespaces, w_ns) = reflector::store();
         let (deps, w_dep) = reflector::store();
@@ -150,10 +167,19 @@ impl Harness {
         let (changes, stream) = unbounded();
         let (client, handle) = recorded::mock();
         let status = StatusWriter::with_clock(client.clone(), Arc::new(|| T0.to_string()));
+        let recorder = events.then(|| {
+            Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "trellis-operator/rollout".into(),
+                    instance: None,
+                },
+            )
+        });
         let edge = Edge::with_epoch(
             client.clone(),
             status,
-            None,
+            recorder,
             Arc::new(PodProxy(client)),
             T0.parse().unwrap(),
         );
@@ -168,7 +194,7 @@ impl Harness {
             pods: w_pod,
             changes,
         };
-        list(&mut w.meshes, [mesh(1)]);
+        list(&mut w.meshes, [mesh.clone()]);
         list(&mut w.namespaces, []);
         list(&mut w.deployments, deployments);
         list(&mut w.stateful_sets, []);
@@ -176,6 +202,7 @@ impl Harness {
         list(&mut w.pods, pods);
         w.notify();
         Harness {
+            mesh,
             w,
             api: ApiServer(handle),
             shutdown,
@@ -235,9 +262,10 @@ impl Harness {
             )
             .await;
         let body = rx.recv().unwrap();
-        let mut m = mesh(1);
-        m.status = Some(serde_json::from_value(body["status"].clone()).unwrap());
-        self.w.meshes.apply_watcher_event(&Event::Apply(m));
+        self.mesh.status = Some(serde_json::from_value(body["status"].clone()).unwrap());
+        self.w
+            .meshes
+            .apply_watcher_event(&Event::Apply(self.mesh.clone()));
         self.w.notify();
         body
     }
@@ -501,4 +529,112 @@ async fn restarted_first_of_two(h: &mut Harness) {
         );
     })
     .await;
+}
+
+/// An Event recorded on the Mesh with `reason`, its note containing `note`.
+fn event(reason: &'static str, note: &'static str) -> Exchange {
+    Exchange {
+        method: Method::POST,
+        path_and_query: "/apis/events.k8s.io/v1/namespaces/default/events?".into(),
+        check: Box::new(move |b| {
+            assert_eq!(b["reason"], reason, "{b}");
+            assert_eq!(b["regarding"]["kind"], "Mesh");
+            assert_eq!(b["regarding"]["name"], "default");
+            assert_eq!(b["reportingController"], "trellis-operator/rollout");
+            let n = b["note"].as_str().unwrap();
+            assert!(n.contains(note), "{n}");
+        }),
+        reply: Value::Null,
+        status: 201,
+    }
+}
+
+/// Under `failurePolicy: Rollback` a gate failure restarts the workload on its old image,
+/// pinned by the exact pod-template annotations the injector honours; Events say so.
+#[tokio::test(start_paused = true)]
+async fn a_gate_failure_under_rollback_pins_the_workload_with_events() {
+    let mut h = Harness::start_with(
+        mesh_with(1, "Rollback"),
+        true,
+        vec![deployment("catalog", 1)],
+        vec![pod("catalog", "old", OLD)],
+    );
+    h.window(
+        Duration::from_secs(1),
+        "catalog-old-x",
+        metrics(100, 0),
+        metrics(200, 0),
+    )
+    .await;
+    h.api
+        .expect(Duration::from_secs(1), restart("catalog", T0))
+        .await;
+    h.api
+        .expect(
+            Duration::from_secs(1),
+            event(
+                "BatchStarted",
+                "batch 1 of 1 restarting onto proxy:v2: Deployment shop/catalog",
+            ),
+        )
+        .await;
+    h.status_write(Duration::from_secs(1), |b| {
+        assert_eq!(rollout(b)["state"], "Progressing");
+    })
+    .await;
+
+    roll_pods(&mut h, true);
+    h.window(
+        2 * DEBOUNCE,
+        "catalog-new-x",
+        metrics(0, 0),
+        metrics(10, 90),
+    )
+    .await;
+    let stamp = "2026-11-29T12:00:21Z";
+    h.api
+        .expect(
+            Duration::from_secs(1),
+            Exchange {
+                method: Method::PATCH,
+                path_and_query: format!("/apis/apps/v1/namespaces/shop/deployments/catalog{SSA}"),
+                check: Box::new(move |b| {
+                    assert_eq!(
+                        *b,
+                        json!({
+                            "apiVersion": "apps/v1", "kind": "Deployment",
+                            "metadata": {"name": "catalog", "namespace": "shop"},
+                            "spec": {"template": {"metadata": {"annotations": {
+                                "kubectl.kubernetes.io/restartedAt": stamp,
+                                "trellis.dev/proxy-image": OLD,
+                                "trellis.dev/rollout-failed-version": NEW}}}}
+                        })
+                    );
+                }),
+                reply: serde_json::to_value(rolling("catalog")).unwrap(),
+                status: 200,
+            },
+        )
+        .await;
+    h.api
+        .expect(
+            Duration::from_secs(1),
+            event("WorkloadFailed", "success rate 10.0 %"),
+        )
+        .await;
+    h.api
+        .expect(
+            Duration::from_secs(1),
+            event("RolledBack", "Deployment shop/catalog pinned to proxy:v1"),
+        )
+        .await;
+    h.status_write(Duration::from_secs(1), |b| {
+        let r = rollout(b);
+        assert_eq!(r["state"], "Failed", "{r}");
+        assert_eq!(r["reason"], "RolledBack");
+        assert_eq!(r["failures"][0]["reason"], "HealthGateFailed");
+        assert_eq!(condition(b), ("False".into(), "RolledBack".into()));
+    })
+    .await;
+    h.shut_down().await;
 }
