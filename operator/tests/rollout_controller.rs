@@ -638,3 +638,16 @@ async fn a_gate_failure_under_rollback_pins_the_workload_with_events() {
     .await;
     h.shut_down().await;
 }
+
+/// `status.rollout` is replaced whole by server-side apply: the controller's status omits
+/// fields that no longer apply (a held generation, a version no pod runs), and with per-field
+/// ownership the Mesh controller, which carries the status over under its own field manager,
+/// would keep them alive.
+#[test]
+fn the_rollout_status_is_atomic_for_server_side_apply() {
+    use kube::CustomResourceExt;
+    let crd = serde_json::to_value(Mesh::crd()).unwrap();
+    let rollout = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+        ["properties"]["rollout"];
+    assert_eq!(rollout["x-kubernetes-map-type"], "atomic", "{rollout}");
+}

@@ -577,7 +577,12 @@ pub enum RolloutState {
 }
 
 /// The rollout's progress, and what it needs to resume where it stopped.
+///
+/// Atomic for server-side apply: the rollout controller replaces it whole. With per-field
+/// ownership, a field it stops reporting (a held generation, a version no pod runs any more)
+/// would survive as long as another writer that carries the status over still co-owns it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(extend("x-kubernetes-map-type" = "atomic"))]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutStatus {
     /// `Idle`, `Progressing`, `Paused`, `Failed` or `Complete`.
