@@ -393,6 +393,58 @@ mod tests {
     }
 
     #[test]
+    fn a_stateful_set_partition_counts_only_the_replicas_above_it() {
+        let sts = |updated: i32| -> StatefulSet {
+            serde_json::from_value(json!({
+                "metadata": {"name": "db", "namespace": "shop", "generation": 3},
+                "spec": {"replicas": 3, "selector": {}, "serviceName": "db", "template": {},
+                         "updateStrategy": {"rollingUpdate": {"partition": 2}}},
+                "status": {"observedGeneration": 3, "replicas": 3, "updatedReplicas": updated,
+                           "readyReplicas": 3}
+            }))
+            .unwrap()
+        };
+        assert!(!stateful_set_progress(&sts(0)).0);
+        // Only ordinal 2 is above the partition: the workload's own strategy decides.
+        assert!(stateful_set_progress(&sts(1)).0);
+    }
+
+    #[test]
+    fn a_daemon_set_is_rolled_out_when_every_node_runs_an_updated_ready_pod() {
+        let ds = |updated: i32, ready: i32| -> DaemonSet {
+            serde_json::from_value(json!({
+                "metadata": {"name": "agent", "namespace": "shop", "generation": 2},
+                "spec": {"selector": {}, "template": {}},
+                "status": {"observedGeneration": 2, "desiredNumberScheduled": 4,
+                           "currentNumberScheduled": 4, "numberMisscheduled": 0,
+                           "updatedNumberScheduled": updated, "numberReady": ready}
+            }))
+            .unwrap()
+        };
+        assert!(!daemon_set_progress(&ds(3, 4)).0);
+        assert!(!daemon_set_progress(&ds(4, 3)).0);
+        assert!(daemon_set_progress(&ds(4, 4)).0);
+        assert_eq!(
+            daemon_set_progress(&ds(3, 4)).1,
+            "3/4 pods updated, 4/4 ready"
+        );
+    }
+
+    #[test]
+    fn stateful_set_and_daemon_set_pods_belong_to_their_owner() {
+        let p = pod("db-0", "StatefulSet", "db", None, "p:1");
+        assert_eq!(
+            owner(&p),
+            Some(WorkloadKey::new(WorkloadKind::StatefulSet, "shop", "db"))
+        );
+        let p = pod("agent-x", "DaemonSet", "agent", None, "p:1");
+        assert_eq!(
+            owner(&p),
+            Some(WorkloadKey::new(WorkloadKind::DaemonSet, "shop", "agent"))
+        );
+    }
+
+    #[test]
     fn empty_selectors_match_nothing() {
         let labels: BTreeMap<String, String> = [("a".to_string(), "b".to_string())].into();
         let empty = CanarySelector {
