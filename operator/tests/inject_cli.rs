@@ -196,6 +196,39 @@ fn cli_inject_then_uninject_round_trips_through_stdin() {
     );
 }
 
+/// The typical Deployment, probed on its only port: the probes go to the proxy, the port stays
+/// meshed (no exclusion), and uninject gives the probes back as written.
+#[test]
+fn probed_deployment_keeps_its_port_meshed() {
+    let original = parse(&bundle(), "bundle").unwrap();
+    let mut docs = original.clone();
+    let mut notes = Vec::new();
+    for d in &mut docs {
+        inject_value(d, &default_mesh(), &InjectContext::default(), &mut notes).unwrap();
+    }
+    let web = docs
+        .iter()
+        .find(|d| kind(d) == "Deployment" && d["metadata"]["name"] == "web")
+        .unwrap();
+    let t = template(web).unwrap();
+    let init_args = t["spec"]["initContainers"][0]["args"].to_string();
+    assert!(!init_args.contains("exclude-inbound"), "{init_args}");
+    let c = &t["spec"]["containers"][0];
+    assert_eq!(
+        c["readinessProbe"],
+        serde_json::json!({"httpGet": {"path": "/app-health/web/readyz", "port": 15020}, "periodSeconds": 5})
+    );
+    assert_eq!(
+        c["livenessProbe"],
+        serde_json::json!({"httpGet": {"path": "/app-health/web/livez", "port": 15020}, "timeoutSeconds": 2})
+    );
+    assert!(notes.iter().all(|n| !n.contains("probe")), "{notes:?}");
+    for d in &mut docs {
+        uninject_value(d);
+    }
+    assert_eq!(docs, original);
+}
+
 #[test]
 fn cli_uses_the_mesh_file() {
     let dir = tempfile::tempdir().unwrap();

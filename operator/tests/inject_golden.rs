@@ -4,6 +4,7 @@
 //! `UPDATE_GOLDEN=1 cargo test -p trellis-operator --test inject_golden` and review the diff.
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::str::FromStr;
 
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
@@ -156,10 +157,216 @@ fn named_ports_and_http_probes() {
         }
     });
     let warnings = check_patch("probes", pod);
-    // 8080 and 8081 are declared container ports, so their exclusion is worth a warning; 9090
-    // is not declared.
-    assert_eq!(warnings.len(), 2, "{warnings:?}");
-    assert!(warnings[0].contains("port 8081") && warnings[1].contains("port 8080"));
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let v = read_golden("probes.patched.json");
+    // No port leaves the mesh because it is probed.
+    let args = v["spec"]["initContainers"][0]["args"].as_array().unwrap();
+    assert!(
+        !args.contains(&json!("--exclude-inbound-ports")),
+        "{args:?}"
+    );
+    let api = &v["spec"]["containers"][0];
+    assert_eq!(
+        api["readinessProbe"],
+        json!({"httpGet": {"path": "/app-health/api/readyz", "port": 15020}})
+    );
+    assert_eq!(
+        api["startupProbe"],
+        json!({"httpGet": {"path": "/app-health/api/startupz", "port": 15020}})
+    );
+    // exec probes stay.
+    assert_eq!(
+        v["spec"]["containers"][1]["livenessProbe"],
+        json!({"exec": {"command": ["true"]}})
+    );
+}
+
+/// The probe rewrite in full; tests/netns_probes.rs in the sidecar crate runs this very
+/// injection (init args, the proxy's env) in network namespaces against real apps.
+fn app_probes_pod() -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "shop-0", "namespace": "shop"},
+        "spec": {
+            "initContainers": [
+                {"name": "migrate", "image": "shop:1", "args": ["migrate"]},
+                {
+                    "name": "log-shipper",
+                    "image": "shipper:3",
+                    "restartPolicy": "Always",
+                    "ports": [{"name": "metrics", "containerPort": 9100}],
+                    "readinessProbe": {
+                        "httpGet": {"path": "/ready", "port": "metrics", "scheme": "HTTPS"},
+                        "periodSeconds": 7
+                    }
+                }
+            ],
+            "containers": [{
+                "name": "web",
+                "image": "shop:1",
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "readinessProbe": {
+                    "httpGet": {
+                        "path": "/healthz?full=1",
+                        "port": "http",
+                        "httpHeaders": [{"name": "X-Probe", "value": "ready"}]
+                    },
+                    "initialDelaySeconds": 1,
+                    "periodSeconds": 5,
+                    "timeoutSeconds": 2,
+                    "successThreshold": 1,
+                    "failureThreshold": 3
+                },
+                "livenessProbe": {
+                    "httpGet": {"path": "/fail", "port": 8080},
+                    "periodSeconds": 10,
+                    "timeoutSeconds": 1,
+                    "failureThreshold": 3,
+                    "terminationGracePeriodSeconds": 15
+                },
+                "startupProbe": {
+                    "tcpSocket": {"port": "http"},
+                    "periodSeconds": 1,
+                    "failureThreshold": 30
+                }
+            }, {
+                "name": "grpc",
+                "image": "shop-grpc:1",
+                "ports": [{"containerPort": 9090}],
+                "readinessProbe": {"grpc": {"port": 9090}},
+                "livenessProbe": {"grpc": {"port": 9090, "service": "down"}, "timeoutSeconds": 3}
+            }, {
+                "name": "worker",
+                "image": "shop:1",
+                "livenessProbe": {"exec": {"command": ["/bin/check"]}},
+                "readinessProbe": {"httpGet": {"host": "10.0.0.1", "path": "/", "port": 80}},
+                "startupProbe": {"tcpSocket": {"port": "missing"}}
+            }]
+        }
+    })
+}
+
+#[test]
+fn app_probes_rewritten_to_the_admin_port() {
+    let input = app_probes_pod();
+    let warnings = check_patch("app-probes", input.clone());
+    // The one probe that cannot be rewritten says so.
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("startupProbe") && warnings[0].contains("worker"),
+        "{warnings:?}"
+    );
+    let v = read_golden("app-probes.patched.json");
+    let args = v["spec"]["initContainers"][0]["args"].as_array().unwrap();
+    assert!(
+        !args.contains(&json!("--exclude-inbound-ports")),
+        "{args:?}"
+    );
+    // Every timing field kept; only the action changed.
+    let web = &v["spec"]["containers"][0];
+    let mut expected = input["spec"]["containers"][0]["readinessProbe"].clone();
+    expected["httpGet"] = json!({"path": "/app-health/web/readyz", "port": 15020});
+    assert_eq!(web["readinessProbe"], expected);
+    let mut expected = input["spec"]["containers"][0]["livenessProbe"].clone();
+    expected["httpGet"] = json!({"path": "/app-health/web/livez", "port": 15020});
+    assert_eq!(web["livenessProbe"], expected);
+    assert_eq!(
+        web["startupProbe"],
+        json!({
+            "httpGet": {"path": "/app-health/web/startupz", "port": 15020},
+            "periodSeconds": 1,
+            "failureThreshold": 30
+        })
+    );
+    // The native sidecar's probe (now at index 3, after trellis-init and trellis-proxy).
+    assert_eq!(
+        v["spec"]["initContainers"][3]["readinessProbe"],
+        json!({"httpGet": {"path": "/app-health/log-shipper/readyz", "port": 15020}, "periodSeconds": 7})
+    );
+    // Left alone: exec, host:, and the unresolvable named port.
+    let worker = &v["spec"]["containers"][2];
+    for field in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        assert_eq!(
+            worker[field], input["spec"]["containers"][2][field],
+            "{field}"
+        );
+    }
+    // The proxy gets the originals with ports resolved, and the pod IP.
+    let env = v["spec"]["initContainers"][1]["env"].as_array().unwrap();
+    assert!(env.contains(&json!({
+        "name": "TRELLIS_POD_IP",
+        "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}
+    })));
+    let probes = env
+        .iter()
+        .find(|e| e["name"] == "TRELLIS_APP_PROBES")
+        .unwrap();
+    let probes: Value = serde_json::from_str(probes["value"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        probes,
+        json!({
+            "/app-health/web/readyz": {"httpGet": {"path": "/healthz?full=1", "port": 8080,
+                "scheme": "HTTP", "httpHeaders": [{"name": "X-Probe", "value": "ready"}]},
+                "timeoutSeconds": 2},
+            "/app-health/web/livez": {"httpGet": {"path": "/fail", "port": 8080, "scheme": "HTTP"},
+                "timeoutSeconds": 1},
+            "/app-health/web/startupz": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 1},
+            "/app-health/grpc/readyz": {"grpc": {"port": 9090}, "timeoutSeconds": 1},
+            "/app-health/grpc/livez": {"grpc": {"port": 9090, "service": "down"}, "timeoutSeconds": 3},
+            "/app-health/log-shipper/readyz": {"httpGet": {"path": "/ready", "port": 9100,
+                "scheme": "HTTPS"}, "timeoutSeconds": 1}
+        })
+    );
+    // ... which the proxy accepts.
+    trellis_proxy::probe::ProbeSet::from_str(&probes.to_string()).unwrap();
+}
+
+fn read_golden(name: &str) -> Value {
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden/inject")
+            .join(name),
+    )
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Uninject puts back only a probe that is still the rewritten one, and a broken annotation
+/// leaves the probes (and the annotation) alone rather than guessing.
+#[test]
+fn uninject_restores_only_rewritten_probes() {
+    let labels = enabled_ns();
+    let Decision::Patch { pod, .. } =
+        decide(&app_probes_pod(), "shop", Some(&labels), &default_mesh())
+    else {
+        panic!()
+    };
+    let injected = serde_json::to_value(&pod).unwrap();
+    // Someone changed the readiness probe after injection: it is kept as they wrote it.
+    let mut edited = injected.clone();
+    edited["spec"]["containers"][0]["readinessProbe"]["httpGet"] =
+        json!({"path": "/mine", "port": 8080});
+    assert!(uninject_pod_json(&mut edited));
+    assert_eq!(
+        edited["spec"]["containers"][0]["readinessProbe"]["httpGet"],
+        json!({"path": "/mine", "port": 8080})
+    );
+    assert_eq!(
+        edited["spec"]["containers"][0]["livenessProbe"],
+        app_probes_pod()["spec"]["containers"][0]["livenessProbe"]
+    );
+    let mut broken = injected.clone();
+    broken["metadata"]["annotations"]["trellis.dev/original-probes"] = json!("{not json");
+    assert!(uninject_pod_json(&mut broken));
+    assert_eq!(
+        broken["metadata"]["annotations"]["trellis.dev/original-probes"],
+        "{not json"
+    );
+    assert_eq!(
+        broken["spec"]["containers"][0]["livenessProbe"]["httpGet"]["path"],
+        "/app-health/web/livez"
+    );
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! The admin server (15020): `/live`, `/ready`, `/metrics`, `/config`, `POST /shutdown`.
+//! The admin server (15020): `/live`, `/ready`, `/metrics`, `/config`, `POST /shutdown`, and
+//! the kubelet's rewritten app probes under `GET /app-health/...` (see [`crate::probe`]).
 //! It runs apart from the data path (its own listener and tasks) so a saturated data path
 //! still answers probes.
 
@@ -14,6 +15,7 @@ use tokio::net::TcpListener;
 
 use crate::creds::CredentialsRx;
 use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE};
+use crate::probe::{PATH_PREFIX, Prober};
 use crate::reload::{ConfigRx, ReloadStatus};
 use crate::shutdown::Shutdown;
 
@@ -23,6 +25,8 @@ pub struct Admin {
     pub status: Arc<Mutex<ReloadStatus>>,
     pub creds: CredentialsRx,
     pub shutdown: Shutdown,
+    /// The app probes the injector configured; `/app-health/...` runs only these.
+    pub probes: Arc<Prober>,
 }
 
 impl Admin {
@@ -103,6 +107,30 @@ impl Admin {
         }
     }
 
+    /// `GET /app-health/...` runs the configured probe (404 for any other path under the
+    /// prefix); everything else is answered by [`Admin::handle`].
+    async fn respond(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if !req.uri().path().starts_with(PATH_PREFIX) {
+            return self.handle(&req);
+        }
+        let reply = |status: StatusCode, body: String| {
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            *r.status_mut() = status;
+            r
+        };
+        if req.method() != Method::GET {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed\n".into(),
+            );
+        }
+        let ua = req.headers().get(header::USER_AGENT);
+        match self.probes.run(req.uri().path(), ua).await {
+            Some(outcome) => reply(outcome.status(), format!("{}\n", outcome.detail)),
+            None => reply(StatusCode::NOT_FOUND, "no such probe\n".into()),
+        }
+    }
+
     /// Serves until `stop` resolves. The admin port keeps answering during the drain (so
     /// `/ready` can report the shutdown) and closes when the process exits.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
@@ -118,8 +146,8 @@ impl Admin {
             let admin = self.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
-                    let r = admin.handle(&req);
-                    async move { Ok::<_, Infallible>(r) }
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.respond(req).await) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)

@@ -9,6 +9,7 @@ pub mod creds;
 pub mod identity;
 pub mod init;
 pub mod metrics;
+pub mod probe;
 pub mod proxy;
 pub mod reload;
 pub mod run;

@@ -4,7 +4,7 @@
 //! integration tests run whole proxies in-process on `127.0.0.1:0`; [`main`] adds the runtime,
 //! logging, credentials from files and signal handling.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use crate::admin::Admin;
 use crate::creds::CredentialsRx;
 use crate::metrics::{Direction, Metrics};
+use crate::probe::{ProbeSet, Prober};
 use crate::proxy::mtls::TlsCache;
 use crate::proxy::tcp::FLUSH_INTERVAL;
 use crate::proxy::upstream::Pool;
@@ -73,6 +74,19 @@ pub struct RunArgs {
     /// wake-up per open connection per interval.
     #[arg(long, env = "TRELLIS_TCP_FLUSH_INTERVAL", value_parser = parse_flush_interval)]
     pub tcp_flush_interval: Option<Duration>,
+    /// The app's kubelet probes, as the injector rewrote them, as JSON keyed by path (see
+    /// [`crate::probe`]); `GET /app-health/...` on the admin port runs these and nothing else.
+    #[arg(long, env = crate::probe::ENV_APP_PROBES, default_value = "", hide_default_value = true, value_parser = parse_probes)]
+    pub app_probes: ProbeSet,
+    /// The pod's IP (downward API `status.podIP`): where app probes go, as the kubelet's would.
+    /// Without it they go to 127.0.0.1.
+    #[arg(long, env = "TRELLIS_POD_IP")]
+    pub pod_ip: Option<IpAddr>,
+}
+
+fn parse_probes(s: &str) -> Result<ProbeSet, String> {
+    s.parse()
+        .map_err(|e: crate::probe::ProbeSetError| e.to_string())
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +138,10 @@ pub struct Options {
     /// See [`RunArgs::tcp_flush_interval`]; tests shorten it to see bytes of open connections
     /// without waiting 15 s.
     pub tcp_flush_interval: Duration,
+    /// See [`RunArgs::app_probes`].
+    pub app_probes: ProbeSet,
+    /// Where app probes go (see [`RunArgs::pod_ip`]); `None` is 127.0.0.1.
+    pub pod_ip: Option<IpAddr>,
 }
 
 impl From<&RunArgs> for Options {
@@ -136,6 +154,8 @@ impl From<&RunArgs> for Options {
             inbound_target: a.inbound_target,
             opaque_ports: a.opaque_ports.clone(),
             tcp_flush_interval: a.tcp_flush_interval.unwrap_or(FLUSH_INTERVAL),
+            app_probes: a.app_probes.clone(),
+            pod_ip: a.pod_ip,
         }
     }
 }
@@ -251,6 +271,10 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         status,
         creds,
         shutdown,
+        probes: Arc::new(Prober::new(
+            opts.app_probes,
+            opts.pod_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        )),
     });
     tokio::spawn(admin.serve(admin_l));
     tracing::info!(

@@ -303,6 +303,8 @@ async fn not_ready_without_credentials() {
             inbound_target: None,
             opaque_ports: Vec::new(),
             tcp_flush_interval: trellis_proxy::proxy::tcp::FLUSH_INTERVAL,
+            app_probes: Default::default(),
+            pod_ip: None,
         },
         rx,
     )

@@ -9,18 +9,15 @@
 //! # Kubelet probes under `Strict` mTLS
 //!
 //! The kubelet probes from the node, in plaintext, with no workload certificate, so under
-//! `Strict` mTLS the inbound proxy would refuse its probes. Istio rewrites HTTP probes to the
-//! proxy's admin port and lets the proxy forward them; that needs an app-health forwarder in
-//! the proxy's admin server, which the proxy does not have (its admin port serves `/live`,
-//! `/ready`, `/metrics`, `/config`). So Trellis takes the other way: the ports of every
-//! `httpGet`, `tcpSocket` and `grpc` probe of the app containers (named ports resolved) are added
-//! to the init container's `--exclude-inbound-ports`. Probes then reach the app directly and keep
-//! working whatever the mTLS mode. The cost: everything else arriving on such a port also bypasses
-//! the proxy (no mTLS, no policy, no metrics). When a probe port is also a declared container
-//! port (the common "probe the serving port" case) the decision carries a warning, which the
-//! webhook returns to the client as an admission warning. Use a dedicated health port, or `exec`
-//! probes, to keep the serving port meshed. The proxy's own probes use its admin port 15020,
-//! which the rules never redirect.
+//! `Strict` mTLS the inbound proxy would refuse its probes. Like Istio, the injector rewrites the
+//! app containers' (and native sidecars') `httpGet`, `tcpSocket` and `grpc` probes to the proxy's
+//! admin port 15020 at `/app-health/<container>/<livez|readyz|startupz>`, keeping every timing
+//! field, and hands the original probes to the proxy (`TRELLIS_APP_PROBES`, with the pod IP in
+//! `TRELLIS_POD_IP`), which performs them against the app and answers with the result. No port is
+//! excluded from the mesh because it is probed. `exec` probes and probes with `host:` are left
+//! alone. The originals are kept in the `trellis.dev/original-probes` annotation, from which
+//! [`uninject_pod_json`] restores them exactly. Details and the reasons in [`probes`]. The proxy's
+//! own probes use its admin port 15020, which the rules never redirect.
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
@@ -36,7 +33,10 @@ use serde_json::{Value, json};
 use crate::api::MeshSpec;
 use crate::api::mesh::{LogLevel, PullPolicy};
 
+pub mod probes;
 pub mod webhook_config;
+
+pub use probes::ANNOTATION_ORIGINAL_PROBES;
 
 /// `trellis.dev/inject: enabled|disabled` on a namespace (label) or pod (annotation or label).
 pub const ANNOTATION_INJECT: &str = "trellis.dev/inject";
@@ -411,52 +411,6 @@ fn options(ann: &BTreeMap<String, String>, mesh: &MeshSpec) -> Result<PodOptions
     })
 }
 
-/// Ports of the app containers' network probes, named ports resolved. Returns the ports and
-/// warnings for probe ports that are also declared container ports (see the module docs).
-fn probe_ports(spec: &PodSpec) -> (Vec<u16>, Vec<String>) {
-    let mut ports = Vec::new();
-    let mut warnings = Vec::new();
-    for c in &spec.containers {
-        let declared: &[ContainerPort] = c.ports.as_deref().unwrap_or(&[]);
-        let resolve = |p: &IntOrString| -> Option<u16> {
-            match p {
-                IntOrString::Int(n) => u16::try_from(*n).ok().filter(|n| *n != 0),
-                IntOrString::String(name) => declared
-                    .iter()
-                    .find(|d| d.name.as_deref() == Some(name.as_str()))
-                    .and_then(|d| u16::try_from(d.container_port).ok()),
-            }
-        };
-        for probe in [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
-            .into_iter()
-            .flatten()
-        {
-            let port = if let Some(h) = &probe.http_get {
-                resolve(&h.port)
-            } else if let Some(t) = &probe.tcp_socket {
-                resolve(&t.port)
-            } else if let Some(g) = &probe.grpc {
-                u16::try_from(g.port).ok()
-            } else {
-                None
-            };
-            let Some(port) = port else { continue };
-            if !ports.contains(&port) {
-                ports.push(port);
-                if declared.iter().any(|d| d.container_port == i32::from(port)) {
-                    warnings.push(format!(
-                        "trellis: port {port} of container {} is probed by the kubelet, so it is \
-                         excluded from the mesh (no mTLS); use a dedicated health port to keep it meshed",
-                        c.name
-                    ));
-                }
-            }
-        }
-    }
-    ports.sort_unstable();
-    (ports, warnings)
-}
-
 fn join<T: ToString>(v: &[T]) -> String {
     v.iter()
         .map(ToString::to_string)
@@ -523,7 +477,7 @@ fn admin_probe(path: &str, period: i32, failures: i32) -> Probe {
 /// The proxy as a native sidecar: an init container with `restartPolicy: Always` starts before
 /// the app containers (after its startup probe passes, i.e. once it holds a certificate) and is
 /// stopped after them, so Jobs complete.
-fn proxy_container(mesh: &MeshSpec, o: &PodOptions) -> Container {
+fn proxy_container(mesh: &MeshSpec, o: &PodOptions, app_probes: &str) -> Container {
     let mut env = vec![
         field_env("TRELLIS_POD_NAMESPACE", "metadata.namespace"),
         field_env("TRELLIS_POD_NAME", "metadata.name"),
@@ -533,6 +487,11 @@ fn proxy_container(mesh: &MeshSpec, o: &PodOptions) -> Container {
     ];
     if !o.opaque_ports.is_empty() {
         env.push(value_env(ENV_OPAQUE_PORTS, join(&o.opaque_ports)));
+    }
+    if !app_probes.is_empty() {
+        // The pod IP is where the kubelet would have probed; the proxy probes there too.
+        env.push(field_env("TRELLIS_POD_IP", "status.podIP"));
+        env.push(value_env(probes::ENV_APP_PROBES, app_probes.into()));
     }
     Container {
         name: PROXY_CONTAINER.into(),
@@ -575,7 +534,7 @@ fn proxy_container(mesh: &MeshSpec, o: &PodOptions) -> Container {
 
 /// The iptables init container: root with `NET_ADMIN` and `NET_RAW` only (iptables needs both),
 /// everything else dropped.
-fn init_container(mesh: &MeshSpec, o: &PodOptions, probe_ports: &[u16]) -> Container {
+fn init_container(mesh: &MeshSpec, o: &PodOptions) -> Container {
     let mut args: Vec<String> = [
         "init",
         "--proxy-uid",
@@ -588,12 +547,8 @@ fn init_container(mesh: &MeshSpec, o: &PodOptions, probe_ports: &[u16]) -> Conta
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut inbound = o.exclude_inbound_ports.clone();
-    inbound.extend_from_slice(probe_ports);
-    inbound.sort_unstable();
-    inbound.dedup();
     for (flag, value) in [
-        ("--exclude-inbound-ports", join(&inbound)),
+        ("--exclude-inbound-ports", join(&o.exclude_inbound_ports)),
         ("--exclude-outbound-ports", join(&o.exclude_outbound_ports)),
         (
             "--exclude-outbound-cidrs",
@@ -672,7 +627,7 @@ fn projected_volume() -> Volume {
     }
 }
 
-fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, InjectError> {
+pub(crate) fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, InjectError> {
     serde_json::to_value(v).map_err(|e| InjectError::Internal(e.to_string()))
 }
 
@@ -685,9 +640,15 @@ fn build(
     mesh: &MeshSpec,
 ) -> Result<Built, InjectError> {
     let o = options(annotations, mesh)?;
-    let (probes, warnings) = probe_ports(spec);
-    let init = to_value(&init_container(mesh, &o, &probes))?;
-    let proxy = to_value(&proxy_container(mesh, &o))?;
+    let rewrite = probes::rewrite(spec)?;
+    let app_probes = if rewrite.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(&rewrite.app_probes)
+            .map_err(|e| InjectError::Internal(e.to_string()))?
+    };
+    let init = to_value(&init_container(mesh, &o))?;
+    let proxy = to_value(&proxy_container(mesh, &o, &app_probes))?;
     let volume = to_value(&projected_volume())?;
 
     let mut ops = Vec::new();
@@ -699,6 +660,18 @@ fn build(
         "path": format!("/metadata/annotations/{}", escape_pointer_token(ANNOTATION_PROXY_VERSION)),
         "value": o.image,
     }));
+    if !rewrite.is_empty() {
+        let originals = serde_json::to_string(&rewrite.originals)
+            .map_err(|e| InjectError::Internal(e.to_string()))?;
+        ops.push(json!({
+            "op": "add",
+            "path": format!("/metadata/annotations/{}", escape_pointer_token(ANNOTATION_ORIGINAL_PROBES)),
+            "value": originals,
+        }));
+    }
+    // Probe rewrites address containers by their index in the pod as it came in, so they go
+    // before our init containers shift `initContainers`.
+    ops.extend(rewrite.ops);
     if spec.init_containers.is_none() {
         ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": []}));
     }
@@ -717,16 +690,17 @@ fn build(
     json_patch::patch(&mut doc, &patch).map_err(|e| InjectError::Internal(e.to_string()))?;
     let patched: Pod =
         serde_json::from_value(doc).map_err(|e| InjectError::Internal(e.to_string()))?;
-    Ok((patch, patched, warnings))
+    Ok((patch, patched, rewrite.warnings))
 }
 
 /// Removes exactly what [`inject`] adds from a pod (or pod template) given as JSON: the two
-/// init containers, the projected volume and the version annotation, and the array/object that
+/// init containers, the projected volume and the version annotation, puts the original kubelet
+/// probes back (see [`probes::restore`]), and removes the array/object that
 /// held them when it is left empty (inject creates them when missing). An input that had an
 /// empty `annotations: {}` or `volumes: []` comes back without it, which Kubernetes treats the
 /// same. Returns whether the pod was injected.
 pub fn uninject_pod_json(pod: &mut Value) -> bool {
-    let mut changed = false;
+    let mut changed = probes::restore(pod);
     if let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) {
         changed |= remove_named(spec, "initContainers", &[INIT_CONTAINER, PROXY_CONTAINER]);
         changed |= remove_named(spec, "volumes", &[VOLUME]);

@@ -11,8 +11,8 @@
 //! Traffic the rules leave alone, and why:
 //! - inbound to the proxy's own ports (inbound, outbound, admin 15020) so the kubelet can probe
 //!   the proxy and redirected connections never loop;
-//! - inbound to the excluded ports (the pod's `trellis.dev/exclude-inbound-ports` annotation,
-//!   plus the ports of the app's kubelet probes, added by the injector);
+//! - inbound to the excluded ports (the pod's `trellis.dev/exclude-inbound-ports` annotation;
+//!   kubelet probes exclude nothing: the injector sends them through the admin port);
 //! - outbound from the proxy UID (the proxy's own upstream connections);
 //! - outbound to loopback from the app (app to itself, including the app calling its own pod IP,
 //!   which Linux routes over `lo`: like Istio, this stays direct and does not pass through the
@@ -21,7 +21,9 @@
 //!
 //! One exception, also as in Istio: the proxy connecting to its own pod IP over `lo` (an
 //! outbound request whose endpoint is this very pod) is sent to the inbound port, so the request
-//! gets inbound policy exactly like one from another pod.
+//! gets inbound policy exactly like one from another pod. The proxy's app probes (see
+//! `crate::probe`) must reach the app directly instead, so they are told apart by their source
+//! address ([`Family::probe_source`]) and left alone; nothing else the proxy sends uses it.
 use std::net::IpAddr;
 use std::str::FromStr;
 
@@ -56,6 +58,15 @@ impl Family {
         match self {
             Family::V4 => "127.0.0.1/32",
             Family::V6 => "::1/128",
+        }
+    }
+
+    /// The source address of the proxy's app probes ([`crate::probe::PROBE_SOURCE_V4`] /
+    /// [`crate::probe::PROBE_SOURCE_V6`]) as a host network.
+    pub fn probe_source(self) -> String {
+        match self {
+            Family::V4 => format!("{}/32", crate::probe::PROBE_SOURCE_V4),
+            Family::V6 => format!("{}/128", crate::probe::PROBE_SOURCE_V6),
         }
     }
 }
@@ -225,6 +236,10 @@ pub fn render(spec: &RuleSpec, family: Family, jumps: Jumps) -> String {
     ));
 
     // Outbound.
+    line(format!(
+        "-A {CHAIN_OUTPUT} -o lo -s {} -m owner --uid-owner {uid} -j RETURN",
+        family.probe_source()
+    ));
     line(format!(
         "-A {CHAIN_OUTPUT} -o lo ! -d {lo} -m owner --uid-owner {uid} -j {CHAIN_IN_REDIRECT}"
     ));

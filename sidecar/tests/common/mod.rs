@@ -212,6 +212,8 @@ impl TestProxy {
             inbound_target,
             opaque_ports: Vec::new(),
             tcp_flush_interval: trellis_proxy::proxy::tcp::FLUSH_INTERVAL,
+            app_probes: Default::default(),
+            pod_ip: None,
         };
         tweak(&mut opts);
         let running = trellis_proxy::run::start(opts, rx).await.unwrap();
