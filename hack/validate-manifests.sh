@@ -35,3 +35,8 @@ trap 'rm -rf "$out"' EXIT
 kubectl kustomize config/default > "$out/install.yaml"
 "$validator" --strict --quiet --kubernetes-version "${version%.*}" "$out/install.yaml"
 echo "validate-manifests: config/default renders and validates (kubernetes-validate $version, strict)"
+# The OLM bundle's plain manifests (CRDs, Services, PodDisruptionBudget); the
+# ClusterServiceVersion is checked by operator/tests/bundle.rs.
+find bundle/manifests -name '*.yaml' ! -name '*.clusterserviceversion.yaml' -print0 |
+  xargs -0 "$validator" --strict --quiet --kubernetes-version "${version%.*}"
+echo "validate-manifests: bundle/manifests validate (strict)"

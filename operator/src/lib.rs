@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod bundle;
 pub mod ca;
 pub mod cli;
 pub mod compiler;

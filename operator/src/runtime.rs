@@ -312,11 +312,12 @@ pub type ExtraServer = (
     Box<dyn FnOnce(Services) -> BoxFuture<'static, anyhow::Result<()>> + Send>,
 );
 
-/// The servers every replica runs next to the admin server, whether or not it leads.
-pub fn replica_servers() -> Vec<ExtraServer> {
+/// The servers every replica runs next to the admin server, whether or not it leads, for an
+/// operator in `namespace` (`--namespace`, `POD_NAMESPACE`).
+pub fn replica_servers(namespace: &str) -> Vec<ExtraServer> {
     // One serving certificate from the mesh CA for both HTTPS servers; its resolver-backed
     // rustls config picks up renewals by itself, so the webhook's channel never needs a new value.
-    let serving = crate::identity::replica::serving_cert();
+    let serving = crate::identity::replica::serving_cert(namespace);
     let (_, webhook_tls) =
         tokio::sync::watch::channel(serving.server_config(&[b"h2", b"http/1.1"]));
     vec![

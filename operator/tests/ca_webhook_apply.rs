@@ -70,12 +70,18 @@ fn apply(path: &str, check: impl FnOnce(&Value) + Send + 'static) -> Exchange {
     }
 }
 
-/// Runs one pass against `expected`; returns what the pass returned.
+/// Runs one pass of an operator in `trellis-system` against `expected`; returns what the pass
+/// returned.
 async fn run_pass(expected: Vec<Exchange>) -> Result<Duration, String> {
+    run_pass_in("trellis-system", expected).await
+}
+
+/// Runs one pass of an operator in `namespace` against `expected`.
+async fn run_pass_in(namespace: &str, expected: Vec<Exchange>) -> Result<Duration, String> {
     let (client, handle) = mock();
     let v = verifier(handle, expected);
     let status = StatusWriter::with_clock(client.clone(), Arc::new(|| NOW.to_string()));
-    let out = reconcile_once(&client, &status)
+    let out = reconcile_once(&client, &status, namespace)
         .await
         .map_err(|e| e.to_string());
     drop((client, status));
@@ -138,6 +144,7 @@ fn converged() -> Converged {
     let mut m = mesh();
     let first = reconcile::reconcile(&Observed {
         mesh: &m,
+        namespace: "trellis-system",
         ca_secret: None,
         user_secret: None,
         meshed_namespaces: &["shop".to_string()],
@@ -265,6 +272,58 @@ fn condition<'a>(status_body: &'a Value, type_: &str) -> &'a Value {
         .iter()
         .find(|c| c["type"] == type_)
         .unwrap_or_else(|| panic!("no {type_} in {status_body}"))
+}
+
+/// Installed by OLM into `operators`, the operator keeps its CA Secret there (its Role is
+/// there, and nowhere else), and the webhook calls the `trellis-operator` Service there and
+/// never injects that namespace's pods.
+#[tokio::test]
+async fn an_operator_in_another_namespace_keeps_its_ca_and_webhook_there() {
+    let m = mesh();
+    let list = json!({
+        "apiVersion": "v1", "kind": "NamespaceList", "metadata": {"resourceVersion": "9"},
+        "items": [
+            {"metadata": {"name": "operators", "labels": {"kubernetes.io/metadata.name": "operators"}}},
+            {"metadata": {"name": "shop", "labels": {"kubernetes.io/metadata.name": "shop",
+                                                     "trellis.dev/inject": "enabled"}}},
+        ]
+    });
+    let out = run_pass_in(
+        "operators",
+        vec![
+            get(MESH, serde_json::to_value(&m).unwrap()),
+            not_found("/api/v1/namespaces/operators/secrets/trellis-ca"),
+            get(NAMESPACES, list),
+            get(BUNDLES, configmap_list(&[])),
+            apply(
+                "/api/v1/namespaces/operators/secrets/trellis-ca?&force=true&fieldManager=trellis-operator",
+                |b| assert_eq!(b["metadata"]["namespace"], "operators"),
+            ),
+            apply(SHOP_BUNDLE_APPLY, |_| {}),
+            apply(WEBHOOK_APPLY, |b| {
+                for w in b["webhooks"].as_array().unwrap() {
+                    assert_eq!(
+                        w["clientConfig"]["service"],
+                        json!({"name": "trellis-operator", "namespace": "operators",
+                               "path": "/inject", "port": 443})
+                    );
+                    let exprs = w["namespaceSelector"]["matchExpressions"].to_string();
+                    assert!(exprs.contains("\"operators\""), "{exprs}");
+                    assert!(!exprs.contains("trellis-system"), "{exprs}");
+                }
+            }),
+            Exchange {
+                reply: serde_json::to_value(&m).unwrap(),
+                ..apply(MESH_STATUS, |b| {
+                    let wh = condition(b, "WebhookReady");
+                    assert_eq!(wh["status"], "True", "{wh}");
+                    assert_eq!(condition(b, "CAReady")["status"], "True");
+                })
+            },
+        ],
+    )
+    .await;
+    assert!(out.is_ok(), "{out:?}");
 }
 
 /// A value filled in by one exchange's check and read by a later one.
@@ -609,7 +668,8 @@ impl Loop {
         let (tx, rx) = futures::channel::mpsc::unbounded();
         let shutdown = tokio_util::sync::CancellationToken::new();
         let token = shutdown.clone();
-        let task = tokio::spawn(async move { drive(&client, &status, rx, token).await });
+        let task =
+            tokio::spawn(async move { drive(&client, &status, "trellis-system", rx, token).await });
         Loop {
             api: ApiServer(handle),
             changes: tx,

@@ -40,6 +40,7 @@ async fn applies_secret_and_bundles_with_ssa_and_deletes_departed_namespaces() {
     let namespaces = ["shop".to_string()];
     let desired = reconcile::reconcile(&Observed {
         mesh: &mesh,
+        namespace: "trellis-system",
         ca_secret: None,
         user_secret: None,
         meshed_namespaces: &namespaces,

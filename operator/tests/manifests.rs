@@ -262,3 +262,58 @@ fn every_rbac_rule_is_explained() {
         }
     }
 }
+
+/// The Argo CD install (`config/argocd`, docs/gitops.md) is config/default plus the Mesh, with
+/// the sync waves and options the guide promises and nothing else changed.
+#[test]
+fn argocd_overlay_orders_crds_operator_mesh() {
+    let Some((_, default)) = render() else { return };
+    let kubectl = kubectl().unwrap();
+    let out = Command::new(kubectl)
+        .args(["kustomize", "config/argocd"])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(
+        docs.len(),
+        default.len() + 1,
+        "config/default plus the Mesh"
+    );
+    for d in &docs {
+        let kind = d["kind"].as_str().unwrap();
+        let ann = &d["metadata"]["annotations"];
+        let (wave, options) = (
+            ann["argocd.argoproj.io/sync-wave"].as_str(),
+            ann["argocd.argoproj.io/sync-options"].as_str(),
+        );
+        match kind {
+            "CustomResourceDefinition" => {
+                assert_eq!((wave, options), (Some("-1"), Some("ServerSideApply=true")))
+            }
+            "Mesh" => {
+                assert_eq!(d["metadata"]["name"], "default");
+                assert!(d["metadata"].get("namespace").is_none());
+                assert_eq!(
+                    (wave, options),
+                    (Some("1"), Some("SkipDryRunOnMissingResource=true"))
+                )
+            }
+            // Everything else is config/default's object, unchanged, in wave 0.
+            _ => {
+                assert!(
+                    default.iter().any(|x| x == d),
+                    "{kind} {} differs from config/default",
+                    d["metadata"]["name"]
+                );
+                assert_eq!((wave, options), (None, None), "{kind}");
+            }
+        }
+    }
+}

@@ -22,7 +22,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(runtime::run(config, runtime::replica_servers())) {
+    let servers = runtime::replica_servers(&config.namespace);
+    match rt.block_on(runtime::run(config, servers)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "trellis-operator stopped");

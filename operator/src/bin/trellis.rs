@@ -15,6 +15,8 @@ struct Cli {
 enum Cmd {
     /// Print the CustomResourceDefinitions generated from the Rust types.
     Crds(cli::crds::Args),
+    /// Write the OLM bundle (registry+v1) generated from config/ and crds/.
+    Bundle(cli::bundle::Args),
     /// Add the sidecar to workload manifests (files or stdin), as the webhook would.
     Inject(cli::inject::InjectArgs),
     /// Remove an injected sidecar from workload manifests.
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
             return trellis_operator::dev::demo::main(a);
         }
         Cmd::Crds(a) => cli::crds::run(a),
+        Cmd::Bundle(a) => cli::bundle::run(a),
         Cmd::Inject(a) => cli::inject::run_inject(a),
         Cmd::Uninject(a) => cli::inject::run_uninject(a),
         Cmd::Dev(a) => cli::dev::run(a),

@@ -20,9 +20,7 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
-use super::reconcile::{
-    self, CA_READY, CA_SECRET, CaState, OPERATOR_NAMESPACE, Observed, ReconcileError,
-};
+use super::reconcile::{self, CA_READY, CA_SECRET, CaState, Observed, ReconcileError};
 use super::{IssuerState, IssuerTx};
 use crate::api::{MESH_NAME, Mesh, MeshStatus};
 use crate::status::StatusWriter;
@@ -49,9 +47,15 @@ pub fn issuer_from(mesh: Option<&Mesh>, secret: &Secret) -> Result<IssuerState, 
     })
 }
 
-/// Every replica: publishes the issuer from the CA Secret on `tx` until `shutdown`.
-pub async fn follow_issuer(client: Client, tx: IssuerTx, shutdown: CancellationToken) {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+/// Every replica: publishes the issuer from the CA Secret in the operator's `namespace` on `tx`
+/// until `shutdown`.
+pub async fn follow_issuer(
+    client: Client,
+    namespace: String,
+    tx: IssuerTx,
+    shutdown: CancellationToken,
+) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     let meshes: Api<Mesh> = Api::all(client);
     let mut last_seen: Option<(Option<String>, Option<String>)> = None;
     loop {
@@ -101,26 +105,25 @@ pub enum ControllerError {
     Status(#[from] crate::status::Error),
 }
 
-/// One pass: observe, reconcile, apply, report. Returns when to look again.
+/// One pass: observe, reconcile, apply, report. Returns when to look again. `namespace` is the
+/// operator's own (`POD_NAMESPACE`): the CA Secret's and the webhook Service's.
 pub async fn reconcile_once(
     client: &Client,
     status: &StatusWriter,
+    namespace: &str,
 ) -> Result<Duration, ControllerError> {
     let Some(mesh) = Api::<Mesh>::all(client.clone()).get_opt(MESH_NAME).await? else {
         // Without the Mesh nothing is configured; the install creates it.
         return Ok(RESYNC);
     };
-    let ca_secret = Api::<Secret>::namespaced(client.clone(), OPERATOR_NAMESPACE)
+    let ca_secret = Api::<Secret>::namespaced(client.clone(), namespace)
         .get_opt(CA_SECRET)
         .await?;
     let user_secret = match &mesh.spec.ca.secret_ref {
         Some(r) => {
-            Api::<Secret>::namespaced(
-                client.clone(),
-                r.namespace.as_deref().unwrap_or(OPERATOR_NAMESPACE),
-            )
-            .get_opt(&r.name)
-            .await?
+            Api::<Secret>::namespaced(client.clone(), r.namespace.as_deref().unwrap_or(namespace))
+                .get_opt(&r.name)
+                .await?
         }
         None => None,
     };
@@ -141,6 +144,7 @@ pub async fn reconcile_once(
         .items;
     let desired = reconcile::reconcile(&Observed {
         mesh: &mesh,
+        namespace,
         ca_secret: ca_secret.as_ref(),
         user_secret: user_secret.as_ref(),
         meshed_namespaces: &meshed,
@@ -173,7 +177,7 @@ pub async fn reconcile_once(
         status.apply(&mesh, new_status).await?;
         return Err(e.into());
     }
-    let webhook = apply_webhook_config(client, &mesh, desired.issuer.as_ref()).await;
+    let webhook = apply_webhook_config(client, &mesh, namespace, desired.issuer.as_ref()).await;
     // Report CAReady, WebhookReady and the CA fields; keep every other condition and field as
     // they are.
     let mut conditions: Vec<_> = current
@@ -224,6 +228,7 @@ pub const WEBHOOK_READY: &str = "WebhookReady";
 async fn apply_webhook_config(
     client: &Client,
     mesh: &Mesh,
+    namespace: &str,
     issuer: Option<&super::IssuerState>,
 ) -> crate::api::Condition {
     let generation = mesh.metadata.generation;
@@ -243,11 +248,8 @@ async fn apply_webhook_config(
             "the webhook configuration needs the CA bundle; see CAReady".into(),
         );
     };
-    let desired = crate::inject::webhook_config::desired(
-        &mesh.spec,
-        &issuer.trust_bundle_pem,
-        OPERATOR_NAMESPACE,
-    );
+    let desired =
+        crate::inject::webhook_config::desired(&mesh.spec, &issuer.trust_bundle_pem, namespace);
     match crate::inject::webhook_config::apply(client.clone(), &desired).await {
         Ok(_) => condition(
             true,
@@ -285,16 +287,22 @@ fn apply_failed_message(e: &kube::Error) -> String {
     }
 }
 
-/// The leader's CA controller: [`triggers`] and [`drive`] until `shutdown`.
-pub async fn run(client: Client, status: StatusWriter, shutdown: CancellationToken) {
-    let changes = triggers(&client);
-    drive(&client, &status, changes, shutdown).await;
+/// The leader's CA controller in the operator's `namespace`: [`triggers`] and [`drive`] until
+/// `shutdown`.
+pub async fn run(
+    client: Client,
+    status: StatusWriter,
+    namespace: String,
+    shutdown: CancellationToken,
+) {
+    let changes = triggers(&client, &namespace);
+    drive(&client, &status, &namespace, changes, shutdown).await;
 }
 
 /// One notification per change of anything a pass reads or writes: the Mesh, the CA Secret,
 /// namespaces (joining or leaving the mesh), trust-bundle ConfigMaps and the webhook
 /// configuration. Metadata-only watches: a pass reads the objects itself, so nothing is cached.
-pub fn triggers(client: &Client) -> impl Stream<Item = ()> + Send + 'static {
+pub fn triggers(client: &Client, namespace: &str) -> impl Stream<Item = ()> + Send + 'static {
     use kube::core::PartialObjectMeta;
     use kube::runtime::WatchStreamExt;
     use kube::runtime::watcher::{self, watcher};
@@ -324,7 +332,7 @@ pub fn triggers(client: &Client) -> impl Stream<Item = ()> + Send + 'static {
             by_name(MESH_NAME),
         ),
         watch(
-            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), OPERATOR_NAMESPACE),
+            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), namespace),
             by_name(CA_SECRET),
         ),
         watch(
@@ -349,12 +357,13 @@ pub fn triggers(client: &Client) -> impl Stream<Item = ()> + Send + 'static {
 pub async fn drive(
     client: &Client,
     status: &StatusWriter,
+    namespace: &str,
     changes: impl Stream<Item = ()> + Send,
     shutdown: CancellationToken,
 ) {
     let mut changes = std::pin::pin!(changes.fuse());
     loop {
-        let wait = match reconcile_once(client, status).await {
+        let wait = match reconcile_once(client, status, namespace).await {
             Ok(wait) => wait,
             Err(error) => {
                 tracing::warn!(%error, "CA reconcile failed; retrying");
@@ -383,6 +392,7 @@ pub async fn drive(
 mod tests {
     use super::*;
     use crate::api::MeshSpec;
+    use crate::ca::reconcile::OPERATOR_NAMESPACE;
 
     #[test]
     fn replicas_build_their_issuer_from_the_secret() {
@@ -391,6 +401,7 @@ mod tests {
         mesh.spec.trust_domain = "prod.example".into();
         let d = reconcile::reconcile(&Observed {
             mesh: &mesh,
+            namespace: OPERATOR_NAMESPACE,
             ca_secret: None,
             user_secret: None,
             meshed_namespaces: &[],

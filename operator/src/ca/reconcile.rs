@@ -3,7 +3,7 @@
 //! should exist and the CA part of the Mesh status. [`apply`] is the thin applier.
 //!
 //! ## State
-//! The CA Secret `trellis-system/trellis-ca` holds everything, so a restarted (or newly
+//! The CA Secret `trellis-ca` in the operator's namespace holds everything, so a restarted (or newly
 //! elected) operator continues where the last one stopped:
 //! - `tls.crt`/`tls.key`: the signing CA; `next.crt`/`next.key`: the root being introduced;
 //!   `previous.crt`: the root being retired (public only); `ca.crt`: the bundle.
@@ -42,9 +42,10 @@ use crate::api::conditions::{Condition, ConditionStatus};
 use crate::api::mesh::CaStatus;
 use crate::api::{FIELD_MANAGER, Mesh};
 
-/// The operator's namespace.
+/// The operator's namespace in the default install (`config/default`). The controllers use the
+/// namespace they run in (`POD_NAMESPACE`, [`Observed::namespace`]): OLM installs elsewhere.
 pub const OPERATOR_NAMESPACE: &str = "trellis-system";
-/// The CA Secret in [`OPERATOR_NAMESPACE`].
+/// The CA Secret in the operator's namespace.
 pub const CA_SECRET: &str = "trellis-ca";
 /// The trust bundle ConfigMap in every meshed namespace.
 pub const TRUST_BUNDLE: &str = "trellis-trust-bundle";
@@ -70,7 +71,7 @@ const COMPONENT: (&str, &str) = ("trellis.dev/component", "trust-bundle");
 /// Why the reconcile could not produce a CA.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    #[error("CA Secret {OPERATOR_NAMESPACE}/{CA_SECRET} is unusable: {0}")]
+    #[error("CA Secret {CA_SECRET} in the operator's namespace is unusable: {0}")]
     InvalidCaSecret(String),
     #[error("CA Secret {0} referenced by the Mesh does not exist")]
     UserSecretMissing(String),
@@ -250,8 +251,8 @@ impl CaState {
         }
     }
 
-    /// The CA Secret for this state.
-    pub fn to_secret(&self) -> Secret {
+    /// The CA Secret for this state, in the operator's `namespace`.
+    pub fn to_secret(&self, namespace: &str) -> Secret {
         let mut data = BTreeMap::new();
         let mut put = |k: &str, v: &str| {
             data.insert(k.to_string(), ByteString(v.as_bytes().to_vec()));
@@ -279,7 +280,7 @@ impl CaState {
         Secret {
             metadata: ObjectMeta {
                 name: Some(CA_SECRET.into()),
-                namespace: Some(OPERATOR_NAMESPACE.into()),
+                namespace: Some(namespace.into()),
                 labels: Some([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())].into()),
                 annotations: Some(annotations),
                 ..Default::default()
@@ -295,7 +296,10 @@ impl CaState {
 #[derive(Debug, Clone, Copy)]
 pub struct Observed<'a> {
     pub mesh: &'a Mesh,
-    /// `trellis-system/trellis-ca`, if it exists.
+    /// The operator's namespace (`POD_NAMESPACE`): where the CA Secret lives, and the default
+    /// namespace of `spec.ca.secretRef`.
+    pub namespace: &'a str,
+    /// `<namespace>/trellis-ca`, if it exists.
     pub ca_secret: Option<&'a Secret>,
     /// The Secret `mesh.spec.ca.secretRef` names, if any and if it exists.
     pub user_secret: Option<&'a Secret>,
@@ -339,11 +343,11 @@ impl Desired {
     }
 }
 
-fn desired_source(mesh: &Mesh) -> String {
+fn desired_source(mesh: &Mesh, namespace: &str) -> String {
     match &mesh.spec.ca.secret_ref {
         Some(r) => format!(
             "secret/{}/{}",
-            r.namespace.as_deref().unwrap_or(OPERATOR_NAMESPACE),
+            r.namespace.as_deref().unwrap_or(namespace),
             r.name
         ),
         None => "self-signed".into(),
@@ -352,7 +356,7 @@ fn desired_source(mesh: &Mesh) -> String {
 
 fn user_ca(o: &Observed<'_>) -> Option<Result<CertificateAuthority, ReconcileError>> {
     o.mesh.spec.ca.secret_ref.as_ref()?;
-    let name = desired_source(o.mesh)
+    let name = desired_source(o.mesh, o.namespace)
         .trim_start_matches("secret/")
         .to_string();
     let Some(secret) = o.user_secret else {
@@ -410,7 +414,7 @@ pub fn advance(
     workload_ttl: Duration,
 ) -> Result<(CaState, Option<Duration>), ReconcileError> {
     let now = o.now;
-    let source = desired_source(o.mesh);
+    let source = desired_source(o.mesh, o.namespace);
     let trigger = o
         .mesh
         .annotations()
@@ -619,9 +623,9 @@ pub fn reconcile(o: &Observed<'_>) -> Desired {
     };
     let state = match (o.ca_secret, &user) {
         (Some(secret), _) => CaState::from_secret(secret),
-        (None, Ok(Some(u))) => Ok(fresh(u.clone(), desired_source(o.mesh))),
+        (None, Ok(Some(u))) => Ok(fresh(u.clone(), desired_source(o.mesh, o.namespace))),
         (None, Err(e)) => Err(ReconcileError::UserSecretInvalid(
-            desired_source(o.mesh),
+            desired_source(o.mesh, o.namespace),
             e.to_string(),
         )),
         (None, Ok(None)) => root_validity(o.mesh).and_then(|v| {
@@ -651,7 +655,7 @@ pub fn reconcile(o: &Observed<'_>) -> Desired {
     };
 
     let bundle = state.bundle_pem();
-    let secret = state.to_secret();
+    let secret = state.to_secret(o.namespace);
     let secret_changed = o
         .ca_secret
         .is_none_or(|old| old.data != secret.data || !annotations_match(old, &secret));
@@ -738,10 +742,11 @@ pub async fn apply(client: &kube::Client, desired: &Desired) -> Result<(), Recon
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let write = |object: String| move |source| ReconcileError::Write { object, source };
     if let Some(secret) = &desired.ca_secret {
-        Api::<Secret>::namespaced(client.clone(), OPERATOR_NAMESPACE)
+        let ns = secret.metadata.namespace.as_deref().unwrap_or_default();
+        Api::<Secret>::namespaced(client.clone(), ns)
             .patch(CA_SECRET, &pp, &Patch::Apply(with_type_meta(secret)))
             .await
-            .map_err(write(format!("Secret {OPERATOR_NAMESPACE}/{CA_SECRET}")))?;
+            .map_err(write(format!("Secret {ns}/{CA_SECRET}")))?;
     }
     for cm in &desired.bundles {
         let ns = cm.metadata.namespace.as_deref().unwrap_or_default();
@@ -838,6 +843,7 @@ mod tests {
         fn step(&mut self) -> Desired {
             let d = reconcile(&Observed {
                 mesh: &self.mesh,
+                namespace: OPERATOR_NAMESPACE,
                 ca_secret: self.ca_secret.as_ref(),
                 user_secret: self.user_secret.as_ref(),
                 meshed_namespaces: &self.namespaces,

@@ -18,8 +18,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CaError, CertificateAuthority, IssuerRx};
 
-/// DNS name of the operator Service, the one SAN every serving certificate carries.
+/// DNS name of the operator Service in the default install (`trellis-system`), which `trellis
+/// dev` also uses. In a cluster the name follows the operator's namespace:
+/// [`operator_service_dns`].
 pub const OPERATOR_SERVICE_DNS: &str = "trellis-operator.trellis-system.svc";
+
+/// DNS name of the `trellis-operator` Service in the operator's `namespace` (`POD_NAMESPACE`):
+/// OLM installs into a namespace of the user's choosing, and the webhook and sidecars reach the
+/// operator by this name.
+pub fn operator_service_dns(namespace: &str) -> String {
+    format!("trellis-operator.{namespace}.svc")
+}
 
 /// Default lifetime of serving certificates; renewed with a third left.
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);

@@ -121,16 +121,14 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
             Box::pin(crate::ca::controller::run(
                 ctx.client.clone(),
                 ctx.status.clone(),
+                ctx.namespace.clone(),
                 shutdown.clone(),
             )),
         ),
         // The compiler owns TrafficPolicy and PeerAuthentication status (Accepted, Programmed,
         // Ready) and the Mesh's Programmed/Degraded conditions.
         ("compile", {
-            let settings = crate::compiler::Settings {
-                root_namespace: ctx.namespace.clone(),
-                ..Default::default()
-            };
+            let settings = compile_settings(&ctx.namespace);
             let (client, status) = (ctx.client.clone(), ctx.status.clone());
             let shutdown = shutdown.clone();
             Box::pin(async move {
@@ -148,6 +146,20 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
             })
         }),
     ]
+}
+
+/// The compiler's settings for an operator in `namespace` (`POD_NAMESPACE`): the mesh root
+/// namespace is the operator's, and sidecars reach the identity endpoint through the operator
+/// Service there (OLM installs into a namespace of the user's choosing).
+pub fn compile_settings(namespace: &str) -> crate::compiler::Settings {
+    crate::compiler::Settings {
+        root_namespace: namespace.to_string(),
+        identity_endpoint: Some(format!(
+            "https://{}:15012",
+            crate::ca::serving::operator_service_dns(namespace)
+        )),
+        ..Default::default()
+    }
 }
 
 /// A status-only controller: `compute` maps an object to the status it should report.
@@ -285,6 +297,22 @@ mod tests {
     use super::*;
     use crate::api::MeshSpec;
     use crate::api::conditions::find;
+
+    /// Installed by OLM into `operators`, sidecars must call the identity endpoint there and the
+    /// mesh-wide PeerAuthentication lives there; the default install keeps the defaults.
+    #[test]
+    fn compiler_settings_follow_the_operators_namespace() {
+        let s = compile_settings("operators");
+        assert_eq!(s.root_namespace, "operators");
+        assert_eq!(
+            s.identity_endpoint.as_deref(),
+            Some("https://trellis-operator.operators.svc:15012")
+        );
+        let d = compile_settings(crate::compiler::DEFAULT_ROOT_NAMESPACE);
+        let defaults = crate::compiler::Settings::default();
+        assert_eq!(d.identity_endpoint, defaults.identity_endpoint);
+        assert_eq!(d.root_namespace, defaults.root_namespace);
+    }
 
     fn mesh(name: &str) -> Mesh {
         let mut m = Mesh::new(name, MeshSpec::default());

@@ -8,22 +8,23 @@ use futures::FutureExt;
 use tokio::net::TcpListener;
 
 use super::{IdentityConfig, IdentityMetrics, IdentityService, server};
-use crate::ca::serving::{OPERATOR_SERVICE_DNS, SERVING_CERT_TTL, ServingCert};
+use crate::ca::serving::{SERVING_CERT_TTL, ServingCert, operator_service_dns};
 use crate::runtime::{ExtraServer, Services};
 
-/// DNS names of the operator Service, as clients may spell them.
-pub fn service_names() -> Vec<String> {
+/// DNS names of the operator Service in the operator's `namespace`, as clients may spell them.
+pub fn service_names(namespace: &str) -> Vec<String> {
+    let svc = operator_service_dns(namespace);
     vec![
-        OPERATOR_SERVICE_DNS.to_string(),
-        format!("{OPERATOR_SERVICE_DNS}.cluster.local"),
-        "trellis-operator.trellis-system".to_string(),
+        svc.clone(),
+        format!("{svc}.cluster.local"),
+        format!("trellis-operator.{namespace}"),
     ]
 }
 
 /// The operator's serving certificate (identity endpoint and webhook share it: both are reached
-/// through the `trellis-operator` Service). Renewed by [`server()`]'s task.
-pub fn serving_cert() -> Arc<ServingCert> {
-    ServingCert::new(service_names(), SERVING_CERT_TTL)
+/// through the `trellis-operator` Service in `namespace`). Renewed by [`server()`]'s task.
+pub fn serving_cert(namespace: &str) -> Arc<ServingCert> {
+    ServingCert::new(service_names(namespace), SERVING_CERT_TTL)
 }
 
 /// The identity endpoint as a runtime server. It also keeps `serving` renewed from the mesh CA,
@@ -39,6 +40,7 @@ async fn run(s: Services, serving: Arc<ServingCert>) -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(None);
     tokio::spawn(crate::ca::controller::follow_issuer(
         s.client.clone(),
+        s.config.namespace.clone(),
         tx,
         s.shutdown.clone(),
     ));
@@ -67,4 +69,24 @@ async fn run(s: Services, serving: Arc<ServingCert>) -> anyhow::Result<()> {
     )
     .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// OLM installs the operator into a namespace of the user's choosing; the webhook (API
+    /// server) and the sidecars reach it as `trellis-operator.<that namespace>.svc`, so the
+    /// serving certificate must name that Service, not the default install's.
+    #[test]
+    fn the_serving_certificate_names_the_service_in_the_operators_namespace() {
+        let names = super::service_names("operators");
+        assert_eq!(
+            names,
+            [
+                "trellis-operator.operators.svc",
+                "trellis-operator.operators.svc.cluster.local",
+                "trellis-operator.operators",
+            ]
+        );
+        assert!(names.iter().all(|n| !n.contains("trellis-system")));
+    }
 }

@@ -1,0 +1,336 @@
+//! The OLM bundle (registry+v1), built from the same files as the kustomize install.
+//!
+//! [`build`] is pure: it reads `config/` (and through `config/crd` the generated `crds/`) via a
+//! [`Source`], renders `config/default` with the kustomize subset in [`kustomize`], and turns
+//! the objects into what OLM expects ([`csv`]): the Deployment and the RBAC rules move into the
+//! ClusterServiceVersion's install strategy (OLM creates the ServiceAccount, Roles and bindings
+//! in whatever namespace it installs into), the Namespace is dropped (OLM's is used), and the
+//! CRDs, Services and PodDisruptionBudget are shipped as manifests without a namespace.
+//! [`validate`] checks the result the way operator-framework's validator does; `build` refuses
+//! to return a bundle that fails it.
+//!
+//! The CLI edge is [`crate::cli::bundle`]; the committed `bundle/` is its output and a test
+//! fails when it drifts.
+
+pub mod csv;
+pub mod kustomize;
+pub mod validate;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// OLM package name (also the CSV's name prefix).
+pub const PACKAGE: &str = "trellis";
+/// The one channel, also the default: the API is `v1alpha1`.
+pub const CHANNEL: &str = "alpha";
+/// Where the bundle image keeps its parts, as annotations.yaml and bundle.Dockerfile say.
+pub const MANIFESTS_DIR: &str = "manifests/";
+pub const METADATA_DIR: &str = "metadata/";
+pub const SCORECARD_DIR: &str = "tests/scorecard/";
+/// The scorecard image the test config runs (pinned so the config is reproducible).
+pub const SCORECARD_IMAGE: &str = "quay.io/operator-framework/scorecard-test:v1.39.0";
+
+/// Read access to the repository files the bundle is built from (paths relative to its root).
+pub trait Source {
+    fn read(&self, path: &Path) -> Result<String, Error>;
+    fn is_dir(&self, path: &Path) -> bool;
+}
+
+/// A repository checkout on disk.
+pub struct Dir(pub PathBuf);
+
+impl Source for Dir {
+    fn read(&self, path: &Path) -> Result<String, Error> {
+        std::fs::read_to_string(self.0.join(path)).map_err(|e| Error::Source {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+    fn is_dir(&self, path: &Path) -> bool {
+        self.0.join(path).is_dir()
+    }
+}
+
+/// Why a bundle could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A source file is missing, unreadable or not what the generator expects.
+    #[error("{}: {message}", path.display())]
+    Source { path: PathBuf, message: String },
+    /// The rendered install has something the bundle cannot express.
+    #[error("{0}")]
+    Install(String),
+    /// `--version` is not `X.Y.Z` (optionally `-prerelease`).
+    #[error("version {0:?} is not a semantic version like 1.2.3")]
+    Version(String),
+    /// The generated bundle breaks a rule of the validator (a bug in the sources or here).
+    #[error("the generated bundle is invalid:\n{}", .0.iter().map(|f| format!("  {f}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<validate::Finding>),
+}
+
+/// A bundle: file contents by path relative to the bundle directory.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Bundle {
+    pub files: BTreeMap<String, String>,
+}
+
+impl Bundle {
+    /// Every file under `dir` (recursively), as committed.
+    pub fn read_dir(dir: &Path) -> std::io::Result<Self> {
+        fn walk(
+            root: &Path,
+            dir: &Path,
+            out: &mut BTreeMap<String, String>,
+        ) -> std::io::Result<()> {
+            for e in std::fs::read_dir(dir)? {
+                let p = e?.path();
+                if p.is_dir() {
+                    walk(root, &p, out)?;
+                } else {
+                    let rel = p.strip_prefix(root).unwrap_or(&p);
+                    out.insert(
+                        rel.to_string_lossy().replace('\\', "/"),
+                        std::fs::read_to_string(&p)?,
+                    );
+                }
+            }
+            Ok(())
+        }
+        let mut files = BTreeMap::new();
+        walk(dir, dir, &mut files)?;
+        Ok(Self { files })
+    }
+
+    /// The parsed CSV, if there is exactly one.
+    pub fn csv(&self) -> Option<(String, Value)> {
+        let mut found = self.manifests().filter(|(_, d)| d["kind"] == csv::KIND);
+        let first = found.next();
+        if found.next().is_some() {
+            return None;
+        }
+        first
+    }
+
+    /// Every manifest (path, parsed YAML); files that do not parse are skipped here and
+    /// reported by the validator.
+    pub fn manifests(&self) -> impl Iterator<Item = (String, Value)> + '_ {
+        self.files
+            .iter()
+            .filter(|(p, _)| p.starts_with(MANIFESTS_DIR))
+            .filter_map(|(p, t)| Some((p.clone(), serde_saphyr::from_str(t).ok()?)))
+    }
+}
+
+/// Header of every generated YAML file.
+pub const HEADER: &str = "# Generated by `trellis bundle` from config/ and crds/. Do not edit.\n";
+
+/// What `trellis bundle` takes besides the sources.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The operator version, `X.Y.Z`: the CSV is `trellis.vX.Y.Z`.
+    pub version: String,
+}
+
+/// Builds and validates the bundle from the repository files.
+pub fn build(src: &dyn Source, opts: &Options) -> Result<Bundle, Error> {
+    if !is_semver(&opts.version) {
+        return Err(Error::Version(opts.version.clone()));
+    }
+    let install = kustomize::render(src, Path::new("config/default"))?;
+    let samples = kustomize::render(src, Path::new("config/samples"))?;
+    let base = kustomize::parse_all(
+        src,
+        Path::new("config/manifests/bases/trellis.clusterserviceversion.yaml"),
+    )?
+    .into_iter()
+    .next()
+    .ok_or_else(|| Error::Install("the CSV base is empty".into()))?;
+    let icon = src.read(Path::new("config/manifests/icon.svg"))?;
+    let parts = csv::Parts::split(install)?;
+    let csv = csv::csv(&base, &parts, &samples, &icon, &opts.version)?;
+
+    let mut files = BTreeMap::new();
+    let mut put = |path: String, v: &Value| -> Result<(), Error> {
+        let text = serde_saphyr::to_string(v)
+            .map_err(|e| Error::Install(format!("serializing {path}: {e}")))?;
+        files.insert(path, format!("{HEADER}{text}"));
+        Ok(())
+    };
+    put(
+        format!("{MANIFESTS_DIR}{PACKAGE}.clusterserviceversion.yaml"),
+        &csv,
+    )?;
+    for crd in &parts.crds {
+        put(
+            format!(
+                "{MANIFESTS_DIR}{}_{}.yaml",
+                crd["spec"]["group"].as_str().unwrap_or_default(),
+                crd["spec"]["names"]["plural"].as_str().unwrap_or_default()
+            ),
+            crd,
+        )?;
+    }
+    for obj in &parts.others {
+        put(format!("{MANIFESTS_DIR}{}", manifest_file_name(obj)), obj)?;
+    }
+    put(
+        format!("{METADATA_DIR}annotations.yaml"),
+        &annotations_yaml(),
+    )?;
+    put(format!("{SCORECARD_DIR}config.yaml"), &scorecard_config())?;
+    files.insert("bundle.Dockerfile".into(), dockerfile());
+    let bundle = Bundle { files };
+    let findings = validate::validate(&bundle);
+    if findings.is_empty() {
+        Ok(bundle)
+    } else {
+        Err(Error::Invalid(findings))
+    }
+}
+
+/// operator-sdk's file naming: `<name>_<group>_<version>_<kind>.yaml` (no group for core).
+fn manifest_file_name(obj: &Value) -> String {
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    let api = obj["apiVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .replace('/', "_");
+    let kind = obj["kind"].as_str().unwrap_or_default().to_lowercase();
+    format!("{name}_{api}_{kind}.yaml")
+}
+
+/// `X.Y.Z` or `X.Y.Z-pre.1`, no leading zeros: what OLM accepts as a CSV version.
+pub fn is_semver(v: &str) -> bool {
+    let (core, pre) = match v.split_once('-') {
+        Some((c, p)) => (c, Some(p)),
+        None => (v, None),
+    };
+    let nums: Vec<&str> = core.split('.').collect();
+    let num_ok = |n: &&str| {
+        !n.is_empty()
+            && n.bytes().all(|b| b.is_ascii_digit())
+            && (n.len() == 1 || !n.starts_with('0'))
+    };
+    let pre_ok = pre.is_none_or(|p| {
+        !p.is_empty()
+            && p.split('.')
+                .all(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    });
+    nums.len() == 3 && nums.iter().all(num_ok) && pre_ok
+}
+
+/// The bundle image's annotations, in the order operator-sdk writes them.
+pub fn annotations() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "operators.operatorframework.io.bundle.mediatype.v1",
+            "registry+v1".into(),
+        ),
+        (
+            "operators.operatorframework.io.bundle.manifests.v1",
+            MANIFESTS_DIR.into(),
+        ),
+        (
+            "operators.operatorframework.io.bundle.metadata.v1",
+            METADATA_DIR.into(),
+        ),
+        (
+            "operators.operatorframework.io.bundle.package.v1",
+            PACKAGE.into(),
+        ),
+        (
+            "operators.operatorframework.io.bundle.channels.v1",
+            CHANNEL.into(),
+        ),
+        (
+            "operators.operatorframework.io.bundle.channel.default.v1",
+            CHANNEL.into(),
+        ),
+        (
+            "operators.operatorframework.io.test.mediatype.v1",
+            "scorecard+v1".into(),
+        ),
+        (
+            "operators.operatorframework.io.test.config.v1",
+            SCORECARD_DIR.into(),
+        ),
+    ]
+}
+
+fn annotations_yaml() -> Value {
+    let map: serde_json::Map<String, Value> = annotations()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Value::String(v)))
+        .collect();
+    serde_json::json!({ "annotations": map })
+}
+
+/// Build with the bundle directory as context: `docker build -f bundle/bundle.Dockerfile bundle`.
+fn dockerfile() -> String {
+    let mut out = String::from(
+        "# Generated by `trellis bundle`. Do not edit.\n\
+         # Build from the bundle directory: docker build -f bundle/bundle.Dockerfile -t <image> bundle\n\
+         FROM scratch\n\n",
+    );
+    for (k, v) in annotations() {
+        out.push_str(&format!("LABEL {k}={v}\n"));
+    }
+    out.push_str(&format!(
+        "\nCOPY {MANIFESTS_DIR} /{MANIFESTS_DIR}\nCOPY {METADATA_DIR} /{METADATA_DIR}\nCOPY {SCORECARD_DIR} /{SCORECARD_DIR}\n"
+    ));
+    out
+}
+
+/// The scorecard's basic and OLM suites, as `operator-sdk scorecard bundle` runs them.
+fn scorecard_config() -> Value {
+    let test = |suite: &str, name: &str| {
+        serde_json::json!({
+            "entrypoint": ["scorecard-test", name],
+            "image": SCORECARD_IMAGE,
+            "labels": {"suite": suite, "test": format!("{name}-test")},
+        })
+    };
+    serde_json::json!({
+        "apiVersion": "scorecard.operatorframework.io/v1alpha3",
+        "kind": "Configuration",
+        "metadata": {"name": "config"},
+        "stages": [{
+            "parallel": true,
+            "tests": [
+                test("basic", "basic-check-spec"),
+                test("olm", "olm-bundle-validation"),
+                test("olm", "olm-crds-have-validation"),
+                test("olm", "olm-crds-have-resources"),
+                test("olm", "olm-spec-descriptors"),
+                test("olm", "olm-status-descriptors"),
+            ],
+        }],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn semver() {
+        for ok in ["0.1.0", "1.22.333", "1.0.0-rc.1", "2.0.0-alpha-2"] {
+            assert!(is_semver(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "1",
+            "1.2",
+            "v1.2.3",
+            "1.02.3",
+            "1.2.3-",
+            "1.2.3-a..b",
+            "1.2.x",
+            "1.2.3.4",
+        ] {
+            assert!(!is_semver(bad), "{bad}");
+        }
+    }
+}
