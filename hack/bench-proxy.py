@@ -156,7 +156,9 @@ def trellis_pair(d):
         shutil.copy(os.path.join(d, "ca.pem"), pd)
         kubelet_write(pd, 0, json.dumps(cfg))
         dirs[role] = (pd, cfg)
-    common = ["--log-format", "text", "--log-level", "warn"]
+    # --local-mode: no iptables here, the load generator calls the client's outbound port
+    # directly and it routes by Host (outside local mode such a connection is closed).
+    common = ["--log-format", "text", "--log-level", "warn", "--local-mode"]
     s = spawn([PROXY, "--dir", dirs["server"][0], "--cert-file", f"{d}/server.crt",
                "--key-file", f"{d}/server.key", "--inbound-addr", f"127.0.0.1:{in_port}",
                "--outbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:15221",

@@ -397,6 +397,7 @@ fn exclusion_annotations() {
         "trellis.dev/exclude-outbound-ports": "5432",
         "trellis.dev/exclude-outbound-cidrs": "169.254.169.254/32,fd00::/8",
         "trellis.dev/opaque-ports": "6379,3306",
+        "trellis.dev/inbound-to-localhost": "true",
         "trellis.dev/proxy-cpu-request": "50m",
         "trellis.dev/proxy-cpu-limit": "1",
         "trellis.dev/proxy-memory-request": "32Mi",
@@ -438,6 +439,12 @@ fn exclusion_annotations() {
             .as_array()
             .unwrap()
             .contains(&json!({"name": "TRELLIS_OPAQUE_PORTS", "value": "6379,3306"}))
+    );
+    assert!(
+        proxy["env"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"name": "TRELLIS_INBOUND_TO_LOCALHOST", "value": "true"}))
     );
     assert_eq!(
         proxy["resources"]["limits"],
@@ -580,6 +587,7 @@ fn bad_annotations_are_denied_with_the_reason() {
         ("trellis.dev/exclude-inbound-ports", "80,http"),
         ("trellis.dev/exclude-outbound-cidrs", "10.0.0.0/99"),
         ("trellis.dev/opaque-ports", "0"),
+        ("trellis.dev/inbound-to-localhost", "yes"),
         ("trellis.dev/proxy-memory-limit", "lots"),
     ] {
         let mut pod = plain_pod();

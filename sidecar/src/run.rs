@@ -16,9 +16,10 @@ use crate::admin::Admin;
 use crate::creds::CredentialsRx;
 use crate::metrics::{Direction, Metrics};
 use crate::probe::{ProbeSet, Prober};
+use crate::proxy::inbound::Forward;
 use crate::proxy::mtls::TlsCache;
 use crate::proxy::tcp::FLUSH_INTERVAL;
-use crate::proxy::upstream::Pool;
+use crate::proxy::upstream::{Pool, SourceAddr};
 use crate::proxy::{Shared, accept_loop, http_builder};
 use crate::reload::{ConfigRx, Watcher};
 use crate::shutdown::Shutdown;
@@ -30,12 +31,33 @@ pub struct RunArgs {
     /// The projected volume: `config.json`, `labels`, `ca.pem`, `token`.
     #[arg(long, env = "TRELLIS_DIR", default_value = "/var/run/trellis")]
     pub dir: PathBuf,
-    #[arg(long, env = "TRELLIS_OUTBOUND_ADDR", default_value = "0.0.0.0:15001")]
-    pub outbound_addr: SocketAddr,
-    #[arg(long, env = "TRELLIS_INBOUND_ADDR", default_value = "0.0.0.0:15006")]
-    pub inbound_addr: SocketAddr,
-    #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "0.0.0.0:15020")]
-    pub admin_addr: SocketAddr,
+    /// Outbound listeners, comma separated. Loopback: the `OUTPUT` chain's REDIRECT delivers
+    /// there, and nothing outside the pod can reach it. An IPv6 address is skipped (with a
+    /// log line) when the kernel has no IPv6.
+    #[arg(
+        long,
+        env = "TRELLIS_OUTBOUND_ADDR",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:15001,[::1]:15001"
+    )]
+    pub outbound_addr: Vec<SocketAddr>,
+    /// Inbound listeners, comma separated: all addresses of both families (the `PREROUTING`
+    /// REDIRECT delivers to the pod IP); non-redirected connections are closed.
+    #[arg(
+        long,
+        env = "TRELLIS_INBOUND_ADDR",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:15006,[::]:15006"
+    )]
+    pub inbound_addr: Vec<SocketAddr>,
+    /// Admin listeners, comma separated (the kubelet probes the pod IP of either family).
+    #[arg(
+        long,
+        env = "TRELLIS_ADMIN_ADDR",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:15020,[::]:15020"
+    )]
+    pub admin_addr: Vec<SocketAddr>,
     /// Overrides the config's identity endpoint.
     #[arg(long, env = "TRELLIS_IDENTITY_ENDPOINT")]
     pub identity_endpoint: Option<String>,
@@ -60,10 +82,25 @@ pub struct RunArgs {
     /// How long in-flight requests may take to finish after SIGTERM (`5s`, `500ms`).
     #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
-    /// Local mode without iptables: inbound traffic goes here instead of
-    /// `127.0.0.1:<original port>`.
-    #[arg(long, env = "TRELLIS_INBOUND_TARGET")]
+    /// Local mode, for `trellis dev` and benchmarks (no iptables): the outbound listener also
+    /// serves connections that were not redirected, routing HTTP by the `Host` header. Never
+    /// in a pod: there it would let anyone who reaches the port send requests with the pod's
+    /// identity.
+    #[arg(long, env = "TRELLIS_LOCAL_MODE")]
+    pub local_mode: bool,
+    /// Local mode only: inbound traffic goes here instead of the original destination.
+    #[arg(long, env = "TRELLIS_INBOUND_TARGET", requires = "local_mode")]
     pub inbound_target: Option<SocketAddr>,
+    /// Forward inbound traffic to `127.0.0.1`/`[::1]` instead of the pod IP, for applications
+    /// that bind only to localhost (pod annotation `trellis.dev/inbound-to-localhost: "true"`).
+    /// Risk: every service the application binds to loopback, debug and admin servers meant to
+    /// stay private included, becomes reachable from the mesh.
+    #[arg(
+        long,
+        env = "TRELLIS_INBOUND_TO_LOCALHOST",
+        conflicts_with = "inbound_target"
+    )]
+    pub inbound_to_localhost: bool,
     /// Ports of this pod proxied as opaque TCP without protocol detection (mTLS still applies),
     /// in addition to the config's `skipDetectionPorts`: the injector sets this from the pod's
     /// `trellis.dev/opaque-ports` annotation, e.g. `3306,6379`.
@@ -129,10 +166,17 @@ fn parse_flush_interval(s: &str) -> Result<Duration, String> {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub dir: PathBuf,
-    pub outbound_addr: SocketAddr,
-    pub inbound_addr: SocketAddr,
-    pub admin_addr: SocketAddr,
+    pub outbound_addrs: Vec<SocketAddr>,
+    pub inbound_addrs: Vec<SocketAddr>,
+    pub admin_addrs: Vec<SocketAddr>,
+    /// See [`RunArgs::local_mode`].
+    pub local_mode: bool,
+    /// See [`RunArgs::inbound_target`]; refused at start without `local_mode`.
     pub inbound_target: Option<SocketAddr>,
+    /// See [`RunArgs::inbound_to_localhost`].
+    pub inbound_to_localhost: bool,
+    /// Bounds of the admin server; tests shorten them.
+    pub admin_limits: crate::admin::Limits,
     /// Ports never detected (see [`RunArgs::opaque_ports`]).
     pub opaque_ports: Vec<u16>,
     /// See [`RunArgs::tcp_flush_interval`]; tests shorten it to see bytes of open connections
@@ -148,10 +192,13 @@ impl From<&RunArgs> for Options {
     fn from(a: &RunArgs) -> Self {
         Self {
             dir: a.dir.clone(),
-            outbound_addr: a.outbound_addr,
-            inbound_addr: a.inbound_addr,
-            admin_addr: a.admin_addr,
+            outbound_addrs: a.outbound_addr.clone(),
+            inbound_addrs: a.inbound_addr.clone(),
+            admin_addrs: a.admin_addr.clone(),
+            local_mode: a.local_mode,
             inbound_target: a.inbound_target,
+            inbound_to_localhost: a.inbound_to_localhost,
+            admin_limits: crate::admin::Limits::default(),
             opaque_ports: a.opaque_ports.clone(),
             tcp_flush_interval: a.tcp_flush_interval.unwrap_or(FLUSH_INTERVAL),
             app_probes: a.app_probes.clone(),
@@ -160,7 +207,7 @@ impl From<&RunArgs> for Options {
     }
 }
 
-/// A started proxy.
+/// A started proxy; each address is the first one bound of its kind.
 pub struct Running {
     pub outbound_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
@@ -187,21 +234,72 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("no {what} address to listen on")]
+    NoAddress { what: &'static str },
+    #[error("--inbound-target is for local mode only: add --local-mode")]
+    InboundTargetWithoutLocalMode,
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+/// One listener. IPv6 sockets are IPv6-only, so `[::]:15006` and `0.0.0.0:15006` coexist.
+fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// Whether a failed IPv6 bind means "this kernel or pod has no IPv6" (skip it) rather than a
+/// real problem (refuse to start).
+fn no_ipv6(addr: SocketAddr, e: &std::io::Error) -> bool {
+    const EAFNOSUPPORT: i32 = 97;
+    addr.is_ipv6()
+        && (e.kind() == std::io::ErrorKind::AddrNotAvailable
+            || e.raw_os_error() == Some(EAFNOSUPPORT))
+}
+
+/// Binds every address of one kind. An IPv6 address the kernel cannot offer is skipped with a
+/// log line (the init rules then have no IPv6 traffic to redirect either); any other failure,
+/// or nothing bound at all, stops the start.
+fn bind_all(addrs: &[SocketAddr], what: &'static str) -> Result<Vec<TcpListener>, StartError> {
+    let mut out = Vec::new();
+    for &addr in addrs {
+        match bind_one(addr) {
+            Ok(l) => out.push(l),
+            Err(e) if no_ipv6(addr, &e) => {
+                tracing::info!(%addr, error = %e, "IPv6 not available here; not listening on it");
+            }
+            Err(source) => return Err(StartError::Bind { addr, source }),
+        }
+    }
+    if out.is_empty() {
+        return Err(StartError::NoAddress { what });
+    }
+    Ok(out)
 }
 
 /// Starts every task of a proxy on the current runtime.
 pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, StartError> {
+    let inbound_forward = match (opts.inbound_target, opts.local_mode) {
+        (Some(_), false) => return Err(StartError::InboundTargetWithoutLocalMode),
+        (Some(t), true) => Forward::Fixed(t),
+        (None, _) if opts.inbound_to_localhost => Forward::Localhost,
+        (None, _) => Forward::OriginalDst,
+    };
+    let outbound = bind_all(&opts.outbound_addrs, "outbound")?;
+    let inbound = bind_all(&opts.inbound_addrs, "inbound")?;
+    let admin_l = bind_all(&opts.admin_addrs, "admin")?;
     let traffic_metrics = TrafficMetrics::new();
     let metrics = Arc::new(Metrics::with_traffic(&traffic_metrics));
     let shutdown = Shutdown::new();
     let tls = Arc::new(TlsCache::new(creds.clone()));
     let pool = Pool::new(tls.clone());
+    let inbound_pool = Pool::with_source(tls.clone(), SourceAddr::InboundLoopback);
     let dispatcher = Arc::new(Dispatcher::new_with_metrics(
         Arc::new(pool.clone()),
         traffic_metrics,
@@ -235,14 +333,24 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
     let status = watcher.status();
     tokio::spawn(watcher.run(shutdown.token()));
 
-    let outbound = bind(opts.outbound_addr).await?;
-    let inbound = bind(opts.inbound_addr).await?;
-    let admin_l = bind(opts.admin_addr).await?;
-    let addr = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
+    let addrs = |ls: &[TcpListener]| -> Vec<SocketAddr> {
+        ls.iter()
+            .map(|l| l.local_addr().expect("bound listener has an address"))
+            .collect()
+    };
+    let (outbound_addrs, inbound_addrs, admin_addrs) =
+        (addrs(&outbound), addrs(&inbound), addrs(&admin_l));
+    let mut own_ports: Vec<u16> = [&outbound_addrs, &inbound_addrs, &admin_addrs]
+        .into_iter()
+        .flatten()
+        .map(|a| a.port())
+        .collect();
+    own_ports.sort_unstable();
+    own_ports.dedup();
     let running = Running {
-        outbound_addr: addr(&outbound),
-        inbound_addr: addr(&inbound),
-        admin_addr: addr(&admin_l),
+        outbound_addr: outbound_addrs[0],
+        inbound_addr: inbound_addrs[0],
+        admin_addr: admin_addrs[0],
         shutdown: shutdown.clone(),
         metrics: metrics.clone(),
         config: config.clone(),
@@ -253,34 +361,46 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         tls,
         dispatcher,
         pool,
+        inbound_pool,
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
-        inbound_target: opts.inbound_target,
+        local_mode: opts.local_mode,
+        inbound: inbound_forward,
+        own_ports,
         opaque_ports: opts.opaque_ports.clone(),
         inbound_limiter: limiter,
         // `Options` can be built in code, past the flag's check: tokio's interval panics on zero.
         tcp_flush_interval: opts.tcp_flush_interval.max(Duration::from_millis(1)),
         http: http_builder(),
     });
-    tokio::spawn(accept_loop(outbound, shared.clone(), Direction::Outbound));
-    tokio::spawn(accept_loop(inbound, shared, Direction::Inbound));
+    for l in outbound {
+        tokio::spawn(accept_loop(l, shared.clone(), Direction::Outbound));
+    }
+    for l in inbound {
+        tokio::spawn(accept_loop(l, shared.clone(), Direction::Inbound));
+    }
     tokio::spawn(track_cert_expiry(creds.clone(), metrics.clone()));
-    let admin = Arc::new(Admin {
+    let admin = Arc::new(Admin::new(
         metrics,
         config,
         status,
         creds,
         shutdown,
-        probes: Arc::new(Prober::new(
+        Arc::new(Prober::new(
             opts.app_probes,
             opts.pod_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         )),
-    });
-    tokio::spawn(admin.serve(admin_l));
+        opts.admin_limits.clone(),
+    ));
+    for l in admin_l {
+        tokio::spawn(admin.clone().serve(l));
+    }
     tracing::info!(
-        outbound = %running.outbound_addr,
-        inbound = %running.inbound_addr,
-        admin = %running.admin_addr,
+        outbound = ?outbound_addrs,
+        inbound = ?inbound_addrs,
+        admin = ?admin_addrs,
+        local_mode = opts.local_mode,
+        inbound_forward = ?inbound_forward,
         "proxy listening"
     );
     Ok(running)
@@ -406,6 +526,44 @@ async fn identity_task(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("trellis-proxy").chain(args.iter().copied()))
+            .map(|c| c.run)
+    }
+
+    #[test]
+    fn default_listeners_are_dual_stack_and_outbound_is_loopback_only() {
+        let a = parse(&[]).unwrap();
+        let s = |v: &[SocketAddr]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(s(&a.outbound_addr), ["127.0.0.1:15001", "[::1]:15001"]);
+        assert_eq!(s(&a.inbound_addr), ["0.0.0.0:15006", "[::]:15006"]);
+        assert_eq!(s(&a.admin_addr), ["0.0.0.0:15020", "[::]:15020"]);
+        assert!(!a.local_mode && !a.inbound_to_localhost);
+    }
+
+    #[test]
+    fn inbound_target_is_for_local_mode_only() {
+        assert!(parse(&["--inbound-target", "127.0.0.1:9000"]).is_err());
+        let a = parse(&["--local-mode", "--inbound-target", "127.0.0.1:9000"]).unwrap();
+        assert!(a.local_mode && a.inbound_target.is_some());
+        assert!(
+            parse(&[
+                "--local-mode",
+                "--inbound-target",
+                "127.0.0.1:9000",
+                "--inbound-to-localhost"
+            ])
+            .is_err()
+        );
+    }
 
     #[test]
     fn durations() {

@@ -82,9 +82,15 @@ fn serve(ns: &str, ports: &[u16]) -> Helper {
 /// Connects from `ns` (as `uid`) to `addr` and returns the answering listener's report
 /// (`"<listener port> <original destination>"`).
 fn connect(ns: &str, uid: Option<u32>, addr: &str) -> String {
+    connect_from(ns, uid, None, addr)
+}
+
+/// [`connect`] from the local address `bind` (any port).
+fn connect_from(ns: &str, uid: Option<u32>, bind: Option<&str>, addr: &str) -> String {
     let out = helper_cmd(ns, uid)
         .env(ROLE, "client")
         .env("TRELLIS_NETNS_CONNECT", addr)
+        .env("TRELLIS_NETNS_BIND", bind.unwrap_or(""))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -239,7 +245,18 @@ fn init_redirects_real_connections_in_a_network_namespace() {
         connect(&pod, Some(2137), &format!("{POD_IP}:8080")),
         format!("15006 {POD_IP}:8080")
     );
-    // The proxy reaching the app over 127.0.0.1 (how inbound forwards) stays direct.
+    // The proxy forwarding inbound traffic to its pod IP from 127.0.0.6 (how inbound forwards)
+    // stays direct: no loop back into inbound.
+    assert!(
+        connect_from(
+            &pod,
+            Some(2137),
+            Some("127.0.0.6"),
+            &format!("{POD_IP}:8080")
+        )
+        .starts_with("8080 ")
+    );
+    // The proxy reaching the app over 127.0.0.1 (`inbound-to-localhost`) stays direct.
     assert!(connect(&pod, Some(2137), "127.0.0.1:8080").starts_with("8080 "));
 }
 
@@ -292,7 +309,18 @@ fn helper_client() {
         .unwrap()
         .parse()
         .unwrap();
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    let bind = std::env::var("TRELLIS_NETNS_BIND").unwrap_or_default();
+    let mut stream = if bind.is_empty() {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap()
+    } else {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let local: SocketAddr = format!("{bind}:0").parse().unwrap();
+        sock.bind(&local.into()).unwrap();
+        sock.connect_timeout(&addr.into(), Duration::from_secs(5))
+            .unwrap();
+        sock.into()
+    };
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();

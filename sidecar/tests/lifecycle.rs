@@ -297,10 +297,13 @@ async fn not_ready_without_credentials() {
     let running = trellis_proxy::run::start(
         Options {
             dir: dir.path().to_path_buf(),
-            outbound_addr: any,
-            inbound_addr: any,
-            admin_addr: any,
+            outbound_addrs: vec![any],
+            inbound_addrs: vec![any],
+            admin_addrs: vec![any],
+            local_mode: true,
             inbound_target: None,
+            inbound_to_localhost: false,
+            admin_limits: trellis_proxy::admin::Limits::default(),
             opaque_ports: Vec::new(),
             tcp_flush_interval: trellis_proxy::proxy::tcp::FLUSH_INTERVAL,
             app_probes: Default::default(),

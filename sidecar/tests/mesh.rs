@@ -702,3 +702,52 @@ async fn tcp_open(p: &TestProxy, direction: &str) -> f64 {
     )
     .unwrap_or(0.0)
 }
+
+/// Outside local mode, the outbound listener is no relay: a connection that was not
+/// redirected by iptables (here: a client calling the port directly with the Service in
+/// `Host`) is closed without a request leaving, and the inbound side refuses a direct
+/// connection the same way (it has no original destination).
+#[tokio::test]
+async fn without_local_mode_direct_connections_are_closed() {
+    let pki = Pki::new("mesh");
+    let up = upstream(Speaks::Http1Only).await;
+    let b = TestProxy::start(
+        &pki,
+        &id("backend"),
+        &config("b1", inbound(MtlsMode::Permissive), vec![]),
+        Some(up),
+    )
+    .await;
+    let cfg = config(
+        "a1",
+        inbound(MtlsMode::Permissive),
+        vec![service(
+            "backend",
+            PORT,
+            Protocol::Http1,
+            b.running.inbound_addr,
+            vec![id("backend")],
+        )],
+    );
+    let a = TestProxy::start_with(&pki, &id("web"), &cfg, None, |o| o.local_mode = false).await;
+    for target in [a.running.outbound_addr, a.running.inbound_addr] {
+        let mut s = TcpStream::connect(target).await.unwrap();
+        s.write_all(b"GET /echo HTTP/1.1\r\nhost: backend.shop:8080\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut got))
+            .await
+            .expect("closed in time");
+        assert!(
+            n.is_err() || got.is_empty(),
+            "{target} answered: {}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    let m = b.admin("GET", "/metrics").await.1;
+    assert!(
+        !m.contains("direction=\"inbound\""),
+        "a request reached the server proxy: {m}"
+    );
+}

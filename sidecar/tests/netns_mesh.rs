@@ -3,7 +3,9 @@
 //! redirect rules in both; a real `trellis-proxy` binary runs in each as UID 2137 (the UID the
 //! rules exempt), with certificates from a test CA. A client's plain `connect()` to a Service
 //! cluster IP is intercepted by its proxy, carried over mTLS to the server pod, intercepted
-//! again by the server's inbound rules, and reaches the application on 127.0.0.1.
+//! again by the server's inbound rules, and reaches the application on the pod IP (the
+//! original destination; an application bound only to loopback is not reachable, see
+//! `netns_attack.rs`).
 //!
 //! Helper processes (the upstream application and one-shot HTTP clients) are this test binary
 //! started inside a namespace with `ip netns exec`, entering [`netns_mesh_helper`].
@@ -235,9 +237,10 @@ fn intercepted_connect_reaches_upstream_through_two_proxies_over_mtls() {
         );
     }
 
-    // The application in the server pod, on loopback only: reachable solely through its proxy.
+    // The application in the server pod, on all addresses: reachable from outside the pod
+    // solely through its proxy (the port is redirected and Strict).
     let mut app = helper(&sns, "app")
-        .env("TRELLIS_MESH_LISTEN", format!("127.0.0.1:{APP_PORT}"))
+        .env("TRELLIS_MESH_LISTEN", format!("0.0.0.0:{APP_PORT}"))
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

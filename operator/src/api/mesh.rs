@@ -449,7 +449,8 @@ pub struct HealthGateSpec {
     #[x_kube(validation = Rule::new("self >= 0.0 && self <= 100.0")
         .message("maxSuccessRateDropPercent must be between 0 and 100"))]
     pub max_success_rate_drop_percent: f64,
-    /// How many times the baseline's p99 latency the new pods' p99 may be, e.g. `2`.
+    /// How many times the baseline's p99 latency the new pods' p99 may be, e.g. `2`. A p99
+    /// within 25 ms of the baseline always passes (millisecond latencies are noise-bound).
     #[serde(default = "d_gate_p99")]
     #[x_kube(validation = Rule::new("self >= 1.0").message("maxP99Factor must be at least 1"))]
     pub max_p99_factor: f64,

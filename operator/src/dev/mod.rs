@@ -8,8 +8,10 @@
 //! - Services, EndpointSlices and Pods are synthesized ([`synth`]) from `services.yaml`
 //!   instead of being observed from an API server.
 //!
-//! Local mode has no iptables: apps are told their sidecar's outbound address and route by the
-//! Host header, and each sidecar forwards inbound traffic to its app with `--inbound-target`.
+//! Local mode has no iptables: each sidecar runs with `--local-mode`, apps are told their
+//! sidecar's outbound address and route by the Host header, and each sidecar forwards inbound
+//! traffic to its app with `--inbound-target`. Everything listens on 127.0.0.1, so the
+//! sidecars' loopback-only admin routes (`/config`) answer `trellis dev`.
 
 pub mod control;
 pub mod creds;

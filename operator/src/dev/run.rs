@@ -342,6 +342,8 @@ impl LocalMesh {
                 format!("127.0.0.1:{}", px.inbound),
                 "--admin-addr".into(),
                 format!("127.0.0.1:{}", px.admin),
+                // No iptables here: apps call the outbound port directly (routed by Host).
+                "--local-mode".into(),
                 "--inbound-target".into(),
                 format!("127.0.0.1:{}", pod.app_port),
                 "--pod-namespace".into(),

@@ -54,6 +54,11 @@ pub const ANNOTATION_EXCLUDE_OUTBOUND_PORTS: &str = "trellis.dev/exclude-outboun
 pub const ANNOTATION_EXCLUDE_OUTBOUND_CIDRS: &str = "trellis.dev/exclude-outbound-cidrs";
 /// Ports the proxy carries without protocol detection (mTLS kept).
 pub const ANNOTATION_OPAQUE_PORTS: &str = "trellis.dev/opaque-ports";
+/// `"true"`: the proxy forwards inbound traffic to `127.0.0.1`/`[::1]` instead of the pod IP,
+/// for applications that bind only to localhost. Off by default because it exposes to the mesh
+/// every service the application binds to loopback (debug and admin servers included), in
+/// plaintext under `Permissive`/`Disable`.
+pub const ANNOTATION_INBOUND_TO_LOCALHOST: &str = "trellis.dev/inbound-to-localhost";
 pub const ANNOTATION_CPU_REQUEST: &str = "trellis.dev/proxy-cpu-request";
 pub const ANNOTATION_CPU_LIMIT: &str = "trellis.dev/proxy-cpu-limit";
 pub const ANNOTATION_MEMORY_REQUEST: &str = "trellis.dev/proxy-memory-request";
@@ -74,6 +79,8 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const ADMIN_PORT: u16 = 15020;
 /// Env var carrying the opaque ports to the proxy (comma-separated).
 pub const ENV_OPAQUE_PORTS: &str = "TRELLIS_OPAQUE_PORTS";
+/// Env var carrying [`ANNOTATION_INBOUND_TO_LOCALHOST`] to the proxy.
+pub const ENV_INBOUND_TO_LOCALHOST: &str = "TRELLIS_INBOUND_TO_LOCALHOST";
 
 /// Namespaces never injected, whatever their labels say.
 pub const ALWAYS_EXCLUDED_NAMESPACES: [&str; 2] = ["kube-system", "kube-public"];
@@ -314,6 +321,7 @@ struct PodOptions {
     exclude_outbound_ports: Vec<u16>,
     exclude_outbound_cidrs: Vec<String>,
     opaque_ports: Vec<u16>,
+    inbound_to_localhost: bool,
     resources: ResourceRequirements,
 }
 
@@ -403,6 +411,17 @@ fn options(ann: &BTreeMap<String, String>, mesh: &MeshSpec) -> Result<PodOptions
         exclude_outbound_ports: ports_annotation(ann, ANNOTATION_EXCLUDE_OUTBOUND_PORTS)?,
         exclude_outbound_cidrs,
         opaque_ports: ports_annotation(ann, ANNOTATION_OPAQUE_PORTS)?,
+        inbound_to_localhost: match ann.get(ANNOTATION_INBOUND_TO_LOCALHOST).map(String::as_str) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(v) => {
+                return Err(bad(
+                    ANNOTATION_INBOUND_TO_LOCALHOST,
+                    v,
+                    "expected \"true\" or \"false\"",
+                ));
+            }
+        },
         resources: ResourceRequirements {
             requests: (!requests.is_empty()).then_some(requests),
             limits: (!limits.is_empty()).then_some(limits),
@@ -487,6 +506,9 @@ fn proxy_container(mesh: &MeshSpec, o: &PodOptions, app_probes: &str) -> Contain
     ];
     if !o.opaque_ports.is_empty() {
         env.push(value_env(ENV_OPAQUE_PORTS, join(&o.opaque_ports)));
+    }
+    if o.inbound_to_localhost {
+        env.push(value_env(ENV_INBOUND_TO_LOCALHOST, "true".into()));
     }
     if !app_probes.is_empty() {
         // The pod IP is where the kubelet would have probed; the proxy probes there too.

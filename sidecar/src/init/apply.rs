@@ -102,11 +102,16 @@ pub fn resolve(backend: Backend) -> Result<Backend, InitError> {
     }
 }
 
-/// Whether the rule `args` (chain first) exists in the nat table.
-fn rule_exists(backend: Backend, family: Family, args: &[&str]) -> Result<bool, InitError> {
+/// Whether the rule `args` (chain first) exists in `table`.
+fn rule_exists(
+    backend: Backend,
+    family: Family,
+    table: &str,
+    args: &[&str],
+) -> Result<bool, InitError> {
     let tool = backend.tool(family);
     let status = Command::new(&tool)
-        .args(["-t", "nat", "-C"])
+        .args(["-t", table, "-C"])
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -148,8 +153,9 @@ fn restore(backend: Backend, family: Family, text: &str) -> Result<(), InitError
 
 fn apply_family(spec: &RuleSpec, backend: Backend, family: Family) -> Result<String, InitError> {
     let jumps = Jumps {
-        prerouting: !rule_exists(backend, family, &rules::JUMP_PREROUTING)?,
-        output: !rule_exists(backend, family, &rules::JUMP_OUTPUT)?,
+        prerouting: !rule_exists(backend, family, "nat", &rules::JUMP_PREROUTING)?,
+        output: !rule_exists(backend, family, "nat", &rules::JUMP_OUTPUT)?,
+        guard: !rule_exists(backend, family, "raw", &rules::JUMP_GUARD)?,
     };
     let text = rules::render(spec, family, jumps);
     restore(backend, family, &text)?;

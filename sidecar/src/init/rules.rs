@@ -1,19 +1,30 @@
 //! Pure generation of the pod's redirect rules as one `iptables-restore` file.
 //!
-//! The file only touches the `nat` table and four chains of our own. It is applied with
-//! `--noflush`, so rules of anyone else survive. Declaring a chain (`:TRELLIS_INBOUND - [0:0]`)
-//! in a restore file creates it when missing and flushes it when present, which makes the chain
-//! bodies idempotent by construction. The two jumps from the built-in chains (`PREROUTING`,
-//! `OUTPUT`) cannot be made idempotent inside the file (a restore file has no "append if absent"),
-//! so [`render`] takes which jumps already exist and leaves those out; [`super::apply`] checks
-//! them with `iptables -C` first.
+//! The file touches the `raw` table (one chain, [`CHAIN_GUARD`]) and the `nat` table (four
+//! chains), all our own. It is applied with `--noflush`, so rules of anyone else survive.
+//! Declaring a chain (`:TRELLIS_INBOUND - [0:0]`) in a restore file creates it when missing and
+//! flushes it when present, which makes the chain bodies idempotent by construction. The three
+//! jumps from the built-in chains (`raw PREROUTING`, `nat PREROUTING`, `nat OUTPUT`) cannot be
+//! made idempotent inside the file (a restore file has no "append if absent"), so [`render`]
+//! takes which jumps already exist and leaves those out; [`super::apply`] checks them with
+//! `iptables -C` first.
+//!
+//! Traffic the rules drop: new connections from outside the pod (not on `lo`) straight to the
+//! proxy's inbound or outbound port. Only redirected traffic may reach those; a direct
+//! connection is someone trying to use the proxy (as a relay with the pod's identity, or to
+//! reach the inbound side without an original destination). The `raw` table sees the packet
+//! before `nat` rewrites it, so a redirected connection (original port 8080) is never confused
+//! with a direct one (port 15006). The admin port stays reachable: the kubelet probes it.
 //!
 //! Traffic the rules leave alone, and why:
 //! - inbound to the proxy's own ports (inbound, outbound, admin 15020) so the kubelet can probe
-//!   the proxy and redirected connections never loop;
+//!   the proxy and redirected connections never loop (from outside, the first two are dropped
+//!   earlier, in `raw`);
 //! - inbound to the excluded ports (the pod's `trellis.dev/exclude-inbound-ports` annotation;
 //!   kubelet probes exclude nothing: the injector sends them through the admin port);
-//! - outbound from the proxy UID (the proxy's own upstream connections);
+//! - outbound from the proxy UID (the proxy's own upstream connections), including its direct
+//!   connections to the app at the pod IP (inbound forwarding and app probes), which come from
+//!   [`Family::probe_source`] so that they are told apart from the exception below;
 //! - outbound to loopback from the app (app to itself, including the app calling its own pod IP,
 //!   which Linux routes over `lo`: like Istio, this stays direct and does not pass through the
 //!   proxy);
@@ -21,9 +32,10 @@
 //!
 //! One exception, also as in Istio: the proxy connecting to its own pod IP over `lo` (an
 //! outbound request whose endpoint is this very pod) is sent to the inbound port, so the request
-//! gets inbound policy exactly like one from another pod. The proxy's app probes (see
-//! `crate::probe`) must reach the app directly instead, so they are told apart by their source
-//! address ([`Family::probe_source`]) and left alone; nothing else the proxy sends uses it.
+//! gets inbound policy exactly like one from another pod. The proxy's inbound forwarding and
+//! app probes (see `crate::probe`) must reach the app directly instead, so they are told apart
+//! by their source address ([`Family::probe_source`]) and left alone; nothing else the proxy
+//! sends uses it.
 use std::net::IpAddr;
 use std::str::FromStr;
 
@@ -37,6 +49,8 @@ pub const CHAIN_IN_REDIRECT: &str = "TRELLIS_IN_REDIRECT";
 pub const CHAIN_OUTPUT: &str = "TRELLIS_OUTPUT";
 /// Chain that redirects to the outbound port.
 pub const CHAIN_OUT_REDIRECT: &str = "TRELLIS_OUT_REDIRECT";
+/// Chain in the `raw` table that drops direct connections from outside to the proxy's ports.
+pub const CHAIN_GUARD: &str = "TRELLIS_GUARD";
 
 /// The proxy's admin port: never redirected, so kubelet probes reach the proxy itself.
 pub const ADMIN_PORT: u16 = 15020;
@@ -45,6 +59,8 @@ pub const ADMIN_PORT: u16 = 15020;
 pub const JUMP_PREROUTING: [&str; 5] = ["PREROUTING", "-p", "tcp", "-j", CHAIN_INBOUND];
 /// The jump from `OUTPUT` into our outbound chain, as `iptables` rule arguments.
 pub const JUMP_OUTPUT: [&str; 5] = ["OUTPUT", "-p", "tcp", "-j", CHAIN_OUTPUT];
+/// The jump from `raw PREROUTING` into the guard chain, as `iptables` rule arguments.
+pub const JUMP_GUARD: [&str; 5] = ["PREROUTING", "-p", "tcp", "-j", CHAIN_GUARD];
 
 /// Address family of a rules file: `iptables` (IPv4) or `ip6tables` (IPv6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,8 +77,9 @@ impl Family {
         }
     }
 
-    /// The source address of the proxy's app probes ([`crate::probe::PROBE_SOURCE_V4`] /
-    /// [`crate::probe::PROBE_SOURCE_V6`]) as a host network.
+    /// The source address of the proxy's direct connections to the app, app probes
+    /// ([`crate::probe::PROBE_SOURCE_V4`] / [`crate::probe::PROBE_SOURCE_V6`]) and inbound
+    /// forwarding (`crate::proxy::upstream::SourceAddr`, the same addresses), as a host network.
     pub fn probe_source(self) -> String {
         match self {
             Family::V4 => format!("{}/32", crate::probe::PROBE_SOURCE_V4),
@@ -167,13 +184,16 @@ impl Default for RuleSpec {
 pub struct Jumps {
     pub prerouting: bool,
     pub output: bool,
+    /// `raw PREROUTING` into [`CHAIN_GUARD`].
+    pub guard: bool,
 }
 
 impl Jumps {
-    /// A fresh network namespace: both jumps are missing.
+    /// A fresh network namespace: every jump is missing.
     pub const ALL: Jumps = Jumps {
         prerouting: true,
         output: true,
+        guard: true,
     };
 }
 
@@ -201,6 +221,21 @@ pub fn render(spec: &RuleSpec, family: Family, jumps: Jumps) -> String {
     line(format!(
         "# Generated by trellis-proxy init ({name}); applied with iptables-restore --noflush."
     ));
+    // Guard: new connections from outside straight to the proxy's data ports are dropped.
+    line("*raw".into());
+    line(format!(":{CHAIN_GUARD} - [0:0]"));
+    if jumps.guard {
+        line(format!("-A {}", JUMP_GUARD.join(" ")));
+    }
+    line(format!("-A {CHAIN_GUARD} -i lo -j RETURN"));
+    let mut guarded = vec![spec.inbound_port, spec.outbound_port];
+    guarded.dedup();
+    for port in guarded {
+        line(format!(
+            "-A {CHAIN_GUARD} -p tcp --dport {port} --tcp-flags FIN,SYN,RST,ACK SYN -j DROP"
+        ));
+    }
+    line("COMMIT".into());
     line("*nat".into());
     for chain in [
         CHAIN_INBOUND,
@@ -235,7 +270,8 @@ pub fn render(spec: &RuleSpec, family: Family, jumps: Jumps) -> String {
         spec.inbound_port
     ));
 
-    // Outbound.
+    // Outbound. First the proxy's inbound forwarding and app probes to the pod IP (from the
+    // exempt source): direct, or they would loop back into inbound through the rule after it.
     line(format!(
         "-A {CHAIN_OUTPUT} -o lo -s {} -m owner --uid-owner {uid} -j RETURN",
         family.probe_source()
@@ -317,9 +353,11 @@ mod tests {
         let none = Jumps {
             prerouting: false,
             output: false,
+            guard: false,
         };
         let s = render(&RuleSpec::default(), Family::V4, none);
         assert!(!s.contains("-A PREROUTING") && !s.contains("-A OUTPUT"));
+        assert!(s.contains(":TRELLIS_GUARD - [0:0]"));
         // The chains are still declared, hence flushed and refilled: the body is idempotent.
         assert!(s.contains(":TRELLIS_OUTPUT - [0:0]"));
     }

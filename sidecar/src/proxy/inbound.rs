@@ -8,11 +8,12 @@
 //!   handshake terminated by the proxy; use `Disable` for such ports.)
 //! - `Disable`: plaintext only; TLS passes through to the application untouched.
 //!
-//! After mTLS, ALPN says what the stream carries (see [`super::mtls`]). Traffic goes to
-//! `127.0.0.1:<original port>`, or `--inbound-target` in local mode.
+//! After mTLS, ALPN says what the stream carries (see [`super::mtls`]). Traffic goes where
+//! [`Forward`] says: the original destination (the pod IP) by default, so a service the
+//! application binds to loopback only stays private, as in Istio since 1.10.
 
 use std::convert::Infallible;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,7 @@ use super::http::{
 };
 use super::io::{Prefixed, original_dst};
 use super::mtls::Alpn;
-use super::upstream::{Io, connect};
+use super::upstream::Io;
 use super::{Completed, Shared, record, serve_http, spawn_tunnel, tcp};
 use crate::config::{MtlsMode, Protocol};
 use crate::metrics::{Direction, ReasonLabels, SeriesCache, TcpLabels};
@@ -45,6 +46,50 @@ struct ConnInfo {
     tls: bool,
     dst_service: Arc<str>,
     series: SeriesCache,
+}
+
+/// Where inbound traffic goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forward {
+    /// The original destination, i.e. the pod IP and the port the client asked for (the
+    /// default). The connection comes from the inbound pool's exempt loopback source
+    /// ([`super::upstream::SourceAddr`]), so it does not loop through the redirect rules.
+    OriginalDst,
+    /// `127.0.0.1` (or `[::1]`) with the original port: the old behaviour, for applications
+    /// that bind only to localhost, opted into per pod with the
+    /// `trellis.dev/inbound-to-localhost: "true"` annotation (`--inbound-to-localhost`).
+    /// Risk: every service the application binds to loopback, including debug and admin
+    /// servers it meant to keep private, becomes reachable from the mesh (and in plaintext
+    /// under `Permissive` or `Disable`).
+    Localhost,
+    /// Local mode (`--local-mode --inbound-target`): everything goes to this address.
+    Fixed(SocketAddr),
+}
+
+impl Forward {
+    /// The address a connection that arrived for `orig_dst` goes to. `None`: a connection that
+    /// was not redirected (outside local mode), or one whose original port is one of the
+    /// proxy's own (`own_ports`, at most a handful): forwarding there would hand a remote peer
+    /// the proxy's loopback-only admin routes. The init rules never redirect those ports;
+    /// this holds even if someone else's rules did.
+    pub fn target(
+        self,
+        orig_dst: SocketAddr,
+        redirected: bool,
+        own_ports: &[u16],
+    ) -> Option<SocketAddr> {
+        if let Forward::Fixed(t) = self {
+            return Some(t);
+        }
+        if !redirected || own_ports.contains(&orig_dst.port()) {
+            return None;
+        }
+        Some(match (self, orig_dst) {
+            (Forward::Localhost, SocketAddr::V4(a)) => (Ipv4Addr::LOCALHOST, a.port()).into(),
+            (Forward::Localhost, SocketAddr::V6(a)) => (Ipv6Addr::LOCALHOST, a.port()).into(),
+            _ => orig_dst,
+        })
+    }
 }
 
 fn refuse(shared: &Shared, reason: &'static str) {
@@ -81,13 +126,13 @@ pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, client: SocketAdd
         (Ok(o), Ok(l)) => (o, l),
         _ => return,
     };
-    let target = match (shared.inbound_target, orig_dst != local) {
-        (Some(t), _) => t,
-        (None, true) => SocketAddr::from((Ipv4Addr::LOCALHOST, orig_dst.port())),
-        (None, false) => {
-            tracing::debug!(%client, "inbound connection was not redirected and no --inbound-target is set");
-            return;
-        }
+    let Some(target) = shared
+        .inbound
+        .target(orig_dst, orig_dst != local, &shared.own_ports)
+    else {
+        tracing::debug!(%client, %orig_dst, "inbound connection was not redirected (or targets a proxy port); closing");
+        refuse(&shared, "not_redirected");
+        return;
     };
     let port = target.port();
     let Some(mode) = current_mode(&shared, port) else {
@@ -181,7 +226,10 @@ async fn plain_tcp<I: Io>(
         dst_service,
         tls,
     };
-    let upstream = match connect(&shared.tls, target, &Arc::from(Vec::new()), Alpn::Tcp, None).await
+    let upstream = match shared
+        .inbound_pool
+        .connect(target, &Arc::from(Vec::new()), Alpn::Tcp, None)
+        .await
     {
         Ok((upstream, _)) => upstream,
         Err(e) => {
@@ -334,7 +382,7 @@ async fn handle(
         protocol,
         connect_timeout: None,
     };
-    let mut resp = match shared.pool.send(target, req).await {
+    let mut resp = match shared.inbound_pool.send(target, req).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(error = %e, "local application did not answer");
@@ -356,4 +404,55 @@ async fn handle(
     clean_response(&mut resp);
     record_inbound(&resp);
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OWN: &[u16] = &[15001, 15006, 15020];
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn default_forwards_to_the_original_destination_on_both_families() {
+        let f = Forward::OriginalDst;
+        assert_eq!(
+            f.target(a("10.0.0.5:8080"), true, OWN),
+            Some(a("10.0.0.5:8080"))
+        );
+        assert_eq!(
+            f.target(a("[fd00::5]:8080"), true, OWN),
+            Some(a("[fd00::5]:8080"))
+        );
+    }
+
+    #[test]
+    fn localhost_opt_in_keeps_the_family() {
+        let f = Forward::Localhost;
+        assert_eq!(
+            f.target(a("10.0.0.5:8080"), true, OWN),
+            Some(a("127.0.0.1:8080"))
+        );
+        assert_eq!(
+            f.target(a("[fd00::5]:8080"), true, OWN),
+            Some(a("[::1]:8080"))
+        );
+    }
+
+    #[test]
+    fn unredirected_and_proxy_ports_go_nowhere_outside_local_mode() {
+        for f in [Forward::OriginalDst, Forward::Localhost] {
+            assert_eq!(f.target(a("10.0.0.5:15006"), false, OWN), None);
+            assert_eq!(f.target(a("10.0.0.5:8080"), false, OWN), None);
+            assert_eq!(f.target(a("10.0.0.5:15020"), true, OWN), None);
+        }
+        let fixed = Forward::Fixed(a("127.0.0.1:9000"));
+        assert_eq!(
+            fixed.target(a("127.0.0.1:15006"), false, OWN),
+            Some(a("127.0.0.1:9000"))
+        );
+    }
 }

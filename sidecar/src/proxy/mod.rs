@@ -13,7 +13,6 @@ pub mod tcp;
 pub mod upstream;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,12 +35,21 @@ use upstream::{Io, Pool};
 pub struct Shared {
     pub config: ConfigRx,
     pub tls: Arc<TlsCache>,
+    /// The outbound pool (upstreams the application calls).
     pub pool: Pool,
+    /// The inbound pool (this pod's application), connecting from the exempt loopback source.
+    pub inbound_pool: Pool,
     pub dispatcher: Arc<Dispatcher>,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
-    /// Local mode: inbound traffic goes here instead of `127.0.0.1:<original port>`.
-    pub inbound_target: Option<SocketAddr>,
+    /// Local mode (`--local-mode`): the outbound listener also serves connections that were
+    /// not redirected, routing HTTP by `Host`. Off in pods: there such a connection is someone
+    /// using the proxy as a relay with the pod's identity, and is closed.
+    pub local_mode: bool,
+    /// Where inbound traffic goes.
+    pub inbound: inbound::Forward,
+    /// The ports of the proxy's own listeners, never forwarded to by inbound.
+    pub own_ports: Vec<u16>,
     /// Ports of this pod that skip detection whatever the config says (pod annotation).
     pub opaque_ports: Vec<u16>,
     /// The inbound rate limit of our policy, per source identity; replaced on reload when the

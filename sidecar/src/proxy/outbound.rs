@@ -5,8 +5,13 @@
 //! opaque TCP is spliced at L4, wrapped in mTLS when the destination is meshed. A connection
 //! to an address the config does not know is passed through untouched (plaintext).
 //!
-//! Local mode (no iptables: the application connects to 15001 directly) routes HTTP by the
-//! `Host` header instead ([`OutboundService::matches_authority`]).
+//! Only redirected connections are served: in a pod the listener is on loopback, and a
+//! connection that did not come through the `OUTPUT` chain's redirect (its original destination
+//! is the listener itself) is closed. Otherwise anyone reaching the port could send requests
+//! into the mesh with this pod's identity. Local mode (`--local-mode`: `trellis dev`, the
+//! benchmarks, in-process tests; no iptables, the application connects to 15001 directly) is the
+//! one explicit exception: it routes HTTP by the `Host` header
+//! ([`OutboundService::matches_authority`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -105,6 +110,10 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr) {
         _ => return,
     };
     let redirected = orig_dst != local;
+    if !redirected && !shared.local_mode {
+        tracing::debug!(%client, "outbound connection was not redirected; closing (not local mode)");
+        return;
+    }
     let snap = shared.config.borrow().clone();
     let svc_port = snap.as_deref().and_then(|s| {
         let svc = service_for_addr(&s.config, orig_dst)?;

@@ -60,6 +60,48 @@ struct Conns {
 struct Inner {
     tls: Arc<TlsCache>,
     conns: Mutex<Conns>,
+    /// The local address connections are made from (see [`SourceAddr`]).
+    source: SourceAddr,
+}
+
+/// The local address a pool's connections come from.
+///
+/// The inbound side forwards to the pod's own IP as UID 2137, over `lo`. The init rules send
+/// UID 2137's connections to its own pod IP to the inbound port (so an outbound request whose
+/// endpoint is this very pod gets inbound policy); inbound forwarding would then loop. So, as
+/// in Istio, the inbound pool connects from a loopback source the rules exempt: `127.0.0.6`
+/// for IPv4 and `::1` for IPv6 (Linux has no other IPv6 loopback address without `ip addr`,
+/// which the proxy's capabilities do not allow). The application sees that address as the
+/// client, as it saw `127.0.0.1` before.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SourceAddr {
+    /// The kernel picks (outbound: the pod IP).
+    #[default]
+    Any,
+    /// The exempt loopback source for non-loopback destinations.
+    InboundLoopback,
+}
+
+/// The IPv4 source of inbound forwarding; `trellis-proxy init` exempts it from redirection
+/// (the app probes' source: one exemption for every direct connection to the app).
+pub const INBOUND_SOURCE_V4: std::net::Ipv4Addr = crate::probe::PROBE_SOURCE_V4;
+/// The IPv6 source of inbound forwarding; see [`INBOUND_SOURCE_V4`].
+pub const INBOUND_SOURCE_V6: std::net::Ipv6Addr = crate::probe::PROBE_SOURCE_V6;
+
+impl SourceAddr {
+    /// The address to bind before connecting to `dst`, if any.
+    pub fn for_dst(self, dst: SocketAddr) -> Option<std::net::IpAddr> {
+        match self {
+            SourceAddr::Any => None,
+            // Loopback destinations (`inbound-to-localhost`) need no exemption: the rules
+            // never redirect connections to loopback.
+            SourceAddr::InboundLoopback if dst.ip().is_loopback() => None,
+            SourceAddr::InboundLoopback => Some(match dst {
+                SocketAddr::V4(_) => INBOUND_SOURCE_V4.into(),
+                SocketAddr::V6(_) => INBOUND_SOURCE_V6.into(),
+            }),
+        }
+    }
 }
 
 /// Pooled HTTP/1.1 and HTTP/2 client with mesh mTLS. Cheap to clone.
@@ -76,10 +118,16 @@ enum Mode {
 
 impl Pool {
     pub fn new(tls: Arc<TlsCache>) -> Self {
+        Self::with_source(tls, SourceAddr::Any)
+    }
+
+    /// A pool whose connections come from `source` (the inbound side's pool).
+    pub fn with_source(tls: Arc<TlsCache>, source: SourceAddr) -> Self {
         Self {
             inner: Arc::new(Inner {
                 tls,
                 conns: Mutex::default(),
+                source,
             }),
         }
     }
@@ -92,7 +140,8 @@ impl Pool {
         alpn: Alpn,
         timeout: Option<Duration>,
     ) -> Result<(BoxIo, Option<String>), UpstreamError> {
-        connect(&self.inner.tls, addr, identities, alpn, timeout).await
+        let source = self.inner.source.for_dst(addr);
+        connect_from(&self.inner.tls, source, addr, identities, alpn, timeout).await
     }
 
     async fn send_inner(
@@ -323,8 +372,36 @@ pub async fn connect(
     alpn: Alpn,
     timeout: Option<Duration>,
 ) -> Result<(BoxIo, Option<String>), UpstreamError> {
+    connect_from(tls, None, addr, identities, alpn, timeout).await
+}
+
+/// TCP connect from `source` (any port), or from wherever the kernel picks.
+async fn tcp_connect(
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let Some(ip) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let sock = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    sock.bind(SocketAddr::new(ip, 0))?;
+    sock.connect(addr).await
+}
+
+/// [`connect`] from a chosen local address.
+pub async fn connect_from(
+    tls: &TlsCache,
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    identities: &Arc<[String]>,
+    alpn: Alpn,
+    timeout: Option<Duration>,
+) -> Result<(BoxIo, Option<String>), UpstreamError> {
     let timeout = timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+    let tcp = match tokio::time::timeout(timeout, tcp_connect(source, addr)).await {
         Err(_) => return Err(UpstreamError::ConnectTimeout { addr }),
         Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
         Ok(Ok(s)) => s,
@@ -369,5 +446,22 @@ impl Upstream for Pool {
         req: Request<Body>,
     ) -> BoxFuture<'static, Result<Response<Body>, UpstreamError>> {
         Box::pin(self.clone().send_inner(target, req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbound_connections_to_the_pod_ip_come_from_the_exempt_source() {
+        let s = SourceAddr::InboundLoopback;
+        let v4: SocketAddr = "10.0.0.5:8080".parse().unwrap();
+        let v6: SocketAddr = "[fd00::5]:8080".parse().unwrap();
+        assert_eq!(s.for_dst(v4), Some(INBOUND_SOURCE_V4.into()));
+        assert_eq!(s.for_dst(v6), Some(INBOUND_SOURCE_V6.into()));
+        // inbound-to-localhost: loopback needs no exemption.
+        assert_eq!(s.for_dst("127.0.0.1:8080".parse().unwrap()), None);
+        assert_eq!(SourceAddr::Any.for_dst(v4), None);
     }
 }

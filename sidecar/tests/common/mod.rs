@@ -204,12 +204,17 @@ impl TestProxy {
             tx,
         ));
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        // Local mode: the tests' clients connect to the outbound listener directly, as
+        // `trellis dev` does; no iptables here.
         let mut opts = Options {
             dir: dir.path().to_path_buf(),
-            outbound_addr: any,
-            inbound_addr: any,
-            admin_addr: any,
+            outbound_addrs: vec![any],
+            inbound_addrs: vec![any],
+            admin_addrs: vec![any],
+            local_mode: true,
             inbound_target,
+            inbound_to_localhost: false,
+            admin_limits: trellis_proxy::admin::Limits::default(),
             opaque_ports: Vec::new(),
             tcp_flush_interval: trellis_proxy::proxy::tcp::FLUSH_INTERVAL,
             app_probes: Default::default(),
