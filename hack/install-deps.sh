@@ -8,6 +8,14 @@ need=()
 # the real redirect rules.
 command -v iptables-restore >/dev/null 2>&1 || need+=(iptables)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+# The shell linter: hack/test.sh checks every shell script (hack/, e2e/) with it.
+command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
+# chromium: hack/dev-e2e.sh checks the dashboard's DOM and takes its screenshot headless.
+# curl: the same script waits on the dashboard's /api/graph.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+# prometheus: the same script runs a real one against `trellis dev` for `trellis stat`.
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then

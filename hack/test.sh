@@ -16,11 +16,16 @@ fi
 
 bash hack/install-deps.sh
 
+# Every shell script: the dev scripts, the cluster suite and its cases (sourced by run.sh's
+# helpers, so checked as bash).
+shellcheck --shell=bash hack/*.sh e2e/run.sh e2e/cases/*.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
-# The README's first command, bounded: the whole local mesh must carry mTLS traffic on every edge.
-cargo run --locked --bin trellis -- dev --duration 20s
+# The README's first command, bounded: the whole local mesh must carry mTLS traffic on every
+# edge; the same run serves the dashboard to headless Chromium (DOM checks, screenshots in
+# hack/out/dev-e2e, CI's artifacts).
+bash hack/dev-e2e.sh
 # The install renders and validates strictly (also covered by operator/tests/manifests.rs; this
 # prints the per-object report).
 bash hack/validate-manifests.sh

@@ -1,5 +1,5 @@
 # The Mesh sample is accepted and becomes Ready; the status writer reports the generation.
-kc apply -f "$E2E_ROOT/config/samples/trellis_v1alpha1_mesh.yaml"
+apply_mesh
 wait_for --for condition=Ready mesh/default
 wait_for --for condition=Accepted mesh/default
 generation="$(kc get mesh default -o jsonpath='{.metadata.generation}')"

@@ -72,6 +72,12 @@ pub struct Args {
     /// How long shutdown waits for servers and controllers to finish, as a duration.
     #[arg(long, env = "TRELLIS_SHUTDOWN_GRACE", default_value = "10s")]
     pub shutdown_grace: String,
+    /// After SIGTERM, how long the replica reports not-ready while its listeners keep serving,
+    /// before they close, as a duration (0s to 60s): the time for its endpoints to leave the
+    /// Service so that the API server stops sending admission reviews here before the webhook
+    /// stops answering (with `failurePolicy: Fail`, a closed listener is a failed pod create).
+    #[arg(long, env = "TRELLIS_SHUTDOWN_DELAY", default_value = "5s")]
+    pub shutdown_delay: String,
 }
 
 /// Log output format.
@@ -94,7 +100,12 @@ pub struct Config {
     pub log_level: String,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
+    pub shutdown_delay: Duration,
 }
+
+/// The longest accepted `--shutdown-delay`: with the grace period it must fit the pod's
+/// `terminationGracePeriodSeconds` (30 s in config/manager).
+pub const MAX_SHUTDOWN_DELAY: Duration = Duration::from_secs(60);
 
 impl Config {
     /// Validates every field; the error lists every invalid value, one per line.
@@ -136,6 +147,18 @@ impl Config {
             &a.shutdown_grace,
             Duration::ZERO,
         );
+        let shutdown_delay = duration(
+            "shutdown-delay",
+            "TRELLIS_SHUTDOWN_DELAY",
+            &a.shutdown_delay,
+            Duration::ZERO,
+        );
+        if shutdown_delay > MAX_SHUTDOWN_DELAY {
+            errors.push(format!(
+                "--shutdown-delay (TRELLIS_SHUTDOWN_DELAY) {:?} must be at most {MAX_SHUTDOWN_DELAY:?}",
+                a.shutdown_delay
+            ));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&a.log_level) {
             errors.push(format!(
                 "--log-level (TRELLIS_LOG_LEVEL) {:?} is not a level or tracing directive: {e}",
@@ -183,6 +206,7 @@ impl Config {
             log_level: a.log_level,
             log_format,
             shutdown_grace,
+            shutdown_delay,
         })
     }
 }
@@ -247,41 +271,80 @@ pub enum Error {
     Server { name: String, detail: String },
 }
 
-/// Readiness gates: `/readyz` answers 200 only when every registered gate is open.
+/// Readiness: `/readyz` answers 200 only when every registered gate is open and every
+/// registered check passes, and never once shutdown has begun ([`Readiness::begin_shutdown`]).
+///
+/// Gates are flags a task opens; checks are evaluated at each `/readyz` (the serving
+/// certificate is "present and unexpired" at the moment of the probe, not when some task last
+/// looked). Register both before the admin server starts, so a probe can never see a readiness
+/// with a part missing.
 #[derive(Clone, Default)]
 pub struct Readiness {
-    gates: Arc<Mutex<BTreeMap<String, bool>>>,
+    gates: Arc<Mutex<BTreeMap<String, GateState>>>,
 }
+
+/// A readiness check evaluated at each probe.
+pub type Check = Arc<dyn Fn() -> bool + Send + Sync>;
+
+#[derive(Clone)]
+enum GateState {
+    Flag(bool),
+    Check(Check),
+}
+
+/// Name of the part that is never ready once shutdown began.
+pub const SHUTTING_DOWN: &str = "shutting-down";
 
 /// One readiness gate, closed until [`Gate::set`]`(true)`.
 #[derive(Clone)]
 pub struct Gate {
     name: String,
-    gates: Arc<Mutex<BTreeMap<String, bool>>>,
+    gates: Arc<Mutex<BTreeMap<String, GateState>>>,
 }
 
 impl Readiness {
     /// Registers a closed gate named `name`.
     pub fn gate(&self, name: &str) -> Gate {
-        self.gates
-            .lock()
-            .expect("readiness lock")
-            .insert(name.to_string(), false);
+        self.lock().insert(name.to_string(), GateState::Flag(false));
         Gate {
             name: name.to_string(),
             gates: self.gates.clone(),
         }
     }
 
+    /// Registers a check named `name`, evaluated at every probe.
+    pub fn check(&self, name: &str, check: Check) {
+        self.lock()
+            .insert(name.to_string(), GateState::Check(check));
+    }
+
+    /// Turns readiness off for good: endpoints stop routing to this replica while its
+    /// listeners keep serving what is still routed here.
+    pub fn begin_shutdown(&self) {
+        self.lock()
+            .insert(SHUTTING_DOWN.to_string(), GateState::Flag(false));
+    }
+
     /// The gates that are still closed (empty when ready).
     pub fn not_ready(&self) -> Vec<String> {
-        self.gates
+        let parts: Vec<(String, GateState)> = self
             .lock()
-            .expect("readiness lock")
             .iter()
-            .filter(|(_, open)| !**open)
-            .map(|(n, _)| n.clone())
+            .map(|(n, g)| (n.clone(), g.clone()))
+            .collect();
+        // Checks run outside the lock: they may take their own locks.
+        parts
+            .into_iter()
+            .filter(|(_, g)| match g {
+                GateState::Flag(open) => !open,
+                GateState::Check(check) => !check(),
+            })
+            .map(|(n, _)| n)
             .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, GateState>> {
+        self.gates.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -289,8 +352,8 @@ impl Gate {
     pub fn set(&self, ready: bool) {
         self.gates
             .lock()
-            .expect("readiness lock")
-            .insert(self.name.clone(), ready);
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.name.clone(), GateState::Flag(ready));
     }
 }
 
@@ -400,7 +463,11 @@ pub async fn run(config: Config, extras: Vec<ExtraServer>) -> Result<(), Error> 
     ));
     let election_gate = services.readiness.gate("leader-election");
 
-    tokio::spawn(signal_on_shutdown(shutdown.clone()));
+    tokio::spawn(signal_on_shutdown(
+        shutdown.clone(),
+        services.readiness.clone(),
+        config.shutdown_delay,
+    ));
 
     let admin = TcpListener::bind(config.admin_addr)
         .await
@@ -411,13 +478,8 @@ pub async fn run(config: Config, extras: Vec<ExtraServer>) -> Result<(), Error> 
         })?;
     tracing::info!(addr = %config.admin_addr, "admin server listening");
     let mut tasks = tokio::task::JoinSet::new();
-    {
-        let s = services.clone();
-        tasks.spawn(async move {
-            serve_admin(admin, s).await;
-            Ok::<(), Error>(())
-        });
-    }
+    // The servers register their readiness parts when started, before the admin server
+    // answers its first probe.
     for (name, start) in extras {
         let fut = start(services.clone());
         tasks.spawn(async move {
@@ -425,6 +487,13 @@ pub async fn run(config: Config, extras: Vec<ExtraServer>) -> Result<(), Error> 
                 name: name.to_string(),
                 detail: format!("{e:#}"),
             })
+        });
+    }
+    {
+        let s = services.clone();
+        tasks.spawn(async move {
+            serve_admin(admin, s).await;
+            Ok::<(), Error>(())
         });
     }
     {
@@ -461,7 +530,8 @@ pub async fn run(config: Config, extras: Vec<ExtraServer>) -> Result<(), Error> 
     result
 }
 
-async fn signal_on_shutdown(shutdown: CancellationToken) {
+/// Waits for SIGTERM or SIGINT, then [`drain_then_stop`].
+async fn signal_on_shutdown(shutdown: CancellationToken, readiness: Readiness, delay: Duration) {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
@@ -473,6 +543,22 @@ async fn signal_on_shutdown(shutdown: CancellationToken) {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
         _ = shutdown.cancelled() => return,
+    }
+    drain_then_stop(&readiness, delay, &shutdown).await;
+}
+
+/// The shutdown sequence: readiness off at once, listeners still serving for `delay` (so the
+/// replica's endpoints leave the Service while requests routed here are still answered), then
+/// `shutdown` fires and the servers drain and close. Returns early if `shutdown` fires first.
+pub async fn drain_then_stop(readiness: &Readiness, delay: Duration, shutdown: &CancellationToken) {
+    readiness.begin_shutdown();
+    tracing::info!(
+        ?delay,
+        "not ready; listeners close after the shutdown delay"
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = shutdown.cancelled() => {}
     }
     shutdown.cancel();
 }
@@ -675,6 +761,7 @@ mod tests {
         assert_eq!(c.lease_duration, Duration::from_secs(15));
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.pod_name, "op-0");
+        assert_eq!(c.shutdown_delay, Duration::from_secs(5));
     }
 
     #[test]
@@ -698,6 +785,8 @@ mod tests {
             "UPPER",
             "--shutdown-grace",
             "soon",
+            "--shutdown-delay",
+            "2m",
         ])
         .unwrap_err();
         let joined = errors.join("\n");
@@ -711,10 +800,11 @@ mod tests {
             "--namespace",
             "--lease-name",
             "--shutdown-grace",
+            "--shutdown-delay",
         ] {
             assert!(joined.contains(flag), "{flag} not reported in:\n{joined}");
         }
-        assert_eq!(errors.len(), 9, "{joined}");
+        assert_eq!(errors.len(), 10, "{joined}");
     }
 
     #[test]
@@ -755,6 +845,59 @@ mod tests {
             .to_string();
         let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
         (code, ctype, body)
+    }
+
+    /// Issue 13 item 5: on shutdown, readiness turns off at once while the listeners keep
+    /// answering for the delay; only then does shutdown fire and the servers close.
+    #[tokio::test]
+    async fn shutdown_reports_not_ready_while_listeners_keep_serving_for_the_delay() {
+        let s = services();
+        let gate = s.readiness.gate("leader-election");
+        gate.set(true);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_admin(listener, s.clone()));
+        assert_eq!(get(addr, "/readyz").await.0, 200);
+
+        let delay = Duration::from_millis(800);
+        let started = std::time::Instant::now();
+        let stopping = {
+            let (r, t) = (s.readiness.clone(), s.shutdown.clone());
+            tokio::spawn(async move { drain_then_stop(&r, delay, &t).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (code, _, body) = get(addr, "/readyz").await;
+        assert_eq!((code, body.as_str()), (503, "not ready: shutting-down\n"));
+        // Still serving: the listener is open and answers.
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        assert!(!s.shutdown.is_cancelled());
+
+        stopping.await.unwrap();
+        assert!(started.elapsed() >= delay);
+        assert!(s.shutdown.is_cancelled());
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("admin server stops after the delay")
+            .unwrap();
+        // A gate opening late does not make a stopping replica ready again.
+        gate.set(true);
+        assert_eq!(s.readiness.not_ready(), ["shutting-down"]);
+    }
+
+    #[test]
+    fn checks_are_evaluated_at_each_probe() {
+        let r = Readiness::default();
+        let present = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let p = present.clone();
+        r.check(
+            "serving-certificate",
+            Arc::new(move || p.load(std::sync::atomic::Ordering::SeqCst)),
+        );
+        assert_eq!(r.not_ready(), ["serving-certificate"]);
+        present.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(r.not_ready().is_empty());
+        present.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(r.not_ready(), ["serving-certificate"]);
     }
 
     /// `check_crds` against a recorded discovery answer.

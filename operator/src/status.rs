@@ -7,10 +7,17 @@
 //! often, and a patch that changes nothing would still bump `resourceVersion`, wake every watcher
 //! and re-trigger the controller itself.
 //!
-//! Writes are server-side apply on the `/status` subresource with field manager
-//! [`FIELD_MANAGER`] and `force=true`: the operator is the only
-//! author of these status fields, so it takes ownership back from anyone who edited them by hand
-//! instead of failing forever.
+//! Writes are server-side apply on the `/status` subresource, one field manager per controller
+//! (`trellis-operator/<controller>`, [`StatusWriter::for_controller`]) and `force=true`: the
+//! operator is the only author of these status fields, so it takes ownership back from anyone
+//! who edited them by hand instead of failing forever.
+//!
+//! Several controllers report on one object (the Mesh: `mesh` writes `Accepted`/`Ready`, `ca`
+//! writes `CAReady`/`WebhookReady`, `compile` writes `Programmed`/`Degraded`/`ProxiesUpToDate`
+//! and the proxy counts, `rollout` writes `RolloutProgressing` and `status.rollout`). Each sends only its own part: `conditions` is a map list keyed by
+//! `type` (`x-kubernetes-list-type: map` in the CRD), so the API server merges the parts, and a
+//! controller working from a stale snapshot can no longer overwrite another's conditions. The
+//! no-op check compares only the part a controller sends ([`owns_unchanged`]).
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -160,6 +167,7 @@ pub type Clock = Arc<dyn Fn() -> String + Send + Sync>;
 pub struct StatusWriter {
     client: Client,
     clock: Clock,
+    manager: String,
 }
 
 impl StatusWriter {
@@ -175,7 +183,25 @@ impl StatusWriter {
     }
 
     pub fn with_clock(client: Client, clock: Clock) -> Self {
-        Self { client, clock }
+        Self {
+            client,
+            clock,
+            manager: FIELD_MANAGER.to_string(),
+        }
+    }
+
+    /// The same writer, applying as `trellis-operator/<controller>`: the field manager that
+    /// owns exactly the conditions and fields that controller reports.
+    pub fn for_controller(&self, controller: &str) -> Self {
+        Self {
+            manager: format!("{FIELD_MANAGER}/{controller}"),
+            ..self.clone()
+        }
+    }
+
+    /// The field manager this writer applies as.
+    pub fn manager(&self) -> &str {
+        &self.manager
     }
 
     /// The status `obj` should report, with transition times carried over from what it reports
@@ -190,86 +216,64 @@ impl StatusWriter {
         desired
     }
 
-    /// Writes `desired` as the status of `obj`, unless `obj` already reports it.
+    /// Writes `desired`, this controller's part of the status of `obj` (its own conditions
+    /// and fields; `None` fields are left to others), unless `obj` already reports it.
     pub async fn apply<K: HasStatus>(&self, obj: &K, desired: K::Status) -> Result<Outcome, Error> {
         let kind = K::kind(&()).to_string();
         let name = obj.name_any();
         let desired = self.merged(obj, desired);
-        if obj.current_status() == Some(&desired) {
-            tracing::debug!(%kind, %name, "status unchanged; not patching");
+        let serialize = |s: &K::Status| {
+            serde_json::to_value(s).map_err(|source| Error::Serialize {
+                kind: kind.clone(),
+                name: name.clone(),
+                source,
+            })
+        };
+        let status = serialize(&desired)?;
+        let current = obj.current_status().map(&serialize).transpose()?;
+        if current.is_some_and(|c| owns_unchanged(&status, &c)) {
+            tracing::debug!(%kind, %name, manager = %self.manager, "status unchanged; not patching");
             return Ok(Outcome::Unchanged);
         }
-        let status = serde_json::to_value(&desired).map_err(|source| Error::Serialize {
-            kind: kind.clone(),
-            name: name.clone(),
-            source,
-        })?;
         let body = serde_json::json!({
             "apiVersion": K::api_version(&()),
             "kind": kind,
             "status": status,
         });
-        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let params = PatchParams::apply(&self.manager).force();
         K::api_for(self.client.clone(), obj)
             .patch_status(&name, &params, &Patch::Apply(&body))
             .await
             .map_err(|e| classify(e, &kind, &name))?;
-        tracing::info!(%kind, %name, "status written");
+        tracing::info!(%kind, %name, manager = %self.manager, "status written");
         Ok(Outcome::Patched)
     }
 }
 
-impl StatusWriter {
-    /// Writes only the status fields and conditions one controller owns, under that
-    /// controller's own field manager (`trellis-operator/<controller>`), so that server-side
-    /// apply leaves every other controller's fields and conditions alone (conditions merge by
-    /// `type`). `fields` are top-level status fields; `conditions` are merged with the current
-    /// ones for transition times. Skipped when the object already reports exactly this.
-    pub async fn apply_fields<K: HasStatus>(
-        &self,
-        obj: &K,
-        manager: &str,
-        fields: serde_json::Map<String, serde_json::Value>,
-        conditions: Vec<Condition>,
-    ) -> Result<Outcome, Error> {
-        let kind = K::kind(&()).to_string();
-        let name = obj.name_any();
-        let existing = obj.current_status().map(K::conditions).unwrap_or_default();
-        let merged = merge_conditions(existing, conditions, &(self.clock)());
-        let current =
-            serde_json::to_value(obj.current_status()).map_err(|source| Error::Serialize {
-                kind: kind.clone(),
-                name: name.clone(),
-                source,
-            })?;
-        let unchanged = fields.iter().all(|(k, v)| current.get(k) == Some(v))
-            && merged.iter().all(|c| existing.contains(c));
-        if unchanged {
-            tracing::debug!(%kind, %name, manager, "status unchanged; not patching");
-            return Ok(Outcome::Unchanged);
+/// Whether the object already reports every field of `part` (a serialized status part):
+/// each top-level field equal, and each condition in `part` equal to the object's condition of
+/// the same `type`. Conditions and fields `part` does not name belong to other controllers and
+/// are not compared.
+pub fn owns_unchanged(part: &serde_json::Value, current: &serde_json::Value) -> bool {
+    let Some(fields) = part.as_object() else {
+        return part == current;
+    };
+    fields.iter().all(|(key, want)| {
+        let have = current.get(key);
+        if key != "conditions" {
+            return have == Some(want);
         }
-        let mut status = fields;
-        if !merged.is_empty() {
-            let conditions = serde_json::to_value(&merged).map_err(|source| Error::Serialize {
-                kind: kind.clone(),
-                name: name.clone(),
-                source,
-            })?;
-            status.insert("conditions".into(), conditions);
-        }
-        let body = serde_json::json!({
-            "apiVersion": K::api_version(&()),
-            "kind": kind,
-            "status": status,
-        });
-        let params = PatchParams::apply(manager).force();
-        K::api_for(self.client.clone(), obj)
-            .patch_status(&name, &params, &Patch::Apply(&body))
-            .await
-            .map_err(|e| classify(e, &kind, &name))?;
-        tracing::info!(%kind, %name, manager, "status written");
-        Ok(Outcome::Patched)
-    }
+        let have = have
+            .and_then(|h| h.as_array())
+            .map_or(&[][..], Vec::as_slice);
+        want.as_array().is_some_and(|want| {
+            want.iter().all(|w| {
+                have.iter()
+                    .find(|h| h.get("type") == w.get("type"))
+                    .is_some_and(|h| h == w)
+            })
+        })
+    })
 }
 
 /// Turns an API error into the typed error callers branch on.
@@ -572,6 +576,98 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("kubectl apply -k config/default"), "{msg}");
         assert!(msg.contains(UNKNOWN_RESOURCE), "{msg}");
+        server.await.unwrap();
+    }
+
+    fn mesh_with(conditions: Vec<Condition>) -> Mesh {
+        let mut mesh = Mesh::new("default", MeshSpec::default());
+        mesh.metadata.generation = Some(2);
+        mesh.status = Some(MeshStatus {
+            conditions,
+            observed_generation: Some(2),
+            ..Default::default()
+        });
+        mesh
+    }
+
+    fn at(type_: &str, status: ConditionStatus, time: &str) -> Condition {
+        Condition {
+            last_transition_time: time.into(),
+            ..Condition::new(type_, status, "R", "", Some(2))
+        }
+    }
+
+    /// Issue 13 item 4: a controller applies only its own conditions under its own field
+    /// manager, so another controller's conditions are neither sent nor overwritten.
+    #[tokio::test]
+    async fn a_controller_applies_only_its_own_part_under_its_own_manager() {
+        let (writer, handle) = writer();
+        let ca = writer.for_controller("ca");
+        assert_eq!(ca.manager(), "trellis-operator/ca");
+        // The object reports the compiler's Programmed and an old CAReady.
+        let mesh = mesh_with(vec![
+            at("Programmed", ConditionStatus::True, "2026-01-01T00:00:00Z"),
+            at("CAReady", ConditionStatus::False, "2026-01-01T00:00:00Z"),
+        ]);
+        let part = MeshStatus {
+            conditions: vec![Condition::new(
+                "CAReady",
+                ConditionStatus::True,
+                "R",
+                "",
+                Some(2),
+            )],
+            ..Default::default()
+        };
+        let server = tokio::spawn(verify(
+            handle,
+            vec![Exchange {
+                method: Method::PATCH,
+                path: "/apis/trellis.dev/v1alpha1/meshes/default/status",
+                query: &[("fieldManager", "trellis-operator%2Fca"), ("force", "true")],
+                body: Some(json!({
+                    "apiVersion": "trellis.dev/v1alpha1",
+                    "kind": "Mesh",
+                    "status": {"conditions": [{
+                        "type": "CAReady", "status": "True", "reason": "R", "message": "",
+                        "lastTransitionTime": "2026-11-25T12:00:00Z", "observedGeneration": 2
+                    }]}
+                })),
+                status: StatusCode::OK,
+                reply: serde_json::to_value(&mesh).unwrap(),
+            }],
+        ));
+        assert_eq!(ca.apply(&mesh, part).await.unwrap(), Outcome::Patched);
+        server.await.unwrap();
+    }
+
+    /// The no-op check compares only the writer's part: others' conditions (in any order)
+    /// and fields do not make an unchanged part look changed.
+    #[tokio::test]
+    async fn an_unchanged_part_is_not_patched_whatever_the_others_report() {
+        let (writer, handle) = writer();
+        let mesh = mesh_with(vec![
+            at("Programmed", ConditionStatus::False, "2026-01-01T00:00:00Z"),
+            at("CAReady", ConditionStatus::True, "2026-01-02T00:00:00Z"),
+            at("Ready", ConditionStatus::False, "2026-01-01T00:00:00Z"),
+        ]);
+        let part = MeshStatus {
+            conditions: vec![Condition::new(
+                "CAReady",
+                ConditionStatus::True,
+                "R",
+                "",
+                Some(2),
+            )],
+            ..Default::default()
+        };
+        let server = tokio::spawn(verify(handle, vec![]));
+        let out = writer
+            .for_controller("ca")
+            .apply(&mesh, part)
+            .await
+            .unwrap();
+        assert_eq!(out, Outcome::Unchanged);
         server.await.unwrap();
     }
 

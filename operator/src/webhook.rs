@@ -12,6 +12,10 @@
 //!   [`MAX_BODY_BYTES`] are refused with 413 without being buffered, JSON that cannot be read at
 //!   all gets HTTP 400, and a readable review with a bad request gets a denial carrying its
 //!   `uid` and the reason. Non-pod objects and out-of-scope pods are allowed unchanged.
+//! - Memory is bounded: at most [`ServeOptions::max_concurrent`] reviews are read and decided
+//!   at once (others wait up to [`ServeOptions::queue_timeout`] before their body is read, then
+//!   get 503), and a review is parsed once, straight into typed structs ([`RawReview`], the pod
+//!   into `Pod`): no `serde_json::Value` tree of a 3 MiB body, no re-serialization.
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,8 +28,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use k8s_openapi::api::core::v1::Pod;
-use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
+use kube::core::admission::Operation;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -131,6 +134,13 @@ pub struct ServeOptions {
     pub body_timeout: Duration,
     /// How long in-flight requests may finish after shutdown.
     pub drain_timeout: Duration,
+    /// Reviews read and decided at once. Each may buffer a [`MAX_BODY_BYTES`] body and the pod
+    /// parsed from it, so this bounds the webhook's memory (the operator's limit is 256 Mi,
+    /// shared with the identity endpoint); a review takes milliseconds, so a few suffice.
+    pub max_concurrent: usize,
+    /// How long a review waits for a slot before it is answered 503 (well inside the API
+    /// server's 10 s webhook timeout).
+    pub queue_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -140,6 +150,8 @@ impl Default for ServeOptions {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            max_concurrent: 8,
+            queue_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -229,16 +241,61 @@ fn denied(uid: &str, message: &str) -> Value {
     })
 }
 
+/// An AdmissionReview as read from the wire: only what the webhook looks at, with the object
+/// left as raw JSON until the request is known to be a pod CREATE. Every field is optional so
+/// that a review missing one is answered with a denial naming it, not a parse error.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawReview<'a> {
+    #[serde(default)]
+    pub api_version: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default, borrow)]
+    pub request: Option<RawRequest<'a>>,
+}
+
+/// The `request` of a [`RawReview`].
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawRequest<'a> {
+    #[serde(default)]
+    pub uid: Option<String>,
+    #[serde(default)]
+    pub kind: RawKind,
+    #[serde(default)]
+    pub sub_resource: Option<String>,
+    #[serde(default)]
+    pub operation: Option<Operation>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default, borrow)]
+    pub object: Option<&'a serde_json::value::RawValue>,
+}
+
+/// `request.kind`.
+#[derive(serde::Deserialize, Default)]
+pub struct RawKind {
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub kind: String,
+}
+
 impl Injector {
     /// Answers one AdmissionReview body. Pure apart from metrics; the HTTP layer only moves
-    /// bytes.
+    /// bytes. The body is parsed once, into [`RawReview`].
     pub fn review(&self, body: &[u8]) -> Answer {
         let m = &self.metrics;
-        let value: Value = match serde_json::from_slice(body) {
-            Ok(v) => v,
+        let review: RawReview<'_> = match serde_json::from_slice(body) {
+            Ok(r) => r,
             Err(e) => {
                 m.deny("malformed");
-                let message = format!("request body is not JSON: {e}");
+                let message = if e.is_data() {
+                    format!("malformed AdmissionReview: {e}")
+                } else {
+                    format!("request body is not JSON: {e}")
+                };
                 // With the uid the API server shows our reason to the user; without it all we
                 // can do is fail the HTTP request.
                 return match recover_uid(body) {
@@ -247,23 +304,18 @@ impl Injector {
                 };
             }
         };
-        let uid = value
-            .pointer("/request/uid")
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let api_version = value
-            .get("apiVersion")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        let Some(uid) = uid else {
+        let api_version = review.api_version.clone().unwrap_or_default();
+        let Some((uid, request)) = review
+            .request
+            .and_then(|r| r.uid.clone().map(|uid| (uid, r)))
+        else {
             m.deny("malformed");
             return Answer::http_error(
                 StatusCode::BAD_REQUEST,
                 "not an AdmissionReview: request.uid is missing",
             );
         };
-        if value.get("kind").and_then(Value::as_str) != Some("AdmissionReview") {
+        if review.kind.as_deref() != Some("AdmissionReview") {
             m.deny("malformed");
             return Answer::review(
                 REVIEW_API_VERSION,
@@ -291,45 +343,32 @@ impl Injector {
                 ),
             );
         }
-        let review: AdmissionReview<DynamicObject> = match serde_json::from_value(value) {
-            Ok(r) => r,
-            Err(e) => {
-                m.deny("malformed");
-                return Answer::review(
-                    REVIEW_API_VERSION,
-                    denied(&uid, &format!("malformed AdmissionReview: {e}")),
-                );
-            }
-        };
-        let request: AdmissionRequest<DynamicObject> = match review.try_into() {
-            Ok(r) => r,
-            Err(_) => {
-                m.deny("malformed");
-                return Answer::review(
-                    REVIEW_API_VERSION,
-                    denied(&uid, "malformed AdmissionReview: no request"),
-                );
-            }
-        };
         Answer::review(REVIEW_API_VERSION, self.review_request(&uid, &request))
     }
 
-    fn review_request(&self, uid: &str, req: &AdmissionRequest<DynamicObject>) -> Value {
+    fn review_request(&self, uid: &str, req: &RawRequest<'_>) -> Value {
         let m = &self.metrics;
+        let Some(operation) = &req.operation else {
+            m.deny("malformed");
+            return denied(
+                uid,
+                "malformed AdmissionReview: request.operation is missing",
+            );
+        };
         let is_pod = req.kind.group.is_empty() && req.kind.kind == "Pod";
         if !is_pod || req.sub_resource.is_some() {
             m.skip("not_a_pod");
             return allowed(uid);
         }
-        if !matches!(req.operation, Operation::Create) {
+        if !matches!(operation, Operation::Create) {
             m.skip("not_create");
             return allowed(uid);
         }
-        let Some(object) = &req.object else {
+        let Some(object) = req.object.filter(|o| o.get() != "null") else {
             m.deny("malformed");
             return denied(uid, "CREATE request without an object");
         };
-        let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
+        let pod: Pod = match serde_json::from_str(object.get()) {
             Ok(p) => p,
             Err(e) => {
                 m.deny("malformed");
@@ -357,9 +396,20 @@ impl Injector {
             .unwrap_or_default();
         match decision {
             Decision::Skip { reason } => {
-                tracing::debug!(%namespace, pod = %pod_name, reason = reason.as_str(), "not injected");
                 m.skip(reason.as_str());
-                allowed(uid)
+                match reason.warning() {
+                    // The user asked for something we will not do: kubectl prints it.
+                    Some(warning) => {
+                        tracing::warn!(%namespace, pod = %pod_name, reason = reason.as_str(), "not injected: {warning}");
+                        let mut response = allowed(uid);
+                        response["warnings"] = json!([warning]);
+                        response
+                    }
+                    None => {
+                        tracing::debug!(%namespace, pod = %pod_name, reason = reason.as_str(), "not injected");
+                        allowed(uid)
+                    }
+                }
             }
             Decision::Deny { reason } => {
                 tracing::info!(%namespace, pod = %pod_name, %reason, "injection denied");
@@ -391,13 +441,29 @@ impl Injector {
         }
     }
 
-    async fn handle(self, opts: Arc<ServeOptions>, req: Request<Incoming>) -> Answer {
+    async fn handle(
+        self,
+        opts: Arc<ServeOptions>,
+        slots: Arc<tokio::sync::Semaphore>,
+        req: Request<Incoming>,
+    ) -> Answer {
         if req.uri().path() != "/inject" {
             return Answer::http_error(StatusCode::NOT_FOUND, "not found; POST /inject");
         }
         if req.method() != Method::POST {
             return Answer::http_error(StatusCode::METHOD_NOT_ALLOWED, "use POST /inject");
         }
+        // A slot before the body is read: at most `max_concurrent` bodies are buffered.
+        let _slot = match tokio::time::timeout(opts.queue_timeout, slots.acquire_owned()).await {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                self.metrics.deny("overloaded");
+                return Answer::http_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many admission reviews in flight; retry",
+                );
+            }
+        };
         let too_large = || {
             self.metrics.deny("too_large");
             Answer::http_error(
@@ -469,6 +535,7 @@ pub async fn serve_on(
     opts: ServeOptions,
     shutdown: CancellationToken,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_concurrent));
     let opts = Arc::new(opts);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -494,6 +561,7 @@ pub async fn serve_on(
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
         let injector = injector.clone();
         let opts = opts.clone();
+        let slots = slots.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
@@ -512,8 +580,11 @@ pub async fn serve_on(
             let service = hyper::service::service_fn(move |req| {
                 let injector = injector.clone();
                 let opts = opts.clone();
+                let slots = slots.clone();
                 async move {
-                    Ok::<_, std::convert::Infallible>(to_response(injector.handle(opts, req).await))
+                    Ok::<_, std::convert::Infallible>(to_response(
+                        injector.handle(opts, slots, req).await,
+                    ))
                 }
             });
             let conn = builder
@@ -601,6 +672,22 @@ pub fn mesh_from_event(event: kube::runtime::watcher::Event<crate::api::Mesh>) -
     }
 }
 
+/// Whether each watch the webhook reads has completed its first list. Until both have, the
+/// webhook would inject with the Mesh defaults and guess namespaces, so the replica reports
+/// not-ready (the runtime's `webhook-inputs` readiness check).
+#[derive(Debug, Default)]
+pub struct InputsSynced {
+    mesh: std::sync::atomic::AtomicBool,
+    namespaces: std::sync::atomic::AtomicBool,
+}
+
+impl InputsSynced {
+    pub fn is_synced(&self) -> bool {
+        use std::sync::atomic::Ordering::Acquire;
+        self.mesh.load(Acquire) && self.namespaces.load(Acquire)
+    }
+}
+
 /// Starts the two watches the webhook reads (the `default` Mesh and namespace metadata) and
 /// returns their channels; the tasks end with `shutdown`. Until the first events arrive the
 /// webhook injects with the Mesh defaults and treats namespaces as selected by the API server.
@@ -611,10 +698,23 @@ pub fn spawn_inputs(
     watch::Receiver<MeshSpec>,
     watch::Receiver<Arc<NamespaceLabels>>,
 ) {
+    spawn_inputs_tracked(client, shutdown, Arc::default())
+}
+
+/// [`spawn_inputs`], recording in `synced` when each watch has completed its first list.
+pub fn spawn_inputs_tracked(
+    client: kube::Client,
+    shutdown: CancellationToken,
+    synced: Arc<InputsSynced>,
+) -> (
+    watch::Receiver<MeshSpec>,
+    watch::Receiver<Arc<NamespaceLabels>>,
+) {
     use futures::StreamExt as _;
     use k8s_openapi::api::core::v1::Namespace;
     use kube::core::PartialObjectMeta;
     use kube::runtime::{WatchStreamExt as _, watcher};
+    use std::sync::atomic::Ordering::Release;
 
     let (mesh_tx, mesh_rx) = watch::channel(crate::inject::default_mesh());
     let (ns_tx, ns_rx) = watch::channel(Arc::new(NamespaceLabels::new()));
@@ -622,6 +722,7 @@ pub fn spawn_inputs(
     let meshes: kube::Api<crate::api::Mesh> = kube::Api::all(client.clone());
     let selector = format!("metadata.name={}", crate::api::MESH_NAME);
     let token = shutdown.clone();
+    let mesh_synced = synced.clone();
     tokio::spawn(async move {
         let mut events = watcher(meshes, watcher::Config::default().fields(&selector))
             .default_backoff()
@@ -635,8 +736,12 @@ pub fn spawn_inputs(
                 None => return,
                 Some(Err(e)) => tracing::warn!(error = %e, "webhook: Mesh watch failed; retrying"),
                 Some(Ok(event)) => {
+                    let listed = matches!(event, kube::runtime::watcher::Event::InitDone);
                     if let Some(spec) = mesh_from_event(event) {
                         mesh_tx.send_replace(spec);
+                    }
+                    if listed {
+                        mesh_synced.mesh.store(true, Release);
                     }
                 }
             }
@@ -669,8 +774,12 @@ pub fn spawn_inputs(
                         Event::Init => Event::Init,
                         Event::InitDone => Event::InitDone,
                     };
+                    let listed = matches!(event, Event::InitDone);
                     if index.apply(event) {
                         ns_tx.send_replace(Arc::new(index.labels().clone()));
+                    }
+                    if listed {
+                        synced.namespaces.store(true, Release);
                     }
                 }
             }
@@ -689,8 +798,13 @@ pub fn replica_server(
     (
         "webhook",
         Box::new(move |s: crate::runtime::Services| {
+            let synced = Arc::new(InputsSynced::default());
+            let check = synced.clone();
+            s.readiness
+                .check("webhook-inputs", Arc::new(move || check.is_synced()));
             Box::pin(async move {
-                let (mesh, namespaces) = spawn_inputs(s.client.clone(), s.shutdown.clone());
+                let (mesh, namespaces) =
+                    spawn_inputs_tracked(s.client.clone(), s.shutdown.clone(), synced);
                 let injector = {
                     let mut registry = s.registry.lock().unwrap_or_else(|e| e.into_inner());
                     Injector::new(

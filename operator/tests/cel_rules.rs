@@ -112,7 +112,7 @@ fn mesh_ca_is_self_signed_or_secret_not_both() {
 
 #[test]
 fn mesh_durations_follow_the_duration_grammar() {
-    for good in ["24h", "90m", "1h30m", "500ms", "1h0m0s"] {
+    for good in ["24h", "90m", "1h30m", "10m", "1h0m0s"] {
         pass(mesh("default", json!({"workloadCertTtl": good})));
     }
     for bad in ["1d", "24", "1 h", "", "h", "24H", "-1h", "1.5h"] {
@@ -137,6 +137,34 @@ fn mesh_durations_follow_the_duration_grammar() {
         mesh("default", json!({"workloadCertTtl": "1".repeat(40) + "s"})),
         "longer than 32",
     );
+}
+
+/// Issue 13 item 6: a 0s TTL (certificates expire on issue) and a root validity that would
+/// overflow certificate dates are refused at `kubectl apply`, naming the range.
+#[test]
+fn mesh_ca_durations_are_in_range() {
+    for bad in ["0s", "500ms", "9m59s", "2161h"] {
+        fail(
+            mesh("default", json!({"workloadCertTtl": bad})),
+            "must be between 10m and 2160h",
+        );
+    }
+    pass(mesh("default", json!({"workloadCertTtl": "2160h"})));
+    for bad in ["23h", "876001h", "99999999h"] {
+        fail(
+            mesh(
+                "default",
+                json!({"ca": {"selfSigned": {"rootValidity": bad}}}),
+            ),
+            "must be between 24h and 876000h",
+        );
+    }
+    for good in ["24h", "876000h", "8760h"] {
+        pass(mesh(
+            "default",
+            json!({"ca": {"selfSigned": {"rootValidity": good}}}),
+        ));
+    }
 }
 
 #[test]
@@ -335,7 +363,11 @@ fn outlier_detection_and_rate_limit_are_bounded() {
     pass(rl(json!({"requestsPerSecond": 100, "burst": 200})));
     fail(
         rl(json!({"requestsPerSecond": 0})),
-        "requestsPerSecond must be at least 1",
+        "requestsPerSecond must be 1 to 1000000000",
+    );
+    fail(
+        rl(json!({"requestsPerSecond": 4_000_000_000u64})),
+        "requestsPerSecond must be 1 to 1000000000",
     );
 }
 
@@ -393,7 +425,11 @@ fn duration_rule_agrees_with_the_parser() {
         "99999999999999999999999h",
     ];
     for input in inputs {
-        let admitted = support::admit("Mesh", &mesh("default", json!({"workloadCertTtl": input})));
+        // A duration field without a range rule: only the grammar decides.
+        let admitted = support::admit(
+            "Mesh",
+            &mesh("default", json!({"rollout": {"progressDeadline": input}})),
+        );
         let parsed = trellis_operator::duration::parse(input);
         // The parser may still refuse numbers too large for a u64 of milliseconds; everything
         // else must agree.
@@ -405,5 +441,52 @@ fn duration_rule_agrees_with_the_parser() {
             parsed.is_ok(),
             "{input:?}: schema says {admitted:?}, parser says {parsed:?}"
         );
+    }
+    // With a range (workloadCertTtl), the CEL rules and the run-time check agree too.
+    for input in inputs
+        .iter()
+        .chain(&["10m", "9m59s", "2160h", "2160h1ms", "600s"])
+    {
+        let admitted = support::admit("Mesh", &mesh("default", json!({"workloadCertTtl": input})));
+        let checked = trellis_operator::api::mesh::WORKLOAD_CERT_TTL.check(input);
+        if checked
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("too large"))
+        {
+            continue;
+        }
+        assert_eq!(
+            admitted.is_ok(),
+            checked.is_ok(),
+            "{input:?}: schema says {admitted:?}, run-time check says {checked:?}"
+        );
+    }
+}
+
+/// A collector the sidecars would refuse makes every namespace's compiled config invalid, so it
+/// is refused when the Mesh is applied instead.
+#[test]
+fn mesh_tracing_collector_is_an_address_the_sidecars_accept() {
+    let with = |c: &str| {
+        mesh(
+            "default",
+            json!({"observability": {"tracing": {"enabled": true, "collector": c}}}),
+        )
+    };
+    for good in [
+        "jaeger.tracing:4317",
+        "http://otel.observability.svc:4317",
+        "10.0.0.1:4317",
+    ] {
+        pass(with(good));
+    }
+    for bad in [
+        "https://otel:4317",
+        "otel",
+        "otel:port",
+        "http://otel:4317/v1",
+        "a b:4317",
+    ] {
+        fail(with(bad), "collector must be host:port or http://host:port");
     }
 }

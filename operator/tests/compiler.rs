@@ -10,8 +10,8 @@ use compiler_fixtures::*;
 use trellis_operator::api::Condition;
 use trellis_operator::api::peer_authentication::MtlsMode as M;
 use trellis_operator::api::traffic_policy::{
-    GrpcCode, HashSpec, LbAlgorithm, LoadBalancerSpec, RetriesSpec, RetryOn, SplitBackend,
-    TimeoutsSpec,
+    GrpcCode, HashSpec, LbAlgorithm, LoadBalancerSpec, RateLimitSpec, RetriesSpec, RetryOn,
+    SplitBackend, TimeoutsSpec,
 };
 use trellis_operator::compiler::visibility::{EXPORT_TO_ANNOTATION, IMPORT_FROM_ANNOTATION};
 use trellis_operator::compiler::{
@@ -552,6 +552,28 @@ fn nonsense_is_invalid_with_a_message() {
             Box::new(|s| s.target_ref.kind = "Deployment".into()),
             "only Service",
         ),
+        // Values the sidecar cannot represent are the policy's fault, reported on the policy
+        // (not a namespace-wide InvalidConfig the sidecars would refuse).
+        (
+            "huge-timeout",
+            Box::new(|s| {
+                s.timeouts = Some(TimeoutsSpec {
+                    request: Some("100000h".into()),
+                    ..Default::default()
+                })
+            }),
+            "at most 720h",
+        ),
+        (
+            "huge-rate",
+            Box::new(|s| {
+                s.rate_limit = Some(RateLimitSpec {
+                    requests_per_second: u32::MAX,
+                    burst: None,
+                })
+            }),
+            "rateLimit.requestsPerSecond",
+        ),
     ];
     let mut world = shop();
     let names: Vec<&str> = cases.iter().map(|c| c.0).collect();
@@ -564,7 +586,7 @@ fn nonsense_is_invalid_with_a_message() {
         assert_eq!(a.reason, "Invalid", "{name}");
         assert!(a.message.contains(needle), "{name}: {}", a.message);
     }
-    assert_eq!(names.len(), 6);
+    assert_eq!(names.len(), 8);
     assert!(
         config(&out, "shop")
             .service("reviews.shop")
@@ -880,11 +902,10 @@ fn namespace_selection() {
         .with(namespace("plain"));
     let out = compile(&world.snap);
     let meshed: Vec<_> = out.meshed.iter().map(String::as_str).collect();
-    assert_eq!(meshed, ["labelled", "pay"]);
-    assert_eq!(
-        out.configs.keys().cloned().collect::<Vec<_>>(),
-        ["labelled", "pay"]
-    );
+    // A custom selector is the whole rule, as in the webhook configuration: `labelled` carries
+    // only the default label, so its pods are never injected and it gets no config.
+    assert_eq!(meshed, ["pay"]);
+    assert_eq!(out.configs.keys().cloned().collect::<Vec<_>>(), ["pay"]);
 }
 
 #[test]

@@ -26,9 +26,9 @@ use trellis_operator::status::StatusWriter;
 
 const NOW: &str = "2026-11-25T17:00:00Z";
 
-/// The shared status writer, with a fixed clock.
+/// The shared status writer, with a fixed clock, as the compile controller uses it.
 fn writer(client: Client) -> StatusWriter {
-    StatusWriter::with_clock(client, Arc::new(|| NOW.to_string()))
+    StatusWriter::with_clock(client, Arc::new(|| NOW.to_string())).for_controller("compile")
 }
 
 fn world_with_policy() -> World {
@@ -62,7 +62,14 @@ async fn new_policy_applies_the_namespace_config_and_its_status() {
     let out = compile(&w.snap);
     let cms = plan_configmaps(&out, &[], mesh.as_deref());
     assert_eq!(cms.len(), 1, "one meshed namespace: {cms:?}");
-    let status = plan_status(&out, &w.snap.traffic_policies, &[], mesh.as_ref(), NOW);
+    let status = plan_status(
+        &out,
+        &w.snap.traffic_policies,
+        &[],
+        mesh.as_ref(),
+        &w.snap.pods,
+        NOW,
+    );
     // The TrafficPolicy and the Mesh.
     assert_eq!(status.len(), 2);
 
@@ -126,12 +133,14 @@ async fn new_policy_applies_the_namespace_config_and_its_status() {
         assert_eq!(b["kind"], "Mesh");
         let conds = b["status"]["conditions"].as_array().unwrap();
         let types: Vec<_> = conds.iter().map(|c| c["type"].as_str().unwrap()).collect();
-        assert_eq!(
-            types,
-            ["CAReady", "Programmed", "Degraded"],
-            "others' conditions are kept"
-        );
-        assert_eq!(conds[0]["lastTransitionTime"], "2026-01-01T00:00:00Z");
+        // Only the compiler's own part: the API server merges it with the CAReady another
+        // controller applied (conditions are a map list keyed by type).
+        assert_eq!(types, ["Programmed", "Degraded", "ProxiesUpToDate"]);
+        // The fixture's two injected pods carry proxy-version `0.1.0`, not the Mesh's image.
+        assert_eq!(b["status"]["proxies"], json!({"total": 2, "upToDate": 0}));
+        assert_eq!(conds[2]["status"], "False");
+        assert_eq!(conds[2]["reason"], "OutOfDate");
+        assert!(b["status"].get("observedGeneration").is_none(), "{b}");
     };
     let v = verifier(
         handle,
@@ -144,13 +153,13 @@ async fn new_policy_applies_the_namespace_config_and_its_status() {
             ),
             exchange(
                 Method::PATCH,
-                "/apis/trellis.dev/v1alpha1/namespaces/shop/trafficpolicies/reviews/status?&force=true&fieldManager=trellis-operator",
+                "/apis/trellis.dev/v1alpha1/namespaces/shop/trafficpolicies/reviews/status?&force=true&fieldManager=trellis-operator%2Fcompile",
                 check_tp,
                 serde_json::to_value(w.snap.traffic_policies[0].as_ref()).unwrap(),
             ),
             exchange(
                 Method::PATCH,
-                "/apis/trellis.dev/v1alpha1/meshes/default/status?&force=true&fieldManager=trellis-operator",
+                "/apis/trellis.dev/v1alpha1/meshes/default/status?&force=true&fieldManager=trellis-operator%2Fcompile",
                 check_mesh,
                 serde_json::to_value(mesh.as_deref().unwrap()).unwrap(),
             ),
@@ -167,7 +176,14 @@ async fn new_policy_applies_the_namespace_config_and_its_status() {
         ..Default::default()
     });
     let m = Arc::new(m);
-    let status = plan_status(&out, &w.snap.traffic_policies, &[], Some(&m), NOW);
+    let status = plan_status(
+        &out,
+        &w.snap.traffic_policies,
+        &[],
+        Some(&m),
+        &w.snap.pods,
+        NOW,
+    );
     let applier = Applier::new(client.clone(), writer(client), None);
     let (stats, errors) = applier.apply(&cms, &status, Some(&m)).await;
     assert!(errors.is_empty(), "{errors:?}");
@@ -191,8 +207,12 @@ async fn unchanged_config_and_status_issue_no_request() {
     );
     let tps = vec![with_status(&w.snap.traffic_policies[0], earlier)];
     let mut m = (*mesh.clone().unwrap()).clone();
+    let (counts, proxies) = trellis_operator::controller::proxies::report(&[], &m);
+    let mut mine = out.mesh.clone();
+    mine.push(proxies);
     m.status = Some(MeshStatus {
-        conditions: merge_conditions(&[], out.mesh.clone(), "2026-11-25T16:00:00Z"),
+        conditions: merge_conditions(&[], mine, "2026-11-25T16:00:00Z"),
+        proxies: Some(counts),
         ..Default::default()
     });
 
@@ -200,7 +220,7 @@ async fn unchanged_config_and_status_issue_no_request() {
     let again = compile(&w.snap);
     let cms = plan_configmaps(&again, &observed, Some(&m));
     let m = Arc::new(m);
-    let status = plan_status(&again, &tps, &[], Some(&m), NOW);
+    let status = plan_status(&again, &tps, &[], Some(&m), &[], NOW);
     assert!(cms.is_empty(), "{cms:?}");
     assert!(status.is_empty(), "{status:?}");
 
@@ -239,7 +259,7 @@ async fn conflict_patches_status_and_emits_a_warning_event() {
         .find(|t| t.name_any() == "late")
         .unwrap()
         .clone();
-    let status = plan_status(&out, std::slice::from_ref(&late), &[], None, NOW);
+    let status = plan_status(&out, std::slice::from_ref(&late), &[], None, &[], NOW);
     assert_eq!(status.len(), 1);
     assert!(matches!(status[0].target, StatusTarget::TrafficPolicy(..)));
 
@@ -249,7 +269,7 @@ async fn conflict_patches_status_and_emits_a_warning_event() {
         vec![
             exchange(
                 Method::PATCH,
-                "/apis/trellis.dev/v1alpha1/namespaces/shop/trafficpolicies/late/status?&force=true&fieldManager=trellis-operator",
+                "/apis/trellis.dev/v1alpha1/namespaces/shop/trafficpolicies/late/status?&force=true&fieldManager=trellis-operator%2Fcompile",
                 |b| {
                     let c = &b["status"]["conditions"][0];
                     assert_eq!(c["type"], "Accepted");

@@ -123,10 +123,13 @@ async fn refuses_denied_unauthenticated_wrong_audience_and_unbound_tokens() {
             "not a service account",
         ),
     ];
-    for (answer, status, why) in cases {
+    // One token per case: a refused token's review is cached, so sending the same token again
+    // would be answered without asking the API server.
+    for (i, (answer, status, why)) in cases.into_iter().enumerate() {
+        let token = format!("{TOKEN}{i}");
         let ((), ()) = tokio::join!(
-            refused(&ep, Some(TOKEN), body(&csr), status, why),
-            api.token_review(TOKEN, answer)
+            refused(&ep, Some(&token), body(&csr), status, why),
+            api.token_review(&token, answer)
         );
     }
     api.no_more_calls().await;
@@ -288,5 +291,186 @@ async fn token_review_outage_is_a_503_and_issues_nothing() {
             .contains("TokenReview failed")
     );
     assert_eq!(ep.service.metrics().issued(), 0);
+    ep.stop().await;
+}
+
+/// Issue 13 item 6: a garbage token costs one TokenReview, then is answered from the cache;
+/// a source sending many garbage tokens is limited before any TokenReview, while other
+/// sources are still served.
+#[tokio::test]
+async fn garbage_tokens_cannot_make_one_token_review_per_request() {
+    let config = IdentityConfig {
+        source_burst: 5.0,
+        source_per_sec: 0.001,
+        ..IdentityConfig::default()
+    };
+    let (ep, mut api) = start(Duration::from_secs(3600), config).await;
+    let bundle = ep.bundle_pem();
+    let (_, req) = csr(&[]);
+    // The same garbage token three times: one review.
+    let ((code, _), ()) = tokio::join!(
+        post(
+            ep.addr,
+            &bundle,
+            CERTIFICATE_PATH,
+            Some("garbage"),
+            body(&req)
+        ),
+        api.token_review("garbage", review_denied("[invalid bearer token]"))
+    );
+    assert_eq!(code, 401);
+    for _ in 0..2 {
+        let (code, json) = post(
+            ep.addr,
+            &bundle,
+            CERTIFICATE_PATH,
+            Some("garbage"),
+            body(&req),
+        )
+        .await;
+        assert_eq!(code, 401, "{json}");
+        assert!(
+            json["error"]
+                .as_str()
+                .unwrap()
+                .contains("not authenticated"),
+            "{json}"
+        );
+    }
+    api.no_more_calls().await;
+    // Fresh garbage from the same source: two more reviews use up its budget of 5 requests.
+    for i in 0..2 {
+        let token = format!("garbage-{i}");
+        let ((code, _), ()) = tokio::join!(
+            post(ep.addr, &bundle, CERTIFICATE_PATH, Some(&token), body(&req)),
+            api.token_review(&token, review_denied("[invalid bearer token]"))
+        );
+        assert_eq!(code, 401);
+    }
+    for i in 2..50 {
+        let token = format!("garbage-{i}");
+        let (code, json) = post(ep.addr, &bundle, CERTIFICATE_PATH, Some(&token), body(&req)).await;
+        assert_eq!(code, 429, "{json}");
+        assert!(
+            json["error"].as_str().unwrap().contains("127.0.0.1"),
+            "{json}"
+        );
+    }
+    api.no_more_calls().await;
+    assert_eq!(ep.service.metrics().token_reviews(), 3);
+    // Another pod (source address) is served meanwhile.
+    let other: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let ((code, json), ()) = tokio::join!(
+        post_from(
+            other,
+            ep.addr,
+            &bundle,
+            CERTIFICATE_PATH,
+            Some(TOKEN),
+            body(&req)
+        ),
+        api.token_review(TOKEN, review_allowed("shop", "reviews"))
+    );
+    assert_eq!(code, 200, "{json}");
+    let text = metrics_text(&ep);
+    assert!(
+        text.contains("reason=\"source_rate_limited\"} 48"),
+        "{text}"
+    );
+    assert!(
+        text.contains("trellis_identity_review_cache_hits_total 2"),
+        "{text}"
+    );
+    ep.stop().await;
+}
+
+/// An accepted token is reviewed once and reused until it expires (capped), so a sidecar's
+/// retries do not each cost a TokenReview.
+#[tokio::test]
+async fn a_valid_token_is_reviewed_once_while_it_is_valid() {
+    let (ep, mut api) = start(Duration::from_secs(3600), IdentityConfig::default()).await;
+    let bundle = ep.bundle_pem();
+    let token = jwt_expiring_in(3600, "a");
+    let (_, req) = csr(&[]);
+    let ((code, _), ()) = tokio::join!(
+        post(ep.addr, &bundle, CERTIFICATE_PATH, Some(&token), body(&req)),
+        api.token_review(&token, review_allowed("shop", "reviews"))
+    );
+    assert_eq!(code, 200);
+    let (code, json) = post(ep.addr, &bundle, CERTIFICATE_PATH, Some(&token), body(&req)).await;
+    assert_eq!(code, 200, "{json}");
+    api.no_more_calls().await;
+    assert_eq!(ep.service.metrics().issued(), 2);
+    assert_eq!(ep.service.metrics().token_reviews(), 1);
+    // An already expired token is never cached: each use is reviewed (and the API server
+    // refuses it).
+    let expired = jwt_expiring_in(0, "b");
+    for _ in 0..2 {
+        let ((code, _), ()) = tokio::join!(
+            post(
+                ep.addr,
+                &bundle,
+                CERTIFICATE_PATH,
+                Some(&expired),
+                body(&req)
+            ),
+            api.token_review(&expired, review_allowed("shop", "reviews"))
+        );
+        assert_eq!(code, 200);
+    }
+    ep.stop().await;
+}
+
+/// At most `max_in_flight` requests are processed at once: past it, 503 without a
+/// TokenReview.
+#[tokio::test]
+async fn requests_past_the_concurrency_limit_get_503_without_a_token_review() {
+    let config = IdentityConfig {
+        max_in_flight: 1,
+        ..IdentityConfig::default()
+    };
+    let (ep, mut api) = start(Duration::from_secs(3600), config).await;
+    let bundle = ep.bundle_pem();
+    let (_, req) = csr(&[]);
+    let first = tokio::spawn({
+        let bundle = bundle.clone();
+        let req = req.clone();
+        let addr = ep.addr;
+        async move { post(addr, &bundle, CERTIFICATE_PATH, Some(TOKEN), body(&req)).await }
+    });
+    // The first request's TokenReview arrives and is held: it occupies the one slot.
+    let (review, send) = tokio::time::timeout(Duration::from_secs(5), api.0.next_request())
+        .await
+        .unwrap()
+        .unwrap();
+    drop(review);
+    let (code, json) = post(ep.addr, &bundle, CERTIFICATE_PATH, Some(TOKEN), body(&req)).await;
+    assert_eq!(code, 503, "{json}");
+    assert!(
+        json["error"].as_str().unwrap().contains("in flight"),
+        "{json}"
+    );
+    api.no_more_calls().await;
+    send.send_response(
+        http::Response::builder()
+            .status(201)
+            .body(kube::client::Body::from(
+                serde_json::to_vec(&review_allowed("shop", "reviews")).unwrap(),
+            ))
+            .unwrap(),
+    );
+    let (code, _) = first.await.unwrap();
+    assert_eq!(code, 200);
+    ep.stop().await;
+}
+
+/// An oversized token is refused without a TokenReview.
+#[tokio::test]
+async fn an_oversized_token_is_refused_without_a_token_review() {
+    let (ep, mut api) = start(Duration::from_secs(3600), IdentityConfig::default()).await;
+    let (_, req) = csr(&[]);
+    let huge = "a".repeat(trellis_operator::identity::MAX_TOKEN_BYTES + 1);
+    refused(&ep, Some(&huge), body(&req), 401, "longer than").await;
+    api.no_more_calls().await;
     ep.stop().await;
 }

@@ -6,8 +6,17 @@ use std::time::Duration;
 use http::{Method, Request, Response};
 use kube::client::Body;
 use serde_json::{Value, json};
+use trellis_operator::api::Mesh;
+use trellis_operator::api::MeshSpec;
 use trellis_operator::api::mesh::FailurePolicy;
 use trellis_operator::inject::{default_mesh, webhook_config};
+
+/// The Mesh as the API server returns it: with a uid, so the configuration can be owned.
+fn owned(spec: MeshSpec) -> Mesh {
+    let mut m = Mesh::new("default", spec);
+    m.metadata.uid = Some("5f0c2a4e-0000-4000-8000-00000000mesh".into());
+    m
+}
 
 const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
 
@@ -28,7 +37,7 @@ fn golden(name: &str, actual: &Value) {
 fn desired_configuration() {
     let mut mesh = default_mesh();
     mesh.injection.excluded_namespaces = vec!["legacy".into()];
-    let cfg = webhook_config::desired(&mesh, CA, "trellis-system");
+    let cfg = webhook_config::desired(&owned(mesh), CA, "trellis-system");
     let v = serde_json::to_value(&cfg).unwrap();
     golden("webhook-config.json", &v);
 
@@ -56,7 +65,13 @@ fn desired_configuration() {
     );
     assert_eq!(
         hook["namespaceSelector"]["matchExpressions"][0]["values"],
-        json!(["kube-public", "kube-system", "legacy", "trellis-system"])
+        json!([
+            "kube-node-lease",
+            "kube-public",
+            "kube-system",
+            "legacy",
+            "trellis-system"
+        ])
     );
 }
 
@@ -64,7 +79,7 @@ fn desired_configuration() {
 fn failure_policy_is_copied_from_the_mesh() {
     let mut mesh = default_mesh();
     mesh.injection.failure_policy = FailurePolicy::Ignore;
-    let cfg = webhook_config::desired(&mesh, CA, "trellis-system");
+    let cfg = webhook_config::desired(&owned(mesh), CA, "trellis-system");
     for hook in cfg.webhooks.unwrap() {
         assert_eq!(hook.failure_policy.as_deref(), Some("Ignore"));
     }
@@ -74,7 +89,7 @@ fn failure_policy_is_copied_from_the_mesh() {
 async fn applier_sends_one_server_side_apply() {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
-    let desired = webhook_config::desired(&default_mesh(), CA, "trellis-system");
+    let desired = webhook_config::desired(&owned(default_mesh()), CA, "trellis-system");
     let expected_body = serde_json::to_value(&desired).unwrap();
 
     let verifier = tokio::spawn(async move {
@@ -121,4 +136,17 @@ async fn applier_sends_one_server_side_apply() {
         .await
         .expect("verifier hung")
         .unwrap();
+}
+
+/// Deleting the Mesh, or the CRDs (`kubectl delete -k config/default`), must take the
+/// configuration with it through garbage collection, even with no operator left to do it.
+#[test]
+fn the_configuration_is_owned_by_the_mesh() {
+    let cfg = webhook_config::desired(&owned(default_mesh()), CA, "trellis-system");
+    let v = serde_json::to_value(&cfg).unwrap();
+    assert_eq!(
+        v["metadata"]["ownerReferences"],
+        json!([{"apiVersion": "trellis.dev/v1alpha1", "kind": "Mesh", "name": "default",
+                "uid": "5f0c2a4e-0000-4000-8000-00000000mesh", "controller": true}])
+    );
 }

@@ -39,6 +39,11 @@ fn kubectl() -> Option<PathBuf> {
 
 /// The rendered install, or `None` (with a printed reason) when kubectl is not installed.
 fn render() -> Option<(String, Vec<Value>)> {
+    render_dir(&repo_root().join("config/default"))
+}
+
+/// `kubectl kustomize <dir>`, or `None` (with a printed reason) when kubectl is not installed.
+fn render_dir(dir: &Path) -> Option<(String, Vec<Value>)> {
     let Some(kubectl) = kubectl() else {
         eprintln!(
             "SKIP: kubectl is not installed; run hack/validate-manifests.sh --install to render config/default"
@@ -46,13 +51,14 @@ fn render() -> Option<(String, Vec<Value>)> {
         return None;
     };
     let out = Command::new(kubectl)
-        .args(["kustomize", "config/default"])
-        .current_dir(repo_root())
+        .arg("kustomize")
+        .arg(dir)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "kubectl kustomize config/default failed:\n{}",
+        "kubectl kustomize {} failed:\n{}",
+        dir.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
@@ -151,6 +157,7 @@ fn install_has_what_the_design_promises() {
     assert_eq!(deploy["spec"]["replicas"], 2);
     let pod = &deploy["spec"]["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], "trellis-operator");
+    assert_eq!(pod["priorityClassName"], "system-cluster-critical");
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(
         pod["securityContext"]["seccompProfile"]["type"],
@@ -260,6 +267,99 @@ fn every_rbac_rule_is_explained() {
                 );
             }
         }
+    }
+}
+
+/// An install into another namespace (a kustomize overlay with `namespace:`, as OLM or a
+/// platform team would do): every object lands there, the bindings name its ServiceAccount,
+/// nothing still says `trellis-system`, and what the operator derives from `POD_NAMESPACE`
+/// (the webhook's Service reference, the serving certificate's names, the identity endpoint
+/// sidecars call) names the Service the install actually creates.
+#[test]
+fn install_into_another_namespace_follows_it_everywhere() {
+    const NS: &str = "mesh-ops";
+    let dir = tempfile::tempdir().unwrap();
+    // kustomize refuses absolute paths to bases: walk up from the overlay to `/`.
+    let up = "../".repeat(dir.path().components().count() - 1);
+    let base = format!("{up}{}", repo_root().join("config/default").display()).replace("//", "/");
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+             namespace: {NS}\nresources:\n  - {base}\n"
+        ),
+    )
+    .unwrap();
+    let Some((text, docs)) = render_dir(dir.path()) else {
+        return;
+    };
+    assert!(
+        !text.contains("trellis-system"),
+        "the overlay still renders trellis-system:\n{}",
+        text.lines()
+            .filter(|l| l.contains("trellis-system"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    find(&docs, "Namespace", NS);
+    for d in &docs {
+        if let Some(ns) = d["metadata"]["namespace"].as_str() {
+            assert_eq!(ns, NS, "{}", d["metadata"]["name"]);
+        }
+    }
+    for (kind, name) in [
+        ("ClusterRoleBinding", "trellis-operator"),
+        ("RoleBinding", "trellis-operator"),
+    ] {
+        let subjects = &find(&docs, kind, name)["subjects"];
+        assert_eq!(
+            subjects,
+            &serde_json::json!([{"kind": "ServiceAccount", "name": "trellis-operator", "namespace": NS}]),
+            "{kind}"
+        );
+    }
+    let deploy = find(&docs, "Deployment", "trellis-operator");
+    let env = deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    let pod_ns = env.iter().find(|e| e["name"] == "POD_NAMESPACE").unwrap();
+    assert_eq!(
+        pod_ns["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+
+    // What an operator told `POD_NAMESPACE=mesh-ops` derives must reach this Service.
+    let svc = find(&docs, "Service", "trellis-operator");
+    let svc_dns = format!(
+        "{}.{}.svc",
+        svc["metadata"]["name"].as_str().unwrap(),
+        svc["metadata"]["namespace"].as_str().unwrap()
+    );
+    let svc_port = |name: &str| {
+        svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["port"]
+            .as_i64()
+            .unwrap()
+    };
+    assert!(
+        trellis_operator::identity::replica::service_names(NS).contains(&svc_dns),
+        "the serving certificate does not name {svc_dns}"
+    );
+    assert_eq!(
+        trellis_operator::controller::compile_settings(NS).identity_endpoint,
+        Some(format!("https://{svc_dns}:{}", svc_port("https-identity")))
+    );
+    let mut mesh = trellis_operator::api::Mesh::new("default", Default::default());
+    mesh.metadata.uid = Some("uid".into());
+    let hook = trellis_operator::inject::webhook_config::desired(&mesh, "pem", NS);
+    for w in hook.webhooks.unwrap() {
+        let s = w.client_config.service.unwrap();
+        assert_eq!(format!("{}.{}.svc", s.name, s.namespace), svc_dns);
+        assert_eq!(i64::from(s.port.unwrap()), svc_port("https-webhook"));
     }
 }
 

@@ -77,6 +77,10 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Harness {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(tune: impl FnOnce(&mut ServeOptions)) -> Harness {
         let pki = pki();
         let (tls_tx, tls_rx) = watch::channel(pki.server.clone());
         let mut registry = Registry::default();
@@ -104,7 +108,10 @@ impl Harness {
             header_timeout: Duration::from_millis(500),
             handshake_timeout: Duration::from_millis(500),
             drain_timeout: Duration::from_secs(1),
+            ..ServeOptions::default()
         };
+        let mut opts = opts;
+        tune(&mut opts);
         let server = tokio::spawn(serve_on(listener, tls_rx, injector, opts, shutdown.clone()));
         Harness {
             addr,
@@ -581,5 +588,93 @@ async fn silent_connection_is_closed() {
         .expect("server kept a silent connection open")
         .unwrap_or(0);
     assert_eq!(n, 0, "expected the server to close the connection");
+    h.stop().await;
+}
+
+/// Issue 13 item 6: reviews are read and decided at most `max_concurrent` at a time; one that
+/// cannot get a slot within `queue_timeout` gets 503 without its body being buffered, and the
+/// webhook answers again as soon as a slot frees.
+#[tokio::test]
+async fn reviews_past_the_concurrency_limit_wait_then_get_503() {
+    let h = Harness::start_with(|o| {
+        o.max_concurrent = 1;
+        o.queue_timeout = Duration::from_millis(200);
+        o.body_timeout = Duration::from_secs(3);
+    })
+    .await;
+    // A request whose body stalls holds the only slot.
+    let mut stalled = h.tls(&h.pki.ca_der).await.unwrap();
+    stalled
+        .write_all(
+            format!("POST /inject HTTP/1.1\r\nhost: {SAN}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let (status, body) = h
+        .post(
+            serde_json::to_vec(&review("admission.k8s.io/v1", "Pod", "shop", plain_pod())).unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("in flight"), "{body}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "it waited for a slot first"
+    );
+    // The stalled client goes away: its slot frees, and reviews are answered again.
+    drop(stalled);
+    let v = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let (status, body) = h
+                .post(
+                    serde_json::to_vec(&review("admission.k8s.io/v1", "Pod", "shop", plain_pod()))
+                        .unwrap(),
+                )
+                .await;
+            if status == StatusCode::OK {
+                break serde_json::from_str::<Value>(&body).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the slot was never released");
+    assert_eq!(v["response"]["allowed"], true);
+    assert!(
+        h.metrics()
+            .contains(r#"trellis_injector_denials_total{reason="overloaded"}"#),
+        "{}",
+        h.metrics()
+    );
+    h.stop().await;
+}
+
+/// A review that parses but lacks what a decision needs is denied with its uid and the reason.
+#[tokio::test]
+async fn incomplete_reviews_are_denied_with_the_reason() {
+    let h = Harness::start().await;
+    let mut r = review("admission.k8s.io/v1", "Pod", "shop", plain_pod());
+    r["request"].as_object_mut().unwrap().remove("operation");
+    let v = h.post_review(&r).await;
+    assert_eq!(v["response"]["uid"], UID);
+    assert_eq!(v["response"]["allowed"], false);
+    let msg = v["response"]["status"]["message"].as_str().unwrap();
+    assert!(msg.contains("request.operation is missing"), "{msg}");
+    let mut r = review("admission.k8s.io/v1", "Pod", "shop", plain_pod());
+    r["request"]["object"] = Value::Null;
+    let v = h.post_review(&r).await;
+    assert_eq!(v["response"]["allowed"], false);
+    let msg = v["response"]["status"]["message"].as_str().unwrap();
+    assert!(msg.contains("without an object"), "{msg}");
+    // A field of the wrong type deep in the review: a denial, not an HTTP error.
+    let mut r = review("admission.k8s.io/v1", "Pod", "shop", plain_pod());
+    r["request"]["namespace"] = json!(42);
+    let v = h.post_review(&r).await;
+    assert_eq!(v["response"]["allowed"], false);
+    let msg = v["response"]["status"]["message"].as_str().unwrap();
+    assert!(msg.contains("malformed AdmissionReview"), "{msg}");
     h.stop().await;
 }

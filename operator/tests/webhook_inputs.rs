@@ -6,7 +6,7 @@ use http::{Request, Response};
 use kube::client::Body;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use trellis_operator::webhook::spawn_inputs;
+use trellis_operator::webhook::{InputsSynced, spawn_inputs_tracked};
 
 fn ok(body: &Value) -> Response<Body> {
     Response::builder()
@@ -28,7 +28,10 @@ async fn watches_publish_the_mesh_and_namespace_labels() {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
     let shutdown = CancellationToken::new();
-    let (mut mesh_rx, mut ns_rx) = spawn_inputs(client, shutdown.clone());
+    let synced = std::sync::Arc::new(InputsSynced::default());
+    let (mut mesh_rx, mut ns_rx) = spawn_inputs_tracked(client, shutdown.clone(), synced.clone());
+    // Issue 13 item 5: nothing listed yet, so the replica must not report ready.
+    assert!(!synced.is_synced());
     // Before anything is observed: defaults, and no namespace known.
     assert_eq!(
         mesh_rx.borrow().proxy.image,
@@ -132,6 +135,14 @@ async fn watches_publish_the_mesh_and_namespace_labels() {
     tokio::time::timeout(Duration::from_secs(5), wait)
         .await
         .expect("watches did not publish the observed state");
+    // Both first lists are complete: the webhook's inputs are synced.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !synced.is_synced() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("inputs never reported synced after both lists");
     shutdown.cancel();
     // The watch tasks end with shutdown and drop the client, which ends the verifier.
     let seen = tokio::time::timeout(Duration::from_secs(5), verifier)

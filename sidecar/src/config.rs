@@ -21,6 +21,16 @@ use serde::{Deserialize, Serialize};
 /// The config schema version this proxy speaks.
 pub const CONFIG_VERSION: u32 = 1;
 
+/// Longest duration a config may carry (30 days). Timers, deadlines and ejection arithmetic
+/// add durations to clock readings; bounding every duration keeps that arithmetic far from
+/// overflow and refuses values that can only be typos.
+pub const MAX_DURATION_MS: u64 = 30 * 24 * 3600 * 1000;
+/// Slowest rate limit: one request per 1000 s. Below it the wait for the next token is not a
+/// number a `Retry-After` header or a timer can carry.
+pub const MIN_RATE_PER_SECOND: f64 = 0.001;
+/// Fastest rate limit; above it a limit limits nothing.
+pub const MAX_RATE_PER_SECOND: f64 = 1e9;
+
 /// The whole config for the sidecars of one namespace.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -106,6 +116,25 @@ pub struct TracingSettings {
     pub sampling_percent: f64,
     /// OTLP collector address (`host:port`).
     pub collector: String,
+}
+
+/// Why a collector address cannot be exported to, if it cannot. The exporter speaks OTLP/gRPC
+/// in plaintext (no TLS client for the collector is built in), so `https://` is refused here
+/// rather than failing on every export.
+pub fn collector_problem(c: &str) -> Option<&'static str> {
+    let hostport = match c.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some(_) => return Some("must be host:port or http://host:port (OTLP/gRPC, plaintext)"),
+        None => c,
+    };
+    let port = hostport.rsplit_once(':').map(|(_, p)| p);
+    if hostport.is_empty()
+        || hostport.contains(|ch: char| ch.is_whitespace() || ch == '/')
+        || port.is_none_or(|p| p.parse::<u16>().is_err())
+    {
+        return Some("must be host:port or http://host:port (OTLP/gRPC, plaintext)");
+    }
+    None
 }
 
 /// mTLS mode of an inbound port, already resolved (never `Unset`).
@@ -488,13 +517,16 @@ impl ProxyConfig {
         if self.mesh.detect_timeout_ms == 0 || self.mesh.detect_timeout_ms > 10_000 {
             err("mesh.detectTimeoutMs".into(), "must be between 1 and 10000");
         }
-        if let Some(t) = &self.mesh.telemetry.tracing
-            && !(0.0..=100.0).contains(&t.sampling_percent)
-        {
-            err(
-                "mesh.telemetry.tracing.samplingPercent".into(),
-                "must be between 0 and 100",
-            );
+        if let Some(t) = &self.mesh.telemetry.tracing {
+            if !(0.0..=100.0).contains(&t.sampling_percent) {
+                err(
+                    "mesh.telemetry.tracing.samplingPercent".into(),
+                    "must be between 0 and 100",
+                );
+            }
+            if let Some(problem) = collector_problem(&t.collector) {
+                err("mesh.telemetry.tracing.collector".into(), problem);
+            }
         }
         for (i, p) in self.inbound.iter().enumerate() {
             if p.port_mtls.contains_key(&0) {
@@ -568,10 +600,16 @@ impl ProxyConfig {
 }
 
 fn validate_rate_limit(rl: &RateLimit, at: &str, err: &mut impl FnMut(String, &str)) {
-    if !(rl.requests_per_second.is_finite() && rl.requests_per_second > 0.0) {
+    // NaN fails both comparisons.
+    if !(rl.requests_per_second >= MIN_RATE_PER_SECOND
+        && rl.requests_per_second <= MAX_RATE_PER_SECOND)
+    {
         err(
             format!("{at}.requestsPerSecond"),
-            "must be a positive number",
+            &format!(
+                "must be between {MIN_RATE_PER_SECOND} and {MAX_RATE_PER_SECOND:e} (got {})",
+                rl.requests_per_second
+            ),
         );
     }
     if rl.burst == 0 {
@@ -603,20 +641,29 @@ fn validate_policy(
         ("idleMs", pol.timeouts.idle_ms),
         ("connectMs", pol.timeouts.connect_ms),
     ] {
-        if v == Some(0) {
-            err(format!("{at}.timeouts.{name}"), "must be greater than 0");
+        if let Some(v) = v {
+            validate_duration_ms(v, 1, &format!("{at}.timeouts.{name}"), err);
         }
     }
     if let Some(r) = &pol.retries {
         if r.attempts == 0 || r.attempts > 10 {
             err(format!("{at}.retries.attempts"), "must be between 1 and 10");
         }
-        if r.per_try_timeout_ms == Some(0) {
-            err(
-                format!("{at}.retries.perTryTimeoutMs"),
-                "must be greater than 0",
-            );
+        if let Some(v) = r.per_try_timeout_ms {
+            validate_duration_ms(v, 1, &format!("{at}.retries.perTryTimeoutMs"), err);
         }
+        validate_duration_ms(
+            r.backoff_base_ms,
+            0,
+            &format!("{at}.retries.backoffBaseMs"),
+            err,
+        );
+        validate_duration_ms(
+            r.backoff_max_ms,
+            0,
+            &format!("{at}.retries.backoffMaxMs"),
+            err,
+        );
         if r.backoff_base_ms > r.backoff_max_ms {
             err(
                 format!("{at}.retries.backoffBaseMs"),
@@ -649,12 +696,12 @@ fn validate_policy(
                 "must be at least 1",
             );
         }
-        if o.base_ejection_ms == 0 {
-            err(
-                format!("{at}.outlierDetection.baseEjectionMs"),
-                "must be greater than 0",
-            );
-        }
+        validate_duration_ms(
+            o.base_ejection_ms,
+            1,
+            &format!("{at}.outlierDetection.baseEjectionMs"),
+            err,
+        );
         if o.max_ejection_percent > 100 {
             err(
                 format!("{at}.outlierDetection.maxEjectionPercent"),
@@ -669,6 +716,27 @@ fn validate_policy(
         err(
             format!("{at}.split"),
             "at least one weight must be positive",
+        );
+    }
+    // The balancer draws a number below the sum of the weights, as a u32.
+    let total: u64 = pol.split.iter().map(|b| u64::from(b.weight)).sum();
+    if total > u64::from(u32::MAX) {
+        err(
+            format!("{at}.split"),
+            &format!(
+                "the weights must add up to at most {} (got {total})",
+                u32::MAX
+            ),
+        );
+    }
+}
+
+/// A duration in milliseconds between `min` and [`MAX_DURATION_MS`].
+fn validate_duration_ms(v: u64, min: u64, at: &str, err: &mut impl FnMut(String, &str)) {
+    if v < min || v > MAX_DURATION_MS {
+        err(
+            at.to_string(),
+            &format!("must be between {min} and {MAX_DURATION_MS} milliseconds (30 days), got {v}"),
         );
     }
 }
@@ -833,6 +901,30 @@ mod tests {
             json,
             "serialization is deterministic"
         );
+    }
+
+    #[test]
+    fn refuses_collectors_the_exporter_cannot_reach() {
+        for ok in ["otel.obs:4317", "http://10.0.0.1:4317", "[::1]:4317"] {
+            assert_eq!(collector_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "",
+            "otel.obs",
+            "https://otel:4317",
+            "otel:port",
+            "otel:4317/v1",
+            "a b:1",
+        ] {
+            assert!(collector_problem(bad).is_some(), "{bad:?}");
+        }
+        let mut cfg = sample();
+        cfg.mesh.telemetry.tracing = Some(TracingSettings {
+            sampling_percent: 1.0,
+            collector: "https://otel:4317".into(),
+        });
+        let errs = cfg.validate().unwrap_err();
+        assert_eq!(errs[0].path, "mesh.telemetry.tracing.collector");
     }
 
     #[test]

@@ -81,6 +81,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RevisionLabels {
+    pub revision: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -97,7 +102,13 @@ pub struct Metrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     /// 1 while the newest config on disk is refused and an older one is in force.
     pub config_stale: Gauge,
+    /// One series, value 1, labelled with the revision of the config in force: what a cluster
+    /// tool (`trellis check --proxy`) compares with the ConfigMap, without the loopback-only
+    /// `/config`.
+    pub config_info: Family<RevisionLabels, Gauge>,
     pub cert_expiry: Gauge,
+    /// Spans lost to a full export queue or a failed export (see [`crate::spans::export`]).
+    pub spans_dropped: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -174,11 +185,23 @@ impl Metrics {
             "1 while the config on disk is refused and the last good one is in force",
             config_stale.clone(),
         );
+        let config_info = Family::<RevisionLabels, Gauge>::default();
+        registry.register(
+            "config_info",
+            "1, labelled with the revision of the config in force",
+            config_info.clone(),
+        );
         let cert_expiry = Gauge::default();
         registry.register(
             "cert_expiry_timestamp_seconds",
             "Unix time at which the proxy's certificate expires",
             cert_expiry.clone(),
+        );
+        let spans_dropped = Counter::default();
+        registry.register(
+            "spans_dropped",
+            "Trace spans dropped because the export queue was full or the collector did not take them",
+            spans_dropped.clone(),
         );
         Self {
             registry,
@@ -190,8 +213,21 @@ impl Metrics {
             refused,
             config_reloads,
             config_stale,
+            config_info,
             cert_expiry,
+            spans_dropped,
         }
+    }
+
+    /// Makes `config_info` name `revision` alone. Called once per applied config, never on the
+    /// request path.
+    pub fn set_config_revision(&self, revision: &str) {
+        self.config_info.clear();
+        self.config_info
+            .get_or_create(&RevisionLabels {
+                revision: revision.to_string(),
+            })
+            .set(1);
     }
 
     /// Records one completed HTTP request, reusing the series of the connection's previous

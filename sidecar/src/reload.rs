@@ -22,7 +22,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{LoadError, ProxyConfig, parse_downward_labels};
+use crate::config::{LoadError, OutboundService, ProxyConfig, parse_downward_labels};
+use crate::lookup::OutboundIndex;
 use crate::metrics::{Metrics, ResultLabels};
 
 /// How often the files are checked.
@@ -31,12 +32,38 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 pub const CONFIG_FILE: &str = "config.json";
 pub const LABELS_FILE: &str = "labels";
 
-/// What the data path uses: one validated config and the workload's labels.
+/// What the data path uses: one validated config, the workload's labels, and the index that
+/// finds a connection's Service without scanning the config.
 #[derive(Debug)]
 pub struct Snapshot {
     pub config: Arc<ProxyConfig>,
     pub labels: Arc<BTreeMap<String, String>>,
     pub applied_at: SystemTime,
+    /// Built in [`Snapshot::new`], once per accepted config, so no connection pays for it;
+    /// private so it always matches `config`.
+    index: OutboundIndex,
+}
+
+impl Snapshot {
+    pub fn new(config: ProxyConfig, labels: BTreeMap<String, String>) -> Self {
+        let index = OutboundIndex::build(&config);
+        Snapshot {
+            config: Arc::new(config),
+            labels: Arc::new(labels),
+            applied_at: SystemTime::now(),
+            index,
+        }
+    }
+
+    /// The Service (and port) a redirected connection was meant for.
+    pub fn service_for_addr(&self, dst: std::net::SocketAddr) -> Option<&OutboundService> {
+        self.index.service_for_addr(&self.config, dst)
+    }
+
+    /// Local mode: the Service an HTTP authority names, and its port.
+    pub fn service_for_authority(&self, authority: &str) -> Option<(&OutboundService, u16)> {
+        self.index.service_for_authority(&self.config, authority)
+    }
 }
 
 /// `None` until a config has loaded (the proxy is not ready then).
@@ -160,6 +187,7 @@ impl Watcher {
                 if let Some(hook) = &self.on_apply {
                     hook(&snapshot);
                 }
+                self.metrics.set_config_revision(&snapshot.config.revision);
                 self.tx.send_replace(Some(Arc::new(snapshot)));
                 self.metrics
                     .config_reloads
@@ -225,11 +253,7 @@ impl Watcher {
         let config = ProxyConfig::from_json(&config_bytes)?;
         let labels = parse_downward_labels(&String::from_utf8_lossy(&labels_bytes));
         self.last_bytes = Some((config_bytes, labels_bytes));
-        Ok(Some(Snapshot {
-            config: Arc::new(config),
-            labels: Arc::new(labels),
-            applied_at: SystemTime::now(),
-        }))
+        Ok(Some(Snapshot::new(config, labels)))
     }
 
     /// Polls until `stop` is cancelled.
@@ -318,5 +342,35 @@ mod tests {
         let text = metrics.encode();
         assert!(text.contains("trellis_proxy_config_reloads_total{result=\"applied\"} 2"));
         assert!(text.contains("trellis_proxy_config_reloads_total{result=\"rejected\"} 1"));
+    }
+
+    /// `trellis check --proxy` compares this series with the ConfigMap's revision: it must name
+    /// the config in force (the last good one while a newer one is refused) and only that one.
+    #[test]
+    fn config_info_names_the_revision_in_force_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let (mut w, _rx) = Watcher::new(dir.path(), metrics.clone());
+        let info = |rev: &str| format!("trellis_proxy_config_info{{revision=\"{rev}\"}} 1");
+        kubelet_write(dir.path(), 1, &cfg("r1"), "");
+        assert!(w.poll());
+        assert!(
+            metrics.encode().contains(&info("r1")),
+            "{}",
+            metrics.encode()
+        );
+
+        kubelet_write(dir.path(), 2, "{ not json", "");
+        assert!(!w.poll());
+        assert!(
+            metrics.encode().contains(&info("r1")),
+            "the last good config stays"
+        );
+
+        kubelet_write(dir.path(), 3, &cfg("r3"), "");
+        assert!(w.poll());
+        let text = metrics.encode();
+        assert!(text.contains(&info("r3")), "{text}");
+        assert!(!text.contains("revision=\"r1\""), "{text}");
     }
 }

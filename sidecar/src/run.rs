@@ -186,6 +186,8 @@ pub struct Options {
     pub app_probes: ProbeSet,
     /// Where app probes go (see [`RunArgs::pod_ip`]); `None` is 127.0.0.1.
     pub pod_ip: Option<IpAddr>,
+    /// The pod, as exported spans name it (resource attributes).
+    pub pod: crate::spans::Pod,
 }
 
 impl From<&RunArgs> for Options {
@@ -203,6 +205,11 @@ impl From<&RunArgs> for Options {
             tcp_flush_interval: a.tcp_flush_interval.unwrap_or(FLUSH_INTERVAL),
             app_probes: a.app_probes.clone(),
             pod_ip: a.pod_ip,
+            pod: crate::spans::Pod {
+                name: a.pod_name.clone(),
+                namespace: a.pod_namespace.clone(),
+                service_account: a.service_account.clone(),
+            },
         }
     }
 }
@@ -216,13 +223,24 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// The config in force (for the identity client, which may take its endpoint from it).
     pub config: ConfigRx,
+    /// The span exporter, flushed on the way out.
+    pub tracing: Arc<crate::spans::Tracing>,
 }
 
+/// How long a stopping proxy waits for its last spans to reach the collector: short against
+/// the pod's grace period, long enough for one export to a healthy collector.
+pub const SPAN_FLUSH: Duration = Duration::from_secs(2);
+
 impl Running {
-    /// Waits for the shutdown signal, then drains for at most `deadline`.
+    /// Waits for the shutdown signal, drains for at most `deadline`, then sends the spans still
+    /// queued (for at most [`SPAN_FLUSH`]).
     pub async fn wait(&self, deadline: Duration) -> bool {
         self.shutdown.cancelled().await;
-        self.shutdown.drain(deadline).await
+        let drained = self.shutdown.drain(deadline).await;
+        if !self.tracing.flush(SPAN_FLUSH).await {
+            tracing::warn!("spans still queued at exit were not all exported");
+        }
+        drained
     }
 }
 
@@ -306,12 +324,23 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
     ));
     let limiter: Arc<Mutex<Option<Arc<InboundRateLimiter>>>> = Arc::default();
 
+    let tracing = Arc::new(crate::spans::Tracing::new(
+        opts.pod.clone(),
+        metrics.spans_dropped.clone(),
+    ));
+
     let (mut watcher, config) = Watcher::new(&opts.dir, metrics.clone());
     {
         let dispatcher = dispatcher.clone();
         let limiter = limiter.clone();
+        let tracing = tracing.clone();
         watcher.on_apply(Box::new(move |snap| {
             dispatcher.update(&snap.config);
+            tracing.apply(
+                snap.config.mesh.telemetry.tracing.as_ref(),
+                &snap.labels,
+                &snap.config.namespace,
+            );
             let wanted = snap
                 .config
                 .inbound_for(&snap.labels)
@@ -354,6 +383,7 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         shutdown: shutdown.clone(),
         metrics: metrics.clone(),
         config: config.clone(),
+        tracing: tracing.clone(),
     };
 
     let shared = Arc::new(Shared {
@@ -372,6 +402,7 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         // `Options` can be built in code, past the flag's check: tokio's interval panics on zero.
         tcp_flush_interval: opts.tcp_flush_interval.max(Duration::from_millis(1)),
         http: http_builder(),
+        tracing,
     });
     for l in outbound {
         tokio::spawn(accept_loop(l, shared.clone(), Direction::Outbound));

@@ -151,6 +151,34 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
+/// Whether a server chain seen earlier (leaf first) would still be accepted now by
+/// [`client_config`] built from `creds` with `expected`: valid at this moment and chaining to a
+/// root still in the bundle. The connection pool asks this when the credentials change, so a
+/// connection whose peer's root left the bundle takes no more requests.
+pub fn verify_server_chain(
+    creds: &Credentials,
+    chain: &[CertificateDer<'_>],
+    expected: &[String],
+) -> Result<(), TlsError> {
+    let (end_entity, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| TlsError::Certificate("empty chain".into()))?;
+    let verifier = SpiffeServerVerifier {
+        roots: root_store(&creds.roots)?,
+        expected: expected.to_vec(),
+        trust_domain: our_trust_domain(creds)?,
+        algs: provider().signature_verification_algorithms,
+    };
+    verifier.verify_server_cert(
+        end_entity,
+        intermediates,
+        &mesh_server_name(),
+        &[],
+        UnixTime::now(),
+    )?;
+    Ok(())
+}
+
 /// The peer's SPIFFE ID (from its leaf's single URI SAN), once the handshake is done.
 pub fn peer_spiffe_id(conn: &CommonState) -> Option<String> {
     spiffe_id_of(conn.peer_certificates()?.first()?).ok()

@@ -308,6 +308,7 @@ async fn not_ready_without_credentials() {
             tcp_flush_interval: trellis_proxy::proxy::tcp::FLUSH_INTERVAL,
             app_probes: Default::default(),
             pod_ip: None,
+            pod: Default::default(),
         },
         rx,
     )

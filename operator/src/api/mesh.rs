@@ -37,11 +37,14 @@ pub struct MeshSpec {
     /// The certificate authority that signs workload certificates.
     #[serde(default)]
     pub ca: CaSpec,
-    /// Lifetime of workload certificates, as a duration such as `24h` or `90m`. Sidecars renew at
-    /// 70 % of it. Shorter is safer; at least `10m`.
+    /// Lifetime of workload certificates, as a duration such as `24h` or `90m`, from `10m` to
+    /// `2160h` (90 days). Sidecars renew at 70 % of it. Shorter is safer.
     #[serde(default = "default_workload_cert_ttl")]
     #[schemars(length(max = 32))]
-    #[x_kube(validation = super::duration_rule())]
+    #[x_kube(
+        validation = super::duration_rule(),
+        validation = WORKLOAD_CERT_TTL.rule()
+    )]
     pub workload_cert_ttl: String,
     /// Which pods get a sidecar.
     #[serde(default)]
@@ -136,11 +139,15 @@ pub struct CaSpec {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SelfSignedCa {
-    /// Validity of the root certificate, as a duration such as `8760h` (one year). The operator
-    /// rotates the root, without downtime, when it nears expiry.
+    /// Validity of the root certificate, as a duration such as `8760h` (one year), from `24h`
+    /// to `876000h` (100 years), and at least 5 times `workloadCertTtl`. The operator rotates
+    /// the root, without downtime, when it nears expiry.
     #[serde(default = "default_root_validity")]
     #[schemars(length(max = 32))]
-    #[x_kube(validation = super::duration_rule())]
+    #[x_kube(
+        validation = super::duration_rule(),
+        validation = ROOT_VALIDITY.rule()
+    )]
     pub root_validity: String,
 }
 
@@ -154,6 +161,123 @@ impl Default for SelfSignedCa {
 
 fn default_root_validity() -> String {
     "87600h".into()
+}
+
+/// The allowed range of a duration field, checked twice with the same bounds: by a CEL rule in
+/// the CRD (so `kubectl apply` refuses it with the message) and at run time (a Mesh admitted
+/// before the rule existed, or edited where the rule is not enforced, must not reach the CA).
+#[derive(Debug, Clone, Copy)]
+pub struct DurationRange {
+    /// The field's path under `spec`, for messages.
+    pub field: &'static str,
+    pub min: &'static str,
+    pub max: &'static str,
+}
+
+/// `workloadCertTtl`: below 10 minutes every sidecar renews all the time (at `0s` certificates
+/// expire on issue); above 90 days a stolen key stays useful for too long.
+pub const WORKLOAD_CERT_TTL: DurationRange = DurationRange {
+    field: "workloadCertTtl",
+    min: "10m",
+    max: "2160h",
+};
+
+/// `ca.selfSigned.rootValidity`: a root must outlive a rotation (its last 20 % must hold the
+/// longest workload certificate plus propagation), and a validity past the 100-year mark would
+/// overflow certificate dates.
+pub const ROOT_VALIDITY: DurationRange = DurationRange {
+    field: "ca.selfSigned.rootValidity",
+    min: "24h",
+    max: "876000h",
+};
+
+/// How many workload certificate lifetimes a root must last at least: rotation starts with
+/// 20 % (one fifth) of the root's life left and must finish within it.
+pub const ROOT_VALIDITY_PER_TTL: u32 = 5;
+
+/// Why a Mesh duration is not usable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidDuration {
+    #[error("spec.{field}: {source}")]
+    Syntax {
+        field: &'static str,
+        source: crate::duration::DurationError,
+    },
+    #[error("spec.{field} {value:?} is out of range: it must be between {min} and {max}")]
+    OutOfRange {
+        field: &'static str,
+        value: String,
+        min: &'static str,
+        max: &'static str,
+    },
+    #[error(
+        "spec.ca.selfSigned.rootValidity {root:?} is too short for spec.workloadCertTtl {ttl:?}: \
+         the root must last at least {ROOT_VALIDITY_PER_TTL} workload certificate lifetimes"
+    )]
+    RootTooShort { root: String, ttl: String },
+}
+
+impl DurationRange {
+    /// The CEL rule (beside the grammar rule, which reports malformed strings).
+    pub fn rule(&self) -> kube::core::Rule {
+        kube::core::Rule::new(format!(
+            "!self.matches('{pattern}') || (duration(self) >= duration('{min}') && duration(self) <= duration('{max}'))",
+            pattern = crate::duration::PATTERN,
+            min = self.min,
+            max = self.max,
+        ))
+        .message(kube::core::Message::Message(format!(
+            "must be between {} and {}",
+            self.min, self.max
+        )))
+    }
+
+    /// Parses `value` and checks the range.
+    pub fn check(&self, value: &str) -> Result<std::time::Duration, InvalidDuration> {
+        let parse = |v: &str| {
+            crate::duration::parse(v).map_err(|source| InvalidDuration::Syntax {
+                field: self.field,
+                source,
+            })
+        };
+        let d = parse(value)?;
+        if d < parse(self.min)? || d > parse(self.max)? {
+            return Err(InvalidDuration::OutOfRange {
+                field: self.field,
+                value: value.to_string(),
+                min: self.min,
+                max: self.max,
+            });
+        }
+        Ok(d)
+    }
+}
+
+impl MeshSpec {
+    /// `workloadCertTtl`, validated.
+    pub fn workload_cert_ttl(&self) -> Result<std::time::Duration, InvalidDuration> {
+        WORKLOAD_CERT_TTL.check(&self.workload_cert_ttl)
+    }
+
+    /// `ca.selfSigned.rootValidity` (its default when unset), validated, also against
+    /// `workloadCertTtl`.
+    pub fn root_validity(&self) -> Result<std::time::Duration, InvalidDuration> {
+        let root = self
+            .ca
+            .self_signed
+            .clone()
+            .unwrap_or_default()
+            .root_validity;
+        let validity = ROOT_VALIDITY.check(&root)?;
+        let ttl = self.workload_cert_ttl()?;
+        if validity < ttl * ROOT_VALIDITY_PER_TTL {
+            return Err(InvalidDuration::RootTooShort {
+                root,
+                ttl: self.workload_cert_ttl.clone(),
+            });
+        }
+        Ok(validity)
+    }
 }
 
 /// A Secret holding a CA certificate and key (`tls.crt`, `tls.key`, and optionally `ca.crt`
@@ -183,15 +307,18 @@ pub enum FailurePolicy {
 #[serde(rename_all = "camelCase")]
 pub struct InjectionSpec {
     /// Namespaces whose pods are injected, by label. Defaults to namespaces labelled
-    /// `trellis.dev/inject: enabled`. A pod's own `trellis.dev/inject` annotation wins.
+    /// `trellis.dev/inject: enabled`; a selector given here replaces that label (it alone then
+    /// selects nothing). A namespace labelled `trellis.dev/inject: disabled` is never selected.
+    /// A pod's own `trellis.dev/inject` wins, and a pod labelled `trellis.dev/inject: enabled`
+    /// is injected in any namespace that is not excluded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
     /// What the API server does with pods when the webhook is unreachable: `Fail` or `Ignore`.
     /// There is no silent default in the webhook configuration: this value is written as is.
     #[serde(default)]
     pub failure_policy: FailurePolicy,
-    /// Namespaces never injected, in addition to `kube-system`, `kube-public` and the operator's
-    /// own namespace.
+    /// Namespaces never injected, in addition to `kube-system`, `kube-public`,
+    /// `kube-node-lease` and the operator's own namespace.
     #[serde(default)]
     pub excluded_namespaces: Vec<String>,
 }
@@ -515,8 +642,14 @@ pub struct TracingSpec {
     #[x_kube(validation = Rule::new("self >= 0.0 && self <= 100.0")
         .message("samplingPercent must be between 0 and 100"))]
     pub sampling_percent: f64,
-    /// OTLP/gRPC collector address (`host:port`). Empty with `enabled` installs a collector.
+    /// OTLP/gRPC collector address, `host:port` or `http://host:port` (plaintext; the sidecars
+    /// have no TLS client for the collector). Without it nothing is exported: the operator does
+    /// not install a collector yet. Checked here as well as by the sidecars, because a value
+    /// the sidecars refuse would stop every namespace's config from updating.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new("self.matches('^(http://)?[^/\\\\s]+:[0-9]{1,5}$')")
+        .message("collector must be host:port or http://host:port (OTLP/gRPC, plaintext)"))]
     pub collector: Option<String>,
     /// Image of the collector the operator installs when `collector` is empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -542,11 +675,14 @@ impl Default for TracingSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MeshStatus {
-    /// `Ready`, `CAReady`, `WebhookReady`, `ProxiesUpToDate`, `ObservabilityReady`.
+    /// `Accepted`; `Ready` (True only when `CAReady`, `WebhookReady` and `Programmed` are True
+    /// and `Degraded` is not, each at the current `metadata.generation`); `CAReady`,
+    /// `WebhookReady`, `Programmed`, `Degraded`, and `ProxiesUpToDate` (every injected pod runs
+    /// `spec.proxy.image`; not part of `Ready`). Each controller writes its own conditions.
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-    /// The generation the status was computed from.
+    /// The generation `Accepted` and `Ready` were computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// The root CA currently signing workload certificates.
@@ -693,19 +829,70 @@ pub struct CaStatus {
     pub rotation: Option<String>,
 }
 
-/// Sidecar counts.
+/// Sidecar counts, from the pods carrying the `trellis.dev/proxy-version` annotation.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyCounts {
-    /// Pods with a sidecar.
+    /// Pods with a sidecar (not being deleted).
     pub total: i64,
-    /// Pods whose sidecar runs the Mesh's current proxy image.
+    /// Pods whose sidecar runs the Mesh's current proxy image (`spec.proxy.image`).
     pub up_to_date: i64,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 13 item 6: durations outside their range are refused with a message naming the
+    /// field and the range, never accepted (a 0s TTL) and never a panic (a huge validity).
+    #[test]
+    fn durations_out_of_range_are_refused_with_the_field_and_range() {
+        let spec = |ttl: &str, root: &str| MeshSpec {
+            workload_cert_ttl: ttl.into(),
+            ca: CaSpec {
+                self_signed: Some(SelfSignedCa {
+                    root_validity: root.into(),
+                }),
+                secret_ref: None,
+            },
+            ..MeshSpec::default()
+        };
+        let ok = spec("24h", "87600h");
+        assert_eq!(ok.workload_cert_ttl().unwrap().as_secs(), 86_400);
+        assert_eq!(ok.root_validity().unwrap().as_secs(), 87_600 * 3600);
+        let e = spec("0s", "87600h")
+            .workload_cert_ttl()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "spec.workloadCertTtl \"0s\" is out of range: it must be between 10m and 2160h"
+        );
+        assert!(spec("2161h", "87600h").workload_cert_ttl().is_err());
+        let e = spec("24h", "99999999999h")
+            .root_validity()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("spec.ca.selfSigned.rootValidity \"99999999999h\" is out of range"),
+            "{e}"
+        );
+        let e = spec("24h", "99999999999999999999999h")
+            .root_validity()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("too large"), "{e}");
+        let e = spec("2000h", "2400h")
+            .root_validity()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("at least 5 workload certificate lifetimes"),
+            "{e}"
+        );
+        // A bad TTL is reported by root_validity too (it depends on it).
+        assert!(spec("0s", "87600h").root_validity().is_err());
+    }
 
     #[test]
     fn default_spec_is_what_an_empty_spec_deserializes_to() {

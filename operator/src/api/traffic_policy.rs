@@ -294,7 +294,7 @@ fn d_max_eject() -> u32 {
 #[serde(rename_all = "camelCase")]
 pub struct RateLimitSpec {
     /// Sustained requests per second allowed by each calling sidecar.
-    #[x_kube(validation = Rule::new("self >= 1").message("requestsPerSecond must be at least 1"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000000").message("requestsPerSecond must be 1 to 1000000000"))]
     pub requests_per_second: u32,
     /// Requests allowed in a burst above the sustained rate; defaults to `requestsPerSecond`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

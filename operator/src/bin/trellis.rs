@@ -13,6 +13,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Check the cluster before install (`--pre`), Trellis once installed, and the proxies
+    /// (`--proxy`); exits non-zero when any check fails.
+    Check(cli::check::Args),
     /// Print the CustomResourceDefinitions generated from the Rust types.
     Crds(cli::crds::Args),
     /// Write the OLM bundle (registry+v1) generated from config/ and crds/.
@@ -21,6 +24,10 @@ enum Cmd {
     Inject(cli::inject::InjectArgs),
     /// Remove an injected sidecar from workload manifests.
     Uninject(cli::inject::UninjectArgs),
+    /// Golden metrics per workload and edge from Prometheus (`deploy/NAME`, `ns/NAME` or all).
+    Stat(cli::stat::Args),
+    /// The live service graph in the browser, from Prometheus, on 127.0.0.1.
+    Dashboard(cli::dashboard::Args),
     /// Run the whole mesh on this machine, with no cluster.
     Dev(cli::dev::Args),
     /// Run the sidecar proxy: the same code as the `trellis-proxy` binary, so one
@@ -42,11 +49,14 @@ fn main() -> ExitCode {
             trellis_operator::dev::supervise::exit_with_parent();
             return trellis_operator::dev::demo::main(a);
         }
+        Cmd::Check(a) => cli::check::run_cli(a),
         Cmd::Crds(a) => cli::crds::run(a),
         Cmd::Bundle(a) => cli::bundle::run(a),
         Cmd::Inject(a) => cli::inject::run_inject(a),
         Cmd::Uninject(a) => cli::inject::run_uninject(a),
         Cmd::Dev(a) => cli::dev::run(a),
+        Cmd::Stat(a) => cli::stat::run(a),
+        Cmd::Dashboard(a) => cli::dashboard::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -187,6 +187,11 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, CaError> {
     })
 }
 
+/// Longest root validity [`CertificateAuthority::generate`] accepts: 1000 years keeps every
+/// date inside what X.509 and the `time` crate represent (year 9999), so a huge validity is an
+/// error, never a panic. The Mesh allows at most 100 years.
+pub const MAX_VALIDITY: Duration = Duration::from_secs(1000 * 365 * 24 * 3600);
+
 impl CertificateAuthority {
     /// Generates a self-signed ECDSA P-256 root valid for `validity` from `now` (backdated by
     /// [`CLOCK_SKEW_BACKDATE`]). No name constraints: webpki refuses URI name constraints.
@@ -216,7 +221,15 @@ impl CertificateAuthority {
         ];
         p.serial_number = Some(random_serial());
         p.not_before = to_offset(now - CLOCK_SKEW_BACKDATE);
-        p.not_after = to_offset(now + validity);
+        p.not_after = to_offset(
+            now.checked_add(validity)
+                .filter(|_| validity <= MAX_VALIDITY)
+                .ok_or_else(|| {
+                    CaError::Signing(format!(
+                        "root validity {validity:?} is longer than the {MAX_VALIDITY:?} a certificate can carry"
+                    ))
+                })?,
+        );
         let cert = p
             .self_signed(&key)
             .map_err(|e| CaError::Signing(e.to_string()))?;
@@ -351,7 +364,10 @@ impl CertificateAuthority {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<Issued, CaError> {
-        let not_after = (now + ttl).min(self.not_after);
+        // Capped at the CA's own expiry; an absurd `ttl` cannot overflow past it.
+        let not_after = now
+            .checked_add(ttl)
+            .map_or(self.not_after, |t| t.min(self.not_after));
         p.serial_number = Some(random_serial());
         p.not_before = to_offset(now - CLOCK_SKEW_BACKDATE);
         p.not_after = to_offset(not_after);
@@ -490,6 +506,30 @@ mod tests {
             SystemTime::now(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_huge_validity_is_an_error_not_a_panic() {
+        let now = SystemTime::now();
+        for validity in [MAX_VALIDITY + Duration::from_secs(1), Duration::MAX] {
+            let e = CertificateAuthority::generate("td", validity, now).unwrap_err();
+            assert!(e.to_string().contains("longer than"), "{e}");
+        }
+        // Signing with an absurd TTL is capped at the CA's expiry.
+        let ca = CertificateAuthority::generate("td", Duration::from_secs(7200), now).unwrap();
+        let (_, csr) = {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let pem = rcgen::CertificateParams::default()
+                .serialize_request(&key)
+                .unwrap()
+                .pem()
+                .unwrap();
+            (key, pem)
+        };
+        let issued = ca
+            .sign_workload_csr(&csr, "spiffe://td/ns/a/sa/b", Duration::MAX, now)
+            .unwrap();
+        assert_eq!(issued.not_after, ca.not_after());
     }
 
     #[test]

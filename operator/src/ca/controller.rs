@@ -9,6 +9,7 @@
 //! stages ask for their own requeue. The replicas' issuer follower polls the CA Secret every
 //! [`PERIOD`]: a new root reaches them in well under its overlap window.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::reconcile::{self, CA_READY, CA_SECRET, CaState, Observed, ReconcileError};
 use super::{IssuerState, IssuerTx};
 use crate::api::{MESH_NAME, Mesh, MeshStatus};
+use crate::compiler::MeshedRx;
 use crate::status::StatusWriter;
 
 /// How often the issuer follower reads the CA Secret.
@@ -39,11 +41,12 @@ pub const RETRY: Duration = Duration::from_secs(10);
 pub fn issuer_from(mesh: Option<&Mesh>, secret: &Secret) -> Result<IssuerState, ReconcileError> {
     let state = CaState::from_secret(secret)?;
     let spec = mesh.map(|m| m.spec.clone()).unwrap_or_default();
+    let workload_ttl = spec.workload_cert_ttl()?;
     Ok(IssuerState {
         trust_bundle_pem: state.bundle_pem(),
         ca: state.active,
         trust_domain: spec.trust_domain,
-        workload_ttl: crate::duration::parse(&spec.workload_cert_ttl)?,
+        workload_ttl,
     })
 }
 
@@ -106,42 +109,64 @@ pub enum ControllerError {
 }
 
 /// One pass: observe, reconcile, apply, report. Returns when to look again. `namespace` is the
-/// operator's own (`POD_NAMESPACE`): the CA Secret's and the webhook Service's.
+/// operator's own (`POD_NAMESPACE`): the CA Secret's and the webhook Service's. Trust bundles
+/// go to the namespaces selected by their labels ([`reconcile_with`] without a meshed set).
 pub async fn reconcile_once(
     client: &Client,
     status: &StatusWriter,
     namespace: &str,
 ) -> Result<Duration, ControllerError> {
+    reconcile_with(client, status, namespace, None).await
+}
+
+/// [`reconcile_once`], with the compiler's meshed namespaces when it has published them
+/// (namespaces selected for injection and namespaces holding opted-in pods, see
+/// [`crate::inject::scope`]): trust bundles go exactly there, and a managed bundle elsewhere is
+/// deleted. Without them (before the first compile) the pass lists namespaces and applies the
+/// rule to their labels alone; a namespace kept in the mesh only by its pods is not in that
+/// set, so no bundle outside it is touched.
+pub async fn reconcile_with(
+    client: &Client,
+    status: &StatusWriter,
+    namespace: &str,
+    meshed: Option<&BTreeSet<String>>,
+) -> Result<Duration, ControllerError> {
     let Some(mesh) = Api::<Mesh>::all(client.clone()).get_opt(MESH_NAME).await? else {
-        // Without the Mesh nothing is configured; the install creates it.
+        // Without the Mesh nothing is configured, and no webhook may point at it: the garbage
+        // collector removes the owned configuration, this covers one created before owner
+        // references (or orphaned by `kubectl delete --cascade=orphan`).
+        if crate::inject::webhook_config::delete(client.clone()).await? {
+            tracing::info!(
+                name = crate::inject::webhook_config::NAME,
+                "no Mesh: deleted the webhook configuration"
+            );
+        }
         return Ok(RESYNC);
     };
     let ca_secret = Api::<Secret>::namespaced(client.clone(), namespace)
         .get_opt(CA_SECRET)
         .await?;
+    let mut forbidden = None;
     let user_secret = match &mesh.spec.ca.secret_ref {
         Some(r) => {
-            Api::<Secret>::namespaced(client.clone(), r.namespace.as_deref().unwrap_or(namespace))
+            let ns = r.namespace.as_deref().unwrap_or(namespace);
+            match Api::<Secret>::namespaced(client.clone(), ns)
                 .get_opt(&r.name)
-                .await?
+                .await
+            {
+                Ok(s) => s,
+                // Another namespace's Secret needs a Role there: say which, and keep the CA
+                // that exists signing rather than stopping the whole pass.
+                Err(kube::Error::Api(e)) if e.code == 403 => {
+                    forbidden = Some(forbidden_message(ns, &r.name, namespace));
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         None => None,
     };
-    let namespaces = Api::<Namespace>::all(client.clone())
-        .list(&ListParams::default())
-        .await?;
-    let snapshot = crate::compiler::Snapshot {
-        mesh: Some(Arc::new(mesh.clone())),
-        namespaces: namespaces.items.into_iter().map(Arc::new).collect(),
-        ..Default::default()
-    };
-    let meshed: Vec<String> = crate::compiler::meshed_namespaces(&snapshot)
-        .into_iter()
-        .collect();
-    let bundles: Vec<ConfigMap> = Api::<ConfigMap>::all(client.clone())
-        .list(&ListParams::default().labels("trellis.dev/component=trust-bundle"))
-        .await?
-        .items;
+    let (meshed, bundles) = meshed_and_bundles(client, &mesh, namespace, meshed).await?;
     let desired = reconcile::reconcile(&Observed {
         mesh: &mesh,
         namespace,
@@ -151,6 +176,21 @@ pub async fn reconcile_once(
         bundles: &bundles,
         now: SystemTime::now(),
     });
+    let mut desired = desired;
+    if let Some(message) = forbidden {
+        let signing = desired
+            .issuer
+            .as_ref()
+            .map(|i| format!("; still signing with root {}", i.ca.fingerprint()))
+            .unwrap_or_default();
+        desired.condition = crate::api::Condition::new(
+            CA_READY,
+            crate::api::ConditionStatus::False,
+            "CASecretForbidden",
+            format!("{message}{signing}"),
+            mesh.metadata.generation,
+        );
+    }
     let current = mesh.status.clone().unwrap_or_default();
     if let Err(e) = reconcile::apply(client, &desired).await {
         // The Secret or a trust bundle could not be written: say so in CAReady (a stale True
@@ -163,38 +203,82 @@ pub async fn reconcile_once(
             write_failed_message(&e),
             mesh.metadata.generation,
         );
-        let mut conditions: Vec<_> = current
-            .conditions
-            .iter()
-            .filter(|c| c.type_ != CA_READY)
-            .cloned()
-            .collect();
-        conditions.push(failed);
+        // This controller's part only (see `crate::status`): the failed CAReady, and
+        // WebhookReady and the CA fields as they are (omitting them would drop them, since
+        // this field manager owns them).
+        let mut conditions = vec![failed];
+        conditions
+            .extend(crate::api::conditions::find(&current.conditions, WEBHOOK_READY).cloned());
         let new_status = MeshStatus {
             conditions,
-            ..current
+            ca: current.ca.clone(),
+            ..Default::default()
         };
         status.apply(&mesh, new_status).await?;
         return Err(e.into());
     }
     let webhook = apply_webhook_config(client, &mesh, namespace, desired.issuer.as_ref()).await;
-    // Report CAReady, WebhookReady and the CA fields; keep every other condition and field as
-    // they are.
-    let mut conditions: Vec<_> = current
-        .conditions
-        .iter()
-        .filter(|c| c.type_ != CA_READY && c.type_ != WEBHOOK_READY)
-        .cloned()
-        .collect();
-    conditions.push(desired.condition.clone());
-    conditions.push(webhook);
+    // This controller's part of the status: CAReady, WebhookReady and the CA fields. The
+    // other controllers' conditions are theirs (see `crate::status`).
     let new_status = MeshStatus {
-        conditions,
+        conditions: vec![desired.condition.clone(), webhook],
         ca: desired.ca_status.clone().or(current.ca.clone()),
-        ..current
+        ..Default::default()
     };
     status.apply(&mesh, new_status).await?;
     Ok(desired.requeue_after.unwrap_or(RESYNC).min(RESYNC))
+}
+
+/// The `CAReady` message when the Mesh's `ca.secretRef` names a Secret the operator may not
+/// read: what to create, in the words of `kubectl create role`.
+fn forbidden_message(secret_namespace: &str, name: &str, operator_namespace: &str) -> String {
+    format!(
+        "the operator may not read Secret {secret_namespace}/{name} (403 Forbidden): grant it \
+         with `kubectl -n {secret_namespace} create role trellis-ca-reader --verb=get \
+         --resource=secrets --resource-name={name}` and `kubectl -n {secret_namespace} create \
+         rolebinding trellis-ca-reader --role=trellis-ca-reader \
+         --serviceaccount={operator_namespace}:trellis-operator` (README: \"A CA from another \
+         namespace\")"
+    )
+}
+
+/// The namespaces that get a trust bundle, and the observed bundles the pass may act on (see
+/// [`reconcile_with`]).
+async fn meshed_and_bundles(
+    client: &Client,
+    mesh: &Mesh,
+    namespace: &str,
+    published: Option<&BTreeSet<String>>,
+) -> Result<(Vec<String>, Vec<ConfigMap>), kube::Error> {
+    let (meshed, complete) = match published {
+        Some(meshed) => (meshed.clone(), true),
+        None => {
+            let namespaces = Api::<Namespace>::all(client.clone())
+                .list(&ListParams::default())
+                .await?;
+            let snapshot = crate::compiler::Snapshot {
+                mesh: Some(Arc::new(mesh.clone())),
+                namespaces: namespaces.items.into_iter().map(Arc::new).collect(),
+                settings: crate::controller::compile_settings(namespace),
+                ..Default::default()
+            };
+            (crate::compiler::meshed_namespaces(&snapshot), false)
+        }
+    };
+    let bundles = Api::<ConfigMap>::all(client.clone())
+        .list(&ListParams::default().labels("trellis.dev/component=trust-bundle"))
+        .await?
+        .items
+        .into_iter()
+        .filter(|b| {
+            complete
+                || b.metadata
+                    .namespace
+                    .as_ref()
+                    .is_some_and(|ns| meshed.contains(ns))
+        })
+        .collect();
+    Ok((meshed.into_iter().collect(), bundles))
 }
 
 /// The `CAReady` message when the CA's own objects could not be written: the object, the API
@@ -248,8 +332,7 @@ async fn apply_webhook_config(
             "the webhook configuration needs the CA bundle; see CAReady".into(),
         );
     };
-    let desired =
-        crate::inject::webhook_config::desired(&mesh.spec, &issuer.trust_bundle_pem, namespace);
+    let desired = crate::inject::webhook_config::desired(mesh, &issuer.trust_bundle_pem, namespace);
     match crate::inject::webhook_config::apply(client.clone(), &desired).await {
         Ok(_) => condition(
             true,
@@ -287,16 +370,30 @@ fn apply_failed_message(e: &kube::Error) -> String {
     }
 }
 
-/// The leader's CA controller in the operator's `namespace`: [`triggers`] and [`drive`] until
+/// The leader's CA controller in the operator's `namespace`: [`triggers`] (plus every new
+/// meshed set the compile controller publishes on `meshed`) and [`drive_with`] until
 /// `shutdown`.
 pub async fn run(
     client: Client,
     status: StatusWriter,
     namespace: String,
+    meshed: MeshedRx,
     shutdown: CancellationToken,
 ) {
-    let changes = triggers(&client, &namespace);
-    drive(&client, &status, &namespace, changes, shutdown).await;
+    let changes = futures::stream::select(
+        triggers(&client, &namespace),
+        meshed_changes(meshed.clone()),
+    );
+    drive_with(&client, &status, &namespace, &meshed, changes, shutdown).await;
+}
+
+/// One item per new value of the compiler's meshed set; ends when the compiler's sender goes.
+fn meshed_changes(rx: MeshedRx) -> BoxStream<'static, ()> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
+    .boxed()
 }
 
 /// One notification per change of anything a pass reads or writes: the Mesh, the CA Secret,
@@ -361,9 +458,23 @@ pub async fn drive(
     changes: impl Stream<Item = ()> + Send,
     shutdown: CancellationToken,
 ) {
+    let none = tokio::sync::watch::channel(None).1;
+    drive_with(client, status, namespace, &none, changes, shutdown).await;
+}
+
+/// [`drive`], each pass with the compiler's latest meshed set ([`reconcile_with`]).
+pub async fn drive_with(
+    client: &Client,
+    status: &StatusWriter,
+    namespace: &str,
+    meshed: &MeshedRx,
+    changes: impl Stream<Item = ()> + Send,
+    shutdown: CancellationToken,
+) {
     let mut changes = std::pin::pin!(changes.fuse());
     loop {
-        let wait = match reconcile_once(client, status, namespace).await {
+        let published = meshed.borrow().clone();
+        let wait = match reconcile_with(client, status, namespace, published.as_deref()).await {
             Ok(wait) => wait,
             Err(error) => {
                 tracing::warn!(%error, "CA reconcile failed; retrying");

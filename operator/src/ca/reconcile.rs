@@ -18,10 +18,13 @@
 //!
 //! ## Root rotation
 //! `Idle` → `AddedNewRoot` (bundle = old + new; signing with old) → once every meshed
-//! namespace's bundle ConfigMap holds both roots and [`PROPAGATION`] has passed (kubelet syncs
-//! ConfigMaps into pods in about a minute) → `IssuingFromNew` (bundle = old + new; signing with
-//! new) → after the longest workload certificate lifetime (every old-root leaf has expired) →
-//! `RemovedOldRoot` (bundle = new) → after [`PROPAGATION`] → `Idle`.
+//! namespace's bundle ConfigMap holds both roots, and [`PROPAGATION`] has passed since the last
+//! of them was written (kubelet syncs ConfigMaps into pods in about a minute; a bundle written
+//! late, say for a namespace that joined mid-rotation or after a failed write, restarts the
+//! wait) → `IssuingFromNew` (bundle = old + new; signing with new) → after the longest
+//! lifetime of any workload certificate the old root signed (recorded with the root as
+//! `trellis.dev/max-workload-ttl`, so lowering `workloadCertTtl` mid-rotation cannot strand
+//! older certificates) → `RemovedOldRoot` (bundle = new) → after [`PROPAGATION`] → `Idle`.
 //! Triggers: the user's Secret holds a different CA, the CA source changed, the self-signed root
 //! has less than 20 % of its lifetime left, or the Mesh annotation `trellis.dev/rotate-root`
 //! was set to a new value. At most one transition happens per reconcile.
@@ -65,6 +68,12 @@ const A_STAGE: &str = "trellis.dev/rotation-stage";
 const A_SINCE: &str = "trellis.dev/rotation-since";
 const A_REASON: &str = "trellis.dev/rotation-reason";
 const A_TRIGGER: &str = "trellis.dev/rotation-trigger";
+/// The longest workload TTL the signing root has issued with (seconds).
+const A_MAX_TTL: &str = "trellis.dev/max-workload-ttl";
+/// The same for the root being retired, recorded when signing switched away from it.
+const A_RETIRING_MAX_TTL: &str = "trellis.dev/retiring-max-workload-ttl";
+/// When every meshed namespace's bundle was first seen holding the current stage's roots.
+const A_BUNDLES_SYNCED: &str = "trellis.dev/bundles-synced-at";
 const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "trellis-operator");
 const COMPONENT: (&str, &str) = ("trellis.dev/component", "trust-bundle");
 
@@ -77,8 +86,8 @@ pub enum ReconcileError {
     UserSecretMissing(String),
     #[error("CA Secret {0} referenced by the Mesh is unusable: {1}")]
     UserSecretInvalid(String, String),
-    #[error("invalid duration in the Mesh: {0}")]
-    Duration(#[from] crate::duration::DurationError),
+    #[error("{0}")]
+    Duration(#[from] crate::api::mesh::InvalidDuration),
     #[error("generating a root CA: {0}")]
     Generate(CaError),
     #[error("Kubernetes API: {0}")]
@@ -149,6 +158,15 @@ pub struct CaState {
     pub source: String,
     pub reason: String,
     pub trigger: String,
+    /// Longest workload TTL used with `active` (grows when `workloadCertTtl` does, never
+    /// shrinks while the root signs).
+    pub max_ttl: Duration,
+    /// Longest workload TTL used with the root being retired (`IssuingFromNew`): how long its
+    /// last certificates can live.
+    pub retiring_max_ttl: Option<Duration>,
+    /// When every meshed namespace's bundle was first observed holding this stage's roots
+    /// (`AddedNewRoot`); reset whenever one is not.
+    pub bundles_synced: Option<SystemTime>,
 }
 
 fn data_str<'a>(data: &'a BTreeMap<String, ByteString>, key: &str) -> Option<&'a str> {
@@ -159,6 +177,10 @@ fn rfc3339(t: SystemTime) -> String {
     jiff::Timestamp::try_from(t)
         .map(|t| t.to_string())
         .unwrap_or_default()
+}
+
+fn secs(s: Option<&String>) -> Option<Duration> {
+    s?.parse().ok().map(Duration::from_secs)
 }
 
 fn parse_time(s: &str) -> Option<SystemTime> {
@@ -230,6 +252,9 @@ impl CaState {
             source: ann.get(A_SOURCE).cloned().unwrap_or_default(),
             reason: ann.get(A_REASON).cloned().unwrap_or_default(),
             trigger: ann.get(A_TRIGGER).cloned().unwrap_or_default(),
+            max_ttl: secs(ann.get(A_MAX_TTL)).unwrap_or_default(),
+            retiring_max_ttl: secs(ann.get(A_RETIRING_MAX_TTL)),
+            bundles_synced: ann.get(A_BUNDLES_SYNCED).and_then(|s| parse_time(s)),
         })
     }
 
@@ -268,14 +293,20 @@ impl CaState {
             put("previous.crt", p);
         }
         let annotations = [
-            (A_SOURCE, self.source.clone()),
-            (A_STAGE, self.stage.as_str().to_string()),
-            (A_SINCE, rfc3339(self.since)),
-            (A_REASON, self.reason.clone()),
-            (A_TRIGGER, self.trigger.clone()),
+            (A_SOURCE, Some(self.source.clone())),
+            (A_STAGE, Some(self.stage.as_str().to_string())),
+            (A_SINCE, Some(rfc3339(self.since))),
+            (A_REASON, Some(self.reason.clone())),
+            (A_TRIGGER, Some(self.trigger.clone())),
+            (A_MAX_TTL, Some(self.max_ttl.as_secs().to_string())),
+            (
+                A_RETIRING_MAX_TTL,
+                self.retiring_max_ttl.map(|d| d.as_secs().to_string()),
+            ),
+            (A_BUNDLES_SYNCED, self.bundles_synced.map(rfc3339)),
         ]
         .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
+        .filter_map(|(k, v)| Some((k.to_string(), v?)))
         .collect();
         Secret {
             metadata: ObjectMeta {
@@ -377,14 +408,7 @@ fn user_ca(o: &Observed<'_>) -> Option<Result<CertificateAuthority, ReconcileErr
 }
 
 fn root_validity(mesh: &Mesh) -> Result<Duration, ReconcileError> {
-    let v = mesh
-        .spec
-        .ca
-        .self_signed
-        .clone()
-        .unwrap_or_default()
-        .root_validity;
-    Ok(crate::duration::parse(&v)?)
+    Ok(mesh.spec.root_validity()?)
 }
 
 fn since(now: SystemTime, t: SystemTime) -> Duration {
@@ -497,19 +521,37 @@ pub fn advance(
                     Some(PROPAGATION),
                 ));
             }
-            let waited = since(now, st.since);
-            if waited >= PROPAGATION && propagated(o, &st.bundle_pem()) {
+            // Kubelets need PROPAGATION after the last bundle write, not after the stage
+            // began: until every bundle holds both roots, the clock does not run.
+            if !propagated(o, &st.bundle_pem()) {
+                let st = CaState {
+                    bundles_synced: None,
+                    ..st
+                };
+                return Ok((st, Some(Duration::from_secs(5))));
+            }
+            let synced = st.bundles_synced.unwrap_or(now);
+            let waited = since(now, synced);
+            if waited >= PROPAGATION {
                 let previous = st.active.roots_pem().to_string();
+                let retiring = st.max_ttl.max(workload_ttl);
                 let st = CaState {
                     active: next,
                     next: None,
                     previous_pem: Some(previous),
                     stage: Stage::IssuingFromNew,
                     since: now,
+                    max_ttl: workload_ttl,
+                    retiring_max_ttl: Some(retiring),
+                    bundles_synced: None,
                     ..st
                 };
-                return Ok((st, Some(workload_ttl + CLOCK_SKEW_BACKDATE)));
+                return Ok((st, Some(retiring + CLOCK_SKEW_BACKDATE)));
             }
+            let st = CaState {
+                bundles_synced: Some(synced),
+                ..st
+            };
             Ok((
                 st,
                 Some(
@@ -520,13 +562,16 @@ pub fn advance(
             ))
         }
         Stage::IssuingFromNew => {
-            let wait = workload_ttl + CLOCK_SKEW_BACKDATE;
+            // The retiring root's longest recorded TTL, not the current one: a TTL lowered
+            // mid-rotation does not shorten certificates the old root already signed.
+            let wait = st.retiring_max_ttl.unwrap_or(workload_ttl) + CLOCK_SKEW_BACKDATE;
             let waited = since(now, st.since);
             if waited >= wait {
                 let st = CaState {
                     previous_pem: None,
                     stage: Stage::RemovedOldRoot,
                     since: now,
+                    retiring_max_ttl: None,
                     ..st
                 };
                 return Ok((st, Some(PROPAGATION)));
@@ -592,12 +637,19 @@ pub fn bundle_configmap(namespace: &str, bundle_pem: &str, mesh: &Mesh) -> Confi
 /// The reconcile.
 pub fn reconcile(o: &Observed<'_>) -> Desired {
     let generation = o.mesh.meta().generation;
-    let workload_ttl = match crate::duration::parse(&o.mesh.spec.workload_cert_ttl) {
+    // Both durations are checked before anything is generated or signed: out of range they
+    // are refused here with the field and range (the CRD's CEL rules say the same).
+    let workload_ttl = match o.mesh.spec.workload_cert_ttl() {
         Ok(t) => t,
         Err(e) => {
             return Desired::unchanged(not_ready("InvalidDuration", e.to_string(), generation));
         }
     };
+    if o.mesh.spec.ca.secret_ref.is_none()
+        && let Err(e) = o.mesh.spec.root_validity()
+    {
+        return Desired::unchanged(not_ready("InvalidDuration", e.to_string(), generation));
+    }
     let user = match user_ca(o) {
         None => Ok(None),
         Some(Ok(ca)) => Ok(Some(Arc::new(ca))),
@@ -620,6 +672,9 @@ pub fn reconcile(o: &Observed<'_>) -> Desired {
             .get(ROTATE_ANNOTATION)
             .cloned()
             .unwrap_or_default(),
+        max_ttl: workload_ttl,
+        retiring_max_ttl: None,
+        bundles_synced: None,
     };
     let state = match (o.ca_secret, &user) {
         (Some(secret), _) => CaState::from_secret(secret),
@@ -646,6 +701,11 @@ pub fn reconcile(o: &Observed<'_>) -> Desired {
         }
     };
 
+    // The signing root is used with the current TTL from now on: remember the longest.
+    let state = CaState {
+        max_ttl: state.max_ttl.max(workload_ttl),
+        ..state
+    };
     let (state, requeue) = match advance(state.clone(), o, user_ok.as_ref(), workload_ttl) {
         Ok(r) => r,
         Err(e) => {
@@ -896,7 +956,8 @@ mod tests {
     #[test]
     fn creates_a_self_signed_root_and_bundles_then_is_idempotent() {
         let mut w = World::new(mesh(
-            serde_json::json!({"ca": {"selfSigned": {"rootValidity": "100h"}}}),
+            // A 100 h root needs TTLs of at most 20 h: its last fifth must hold a rotation.
+            serde_json::json!({"workloadCertTtl": "20h", "ca": {"selfSigned": {"rootValidity": "100h"}}}),
         ));
         let d = w.step();
         let secret = d.ca_secret.as_ref().expect("CA Secret created");
@@ -926,7 +987,7 @@ mod tests {
         let na: jiff::Timestamp = status.not_after.parse().unwrap();
         let want = jiff::Timestamp::try_from(w.now + 100 * HOUR).unwrap();
         assert!((na.as_second() - want.as_second()).abs() <= 1);
-        assert_eq!(d.issuer.as_ref().unwrap().workload_ttl, 24 * HOUR);
+        assert_eq!(d.issuer.as_ref().unwrap().workload_ttl, 20 * HOUR);
         // Requeue when 20 % of the lifetime is left (80 h from now).
         let rq = d.requeue_after.unwrap();
         assert_eq!(rq, HOUR, "capped at an hour");
@@ -1001,6 +1062,16 @@ mod tests {
         w.lagging.clear();
         w.advance(Duration::from_secs(1)); // applies web's bundle
         assert_eq!(w.bundle_roots("web"), 2);
+        // Issue 13 item 9: the stage began long ago, but web's bundle was written just now:
+        // kubelets there need the propagation time from this write.
+        w.advance(Duration::from_secs(1));
+        assert_eq!(
+            w.stage(),
+            Stage::AddedNewRoot,
+            "web's bundle was written 1 s ago"
+        );
+        w.advance(PROPAGATION - Duration::from_secs(1));
+        assert_eq!(w.stage(), Stage::AddedNewRoot);
         let d = w.advance(Duration::from_secs(1));
         assert_eq!(w.stage(), Stage::IssuingFromNew);
         let new = fp(&d);
@@ -1043,10 +1114,62 @@ mod tests {
         assert_eq!(w.stage(), Stage::Idle);
     }
 
+    /// Issue 13 item 9: lowering workloadCertTtl while the new root issues does not shorten
+    /// how long the old root stays trusted: its certificates were signed with the old TTL.
+    #[test]
+    fn the_old_root_is_kept_for_the_longest_ttl_it_signed_with() {
+        let mut w = World::new(mesh(serde_json::json!({"workloadCertTtl": "24h"})));
+        w.step();
+        w.mesh
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(ROTATE_ANNOTATION.into(), "now".into());
+        w.advance(Duration::from_secs(1));
+        assert_eq!(w.stage(), Stage::AddedNewRoot);
+        w.advance(Duration::from_secs(1));
+        let d = w.advance(PROPAGATION);
+        assert_eq!(w.stage(), Stage::IssuingFromNew);
+        assert!(d.issuer.is_some());
+        let ann = w.ca_secret.as_ref().unwrap().annotations().clone();
+        assert_eq!(ann[A_RETIRING_MAX_TTL], "86400");
+        // The TTL is lowered right after the switch.
+        w.mesh.spec.workload_cert_ttl = "1h".into();
+        w.advance(HOUR + CLOCK_SKEW_BACKDATE);
+        assert_eq!(
+            w.stage(),
+            Stage::IssuingFromNew,
+            "old-root certificates issued for 24 h are still alive"
+        );
+        assert_eq!(w.bundle_roots("shop"), 2);
+        w.advance(23 * HOUR);
+        assert_eq!(w.stage(), Stage::RemovedOldRoot);
+        // The new root began signing while the TTL was still 24 h: it records that too.
+        let ann = w.ca_secret.as_ref().unwrap().annotations().clone();
+        assert_eq!(ann[A_MAX_TTL], "86400");
+        assert!(!ann.contains_key(A_RETIRING_MAX_TTL));
+    }
+
+    /// Raising the TTL while the old root still signs raises what it records.
+    #[test]
+    fn the_signing_roots_longest_ttl_is_recorded() {
+        let mut w = World::new(mesh(serde_json::json!({"workloadCertTtl": "1h"})));
+        w.step();
+        w.mesh.spec.workload_cert_ttl = "48h".into();
+        w.advance(Duration::from_secs(1));
+        w.mesh.spec.workload_cert_ttl = "2h".into();
+        w.advance(Duration::from_secs(1));
+        let ann = w.ca_secret.as_ref().unwrap().annotations().clone();
+        assert_eq!(ann[A_MAX_TTL], (48 * 3600).to_string());
+        let st = CaState::from_secret(w.ca_secret.as_ref().unwrap()).unwrap();
+        assert_eq!(st.max_ttl, 48 * HOUR);
+    }
+
     #[test]
     fn root_near_expiry_starts_a_rotation() {
         let mut w = World::new(mesh(
-            serde_json::json!({"ca": {"selfSigned": {"rootValidity": "100h"}}}),
+            // A 100 h root needs TTLs of at most 20 h: its last fifth must hold a rotation.
+            serde_json::json!({"workloadCertTtl": "20h", "ca": {"selfSigned": {"rootValidity": "100h"}}}),
         ));
         w.step();
         w.advance(79 * HOUR);
@@ -1058,6 +1181,33 @@ mod tests {
             "{}",
             d.condition.message
         );
+    }
+
+    /// Issue 13 item 6: a huge rootValidity or a 0s TTL is reported in CAReady with the field
+    /// and the range; nothing is created, and the leader does not panic.
+    #[test]
+    fn out_of_range_durations_are_reported_not_acted_on() {
+        for (spec, field) in [
+            (
+                serde_json::json!({"ca": {"selfSigned": {"rootValidity": "99999999999h"}}}),
+                "spec.ca.selfSigned.rootValidity \"99999999999h\" is out of range",
+            ),
+            (
+                serde_json::json!({"workloadCertTtl": "0s"}),
+                "spec.workloadCertTtl \"0s\" is out of range: it must be between 10m and 2160h",
+            ),
+        ] {
+            let mut w = World::new(mesh(spec));
+            let d = w.step();
+            assert_eq!(d.condition.status, ConditionStatus::False);
+            assert_eq!(d.condition.reason, "InvalidDuration");
+            assert!(
+                d.condition.message.contains(field),
+                "{}",
+                d.condition.message
+            );
+            assert!(d.ca_secret.is_none() && d.bundles.is_empty() && d.issuer.is_none());
+        }
     }
 
     #[test]
@@ -1086,6 +1236,9 @@ mod tests {
             "old CA keeps signing from our copy"
         );
         assert!(d.condition.message.contains("CASecretChanged"));
+        // The pass the bundle writes trigger (their watch) sees them everywhere: the
+        // propagation wait runs from there.
+        w.advance(Duration::from_secs(1));
         let d = w.advance(PROPAGATION);
         assert_eq!(w.stage(), Stage::IssuingFromNew);
         assert_eq!(fp(&d), ca2.fingerprint());

@@ -110,6 +110,12 @@ impl ServingCert {
             .map(|c| c.not_after)
     }
 
+    /// Whether a certificate is held and valid at `now`: what the replica's readiness waits
+    /// for, since a TLS listener without one fails every handshake.
+    pub fn is_valid_at(&self, now: SystemTime) -> bool {
+        self.not_after().is_some_and(|t| t > now)
+    }
+
     /// A TLS 1.2/1.3 server config that always presents the current certificate.
     pub fn server_config(self: &Arc<Self>, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
         let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -167,7 +173,9 @@ mod tests {
         let ca = CertificateAuthority::generate("td", Duration::from_secs(86400), t0).unwrap();
         let sc = ServingCert::new(vec![OPERATOR_SERVICE_DNS.into()], Duration::from_secs(3000));
         assert!(sc.not_after().is_none());
+        assert!(!sc.is_valid_at(t0));
         assert!(sc.refresh(&ca, t0).unwrap());
+        assert!(sc.is_valid_at(t0));
         let first = sc.not_after().unwrap();
         // Lifetime is 3000 s + 60 s backdate; a third is 1020 s.
         assert!(!sc.refresh(&ca, t0 + Duration::from_secs(1900)).unwrap());

@@ -33,6 +33,21 @@ pub struct Args {
     /// `files` (issued by the CA directly and passed as --cert-file/--key-file).
     #[arg(long, value_enum, default_value_t = crate::dev::creds::Mode::default())]
     pub credentials: crate::dev::creds::Mode,
+    /// Export the sidecars' spans over OTLP/gRPC to this collector (`host:port`, e.g. a Jaeger
+    /// all-in-one on `127.0.0.1:4317`), sampling every request unless the Mesh sets tracing.
+    #[arg(long, value_parser = parse_collector)]
+    pub otlp: Option<String>,
+    /// 127.0.0.1 port of the live service graph in the browser (0: any free port). The URL is
+    /// printed beside the table.
+    #[arg(long, default_value_t = 0)]
+    pub dashboard_port: u16,
+}
+
+fn parse_collector(s: &str) -> Result<String, String> {
+    match trellis_proxy::config::collector_problem(s) {
+        None => Ok(s.to_owned()),
+        Some(why) => Err(why.to_owned()),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -61,5 +76,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         once: a.once,
         exe,
         credentials: a.credentials,
+        otlp: a.otlp,
+        dashboard_port: a.dashboard_port,
     }))
 }

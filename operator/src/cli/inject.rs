@@ -249,7 +249,10 @@ pub fn inject_value(
     };
     match inject(&pod, &ns, mesh, ctx) {
         Decision::Skip { reason } => {
-            notes.push(format!("{object}: not injected: {reason}"));
+            notes.push(match reason.warning() {
+                Some(warning) => format!("{object}: {warning}"),
+                None => format!("{object}: not injected: {reason}"),
+            });
             Ok(())
         }
         Decision::Deny { reason } => Err(CliError::Object {

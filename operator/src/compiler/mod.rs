@@ -65,18 +65,28 @@ pub use pod::{SlimPod, SlimPodSpec, SlimPodStatus};
 pub const CONFIGMAP_NAME: &str = "trellis-proxy";
 /// Key of the compiled config in that ConfigMap.
 pub const CONFIG_KEY: &str = "config.json";
-/// The operator's namespace, where a PeerAuthentication without selector applies mesh-wide.
+/// The operator's namespace in the default install, where a PeerAuthentication without selector
+/// applies mesh-wide. The running operator uses its own (`POD_NAMESPACE`,
+/// `controller::compile_settings`).
 pub const DEFAULT_ROOT_NAMESPACE: &str = "trellis-system";
-/// Where sidecars ask for certificates.
+/// Where sidecars ask for certificates in the default install (`controller::compile_settings`
+/// for others).
 pub const DEFAULT_IDENTITY_ENDPOINT: &str = "https://trellis-operator.trellis-system.svc:15012";
 /// Namespace label that opts a namespace into the mesh (`enabled`) or out of it (`disabled`).
-pub const INJECT_LABEL: &str = "trellis.dev/inject";
+pub const INJECT_LABEL: &str = crate::inject::scope::INJECT;
 /// Annotation the injector puts on every pod that received a sidecar.
-pub const PROXY_VERSION_ANNOTATION: &str = "trellis.dev/proxy-version";
+pub const PROXY_VERSION_ANNOTATION: &str = crate::inject::scope::PROXY_VERSION;
 /// A ConfigMap may hold 1 MiB; keep 64 KiB for metadata and managed fields.
 pub const DEFAULT_MAX_CONFIG_BYTES: usize = 1024 * 1024 - 64 * 1024;
 /// Namespaces that are never meshed, whatever their labels say.
-pub const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
+pub const SYSTEM_NAMESPACES: [&str; 3] = crate::inject::scope::SYSTEM_NAMESPACES;
+
+/// The meshed namespaces of the last compile ([`Output::meshed`]), which the compile
+/// controller publishes so the CA writes trust bundles for exactly those; `None` before the
+/// first compile.
+pub type MeshedRx = tokio::sync::watch::Receiver<Option<Arc<BTreeSet<String>>>>;
+/// The sending end of [`MeshedRx`].
+pub type MeshedTx = tokio::sync::watch::Sender<Option<Arc<BTreeSet<String>>>>;
 /// Server-first protocols' well-known ports (SMTP, MySQL, PostgreSQL, Redis, ...): the proxy
 /// must not wait for the client to speak first there. Linkerd ships the same list.
 pub const DEFAULT_SKIP_DETECTION_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
@@ -477,38 +487,49 @@ fn import_scopes(
     out
 }
 
-/// Namespaces that get a config: labelled `trellis.dev/inject: enabled` or matching the Mesh's
-/// `namespaceSelector`, minus `trellis.dev/inject: disabled`, the system namespaces, the root
-/// namespace, the Mesh's `excludedNamespaces` and namespaces being deleted.
+/// Namespaces that get a config, by [`crate::inject::scope`]'s rule (the one the webhook
+/// configuration and the injector follow): namespaces selected for injection, and namespaces
+/// holding a pod that was injected or is labelled `trellis.dev/inject: enabled` (it opted in
+/// from an unselected namespace, and its sidecar mounts the ConfigMaps). Never the system
+/// namespaces, the root namespace, the Mesh's `excludedNamespaces`, or namespaces being
+/// deleted.
 pub fn meshed_namespaces(snapshot: &Snapshot) -> BTreeSet<String> {
-    let injection = snapshot.mesh.as_ref().map(|m| &m.spec.injection);
-    let excluded: BTreeSet<&str> = injection
-        .map(|i| i.excluded_namespaces.iter().map(String::as_str).collect())
-        .unwrap_or_default();
-    let selector = injection.and_then(|i| i.namespace_selector.as_ref());
+    let default_spec;
+    let spec = match snapshot.mesh.as_ref() {
+        Some(m) => &m.spec,
+        None => {
+            default_spec = crate::api::MeshSpec::default();
+            &default_spec
+        }
+    };
+    let scope = crate::inject::Scope::new(spec, &snapshot.settings.root_namespace);
+    let with_opted_in_pods: BTreeSet<&str> = snapshot
+        .pods
+        .iter()
+        .filter(|p| {
+            crate::inject::scope::pod_wants_proxy(
+                p.metadata.labels.as_ref(),
+                p.metadata.annotations.as_ref(),
+            )
+        })
+        .filter_map(|p| p.metadata.namespace.as_deref())
+        .collect();
+    let empty = BTreeMap::new();
     let mut out = BTreeSet::new();
     for ns in &snapshot.namespaces {
         let Some(name) = ns.metadata.name.as_deref() else {
             continue;
         };
-        if SYSTEM_NAMESPACES.contains(&name)
-            || name == snapshot.settings.root_namespace
-            || excluded.contains(name)
-            || ns.metadata.deletion_timestamp.is_some()
-        {
+        if ns.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        let labels = ns.metadata.labels.as_ref();
-        let label = labels.and_then(|l| l.get(INJECT_LABEL)).map(String::as_str);
-        let by_selector = selector.is_some_and(|s| {
-            s.match_labels
-                .iter()
-                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
-        });
-        if label == Some("disabled") {
-            continue;
-        }
-        if label == Some("enabled") || by_selector {
+        let labels = ns.metadata.labels.as_ref().unwrap_or(&empty);
+        if crate::inject::scope::namespace_needs_config(
+            &scope,
+            name,
+            labels,
+            with_opted_in_pods.contains(name),
+        ) {
             out.insert(name.to_string());
         }
     }

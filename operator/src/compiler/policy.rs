@@ -187,10 +187,19 @@ fn invalid(m: impl Into<String>) -> Rejection {
     Rejection::Invalid(m.into())
 }
 
+/// A duration field in milliseconds, within the bounds the sidecar's validator accepts
+/// (`cfg::MAX_DURATION_MS`), so an absurd value is this policy's `Invalid` rather than a
+/// namespace config every sidecar refuses.
 fn ms(field: &str, v: &str) -> Result<u64, Rejection> {
     let ms = duration::parse_ms(v).map_err(|e| invalid(format!("{field}: {e}")))?;
     if ms == 0 {
         return Err(invalid(format!("{field}: must be greater than 0")));
+    }
+    if ms > cfg::MAX_DURATION_MS {
+        return Err(invalid(format!(
+            "{field}: must be at most {}h (30 days)",
+            cfg::MAX_DURATION_MS / 3_600_000
+        )));
     }
     Ok(ms)
 }
@@ -309,6 +318,12 @@ fn build(
             let burst = r.burst.unwrap_or(r.requests_per_second);
             if r.requests_per_second == 0 {
                 return Err(invalid("rateLimit.requestsPerSecond: must be at least 1"));
+            }
+            if f64::from(r.requests_per_second) > cfg::MAX_RATE_PER_SECOND {
+                return Err(invalid(format!(
+                    "rateLimit.requestsPerSecond: must be at most {}",
+                    cfg::MAX_RATE_PER_SECOND
+                )));
             }
             if burst == 0 {
                 return Err(invalid("rateLimit.burst: must be at least 1"));

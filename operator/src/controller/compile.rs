@@ -245,6 +245,8 @@ pub async fn reconcile_once(
     for p in &out.problems {
         tracing::warn!(problem = %p, "skipped a malformed object");
     }
+    // Before writing anything: the trust bundles a new namespace needs come from the CA.
+    applier.publish_meshed(&out.meshed);
     let mesh = snapshot.mesh.as_deref();
     let cms = plan_configmaps(&out, &stores.configmaps.state(), mesh);
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
@@ -253,6 +255,7 @@ pub async fn reconcile_once(
         &snapshot.traffic_policies,
         &snapshot.peer_authentications,
         snapshot.mesh.as_ref(),
+        &snapshot.pods,
         &now,
     );
     let (stats, errors) = applier.apply(&cms, &status, mesh).await;
@@ -276,11 +279,13 @@ pub async fn reconcile_once(
 }
 
 /// Runs the compile controller until `shutdown` fires (Lease lost, process stopping) or the
-/// watches end. Status goes through the shared [`StatusWriter`].
+/// watches end. Status goes through the shared [`StatusWriter`]; every compile's meshed
+/// namespaces go to `meshed` (the CA controller's trust bundles follow them).
 pub async fn run(
     client: Client,
     settings: Settings,
     status: StatusWriter,
+    meshed: crate::compiler::MeshedTx,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let (stores, changes) = watch_all(&client);
@@ -291,7 +296,7 @@ pub async fn run(
             instance: std::env::var("POD_NAME").ok(),
         },
     );
-    let applier = Applier::new(client, status, Some(recorder));
+    let applier = Applier::new(client, status, Some(recorder)).with_meshed_publisher(meshed);
     drive(stores, changes, applier, settings, shutdown).await
 }
 

@@ -8,7 +8,9 @@
 //! - Status: through the one [`StatusWriter`] (server-side apply of `/status`), for every
 //!   TrafficPolicy/PeerAuthentication whose conditions changed (equal conditions keep
 //!   `lastTransitionTime`, so a recompile with the same result writes nothing), and for the
-//!   Mesh's `Programmed`/`Degraded` conditions, keeping the conditions other reconcilers own.
+//!   Mesh's part: `Programmed`/`Degraded`/`ProxiesUpToDate` and `status.proxies` (the status
+//!   writer applies it under the compile controller's field manager; the other reconcilers'
+//!   conditions are theirs and are not sent).
 //! - Events on condition transitions.
 //!
 //! Every decision is a pure `plan_*` function; [`Applier::apply`] only executes the plan, so the
@@ -28,7 +30,9 @@ use crate::api::{
     FIELD_MANAGER, Mesh, MeshStatus, PeerAuthentication, PeerAuthenticationStatus, TrafficPolicy,
     TrafficPolicyStatus,
 };
-use crate::compiler::{CONFIG_KEY, CONFIGMAP_NAME, NamespaceConfig, ObjectKey, Output, digest};
+use crate::compiler::{
+    CONFIG_KEY, CONFIGMAP_NAME, NamespaceConfig, ObjectKey, Output, SlimPod, digest,
+};
 use crate::status::{self, Outcome, StatusWriter};
 
 /// Label on every object the operator owns.
@@ -45,7 +49,7 @@ pub const DIGEST_ANNOTATION: &str = "trellis.dev/config-digest";
 /// [`strip_configmap`]).
 pub const DIGEST_KEY: &str = "config.json.sha256";
 /// Condition types the compiler owns on the Mesh; the others belong to other reconcilers.
-pub const MESH_CONDITION_TYPES: [&str; 2] = ["Programmed", "Degraded"];
+pub const MESH_CONDITION_TYPES: [&str; 3] = ["Programmed", "Degraded", "ProxiesUpToDate"];
 
 /// Errors of the applier.
 #[derive(Debug, thiserror::Error)]
@@ -278,6 +282,7 @@ pub fn plan_status(
     traffic_policies: &[Arc<TrafficPolicy>],
     peer_authentications: &[Arc<PeerAuthentication>],
     mesh: Option<&Arc<Mesh>>,
+    pods: &[Arc<SlimPod>],
     now: &str,
 ) -> Vec<StatusUpdate> {
     let mut updates = Vec::new();
@@ -327,32 +332,27 @@ pub fn plan_status(
             .filter(|c| MESH_CONDITION_TYPES.contains(&c.type_.as_str()))
             .cloned()
             .collect();
-        // Keep the others' conditions where they are; replace ours in place; append new ones.
-        let mut all: Vec<Condition> = existing
+        // Only the compiler's part: the status writer applies it under this controller's
+        // field manager, and the API server keeps the other controllers' conditions.
+        let (counts, proxies) = super::proxies::report(pods, mesh);
+        let mut conditions = out.mesh.clone();
+        conditions.push(proxies);
+        let merged = merge_conditions(existing, conditions.clone(), now);
+        let unchanged = merged
             .iter()
-            .map(|c| {
-                out.mesh
-                    .iter()
-                    .find(|m| m.type_ == c.type_)
-                    .cloned()
-                    .unwrap_or_else(|| c.clone())
-            })
-            .collect();
-        for m in &out.mesh {
-            if !all.iter().any(|c| c.type_ == m.type_) {
-                all.push(m.clone());
-            }
-        }
-        if merge_conditions(existing, all.clone(), now) != *existing {
+            .all(|c| crate::api::conditions::find(existing, &c.type_) == Some(c))
+            && current.proxies.as_ref() == Some(&counts);
+        if !unchanged {
             updates.push(StatusUpdate {
-                transitions: transitions(&mine, &out.mesh),
+                transitions: transitions(&mine, &conditions),
                 reference: mesh.object_ref(&()),
                 key: ObjectKey::new("", mesh.name_any()),
                 target: StatusTarget::Mesh(
                     mesh.clone(),
                     MeshStatus {
-                        conditions: all,
-                        ..current
+                        conditions,
+                        proxies: Some(counts),
+                        ..Default::default()
                     },
                 ),
             });
@@ -375,6 +375,8 @@ pub struct Applier {
     client: Client,
     status: StatusWriter,
     recorder: Option<Recorder>,
+    /// Where the meshed namespaces of each compile go (the CA writes their trust bundles).
+    meshed: Option<crate::compiler::MeshedTx>,
 }
 
 impl Applier {
@@ -384,6 +386,29 @@ impl Applier {
             client,
             status,
             recorder,
+            meshed: None,
+        }
+    }
+
+    /// Publishes every compile's meshed namespaces on `tx`, so the trust bundles follow the
+    /// same set as the `trellis-proxy` ConfigMaps.
+    pub fn with_meshed_publisher(self, tx: crate::compiler::MeshedTx) -> Self {
+        Self {
+            meshed: Some(tx),
+            ..self
+        }
+    }
+
+    /// Sends `meshed` to the publisher, if any, when it differs from the last value.
+    pub fn publish_meshed(&self, meshed: &std::collections::BTreeSet<String>) {
+        if let Some(tx) = &self.meshed {
+            tx.send_if_modified(|current| {
+                if current.as_deref() == Some(meshed) {
+                    return false;
+                }
+                *current = Some(std::sync::Arc::new(meshed.clone()));
+                true
+            });
         }
     }
 

@@ -6,13 +6,17 @@
 //! - `ca` ([`crate::ca::controller`]): the CA Secret, trust bundles, the webhook configuration,
 //!   and the Mesh's `CAReady` / `WebhookReady`;
 //! - `compile` ([`compile`]): the sidecar configs, TrafficPolicy and PeerAuthentication status,
-//!   and the Mesh's `Programmed` / `Degraded`;
+//!   and the Mesh's `Programmed` / `Degraded` / `ProxiesUpToDate` and proxy counts
+//!   ([`proxies`]);
 //! - `rollout` ([`crate::rollout::controller`]): restarts out-of-date workloads in health-gated
-//!   batches, and writes the Mesh's `status.rollout` and `RolloutProgressing` under its own
-//!   field manager.
+//!   batches, and writes the Mesh's `status.rollout` and `RolloutProgressing`.
+//!
+//! Each writes its own part of a status under its own field manager
+//! (`trellis-operator/<controller>`); see [`crate::status`].
 
 pub mod compile;
 pub mod compile_apply;
+pub mod proxies;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,6 +110,9 @@ pub type Named = (&'static str, BoxFuture<'static, ()>);
 
 /// Every controller the leader runs. Add yours here.
 pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
+    // The compiler's meshed namespaces, for the CA's trust bundles: one predicate, computed
+    // once from the compiler's caches (namespaces and pods).
+    let (meshed_tx, meshed_rx) = tokio::sync::watch::channel(None);
     vec![
         (
             "mesh",
@@ -120,8 +127,9 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
             "ca",
             Box::pin(crate::ca::controller::run(
                 ctx.client.clone(),
-                ctx.status.clone(),
+                ctx.status.for_controller("ca"),
                 ctx.namespace.clone(),
+                meshed_rx,
                 shutdown.clone(),
             )),
         ),
@@ -129,16 +137,16 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
         // Ready) and the Mesh's Programmed/Degraded conditions.
         ("compile", {
             let settings = compile_settings(&ctx.namespace);
-            let (client, status) = (ctx.client.clone(), ctx.status.clone());
+            let (client, status) = (ctx.client.clone(), ctx.status.for_controller("compile"));
             let shutdown = shutdown.clone();
             Box::pin(async move {
-                if let Err(e) = compile::run(client, settings, status, shutdown).await {
+                if let Err(e) = compile::run(client, settings, status, meshed_tx, shutdown).await {
                     tracing::error!(error = %e, "compile controller stopped");
                 }
             })
         }),
         ("rollout", {
-            let (client, status) = (ctx.client.clone(), ctx.status.clone());
+            let (client, status) = (ctx.client.clone(), ctx.status.for_controller("rollout"));
             Box::pin(async move {
                 if let Err(e) = crate::rollout::controller::run(client, status, shutdown).await {
                     tracing::error!(error = %e, "rollout controller stopped");
@@ -162,7 +170,8 @@ pub fn compile_settings(namespace: &str) -> crate::compiler::Settings {
     }
 }
 
-/// A status-only controller: `compute` maps an object to the status it should report.
+/// A status-only controller: `compute` maps an object to the status part it should report,
+/// written under the field manager `trellis-operator/<kind in lower case>`.
 fn run<K, F>(
     api: Api<K>,
     ctx: Arc<Context>,
@@ -180,7 +189,11 @@ where
             .run(
                 move |obj: Arc<K>, ctx: Arc<Context>| async move {
                     let kind = K::kind(&()).to_string();
-                    let res = ctx.status.apply(obj.as_ref(), compute(&obj)).await;
+                    let res = ctx
+                        .status
+                        .for_controller(&kind.to_lowercase())
+                        .apply(obj.as_ref(), compute(&obj))
+                        .await;
                     match res {
                         Ok(_) => {
                             ctx.metrics.count(&kind, "ok");
@@ -227,44 +240,25 @@ fn cond(type_: &str, ok: bool, reason: &str, message: &str, generation: Option<i
 }
 
 /// The parts whose conditions make the Mesh `Ready`; other controllers report them.
-pub const MESH_PARTS: [&str; 2] = ["CAReady", "WebhookReady"];
+/// `ProxiesUpToDate` is not one: with `rollout.mode: Manual` (or a paused rollout) old proxies
+/// are expected for as long as the user wants, and the mesh works meanwhile; it is reported
+/// beside `Ready`, not inside it.
+pub const MESH_PARTS: [&str; 3] = ["CAReady", "WebhookReady", "Programmed"];
 
-/// The Mesh status: only `default` is accepted, and `Ready` summarises the parts other
-/// controllers report ([`MESH_PARTS`], plus the compiler's `Degraded`), so `kubectl get mesh`
-/// and GitOps health checks read one condition. Fields other controllers own (CA, proxy counts)
-/// are carried over unchanged.
+/// The Mesh status part the `mesh` controller owns: `Accepted`, `Ready` and
+/// `observedGeneration`. Pure.
+///
+/// `Ready` summarises the parts other controllers report ([`MESH_PARTS`] True, `Degraded` not
+/// True), and only at the current generation: a part whose `observedGeneration` is not the
+/// Mesh's `metadata.generation` was computed from an older spec, so `kubectl wait --for
+/// condition=Ready` and GitOps health checks must not pass on it. Conditions and fields other
+/// controllers own are not included: each controller applies its own part under its own field
+/// manager and the API server merges them (see [`crate::status`]).
 pub fn mesh_status(mesh: &Mesh) -> MeshStatus {
     let generation = mesh.metadata.generation;
     let current = mesh.status.clone().unwrap_or_default();
-    let mut conditions = if mesh.name_any() == MESH_NAME {
-        let mut waiting = Vec::new();
-        let mut failing = Vec::new();
-        for part in MESH_PARTS {
-            match crate::api::conditions::find(&current.conditions, part) {
-                None => waiting.push(part.to_string()),
-                Some(c) if !c.is_true() => failing.push(format!("{part}: {}", c.message)),
-                Some(_) => {}
-            }
-        }
-        if let Some(d) = crate::api::conditions::find(&current.conditions, "Degraded")
-            && d.is_true()
-        {
-            failing.push(format!("Degraded: {}", d.message));
-        }
-        let ready = if !failing.is_empty() {
-            cond(
-                "Ready",
-                false,
-                "PartNotReady",
-                &failing.join("; "),
-                generation,
-            )
-        } else if !waiting.is_empty() {
-            let msg = format!("waiting for {}", waiting.join(", "));
-            cond("Ready", false, "Pending", &msg, generation)
-        } else {
-            cond("Ready", true, "Ready", "", generation)
-        };
+    let conditions = if mesh.name_any() == MESH_NAME {
+        let ready = mesh_ready(&current.conditions, generation);
         vec![cond("Accepted", true, "Accepted", "", generation), ready]
     } else {
         let msg = format!(
@@ -275,20 +269,65 @@ pub fn mesh_status(mesh: &Mesh) -> MeshStatus {
             cond("Ready", false, "NotDefault", &msg, generation),
         ]
     };
-    // Conditions other controllers own (CAReady and WebhookReady from the CA controller, the
-    // compiler's Programmed and Degraded) are carried over: the status writer replaces the whole
-    // list, and dropping them would make the controllers rewrite each other's status forever.
-    conditions.extend(
-        current
-            .conditions
-            .iter()
-            .filter(|c| c.type_ != "Accepted" && c.type_ != "Ready")
-            .cloned(),
-    );
     MeshStatus {
         conditions,
         observed_generation: generation,
-        ..current
+        ca: None,
+        proxies: None,
+        // Owned by the rollout controller (`trellis-operator/rollout`); `None` is not
+        // serialized, so this manager never co-owns `status.rollout`.
+        rollout: None,
+    }
+}
+
+/// The `Ready` condition of the default Mesh from the parts' conditions.
+fn mesh_ready(parts: &[Condition], generation: Option<i64>) -> Condition {
+    use crate::api::conditions::find;
+    let mut waiting = Vec::new();
+    let mut stale = Vec::new();
+    let mut failing = Vec::new();
+    let at_generation = |c: &Condition| c.observed_generation == generation;
+    for part in MESH_PARTS {
+        match find(parts, part) {
+            None => waiting.push(part.to_string()),
+            Some(c) if !c.is_true() && at_generation(c) => {
+                failing.push(format!("{part}: {}", c.message))
+            }
+            Some(c) if !at_generation(c) => stale.push(format!(
+                "{part} (observed generation {}, current {})",
+                c.observed_generation.unwrap_or_default(),
+                generation.unwrap_or_default()
+            )),
+            Some(_) => {}
+        }
+    }
+    if let Some(d) = find(parts, "Degraded") {
+        if !at_generation(d) {
+            stale.push(format!(
+                "Degraded (observed generation {}, current {})",
+                d.observed_generation.unwrap_or_default(),
+                generation.unwrap_or_default()
+            ));
+        } else if d.is_true() {
+            failing.push(format!("Degraded: {}", d.message));
+        }
+    }
+    if !failing.is_empty() {
+        cond(
+            "Ready",
+            false,
+            "PartNotReady",
+            &failing.join("; "),
+            generation,
+        )
+    } else if !stale.is_empty() {
+        let msg = format!("the current spec is not acted on yet: {}", stale.join(", "));
+        cond("Ready", false, "Reconciling", &msg, generation)
+    } else if !waiting.is_empty() {
+        let msg = format!("waiting for {}", waiting.join(", "));
+        cond("Ready", false, "Pending", &msg, generation)
+    } else {
+        cond("Ready", true, "Ready", "", generation)
     }
 }
 
@@ -320,6 +359,28 @@ mod tests {
         m
     }
 
+    /// The `mesh` controller applies only `Accepted`, `Ready` and `observedGeneration`: were it
+    /// to send `status.rollout` (or `RolloutProgressing`) it would co-own them with
+    /// `trellis-operator/rollout` and carry a stale copy back on every reconcile.
+    #[test]
+    fn the_mesh_controller_leaves_the_rollout_part_alone() {
+        let mut m = mesh("default");
+        m.status = Some(MeshStatus {
+            conditions: vec![cond("RolloutProgressing", true, "Progressing", "", Some(4))],
+            rollout: Some(Box::default()),
+            ..Default::default()
+        });
+        let part = serde_json::to_value(mesh_status(&m)).unwrap();
+        assert!(part.get("rollout").is_none(), "{part}");
+        let types: Vec<&str> = part["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["Accepted", "Ready"]);
+    }
+
     fn with_parts(mut m: Mesh, parts: Vec<Condition>) -> Mesh {
         m.status = Some(MeshStatus {
             conditions: parts,
@@ -340,18 +401,72 @@ mod tests {
         assert_eq!(ready.reason, "Pending");
         assert!(ready.message.contains("CAReady"), "{}", ready.message);
 
-        let m = with_parts(
-            mesh("default"),
-            vec![
-                cond("CAReady", true, "Ready", "", Some(4)),
-                cond("WebhookReady", true, "Configured", "", Some(4)),
-            ],
-        );
+        let m = with_parts(mesh("default"), all_parts_at(Some(4)));
         assert!(
             find(&mesh_status(&m).conditions, "Ready")
                 .unwrap()
                 .is_true()
         );
+    }
+
+    fn all_parts_at(generation: Option<i64>) -> Vec<Condition> {
+        vec![
+            cond("CAReady", true, "Ready", "", generation),
+            cond("WebhookReady", true, "Configured", "", generation),
+            cond("Programmed", true, "Programmed", "", generation),
+            cond("Degraded", false, "AsExpected", "", generation),
+        ]
+    }
+
+    /// Issue 13 item 4: parts reported for an older spec must not make the Mesh Ready.
+    #[test]
+    fn parts_from_an_older_generation_do_not_make_the_mesh_ready() {
+        // Spec edited (generation 5); the parts still describe generation 4.
+        let mut m = with_parts(mesh("default"), all_parts_at(Some(4)));
+        m.metadata.generation = Some(5);
+        let ready = find(&mesh_status(&m).conditions, "Ready").unwrap().clone();
+        assert!(!ready.is_true(), "{ready:?}");
+        assert_eq!(ready.reason, "Reconciling");
+        assert!(
+            ready
+                .message
+                .contains("CAReady (observed generation 4, current 5)"),
+            "{}",
+            ready.message
+        );
+        assert_eq!(ready.observed_generation, Some(5));
+        // One part caught up, the others not: still not Ready.
+        let mut parts = all_parts_at(Some(4));
+        parts[0].observed_generation = Some(5);
+        let mut m = with_parts(mesh("default"), parts);
+        m.metadata.generation = Some(5);
+        assert!(
+            !find(&mesh_status(&m).conditions, "Ready")
+                .unwrap()
+                .is_true()
+        );
+        // Every part at generation 5: Ready.
+        let mut m = with_parts(mesh("default"), all_parts_at(Some(5)));
+        m.metadata.generation = Some(5);
+        assert!(
+            find(&mesh_status(&m).conditions, "Ready")
+                .unwrap()
+                .is_true()
+        );
+    }
+
+    #[test]
+    fn the_compiler_not_having_programmed_the_mesh_keeps_it_not_ready() {
+        let mut parts = all_parts_at(Some(4));
+        parts.retain(|c| c.type_ != "Programmed");
+        let ready = find(
+            &mesh_status(&with_parts(mesh("default"), parts)).conditions,
+            "Ready",
+        )
+        .unwrap()
+        .clone();
+        assert_eq!(ready.reason, "Pending");
+        assert!(ready.message.contains("Programmed"), "{}", ready.message);
     }
 
     #[test]
@@ -367,6 +482,7 @@ mod tests {
                     Some(4),
                 ),
                 cond("WebhookReady", true, "Configured", "", Some(4)),
+                cond("Programmed", true, "Programmed", "", Some(4)),
             ],
         );
         let ready = mesh_status(&m).conditions[1].clone();
@@ -383,6 +499,7 @@ mod tests {
             vec![
                 cond("CAReady", true, "Ready", "", Some(4)),
                 cond("WebhookReady", true, "Configured", "", Some(4)),
+                cond("Programmed", true, "Programmed", "", Some(4)),
                 cond("Degraded", true, "ConfigTooLarge", "namespace big", Some(4)),
             ],
         );
@@ -403,24 +520,25 @@ mod tests {
         assert!(!find(&s.conditions, "Ready").unwrap().is_true());
     }
 
+    /// Issue 13 item 4: this controller's part carries only what it owns, so applying it
+    /// under its own field manager cannot overwrite (or, from a stale snapshot, revert) what
+    /// the CA and compile controllers report.
     #[test]
-    fn fields_owned_by_other_controllers_are_kept() {
+    fn the_mesh_part_carries_only_its_own_conditions_and_fields() {
         let mut m = mesh("default");
         m.status = Some(MeshStatus {
             proxies: Some(crate::api::mesh::ProxyCounts {
                 total: 3,
                 up_to_date: 2,
             }),
+            conditions: vec![cond("CAReady", true, "Ready", "", Some(4))],
             ..Default::default()
         });
-        assert_eq!(mesh_status(&m).proxies.unwrap().total, 3);
-        // The CA controller's condition survives this writer.
-        m.status.as_mut().unwrap().conditions = vec![cond("CAReady", true, "Ready", "", Some(4))];
-        assert!(
-            find(&mesh_status(&m).conditions, "CAReady")
-                .unwrap()
-                .is_true()
-        );
+        let part = mesh_status(&m);
+        assert_eq!(part.proxies, None);
+        assert_eq!(part.ca, None);
+        let types: Vec<&str> = part.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, ["Accepted", "Ready"]);
     }
 }
 
@@ -479,7 +597,10 @@ mod wiring_tests {
                         .unwrap(),
                 ),
                 Method::PATCH if path.ends_with("/status") => {
-                    assert!(query.contains("fieldManager=trellis-operator"), "{query}");
+                    assert!(
+                        query.contains("fieldManager=trellis-operator%2F"),
+                        "{query}"
+                    );
                     let body: Value =
                         serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap())
                             .unwrap();

@@ -41,6 +41,23 @@ pub fn mesh_of(dev: &DevDir) -> Mesh {
         })
 }
 
+/// `trellis dev --otlp`: the directory's Mesh with tracing on and pointed at `collector`. Every
+/// request is sampled unless the Mesh already enables tracing (then its percentage stands): a
+/// local run has little traffic and is for looking at.
+pub fn with_otlp(dev: &mut DevDir, collector: &str) {
+    let mut mesh = mesh_of(dev);
+    let tracing = &mut mesh.spec.observability.tracing;
+    if !tracing.enabled {
+        tracing.sampling_percent = 100.0;
+    }
+    tracing.enabled = true;
+    tracing.collector = Some(collector.to_owned());
+    dev.objects
+        .meshes
+        .retain(|m| m.metadata.name.as_deref() != Some(crate::api::MESH_NAME));
+    dev.objects.meshes.push(mesh);
+}
+
 /// Mesh settings `trellis dev` needs, parsed once.
 #[derive(Clone, Debug)]
 pub struct MeshParams {
@@ -50,17 +67,14 @@ pub struct MeshParams {
 }
 
 pub fn mesh_params(mesh: &Mesh) -> Result<MeshParams, ControlError> {
-    let ttl = crate::duration::parse(&mesh.spec.workload_cert_ttl)
-        .map_err(|e| ControlError::Mesh(format!("spec.workloadCertTtl: {e}")))?;
-    let root = mesh
+    let ttl = mesh
         .spec
-        .ca
-        .self_signed
-        .as_ref()
-        .map(|s| s.root_validity.clone())
-        .unwrap_or_else(|| "87600h".into());
-    let root_validity = crate::duration::parse(&root)
-        .map_err(|e| ControlError::Mesh(format!("spec.ca.selfSigned.rootValidity: {e}")))?;
+        .workload_cert_ttl()
+        .map_err(|e| ControlError::Mesh(e.to_string()))?;
+    let root_validity = mesh
+        .spec
+        .root_validity()
+        .map_err(|e| ControlError::Mesh(e.to_string()))?;
     if mesh.spec.ca.secret_ref.is_some() {
         return Err(ControlError::Mesh(
             "spec.ca.secretRef names a Secret, and `trellis dev` has no cluster to read it from: \
@@ -221,6 +235,32 @@ pub fn volume_files(
 mod tests {
     use super::*;
     use trellis_proxy::config::parse_downward_labels;
+
+    #[test]
+    fn otlp_flag_reaches_every_sidecar_config() {
+        let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo");
+        let mut dev = super::super::spec::load_dir(&demo).unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let plan = Plan::new(&dev.topology, 17000, state.path()).unwrap();
+        let tracing_of = |configs: &BTreeMap<String, String>| -> Vec<serde_json::Value> {
+            configs
+                .values()
+                .map(|c| {
+                    let v: serde_json::Value = serde_json::from_str(c).unwrap();
+                    v["mesh"]["telemetry"]["tracing"].clone()
+                })
+                .collect()
+        };
+        let before = compile(&dev, &plan, "https://127.0.0.1:1").unwrap();
+        assert!(tracing_of(&before).iter().all(|t| t.is_null()));
+        with_otlp(&mut dev, "127.0.0.1:4317");
+        let after = compile(&dev, &plan, "https://127.0.0.1:1").unwrap();
+        assert!(!after.is_empty());
+        for t in tracing_of(&after) {
+            assert_eq!(t["collector"], "127.0.0.1:4317");
+            assert_eq!(t["samplingPercent"], 100.0);
+        }
+    }
 
     #[test]
     fn labels_file_round_trips_through_the_proxy_parser() {

@@ -273,6 +273,12 @@ impl Downstream {
 
     /// Sends one request to `to` with the call's Host and returns the outcome.
     async fn call(&self, to: SocketAddr, call: &Call) -> Outcome {
+        self.call_with(to, call, &http::HeaderMap::new()).await
+    }
+
+    /// [`Downstream::call`], carrying the W3C trace context of the request being served, as an
+    /// instrumented app does: the sidecars' spans of both hops then join into one trace.
+    async fn call_with(&self, to: SocketAddr, call: &Call, served: &http::HeaderMap) -> Outcome {
         let req = if call.grpc {
             Request::builder()
                 .method(Method::POST)
@@ -286,9 +292,14 @@ impl Downstream {
                 .header("host", &call.authority)
                 .body(full(Bytes::new()))
         };
-        let Ok(req) = req else {
+        let Ok(mut req) = req else {
             return Outcome::Error;
         };
+        for h in TRACE_CONTEXT {
+            if let Some(v) = served.get(h) {
+                req.headers_mut().insert(h, v.clone());
+            }
+        }
         let fut = async {
             let resp = if call.grpc {
                 self.h2_client(to).request(req).await?
@@ -394,6 +405,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The W3C Trace Context headers a served request hands on to the calls it causes.
+const TRACE_CONTEXT: [&str; 2] = ["traceparent", "tracestate"];
+
 async fn handle(a: &ServeArgs, down: &Downstream, req: Request<Incoming>) -> Response<Body> {
     let grpc = a.grpc
         && req
@@ -401,6 +415,7 @@ async fn handle(a: &ServeArgs, down: &Downstream, req: Request<Incoming>) -> Res
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
+    let served = req.headers().clone();
     // Read the request fully, as an app would, before answering.
     let _ = req.into_body().collect().await;
     if a.latency_ms > 0 {
@@ -408,7 +423,9 @@ async fn handle(a: &ServeArgs, down: &Downstream, req: Request<Incoming>) -> Res
     }
     let mut failed = Vec::new();
     if let Some(out) = a.outbound {
-        let results = futures::future::join_all(a.calls.iter().map(|c| down.call(out, c))).await;
+        let results =
+            futures::future::join_all(a.calls.iter().map(|c| down.call_with(out, c, &served)))
+                .await;
         for (c, r) in a.calls.iter().zip(results) {
             if r != Outcome::Ok {
                 failed.push(format!("{}={}", c.authority, r.label()));

@@ -17,6 +17,7 @@ pub mod control;
 pub mod creds;
 pub mod demo;
 pub mod display;
+pub mod graph;
 pub mod metrics;
 pub mod plan;
 pub mod run;

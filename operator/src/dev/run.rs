@@ -40,6 +40,10 @@ pub struct Options {
     pub exe: PathBuf,
     /// Where sidecars get their certificates.
     pub credentials: creds::Mode,
+    /// `--otlp`: the collector every sidecar exports spans to (overrides the Mesh's tracing).
+    pub otlp: Option<String>,
+    /// 127.0.0.1 port of the dashboard (0: any free port; the URL is printed).
+    pub dashboard_port: u16,
 }
 
 /// Longest `--once` waits when no `--duration` bounds it.
@@ -56,13 +60,21 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// Runs the local mesh until a signal, the duration, or (with `--once`) success. Returns
 /// `Ok(())` only when, in a bounded run, every edge carried successful mTLS traffic.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let dev = spec::load_dir(&opts.dir)?;
+    let mut dev = spec::load_dir(&opts.dir)?;
+    if let Some(c) = &opts.otlp {
+        control::with_otlp(&mut dev, c);
+    }
     let mesh = control::mesh_of(&dev);
     let params = control::mesh_params(&mesh)?;
     // Lay out and check every port before creating anything.
     let (state_dir, owned) = state_dir_path(opts.state_dir.as_deref())?;
     let plan = Plan::new(&dev.topology, opts.base_port, &state_dir)?;
     plan.probe_ports()?;
+    let dashboard = crate::dashboard::server::bind(opts.dashboard_port)
+        .await
+        .with_context(|| format!("dashboard port 127.0.0.1:{}", opts.dashboard_port))?;
+    let dashboard_url = crate::dashboard::server::url(&dashboard);
+    let (graph_tx, graph_rx) = tokio::sync::watch::channel(crate::dashboard::Graph::default());
     create_state_dir(&state_dir, owned)?;
     let mut local = LocalMesh {
         opts: opts.clone(),
@@ -90,7 +102,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         backends: EdgeStats::default(),
         backend_views: Vec::new(),
         extras: BTreeMap::new(),
+        graph_tx,
+        dashboard_url,
+        refused_prev: BTreeMap::new(),
+        last_scrape: None,
     };
+    tokio::spawn(crate::dashboard::server::serve(
+        dashboard,
+        graph_rx,
+        local.shutdown.clone(),
+    ));
     let result = local.run().await;
     // Whatever happened, stop what was started and remove the state directory.
     let killed = supervise::stop_all(&mut local.procs, STOP_GRACE).await;
@@ -195,6 +216,12 @@ struct LocalMesh {
     backend_views: Vec<EdgeView>,
     /// Per pod: its workload and its traffic layer's per-backend retries and ejections.
     extras: BTreeMap<String, (String, BTreeMap<String, stats::BackendExtras>)>,
+    /// The dashboard's data: the graph of the last window.
+    graph_tx: tokio::sync::watch::Sender<crate::dashboard::Graph>,
+    dashboard_url: String,
+    /// Refused inbound connections per workload at the previous scrape, for rates.
+    refused_prev: BTreeMap<String, f64>,
+    last_scrape: Option<Instant>,
 }
 
 pub(crate) fn pod_key(p: &Pod) -> String {
@@ -509,7 +536,10 @@ impl LocalMesh {
     async fn reload(&mut self) {
         let result = spec::load_dir(&self.opts.dir)
             .map_err(anyhow::Error::from)
-            .and_then(|dev| {
+            .and_then(|mut dev| {
+                if let Some(c) = &self.opts.otlp {
+                    control::with_otlp(&mut dev, c);
+                }
                 if dev.topology != self.dev.topology {
                     anyhow::bail!(
                         "{} changed: the running processes follow the file as it was at start \
@@ -676,6 +706,48 @@ impl LocalMesh {
         let now = Instant::now();
         self.views = self.stats.window(now);
         self.backend_views = self.backends.window(now);
+        self.publish_graph(now);
+    }
+
+    /// Hands the window to the dashboard.
+    fn publish_graph(&mut self, now: Instant) {
+        let secs = self
+            .last_scrape
+            .map(|t| now.saturating_duration_since(t).as_secs_f64())
+            .unwrap_or(0.0);
+        self.last_scrape = Some(now);
+        let mut refused: BTreeMap<String, f64> = BTreeMap::new();
+        for p in &self.plan.pods {
+            if let Some(c) = self.sidecars.get(&pod_key(p)) {
+                *refused.entry(p.workload_key()).or_default() += c.inbound_refused;
+            }
+        }
+        let rates = refused
+            .iter()
+            .map(|(k, total)| {
+                let before = self.refused_prev.get(k).copied().unwrap_or(*total);
+                let rate = if secs > 0.0 {
+                    (total - before).max(0.0) / secs
+                } else {
+                    0.0
+                };
+                (k.clone(), rate)
+            })
+            .collect();
+        self.refused_prev = refused;
+        let graph = super::graph::graph(
+            &self.plan.pods,
+            &self.dev.objects,
+            &self.params.trust_domain,
+            &super::graph::Window {
+                views: &self.views,
+                backends: &self.backend_views,
+                refused_rps: &rates,
+                at_ms: jiff::Timestamp::now().as_millisecond(),
+                secs,
+            },
+        );
+        self.graph_tx.send_replace(graph);
     }
 
     /// Expected edges (declared calls of meshed workloads) without successful mTLS traffic.
@@ -730,6 +802,7 @@ impl LocalMesh {
             self.state_dir.display()
         ));
         s.push_str(&format!("{}\n", self.identity_line()));
+        s.push_str(&format!("Dashboard: {}\n", self.dashboard_url));
         for p in &self.plan.pods {
             if let Some(x) = p.proxy {
                 s.push_str(&format!(
@@ -747,6 +820,31 @@ impl LocalMesh {
             "Prometheus scrape config: {}\n",
             self.state_dir.join("prometheus.yml").display()
         ));
+        if let Some(c) = &self.opts.otlp {
+            let mesh = control::mesh_of(&self.dev);
+            // The names the sidecars give themselves (`service.name`).
+            let services: std::collections::BTreeSet<String> = self
+                .plan
+                .pods
+                .iter()
+                .filter(|p| p.proxy.is_some())
+                .map(|p| {
+                    let pod = trellis_proxy::spans::Pod {
+                        service_account: Some(p.service_account.clone()),
+                        ..Default::default()
+                    };
+                    trellis_proxy::spans::service_name(&p.labels, &pod)
+                })
+                .collect();
+            s.push_str(&format!(
+                "Traces: every sidecar exports spans over OTLP/gRPC to {} ({}% of new traces \
+                 sampled); look them up in that collector's UI (Jaeger all-in-one: \
+                 http://127.0.0.1:16686) by service: {}\n",
+                trellis_proxy::spans::endpoint(c),
+                mesh.spec.observability.tracing.sampling_percent,
+                services.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
         s
     }
 
@@ -820,9 +918,10 @@ impl LocalMesh {
             status.push(format!("ERROR {e}"));
         }
         let footer = format!(
-            "Metrics: {}\nPrometheus scrape config: {}\nEdit {}/*.yaml: TrafficPolicy and \
+            "Dashboard: {}\nMetrics: {}\nPrometheus scrape config: {}\nEdit {}/*.yaml: TrafficPolicy and \
              PeerAuthentication changes recompile and the proxies reload live. Ctrl-C stops \
              everything.\n",
+            self.dashboard_url,
             self.plan
                 .pods
                 .iter()

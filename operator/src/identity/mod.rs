@@ -6,17 +6,22 @@
 //! the caller's own SPIFFE ID (anything else is refused, so a confused or malicious client
 //! learns why); in every case the CA sets the certificate's only name itself, from the review.
 //!
-//! Abuse limits: bodies over [`IdentityConfig::max_body`] get 413, requests taking longer than
-//! [`IdentityConfig::request_timeout`] are cut off, and each identity has a token bucket
-//! (429 when empty). Every issuance is logged on the `trellis::audit` target (SPIFFE ID, pod,
+//! Abuse limits, in the order a request meets them, all before any TokenReview except the
+//! last: each source address has a token bucket (429 when empty); at most
+//! [`IdentityConfig::max_in_flight`] requests are processed at once (503 past it); tokens over
+//! [`MAX_TOKEN_BYTES`] are refused; bodies over [`IdentityConfig::max_body`] get 413; a token
+//! reviewed recently is answered from a bounded cache keyed by its SHA-256 ([`guard`]); requests
+//! taking longer than [`IdentityConfig::request_timeout`] are cut off; and after the review each
+//! identity has a token bucket (429 when empty). Every issuance is logged on the `trellis::audit` target (SPIFFE ID, pod,
 //! serial, notAfter; never the token) and counted in the metrics.
 
+pub mod guard;
 pub mod replica;
 pub mod review;
 pub mod server;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -30,7 +35,18 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
 use crate::ca::{CaError, IssuerRx};
+pub use guard::RateLimiter;
+use guard::{CacheTtl, ReviewCache};
 pub use review::{Caller, ReviewError};
+
+/// Longest bearer token accepted. A projected ServiceAccount token is about 1 KiB; anything
+/// far larger is not one, and is not worth a TokenReview.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// The TCP peer of a request, put in its extensions by the server: the key of the per-source
+/// limit. Requests without it (handled in-process) share one bucket.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
 
 /// The path of the one operation.
 pub const CERTIFICATE_PATH: &str = "/v1/certificate";
@@ -47,6 +63,20 @@ pub struct IdentityConfig {
     pub rate_burst: f64,
     /// Token bucket per identity: refill per second.
     pub rate_per_sec: f64,
+    /// Token bucket per source address (pod IP), applied before the TokenReview: burst size.
+    /// A sidecar asks once at start and again at 70 % of its certificate's lifetime.
+    pub source_burst: f64,
+    /// Token bucket per source address: refill per second.
+    pub source_per_sec: f64,
+    /// Requests processed at once (TokenReview included); more get 503 at once rather than
+    /// queueing without bound. Sidecars retry with backoff.
+    pub max_in_flight: usize,
+    /// Review results kept (see [`guard::ReviewCache`]); 0 disables the cache.
+    pub review_cache_entries: usize,
+    /// Longest time an accepted token's review is reused (capped by the token's expiry).
+    pub review_cache_max_ttl: Duration,
+    /// How long a refused token's review is reused.
+    pub review_cache_negative_ttl: Duration,
 }
 
 impl Default for IdentityConfig {
@@ -56,6 +86,12 @@ impl Default for IdentityConfig {
             request_timeout: Duration::from_secs(10),
             rate_burst: 100.0,
             rate_per_sec: 10.0,
+            source_burst: 20.0,
+            source_per_sec: 2.0,
+            max_in_flight: 64,
+            review_cache_entries: 10_000,
+            review_cache_max_ttl: Duration::from_secs(300),
+            review_cache_negative_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -104,6 +140,12 @@ pub enum IdentityError {
     Ca(#[from] CaError),
     #[error("too many requests for {0}; retry later")]
     RateLimited(String),
+    #[error("too many requests from {0}; retry later")]
+    SourceRateLimited(IpAddr),
+    #[error("too many certificate requests in flight; retry later")]
+    Overloaded,
+    #[error("bearer token longer than {MAX_TOKEN_BYTES} bytes")]
+    TokenTooLarge,
     #[error("the mesh CA is not ready yet")]
     NotReady,
     #[error("request timed out")]
@@ -132,7 +174,11 @@ impl IdentityError {
                 | CaError::InvalidIdentity(_),
             ) => StatusCode::BAD_REQUEST,
             IdentityError::Ca(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            IdentityError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            IdentityError::RateLimited(_) | IdentityError::SourceRateLimited(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            IdentityError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            IdentityError::TokenTooLarge => StatusCode::UNAUTHORIZED,
             IdentityError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             IdentityError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -148,6 +194,9 @@ impl IdentityError {
             IdentityError::ForeignIdentity { .. } => "foreign_identity",
             IdentityError::Ca(c) => c.metric_label(),
             IdentityError::RateLimited(_) => "rate_limited",
+            IdentityError::SourceRateLimited(_) => "source_rate_limited",
+            IdentityError::Overloaded => "overloaded",
+            IdentityError::TokenTooLarge => "token_too_large",
             IdentityError::NotReady => "not_ready",
             IdentityError::Timeout => "timeout",
         }
@@ -165,6 +214,8 @@ pub struct IdentityMetrics {
     issuances: Counter,
     rejections: Family<ReasonLabel, Counter>,
     latency: Histogram,
+    token_reviews: Counter,
+    review_cache_hits: Counter,
 }
 
 impl std::fmt::Debug for IdentityMetrics {
@@ -182,6 +233,8 @@ impl IdentityMetrics {
             rejections: Family::default(),
             // 0.5 ms .. ~4 s
             latency: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            token_reviews: Counter::default(),
+            review_cache_hits: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("identity");
         r.register(
@@ -199,7 +252,22 @@ impl IdentityMetrics {
             "Time to answer a certificate request, TokenReview included",
             m.latency.clone(),
         );
+        r.register(
+            "token_reviews",
+            "TokenReviews sent to the API server",
+            m.token_reviews.clone(),
+        );
+        r.register(
+            "review_cache_hits",
+            "Certificate requests answered from the review cache, without a TokenReview",
+            m.review_cache_hits.clone(),
+        );
         m
+    }
+
+    /// TokenReviews sent so far.
+    pub fn token_reviews(&self) -> u64 {
+        self.token_reviews.get()
     }
 
     /// Issuances so far (for tests and the bench).
@@ -217,51 +285,15 @@ impl IdentityMetrics {
     }
 }
 
-/// Per-identity token buckets.
-#[derive(Debug)]
-pub struct RateLimiter {
-    burst: f64,
-    per_sec: f64,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
-}
-
-impl RateLimiter {
-    pub fn new(burst: f64, per_sec: f64) -> Self {
-        Self {
-            burst,
-            per_sec,
-            buckets: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Takes one token for `key`; false when its bucket is empty.
-    pub fn try_acquire(&self, key: &str, now: Instant) -> bool {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        // Bound memory: drop buckets that have refilled (they behave like new ones anyway).
-        if buckets.len() > 100_000 {
-            let (burst, per_sec) = (self.burst, self.per_sec);
-            buckets.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * per_sec < burst
-            });
-        }
-        let (tokens, at) = buckets.entry(key.to_string()).or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// The endpoint's logic, independent of sockets and TLS.
 pub struct IdentityService {
     client: kube::Client,
     issuer: IssuerRx,
     config: IdentityConfig,
     limiter: RateLimiter,
+    sources: RateLimiter<IpAddr>,
+    in_flight: tokio::sync::Semaphore,
+    reviews: ReviewCache,
     metrics: IdentityMetrics,
 }
 
@@ -293,6 +325,15 @@ impl IdentityService {
             client,
             issuer,
             limiter: RateLimiter::new(config.rate_burst, config.rate_per_sec),
+            sources: RateLimiter::new(config.source_burst, config.source_per_sec),
+            in_flight: tokio::sync::Semaphore::new(config.max_in_flight),
+            reviews: ReviewCache::new(
+                config.review_cache_entries,
+                CacheTtl {
+                    max: config.review_cache_max_ttl,
+                    negative: config.review_cache_negative_ttl,
+                },
+            ),
             config,
             metrics,
         })
@@ -345,6 +386,19 @@ impl IdentityService {
         if req.method() != Method::POST || req.uri().path() != CERTIFICATE_PATH {
             return Err(IdentityError::NotFound);
         }
+        // Cheap limits first: nothing below (body, TokenReview) happens for a source over its
+        // budget or while the endpoint is at capacity.
+        let source = req
+            .extensions()
+            .get::<PeerAddr>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
+        if !self.sources.try_acquire(&source, Instant::now()) {
+            return Err(IdentityError::SourceRateLimited(source));
+        }
+        let _permit = self
+            .in_flight
+            .try_acquire()
+            .map_err(|_| IdentityError::Overloaded)?;
         let token = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -354,6 +408,9 @@ impl IdentityService {
             .filter(|t| !t.is_empty())
             .ok_or(IdentityError::MissingToken)?
             .to_string();
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(IdentityError::TokenTooLarge);
+        }
         if let Some(len) = req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -379,12 +436,27 @@ impl IdentityService {
         if self.issuer.borrow().is_none() {
             return Err(IdentityError::NotReady);
         }
-        let caller = review::review_token(&self.client, &token).await?;
+        let caller = self.review(&token).await?;
         let key = format!("{}/{}", caller.namespace, caller.service_account);
         if !self.limiter.try_acquire(&key, Instant::now()) {
             return Err(IdentityError::RateLimited(key));
         }
         self.issue_for(&caller, &request.csr, SystemTime::now())
+    }
+
+    /// Who `token` belongs to: from the review cache, or from a TokenReview whose result is
+    /// then cached (see [`guard::valid_for`]).
+    async fn review(&self, token: &str) -> Result<Caller, ReviewError> {
+        let key = guard::token_hash(token);
+        if let Some(cached) = self.reviews.get(&key, Instant::now()) {
+            self.metrics.review_cache_hits.inc();
+            return cached;
+        }
+        self.metrics.token_reviews.inc();
+        let result = review::review_token(&self.client, token).await;
+        self.reviews
+            .put(key, token, &result, Instant::now(), SystemTime::now());
+        result
     }
 
     /// Signs `csr_pem` for an already-reviewed caller: everything after the TokenReview.
@@ -441,18 +513,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn token_bucket_refills_and_is_per_key() {
-        let l = RateLimiter::new(2.0, 1.0);
-        let t0 = Instant::now();
-        assert!(l.try_acquire("a", t0));
-        assert!(l.try_acquire("a", t0));
-        assert!(!l.try_acquire("a", t0));
-        assert!(l.try_acquire("b", t0));
-        assert!(!l.try_acquire("a", t0 + Duration::from_millis(500)));
-        assert!(l.try_acquire("a", t0 + Duration::from_millis(1600)));
-    }
-
-    #[test]
     fn every_error_has_a_status_in_the_protocol() {
         let cases = [
             (IdentityError::MissingToken, 401),
@@ -462,6 +522,12 @@ mod tests {
             (ReviewError::NotBound.into(), 403),
             (CaError::WeakKey("x".into()).into(), 400),
             (IdentityError::RateLimited("a/b".into()), 429),
+            (
+                IdentityError::SourceRateLimited(Ipv4Addr::LOCALHOST.into()),
+                429,
+            ),
+            (IdentityError::Overloaded, 503),
+            (IdentityError::TokenTooLarge, 401),
         ];
         for (e, code) in cases {
             assert_eq!(e.status().as_u16(), code, "{e}");

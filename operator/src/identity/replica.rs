@@ -32,7 +32,16 @@ pub fn serving_cert(namespace: &str) -> Arc<ServingCert> {
 pub fn server(serving: Arc<ServingCert>) -> ExtraServer {
     (
         "identity",
-        Box::new(move |s: Services| run(s, serving).boxed()),
+        Box::new(move |s: Services| {
+            // Not ready until there is a certificate to present: the webhook and this endpoint
+            // would fail every TLS handshake without one.
+            let cert = serving.clone();
+            s.readiness.check(
+                "serving-certificate",
+                Arc::new(move || cert.is_valid_at(std::time::SystemTime::now())),
+            );
+            run(s, serving).boxed()
+        }),
     )
 }
 

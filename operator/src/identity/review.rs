@@ -25,7 +25,7 @@ pub struct Caller {
 }
 
 /// Why a token was not accepted.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ReviewError {
     #[error("token is not authenticated{}", .0.as_deref().map(|e| format!(": {e}")).unwrap_or_default())]
     Unauthenticated(Option<String>),

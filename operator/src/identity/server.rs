@@ -66,8 +66,9 @@ pub async fn serve(
                     return;
                 }
             };
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 let service = service.clone();
+                req.extensions_mut().insert(super::PeerAddr(peer));
                 async move { Ok::<_, std::convert::Infallible>(service.handle(req).await) }
             });
             let conn = builder

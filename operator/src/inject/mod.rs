@@ -34,9 +34,11 @@ use crate::api::MeshSpec;
 use crate::api::mesh::{LogLevel, PullPolicy};
 
 pub mod probes;
+pub mod scope;
 pub mod webhook_config;
 
 pub use probes::ANNOTATION_ORIGINAL_PROBES;
+pub use scope::Scope;
 
 /// `trellis.dev/inject: enabled|disabled` on a namespace (label) or pod (annotation or label).
 pub const ANNOTATION_INJECT: &str = "trellis.dev/inject";
@@ -83,7 +85,7 @@ pub const ENV_OPAQUE_PORTS: &str = "TRELLIS_OPAQUE_PORTS";
 pub const ENV_INBOUND_TO_LOCALHOST: &str = "TRELLIS_INBOUND_TO_LOCALHOST";
 
 /// Namespaces never injected, whatever their labels say.
-pub const ALWAYS_EXCLUDED_NAMESPACES: [&str; 2] = ["kube-system", "kube-public"];
+pub const ALWAYS_EXCLUDED_NAMESPACES: [&str; 3] = scope::SYSTEM_NAMESPACES;
 
 /// What the injector knows of the operator's deployment.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,6 +121,25 @@ pub enum SkipReason {
     ExcludedNamespace,
     PodDisabled,
     NamespaceNotSelected,
+    /// Another mesh's sidecar is there or its injector was asked for: two sets of iptables
+    /// rules would fight over the pod's traffic.
+    OtherMesh(OtherMesh),
+}
+
+/// A mesh whose sidecar Trellis will not stack on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OtherMesh {
+    Istio,
+    Linkerd,
+}
+
+impl OtherMesh {
+    fn name(self) -> &'static str {
+        match self {
+            OtherMesh::Istio => "Istio",
+            OtherMesh::Linkerd => "Linkerd",
+        }
+    }
 }
 
 impl SkipReason {
@@ -129,6 +150,25 @@ impl SkipReason {
             SkipReason::ExcludedNamespace => "excluded_namespace",
             SkipReason::PodDisabled => "pod_disabled",
             SkipReason::NamespaceNotSelected => "namespace_not_selected",
+            SkipReason::OtherMesh(OtherMesh::Istio) => "istio",
+            SkipReason::OtherMesh(OtherMesh::Linkerd) => "linkerd",
+        }
+    }
+
+    /// What the user must be told about the skip (an admission warning, a note from
+    /// `trellis inject`); `None` for the skips that are what they asked for.
+    pub fn warning(self) -> Option<String> {
+        match self {
+            SkipReason::OtherMesh(m) => Some(format!(
+                "trellis: sidecar not injected: the pod belongs to {} ({}); remove it from one \
+                 mesh, or set trellis.dev/inject: disabled to silence this",
+                m.name(),
+                match m {
+                    OtherMesh::Istio => "istio-proxy container or Istio injection requested",
+                    OtherMesh::Linkerd => "linkerd-proxy container or Linkerd injection requested",
+                }
+            )),
+            _ => None,
         }
     }
 }
@@ -141,6 +181,7 @@ impl std::fmt::Display for SkipReason {
             SkipReason::ExcludedNamespace => "namespace is excluded from injection",
             SkipReason::PodDisabled => "pod opts out with trellis.dev/inject: disabled",
             SkipReason::NamespaceNotSelected => "namespace is not selected for injection",
+            SkipReason::OtherMesh(m) => return write!(f, "pod is meshed by {}", m.name()),
         })
     }
 }
@@ -245,14 +286,8 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo<'_>, mesh: &MeshSpec, ctx: &InjectCo
             reason: SkipReason::AlreadyInjected,
         };
     }
-    let excluded = ALWAYS_EXCLUDED_NAMESPACES.contains(&ns.name)
-        || ns.name == ctx.operator_namespace
-        || mesh
-            .injection
-            .excluded_namespaces
-            .iter()
-            .any(|n| n == ns.name);
-    if excluded {
+    let scope = Scope::new(mesh, &ctx.operator_namespace);
+    if scope.namespace_excluded(ns.name) {
         return Decision::Skip {
             reason: SkipReason::ExcludedNamespace,
         };
@@ -279,12 +314,21 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo<'_>, mesh: &MeshSpec, ctx: &InjectCo
         }
         Some(true) => {}
         None => {
-            if !namespace_selected(ns, mesh) {
+            if ns
+                .labels
+                .is_some_and(|l| !scope.namespace_selected(ns.name, l))
+            {
                 return Decision::Skip {
                     reason: SkipReason::NamespaceNotSelected,
                 };
             }
         }
+    }
+    // Only a pod that would be injected is checked, so opting out silences the warning.
+    if let Some(m) = other_mesh(pod, ns) {
+        return Decision::Skip {
+            reason: SkipReason::OtherMesh(m),
+        };
     }
     match build(pod, spec, annotations, mesh) {
         Ok((patch, pod, warnings)) => Decision::Patch {
@@ -296,21 +340,40 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo<'_>, mesh: &MeshSpec, ctx: &InjectCo
     }
 }
 
-/// The namespace selector the Mesh asks for (default `trellis.dev/inject: enabled`).
-pub fn namespace_match_labels(mesh: &MeshSpec) -> BTreeMap<String, String> {
-    match &mesh.injection.namespace_selector {
-        Some(sel) => sel.match_labels.clone(),
-        None => BTreeMap::from([(ANNOTATION_INJECT.to_string(), "enabled".to_string())]),
-    }
-}
-
-fn namespace_selected(ns: &NamespaceInfo<'_>, mesh: &MeshSpec) -> bool {
-    let Some(labels) = ns.labels else {
-        return true;
+/// Which other mesh, if any, owns the pod or was asked to: its proxy container is there
+/// (`istio-proxy`, `linkerd-proxy`), its injector marked the pod (`sidecar.istio.io/status`,
+/// `linkerd.io/proxy-version`), or the pod or its namespace asks for its injection
+/// (`sidecar.istio.io/inject`, `linkerd.io/inject`, the namespace labels `istio-injection`
+/// and `istio.io/rev`). The other injector may run after ours, so the request counts as much as
+/// the container.
+pub fn other_mesh(pod: &Pod, ns: &NamespaceInfo<'_>) -> Option<OtherMesh> {
+    let empty = BTreeMap::new();
+    let ann = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    let ns_labels = ns.labels.unwrap_or(&empty);
+    let pod_says = |key: &str| ann.get(key).or_else(|| labels.get(key)).map(String::as_str);
+    let has_container = |name: &str| {
+        pod.spec.as_ref().is_some_and(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+                .any(|c| c.name == name)
+        })
     };
-    namespace_match_labels(mesh)
-        .iter()
-        .all(|(k, v)| labels.get(k) == Some(v))
+    let istio_pod = pod_says("sidecar.istio.io/inject");
+    let istio_ns = ns_labels.get("istio-injection").map(String::as_str) == Some("enabled")
+        || ns_labels.contains_key("istio.io/rev");
+    let istio = has_container("istio-proxy")
+        || ann.contains_key("sidecar.istio.io/status")
+        || matches!(istio_pod, Some("true" | "enabled"))
+        || (istio_ns && !matches!(istio_pod, Some("false" | "disabled")));
+    if istio {
+        return Some(OtherMesh::Istio);
+    }
+    let linkerd = has_container("linkerd-proxy")
+        || ann.contains_key("linkerd.io/proxy-version")
+        || matches!(pod_says("linkerd.io/inject"), Some("enabled" | "ingress"));
+    linkerd.then_some(OtherMesh::Linkerd)
 }
 
 /// Validated per-pod settings read from annotations.

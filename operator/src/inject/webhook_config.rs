@@ -11,9 +11,16 @@
 //!   namespace, so a pod can opt in where its namespace did not. When a pod matches both, the
 //!   second call sees the proxy and leaves the pod unchanged.
 //!
-//! Both exclude `kube-system`, `kube-public`, the operator's namespace and the Mesh's excluded
+//! Both exclude the system namespaces, the operator's namespace and the Mesh's excluded
 //! namespaces by the `kubernetes.io/metadata.name` label the API server sets on every namespace,
-//! so a down operator can never block pods there (the code checks again).
+//! so a down operator can never block pods there (the code checks again). Which namespaces and
+//! pods are selected is [`super::scope`]'s rule, the one the injector and the compiler use.
+//!
+//! The configuration is owned by the Mesh (an owner reference), so deleting the Mesh, or the
+//! CRDs with it, lets the garbage collector remove it even when no operator runs any more: a
+//! leftover configuration with `failurePolicy: Fail` pointing at a deleted Service would block
+//! pod creation in every meshed namespace. The CA controller also deletes it when it finds no
+//! Mesh ([`delete`]).
 //!
 //! `failurePolicy` is written exactly as the Mesh says (explicit, no silent default).
 //! `reinvocationPolicy: Never`: a reinvocation could only find our proxy already there and skip,
@@ -28,11 +35,13 @@ use k8s_openapi::api::admissionregistration::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta,
 };
-use kube::api::{Api, Patch, PatchParams};
+use kube::Resource;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
-use super::{ALWAYS_EXCLUDED_NAMESPACES, ANNOTATION_INJECT, namespace_match_labels};
+use super::ANNOTATION_INJECT;
+use super::scope::{NAMESPACE_NAME_LABEL, Scope};
 use crate::api::mesh::FailurePolicy;
-use crate::api::{FIELD_MANAGER, MeshSpec};
+use crate::api::{FIELD_MANAGER, Mesh};
 
 /// Name of the configuration object.
 pub const NAME: &str = "trellis-sidecar-injector";
@@ -45,18 +54,6 @@ pub const SERVICE_PORT: i32 = 443;
 /// How long the API server waits for us.
 pub const TIMEOUT_SECONDS: i32 = 10;
 
-fn excluded_namespaces(mesh: &MeshSpec, operator_namespace: &str) -> Vec<String> {
-    let mut v: Vec<String> = ALWAYS_EXCLUDED_NAMESPACES
-        .iter()
-        .map(|s| s.to_string())
-        .chain([operator_namespace.to_string()])
-        .chain(mesh.injection.excluded_namespaces.iter().cloned())
-        .collect();
-    v.sort();
-    v.dedup();
-    v
-}
-
 fn requirement(key: &str, operator: &str, values: Vec<String>) -> LabelSelectorRequirement {
     LabelSelectorRequirement {
         key: key.into(),
@@ -65,17 +62,17 @@ fn requirement(key: &str, operator: &str, values: Vec<String>) -> LabelSelectorR
     }
 }
 
-/// The desired configuration.
+/// The desired configuration, owned by `mesh` (an owner reference needs its `uid`, which
+/// every Mesh read from the API server has).
 pub fn desired(
-    mesh: &MeshSpec,
+    mesh: &Mesh,
     ca_bundle_pem: &str,
     operator_namespace: &str,
 ) -> MutatingWebhookConfiguration {
-    let not_excluded = requirement(
-        "kubernetes.io/metadata.name",
-        "NotIn",
-        excluded_namespaces(mesh, operator_namespace),
-    );
+    let owner = mesh.controller_owner_ref(&());
+    let mesh = &mesh.spec;
+    let scope = Scope::new(mesh, operator_namespace);
+    let not_excluded = requirement(NAMESPACE_NAME_LABEL, "NotIn", scope.excluded_namespaces());
     let failure_policy = match mesh.injection.failure_policy {
         FailurePolicy::Fail => "Fail",
         FailurePolicy::Ignore => "Ignore",
@@ -116,14 +113,15 @@ pub fn desired(
                 "app.kubernetes.io/managed-by".to_string(),
                 FIELD_MANAGER.to_string(),
             )])),
+            owner_references: owner.map(|o| vec![o]),
             ..Default::default()
         },
         webhooks: Some(vec![
             webhook(
                 "namespace.inject.trellis.dev",
                 LabelSelector {
-                    match_labels: Some(namespace_match_labels(mesh)),
-                    match_expressions: Some(vec![not_excluded.clone()]),
+                    match_labels: Some(scope.namespace_match_labels()),
+                    match_expressions: Some(scope.namespace_match_expressions()),
                 },
                 LabelSelector {
                     match_expressions: Some(vec![requirement(
@@ -165,4 +163,15 @@ pub async fn apply(
         &Patch::Apply(desired),
     )
     .await
+}
+
+/// Deletes the configuration (the Mesh is gone, so nothing may call a webhook for it). Returns
+/// whether there was one; a configuration already gone is not an error.
+pub async fn delete(client: kube::Client) -> Result<bool, kube::Error> {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client);
+    match api.delete(NAME, &DeleteParams::default()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
 }

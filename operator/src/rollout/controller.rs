@@ -45,7 +45,7 @@ use super::{
 };
 use crate::api::conditions::{Condition, ConditionStatus};
 use crate::api::mesh::{RolloutState, RolloutStatus};
-use crate::api::{MESH_NAME, Mesh};
+use crate::api::{MESH_NAME, Mesh, MeshStatus};
 use crate::compiler::SlimPod;
 use crate::controller::compile::watch;
 use crate::status::StatusWriter;
@@ -139,7 +139,9 @@ impl Edge {
     ) -> Self {
         Self {
             client,
-            status,
+            // Whatever writer it is given, the rollout writes as `trellis-operator/rollout`
+            // ([`FIELD_MANAGER`]): its own part of the Mesh status, never another's.
+            status: status.for_controller("rollout"),
             recorder,
             scraper,
             epoch,
@@ -297,17 +299,15 @@ pub async fn pass(
     let ok = execute(edge, &observed, &mut plan, window.ok()).await;
     publish(edge, &mesh, &plan).await;
 
-    let mut fields = serde_json::Map::new();
-    fields.insert(
-        "rollout".into(),
-        serde_json::to_value(&plan.status).unwrap_or(Value::Null),
-    );
-    let cond = condition(&plan.status, mesh.metadata.generation);
-    let written = match edge
-        .status
-        .apply_fields(mesh.as_ref(), FIELD_MANAGER, fields, vec![cond])
-        .await
-    {
+    // Only this controller's part: `status.rollout` and `RolloutProgressing`. Every other
+    // field is `None` (not serialized), so the apply under `trellis-operator/rollout` neither
+    // takes nor drops what the other controllers own.
+    let part = MeshStatus {
+        conditions: vec![condition(&plan.status, mesh.metadata.generation)],
+        rollout: Some(Box::new(plan.status.clone())),
+        ..MeshStatus::default()
+    };
+    let written = match edge.status.apply(mesh.as_ref(), part).await {
         Ok(_) | Err(crate::status::Error::Gone { .. }) => true,
         Err(e) => {
             tracing::warn!(error = %e, kind = e.metric_label(), "rollout status not written; will retry");

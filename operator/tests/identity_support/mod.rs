@@ -207,6 +207,27 @@ pub async fn post(
     token: Option<&str>,
     body: Vec<u8>,
 ) -> (u16, serde_json::Value) {
+    post_from(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        addr,
+        bundle_pem,
+        path,
+        token,
+        body,
+    )
+    .await
+}
+
+/// [`post`] from the source address `source` (any of 127.0.0.0/8 works on loopback): the
+/// endpoint's per-source limit sees another pod.
+pub async fn post_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    bundle_pem: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value) {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -220,7 +241,9 @@ pub async fn post(
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(
             rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(),
@@ -268,6 +291,27 @@ pub fn csr(sans: &[&str]) -> (rcgen::KeyPair, String) {
         .collect();
     let pem = p.serialize_request(&key).unwrap().pem().unwrap();
     (key, pem)
+}
+
+/// A JWT-shaped token whose payload says it expires `in_secs` from now (the signature is not
+/// real: the recorded TokenReview answers decide whether it is valid).
+pub fn jwt_expiring_in(in_secs: u64, nonce: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let exp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + in_secs;
+    format!(
+        "{}.{}.c2lnbmF0dXJl",
+        b64(serde_json::json!({"alg": "RS256", "kid": nonce})),
+        b64(
+            serde_json::json!({"aud": ["trellis"], "exp": exp, "sub": "system:serviceaccount:shop:reviews"})
+        )
+    )
 }
 
 pub fn body(csr: &str) -> Vec<u8> {

@@ -45,6 +45,36 @@ pub fn api_status(code: u16, reason: &str, message: &str) -> Value {
            "message": message, "reason": reason, "code": code})
 }
 
+/// The operator namespaces the tests install into: the Role's rules hold in these.
+pub const OPERATOR_NAMESPACES: [&str; 3] = ["trellis-system", "mesh-ops", "operators"];
+
+/// Every request the code makes must be granted by the install's RBAC
+/// (`trellis_operator::rbac::RULES`, which `config/rbac` must say), unless the recorded reply is
+/// the API server's 403 (the test is about being refused).
+pub fn assert_granted(ex: &Exchange) {
+    let Some(r) = trellis_operator::rbac::Request::of(ex.method.as_str(), &ex.path_and_query)
+    else {
+        return;
+    };
+    let granted = OPERATOR_NAMESPACES
+        .iter()
+        .any(|ns| trellis_operator::rbac::allows(&r, ns));
+    assert!(
+        granted || ex.status == 403,
+        "{} {} is not granted by the operator's RBAC (operator/src/rbac.rs, config/rbac): {r:?}",
+        ex.method,
+        ex.path_and_query
+    );
+}
+
+/// A reply sent as these bytes, not as JSON: what a service or pod proxy relays (a proxy's
+/// `/metrics`, a webhook's plain-text error).
+pub fn text_reply(text: &str) -> Value {
+    json!({ TEXT_REPLY: text })
+}
+
+const TEXT_REPLY: &str = "$recorded-text";
+
 /// A client whose every request goes to the returned handle.
 pub fn mock() -> (Client, Handle) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
@@ -58,6 +88,12 @@ impl ApiServer {
     /// The next request must arrive within `within` and match `ex`; it gets `ex`'s reply.
     /// A server-side apply must say so in its content type.
     pub async fn expect(&mut self, within: Duration, ex: Exchange) {
+        self.expect_as(within, ex, true).await
+    }
+
+    /// [`ApiServer::expect`], checking the request against the operator's RBAC only when
+    /// `operator_rbac` (the `trellis` CLI runs with the user's credentials, not the operator's).
+    pub async fn expect_as(&mut self, within: Duration, ex: Exchange, operator_rbac: bool) {
         let (req, send) = tokio::time::timeout(within, self.0.next_request())
             .await
             .unwrap_or_else(|_| panic!("no {} {} within {within:?}", ex.method, ex.path_and_query))
@@ -71,6 +107,9 @@ impl ApiServer {
             (req.method(), req.uri().path_and_query().unwrap().as_str()),
             (&ex.method, ex.path_and_query.as_str()),
         );
+        if operator_rbac {
+            assert_granted(&ex);
+        }
         if ex.method == Method::PATCH && ex.path_and_query.contains("fieldManager=") {
             assert_eq!(
                 req.headers()["content-type"],
@@ -91,10 +130,14 @@ impl ApiServer {
             ex.reply
         };
         (ex.check)(&body);
+        let bytes = match reply.get(TEXT_REPLY).and_then(Value::as_str) {
+            Some(text) => text.as_bytes().to_vec(),
+            None => serde_json::to_vec(&reply).unwrap(),
+        };
         send.send_response(
             Response::builder()
                 .status(ex.status)
-                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                .body(Body::from(bytes))
                 .unwrap(),
         );
     }
@@ -122,10 +165,26 @@ impl ApiServer {
 /// Answers `expected` in order (each within 5 s), then requires that every client handle is
 /// dropped with no further request.
 pub fn verifier(handle: Handle, expected: Vec<Exchange>) -> tokio::task::JoinHandle<()> {
+    verifier_as(handle, expected, true)
+}
+
+/// A [`verifier`] for the `trellis` CLI's requests, which run with the user's credentials and
+/// so are not checked against the operator's RBAC.
+pub fn user_verifier(handle: Handle, expected: Vec<Exchange>) -> tokio::task::JoinHandle<()> {
+    verifier_as(handle, expected, false)
+}
+
+fn verifier_as(
+    handle: Handle,
+    expected: Vec<Exchange>,
+    operator_rbac: bool,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut server = ApiServer(handle);
         for ex in expected {
-            server.expect(Duration::from_secs(5), ex).await;
+            server
+                .expect_as(Duration::from_secs(5), ex, operator_rbac)
+                .await;
         }
         server.expect_no_more().await;
     })

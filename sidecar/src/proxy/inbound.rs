@@ -321,8 +321,11 @@ async fn handle(
     } else {
         req.version()
     };
-    // Copied out of the request only when an access log line will be written.
-    let (auth, path, trace) = if shared.access_log().is_some() {
+    // Joins or starts the trace before the headers go on, so the application's span is this
+    // span's child.
+    let span = shared.tracing.begin(req.headers_mut());
+    // Copied out of the request only when a span or an access log line will be written.
+    let (auth, path, trace) = if span.is_some() || shared.access_log().is_some() {
         (
             authority(&req).unwrap_or("").to_owned(),
             req.uri()
@@ -352,6 +355,7 @@ async fn handle(
                 dst_service: &info.dst_service,
                 tls: info.tls,
                 series: &info.series,
+                span: span.as_ref(),
             },
             resp,
         )

@@ -59,6 +59,8 @@ pub struct Shared {
     /// production; tests shorten it instead of waiting). Never zero.
     pub tcp_flush_interval: Duration,
     pub http: auto::Builder<TokioExecutor>,
+    /// The span exporter in force, if the config turns tracing on.
+    pub tracing: Arc<crate::spans::Tracing>,
 }
 
 impl Shared {
@@ -169,6 +171,8 @@ pub struct Completed<'a> {
     pub tls: bool,
     /// The connection's series cache.
     pub series: &'a SeriesCache,
+    /// The request's span, when it is sampled.
+    pub span: Option<&'a crate::spans::Active>,
 }
 
 /// Metrics and (when enabled) the access log line for one request.
@@ -184,8 +188,26 @@ pub fn record(shared: &Shared, c: &Completed<'_>, resp: &Response<Body>) {
         c.tls,
         elapsed,
     );
+    let outcome = resp.extensions().get::<Outcome>();
+    if let Some(span) = c.span {
+        span.finish(&crate::spans::Finished {
+            kind: match c.direction {
+                Direction::Inbound => opentelemetry::trace::SpanKind::Server,
+                Direction::Outbound => opentelemetry::trace::SpanKind::Client,
+            },
+            method: c.method,
+            authority: c.authority,
+            path: c.path,
+            version: c.version,
+            status,
+            peer_identity: c.peer_identity,
+            dst_service: c.dst_service,
+            attempts: outcome.map(|o| o.attempts).unwrap_or(1),
+            flags: outcome.map(|o| o.flags.as_slice()).unwrap_or(&[]),
+            elapsed,
+        });
+    }
     if let Some(fmt) = shared.access_log() {
-        let outcome = resp.extensions().get::<Outcome>();
         let entry = access_log::Entry {
             timestamp: access_log::now(),
             direction: c.direction.as_str(),

@@ -83,6 +83,12 @@ impl TlsCache {
         self.creds.borrow().clone()
     }
 
+    /// A receiver that sees every credentials change (the pool re-checks its connections'
+    /// peers on each).
+    pub fn subscribe(&self) -> CredentialsRx {
+        self.creds.clone()
+    }
+
     fn locked(&self) -> Result<(std::sync::MutexGuard<'_, Inner>, Arc<Credentials>), MtlsError> {
         let current = self.credentials().ok_or(MtlsError::NoCredentials)?;
         let mut inner = self.inner.lock().expect("tls cache lock");

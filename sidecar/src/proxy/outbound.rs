@@ -1,6 +1,8 @@
 //! Outbound: connections the application opens, redirected to 15001.
 //!
-//! The original destination picks the Service (by cluster IP or endpoint address and port).
+//! The original destination picks the Service (by cluster IP or endpoint address and port,
+//! through the snapshot's [`OutboundIndex`](crate::lookup::OutboundIndex): O(1) per
+//! connection, whatever the number of Services).
 //! HTTP goes through the traffic layer ([`Dispatcher::dispatch`](crate::traffic::Dispatcher));
 //! opaque TCP is spliced at L4, wrapped in mTLS when the destination is meshed. A connection
 //! to an address the config does not know is passed through untouched (plaintext).
@@ -10,8 +12,7 @@
 //! is the listener itself) is closed. Otherwise anyone reaching the port could send requests
 //! into the mesh with this pod's identity. Local mode (`--local-mode`: `trellis dev`, the
 //! benchmarks, in-process tests; no iptables, the application connects to 15001 directly) is the
-//! one explicit exception: it routes HTTP by the `Host` header
-//! ([`OutboundService::matches_authority`]).
+//! one explicit exception: it routes HTTP by the `Host` header (the same index, by authority).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -31,42 +32,9 @@ use super::io::{Prefixed, original_dst};
 use super::mtls::Alpn;
 use super::upstream::PeerIdentity;
 use super::{Completed, Shared, record, serve_http, spawn_tunnel, tcp};
-use crate::config::{OutboundService, Protocol, ProxyConfig};
+use crate::config::{OutboundService, Protocol};
 use crate::metrics::{Direction, SeriesCache, TcpLabels};
 use crate::traffic::{BoxError, Outcome, RequestCtx, Target, Upstream, error_response};
-
-/// The Service (and port) a redirected connection was meant for.
-pub fn service_for_addr(cfg: &ProxyConfig, dst: SocketAddr) -> Option<&OutboundService> {
-    cfg.outbound.iter().find(|s| {
-        s.port(dst.port()).is_some()
-            && (s.addresses.contains(&dst.ip())
-                || s.ports
-                    .iter()
-                    .any(|p| p.endpoints.iter().any(|e| e.address == dst)))
-    })
-}
-
-/// Local mode: the Service an HTTP authority names, and the port (from the authority, else the
-/// Service's first port).
-pub fn service_for_authority<'a>(
-    cfg: &'a ProxyConfig,
-    authority: &str,
-) -> Option<(&'a OutboundService, u16)> {
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
-            Ok(p) => (h, Some(p)),
-            Err(_) => (authority, None),
-        },
-        _ => (authority, None),
-    };
-    let svc = cfg.outbound.iter().find(|s| s.matches_authority(host))?;
-    let port = match port {
-        Some(p) if svc.port(p).is_some() => p,
-        Some(_) => return None,
-        None => svc.ports.first()?.port,
-    };
-    Some((svc, port))
-}
 
 /// Detection timeout for local-mode connections that can only be HTTP.
 const LOCAL_DETECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -116,7 +84,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr) {
     }
     let snap = shared.config.borrow().clone();
     let svc_port = snap.as_deref().and_then(|s| {
-        let svc = service_for_addr(&s.config, orig_dst)?;
+        let svc = s.service_for_addr(orig_dst)?;
         Some((svc, svc.port(orig_dst.port())?.protocol))
     });
     let opaque_port =
@@ -240,8 +208,11 @@ async fn handle(
 
     let method = req.method().clone();
     let version = req.version();
-    // Copied out of the request only when an access log line will be written.
-    let (auth, path, trace) = if shared.access_log().is_some() {
+    // Joins or starts the trace before the headers go on, so the next hop's span (or the
+    // application's) is this span's child.
+    let span = shared.tracing.begin(req.headers_mut());
+    // Copied out of the request only when a span or an access log line will be written.
+    let (auth, path, trace) = if span.is_some() || shared.access_log().is_some() {
         (
             authority(&req).unwrap_or("").to_owned(),
             req.uri()
@@ -259,9 +230,10 @@ async fn handle(
     // snapshot and never changes this one.
     let route = snap.as_deref().and_then(|s| {
         if info.redirected {
-            service_for_addr(&s.config, info.orig_dst).map(|svc| (svc, info.orig_dst.port()))
+            s.service_for_addr(info.orig_dst)
+                .map(|svc| (svc, info.orig_dst.port()))
         } else {
-            service_for_authority(&s.config, authority(&req).unwrap_or(""))
+            s.service_for_authority(authority(&req).unwrap_or(""))
         }
     });
     let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
@@ -334,6 +306,7 @@ async fn handle(
             dst_service: &dst_service,
             tls,
             series: &info.series,
+            span: span.as_ref(),
         },
         &resp,
     );
@@ -343,7 +316,8 @@ async fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{CONFIG_VERSION, MeshSettings, ServicePort, Telemetry};
+    use crate::config::{CONFIG_VERSION, MeshSettings, ProxyConfig, ServicePort, Telemetry};
+    use crate::reload::Snapshot;
 
     fn cfg() -> ProxyConfig {
         ProxyConfig {
@@ -384,22 +358,31 @@ mod tests {
 
     #[test]
     fn routes_by_original_destination() {
-        let c = cfg();
-        assert!(service_for_addr(&c, "10.96.0.10:9080".parse().unwrap()).is_some());
-        assert!(service_for_addr(&c, "10.96.0.10:1234".parse().unwrap()).is_none());
-        assert!(service_for_addr(&c, "10.96.0.11:9080".parse().unwrap()).is_none());
+        let snap = Snapshot::new(cfg(), Default::default());
+        assert!(
+            snap.service_for_addr("10.96.0.10:9080".parse().unwrap())
+                .is_some()
+        );
+        assert!(
+            snap.service_for_addr("10.96.0.10:1234".parse().unwrap())
+                .is_none()
+        );
+        assert!(
+            snap.service_for_addr("10.96.0.11:9080".parse().unwrap())
+                .is_none()
+        );
     }
 
     #[test]
     fn routes_by_authority_in_local_mode() {
-        let c = cfg();
-        assert_eq!(service_for_authority(&c, "reviews").unwrap().1, 9080);
+        let snap = Snapshot::new(cfg(), Default::default());
+        assert_eq!(snap.service_for_authority("reviews").unwrap().1, 9080);
         assert_eq!(
-            service_for_authority(&c, "reviews.shop:9443").unwrap().1,
+            snap.service_for_authority("reviews.shop:9443").unwrap().1,
             9443
         );
-        assert!(service_for_authority(&c, "reviews:1").is_none());
-        assert!(service_for_authority(&c, "ratings:9080").is_none());
+        assert!(snap.service_for_authority("reviews:1").is_none());
+        assert!(snap.service_for_authority("ratings:9080").is_none());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The connection pool behind [`Upstream`]: one request to one address, reusing connections.
 //!
-//! - Meshed targets (identities known) get mTLS with ALPN `h2`: one multiplexed HTTP/2
-//!   connection per (address, identity set), shared by every request, whatever HTTP version the
+//! - Meshed targets (identities known) get mTLS with ALPN `h2`: multiplexed HTTP/2
+//!   connections per (address, identity set), shared by every request, whatever HTTP version the
 //!   application spoke (an HTTP/1.1 request is marked with `trellis-orig-proto` so the far proxy
 //!   speaks HTTP/1.1 to its application again). One handshake, then no per-request connection
 //!   cost between proxies.
@@ -9,23 +9,43 @@
 //!   pooled HTTP/1.1 keep-alive connections.
 //! - `Upgrade` requests (WebSocket) take a dedicated HTTP/1.1 connection (mTLS with ALPN
 //!   `http/1.1` when meshed) that becomes the tunnel after `101 Switching Protocols`.
+//!
+//! Hygiene ([`PoolSettings`]):
+//! - HTTP/2 respects the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`: a request goes to the least
+//!   loaded connection with a free stream; when none has one, another connection is opened (up
+//!   to `max_h2_conns` per key); beyond that, at most `max_h2_queued` requests per key wait for
+//!   a stream and the rest fail at once with [`UpstreamError::Overflow`] (503 `UO`), instead of
+//!   queueing without bound inside the HTTP/2 client. The limit is read from the peer's first
+//!   SETTINGS frame (a new connection waits for it, one round trip) and followed afterwards.
+//! - A meshed connection takes no request once its peer's certificate has expired, or once the
+//!   trust bundle changed and its peer's chain no longer verifies (the root left the bundle);
+//!   the reaper then drops it, which closes it gracefully after the requests in flight finish.
+//! - Connections, and with them their keys, unused for `idle_timeout` are dropped, so endpoint
+//!   churn does not grow the pool.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::BoxFuture;
 use http::{HeaderValue, Request, Response, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::http::{ORIG_PROTO, is_upgrade, to_http1, to_http2};
 use super::mtls::{Alpn, TlsCache};
 use crate::config::Protocol;
+use crate::creds::Credentials;
 use crate::tls::mesh_server_name;
 use crate::traffic::{Body, BoxError, ConnectionParams, Target, Upstream, UpstreamError};
 
@@ -33,6 +53,36 @@ use crate::traffic::{Body, BoxError, ConnectionParams, Target, Upstream, Upstrea
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Idle HTTP/1.1 connections kept per target; more concurrent ones are closed after use.
 const MAX_IDLE_H1: usize = 64;
+/// Streams the HTTP/2 client allows itself before the peer's SETTINGS say otherwise (and when
+/// they do not name a limit): hyper's default, named here because the pool counts with it.
+const H2_INITIAL_MAX_STREAMS: usize = 100;
+
+/// Bounds of the pool. The defaults suit a sidecar; tests shorten the times.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolSettings {
+    /// A connection unused this long is closed, and a key left without connections forgotten.
+    pub idle_timeout: Duration,
+    /// How often the reaper looks for idle, closed, expired and untrusted connections (it also
+    /// looks at every credentials change).
+    pub sweep_interval: Duration,
+    /// HTTP/2 connections per (address, identities); another is opened only when every one is
+    /// at the peer's stream limit.
+    pub max_h2_conns: usize,
+    /// Requests per key that may wait for an HTTP/2 stream once `max_h2_conns` connections are
+    /// all at their limit; beyond it requests fail at once ([`UpstreamError::Overflow`]).
+    pub max_h2_queued: usize,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            idle_timeout: Duration::from_secs(60),
+            sweep_interval: Duration::from_secs(5),
+            max_h2_conns: 8,
+            max_h2_queued: 1024,
+        }
+    }
+}
 
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
@@ -49,16 +99,116 @@ struct Key {
     identities: Arc<[String]>,
 }
 
+/// What retires a meshed connection: its peer's chain (verified again when the trust bundle
+/// changes) and when the peer's leaf expires.
+struct PeerCert {
+    chain: Arc<[CertificateDer<'static>]>,
+    expires: SystemTime,
+    /// The credentials the chain was last verified with; compared by pointer, so the check
+    /// costs nothing until the credentials change.
+    verified: Arc<Credentials>,
+}
+
+impl PeerCert {
+    /// Whether new requests may still use the connection.
+    fn usable(
+        &mut self,
+        current: Option<&Arc<Credentials>>,
+        now: SystemTime,
+        ids: &[String],
+    ) -> bool {
+        if now >= self.expires {
+            return false;
+        }
+        let Some(current) = current else {
+            return true;
+        };
+        if Arc::ptr_eq(current, &self.verified) {
+            return true;
+        }
+        if crate::tls::verify_server_chain(current, &self.chain, ids).is_err() {
+            return false;
+        }
+        self.verified = current.clone();
+        true
+    }
+}
+
+/// Streams of one HTTP/2 connection: ours in flight, and the peer's limit.
+#[derive(Debug)]
+struct Streams {
+    inflight: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl Streams {
+    fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    fn has_room(&self) -> bool {
+        self.inflight() < self.max.load(Ordering::Relaxed)
+    }
+
+    fn reserve(self: &Arc<Self>) -> StreamGuard {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(self.clone())
+    }
+}
+
+/// One stream counted on its connection until the response body is dropped (or the request
+/// failed).
+struct StreamGuard(Arc<Streams>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct H2Conn {
+    sr: http2::SendRequest<Body>,
+    peer: Option<Arc<str>>,
+    cert: Option<PeerCert>,
+    streams: Arc<Streams>,
+    last_used: Instant,
+}
+
+#[derive(Default)]
+struct H2Slot {
+    conns: Vec<H2Conn>,
+    /// One connect per key at a time: concurrent requests wait for it and share it.
+    connecting: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl H2Slot {
+    /// Drops connections that are closed or may no longer be used (dropping the last
+    /// `SendRequest` lets hyper close the connection once its streams are done).
+    fn prune(&mut self, creds: Option<&Arc<Credentials>>, ids: &[String], idle: Option<Duration>) {
+        let now = SystemTime::now();
+        self.conns.retain_mut(|c| {
+            !c.sr.is_closed()
+                && c.cert.as_mut().is_none_or(|p| p.usable(creds, now, ids))
+                && idle.is_none_or(|t| c.streams.inflight() > 0 || c.last_used.elapsed() < t)
+        });
+    }
+}
+
+struct IdleH1 {
+    sr: http1::SendRequest<Body>,
+    since: Instant,
+}
+
 #[derive(Default)]
 struct Conns {
-    h2: HashMap<Key, (http2::SendRequest<Body>, Option<Arc<str>>)>,
-    h2_connecting: HashMap<Key, Arc<tokio::sync::Mutex<()>>>,
+    h2: HashMap<Key, H2Slot>,
     /// Idle HTTP/1.1 connections with the time they became idle.
-    h1: HashMap<Key, Vec<(http1::SendRequest<Body>, Instant)>>,
+    h1: HashMap<Key, Vec<IdleH1>>,
 }
 
 struct Inner {
     tls: Arc<TlsCache>,
+    settings: PoolSettings,
     conns: Mutex<Conns>,
     /// The local address connections are made from (see [`SourceAddr`]).
     source: SourceAddr,
@@ -110,6 +260,23 @@ pub struct Pool {
     inner: Arc<Inner>,
 }
 
+/// What the pool holds, for `/config`-style views and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Pool entries: HTTP/2 keys (address, identities) plus HTTP/1.1 keys, each with at least
+    /// one connection or a connect under way.
+    pub keys: usize,
+    pub h2_conns: usize,
+    pub idle_h1_conns: usize,
+}
+
+/// Where an HTTP/2 request goes.
+enum H2Pick {
+    Use(http2::SendRequest<Body>, Option<Arc<str>>, StreamGuard),
+    Connect(Arc<tokio::sync::Mutex<()>>),
+    Full,
+}
+
 enum Mode {
     H1,
     H2,
@@ -118,17 +285,45 @@ enum Mode {
 
 impl Pool {
     pub fn new(tls: Arc<TlsCache>) -> Self {
-        Self::with_source(tls, SourceAddr::Any)
+        Self::with_settings(tls, PoolSettings::default())
     }
 
     /// A pool whose connections come from `source` (the inbound side's pool).
     pub fn with_source(tls: Arc<TlsCache>, source: SourceAddr) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                tls,
-                conns: Mutex::default(),
-                source,
-            }),
+        Self::with_parts(tls, PoolSettings::default(), source)
+    }
+
+    /// A pool with these bounds.
+    pub fn with_settings(tls: Arc<TlsCache>, settings: PoolSettings) -> Self {
+        Self::with_parts(tls, settings, SourceAddr::Any)
+    }
+
+    /// Inside a Tokio runtime this starts the pool's reaper, which ends when the last clone of
+    /// the pool is dropped.
+    pub fn with_parts(tls: Arc<TlsCache>, settings: PoolSettings, source: SourceAddr) -> Self {
+        let inner = Arc::new(Inner {
+            tls,
+            settings,
+            conns: Mutex::default(),
+            source,
+        });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(reap(
+                Arc::downgrade(&inner),
+                inner.tls.subscribe(),
+                settings,
+            ));
+        }
+        Self { inner }
+    }
+
+    /// What the pool holds now.
+    pub fn stats(&self) -> PoolStats {
+        let c = self.inner.conns.lock().expect("pool lock");
+        PoolStats {
+            keys: c.h2.len() + c.h1.len(),
+            h2_conns: c.h2.values().map(|s| s.conns.len()).sum(),
+            idle_h1_conns: c.h1.values().map(Vec::len).sum(),
         }
     }
 
@@ -141,7 +336,9 @@ impl Pool {
         timeout: Option<Duration>,
     ) -> Result<(BoxIo, Option<String>), UpstreamError> {
         let source = self.inner.source.for_dst(addr);
-        connect_from(&self.inner.tls, source, addr, identities, alpn, timeout).await
+        let (io, peer) =
+            connect_peer(&self.inner.tls, source, addr, identities, alpn, timeout).await?;
+        Ok((io, peer.map(|p| p.id)))
     }
 
     async fn send_inner(
@@ -179,12 +376,28 @@ impl Pool {
                         .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
                 }
                 to_http2(&mut req);
-                let (mut sr, peer) = self.h2_sender(&key, target.connect_timeout).await?;
+                // The policy's `circuitBreaker.maxConnections` caps connections per endpoint.
+                let cap = req
+                    .extensions()
+                    .get::<ConnectionParams>()
+                    .and_then(|p| p.max_connections)
+                    .map_or(self.inner.settings.max_h2_conns, |m| {
+                        (m as usize).min(self.inner.settings.max_h2_conns)
+                    });
+                let (mut sr, peer, guard) =
+                    self.h2_sender(&key, cap, target.connect_timeout).await?;
                 let mut resp = sr.send_request(req).await.map_err(|e| classify(addr, e))?;
                 if let Some(p) = peer {
                     resp.extensions_mut().insert(PeerIdentity(p));
                 }
-                resp
+                // The stream counts against the connection until the body is done with.
+                return Ok(resp.map(|b| {
+                    Counted {
+                        inner: b.map_err(|e| Box::new(e) as BoxError),
+                        _guard: guard,
+                    }
+                    .boxed()
+                }));
             }
             Mode::H1 => {
                 to_http1(&mut req);
@@ -214,75 +427,147 @@ impl Pool {
         Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
     }
 
+    /// A connection with a free stream for `key`, opening one when all are at their limit.
     async fn h2_sender(
         &self,
         key: &Key,
+        cap: usize,
         timeout: Option<Duration>,
-    ) -> Result<(http2::SendRequest<Body>, Option<Arc<str>>), UpstreamError> {
-        if let Some(sr) = self.ready_h2(key) {
-            return Ok(sr);
-        }
-        // One connect per key at a time: concurrent first requests wait for it and share it.
-        let gate = {
-            let mut c = self.inner.conns.lock().expect("pool lock");
-            c.h2_connecting.entry(key.clone()).or_default().clone()
+    ) -> Result<(http2::SendRequest<Body>, Option<Arc<str>>, StreamGuard), UpstreamError> {
+        let gate = match self.pick_h2(key, cap) {
+            H2Pick::Use(sr, peer, g) => return Ok((sr, peer, g)),
+            H2Pick::Full => return Err(UpstreamError::Overflow { addr: key.addr }),
+            H2Pick::Connect(gate) => gate,
         };
         let _g = gate.lock().await;
-        if let Some(sr) = self.ready_h2(key) {
-            return Ok(sr);
+        match self.pick_h2(key, cap) {
+            H2Pick::Use(sr, peer, g) => return Ok((sr, peer, g)),
+            H2Pick::Full => return Err(UpstreamError::Overflow { addr: key.addr }),
+            H2Pick::Connect(_) => {}
         }
-        let (io, peer) = self
-            .connect(key.addr, &key.identities, Alpn::H2, timeout)
-            .await?;
-        let peer: Option<Arc<str>> = peer.map(Into::into);
-        let (sr, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .adaptive_window(true)
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| classify(key.addr, e))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream h2 connection ended");
-            }
-        });
+        let conn = self.open_h2(key, timeout).await?;
+        let picked = (conn.sr.clone(), conn.peer.clone(), conn.streams.reserve());
         self.inner
             .conns
             .lock()
             .expect("pool lock")
             .h2
-            .insert(key.clone(), (sr.clone(), peer.clone()));
-        Ok((sr, peer))
+            .entry(key.clone())
+            .or_default()
+            .conns
+            .push(conn);
+        Ok(picked)
     }
 
-    fn ready_h2(&self, key: &Key) -> Option<(http2::SendRequest<Body>, Option<Arc<str>>)> {
+    /// The least loaded usable connection with a free stream; else whether to connect (fewer
+    /// than `cap` connections), queue (bounded) or refuse.
+    fn pick_h2(&self, key: &Key, cap: usize) -> H2Pick {
+        let creds = if key.identities.is_empty() {
+            None
+        } else {
+            self.inner.tls.credentials()
+        };
+        let settings = &self.inner.settings;
         let mut c = self.inner.conns.lock().expect("pool lock");
-        match c.h2.get(key) {
-            Some((sr, peer)) if !sr.is_closed() => Some((sr.clone(), peer.clone())),
-            Some(_) => {
-                c.h2.remove(key);
-                None
+        let slot = match c.h2.get_mut(key) {
+            Some(s) => s,
+            None => c.h2.entry(key.clone()).or_default(),
+        };
+        slot.prune(creds.as_ref(), &key.identities, None);
+        let least = |conns: &[H2Conn], room: bool| {
+            conns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| !room || c.streams.has_room())
+                .min_by_key(|(_, c)| c.streams.inflight())
+                .map(|(i, _)| i)
+        };
+        let chosen = match least(&slot.conns, true) {
+            Some(i) => i,
+            None if slot.conns.len() < cap.max(1) => {
+                return H2Pick::Connect(slot.connecting.clone());
             }
-            None => None,
-        }
+            None => {
+                let queued: usize = slot
+                    .conns
+                    .iter()
+                    .map(|c| {
+                        c.streams
+                            .inflight()
+                            .saturating_sub(c.streams.max.load(Ordering::Relaxed))
+                    })
+                    .sum();
+                if queued >= settings.max_h2_queued {
+                    return H2Pick::Full;
+                }
+                match least(&slot.conns, false) {
+                    Some(i) => i,
+                    None => return H2Pick::Connect(slot.connecting.clone()),
+                }
+            }
+        };
+        let c = &mut slot.conns[chosen];
+        c.last_used = Instant::now();
+        H2Pick::Use(c.sr.clone(), c.peer.clone(), c.streams.reserve())
+    }
+
+    /// Connects and handshakes HTTP/2, then waits (bounded) for the peer's first SETTINGS so
+    /// the stream limit is known before requests are spread over the connection.
+    async fn open_h2(&self, key: &Key, timeout: Option<Duration>) -> Result<H2Conn, UpstreamError> {
+        let (io, peer) = connect_peer(
+            &self.inner.tls,
+            self.inner.source.for_dst(key.addr),
+            key.addr,
+            &key.identities,
+            Alpn::H2,
+            timeout,
+        )
+        .await?;
+        let streams = Arc::new(Streams {
+            inflight: AtomicUsize::new(0),
+            max: AtomicUsize::new(H2_INITIAL_MAX_STREAMS),
+        });
+        let (settled_tx, settled_rx) = tokio::sync::oneshot::channel();
+        let io = SettingsSniffer::new(io, streams.clone(), settled_tx);
+        let (sr, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .adaptive_window(true)
+            .initial_max_send_streams(H2_INITIAL_MAX_STREAMS)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| classify(key.addr, e))?;
+        tokio::spawn(drive_h2(conn, streams.clone()));
+        let wait = timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let _ = tokio::time::timeout(wait, settled_rx).await;
+        let (peer, cert) = match peer {
+            Some(p) => (Some(Arc::<str>::from(p.id)), p.cert),
+            None => (None, None),
+        };
+        Ok(H2Conn {
+            sr,
+            peer,
+            cert,
+            streams,
+            last_used: Instant::now(),
+        })
     }
 
     /// The most recently used idle connection that is still open and was idle for less than
-    /// `idle_timeout` (the policy's `timeouts.idleMs`); older ones are closed.
+    /// `idle_timeout` (the policy's `timeouts.idleMs`, else the pool's); older ones are closed.
+    /// Only plaintext HTTP/1.1 is pooled (meshed requests ride HTTP/2; upgrades are never
+    /// pooled), so there is no peer certificate to check here.
     fn idle_h1(
         &self,
         key: &Key,
         idle_timeout: Option<Duration>,
     ) -> Option<http1::SendRequest<Body>> {
+        let t = idle_timeout.unwrap_or(self.inner.settings.idle_timeout);
         let mut c = self.inner.conns.lock().expect("pool lock");
         let idle = c.h1.get_mut(key)?;
-        if let Some(t) = idle_timeout {
-            idle.retain(|(_, since)| since.elapsed() < t);
-        }
-        while let Some((sr, _)) = idle.pop() {
-            if sr.is_ready() {
-                return Some(sr);
+        while let Some(conn) = idle.pop() {
+            if conn.since.elapsed() < t && conn.sr.is_ready() {
+                return Some(conn.sr);
             }
         }
         None
@@ -330,7 +615,10 @@ impl Pool {
                             let mut c = pool.conns.lock().expect("pool lock");
                             let idle = c.h1.entry(key).or_default();
                             if idle.len() < MAX_IDLE_H1 {
-                                idle.push((sr, Instant::now()));
+                                idle.push(IdleH1 {
+                                    sr,
+                                    since: Instant::now(),
+                                });
                             }
                         }
                     });
@@ -349,6 +637,193 @@ impl Pool {
     }
 }
 
+/// Every `sweep_interval`, and whenever the credentials change: drops HTTP/2 connections that
+/// are closed, idle past `idle_timeout` (no stream open), expired or no longer trusted, idle
+/// HTTP/1.1 connections past `idle_timeout`, and keys left empty. Ends with the pool.
+async fn reap(pool: Weak<Inner>, mut creds: crate::creds::CredentialsRx, settings: PoolSettings) {
+    let mut tick = tokio::time::interval(settings.sweep_interval.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut creds_open = true;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = creds.changed(), if creds_open => creds_open = r.is_ok(),
+        }
+        let Some(inner) = pool.upgrade() else { return };
+        let current = inner.tls.credentials();
+        let mut c = inner.conns.lock().expect("pool lock");
+        c.h2.retain(|key, slot| {
+            let creds = if key.identities.is_empty() {
+                None
+            } else {
+                current.as_ref()
+            };
+            slot.prune(creds, &key.identities, Some(settings.idle_timeout));
+            // A slot whose gate is held (or waited on) is connecting: keep it.
+            !slot.conns.is_empty() || Arc::strong_count(&slot.connecting) > 1
+        });
+        c.h1.retain(|_, idle| {
+            idle.retain(|conn| {
+                conn.since.elapsed() < settings.idle_timeout && !conn.sr.is_closed()
+            });
+            !idle.is_empty()
+        });
+    }
+}
+
+/// Polls the HTTP/2 client task and follows changes of the peer's stream limit after the first
+/// SETTINGS (which [`SettingsSniffer`] reports): hyper's count only changes when the peer
+/// names a limit, so a change is the peer's word.
+async fn drive_h2<T>(conn: http2::Connection<T, Body, TokioExecutor>, streams: Arc<Streams>)
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let mut conn = Box::pin(conn);
+    let mut last = H2_INITIAL_MAX_STREAMS;
+    let res = std::future::poll_fn(|cx| {
+        let r = conn.as_mut().poll(cx);
+        let now = conn.current_max_send_streams();
+        if now != last {
+            last = now;
+            streams.max.store(now, Ordering::Relaxed);
+        }
+        r
+    })
+    .await;
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "upstream h2 connection ended");
+    }
+}
+
+/// Reads the peer's first HTTP/2 frame (its SETTINGS, the server preface) as it passes, to
+/// learn `SETTINGS_MAX_CONCURRENT_STREAMS` the moment it arrives; then steps aside (one branch
+/// per read).
+struct SettingsSniffer {
+    io: BoxIo,
+    /// Frame header, then payload, of the first frame; `None` once done.
+    state: Option<(Vec<u8>, Arc<Streams>, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl SettingsSniffer {
+    fn new(io: BoxIo, streams: Arc<Streams>, settled: tokio::sync::oneshot::Sender<()>) -> Self {
+        Self {
+            io,
+            state: Some((Vec::with_capacity(64), streams, settled)),
+        }
+    }
+
+    fn observe(&mut self, bytes: &[u8]) {
+        let Some((buf, _, _)) = self.state.as_mut() else {
+            return;
+        };
+        buf.extend_from_slice(bytes);
+        if buf.len() < 9 {
+            return;
+        }
+        let len = (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+        let kind = buf[3];
+        // A first frame that is not SETTINGS, or an absurd one, is not ours to read.
+        if kind != 0x4 || len > 16_384 {
+            self.state = None;
+            return;
+        }
+        if buf.len() < 9 + len {
+            return;
+        }
+        let mut max = None;
+        for entry in buf[9..9 + len].chunks_exact(6) {
+            let id = u16::from_be_bytes([entry[0], entry[1]]);
+            let value = u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]);
+            if id == 0x3 {
+                max = Some(value as usize);
+            }
+        }
+        if let Some((_, streams, settled)) = self.state.take() {
+            // Without a named limit hyper keeps its initial one.
+            streams
+                .max
+                .store(max.unwrap_or(H2_INITIAL_MAX_STREAMS), Ordering::Relaxed);
+            let _ = settled.send(());
+        }
+    }
+}
+
+impl AsyncRead for SettingsSniffer {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if this.state.is_some() && matches!(r, Poll::Ready(Ok(()))) {
+            let new = buf.filled()[before..].to_vec();
+            this.observe(&new);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for SettingsSniffer {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds its HTTP/2 stream's place in the pool's count.
+    struct Counted<B> {
+        #[pin]
+        inner: B,
+        _guard: StreamGuard,
+    }
+}
+
+impl<B: HttpBody> HttpBody for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 fn classify(addr: SocketAddr, e: hyper::Error) -> UpstreamError {
     if e.is_closed() || e.is_incomplete_message() || e.is_canceled() {
         UpstreamError::Reset {
@@ -361,6 +836,14 @@ fn classify(addr: SocketAddr, e: hyper::Error) -> UpstreamError {
             source: Box::new(e),
         }
     }
+}
+
+/// The verified peer of a mesh connection.
+struct Peer {
+    id: String,
+    /// `None` only when the chain or our credentials could not be read; such a connection is
+    /// then retired by nothing but idleness (rustls always exposes the chain it verified).
+    cert: Option<PeerCert>,
 }
 
 /// TCP connect (with `TCP_NODELAY`), then mTLS when the target is meshed. Returns the stream
@@ -400,6 +883,18 @@ pub async fn connect_from(
     alpn: Alpn,
     timeout: Option<Duration>,
 ) -> Result<(BoxIo, Option<String>), UpstreamError> {
+    let (io, peer) = connect_peer(tls, source, addr, identities, alpn, timeout).await?;
+    Ok((io, peer.map(|p| p.id)))
+}
+
+async fn connect_peer(
+    tls: &TlsCache,
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    identities: &Arc<[String]>,
+    alpn: Alpn,
+    timeout: Option<Duration>,
+) -> Result<(BoxIo, Option<Peer>), UpstreamError> {
     let timeout = timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let tcp = match tokio::time::timeout(timeout, tcp_connect(source, addr)).await {
         Err(_) => return Err(UpstreamError::ConnectTimeout { addr }),
@@ -410,6 +905,9 @@ pub async fn connect_from(
     if identities.is_empty() {
         return Ok((Box::new(tcp), None));
     }
+    // The credentials the handshake verifies with: taken before, so a change during the
+    // handshake is caught by the next check.
+    let creds = tls.credentials();
     let cfg = tls
         .client(identities, alpn)
         .map_err(|e| UpstreamError::Tls {
@@ -435,7 +933,23 @@ pub async fn connect_from(
             reason: "peer did not agree on the mesh ALPN protocol".into(),
         });
     }
-    let peer = crate::tls::peer_spiffe_id(conn);
+    let peer = crate::tls::peer_spiffe_id(conn).map(|id| {
+        let chain: Option<Arc<[CertificateDer<'static>]>> = conn
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+        let cert = match (chain, creds) {
+            (Some(chain), Some(verified)) => chain
+                .first()
+                .and_then(|leaf| crate::tls::not_after_of(leaf).ok())
+                .map(|expires| PeerCert {
+                    chain: chain.clone(),
+                    expires,
+                    verified,
+                }),
+            _ => None,
+        };
+        Peer { id, cert }
+    });
     Ok((Box::new(stream), peer))
 }
 

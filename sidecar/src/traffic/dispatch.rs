@@ -181,6 +181,9 @@ enum Class {
     Connect,
     Reset,
     Timeout,
+    /// The pool had no stream for it (never sent): retried like a connect failure, but not a
+    /// failure of the endpoint for ejection.
+    Overflow,
 }
 
 impl Dispatcher {
@@ -261,6 +264,9 @@ impl Dispatcher {
                 dests.insert((&svc.namespace, &svc.name, sp.port), Arc::new(d));
             }
         }
+        // Split backends by key, once: `cfg.service()` scans, and every Service may split.
+        let by_key: HashMap<String, &OutboundService> =
+            cfg.outbound.iter().map(|s| (s.key(), s)).collect();
         let mut table = Table::default();
         for svc in &cfg.outbound {
             for sp in &svc.ports {
@@ -270,7 +276,7 @@ impl Dispatcher {
                 let mut split = Vec::new();
                 let mut total = 0u32;
                 for b in policy.map(|p| p.split.as_slice()).unwrap_or(&[]) {
-                    let Some(bsvc) = cfg.service(&b.service) else {
+                    let Some(bsvc) = by_key.get(&b.service) else {
                         continue; // validate() refuses unknown backends; skip defensively.
                     };
                     let bport = bsvc
@@ -282,8 +288,12 @@ impl Dispatcher {
                     else {
                         continue;
                     };
-                    if b.weight > 0 {
-                        total += b.weight;
+                    // validate() bounds the sum; a weight that would overflow it is skipped
+                    // rather than wrapped.
+                    if let Some(t) = total.checked_add(b.weight)
+                        && b.weight > 0
+                    {
+                        total = t;
                         split.push((total, bdest.clone()));
                     }
                 }
@@ -562,6 +572,7 @@ impl Dispatcher {
                     tracing::debug!(error = %e, backend = %dest.key, "upstream attempt failed");
                     let (status, flag) = match (class, per_try_timeout) {
                         (_, true) => (StatusCode::GATEWAY_TIMEOUT, "UT"),
+                        (Class::Overflow, _) => (StatusCode::SERVICE_UNAVAILABLE, "UO"),
                         (Class::Connect, _) => (StatusCode::SERVICE_UNAVAILABLE, "UF"),
                         _ => (StatusCode::BAD_GATEWAY, "UC"),
                     };
@@ -683,6 +694,7 @@ fn classify(res: &Result<Response<Body>, (UpstreamError, bool)>) -> Class {
             Class::Connect
         }
         Err((UpstreamError::Tls { .. }, _)) => Class::Connect,
+        Err((UpstreamError::Overflow { .. }, _)) => Class::Overflow,
         Err((UpstreamError::Reset { .. } | UpstreamError::Other { .. }, _)) => Class::Reset,
     }
 }
@@ -695,7 +707,7 @@ impl RetryPolicy {
     fn retriable(&self, class: Class, safe: bool, grpc: bool) -> bool {
         match class {
             Class::Success => false,
-            Class::Connect => self.on_connect_failure,
+            Class::Connect | Class::Overflow => self.on_connect_failure,
             Class::Reset => safe && self.on_reset,
             Class::Timeout => safe && (self.on_server_error || self.on_gateway_error),
             Class::Status(s) => {
@@ -831,9 +843,12 @@ impl Destination {
 
     /// Outlier detection: 5xx, connect failures, resets and timeouts are failures.
     fn record(&self, i: usize, class: Class) {
+        if class == Class::Overflow {
+            return; // Never reached the endpoint: says nothing of its health.
+        }
         let ep = &self.endpoints.eps[i];
         let failed = match class {
-            Class::Success | Class::Grpc(_) => false,
+            Class::Success | Class::Grpc(_) | Class::Overflow => false,
             Class::Status(s) => s >= 500,
             Class::Connect | Class::Reset | Class::Timeout => true,
         };

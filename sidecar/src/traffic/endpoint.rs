@@ -35,6 +35,11 @@ pub(crate) fn now_ms_at(now: Instant) -> u64 {
     now.saturating_duration_since(epoch).as_millis() as u64 + 1
 }
 
+/// Whole milliseconds of `d`, saturating (a `Duration` holds more than `u64` milliseconds).
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Peak-EWMA round-trip estimate (Finagle's `PeakEwma`, tower's `peak_ewma`): a slower sample
 /// replaces the estimate at once (peak), faster samples pull it down exponentially with time.
 #[derive(Debug)]
@@ -225,7 +230,7 @@ impl EndpointState {
         o.consecutive_failures = 0;
         self.probing.store(false, Ordering::Release);
         self.ejected_until
-            .store(now_ms() + d.as_millis() as u64, Ordering::Release);
+            .store(now_ms().saturating_add(ms(d)), Ordering::Release);
         true
     }
 

@@ -7,6 +7,11 @@ use std::time::{Duration, Instant};
 
 use crate::config::RateLimit;
 
+/// Longest wait a bucket reports. Validation keeps real rates far above the rate that needs
+/// it ([`crate::config::MIN_RATE_PER_SECOND`]); the cap keeps a bucket built from anything
+/// else from computing an unrepresentable `Duration` (a panic while the bucket is locked).
+pub const MAX_WAIT: Duration = Duration::from_secs(86_400);
+
 /// A token bucket refilled continuously at `rate` per second up to `burst`.
 #[derive(Debug)]
 pub struct TokenBucket {
@@ -22,11 +27,17 @@ struct BucketState {
 }
 
 impl TokenBucket {
-    /// Starts full.
+    /// Starts full. A rate that is not a positive finite number never refills (NaN would
+    /// otherwise refill to full on every call, infinity to NaN).
     pub fn new(rate_per_sec: f64, burst: u32) -> Self {
         let burst = f64::from(burst.max(1));
+        let rate = if rate_per_sec.is_finite() && rate_per_sec > 0.0 {
+            rate_per_sec
+        } else {
+            0.0
+        };
         Self {
-            rate: rate_per_sec,
+            rate,
             burst,
             state: Mutex::new(BucketState {
                 tokens: burst,
@@ -41,7 +52,8 @@ impl TokenBucket {
 
     /// Whether this bucket was built from `rl` (a reload with the same limit keeps the bucket).
     pub fn same_config(&self, rl: &RateLimit) -> bool {
-        self.rate == rl.requests_per_second && self.burst == f64::from(rl.burst.max(1))
+        let same = Self::new(rl.requests_per_second, rl.burst);
+        self.rate == same.rate && self.burst == same.burst
     }
 
     /// Takes one token, or says how long until one is available.
@@ -62,7 +74,8 @@ impl TokenBucket {
             s.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - s.tokens) / self.rate))
+            let wait = (1.0 - s.tokens) / self.rate;
+            Err(Duration::try_from_secs_f64(wait).map_or(MAX_WAIT, |w| w.min(MAX_WAIT)))
         }
     }
 
@@ -178,7 +191,14 @@ struct BudgetState {
 }
 
 impl RetryBudget {
+    /// `percent` outside 0..=100 (or NaN, which validation refuses) is clamped, so deposits
+    /// stay far from overflowing the slot counters.
     pub fn new(percent: f64, min_per_sec: u32) -> Self {
+        let percent = if percent.is_nan() {
+            0.0
+        } else {
+            percent.clamp(0.0, 100.0)
+        };
         Self {
             percent,
             min_per_sec,
@@ -192,7 +212,8 @@ impl RetryBudget {
     }
 
     pub fn same_config(&self, percent: f64, min_per_sec: u32) -> bool {
-        self.percent == percent && self.min_per_sec == min_per_sec
+        let same = Self::new(percent, min_per_sec);
+        self.percent == same.percent && self.min_per_sec == min_per_sec
     }
 
     fn roll(s: &mut BudgetState, now: Instant) {
@@ -219,7 +240,7 @@ impl RetryBudget {
         let mut s = self.state.lock().expect("budget lock");
         Self::roll(&mut s, Instant::now());
         let cur = s.current;
-        s.slots[cur] += (self.percent * 10.0) as i64;
+        s.slots[cur] = s.slots[cur].saturating_add((self.percent * 10.0) as i64);
     }
 
     /// Takes the budget for one retry, or returns false (budget exhausted).

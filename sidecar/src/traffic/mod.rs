@@ -90,6 +90,10 @@ pub enum UpstreamError {
     Reset { addr: SocketAddr, source: BoxError },
     #[error("upstream {addr}: {source}")]
     Other { addr: SocketAddr, source: BoxError },
+    /// The pool has no stream for the request: every connection to `addr` is at the peer's
+    /// stream limit, no more may be opened, and the bounded queue is full. Nothing was sent.
+    #[error("no HTTP/2 stream free to {addr} and the wait queue is full")]
+    Overflow { addr: SocketAddr },
 }
 
 /// Where one attempt goes and how to reach it.
@@ -142,7 +146,8 @@ pub struct Outcome {
 /// core reads them with `req.extensions().get::<ConnectionParams>()`).
 ///
 /// The traffic layer also enforces `max_connections` itself for HTTP/1 destinations, as a cap
-/// on concurrent requests (each holds one connection); for HTTP/2 only the pool can.
+/// on concurrent requests (each holds one connection); for HTTP/2 the pool caps its
+/// connections per endpoint with it (more open only at the peer's stream limit).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectionParams {
     /// `timeouts.idleMs`: close pooled connections idle this long.

@@ -219,6 +219,7 @@ impl TestProxy {
             tcp_flush_interval: trellis_proxy::proxy::tcp::FLUSH_INTERVAL,
             app_probes: Default::default(),
             pod_ip: None,
+            pod: Default::default(),
         };
         tweak(&mut opts);
         let running = trellis_proxy::run::start(opts, rx).await.unwrap();

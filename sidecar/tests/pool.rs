@@ -1,0 +1,408 @@
+//! Connection hygiene of the upstream pool, against real HTTP/2 servers over real TCP and real
+//! mTLS: the peer's stream limit opens more connections (bounded), idle connections and keys
+//! are dropped, and a connection whose peer certificate expired or whose root left the trust
+//! bundle takes no more requests while requests in flight finish.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use trellis_proxy::config::Protocol;
+use trellis_proxy::creds::{self, Credentials};
+use trellis_proxy::proxy::mtls::TlsCache;
+use trellis_proxy::proxy::upstream::Pool;
+use trellis_proxy::traffic::{ConnectionParams, Target, Upstream, UpstreamError, full};
+
+const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
+const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/server";
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    der: CertificateDer<'static>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let der = p.self_signed(&key).unwrap().der().clone();
+        Ca {
+            issuer: Issuer::new(p, key),
+            der,
+        }
+    }
+
+    /// Credentials for `id`, valid from a minute ago for `life`, trusting `roots`.
+    fn creds(&self, id: &str, life: Duration, roots: &[&Ca]) -> Credentials {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::minutes(1);
+        p.not_after = now + time::Duration::try_from(life).unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        trellis_proxy::tls::credentials_from_parts(
+            vec![cert.der().clone()],
+            PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            roots.iter().map(|r| r.der.clone()).collect(),
+        )
+        .unwrap()
+    }
+}
+
+/// What a test server saw.
+#[derive(Default)]
+struct Seen {
+    accepted: AtomicUsize,
+    closed: AtomicUsize,
+}
+
+impl Seen {
+    fn open(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst) - self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// An HTTP/2 server (prior knowledge, or mTLS with ALPN h2 when `tls` is given, using the
+/// credentials current at each accept) advertising `max_streams`; `/slow` answers after
+/// `delay`, everything else at once.
+async fn h2_server(
+    max_streams: u32,
+    delay: Duration,
+    tls: Option<watch::Receiver<Option<Arc<Credentials>>>>,
+) -> (SocketAddr, Arc<Seen>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            s.accepted.fetch_add(1, Ordering::SeqCst);
+            let s = s.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                    if req.uri().path() == "/slow" {
+                        tokio::time::sleep(delay).await;
+                    }
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                b.timer(TokioTimer::new())
+                    .max_concurrent_streams(max_streams);
+                match tls {
+                    None => {
+                        let _ = b.serve_connection(TokioIo::new(tcp), svc).await;
+                    }
+                    Some(rx) => {
+                        let creds = rx.borrow().clone().unwrap();
+                        let cfg = trellis_proxy::tls::server_config(&creds, &[b"h2"]).unwrap();
+                        if let Ok(stream) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await {
+                            let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
+                }
+                s.closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn plain_pool() -> Pool {
+    let (_tx, rx) = creds::channel();
+    Pool::new(Arc::new(TlsCache::new(rx)))
+}
+
+fn target(addr: SocketAddr, identities: &[&str]) -> Target {
+    Target {
+        addr,
+        identities: identities.iter().map(|s| s.to_string()).collect(),
+        protocol: Protocol::Http2,
+        connect_timeout: Some(Duration::from_secs(2)),
+    }
+}
+
+async fn get(pool: &Pool, t: Target, path: &str) -> Result<StatusCode, UpstreamError> {
+    let req = Request::builder()
+        .uri(format!("http://svc{path}"))
+        .body(full(Bytes::new()))
+        .unwrap();
+    let resp = pool.send(t, req).await?;
+    let status = resp.status();
+    // Read the body: the stream stays counted until it is done.
+    let _ = resp.into_body().collect().await;
+    Ok(status)
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not within 4 s: {what}");
+}
+
+/// A peer that allows one stream per connection: four concurrent requests open four
+/// connections and finish in about one request's time, instead of waiting in line on one.
+#[tokio::test]
+async fn h2_opens_another_connection_at_the_peers_stream_limit() {
+    let delay = Duration::from_millis(400);
+    let (addr, seen) = h2_server(1, delay, None).await;
+    let pool = plain_pool();
+    let started = Instant::now();
+    let reqs = (0..4).map(|_| get(&pool, target(addr, &[]), "/slow"));
+    for r in futures::future::join_all(reqs).await {
+        assert_eq!(r.unwrap(), StatusCode::OK);
+    }
+    let took = started.elapsed();
+    assert_eq!(
+        seen.accepted.load(Ordering::SeqCst),
+        4,
+        "one connection per stream"
+    );
+    assert!(took < delay * 2, "requests ran side by side, took {took:?}");
+}
+
+/// At the connection cap, a bounded number of requests wait for a stream; the rest are
+/// refused at once (nothing queues without bound).
+#[tokio::test]
+async fn beyond_the_connection_cap_requests_wait_bounded_then_overflow() {
+    use trellis_proxy::proxy::upstream::PoolSettings;
+    let delay = Duration::from_millis(300);
+    let (addr, seen) = h2_server(1, delay, None).await;
+    let (_tx, rx) = creds::channel();
+    let pool = Pool::with_settings(
+        Arc::new(TlsCache::new(rx)),
+        PoolSettings {
+            max_h2_conns: 2,
+            max_h2_queued: 1,
+            ..PoolSettings::default()
+        },
+    );
+    // Open the two connections first, so the test does not depend on connect timing.
+    let warm = (0..2).map(|_| get(&pool, target(addr, &[]), "/slow"));
+    futures::future::join_all(warm).await;
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+    let started = Instant::now();
+    let reqs = (0..6).map(|_| get(&pool, target(addr, &[]), "/slow"));
+    let results = futures::future::join_all(reqs).await;
+    let ok = results
+        .iter()
+        .filter(|r| matches!(r, Ok(StatusCode::OK)))
+        .count();
+    let overflow = results
+        .iter()
+        .filter(|r| matches!(r, Err(UpstreamError::Overflow { .. })))
+        .count();
+    assert_eq!((ok, overflow), (3, 3), "{results:?}");
+    assert_eq!(
+        seen.accepted.load(Ordering::SeqCst),
+        2,
+        "no third connection"
+    );
+    assert!(
+        started.elapsed() >= delay * 2,
+        "the queued one waited for a stream"
+    );
+}
+
+/// `circuitBreaker.maxConnections` reaches the pool: one connection, the rest wait for its
+/// stream (bounded) instead of opening more.
+#[tokio::test]
+async fn the_policys_max_connections_caps_http2_connections() {
+    let delay = Duration::from_millis(200);
+    let (addr, seen) = h2_server(1, delay, None).await;
+    let pool = plain_pool();
+    let reqs = (0..3).map(|_| {
+        let mut req = Request::builder()
+            .uri("http://svc/slow")
+            .body(full(Bytes::new()))
+            .unwrap();
+        req.extensions_mut().insert(ConnectionParams {
+            idle_timeout: None,
+            max_connections: Some(1),
+        });
+        let pool = pool.clone();
+        async move {
+            let resp = pool.send(target(addr, &[]), req).await?;
+            let status = resp.status();
+            let _ = resp.into_body().collect().await;
+            Ok::<_, UpstreamError>(status)
+        }
+    });
+    let started = Instant::now();
+    for r in futures::future::join_all(reqs).await {
+        assert_eq!(r.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    assert!(started.elapsed() >= delay * 3, "one stream at a time");
+}
+
+/// Endpoint churn: connections to endpoints no longer used are closed and their keys
+/// forgotten after the idle time.
+#[tokio::test]
+async fn idle_connections_and_keys_are_dropped() {
+    use trellis_proxy::proxy::upstream::PoolSettings;
+    let (_tx, rx) = creds::channel();
+    let pool = Pool::with_settings(
+        Arc::new(TlsCache::new(rx)),
+        PoolSettings {
+            idle_timeout: Duration::from_millis(300),
+            sweep_interval: Duration::from_millis(50),
+            ..PoolSettings::default()
+        },
+    );
+    let mut servers = Vec::new();
+    for _ in 0..10 {
+        let (addr, seen) = h2_server(100, Duration::ZERO, None).await;
+        assert_eq!(
+            get(&pool, target(addr, &[]), "/").await.unwrap(),
+            StatusCode::OK
+        );
+        servers.push(seen);
+    }
+    assert_eq!(pool.stats().keys, 10);
+    assert!(servers.iter().all(|s| s.open() == 1));
+    // A connection with a stream open is not idle, however long the stream takes.
+    let (busy, busy_seen) = h2_server(100, Duration::from_millis(800), None).await;
+    let slow = {
+        let pool = pool.clone();
+        tokio::spawn(async move { get(&pool, target(busy, &[]), "/slow").await })
+    };
+    eventually("idle keys dropped", || pool.stats().keys == 1).await;
+    eventually("idle connections closed", || {
+        servers.iter().all(|s| s.open() == 0)
+    })
+    .await;
+    assert_eq!(busy_seen.open(), 1);
+    assert_eq!(slow.await.unwrap().unwrap(), StatusCode::OK);
+    eventually("the busy key goes once idle", || pool.stats().keys == 0).await;
+}
+
+/// A peer certificate expires: the pooled connection takes no new request (the next one
+/// opens a new connection, to the renewed certificate) and is closed.
+#[tokio::test]
+async fn a_connection_whose_peer_certificate_expired_is_not_reused() {
+    let ca = Ca::new("mesh");
+    let (_ctx, crx) = watch::channel(Some(Arc::new(ca.creds(
+        CLIENT,
+        Duration::from_secs(3600),
+        &[&ca],
+    ))));
+    // The server's first certificate lives 2 s (x509 validity has whole seconds).
+    let (stx, srx) = watch::channel(Some(Arc::new(ca.creds(
+        SERVER,
+        Duration::from_secs(2),
+        &[&ca],
+    ))));
+    let (addr, seen) = h2_server(100, Duration::ZERO, Some(srx)).await;
+    let pool = Pool::new(Arc::new(TlsCache::new(crx)));
+    assert_eq!(
+        get(&pool, target(addr, &[SERVER]), "/").await.unwrap(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&pool, target(addr, &[SERVER]), "/").await.unwrap(),
+        StatusCode::OK
+    );
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 1, "pooled");
+    // The server renews; its old certificate expires.
+    stx.send_replace(Some(Arc::new(ca.creds(
+        SERVER,
+        Duration::from_secs(3600),
+        &[&ca],
+    ))));
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    assert_eq!(
+        get(&pool, target(addr, &[SERVER]), "/").await.unwrap(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        seen.accepted.load(Ordering::SeqCst),
+        2,
+        "the request after expiry used a new connection"
+    );
+    eventually("the expired connection is closed", || {
+        seen.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
+/// A root leaves the trust bundle: the connection to a peer that chains to it takes no new
+/// request (the next one fails the handshake against the new bundle), the request in flight
+/// on it finishes, and the connection is closed.
+#[tokio::test]
+async fn a_connection_whose_root_left_the_bundle_is_retired_after_in_flight_requests() {
+    let old_root = Ca::new("old root");
+    let new_root = Ca::new("new root");
+    let (ctx, crx) = watch::channel(Some(Arc::new(new_root.creds(
+        CLIENT,
+        Duration::from_secs(3600),
+        &[&new_root, &old_root],
+    ))));
+    let (_stx, srx) = watch::channel(Some(Arc::new(old_root.creds(
+        SERVER,
+        Duration::from_secs(3600),
+        &[&new_root, &old_root],
+    ))));
+    let delay = Duration::from_millis(800);
+    let (addr, seen) = h2_server(100, delay, Some(srx)).await;
+    let pool = Pool::new(Arc::new(TlsCache::new(crx)));
+    assert_eq!(
+        get(&pool, target(addr, &[SERVER]), "/").await.unwrap(),
+        StatusCode::OK
+    );
+    let in_flight = {
+        let pool = pool.clone();
+        tokio::spawn(async move { get(&pool, target(addr, &[SERVER]), "/slow").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Rotation done: the old root leaves the bundle.
+    ctx.send_replace(Some(Arc::new(new_root.creds(
+        CLIENT,
+        Duration::from_secs(3600),
+        &[&new_root],
+    ))));
+    let after = get(&pool, target(addr, &[SERVER]), "/").await;
+    assert!(
+        matches!(after, Err(UpstreamError::Tls { .. })),
+        "a peer under the removed root is not trusted any more: {after:?}"
+    );
+    assert_eq!(
+        in_flight.await.unwrap().unwrap(),
+        StatusCode::OK,
+        "the request in flight finished"
+    );
+    eventually("the untrusted connection is closed", || {
+        seen.closed.load(Ordering::SeqCst) >= 1 && seen.open() == 0
+    })
+    .await;
+}
