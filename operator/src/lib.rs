@@ -15,6 +15,7 @@ pub mod duration;
 pub mod identity;
 pub mod inject;
 pub mod rbac;
+pub mod rollout;
 pub mod runtime;
 pub mod stat;
 pub mod status;

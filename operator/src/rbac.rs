@@ -27,6 +27,11 @@ pub struct Rule {
     pub verbs: &'static [&'static str],
     /// Object names the rule is limited to; empty means any.
     pub names: &'static [&'static str],
+    /// Server-side applies under this rule only ever change objects that already exist (the
+    /// rollout's restart of a user's workload), so they are not granted `create` with it. An
+    /// apply to a missing object is then refused by the API server (403), which is right: the
+    /// operator must never create a user's workload. See [`allows`].
+    pub apply_updates_only: bool,
 }
 
 const fn cluster(
@@ -40,6 +45,7 @@ const fn cluster(
         resources,
         verbs,
         names: &[],
+        apply_updates_only: false,
     }
 }
 
@@ -74,6 +80,7 @@ pub const RULES: &[Rule] = &[
         resources: &["configmaps"],
         verbs: &["patch", "delete"],
         names: &["trellis-proxy", "trellis-trust-bundle"],
+        apply_updates_only: false,
     },
     // What the compiler and the webhook read: namespaces (labels decide the mesh), Services and
     // EndpointSlices (outbound table), pods (identities, opted-in pods, proxy counts).
@@ -96,6 +103,7 @@ pub const RULES: &[Rule] = &[
         resources: &["mutatingwebhookconfigurations"],
         verbs: &["list", "watch", "patch", "delete"],
         names: &["trellis-sidecar-injector"],
+        apply_updates_only: false,
     },
     // The CA Secret (created, rotated, watched, read by every replica) and a `secretRef` left
     // in the operator's namespace. A `secretRef` elsewhere needs its own Role there (README).
@@ -105,7 +113,23 @@ pub const RULES: &[Rule] = &[
         resources: &["secrets"],
         verbs: &["get", "list", "watch", "create", "patch"],
         names: &[],
+        apply_updates_only: false,
     },
+    // The rollout controller watches the workloads of meshed pods and restarts an out-of-date
+    // one by server-side apply of its pod template's `kubectl.kubernetes.io/restartedAt` (and,
+    // on a rollback, the `trellis.dev/proxy-image` pin). It never creates or deletes one, so
+    // its applies are not granted `create` (`apply_updates_only`).
+    Rule {
+        scope: Scope::Cluster,
+        group: "apps",
+        resources: &["deployments", "statefulsets", "daemonsets"],
+        verbs: &["get", "list", "watch", "patch"],
+        names: &[],
+        apply_updates_only: true,
+    },
+    // The rollout's health gate reads the new pods' sidecar metrics (admin port 15020,
+    // `/metrics`, public and read-only) through the API server's pod proxy.
+    cluster("", &["pods/proxy"], &["get"]),
     // Leader election: one Lease, created on first start, renewed by patch.
     Rule {
         scope: Scope::OperatorNamespace,
@@ -113,6 +137,7 @@ pub const RULES: &[Rule] = &[
         resources: &["leases"],
         verbs: &["get", "create", "patch"],
         names: &[],
+        apply_updates_only: false,
     },
 ];
 
@@ -214,12 +239,29 @@ fn granted(rules: &[Rule], verb: &str, r: &Request, operator_namespace: &str) ->
 }
 
 /// Whether [`RULES`] let an operator running in `operator_namespace` make `r`. A server-side
-/// apply must be allowed to create too, except on a subresource (status), which it never
-/// creates.
+/// apply must be allowed to create too (it creates a missing object), except on a subresource
+/// (status), which it never creates, and under a rule marked
+/// [`apply_updates_only`](Rule::apply_updates_only): objects the operator only changes and
+/// never creates, where the API server refusing an apply to a missing one is the intent.
 pub fn allows(r: &Request, operator_namespace: &str) -> bool {
+    allows_under(RULES, r, operator_namespace)
+}
+
+fn allows_under(rules: &[Rule], r: &Request, operator_namespace: &str) -> bool {
+    if !granted(rules, r.verb, r, operator_namespace) {
+        return false;
+    }
     let create_too = r.apply && !r.resource.contains('/');
-    granted(RULES, r.verb, r, operator_namespace)
-        && (!create_too || granted(RULES, "create", r, operator_namespace))
+    if !create_too {
+        return true;
+    }
+    let updates_only: Vec<Rule> = rules
+        .iter()
+        .filter(|rule| rule.apply_updates_only)
+        .copied()
+        .collect();
+    granted(&updates_only, r.verb, r, operator_namespace)
+        || granted(rules, "create", r, operator_namespace)
 }
 
 #[cfg(test)]
@@ -279,12 +321,77 @@ mod tests {
             "/api/v1/namespaces/shop/secrets/db-password"
         ));
         assert!(!allowed(
-            "PATCH",
-            "/apis/apps/v1/namespaces/shop/deployments/web?&fieldManager=trellis-operator"
+            "DELETE",
+            "/apis/apps/v1/namespaces/shop/deployments/web"
+        ));
+        assert!(!allowed(
+            "POST",
+            "/apis/apps/v1/namespaces/shop/deployments"
         ));
         assert!(!allowed(
             "DELETE",
             "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/other"
         ));
+    }
+
+    #[test]
+    fn the_rollout_restarts_workloads_by_apply_without_create() {
+        let restart = |kind: &str| {
+            Request::of(
+                "PATCH",
+                &format!(
+                    "/apis/apps/v1/namespaces/shop/{kind}/web?&force=true&fieldManager=trellis-operator%2Frollout"
+                ),
+            )
+            .unwrap()
+        };
+        for kind in ["deployments", "statefulsets", "daemonsets"] {
+            let r = restart(kind);
+            assert!(r.apply);
+            assert!(allows(&r, "mesh-ops"), "{kind}");
+            // Not because `create` was granted: the install must not let the operator create
+            // a user's workload.
+            assert!(!granted(RULES, "create", &r, "mesh-ops"), "{kind}");
+        }
+        assert!(!allows(&restart("replicasets"), "mesh-ops"));
+
+        // The marker is what exempts the apply: the same rule without it would need `create`,
+        // and configmaps (applied, and created) still need it.
+        let unmarked: Vec<Rule> = RULES
+            .iter()
+            .map(|rule| Rule {
+                apply_updates_only: false,
+                ..*rule
+            })
+            .collect();
+        assert!(!allows_under(
+            &unmarked,
+            &restart("deployments"),
+            "mesh-ops"
+        ));
+        let no_configmap_create: Vec<Rule> = RULES
+            .iter()
+            .filter(|rule| {
+                !(rule.resources.contains(&"configmaps") && rule.verbs.contains(&"create"))
+            })
+            .copied()
+            .collect();
+        let cm = Request::of(
+            "PATCH",
+            "/api/v1/namespaces/shop/configmaps/trellis-proxy?&force=true&fieldManager=trellis-operator",
+        )
+        .unwrap();
+        assert!(allows_under(RULES, &cm, "mesh-ops"));
+        assert!(!allows_under(&no_configmap_create, &cm, "mesh-ops"));
+
+        let scrape = Request {
+            verb: "get",
+            group: String::new(),
+            resource: "pods/proxy".into(),
+            namespace: Some("shop".into()),
+            name: Some("web-1:15020".into()),
+            apply: false,
+        };
+        assert!(allows(&scrape, "mesh-ops"));
     }
 }

@@ -173,6 +173,7 @@ fn converged() -> Converged {
         observed_generation: Some(2),
         ca: first.ca_status.clone(),
         proxies: None,
+        rollout: None,
     });
     Converged {
         mesh: m,

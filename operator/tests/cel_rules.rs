@@ -191,6 +191,40 @@ fn mesh_numbers_are_in_range() {
 }
 
 #[test]
+fn mesh_rollout_health_gate_thresholds() {
+    pass(mesh(
+        "default",
+        json!({"rollout": {"failurePolicy": "Rollback", "healthGate": {
+            "window": "1m", "maxSuccessRateDropPercent": 0.5, "maxP99Factor": 1.5}}}),
+    ));
+    fail(
+        mesh(
+            "default",
+            json!({"rollout": {"healthGate": {"window": "soon"}}}),
+        ),
+        DURATION_MSG,
+    );
+    fail(
+        mesh(
+            "default",
+            json!({"rollout": {"healthGate": {"maxSuccessRateDropPercent": 101.0}}}),
+        ),
+        "maxSuccessRateDropPercent must be between 0 and 100",
+    );
+    fail(
+        mesh(
+            "default",
+            json!({"rollout": {"healthGate": {"maxP99Factor": 0.5}}}),
+        ),
+        "maxP99Factor must be at least 1",
+    );
+    fail(
+        mesh("default", json!({"rollout": {"failurePolicy": "Retry"}})),
+        "is not one of",
+    );
+}
+
+#[test]
 fn mesh_enums_reject_unknown_values() {
     fail(
         mesh("default", json!({"injection": {"failurePolicy": "Maybe"}})),

@@ -17,6 +17,7 @@ use kube::CustomResourceExt;
 use recorded::{ApiServer, Exchange, mock};
 use serde_json::{Value, json};
 use trellis_operator::api::conditions::{Condition, ConditionStatus};
+use trellis_operator::api::mesh::{RolloutState, RolloutStatus};
 use trellis_operator::api::{Mesh, MeshStatus};
 use trellis_operator::compiler::{PROXY_VERSION_ANNOTATION, SlimPod, compile};
 use trellis_operator::controller::compile_apply::{Applier, plan_status};
@@ -152,6 +153,7 @@ async fn kubectl_get_mesh_shows_ready_trust_domain_and_proxy_counts() {
             ("Trust Domain".into(), "prod.example".into()),
             ("Proxies".into(), "<none>".into()),
             ("Up To Date".into(), "<none>".into()),
+            ("Rollout".into(), "<none>".into()),
         ]
     );
 
@@ -196,6 +198,30 @@ async fn kubectl_get_mesh_shows_ready_trust_domain_and_proxy_counts() {
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(stats.status_patches, 1);
 
+    // 2b. The rollout controller: RolloutProgressing and `status.rollout`, under its own
+    // manager, from the same stale snapshot.
+    let rollout = writer.for_controller("rollout");
+    let rollout_part = MeshStatus {
+        conditions: vec![Condition::new(
+            "RolloutProgressing",
+            ConditionStatus::True,
+            "BatchInFlight",
+            "batch 1 of 1",
+            generation,
+        )],
+        rollout: Some(Box::new(RolloutStatus {
+            state: RolloutState::Progressing,
+            desired_version: "0.1.0".into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let (out, ()) = tokio::join!(
+        rollout.apply(stale.as_ref(), rollout_part),
+        expect_apply(&mut server, &stored, "rollout")
+    );
+    out.unwrap();
+
     // 3. The mesh controller summarises the parts into Ready.
     let m = part_of(&stored);
     let mesh_writer = writer.for_controller("mesh");
@@ -220,6 +246,7 @@ async fn kubectl_get_mesh_shows_ready_trust_domain_and_proxy_counts() {
             "Programmed",
             "Degraded",
             "ProxiesUpToDate",
+            "RolloutProgressing",
             "Accepted",
             "Ready"
         ],
@@ -232,6 +259,7 @@ async fn kubectl_get_mesh_shows_ready_trust_domain_and_proxy_counts() {
             ("Trust Domain".into(), "prod.example".into()),
             ("Proxies".into(), "3".into()),
             ("Up To Date".into(), "2".into()),
+            ("Rollout".into(), "Progressing".into()),
         ]
     );
     let proxies = json_path(
@@ -252,6 +280,6 @@ async fn kubectl_get_mesh_shows_ready_trust_domain_and_proxy_counts() {
         (ready.status, ready.reason.as_str()),
         (ConditionStatus::False, "Reconciling")
     );
-    drop((applier, writer, ca, mesh_writer, client));
+    drop((applier, writer, ca, rollout, mesh_writer, client));
     server.expect_no_more().await;
 }

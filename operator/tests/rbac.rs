@@ -110,6 +110,9 @@ fn resource_of(kind: &str) -> Option<(&'static str, &'static str)> {
         "Pod" | "SlimPod" => ("", "pods"),
         "EndpointSlice" => ("discovery.k8s.io", "endpointslices"),
         "TokenReview" => ("authentication.k8s.io", "tokenreviews"),
+        "Deployment" => ("apps", "deployments"),
+        "StatefulSet" => ("apps", "statefulsets"),
+        "DaemonSet" => ("apps", "daemonsets"),
         "MutatingWebhookConfiguration" => (
             "admissionregistration.k8s.io",
             "mutatingwebhookconfigurations",

@@ -25,6 +25,7 @@ use super::conditions::Condition;
     printcolumn = r#"{"name":"Trust Domain","type":"string","jsonPath":".spec.trustDomain"}"#,
     printcolumn = r#"{"name":"Proxies","type":"integer","jsonPath":".status.proxies.total"}"#,
     printcolumn = r#"{"name":"Up To Date","type":"integer","jsonPath":".status.proxies.upToDate"}"#,
+    printcolumn = r#"{"name":"Rollout","type":"string","jsonPath":".status.rollout.state"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -471,26 +472,45 @@ pub enum RolloutMode {
     Manual,
 }
 
-/// Sidecar rollout settings.
+/// Sidecar rollout settings: how a new `proxy.image` reaches running workloads.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutSpec {
-    /// `Automatic` or `Manual`.
+    /// `Automatic` (the operator restarts out-of-date workloads in health-gated batches) or
+    /// `Manual` (it only reports them).
     #[serde(default)]
     pub mode: RolloutMode,
-    /// Workloads restarted at once in automatic mode (at least 1).
+    /// Workloads (Deployments, StatefulSets, DaemonSets) restarted at once in automatic mode (at
+    /// least 1). The next batch starts only when every workload of this one passed the gate.
     #[serde(default = "d_batch")]
     #[x_kube(validation = Rule::new("self >= 1").message("batchSize must be at least 1"))]
     pub batch_size: u32,
-    /// How long a batch may take to become ready before the rollout stops and reports
-    /// `ProxiesUpToDate=False`, as a duration such as `10m`.
+    /// How long a batch may take, from its restart to passing the health gate, before the
+    /// workloads still not through count as failed (`failurePolicy` says what follows), as a
+    /// duration such as `10m`.
     #[serde(default = "d_deadline")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = super::duration_rule())]
     pub progress_deadline: String,
-    /// Stop restarting workloads (the rollout resumes where it stopped when unpaused).
+    /// Stop between batches: nothing is restarted and the batch in flight is not judged. When
+    /// unpaused the rollout resumes where it stopped (the time spent paused does not count
+    /// against `progressDeadline`). Any edit of the Mesh (pausing and unpausing, or a new image)
+    /// also lets a rollout that a failure paused try again.
     #[serde(default)]
     pub paused: bool,
+    /// What a failed batch does. `Pause` (default) stops the rollout with the reason in
+    /// `status.rollout`; `Rollback` restarts the failed workloads on the proxy image they ran
+    /// before, pins them there (pod template annotation `trellis.dev/proxy-image`) and carries on
+    /// with the others.
+    #[serde(default)]
+    pub failure_policy: RolloutFailurePolicy,
+    /// Workloads restarted before all others: while any canary is out of date, batches contain
+    /// only canaries.
+    #[serde(default)]
+    pub canary: CanarySelector,
+    /// When a restarted workload counts as healthy.
+    #[serde(default)]
+    pub health_gate: HealthGateSpec,
 }
 
 fn d_batch() -> u32 {
@@ -507,6 +527,78 @@ impl Default for RolloutSpec {
             batch_size: d_batch(),
             progress_deadline: d_deadline(),
             paused: false,
+            failure_policy: RolloutFailurePolicy::default(),
+            canary: CanarySelector::default(),
+            health_gate: HealthGateSpec::default(),
+        }
+    }
+}
+
+/// What a rollout does with a workload that misses `progressDeadline` or fails the health gate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RolloutFailurePolicy {
+    /// Stop the rollout and report why; edit the Mesh to try again.
+    #[default]
+    Pause,
+    /// Put the failed workloads back on their previous proxy image and continue with the rest.
+    Rollback,
+}
+
+/// Canaries of a rollout. A workload is a canary when its namespace's labels match
+/// `namespaceSelector` or its own labels match `workloadSelector`; an absent or empty selector
+/// matches nothing.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanarySelector {
+    /// Namespaces whose workloads are canaries, by namespace label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Workloads that are canaries, by the workload's own labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<LabelSelector>,
+}
+
+/// The health gate: a restarted workload passes when its new pods' own inbound golden metrics
+/// (read from their sidecars' admin port, `/metrics` on 15020) over `window` are no worse than
+/// what its old pods showed over the same window before the restart.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthGateSpec {
+    /// How long the metrics are watched, before the restart (baseline) and after it, as a
+    /// duration such as `30s`. Longer is more certain and makes every batch that much slower.
+    #[serde(default = "d_gate_window")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = super::duration_rule())]
+    pub window: String,
+    /// How many percentage points the success rate (share of non-5xx responses) may fall below
+    /// the baseline, e.g. `1` accepts 99 % after a baseline of 100 %.
+    #[serde(default = "d_gate_drop")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 100.0")
+        .message("maxSuccessRateDropPercent must be between 0 and 100"))]
+    pub max_success_rate_drop_percent: f64,
+    /// How many times the baseline's p99 latency the new pods' p99 may be, e.g. `2`. A p99
+    /// within 25 ms of the baseline always passes (millisecond latencies are noise-bound).
+    #[serde(default = "d_gate_p99")]
+    #[x_kube(validation = Rule::new("self >= 1.0").message("maxP99Factor must be at least 1"))]
+    pub max_p99_factor: f64,
+}
+
+fn d_gate_window() -> String {
+    "30s".into()
+}
+fn d_gate_drop() -> f64 {
+    1.0
+}
+fn d_gate_p99() -> f64 {
+    2.0
+}
+
+impl Default for HealthGateSpec {
+    fn default() -> Self {
+        Self {
+            window: d_gate_window(),
+            max_success_rate_drop_percent: d_gate_drop(),
+            max_p99_factor: d_gate_p99(),
         }
     }
 }
@@ -599,6 +691,129 @@ pub struct MeshStatus {
     /// Sidecar counts across the mesh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxies: Option<ProxyCounts>,
+    /// Progress of the sidecar rollout (written by the rollout controller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Boxed: it is the largest part of the status and most writers only carry it over.
+    pub rollout: Option<Box<RolloutStatus>>,
+}
+
+/// Where a rollout stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RolloutState {
+    /// Nothing was restarted for the desired version (nothing out of date, or `Manual` mode).
+    #[default]
+    Idle,
+    /// A batch is in flight or about to start.
+    Progressing,
+    /// Stopped: by `spec.rollout.paused`, or by a failed batch under `failurePolicy: Pause`.
+    Paused,
+    /// Done, but some workloads were rolled back and stay pinned to their previous version.
+    Failed,
+    /// Every automatically rolled workload runs the desired version.
+    Complete,
+}
+
+/// The rollout's progress, and what it needs to resume where it stopped.
+///
+/// Atomic for server-side apply: the rollout controller replaces it whole. With per-field
+/// ownership, a field it stops reporting (a held generation, a version no pod runs any more)
+/// would survive as long as another writer that carries the status over still co-owns it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(extend("x-kubernetes-map-type" = "atomic"))]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// `Idle`, `Progressing`, `Paused`, `Failed` or `Complete`.
+    pub state: RolloutState,
+    /// The proxy image every sidecar should run (`spec.proxy.image`).
+    pub desired_version: String,
+    /// Why the rollout is in this state (CamelCase).
+    #[serde(default)]
+    pub reason: String,
+    /// What is happening, and what to do about it.
+    #[serde(default)]
+    pub message: String,
+    /// Injected pods per proxy version they run (their `trellis.dev/proxy-version`).
+    #[serde(default)]
+    pub pods: BTreeMap<String, i64>,
+    /// The batch in flight or last finished (1-based; 0 before the first).
+    #[serde(default)]
+    pub current_batch: u32,
+    /// Batches this rollout takes: those started plus those still needed.
+    #[serde(default)]
+    pub total_batches: u32,
+    /// The workloads of the batch in flight.
+    #[serde(default)]
+    pub in_flight: Vec<RolloutWorkload>,
+    /// The last ten workload failures, newest last.
+    #[serde(default)]
+    pub failures: Vec<RolloutFailure>,
+    /// Set when a failed batch paused the rollout: the Mesh generation it stopped at. An edit
+    /// of the Mesh (a higher generation) lets it try again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_at_generation: Option<i64>,
+    /// When `spec.rollout.paused` stopped a rollout with a batch in flight (RFC 3339); the
+    /// batch's deadline moves by the time spent paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_at: Option<String>,
+}
+
+/// A workload of the batch in flight.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutWorkload {
+    /// `Deployment`, `StatefulSet` or `DaemonSet`.
+    pub kind: String,
+    /// Namespace of the workload.
+    pub namespace: String,
+    /// Name of the workload.
+    pub name: String,
+    /// When the operator restarted it (RFC 3339), the `kubectl.kubernetes.io/restartedAt` value.
+    pub restarted_at: String,
+    /// When it counts as failed unless it passed (RFC 3339): the restart plus
+    /// `progressDeadline`, moved by any time spent paused.
+    pub deadline: String,
+    /// The proxy version most of its pods ran before the restart (what `Rollback` returns to).
+    #[serde(default)]
+    pub previous_version: String,
+    /// Its golden metrics before the restart, if it served traffic then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<GoldenSignals>,
+    /// It finished restarting and passed the health gate.
+    #[serde(default)]
+    pub passed: bool,
+}
+
+/// Inbound golden metrics of a workload's pods over the health gate window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GoldenSignals {
+    /// Requests completed in the window.
+    pub requests: u64,
+    /// Share of them not answered with a 5xx, 0 to 1.
+    pub success_rate: f64,
+    /// 99th percentile response latency in seconds, when there were requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_seconds: Option<f64>,
+}
+
+/// A workload that failed its batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutFailure {
+    /// `Deployment`, `StatefulSet` or `DaemonSet`.
+    pub kind: String,
+    /// Namespace of the workload.
+    pub namespace: String,
+    /// Name of the workload.
+    pub name: String,
+    /// The version it failed to reach.
+    pub version: String,
+    /// `DeadlineExceeded` or `HealthGateFailed`.
+    pub reason: String,
+    /// What was seen.
+    pub message: String,
+    /// When (RFC 3339).
+    pub time: String,
 }
 
 /// The signing root.

@@ -123,7 +123,7 @@ fn strip_meta<K: Resource>(obj: &mut K) {
     obj.meta_mut().managed_fields = None;
 }
 
-fn watch<K>(
+pub(crate) fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     writer: Writer<K>,

@@ -7,7 +7,9 @@
 //!   and the Mesh's `CAReady` / `WebhookReady`;
 //! - `compile` ([`compile`]): the sidecar configs, TrafficPolicy and PeerAuthentication status,
 //!   and the Mesh's `Programmed` / `Degraded` / `ProxiesUpToDate` and proxy counts
-//!   ([`proxies`]).
+//!   ([`proxies`]);
+//! - `rollout` ([`crate::rollout::controller`]): restarts out-of-date workloads in health-gated
+//!   batches, and writes the Mesh's `status.rollout` and `RolloutProgressing`.
 //!
 //! Each writes its own part of a status under its own field manager
 //! (`trellis-operator/<controller>`); see [`crate::status`].
@@ -136,9 +138,18 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
         ("compile", {
             let settings = compile_settings(&ctx.namespace);
             let (client, status) = (ctx.client.clone(), ctx.status.for_controller("compile"));
+            let shutdown = shutdown.clone();
             Box::pin(async move {
                 if let Err(e) = compile::run(client, settings, status, meshed_tx, shutdown).await {
                     tracing::error!(error = %e, "compile controller stopped");
+                }
+            })
+        }),
+        ("rollout", {
+            let (client, status) = (ctx.client.clone(), ctx.status.for_controller("rollout"));
+            Box::pin(async move {
+                if let Err(e) = crate::rollout::controller::run(client, status, shutdown).await {
+                    tracing::error!(error = %e, "rollout controller stopped");
                 }
             })
         }),
@@ -263,6 +274,9 @@ pub fn mesh_status(mesh: &Mesh) -> MeshStatus {
         observed_generation: generation,
         ca: None,
         proxies: None,
+        // Owned by the rollout controller (`trellis-operator/rollout`); `None` is not
+        // serialized, so this manager never co-owns `status.rollout`.
+        rollout: None,
     }
 }
 
@@ -343,6 +357,28 @@ mod tests {
         let mut m = Mesh::new(name, MeshSpec::default());
         m.metadata.generation = Some(4);
         m
+    }
+
+    /// The `mesh` controller applies only `Accepted`, `Ready` and `observedGeneration`: were it
+    /// to send `status.rollout` (or `RolloutProgressing`) it would co-own them with
+    /// `trellis-operator/rollout` and carry a stale copy back on every reconcile.
+    #[test]
+    fn the_mesh_controller_leaves_the_rollout_part_alone() {
+        let mut m = mesh("default");
+        m.status = Some(MeshStatus {
+            conditions: vec![cond("RolloutProgressing", true, "Progressing", "", Some(4))],
+            rollout: Some(Box::default()),
+            ..Default::default()
+        });
+        let part = serde_json::to_value(mesh_status(&m)).unwrap();
+        assert!(part.get("rollout").is_none(), "{part}");
+        let types: Vec<&str> = part["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["Accepted", "Ready"]);
     }
 
     fn with_parts(mut m: Mesh, parts: Vec<Condition>) -> Mesh {

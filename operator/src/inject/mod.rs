@@ -44,6 +44,10 @@ pub use scope::Scope;
 pub const ANNOTATION_INJECT: &str = "trellis.dev/inject";
 /// The injected proxy image, written on every injected pod (rollouts compare it with the Mesh).
 pub const ANNOTATION_PROXY_VERSION: &str = "trellis.dev/proxy-version";
+/// The proxy image for this pod instead of the Mesh's `spec.proxy.image`. The rollout
+/// controller sets it on a workload's pod template to pin a workload that failed a new version
+/// to the one it ran before (`failurePolicy: Rollback`).
+pub const ANNOTATION_PROXY_IMAGE: &str = "trellis.dev/proxy-image";
 /// Inbound ports never redirected to the proxy.
 pub const ANNOTATION_EXCLUDE_INBOUND_PORTS: &str = "trellis.dev/exclude-inbound-ports";
 /// Outbound destination ports never redirected to the proxy.
@@ -374,6 +378,8 @@ pub fn other_mesh(pod: &Pod, ns: &NamespaceInfo<'_>) -> Option<OtherMesh> {
 
 /// Validated per-pod settings read from annotations.
 struct PodOptions {
+    /// The proxy image: the pod's pin, else the Mesh's.
+    image: String,
     exclude_inbound_ports: Vec<u16>,
     exclude_outbound_ports: Vec<u16>,
     exclude_outbound_cidrs: Vec<String>,
@@ -451,7 +457,19 @@ fn options(ann: &BTreeMap<String, String>, mesh: &MeshSpec) -> Result<PodOptions
     if let Some(q) = quantity(ANNOTATION_MEMORY_LIMIT, Some(&r.memory_limit))? {
         limits.insert("memory".to_string(), q);
     }
+    let image = match ann.get(ANNOTATION_PROXY_IMAGE) {
+        Some(v) if !v.is_empty() && v.len() <= 512 && !v.contains(char::is_whitespace) => v.clone(),
+        Some(v) => {
+            return Err(bad(
+                ANNOTATION_PROXY_IMAGE,
+                v,
+                "expected an image reference",
+            ));
+        }
+        None => mesh.proxy.image.clone(),
+    };
     Ok(PodOptions {
+        image,
         exclude_inbound_ports: ports_annotation(ann, ANNOTATION_EXCLUDE_INBOUND_PORTS)?,
         exclude_outbound_ports: ports_annotation(ann, ANNOTATION_EXCLUDE_OUTBOUND_PORTS)?,
         exclude_outbound_cidrs,
@@ -562,7 +580,7 @@ fn proxy_container(mesh: &MeshSpec, o: &PodOptions, app_probes: &str) -> Contain
     }
     Container {
         name: PROXY_CONTAINER.into(),
-        image: Some(mesh.proxy.image.clone()),
+        image: Some(o.image.clone()),
         image_pull_policy: Some(pull_policy(mesh.proxy.image_pull_policy)),
         restart_policy: Some("Always".into()),
         env: Some(env),
@@ -629,7 +647,7 @@ fn init_container(mesh: &MeshSpec, o: &PodOptions) -> Container {
     }
     Container {
         name: INIT_CONTAINER.into(),
-        image: Some(mesh.proxy.image.clone()),
+        image: Some(o.image.clone()),
         image_pull_policy: Some(pull_policy(mesh.proxy.image_pull_policy)),
         args: Some(args),
         resources: Some(o.resources.clone()),
@@ -725,7 +743,7 @@ fn build(
     ops.push(json!({
         "op": "add",
         "path": format!("/metadata/annotations/{}", escape_pointer_token(ANNOTATION_PROXY_VERSION)),
-        "value": mesh.proxy.image,
+        "value": o.image,
     }));
     if !rewrite.is_empty() {
         let originals = serde_json::to_string(&rewrite.originals)
@@ -813,6 +831,50 @@ mod tests {
             "trellis.dev~1proxy-version"
         );
         assert_eq!(escape_pointer_token("a~/b"), "a~0~1b");
+    }
+
+    /// The rollout's rollback pin: the pod's `trellis.dev/proxy-image` wins over the Mesh's
+    /// image for both containers and the version annotation; a malformed one is refused.
+    #[test]
+    fn a_pinned_pod_gets_its_pinned_image() {
+        let pod = |ann: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "a", "namespace": "shop", "annotations": ann},
+                "spec": {"containers": [{"name": "app", "image": "app"}]}
+            }))
+            .unwrap()
+        };
+        let ns = NamespaceInfo {
+            name: "shop",
+            labels: None,
+        };
+        let mesh = default_mesh();
+        let ctx = InjectContext::default();
+        let pinned = pod(json!({ANNOTATION_PROXY_IMAGE: "proxy:old"}));
+        let Decision::Patch { pod: out, .. } = inject(&pinned, &ns, &mesh, &ctx) else {
+            panic!("not injected");
+        };
+        let ann = out.metadata.annotations.unwrap();
+        assert_eq!(ann[ANNOTATION_PROXY_VERSION], "proxy:old");
+        let inits = out.spec.unwrap().init_containers.unwrap();
+        assert_eq!(inits.len(), 2);
+        for c in &inits {
+            assert_eq!(c.image.as_deref(), Some("proxy:old"), "{}", c.name);
+        }
+        let Decision::Patch { pod: out, .. } = inject(&pod(json!({})), &ns, &mesh, &ctx) else {
+            panic!("not injected");
+        };
+        assert_eq!(
+            out.metadata.annotations.unwrap()[ANNOTATION_PROXY_VERSION],
+            mesh.proxy.image
+        );
+        let bad = pod(json!({ANNOTATION_PROXY_IMAGE: "two words"}));
+        assert!(matches!(
+            inject(&bad, &ns, &mesh, &ctx),
+            Decision::Deny {
+                reason: InjectError::BadAnnotation { .. }
+            }
+        ));
     }
 
     #[test]
