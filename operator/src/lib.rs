@@ -2,6 +2,7 @@
 //! that talk to the Kubernetes API. Binaries (`trellis-operator`, `trellis`) only wire these.
 #![forbid(unsafe_code)]
 
+pub mod addons;
 pub mod api;
 pub mod bundle;
 pub mod ca;
