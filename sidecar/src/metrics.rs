@@ -86,6 +86,11 @@ pub struct RevisionLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -106,6 +111,10 @@ pub struct Metrics {
     /// tool (`trellis check --proxy`) compares with the ConfigMap, without the loopback-only
     /// `/config`.
     pub config_info: Family<RevisionLabels, Gauge>,
+    /// One series, value 1, labelled with the proxy version this process says it is
+    /// (`--proxy-version`): what a rollout counts when pods carry no annotation, as in
+    /// `trellis dev`, where every local proxy is the same binary.
+    pub proxy_info: Family<VersionLabels, Gauge>,
     pub cert_expiry: Gauge,
     /// Spans lost to a full export queue or a failed export (see [`crate::spans::export`]).
     pub spans_dropped: Counter,
@@ -191,6 +200,12 @@ impl Metrics {
             "1, labelled with the revision of the config in force",
             config_info.clone(),
         );
+        let proxy_info = Family::<VersionLabels, Gauge>::default();
+        registry.register(
+            "info",
+            "1, labelled with the proxy version (--proxy-version) this process runs as",
+            proxy_info.clone(),
+        );
         let cert_expiry = Gauge::default();
         registry.register(
             "cert_expiry_timestamp_seconds",
@@ -214,9 +229,20 @@ impl Metrics {
             config_reloads,
             config_stale,
             config_info,
+            proxy_info,
             cert_expiry,
             spans_dropped,
         }
+    }
+
+    /// Makes `trellis_proxy_info` name `version`. Called once at start.
+    pub fn set_proxy_version(&self, version: &str) {
+        self.proxy_info.clear();
+        self.proxy_info
+            .get_or_create(&VersionLabels {
+                version: version.to_string(),
+            })
+            .set(1);
     }
 
     /// Makes `config_info` name `revision` alone. Called once per applied config, never on the

@@ -41,6 +41,11 @@ pub struct Args {
     /// printed beside the table.
     #[arg(long, default_value_t = 0)]
     pub dashboard_port: u16,
+    /// Simulate a bad proxy version: pods whose proxy runs this version (the Mesh's
+    /// `spec.proxy.image`) answer every request with a 500. Set the Mesh to it while `trellis
+    /// dev` runs and watch the rollout's health gate stop it.
+    #[arg(long)]
+    pub fail_version: Option<String>,
 }
 
 fn parse_collector(s: &str) -> Result<String, String> {
@@ -78,5 +83,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         credentials: a.credentials,
         otlp: a.otlp,
         dashboard_port: a.dashboard_port,
+        fail_version: a.fail_version,
     }))
 }
