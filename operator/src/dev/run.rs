@@ -338,6 +338,7 @@ impl LocalMesh {
 
     /// Starts the CA, credentials, configs, proxies and apps.
     async fn start(&mut self) -> anyhow::Result<()> {
+        self.ro.held = rollout_edge::hold_ports(&self.plan);
         let ca = control::new_ca(&self.params)?;
         std::fs::write(self.state_dir.join("ca.pem"), ca.roots_pem())?;
         self.ca = Some(std::sync::Arc::new(ca));
@@ -1022,8 +1023,8 @@ impl LocalMesh {
         }
         let footer = format!(
             "Dashboard: {}\nMetrics: {}\nPrometheus scrape config: {}\nEdit {}/*.yaml: TrafficPolicy and \
-             PeerAuthentication changes recompile and the proxies reload live. Ctrl-C stops \
-             everything.\n",
+             PeerAuthentication changes recompile and the proxies reload live; a new \
+             spec.proxy.image in the Mesh rolls the proxies over. Ctrl-C stops everything.\n",
             self.dashboard_url,
             self.plan
                 .pods

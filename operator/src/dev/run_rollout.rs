@@ -60,6 +60,8 @@ pub(super) struct Edge {
     pub retired_counts: BTreeMap<String, Tally>,
     /// The latest counts of each running client app, by pod key.
     pub client_counts: BTreeMap<String, Tally>,
+    /// See [`hold_ports`].
+    pub held: Vec<tokio::net::TcpSocket>,
     /// The final-counts file of each running client app, by pod key.
     pub count_files: BTreeMap<String, PathBuf>,
     /// Generation of replacement processes, for unique log and count file names.
@@ -101,6 +103,39 @@ struct Swap {
 
 /// A load client's requests by outcome (`ok`, `error`, `connect`, ...).
 pub(super) type Tally = BTreeMap<String, f64>;
+
+/// Holds every pod port of both slots, bound but not listening, for the whole run. A port a
+/// replacement will need could otherwise be taken meanwhile as the local port of some outgoing
+/// connection (the layout often lies in the kernel's ephemeral range), and the replacement
+/// could not listen there: the kernel never picks a port a socket is bound to. The children
+/// bind with `SO_REUSEADDR` like the holders, so they listen beside them; and a connection to
+/// a held port nobody listens on is refused at once, as to a free one.
+pub(super) fn hold_ports(plan: &super::super::plan::Plan) -> Vec<tokio::net::TcpSocket> {
+    let slots = plan
+        .pods
+        .iter()
+        .map(|p| (p.app_port, p.proxy))
+        .chain(plan.spare.values().map(|s| (s.app, Some(s.proxy))));
+    let mut out = Vec::new();
+    for (app, proxy) in slots {
+        let mut ports = vec![app];
+        if let Some(x) = proxy {
+            ports.extend([x.outbound, x.inbound, x.admin]);
+        }
+        for port in ports {
+            let held = tokio::net::TcpSocket::new_v4().and_then(|s| {
+                s.set_reuseaddr(true)?;
+                s.bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
+                Ok(s)
+            });
+            // Best effort: an unheld port is only as exposed as it was before.
+            if let Ok(s) = held {
+                out.push(s);
+            }
+        }
+    }
+    out
+}
 
 /// The requests by outcome in a load client's counters.
 pub(super) fn client_tally(samples: &[metrics::Sample]) -> Tally {

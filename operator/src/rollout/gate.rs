@@ -100,7 +100,11 @@ impl Direct {
     pub fn new(resolve: impl Fn(&PodTarget) -> Option<SocketAddr> + Send + Sync + 'static) -> Self {
         Self {
             resolve: Arc::new(resolve),
-            client: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http(),
+            // A fresh connection per scrape: the two scrapes of a window are `window` apart, and
+            // an admin server closing its idle connection meanwhile would fail the second.
+            client: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build_http(),
         }
     }
 
