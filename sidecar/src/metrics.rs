@@ -465,6 +465,21 @@ impl Drop for TcpBytesMeter {
 mod tests {
     use super::*;
 
+    /// `trellis dev` counts a local rollout by this series: one, naming the version alone.
+    #[test]
+    fn proxy_info_names_the_version_it_was_started_as() {
+        let m = Metrics::new();
+        assert!(!m.encode().contains("trellis_proxy_info{"));
+        m.set_proxy_version("v1");
+        m.set_proxy_version("v2");
+        let text = m.encode();
+        assert!(
+            text.contains("trellis_proxy_info{version=\"v2\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("version=\"v1\""), "{text}");
+    }
+
     #[test]
     fn encodes_requests_with_bounded_labels() {
         let m = Metrics::new();
