@@ -5,8 +5,9 @@
 //! inbound proxy's HTTP/2 stream to the peer sidecar, the outbound proxy's HTTP/1.1 connection
 //! to the application) writes the head, flushes it, and writes the body a wakeup later: two
 //! TLS records, two segments, and on the far side two reads, two wakeups and two writes to the
-//! application. Profiles of a Trellis pair at 1000 req/s showed the response split like this
-//! on about half the requests.
+//! application. With two worker threads, `strace` of a Trellis pair showed the response split
+//! like this on about half the requests (with one worker thread the tasks happen to run in an
+//! order that already coalesces them, and this changes nothing).
 //!
 //! [`prefetch`] waits, briefly, for the body's first frame before the response is returned, so
 //! head and first chunk are written together. It only does so where waiting cannot be seen:
