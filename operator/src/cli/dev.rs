@@ -22,7 +22,8 @@ pub struct Args {
     #[arg(long)]
     pub once: bool,
     /// First of the consecutive 127.0.0.1 ports used (identity endpoint, then per pod: app,
-    /// sidecar outbound, inbound, admin).
+    /// sidecar outbound, inbound, admin; then the same again per meshed pod, spare ports where
+    /// a proxy rollout starts each pod's replacement).
     #[arg(long, default_value_t = 17000)]
     pub base_port: u16,
     /// Where configs, credentials and logs go (must be empty or missing; removed on exit).
