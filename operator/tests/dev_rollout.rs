@@ -179,7 +179,7 @@ impl Dev {
             let reported = http_get(admin, "/metrics").and_then(|m| {
                 let line = m
                     .lines()
-                    .find(|l| l.starts_with("trellis_proxy_info{"))?
+                    .find(|l| l.starts_with("trellis_proxy_build_info{"))?
                     .to_string();
                 Some(line.split('"').nth(1)?.to_string())
             });

@@ -115,7 +115,7 @@ pub struct RunArgs {
     /// [`crate::probe`]); `GET /app-health/...` on the admin port runs these and nothing else.
     #[arg(long, env = crate::probe::ENV_APP_PROBES, default_value = "", hide_default_value = true, value_parser = parse_probes)]
     pub app_probes: ProbeSet,
-    /// The proxy version this process reports as `trellis_proxy_info{version}` (default: the
+    /// The proxy version this process reports as `trellis_proxy_build_info{version}` (default: the
     /// crate version). The injector's image is the version in a cluster; `trellis dev`, whose
     /// proxies are all this one binary, names the version it started each proxy as, so a local
     /// rollout can be seen and counted.
