@@ -40,10 +40,14 @@
 //! within a second or two of traffic while a higher sample still takes over at once; an
 //! endpoint without samples drifts toward zero with its own 5 s constant
 //! ([`super::endpoint::EWMA_IDLE_DECAY`]), which probes a 10x slower endpoint about every 12 s,
-//! enough to notice its recovery; and an endpoint never measured costs nothing while idle but
-//! a prohibitive amount per request in flight (Finagle's penalty), so it is tried at once, one
-//! request at a time, until its first answer. The simulation tests below drive this core with
-//! a deterministic clock and a client that stalls now and then.
+//! enough to notice its recovery; a higher sample raises the estimate at once but at most
+//! twofold per sample, so one stall does not make a fast endpoint look like the slow one
+//! while a real slowdown is followed within a few answers; and a new endpoint is on probation
+//! for its first three answers: it costs nothing while idle and a prohibitive amount per
+//! request in flight (Finagle's penalty), so it is tried at once, one request at a time, and
+//! its estimate starts at the best of those answers (a stall only ever adds latency). The
+//! simulation tests below drive this core with a deterministic clock and a client that stalls
+//! now and then.
 
 use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};

@@ -22,10 +22,20 @@ pub const EWMA_DECAY: Duration = Duration::from_secs(1);
 /// makes the balancer probe it again. An endpoint 10x slower than its peers is tried about every
 /// `ln(10) * EWMA_IDLE_DECAY` ≈ 12 s: a negligible share, yet a recovery is noticed within that.
 pub const EWMA_IDLE_DECAY: Duration = Duration::from_secs(5);
-/// Cost of each request in flight to an endpoint nothing has been measured on yet: far above
-/// any real estimate, so such an endpoint gets one request at a time until the first answer
-/// (Finagle's "penalty"), but nothing above an idle one, so it is tried at once.
+/// Cost of each request in flight to an endpoint still on probation (fewer than
+/// [`PROBATION_SAMPLES`] answers): far above any real estimate, so such an endpoint gets one
+/// request at a time (Finagle's "penalty"), but nothing while idle, so it is tried at once.
 const UNMEASURED_PENDING_COST_NS: f64 = 1e12;
+/// Answers a new endpoint gives, one at a time, before it competes on its estimate; the
+/// estimate is their minimum. A stall only ever adds latency, so the minimum of a few is what
+/// the endpoint can do; one unlucky first sample would otherwise mark a fast endpoint as slow
+/// and starve it for the whole idle decay.
+const PROBATION_SAMPLES: u8 = 3;
+/// A sample above the estimate raises it at most this many times per sample. Peak-sensitive
+/// still (a 10x slowdown is followed within four answers), but one stalled sample on a fast
+/// endpoint (the client was descheduled) doubles its estimate instead of making it look as slow
+/// as the slow endpoint, which is how a slow endpoint used to get a share after every stall.
+const PEAK_RISE_MAX: f64 = 2.0;
 /// Longest single ejection, whatever the multiplier (Envoy's default `max_ejection_time`).
 pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 
@@ -63,6 +73,8 @@ pub(crate) struct PeakEwma {
     /// Estimate in nanoseconds as of the last sample; `None` before the first one.
     rtt_ns: Option<f64>,
     sampled: Instant,
+    /// Samples so far, counted up to [`PROBATION_SAMPLES`].
+    samples: u8,
 }
 
 impl PeakEwma {
@@ -70,6 +82,7 @@ impl PeakEwma {
         Self {
             rtt_ns: None,
             sampled: now,
+            samples: 0,
         }
     }
 
@@ -82,12 +95,15 @@ impl PeakEwma {
     pub(crate) fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
         self.rtt_ns = Some(match self.rtt_ns {
-            Some(est) if rtt <= est => {
+            None => rtt,
+            Some(est) if self.samples < PROBATION_SAMPLES => est.min(rtt),
+            Some(est) if rtt > est => rtt.min(est * PEAK_RISE_MAX),
+            Some(est) => {
                 let keep = Self::decay(self.sampled, now, EWMA_DECAY);
                 est * keep + rtt * (1.0 - keep)
             }
-            _ => rtt,
         });
+        self.samples = self.samples.saturating_add(1).min(PROBATION_SAMPLES);
         self.sampled = self.sampled.max(now);
     }
 
@@ -97,14 +113,14 @@ impl PeakEwma {
             .map(|est| est * Self::decay(self.sampled, now, EWMA_IDLE_DECAY))
     }
 
-    /// Load for P2C: the estimate times (in-flight + 1), as Linkerd and Finagle; an endpoint
-    /// never measured costs nothing while idle and [`UNMEASURED_PENDING_COST_NS`] per request
-    /// in flight.
+    /// Load for P2C: the estimate times (in-flight + 1), as Linkerd and Finagle; an endpoint on
+    /// probation costs nothing while idle and [`UNMEASURED_PENDING_COST_NS`] per request in
+    /// flight.
     pub(crate) fn cost(&self, now: Instant, pending: u32) -> f64 {
         let pending = f64::from(pending);
         match self.estimate(now) {
-            Some(est) => est * (pending + 1.0),
-            None => UNMEASURED_PENDING_COST_NS * pending,
+            Some(est) if self.samples >= PROBATION_SAMPLES => est * (pending + 1.0),
+            _ => UNMEASURED_PENDING_COST_NS * pending,
         }
     }
 }
@@ -313,12 +329,19 @@ mod tests {
         ns.unwrap() / 1e6
     }
 
+    /// An estimator past probation, at `ms`.
+    fn measured(ms: u64, at: Instant) -> PeakEwma {
+        let mut e = PeakEwma::new(at);
+        for _ in 0..PROBATION_SAMPLES {
+            e.observe(Duration::from_millis(ms), at);
+        }
+        e
+    }
+
     #[test]
     fn peak_ewma_jumps_up_and_decays_down() {
         let t0 = Instant::now();
-        let mut e = PeakEwma::new(t0);
-        assert_eq!(e.estimate(t0), None);
-        e.observe(Duration::from_millis(100), t0);
+        let mut e = measured(100, t0);
         assert_eq!(ms_of(e.estimate(t0)), 100.0);
         // A fast sample one decay constant later pulls the estimate most of the way (1 - 1/e).
         let t1 = t0 + EWMA_DECAY;
@@ -326,8 +349,13 @@ mod tests {
         let est = ms_of(e.estimate(t1));
         let want = 100.0 / std::f64::consts::E + (1.0 - 1.0 / std::f64::consts::E);
         assert!((est - want).abs() < 0.01, "{est} vs {want}");
-        // A slow sample is taken at once.
+        // A slow sample raises it at once, at most twofold per sample: a real slowdown is
+        // followed within a few answers, one stall is not taken at face value.
         e.observe(Duration::from_millis(500), t1);
+        assert!((ms_of(e.estimate(t1)) - 2.0 * want).abs() < 0.01);
+        for _ in 0..3 {
+            e.observe(Duration::from_millis(500), t1);
+        }
         assert_eq!(ms_of(e.estimate(t1)), 500.0);
         // Without samples it drifts toward zero, so the endpoint is probed again.
         let later = ms_of(e.estimate(t1 + EWMA_IDLE_DECAY));
@@ -337,13 +365,28 @@ mod tests {
         );
     }
 
+    #[test]
+    fn probation_takes_the_best_of_the_first_answers_one_at_a_time() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::new(t0);
+        assert_eq!(e.estimate(t0), None);
+        assert_eq!(e.cost(t0, 0), 0.0);
+        assert!(e.cost(t0, 1) >= UNMEASURED_PENDING_COST_NS);
+        // The first answer met a stall; the next two show what the endpoint really does.
+        for ms in [12, 1, 2] {
+            assert_eq!(e.cost(t0, 0), 0.0, "still on probation");
+            e.observe(Duration::from_millis(ms), t0);
+        }
+        assert_eq!(ms_of(e.estimate(t0)), 1.0);
+        assert_eq!(e.cost(t0, 1), 2.0 * 1e6);
+    }
+
     /// The defect of the first version (and of tower's `PeakEwma`): reading the cost decayed
     /// the estimate and reset its clock, so faster samples that followed carried no weight.
     #[test]
     fn reading_the_cost_does_not_discount_the_next_sample() {
         let t0 = Instant::now();
-        let mut e = PeakEwma::new(t0);
-        e.observe(Duration::from_millis(10), t0);
+        let mut e = measured(10, t0);
         // A thousand picks read the cost during the next second.
         for k in 0..1000 {
             e.cost(t0 + Duration::from_millis(k), 0);
@@ -359,7 +402,9 @@ mod tests {
     fn cost_grows_with_inflight() {
         let e = Arc::new(ep());
         let now = Instant::now();
-        e.observe_rtt(Duration::from_millis(5), now);
+        for _ in 0..PROBATION_SAMPLES {
+            e.observe_rtt(Duration::from_millis(5), now);
+        }
         let idle = e.ewma_cost(now);
         let g = e.start();
         let busy = e.ewma_cost(now);
