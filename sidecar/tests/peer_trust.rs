@@ -302,3 +302,36 @@ async fn connections_close_when_a_reload_removes_the_peers_root() {
         .send_replace(Some(root_a.creds(&id("web"), LONG, &[&root_a])));
     wait_closed(&mut s, Duration::from_secs(5)).await;
 }
+
+/// Inbound HTTP: the client proxy's pooled HTTP/2 connection to the server proxy is shut down
+/// by the server side when a reload removes the client's root, so the next requests need a new
+/// handshake, which the server refuses. Before, the old connection kept carrying requests from
+/// a client the server no longer trusts.
+#[tokio::test]
+async fn inbound_http_connection_closes_when_a_reload_removes_the_clients_root() {
+    let (root_a, root_b) = (Ca::new("root-a"), Ca::new("root-b"));
+    let p = pair(
+        root_a.creds(&id("web"), LONG, &[&root_a, &root_b]),
+        root_b.creds(&id("db"), LONG, &[&root_a, &root_b]),
+        upstream(Speaks::Both).await,
+        Protocol::Http1,
+    )
+    .await;
+    let out = p.a.running.outbound_addr;
+    let (status, _, _) = h1_send(out, get("db.shop:8080", "/echo")).await.unwrap();
+    assert_eq!(status, http::StatusCode::OK);
+    p.b_creds
+        .send_replace(Some(root_b.creds(&id("db"), LONG, &[&root_b])));
+    let started = Instant::now();
+    loop {
+        let (status, _, _) = h1_send(out, get("db.shop:8080", "/echo")).await.unwrap();
+        if status != http::StatusCode::OK {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "requests still reach a server that no longer trusts the client's root"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
