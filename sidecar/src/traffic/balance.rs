@@ -41,8 +41,9 @@
 //! endpoint without samples drifts toward zero with its own 5 s constant
 //! ([`super::endpoint::EWMA_IDLE_DECAY`]), which probes a 10x slower endpoint about every 12 s,
 //! enough to notice its recovery; a higher sample raises the estimate at once but at most
-//! twofold per sample, so one stall does not make a fast endpoint look like the slow one
-//! while a real slowdown is followed within a few answers; and a new endpoint is on probation
+//! twofold per 100 ms, so one stall (and the burst of inflated samples that completes when a
+//! descheduled client runs again) does not make a fast endpoint look like the slow one, while
+//! a real slowdown is followed within a few hundred milliseconds; and a new endpoint is on probation
 //! for its first three answers: it costs nothing while idle and a prohibitive amount per
 //! request in flight (Finagle's penalty), so it is tried at once, one request at a time, and
 //! its estimate starts at the best of those answers (a stall only ever adds latency). The
@@ -473,6 +474,27 @@ mod tests {
                 assert!(
                     sh < 0.01,
                     "{fast}/{slow} ms, seed {seed}, steady: slow endpoint got {sh}: {counts:?}"
+                );
+            }
+        }
+    }
+
+    /// A client descheduled for up to 40 ms twice a second (the load this benchmark met on a
+    /// shared 2-core machine): every request in flight measures the stall, fast and slow
+    /// alike, in a burst of samples when the client runs again.
+    #[test]
+    fn p2c_ewma_starves_a_slow_endpoint_on_a_very_busy_client() {
+        for (fast, slow) in [(1.0, 10.0), (5.0, 50.0)] {
+            for seed in 0..3 {
+                let mut s = sim::Sim::new(3, seed);
+                s.noise(Duration::from_millis(500), Duration::from_millis(40));
+                let lat = move |i: usize, _| if i == 2 { slow } else { fast };
+                s.run(Duration::from_secs(2), RATE_500, &lat);
+                let counts = s.run(Duration::from_secs(30), RATE_500, &lat);
+                let sh = share(&counts, 2);
+                assert!(
+                    sh < 0.02,
+                    "{fast}/{slow} ms, seed {seed}: slow endpoint got {sh}: {counts:?}"
                 );
             }
         }

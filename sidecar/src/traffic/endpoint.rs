@@ -31,11 +31,15 @@ const UNMEASURED_PENDING_COST_NS: f64 = 1e12;
 /// the endpoint can do; one unlucky first sample would otherwise mark a fast endpoint as slow
 /// and starve it for the whole idle decay.
 const PROBATION_SAMPLES: u8 = 3;
-/// A sample above the estimate raises it at most this many times per sample. Peak-sensitive
-/// still (a 10x slowdown is followed within four answers), but one stalled sample on a fast
-/// endpoint (the client was descheduled) doubles its estimate instead of making it look as slow
-/// as the slow endpoint, which is how a slow endpoint used to get a share after every stall.
+/// A sample above the estimate raises it at most this many times per [`PEAK_RISE_WINDOW`].
+/// Peak-sensitive still (a 10x slowdown is followed within four windows), but a stall (the
+/// client was descheduled) doubles a fast endpoint's estimate instead of making it look as
+/// slow as the slow endpoint, which is how a slow endpoint used to get a share after every
+/// stall.
 const PEAK_RISE_MAX: f64 = 2.0;
+/// Rises closer together than this count as one: the burst of samples that completes when a
+/// stalled client runs again measures the client, not the endpoint, and must not compound.
+const PEAK_RISE_WINDOW: Duration = Duration::from_millis(100);
 /// Longest single ejection, whatever the multiplier (Envoy's default `max_ejection_time`).
 pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 
@@ -75,6 +79,10 @@ pub(crate) struct PeakEwma {
     sampled: Instant,
     /// Samples so far, counted up to [`PROBATION_SAMPLES`].
     samples: u8,
+    /// The estimate before the current run of rises, and when that run began: rises within
+    /// [`PEAK_RISE_WINDOW`] of each other are capped together.
+    rise_base: f64,
+    rise_at: Instant,
 }
 
 impl PeakEwma {
@@ -83,6 +91,8 @@ impl PeakEwma {
             rtt_ns: None,
             sampled: now,
             samples: 0,
+            rise_base: 0.0,
+            rise_at: now,
         }
     }
 
@@ -97,7 +107,15 @@ impl PeakEwma {
         self.rtt_ns = Some(match self.rtt_ns {
             None => rtt,
             Some(est) if self.samples < PROBATION_SAMPLES => est.min(rtt),
-            Some(est) if rtt > est => rtt.min(est * PEAK_RISE_MAX),
+            Some(est) if rtt > est => {
+                if now.saturating_duration_since(self.rise_at) >= PEAK_RISE_WINDOW
+                    || self.rise_base == 0.0
+                {
+                    self.rise_base = est;
+                    self.rise_at = now;
+                }
+                rtt.min(self.rise_base * PEAK_RISE_MAX).max(est)
+            }
             Some(est) => {
                 let keep = Self::decay(self.sampled, now, EWMA_DECAY);
                 est * keep + rtt * (1.0 - keep)
@@ -349,15 +367,21 @@ mod tests {
         let est = ms_of(e.estimate(t1));
         let want = 100.0 / std::f64::consts::E + (1.0 - 1.0 / std::f64::consts::E);
         assert!((est - want).abs() < 0.01, "{est} vs {want}");
-        // A slow sample raises it at once, at most twofold per sample: a real slowdown is
-        // followed within a few answers, one stall is not taken at face value.
-        e.observe(Duration::from_millis(500), t1);
-        assert!((ms_of(e.estimate(t1)) - 2.0 * want).abs() < 0.01);
-        for _ in 0..3 {
+        // A slow sample raises it at once, at most twofold, and a burst of slow samples (a
+        // stalled client catching up) no further: one stall is not taken at face value.
+        for _ in 0..4 {
             e.observe(Duration::from_millis(500), t1);
         }
-        assert_eq!(ms_of(e.estimate(t1)), 500.0);
+        assert!((ms_of(e.estimate(t1)) - 2.0 * want).abs() < 0.01);
+        // A real slowdown keeps answering slowly and is followed within a few windows.
+        let mut t = t1;
+        for _ in 0..4 {
+            t += PEAK_RISE_WINDOW;
+            e.observe(Duration::from_millis(500), t);
+        }
+        assert_eq!(ms_of(e.estimate(t)), 500.0);
         // Without samples it drifts toward zero, so the endpoint is probed again.
+        let t1 = t;
         let later = ms_of(e.estimate(t1 + EWMA_IDLE_DECAY));
         assert!(
             (later - 500.0 / std::f64::consts::E).abs() < 0.01,
