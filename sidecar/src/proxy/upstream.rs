@@ -22,6 +22,9 @@
 //!   the reaper then drops it, which closes it gracefully after the requests in flight finish.
 //! - Connections, and with them their keys, unused for `idle_timeout` are dropped, so endpoint
 //!   churn does not grow the pool.
+//! - Connections that leave the pool (opaque TCP from [`Pool::connect_trusted`], upgraded
+//!   tunnels) carry the peer's [`PeerTrust`] to their owner, which closes them by the same rule
+//!   (see [`super::peer_trust`]).
 
 use std::collections::HashMap;
 use std::future::Future;
