@@ -1,7 +1,8 @@
 //! The data path, as named stages: [`io`] (original destination, replay), [`detect`]
 //! (protocol), [`outbound`] and [`inbound`] (per-direction routing and mTLS policy), [`http`]
 //! (L7 forwarding rules), [`tcp`] (L4), [`upstream`] (the pooled client behind
-//! [`crate::traffic::Upstream`]), [`mtls`] (TLS configs per credentials snapshot) and
+//! [`crate::traffic::Upstream`]), [`mtls`] (TLS configs per credentials snapshot),
+//! [`peer_trust`] (closing long-lived connections whose mTLS peer is no longer trusted) and
 //! [`coalesce`] (a small response's head and body written together).
 
 pub mod coalesce;
