@@ -188,6 +188,7 @@ impl std::fmt::Display for Problem {
     }
 }
 
+pub(crate) use render::Fragments;
 pub use render::NamespaceConfig;
 
 impl NamespaceConfig {
@@ -250,6 +251,9 @@ pub struct Output {
     /// The shared fragments and the outbound rows, for the next [`compile_incremental`].
     fragments: Option<Arc<render::Fragments>>,
     rows: Option<Arc<outbound::RowCache>>,
+    /// The import scope of every meshed namespace that narrows it (the others import `*`):
+    /// the discovery stream authorizes with the same rule the tables were built with.
+    imports: Arc<BTreeMap<String, visibility::Scope>>,
 }
 
 /// How much work a compile did, against what a compile from scratch would do.
@@ -277,6 +281,18 @@ impl Output {
             .iter()
             .map(|(ns, c)| (ns.clone(), c.render()))
             .collect()
+    }
+
+    /// The compiled table (every Service with its policy and all its endpoints), which the
+    /// discovery stream serves from: the very entries the ConfigMaps are rendered from.
+    pub(crate) fn fragments(&self) -> Option<&Arc<render::Fragments>> {
+        self.fragments.as_ref()
+    }
+
+    /// What a namespace imports (`trellis.dev/import-from`; `*` when not narrowed).
+    pub fn import_scope(&self, namespace: &str) -> &visibility::Scope {
+        static ALL: visibility::Scope = visibility::Scope::All;
+        self.imports.get(namespace).unwrap_or(&ALL)
     }
 
     /// Namespaces whose desired config differs from `previous` (new, changed or gone).
@@ -350,6 +366,8 @@ pub fn compile_incremental(snapshot: &Snapshot, previous: Option<&Output>) -> Ou
         rows: Some(Arc::new(rows)),
         ..Default::default()
     };
+    let imports = Arc::new(imports);
+    out.imports = imports.clone();
     // How many meshed namespaces see each Service, and how many of those got their config:
     // what a TrafficPolicy's `Programmed` condition reports.
     let mut reach = Reach::new(fragments.len());
