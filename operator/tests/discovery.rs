@@ -272,6 +272,8 @@ async fn operator(pki: &common::Pki) -> Operator {
         trellis_proxy::tls::server_config(&creds(pki, OPERATOR_ID, &[pki]), &[b"h2"]).unwrap();
     let hub = Hub::new();
     let stop = CancellationToken::new();
+    // The last value stays readable after the sender is gone.
+    let tls = tokio::sync::watch::channel(Some(tls)).1;
     tokio::spawn(serve(listener, tls, hub.clone(), stop.clone()));
     Operator { addr, hub, stop }
 }
@@ -425,6 +427,7 @@ async fn only_workloads_of_the_mesh_may_connect() {
     )
     .unwrap();
     let stop = CancellationToken::new();
+    let fake_tls = tokio::sync::watch::channel(Some(fake_tls)).1;
     tokio::spawn(serve(listener, fake_tls, Hub::new(), stop.clone()));
     let err = Stream::open(fake_addr, client_tls(&client))
         .await

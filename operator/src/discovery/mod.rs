@@ -27,6 +27,7 @@
 //! that does not exist, so a subscription cannot probe for hidden names.
 
 pub mod registry;
+pub mod replica;
 pub mod server;
 pub mod view;
 

@@ -120,16 +120,14 @@ impl Hub {
     }
 }
 
+/// The TLS config new connections get; `None` until the operator holds its certificate (then
+/// connections are closed before the handshake, and proxies retry elsewhere).
+pub type TlsRx = watch::Receiver<Option<Arc<rustls::ServerConfig>>>;
+
 /// Serves the stream on `listener` until `shutdown`. `tls` must require client certificates
 /// of the mesh ([`trellis_proxy::tls::server_config`] with the operator's own credentials) and
-/// offer `h2`.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    hub: Arc<Hub>,
-    shutdown: CancellationToken,
-) {
-    let acceptor = TlsAcceptor::from(tls);
+/// offer `h2`; a renewed certificate or rotated bundle applies to new connections.
+pub async fn serve(listener: TcpListener, tls: TlsRx, hub: Arc<Hub>, shutdown: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
@@ -152,7 +150,11 @@ pub async fn serve(
                 }
             },
         };
-        let acceptor = acceptor.clone();
+        let Some(config) = tls.borrow().clone() else {
+            drop(tcp);
+            continue;
+        };
+        let acceptor = TlsAcceptor::from(config);
         let hub = hub.clone();
         let builder = builder.clone();
         let shutdown = shutdown.clone();
