@@ -483,3 +483,152 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
             .supported_schemes()
     }
 }
+
+// ---- Real proxies resolving through the stream ----
+
+/// An HTTP app on 127.0.0.1:0 answering every request with `body`.
+async fn app(body: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes())),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// shop/web, whose one endpoint is a sidecar's inbound listener on `endpoint` (identity
+/// `sa/web`); the client's namespace `shop` has nothing in its ConfigMap.
+fn local_world(endpoint: SocketAddr) -> World {
+    World::new()
+        .with(namespace("shop").meshed())
+        .with(service("shop", "web").ip("10.96.0.10").port(80, "http"))
+        .with(
+            slice("shop", "web", "web-1")
+                .port(Some("http"), i32::from(endpoint.port()))
+                .endpoint(&endpoint.ip().to_string(), Some("web-0")),
+        )
+        .with(
+            pod("shop", "web-0")
+                .sa("web")
+                .ip(&endpoint.ip().to_string())
+                .sidecar(),
+        )
+}
+
+async fn get_body(proxy: &common::TestProxy, authority: &str) -> Option<String> {
+    let r = common::h1_send(proxy.running.outbound_addr, common::get(authority, "/"))
+        .await
+        .ok()?;
+    (r.0 == http::StatusCode::OK).then(|| String::from_utf8_lossy(&r.2).into_owned())
+}
+
+#[tokio::test]
+async fn a_proxy_learns_a_meshed_service_from_the_stream_follows_its_endpoints_and_survives_the_operator()
+ {
+    use trellis_proxy::config::MtlsMode;
+    let pki = common::Pki::new("mesh");
+    // Two pods of web.shop; their sidecars accept mTLS only, so a 200 proves mTLS.
+    let b = common::TestProxy::start(
+        &pki,
+        &common::id("web"),
+        &common::config("r1", common::inbound(MtlsMode::Strict), vec![]),
+        Some(app("b").await),
+    )
+    .await;
+    let c = common::TestProxy::start(
+        &pki,
+        &common::id("web"),
+        &common::config("r1", common::inbound(MtlsMode::Strict), vec![]),
+        Some(app("c").await),
+    )
+    .await;
+    let op = operator(&pki).await;
+    let out1 = compile(&local_world(b.running.inbound_addr), None);
+    op.hub.publish(&out1);
+
+    // The caller's ConfigMap lists nothing: web.shop is learned on the first request.
+    let client = common::TestProxy::start_with(
+        &pki,
+        &common::id("client"),
+        &common::config("r1", common::inbound(MtlsMode::Permissive), vec![]),
+        None,
+        |o| {
+            o.discovery = Some(trellis_proxy::discovery::resolver::Settings {
+                addrs: vec![op.addr.to_string()],
+                operator_id: OPERATOR_ID.into(),
+            })
+        },
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut first = None;
+    while first.is_none() {
+        assert!(Instant::now() < deadline, "web.shop never resolved");
+        first = get_body(&client, "web.shop").await;
+        if first.is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(first.as_deref(), Some("b"));
+    assert!(
+        client.config_json().await["config"]["outbound"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "web"),
+        "the learned Service is in the config the data path uses"
+    );
+
+    // The endpoint moves to the other pod: the next requests go there, well within a second.
+    let t = Instant::now();
+    let out2 = compile(&local_world(c.running.inbound_addr), Some(&out1));
+    op.hub.publish(&out2);
+    loop {
+        if get_body(&client, "web.shop").await.as_deref() == Some("c") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "endpoint change not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The proxy acknowledged what it applied.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while op.hub.propagation().updated != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no ack for {:?}",
+            op.hub.propagation()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // The operator goes away: traffic keeps flowing from the cache, without a failure.
+    op.stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..20 {
+        assert_eq!(get_body(&client, "web.shop").await.as_deref(), Some("c"));
+    }
+    // A destination nobody knows still gets the old behaviour, without waiting for the
+    // operator that is gone.
+    let t = Instant::now();
+    let _ = get_body(&client, "nothing.shop").await;
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+}

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod proto;
+pub mod resolver;
 
 pub use proto::{
     ClientMessage, Decoder, FrameError, MAX_FRAME, MAX_SUBSCRIPTIONS, PATH, ServerMessage, Target,
