@@ -632,3 +632,31 @@ async fn a_proxy_learns_a_meshed_service_from_the_stream_follows_its_endpoints_a
         t.elapsed()
     );
 }
+
+#[test]
+fn the_table_only_compile_serves_exactly_what_the_full_compile_serves() {
+    let w1 = world("10.1.0.5");
+    let full = compile(&w1, None);
+    let table = compiler::compile_discovery(&w1.snap, None);
+    assert!(table.configs.is_empty(), "no namespace config is built");
+    // Incremental from a table-only compile, as the replica's loop runs it.
+    let table2 = compiler::compile_discovery(&world("10.1.0.6").snap, Some(&table));
+    let full2 = compile(&world("10.1.0.6"), Some(&full));
+    for (a, b) in [(&full, &table), (&full2, &table2)] {
+        for ns in ["shop", "pay", "ops"] {
+            let (mut ra, mut rb) = (Registry::default(), Registry::default());
+            ra.publish(view(a, 1));
+            rb.publish(view(b, 1));
+            let targets = vec![
+                Target::Service("web.shop".into()),
+                Target::Service("ledger.pay".into()),
+                Target::Address("10.1.0.9".parse().unwrap()),
+                Target::Address("10.96.0.10".parse().unwrap()),
+            ];
+            let (sa, sb) = (ra.open(ns), rb.open(ns));
+            ra.subscribe(sa, targets.clone());
+            rb.subscribe(sb, targets);
+            assert_eq!(ra.take(sa), rb.take(sb), "{ns}");
+        }
+    }
+}

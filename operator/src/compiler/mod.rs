@@ -326,6 +326,19 @@ pub fn compile(snapshot: &Snapshot) -> Output {
 /// as [`compile`]'s, byte for byte (tests check). What changed since `previous` is
 /// [`Output::changed_since`]; the applier renders and writes only those.
 pub fn compile_incremental(snapshot: &Snapshot, previous: Option<&Output>) -> Output {
+    compile_with(snapshot, previous, true)
+}
+
+/// The shared part of [`compile_incremental`] only: the outbound table with policies attached
+/// (fragments), the meshed namespaces and their import scopes, without any namespace's config
+/// or any status. What the discovery stream serves from (`crate::discovery::View`): at 1 000
+/// namespaces the per-namespace plans are most of a compile's time and the stream needs none
+/// of them. Its output is a valid `previous` for either function.
+pub fn compile_discovery(snapshot: &Snapshot, previous: Option<&Output>) -> Output {
+    compile_with(snapshot, previous, false)
+}
+
+fn compile_with(snapshot: &Snapshot, previous: Option<&Output>, namespaces: bool) -> Output {
     let mut problems = Vec::new();
     let settings = &snapshot.settings;
     let mesh_spec = snapshot.mesh.as_ref().map(|m| &m.spec);
@@ -368,6 +381,12 @@ pub fn compile_incremental(snapshot: &Snapshot, previous: Option<&Output>) -> Ou
     };
     let imports = Arc::new(imports);
     out.imports = imports.clone();
+    if !namespaces {
+        problems.sort();
+        problems.dedup();
+        out.problems = problems;
+        return out;
+    }
     // How many meshed namespaces see each Service, and how many of those got their config:
     // what a TrafficPolicy's `Programmed` condition reports.
     let mut reach = Reach::new(fragments.len());

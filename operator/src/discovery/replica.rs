@@ -157,7 +157,7 @@ async fn compile_views(
     let mut previous = None;
     loop {
         let out =
-            crate::compiler::compile_incremental(&stores.snapshot(&settings), previous.as_ref());
+            crate::compiler::compile_discovery(&stores.snapshot(&settings), previous.as_ref());
         hub.publish(&out);
         previous = Some(out);
         tokio::select! {
