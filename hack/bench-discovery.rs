@@ -106,6 +106,7 @@ fn main() {
     let rss_loaded = rss_mib();
 
     let mut lat = Vec::with_capacity(changes);
+    let mut phases = Vec::with_capacity(changes);
     let mut pushed = 0usize;
     for c in 0..changes {
         let (ns, svc) = (next() % namespaces, next() % per_ns);
@@ -128,8 +129,12 @@ fn main() {
         let t = Instant::now();
         // What a replica's discovery loop runs: the table only, no namespace configs.
         out = compiler::compile_discovery(&w.snap, Some(&out));
+        let compiled = t.elapsed();
         generation += 1;
-        let wake = reg.publish(Arc::new(View::new(&out, generation).unwrap()));
+        let view = Arc::new(View::new(&out, generation).unwrap());
+        let indexed = t.elapsed();
+        let wake = reg.publish(view);
+        let published = t.elapsed();
         for id in wake {
             pushed += reg
                 .take(id)
@@ -138,7 +143,17 @@ fn main() {
                 .count();
         }
         lat.push(t.elapsed());
+        phases.push((
+            compiled,
+            indexed - compiled,
+            published - indexed,
+            t.elapsed() - published,
+        ));
     }
+    let n = phases.len().max(1) as u32;
+    let mean = |f: fn(&(Duration, Duration, Duration, Duration)) -> Duration| {
+        phases.iter().map(f).sum::<Duration>() / n
+    };
     lat.sort();
     let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -163,5 +178,12 @@ fn main() {
         ms(pct(0.5)),
         ms(pct(0.99)),
         ms(*lat.last().unwrap())
+    );
+    println!(
+        "mean per change: compile {:.1} ms, view index {:.1} ms, registry publish {:.1} ms, take {:.1} ms",
+        ms(mean(|p| p.0)),
+        ms(mean(|p| p.1)),
+        ms(mean(|p| p.2)),
+        ms(mean(|p| p.3))
     );
 }

@@ -301,6 +301,16 @@ impl Fragments {
         svc
     }
 
+    /// Cluster IPs and endpoint IPs of entry `i`, without copying the Service.
+    pub fn ips_at(&self, i: u32) -> impl Iterator<Item = std::net::IpAddr> + '_ {
+        let s = &self.entries[i as usize].service;
+        s.addresses.iter().copied().chain(
+            s.ports
+                .iter()
+                .flat_map(|p| p.endpoints.iter().map(|e| e.address.ip())),
+        )
+    }
+
     /// Whether entry `i` of `self` and entry `j` of `other` are the same compiled value.
     /// Unchanged entries are shared between consecutive compiles, so this is a pointer
     /// comparison in the common case.

@@ -46,13 +46,7 @@ impl View {
         let mut by_addr: HashMap<IpAddr, Vec<u32>> = HashMap::new();
         let mut split_from = vec![Vec::new(); n as usize];
         for i in 0..n {
-            let svc = fragments.service_at(i);
-            let ips = svc.addresses.iter().copied().chain(
-                svc.ports
-                    .iter()
-                    .flat_map(|p| p.endpoints.iter().map(|e| e.address.ip())),
-            );
-            for ip in ips {
+            for ip in fragments.ips_at(i) {
                 let list = by_addr.entry(ip).or_default();
                 if list.last() != Some(&i) {
                     list.push(i);
