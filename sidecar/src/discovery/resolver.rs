@@ -157,6 +157,11 @@ impl Resolver {
             ServerMessage::Unknown { target } => {
                 let mut st = self.state();
                 st.subscribed.remove(&target);
+                // A Service re-subscribed after a reconnect may be gone (or hidden) by now: the
+                // cache must not keep serving it (the next `Synced` publishes the removal).
+                if let Target::Service(key) = &target {
+                    st.cache.remove(key);
+                }
                 st.unknown.insert(target, Instant::now());
                 drop(st);
                 self.answered.notify_waiters();
@@ -338,5 +343,57 @@ fn merged_snapshot(
             );
             file.clone()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Protocol, ServicePort};
+
+    fn svc(name: &str) -> Box<OutboundService> {
+        Box::new(OutboundService {
+            name: name.into(),
+            namespace: "shop".into(),
+            addresses: vec!["10.96.0.1".parse().unwrap()],
+            ports: vec![ServicePort {
+                port: 80,
+                name: None,
+                protocol: Protocol::Http1,
+                endpoints: vec![],
+            }],
+            identities: vec![],
+            policy: None,
+        })
+    }
+
+    #[test]
+    fn the_cache_follows_pushes_and_drops_what_the_operator_no_longer_shows() {
+        let r = Resolver::new(Settings {
+            addrs: vec![],
+            operator_id: "spiffe://cluster.local/ns/trellis-system/sa/trellis-operator".into(),
+        });
+        let cache = r.cache();
+        r.apply(ServerMessage::Service {
+            key: "web.shop".into(),
+            service: Some(svc("web")),
+        });
+        r.apply(ServerMessage::Service {
+            key: "db.shop".into(),
+            service: Some(svc("db")),
+        });
+        assert!(cache.borrow().is_empty(), "published only at Synced");
+        assert_eq!(r.apply(ServerMessage::Synced { generation: 3 }), Some(3));
+        assert_eq!(cache.borrow().len(), 2);
+        // Deleted while we were subscribed, and gone by the time of a re-subscribe.
+        r.apply(ServerMessage::Service {
+            key: "web.shop".into(),
+            service: None,
+        });
+        r.apply(ServerMessage::Unknown {
+            target: Target::Service("db.shop".into()),
+        });
+        r.apply(ServerMessage::Synced { generation: 4 });
+        assert!(cache.borrow().is_empty());
     }
 }
