@@ -68,6 +68,10 @@ pub const ANNOTATION_MEMORY_LIMIT: &str = "trellis.dev/proxy-memory-limit";
 
 /// Name of the injected proxy container (a native sidecar in `initContainers`).
 pub const PROXY_CONTAINER: &str = "trellis-proxy";
+/// The conventional annotation-based scrape annotations (see [`scrape_annotations`]).
+pub const ANNOTATION_PROMETHEUS_SCRAPE: &str = "prometheus.io/scrape";
+pub const ANNOTATION_PROMETHEUS_PORT: &str = "prometheus.io/port";
+pub const ANNOTATION_PROMETHEUS_PATH: &str = "prometheus.io/path";
 /// Name of the injected init container that writes the iptables rules.
 pub const INIT_CONTAINER: &str = "trellis-init";
 /// Name of the one projected volume.
@@ -718,6 +722,30 @@ pub(crate) fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, InjectError>
 
 type Built = (json_patch::Patch, Pod, Vec<String>);
 
+/// The conventional `prometheus.io/*` annotations pointing an annotation-based Prometheus
+/// scrape at the proxy's admin port, when `observability.metrics` is on.
+///
+/// They are one target per pod, so a pod can advertise only one: when the app already sets any
+/// `prometheus.io/*` annotation, the app's are kept untouched and the proxy is not advertised
+/// there (its metrics are still scraped by the installed Prometheus or the PodMonitor, which
+/// find it by its `trellis-admin` port, not by annotation). Istio instead merges the app's
+/// metrics into the proxy's endpoint; Trellis does not proxy the app's metrics (README,
+/// "Metrics of apps with their own prometheus.io annotations").
+fn scrape_annotations(
+    annotations: &BTreeMap<String, String>,
+    mesh: &MeshSpec,
+) -> Vec<(&'static str, String)> {
+    let apps_own = annotations.keys().any(|k| k.starts_with("prometheus.io/"));
+    if !mesh.observability.metrics.enabled || apps_own {
+        return Vec::new();
+    }
+    vec![
+        (ANNOTATION_PROMETHEUS_SCRAPE, "true".into()),
+        (ANNOTATION_PROMETHEUS_PORT, ADMIN_PORT.to_string()),
+        (ANNOTATION_PROMETHEUS_PATH, "/metrics".into()),
+    ]
+}
+
 fn build(
     pod: &Pod,
     spec: &PodSpec,
@@ -745,6 +773,13 @@ fn build(
         "path": format!("/metadata/annotations/{}", escape_pointer_token(ANNOTATION_PROXY_VERSION)),
         "value": o.image,
     }));
+    for (key, value) in scrape_annotations(annotations, mesh) {
+        ops.push(json!({
+            "op": "add",
+            "path": format!("/metadata/annotations/{}", escape_pointer_token(key)),
+            "value": value,
+        }));
+    }
     if !rewrite.is_empty() {
         let originals = serde_json::to_string(&rewrite.originals)
             .map_err(|e| InjectError::Internal(e.to_string()))?;
@@ -795,6 +830,18 @@ pub fn uninject_pod_json(pod: &mut Value) -> bool {
         && ann.remove(ANNOTATION_PROXY_VERSION).is_some()
     {
         changed = true;
+        // The scrape annotations the injector added: port 15020 is the proxy's, never an app's.
+        if ann.get(ANNOTATION_PROMETHEUS_PORT).and_then(Value::as_str)
+            == Some(ADMIN_PORT.to_string().as_str())
+        {
+            for key in [
+                ANNOTATION_PROMETHEUS_SCRAPE,
+                ANNOTATION_PROMETHEUS_PORT,
+                ANNOTATION_PROMETHEUS_PATH,
+            ] {
+                ann.remove(key);
+            }
+        }
         if ann.is_empty() {
             meta.remove("annotations");
         }
