@@ -216,7 +216,9 @@ pub async fn reconcile_once(
             mesh.metadata.generation,
         )
     };
-    let ready = condition.is_true();
+    // An addon still starting, or a write that failed (usually transient), is worth an early
+    // look; a missing Prometheus Operator waits for the resync, not a poll loop.
+    let progressing = matches!(condition.reason.as_str(), "Progressing" | "ApplyFailed");
     // This controller's part of the Mesh status: `ObservabilityReady` only.
     status
         .apply(
@@ -227,11 +229,7 @@ pub async fn reconcile_once(
             },
         )
         .await?;
-    Ok(if ready && plan.apply.is_empty() {
-        RESYNC
-    } else {
-        PROGRESS
-    })
+    Ok(if progressing { PROGRESS } else { RESYNC })
 }
 
 /// One notification per change of the Mesh or of any object carrying the addon label

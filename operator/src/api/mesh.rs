@@ -607,16 +607,19 @@ impl Default for HealthGateSpec {
 /// by the operator for evaluation (`mode: Install`) or handed to the monitoring stack the
 /// cluster already runs (`mode: Integrate`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+// The rules test each field with `has()`: they must hold whether or not the API server has
+// filled in the defaults yet (an absent `mode` is `Install`, an absent `enabled` is false).
+// `namespace` is a CEL reserved word: Kubernetes CEL spells the field `__namespace__`.
 #[x_kube(
-    validation = Rule::new("self.mode == 'Install' || (!has(self.metrics.image) && !has(self.dashboards.image) && !has(self.tracing.image))")
+    validation = Rule::new("(!has(self.mode) || self.mode == 'Install') || ((!has(self.metrics) || !has(self.metrics.image)) && (!has(self.dashboards) || !has(self.dashboards.image)) && (!has(self.tracing) || !has(self.tracing.image)))")
         .message("metrics.image, dashboards.image and tracing.image choose what mode Install installs; Integrate installs nothing: remove them"),
-    validation = Rule::new("self.mode == 'Integrate' || !has(self.dashboards.namespace)")
+    validation = Rule::new("(has(self.mode) && self.mode == 'Integrate') || !has(self.dashboards) || !has(self.dashboards.__namespace__)")
         .message("dashboards.namespace is where mode Integrate puts the dashboard ConfigMap; mode Install provisions Grafana in the operator's namespace: remove it"),
-    validation = Rule::new("self.mode == 'Integrate' || !self.dashboards.enabled || self.metrics.enabled")
+    validation = Rule::new("(has(self.mode) && self.mode == 'Integrate') || !has(self.dashboards) || !has(self.dashboards.enabled) || !self.dashboards.enabled || (has(self.metrics) && has(self.metrics.enabled) && self.metrics.enabled)")
         .message("mode Install: the installed Grafana reads the installed Prometheus, so dashboards.enabled needs metrics.enabled"),
-    validation = Rule::new("self.mode == 'Install' || !self.tracing.enabled || has(self.tracing.collector)")
+    validation = Rule::new("(!has(self.mode) || self.mode == 'Install') || !has(self.tracing) || !has(self.tracing.enabled) || !self.tracing.enabled || has(self.tracing.collector)")
         .message("mode Integrate installs no tracing backend: tracing.enabled needs tracing.collector"),
-    validation = Rule::new("!has(self.tracing.image) || !has(self.tracing.collector)")
+    validation = Rule::new("!has(self.tracing) || !has(self.tracing.image) || !has(self.tracing.collector)")
         .message("tracing.image is the Jaeger installed when no collector is given: remove one of them")
 )]
 #[serde(rename_all = "camelCase")]

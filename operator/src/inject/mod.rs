@@ -880,6 +880,58 @@ mod tests {
         assert_eq!(escape_pointer_token("a~/b"), "a~0~1b");
     }
 
+    /// Issue 15: with `observability.metrics` on, an injected pod advertises the proxy's
+    /// metrics to annotation-based scrapes; an app's own `prometheus.io/*` annotations are kept
+    /// as they are (one target per pod); uninjecting removes only what the injector added.
+    #[test]
+    fn metrics_on_adds_scrape_annotations_unless_the_app_has_its_own() {
+        let pod = |ann: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "a", "namespace": "shop", "annotations": ann},
+                "spec": {"containers": [{"name": "app", "image": "app"}]}
+            }))
+            .unwrap()
+        };
+        let ns = NamespaceInfo {
+            name: "shop",
+            labels: None,
+        };
+        let ctx = InjectContext::default();
+        let mut mesh = default_mesh();
+        let annotations_after = |p: &Pod, mesh: &MeshSpec| {
+            let Decision::Patch { pod: out, .. } = inject(p, &ns, mesh, &ctx) else {
+                panic!("not injected");
+            };
+            out.metadata.annotations.unwrap()
+        };
+        // Off (the default): nothing added.
+        let ann = annotations_after(&pod(json!({})), &mesh);
+        assert!(!ann.contains_key(ANNOTATION_PROMETHEUS_SCRAPE), "{ann:?}");
+        mesh.observability.metrics.enabled = true;
+        let ann = annotations_after(&pod(json!({})), &mesh);
+        assert_eq!(ann[ANNOTATION_PROMETHEUS_SCRAPE], "true");
+        assert_eq!(ann[ANNOTATION_PROMETHEUS_PORT], "15020");
+        assert_eq!(ann[ANNOTATION_PROMETHEUS_PATH], "/metrics");
+        // The app's own: kept, none of ours added.
+        let app = pod(json!({"prometheus.io/scrape": "true", "prometheus.io/port": "8080"}));
+        let ann = annotations_after(&app, &mesh);
+        assert_eq!(ann[ANNOTATION_PROMETHEUS_PORT], "8080");
+        assert!(!ann.contains_key(ANNOTATION_PROMETHEUS_PATH), "{ann:?}");
+        // Uninject takes ours away and leaves the app's.
+        let Decision::Patch { pod: out, .. } = inject(&pod(json!({})), &ns, &mesh, &ctx) else {
+            panic!("not injected");
+        };
+        let mut v = serde_json::to_value(&out).unwrap();
+        assert!(uninject_pod_json(&mut v));
+        assert!(v["metadata"].get("annotations").is_none(), "{v}");
+        let Decision::Patch { pod: out, .. } = inject(&app, &ns, &mesh, &ctx) else {
+            panic!("not injected");
+        };
+        let mut v = serde_json::to_value(&out).unwrap();
+        assert!(uninject_pod_json(&mut v));
+        assert_eq!(v["metadata"]["annotations"]["prometheus.io/port"], "8080");
+    }
+
     /// The rollout's rollback pin: the pod's `trellis.dev/proxy-image` wins over the Mesh's
     /// image for both containers and the version annotation; a malformed one is refused.
     #[test]
