@@ -565,3 +565,53 @@ fn integrate_without_the_prometheus_operator_is_a_clear_condition() {
         p.condition.message
     );
 }
+
+/// Every built-in object install mode makes validates strictly (unknown fields are errors)
+/// against the Kubernetes schemas, with the validator `hack/validate-manifests.sh --install`
+/// puts in place (as `tests/manifests.rs` requires it). The Prometheus Operator kinds have no
+/// schema there; their fields are checked above.
+#[test]
+fn install_mode_objects_validate_strictly_against_the_kubernetes_schemas() {
+    let validator = std::env::var_os("TRELLIS_KUBERNETES_VALIDATE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("TRELLIS_CACHE")
+                .map(std::path::PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME")
+                        .map(|h| std::path::PathBuf::from(h).join(".cache/trellis"))
+                })
+                .map(|c| c.join("venv/bin/kubernetes-validate"))
+        })
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "kubernetes-validate is not installed: run `hack/validate-manifests.sh --install` \
+                 (hack/install-deps.sh does it)"
+            )
+        });
+    let objs = desired_of(&all_on(), false);
+    let text: String = objs
+        .iter()
+        .map(|o| format!("---\n{}\n", serde_json::to_string(&o.body).unwrap()))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("addons.yaml");
+    std::fs::write(&file, &text).unwrap();
+    let out = std::process::Command::new(&validator)
+        .args(["--strict", "--kubernetes-version", "1.37"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let report =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "kubernetes-validate --strict failed:\n{report}"
+    );
+    assert_eq!(
+        report.matches("passed for resource").count(),
+        objs.len(),
+        "{report}"
+    );
+}
