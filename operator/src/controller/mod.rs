@@ -1,6 +1,6 @@
 //! Controller registration: [`all`] lists every controller the leader runs.
 //!
-//! Three controllers, all writing status through the one [`StatusWriter`]:
+//! The controllers, all writing status through the one [`StatusWriter`]:
 //! - `mesh`: a `kube::runtime::Controller` whose reconcile is a pure function of the Mesh
 //!   ([`mesh_status`]: accepted or not, and `Ready` summarising the parts);
 //! - `ca` ([`crate::ca::controller`]): the CA Secret, trust bundles, the webhook configuration,
