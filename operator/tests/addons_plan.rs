@@ -294,6 +294,31 @@ fn the_scrape_config_keeps_only_the_proxies_admin_port() {
             "__meta_kubernetes_pod_container_port_name"
         ])
     );
+    // The labels the dashboards and `trellis stat` group by.
+    let relabels = job["relabel_configs"].as_array().unwrap();
+    for (source, target) in [
+        ("__meta_kubernetes_namespace", "namespace"),
+        ("__meta_kubernetes_pod_name", "pod"),
+        ("__meta_kubernetes_pod_label_app", "app"),
+    ] {
+        assert!(
+            relabels
+                .iter()
+                .any(|r| r["source_labels"] == json!([source]) && r["target_label"] == target),
+            "no {target} label from {source}"
+        );
+    }
+    // The operator's replicas, in its namespace only, on their `admin` port.
+    let operator = &config["scrape_configs"][1];
+    assert_eq!(operator["job_name"], "trellis-operator");
+    assert_eq!(
+        operator["kubernetes_sd_configs"][0]["namespaces"]["names"],
+        json!([NS])
+    );
+    assert_eq!(
+        operator["relabel_configs"][0]["regex"],
+        "trellis-operator;admin"
+    );
     assert_eq!(
         config["rule_files"],
         json!(["/etc/prometheus/trellis-rules.yaml"])
@@ -525,6 +550,7 @@ fn integrate_mode_keeps_prometheus_operator_objects_and_a_dashboard_configmap() 
     let pm = &find(&objs, Kind::PodMonitor, "trellis-proxies").body["spec"];
     assert_eq!(pm["namespaceSelector"], json!({"any": true}));
     assert_eq!(pm["podMetricsEndpoints"][0]["port"], "trellis-admin");
+    assert_eq!(pm["podTargetLabels"], json!(["app"]));
     assert_eq!(pm["podMetricsEndpoints"][0]["path"], "/metrics");
     let sm = &find(&objs, Kind::ServiceMonitor, "trellis-operator").body["spec"];
     assert_eq!(sm["endpoints"][0]["port"], "http-metrics");
@@ -614,4 +640,43 @@ fn install_mode_objects_validate_strictly_against_the_kubernetes_schemas() {
         objs.len(),
         "{report}"
     );
+}
+
+/// The installed Prometheus's configuration and rule file pass the real Prometheus's own check
+/// (`promtool check config`, which also checks the rule files it names), as hack/install-deps.sh
+/// installs it. Debian builds Prometheus without Kubernetes service discovery, so the
+/// `kubernetes_sd_configs` blocks are swapped for a static target here: everything else (global
+/// settings, relabelling, rule files) is checked as shipped.
+#[test]
+fn the_prometheus_config_passes_promtool() {
+    let objs = desired_of(&all_on(), false);
+    let data = &find(&objs, Kind::ConfigMap, PROMETHEUS).body["data"];
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("trellis-rules.yaml");
+    std::fs::write(&rules, data["trellis-rules.yaml"].as_str().unwrap()).unwrap();
+    // The config names the rules where the ConfigMap is mounted in the pod.
+    let mut config: Value =
+        serde_saphyr::from_str(data["prometheus.yml"].as_str().unwrap()).unwrap();
+    config["rule_files"] = json!([rules.to_str().unwrap()]);
+    for job in config["scrape_configs"].as_array_mut().unwrap() {
+        let sd = job.as_object_mut().unwrap().remove("kubernetes_sd_configs");
+        assert_eq!(sd.unwrap()[0]["role"], "pod");
+        job["static_configs"] = json!([{"targets": ["127.0.0.1:15020"]}]);
+    }
+    // JSON is YAML.
+    let config = serde_json::to_string_pretty(&config).unwrap();
+    let file = dir.path().join("prometheus.yml");
+    std::fs::write(&file, config).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "config"])
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| panic!("promtool (Debian's prometheus, hack/install-deps.sh): {e}"));
+    let report =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "promtool check config failed:\n{report}"
+    );
+    assert!(report.contains("SUCCESS"), "{report}");
 }

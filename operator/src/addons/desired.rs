@@ -68,6 +68,8 @@ pub const OTLP_HTTP_PORT: u16 = 4318;
 
 /// The scrape job (and `job` label) of the sidecars, in both modes.
 pub const PROXY_JOB: &str = "trellis-proxies";
+/// The scrape job of the operator's replicas (mode Install).
+pub const OPERATOR_JOB: &str = "trellis-operator";
 
 /// The kinds the addons are made of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -485,8 +487,10 @@ fn image<'a>(over: &'a Option<String>, pinned: &'a str) -> &'a str {
 }
 
 /// Prometheus's scrape configuration: every sidecar's admin port, found by the proxy
-/// container's `trellis-admin` port (as injected), in every namespace.
-pub fn prometheus_config() -> String {
+/// container's `trellis-admin` port (as injected), in every namespace; and the operator's
+/// replicas (port `admin`, 8080) in `namespace`. Targets carry the `namespace`, `pod` and `app`
+/// labels the dashboards and `trellis stat` group by (docs/observability.md).
+pub fn prometheus_config(namespace: &str) -> String {
     format!(
         r#"# Written by the Trellis operator (Mesh.spec.observability, mode Install). Evaluation grade.
 global:
@@ -511,6 +515,22 @@ scrape_configs:
         target_label: namespace
       - source_labels: [__meta_kubernetes_pod_name]
         target_label: pod
+      - source_labels: [__meta_kubernetes_pod_label_app]
+        target_label: app
+  - job_name: {OPERATOR_JOB}
+    metrics_path: /metrics
+    kubernetes_sd_configs:
+      - role: pod
+        namespaces:
+          names: [{namespace}]
+    relabel_configs:
+      - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_name, __meta_kubernetes_pod_container_port_name]
+        regex: trellis-operator;admin
+        action: keep
+      - source_labels: [__meta_kubernetes_namespace]
+        target_label: namespace
+      - source_labels: [__meta_kubernetes_pod_name]
+        target_label: pod
 "#,
         admin = crate::inject::ADMIN_PORT,
         proxy = crate::inject::PROXY_CONTAINER,
@@ -519,7 +539,7 @@ scrape_configs:
 
 fn prometheus(i: &Inputs<'_>) -> Vec<Object> {
     let ns = i.namespace;
-    let config = prometheus_config();
+    let config = prometheus_config(ns);
     let data = json!({"prometheus.yml": config, "trellis-rules.yaml": assets::ALERT_RULES});
     let config_hash = hash_hex(data.to_string().as_bytes());
     let container = json!({
@@ -808,7 +828,9 @@ fn monitoring(i: &Inputs<'_>) -> Result<Vec<Object>, DesiredError> {
                 "jobLabel": "app.kubernetes.io/name",
                 "namespaceSelector": {"any": true},
                 "selector": {},
-                "podMetricsEndpoints": [{
+                // The workload label the dashboards group by (docs/observability.md).
+            "podTargetLabels": ["app"],
+            "podMetricsEndpoints": [{
                     "port": "trellis-admin",
                     "path": "/metrics",
                     "relabelings": [{"targetLabel": "job", "replacement": PROXY_JOB, "action": "replace"}],
