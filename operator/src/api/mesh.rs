@@ -642,14 +642,17 @@ pub struct TracingSpec {
     #[x_kube(validation = Rule::new("self >= 0.0 && self <= 100.0")
         .message("samplingPercent must be between 0 and 100"))]
     pub sampling_percent: f64,
-    /// OTLP/gRPC collector address, `host:port` or `http://host:port` (plaintext; the sidecars
-    /// have no TLS client for the collector). Without it nothing is exported: the operator does
-    /// not install a collector yet. Checked here as well as by the sidecars, because a value
-    /// the sidecars refuse would stop every namespace's config from updating.
+    /// OTLP collector address: `host:port` or `http://host:port` for OTLP/gRPC, and OTLP/HTTP
+    /// (protobuf) when the port is 4318 or a path is given (`http://otel:4318`,
+    /// `http://otel:8080/v1/traces`; a path is used as given). Plaintext only: the sidecars have
+    /// no trust anchors for a collector's certificate, so `https://` is refused. Without it
+    /// nothing is exported: the operator does not install a collector yet. Checked here as well
+    /// as by the sidecars, because a value the sidecars refuse would stop every namespace's
+    /// config from updating.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
-    #[x_kube(validation = Rule::new("self.matches('^(http://)?[^/\\\\s]+:[0-9]{1,5}$')")
-        .message("collector must be host:port or http://host:port (OTLP/gRPC, plaintext)"))]
+    #[x_kube(validation = Rule::new("self.matches('^((http://)?[^/\\\\s]+:[0-9]{1,5}|http://[^/\\\\s]+:[0-9]{1,5}/[^\\\\s?#]*)$')")
+        .message("collector must be host:port or http://host:port[/path] (OTLP/gRPC, or OTLP/HTTP on port 4318 or with a path; plaintext)"))]
     pub collector: Option<String>,
     /// Image of the collector the operator installs when `collector` is empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
