@@ -1035,6 +1035,7 @@ mod tests {
         assert_eq!(c("http://otel:4318/"), http("http://otel:4318/"));
     }
 
+    #[test]
     fn reports_every_problem_not_just_the_first() {
         let mut cfg = sample();
         cfg.version = 99;

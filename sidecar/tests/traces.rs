@@ -525,7 +525,7 @@ async fn status_of(a: &TestProxy, host: &str, path: &str, trace: &str) -> Status
     h1_send(a.running.outbound_addr, req).await.unwrap().0
 }
 
-fn ev<'a>(e: &'a (String, HashMap<String, String>)) -> (&'a str, Vec<(&'a str, &'a str)>) {
+fn ev(e: &(String, HashMap<String, String>)) -> (&str, Vec<(&str, &str)>) {
     let mut attrs: Vec<_> = e.1.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     attrs.sort();
     (e.0.as_str(), attrs)
