@@ -190,7 +190,9 @@ def trellis_pair(d, sampling=None):
     server_cfg = dict(base, revision="s0", outbound=[])
     dirs = {}
     for role, cfg in (("client", client_cfg), ("server", server_cfg)):
-        pd = os.path.join(d, f"trellis-{role}")
+        # One directory per run: the tracing runs start fresh pairs beside the first.
+        suffix = "" if sampling is None else f"-trace{sampling:g}"
+        pd = os.path.join(d, f"trellis-{role}{suffix}")
         os.makedirs(pd)
         shutil.copy(os.path.join(d, "ca.pem"), pd)
         kubelet_write(pd, 0, json.dumps(cfg))
