@@ -374,7 +374,7 @@ pub enum AccessLogFormat {
 }
 
 /// Settings of the injected sidecar.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxySpec {
     /// Sidecar image. Empty or absent: the operator's own proxy image (its `--proxy-image`
@@ -443,18 +443,6 @@ impl ProxySpec {
     /// desired version, the `ProxiesUpToDate` condition, `trellis check`) goes through here.
     pub fn effective_image(&self) -> &str {
         resolve_proxy_image(self.image.as_deref(), operator_proxy_image())
-    }
-}
-
-impl Default for ProxySpec {
-    fn default() -> Self {
-        Self {
-            image: None,
-            image_pull_policy: PullPolicy::default(),
-            resources: ProxyResources::default(),
-            log_level: LogLevel::default(),
-            access_log: AccessLogSpec::default(),
-        }
     }
 }
 
