@@ -115,6 +115,12 @@ pub struct RunArgs {
     /// [`crate::probe`]); `GET /app-health/...` on the admin port runs these and nothing else.
     #[arg(long, env = crate::probe::ENV_APP_PROBES, default_value = "", hide_default_value = true, value_parser = parse_probes)]
     pub app_probes: ProbeSet,
+    /// The proxy version this process reports as `trellis_proxy_build_info{version}` (default: the
+    /// crate version). The injector's image is the version in a cluster; `trellis dev`, whose
+    /// proxies are all this one binary, names the version it started each proxy as, so a local
+    /// rollout can be seen and counted.
+    #[arg(long, env = "TRELLIS_PROXY_VERSION", default_value = env!("CARGO_PKG_VERSION"))]
+    pub proxy_version: String,
     /// The pod's IP (downward API `status.podIP`): where app probes go, as the kubelet's would.
     /// Without it they go to 127.0.0.1.
     #[arg(long, env = "TRELLIS_POD_IP")]
@@ -512,6 +518,7 @@ pub fn main(args: RunArgs) -> ExitCode {
                 ));
             }
         }
+        running.metrics.set_proxy_version(&args.proxy_version);
         let sd = running.shutdown.clone();
         tokio::spawn(async move {
             crate::shutdown::signal().await;

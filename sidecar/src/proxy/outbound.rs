@@ -177,14 +177,16 @@ async fn tcp_outbound(
     let started = Instant::now();
     match shared
         .pool
-        .connect(addr, &identities, Alpn::Tcp, timeout)
+        .connect_trusted(addr, &identities, Alpn::Tcp, timeout)
         .await
     {
-        Ok((upstream, _peer)) => {
+        Ok((upstream, trust)) => {
             if let Some(t) = &conn {
                 t.connected(Ok(started.elapsed()));
             }
-            tcp::splice(shared, io, upstream, labels).await
+            // Closes when the server's certificate expires or its root leaves the bundle.
+            let revoked = super::peer_trust::revoked(trust, shared.tls.subscribe());
+            tcp::splice_until(shared, io, upstream, labels, revoked).await
         }
         Err(e) => {
             if let Some(t) = &conn {
@@ -287,7 +289,11 @@ async fn handle(
     if let Some(cu) = client_upgrade
         && resp.status() == StatusCode::SWITCHING_PROTOCOLS
     {
-        spawn_tunnel(&shared, cu, &mut resp);
+        let trust = resp
+            .extensions()
+            .get::<super::peer_trust::PeerTrust>()
+            .cloned();
+        spawn_tunnel(&shared, cu, &mut resp, trust);
     }
     clean_response(&mut resp);
     let peer = resp
