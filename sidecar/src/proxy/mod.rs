@@ -65,6 +65,8 @@ pub struct Shared {
     pub http: auto::Builder<TokioExecutor>,
     /// The span exporter in force, if the config turns tracing on.
     pub tracing: Arc<crate::spans::Tracing>,
+    /// Resolves destinations the config does not know from the operator (when configured).
+    pub discovery: Option<Arc<crate::discovery::resolver::Resolver>>,
 }
 
 impl Shared {

@@ -247,6 +247,7 @@ impl TestProxy {
             app_probes: Default::default(),
             pod_ip: None,
             pod: Default::default(),
+            discovery: None,
         };
         tweak(&mut opts);
         let running = trellis_proxy::run::start(opts, rx).await.unwrap();
