@@ -59,7 +59,8 @@ expect_refused() {
 apply_mesh() {
   local image="${TRELLIS_PROXY_IMAGE:-}"
   if [ -n "$image" ]; then
-    sed -e "s#image: ghcr.io/trellis-mesh/trellis-proxy:.*#image: $image#" \
+    # The sample leaves the image commented out (the operator's default): set it.
+    sed -e "s|\(# \)\{0,1\}image: ghcr.io/trellis-mesh/trellis-proxy:.*|image: $image|" \
       "$E2E_ROOT/config/samples/trellis_v1alpha1_mesh.yaml" | kc apply -f -
   else
     kc apply -f "$E2E_ROOT/config/samples/trellis_v1alpha1_mesh.yaml"

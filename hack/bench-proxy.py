@@ -18,6 +18,11 @@ Not run by CI. Usage: hack/bench-proxy.sh (builds the release binary, then runs 
 Environment: RATE (1000), CONNS (16), DURATION (20), SAT_DURATION (10) seconds, OUT (hack/out),
 PAIRS (comma-separated subset of trellis,nginx,haproxy; default all; the direct path always runs
 as the baseline, and the ratio lines need all three).
+
+--tracing: also runs the trellis pair with span export at 1 % and at 100 % sampling (after the
+tracing-off run, same load), exporting over OTLP/HTTP to a sink collector in this script that
+answers every export 200 (its CPU is not the proxies'), and reports the CPU per 1000 requests of
+each against tracing off (issue #15's cost target: +5 % at most at 1 %).
 """
 import json
 import os
@@ -39,6 +44,10 @@ OUT = os.environ.get("OUT", os.path.join(ROOT, "hack/out"))
 LOAD = os.environ.get("TRELLIS_LOAD", os.path.join(ROOT, "target/release/examples/bench-load"))
 TICK = os.sysconf("SC_CLK_TCK")
 PAIRS = [p for p in os.environ.get("PAIRS", "trellis,nginx,haproxy").split(",") if p]
+TRACING = "--tracing" in sys.argv[1:]
+OTLP_SINK = 18318
+# Sampling percent of each tracing scenario (the plain "trellis" run is tracing off).
+TRACED = {"trellis-trace1": 1.0, "trellis-trace100": 100.0}
 
 UPSTREAM = 18080
 PORTS = {
@@ -138,10 +147,40 @@ http {{ access_log off; keepalive_requests 1000000;
     return spawn(["nginx", "-c", conf, "-p", d])
 
 
-def trellis_pair(d):
+def otlp_sink():
+    """An OTLP/HTTP collector that takes every export (an empty protobuf
+    ExportTraceServiceResponse is zero bytes) and counts the bytes it received."""
+    import http.server
+    import threading
+
+    class Sink(http.server.BaseHTTPRequestHandler):
+        received = 0
+
+        def do_POST(self):
+            n = int(self.headers.get("content-length", "0"))
+            Sink.received += len(self.rfile.read(n))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", OTLP_SINK), Sink)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, Sink
+
+
+def trellis_pair(d, sampling=None):
     out_port, in_port = PORTS["trellis"]
+    mesh = {"trustDomain": TD, "detectTimeoutMs": 100}
+    if sampling is not None:
+        mesh["telemetry"] = {"tracing": {
+            "samplingPercent": sampling,
+            "collector": f"http://127.0.0.1:{OTLP_SINK}/v1/traces"}}
     base = {"version": 1, "namespace": "bench",
-            "mesh": {"trustDomain": TD, "detectTimeoutMs": 100},
+            "mesh": mesh,
             "inbound": [{"source": "mesh-default", "mtls": "Strict"}]}
     client_cfg = dict(base, revision="r0", outbound=[{
         "name": "bench", "namespace": "bench",
@@ -151,7 +190,9 @@ def trellis_pair(d):
     server_cfg = dict(base, revision="s0", outbound=[])
     dirs = {}
     for role, cfg in (("client", client_cfg), ("server", server_cfg)):
-        pd = os.path.join(d, f"trellis-{role}")
+        # One directory per run: the tracing runs start fresh pairs beside the first.
+        suffix = "" if sampling is None else f"-trace{sampling:g}"
+        pd = os.path.join(d, f"trellis-{role}{suffix}")
         os.makedirs(pd)
         shutil.copy(os.path.join(d, "ca.pem"), pd)
         kubelet_write(pd, 0, json.dumps(cfg))
@@ -334,9 +375,10 @@ def scenario(name, start, d):
     print(f"== {name}", file=sys.stderr)
     clients, servers, client_dir = start(d) if start else ([], [], None)
     time.sleep(0.5)
-    port = PORTS[name][0] if name in PORTS else UPSTREAM
+    pair = "trellis" if name in TRACED else name
+    port = PORTS[pair][0] if pair in PORTS else UPSTREAM
     url = f"http://127.0.0.1:{port}/"
-    host = "bench.bench" if name == "trellis" else "localhost"
+    host = "bench.bench" if pair == "trellis" else "localhost"
     # Warm up (connections, TLS sessions), then measure from a clean CPU baseline.
     load(url, host, RATE, duration=2)
     groups = {"client": [tree(p.pid) for p in clients], "server": [tree(p.pid) for p in servers]}
@@ -398,6 +440,12 @@ def main():
         starts = {"trellis": trellis_pair, "nginx": nginx_pair, "haproxy": haproxy_pair}
         for name in PAIRS:
             results.append(scenario(name, starts[name], d))
+        if TRACING and "trellis" in PAIRS:
+            srv, sink = otlp_sink()
+            for name, pct in TRACED.items():
+                results.append(scenario(name, lambda d, pct=pct: trellis_pair(d, pct), d))
+                results[-1]["otlp_bytes"] = sink.received
+            srv.shutdown()
     finally:
         cleanup()
         shutil.rmtree(d, ignore_errors=True)
@@ -455,6 +503,15 @@ def render(results):
         ratio = ours / theirs if theirs > 0 else float("nan")
         lines.append(f"- added p99 trellis/{other}: {ratio:.2f} (target <= 1.0); saturation "
                      f"trellis/{other}: {t['saturation_rps'] / o['saturation_rps']:.2f} (target >= 1.0)")
+    for name, pct in TRACED.items():
+        r = next((r for r in results if r["name"] == name), None)
+        if r is None or not t["cpu_per_1k"]:
+            continue
+        rise = {k: (r["cpu_per_1k"][k] / t["cpu_per_1k"][k] - 1) * 100 for k in ("client", "server")}
+        lines.append(
+            f"- tracing at {pct:g} % vs off, CPU per 1000 requests: client {rise['client']:+.1f} %, "
+            f"server {rise['server']:+.1f} % (issue #15 target at 1 %: <= +5 %); "
+            f"errors {r['errors'] + r['non2xx']}; OTLP bytes at the sink so far {r['otlp_bytes']}")
     rl = sorted(x for x in t["reload_ms"])
     if rl:
         lines.append(

@@ -81,6 +81,11 @@ pub struct Args {
     /// stops answering (with `failurePolicy: Fail`, a closed listener is a failed pod create).
     #[arg(long, env = "TRELLIS_SHUTDOWN_DELAY", default_value = "5s")]
     pub shutdown_delay: String,
+    /// The proxy image of a Mesh whose `spec.proxy.image` is empty: the sidecar released with
+    /// this operator (OLM sets it from the bundle's `relatedImages`, so a mirrored install
+    /// injects the mirrored image).
+    #[arg(long, env = "TRELLIS_PROXY_IMAGE", default_value = crate::api::mesh::BUILT_IN_PROXY_IMAGE)]
+    pub proxy_image: String,
 }
 
 /// Log output format.
@@ -105,6 +110,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
     pub shutdown_delay: Duration,
+    pub proxy_image: String,
 }
 
 /// The longest accepted `--shutdown-delay`: with the grace period it must fit the pod's
@@ -196,6 +202,15 @@ impl Config {
                 a.lease_name
             ));
         }
+        if a.proxy_image.is_empty()
+            || a.proxy_image.len() > 512
+            || a.proxy_image.contains(char::is_whitespace)
+        {
+            errors.push(format!(
+                "--proxy-image (TRELLIS_PROXY_IMAGE) {:?} is not an image reference",
+                a.proxy_image
+            ));
+        }
         let pod_name = a
             .pod_name
             .filter(|p| !p.is_empty())
@@ -217,6 +232,7 @@ impl Config {
             log_format,
             shutdown_grace,
             shutdown_delay,
+            proxy_image: a.proxy_image,
         })
     }
 }
@@ -471,6 +487,8 @@ pub async fn check_crds(client: &Client) -> Result<(), Error> {
 
 /// Runs the operator until SIGTERM/SIGINT.
 pub async fn run(config: Config, extras: Vec<ExtraServer>) -> Result<(), Error> {
+    // Before any controller or the webhook reads a Mesh.
+    crate::api::mesh::set_operator_proxy_image(config.proxy_image.clone());
     let client = connect().await?;
     check_crds(&client).await?;
 
@@ -787,6 +805,9 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.pod_name, "op-0");
         assert_eq!(c.shutdown_delay, Duration::from_secs(5));
+        assert_eq!(c.proxy_image, crate::api::mesh::BUILT_IN_PROXY_IMAGE);
+        let c = parse(&["--proxy-image", "mirror.example/trellis-proxy@sha256:ab"]).unwrap();
+        assert_eq!(c.proxy_image, "mirror.example/trellis-proxy@sha256:ab");
     }
 
     #[test]
@@ -812,6 +833,8 @@ mod tests {
             "soon",
             "--shutdown-delay",
             "2m",
+            "--proxy-image",
+            "two words",
         ])
         .unwrap_err();
         let joined = errors.join("\n");
@@ -826,10 +849,11 @@ mod tests {
             "--lease-name",
             "--shutdown-grace",
             "--shutdown-delay",
+            "--proxy-image",
         ] {
             assert!(joined.contains(flag), "{flag} not reported in:\n{joined}");
         }
-        assert_eq!(errors.len(), 10, "{joined}");
+        assert_eq!(errors.len(), 11, "{joined}");
     }
 
     #[test]

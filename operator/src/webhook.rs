@@ -899,7 +899,7 @@ mod tests {
     fn mesh_events() {
         use kube::runtime::watcher::Event;
         let mut spec = crate::inject::default_mesh();
-        spec.proxy.image = "custom:1".into();
+        spec.proxy.image = Some("custom:1".into());
         let mesh = |name: &str| {
             let mut m = crate::api::Mesh::new(name, spec.clone());
             m.metadata.name = Some(name.into());
@@ -909,14 +909,14 @@ mod tests {
             mesh_from_event(Event::Apply(mesh("default")))
                 .unwrap()
                 .proxy
-                .image,
+                .effective_image(),
             "custom:1"
         );
         assert_eq!(
             mesh_from_event(Event::InitApply(mesh("default")))
                 .unwrap()
                 .proxy
-                .image,
+                .effective_image(),
             "custom:1"
         );
         assert!(mesh_from_event(Event::Apply(mesh("other"))).is_none());

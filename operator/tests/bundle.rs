@@ -147,12 +147,30 @@ fn the_csv_is_what_olm_and_operatorhub_need() {
         .map(|i| i["image"].as_str().unwrap())
         .collect();
     assert_eq!(
-        images,
+        images[..2],
         [
             "ghcr.io/trellis-mesh/trellis-operator:0.1.0",
             "ghcr.io/trellis-mesh/trellis-proxy:0.1.0"
         ]
     );
+    // Every addon image the operator may deploy is mirrored with it.
+    for (_, addon) in trellis_operator::addons::images::ALL {
+        assert!(images.contains(&addon), "{addon} not in {images:?}");
+    }
+    assert_eq!(
+        images.len(),
+        2 + trellis_operator::addons::images::ALL.len()
+    );
+    // The operator's default proxy image is the proxy relatedImage, so what OLM mirrors is
+    // what a Mesh without spec.proxy.image injects.
+    let proxy_env: Vec<&Value> = env
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == "TRELLIS_PROXY_IMAGE")
+        .collect();
+    assert_eq!(proxy_env.len(), 1, "{env}");
+    assert_eq!(proxy_env[0]["value"], images[1]);
     // alm-examples are the samples, every one.
     let examples: Vec<Value> = serde_json::from_str(
         csv["metadata"]["annotations"]["alm-examples"]
@@ -535,6 +553,27 @@ fn rule_no_webhook_definitions() {
             "generateName": "inject.trellis.dev", "deploymentName": "trellis-operator"}])
     });
     assert_breaks(&b, Rule::Webhooks, "breaks sidecar injection");
+}
+
+#[test]
+fn rule_proxy_image_env_is_the_proxy_related_image() {
+    let b = csv_broken(|c| {
+        let env = c["spec"]["install"]["spec"]["deployments"][0]["spec"]["template"]["spec"]
+            ["containers"][0]["env"]
+            .as_array_mut()
+            .unwrap();
+        let e = env
+            .iter_mut()
+            .find(|e| e["name"] == "TRELLIS_PROXY_IMAGE")
+            .unwrap();
+        e["value"] = json!("ghcr.io/trellis-mesh/trellis-proxy:9.9.9");
+    });
+    assert_breaks(
+        &b,
+        Rule::CsvMetadata,
+        "TRELLIS_PROXY_IMAGE is Some(\"ghcr.io/trellis-mesh/trellis-proxy:9.9.9\") but the \
+         trellis-proxy relatedImage is Some(\"ghcr.io/trellis-mesh/trellis-proxy:0.1.0\")",
+    );
 }
 
 #[test]

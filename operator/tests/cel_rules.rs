@@ -477,17 +477,31 @@ fn mesh_tracing_collector_is_an_address_the_sidecars_accept() {
         "jaeger.tracing:4317",
         "http://otel.observability.svc:4317",
         "10.0.0.1:4317",
+        "otel:4318",
+        "http://otel.observability.svc:4318",
+        "http://otel:8080/v1/traces",
     ] {
         pass(with(good));
+        assert_eq!(
+            trellis_proxy::config::collector_problem(good),
+            None,
+            "the sidecars accept {good}"
+        );
     }
     for bad in [
         "https://otel:4317",
         "otel",
         "otel:port",
-        "http://otel:4317/v1",
+        "https://otel:4318",
+        "otel:4318/v1/traces",
+        "http://otel:4318/v1/traces?x",
         "a b:4317",
     ] {
         fail(with(bad), "collector must be host:port or http://host:port");
+        assert!(
+            trellis_proxy::config::collector_problem(bad).is_some(),
+            "the sidecars refuse {bad}"
+        );
     }
 }
 

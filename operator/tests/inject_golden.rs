@@ -640,7 +640,7 @@ fn projected_volume_layout() {
     assert_eq!(proxy["securityContext"]["runAsUser"], 2137);
     assert_eq!(
         v["metadata"]["annotations"]["trellis.dev/proxy-version"],
-        default_mesh().proxy.image
+        default_mesh().proxy.effective_image()
     );
     let init = &v["spec"]["initContainers"][0];
     assert_eq!(

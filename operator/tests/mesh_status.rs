@@ -140,7 +140,7 @@ async fn kubectl_get_mesh_shows_ready_trust_domain_and_proxy_counts() {
     let mut w = shop().with(mesh().spec(|s| {
         s.trust_domain = "prod.example".into();
         // The fixture's injected pods carry proxy-version 0.1.0.
-        s.proxy.image = "0.1.0".into();
+        s.proxy.image = Some("0.1.0".into());
     }));
     w.snap.pods.push(injected("shop", "old-0", "0.0.9"));
     let mesh = w.snap.mesh.clone().unwrap();

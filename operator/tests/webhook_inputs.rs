@@ -116,7 +116,9 @@ async fn watches_publish_the_mesh_and_namespace_labels() {
     });
 
     let wait = async {
-        while mesh_rx.borrow_and_update().proxy.image != "registry.example/trellis-proxy:2.0.0" {
+        while mesh_rx.borrow_and_update().proxy.effective_image()
+            != "registry.example/trellis-proxy:2.0.0"
+        {
             mesh_rx.changed().await.unwrap();
         }
         loop {

@@ -114,27 +114,96 @@ pub enum AccessLogFormat {
 pub struct TracingSettings {
     /// Percent of new traces sampled, 0 to 100.
     pub sampling_percent: f64,
-    /// OTLP collector address (`host:port`).
+    /// OTLP collector address: `host:port` or `http://host:port[/path]`; see
+    /// [`parse_collector`] for which protocol each form means.
     pub collector: String,
 }
 
-/// Why a collector address cannot be exported to, if it cannot. The exporter speaks OTLP/gRPC
-/// in plaintext (no TLS client for the collector is built in), so `https://` is refused here
-/// rather than failing on every export.
-pub fn collector_problem(c: &str) -> Option<&'static str> {
-    let hostport = match c.split_once("://") {
-        Some(("http", rest)) => rest,
-        Some(_) => return Some("must be host:port or http://host:port (OTLP/gRPC, plaintext)"),
-        None => c,
+/// The wire protocol spans are exported with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CollectorProtocol {
+    /// OTLP/gRPC (the collector's port 4317).
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (the collector's port 4318).
+    HttpProtobuf,
+}
+
+/// A collector address resolved to what the exporter needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Collector {
+    pub protocol: CollectorProtocol,
+    /// For gRPC `http://host:port`; for OTLP/HTTP the URL spans are POSTed to.
+    pub url: String,
+}
+
+/// The OTLP/HTTP port collectors listen on by convention.
+pub const OTLP_HTTP_PORT: u16 = 4318;
+/// The OTLP/HTTP path of traces, appended when the address names no path.
+pub const OTLP_HTTP_TRACES_PATH: &str = "/v1/traces";
+
+const COLLECTOR_FORMS: &str = "must be host:port or http://host:port[/path] (OTLP/gRPC; OTLP/HTTP \
+     on port 4318 or when a path such as /v1/traces is given; plaintext)";
+
+/// Resolves a collector address (the config's form) to a protocol and URL.
+///
+/// The protocol follows the address, as users write it for other OpenTelemetry SDKs: port 4318
+/// or an explicit path (OTLP/HTTP's signal URL, used as given) means OTLP/HTTP protobuf,
+/// anything else OTLP/gRPC. `https://` is refused here rather than failing on every export:
+/// the sidecar has no trust anchors for a collector's certificate (the mesh CA signs workload
+/// identities, not collectors), so TLS to the collector would either trust nothing or trust
+/// anything. Collectors are reached in plaintext on the cluster network, like Prometheus
+/// scrapes.
+pub fn parse_collector(c: &str) -> Result<Collector, &'static str> {
+    let (scheme, rest) = match c.split_once("://") {
+        Some(("http", rest)) => (true, rest),
+        Some(("https", _)) => {
+            return Err(
+                "https is not supported: the sidecars have no trust anchors for a \
+                 collector's certificate; use the collector's plaintext port (http://host:4317 \
+                 for gRPC, http://host:4318 for HTTP)",
+            );
+        }
+        Some(_) => return Err(COLLECTOR_FORMS),
+        None => (false, c),
     };
-    let port = hostport.rsplit_once(':').map(|(_, p)| p);
-    if hostport.is_empty()
-        || hostport.contains(|ch: char| ch.is_whitespace() || ch == '/')
-        || port.is_none_or(|p| p.parse::<u16>().is_err())
-    {
-        return Some("must be host:port or http://host:port (OTLP/gRPC, plaintext)");
+    let (hostport, path) = match rest.find('/') {
+        // A path only in URL form, so `host:port/x` is not mistaken for an address.
+        Some(i) if scheme => rest.split_at(i),
+        Some(_) => return Err(COLLECTOR_FORMS),
+        None => (rest, ""),
+    };
+    let port = hostport
+        .rsplit_once(':')
+        .and_then(|(h, p)| (!h.is_empty()).then_some(p))
+        .and_then(|p| p.parse::<u16>().ok());
+    let bad_char = |ch: char| ch.is_whitespace() || ch == '?' || ch == '#';
+    let Some(port) = port else {
+        return Err(COLLECTOR_FORMS);
+    };
+    if hostport.contains(bad_char) || path.contains(bad_char) {
+        return Err(COLLECTOR_FORMS);
     }
-    None
+    Ok(if !path.is_empty() {
+        Collector {
+            protocol: CollectorProtocol::HttpProtobuf,
+            url: format!("http://{hostport}{path}"),
+        }
+    } else if port == OTLP_HTTP_PORT {
+        Collector {
+            protocol: CollectorProtocol::HttpProtobuf,
+            url: format!("http://{hostport}{OTLP_HTTP_TRACES_PATH}"),
+        }
+    } else {
+        Collector {
+            protocol: CollectorProtocol::Grpc,
+            url: format!("http://{hostport}"),
+        }
+    })
+}
+
+/// Why a collector address cannot be exported to, if it cannot (see [`parse_collector`]).
+pub fn collector_problem(c: &str) -> Option<&'static str> {
+    parse_collector(c).err()
 }
 
 /// mTLS mode of an inbound port, already resolved (never `Unset`).
@@ -905,19 +974,36 @@ mod tests {
 
     #[test]
     fn refuses_collectors_the_exporter_cannot_reach() {
-        for ok in ["otel.obs:4317", "http://10.0.0.1:4317", "[::1]:4317"] {
+        for ok in [
+            "otel.obs:4317",
+            "http://10.0.0.1:4317",
+            "[::1]:4317",
+            "otel.obs:4318",
+            "http://otel.obs:4318",
+            "http://otel.obs:9000/v1/traces",
+        ] {
             assert_eq!(collector_problem(ok), None, "{ok}");
         }
         for bad in [
             "",
             "otel.obs",
+            ":4317",
             "https://otel:4317",
+            "https://otel:4318",
+            "grpc://otel:4317",
             "otel:port",
+            "otel:99999",
             "otel:4317/v1",
+            "http://otel:4318/v1/traces?x=1",
             "a b:1",
         ] {
             assert!(collector_problem(bad).is_some(), "{bad:?}");
         }
+        assert!(
+            collector_problem("https://otel:4318")
+                .unwrap()
+                .contains("trust")
+        );
         let mut cfg = sample();
         cfg.mesh.telemetry.tracing = Some(TracingSettings {
             sampling_percent: 1.0,
@@ -925,6 +1011,28 @@ mod tests {
         });
         let errs = cfg.validate().unwrap_err();
         assert_eq!(errs[0].path, "mesh.telemetry.tracing.collector");
+    }
+
+    #[test]
+    fn the_collector_address_picks_the_protocol() {
+        let c = |s| parse_collector(s).unwrap();
+        let grpc = |url: &str| Collector {
+            protocol: CollectorProtocol::Grpc,
+            url: url.into(),
+        };
+        let http = |url: &str| Collector {
+            protocol: CollectorProtocol::HttpProtobuf,
+            url: url.into(),
+        };
+        assert_eq!(c("otel:4317"), grpc("http://otel:4317"));
+        assert_eq!(c("http://otel:4317"), grpc("http://otel:4317"));
+        assert_eq!(c("otel:4318"), http("http://otel:4318/v1/traces"));
+        assert_eq!(c("http://[::1]:4318"), http("http://[::1]:4318/v1/traces"));
+        assert_eq!(
+            c("http://otel:80/otlp/v1/traces"),
+            http("http://otel:80/otlp/v1/traces")
+        );
+        assert_eq!(c("http://otel:4318/"), http("http://otel:4318/"));
     }
 
     #[test]

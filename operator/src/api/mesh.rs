@@ -374,12 +374,17 @@ pub enum AccessLogFormat {
 }
 
 /// Settings of the injected sidecar.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxySpec {
-    /// Sidecar image. Changing it rolls the new version out as `rollout` says.
-    #[serde(default = "default_proxy_image")]
-    pub image: String,
+    /// Sidecar image. Empty or absent: the operator's own proxy image (its `--proxy-image`
+    /// flag, `TRELLIS_PROXY_IMAGE`, which OLM sets from the bundle's `relatedImages`), so
+    /// upgrading the operator also rolls out the proxy it was released with. Changing the
+    /// effective image rolls the new version out as `rollout` says; `status.rollout.desiredVersion`
+    /// shows the image in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub image: Option<String>,
     /// Image pull policy of the sidecar and its init container.
     #[serde(default)]
     pub image_pull_policy: PullPolicy,
@@ -395,19 +400,49 @@ pub struct ProxySpec {
     pub access_log: AccessLogSpec,
 }
 
-fn default_proxy_image() -> String {
-    "ghcr.io/trellis-mesh/trellis-proxy:0.1.0".into()
+/// The proxy image of this build, the default of the operator's `--proxy-image`: the image
+/// released together with this operator.
+pub const BUILT_IN_PROXY_IMAGE: &str = concat!(
+    "ghcr.io/trellis-mesh/trellis-proxy:",
+    env!("CARGO_PKG_VERSION")
+);
+
+/// The operator's default proxy image, set once at start from `--proxy-image`.
+///
+/// A process-wide value rather than a parameter threaded through the injector, the rollout
+/// and the status controllers: it is configuration of the process, fixed before any of them
+/// runs, and every reader must see the same one (see [`ProxySpec::effective_image`]).
+static OPERATOR_PROXY_IMAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the operator's default proxy image; only the first call counts (the operator makes it
+/// at start). Returns whether this call set it.
+pub fn set_operator_proxy_image(image: String) -> bool {
+    OPERATOR_PROXY_IMAGE.set(image).is_ok()
 }
 
-impl Default for ProxySpec {
-    fn default() -> Self {
-        Self {
-            image: default_proxy_image(),
-            image_pull_policy: PullPolicy::default(),
-            resources: ProxyResources::default(),
-            log_level: LogLevel::default(),
-            access_log: AccessLogSpec::default(),
-        }
+/// The default proxy image in force: `--proxy-image` when the operator set it, else this
+/// build's.
+pub fn operator_proxy_image() -> &'static str {
+    OPERATOR_PROXY_IMAGE
+        .get()
+        .map(String::as_str)
+        .unwrap_or(BUILT_IN_PROXY_IMAGE)
+}
+
+/// The image a Mesh's sidecars run: its own `spec.proxy.image` when set and non-empty, else
+/// `operator_default`. The pure core of [`ProxySpec::effective_image`].
+pub fn resolve_proxy_image<'a>(image: Option<&'a str>, operator_default: &'a str) -> &'a str {
+    match image {
+        Some(i) if !i.trim().is_empty() => i,
+        _ => operator_default,
+    }
+}
+
+impl ProxySpec {
+    /// The proxy image in force for this Mesh. Every reader (the injector, the rollout's
+    /// desired version, the `ProxiesUpToDate` condition, `trellis check`) goes through here.
+    pub fn effective_image(&self) -> &str {
+        resolve_proxy_image(self.image.as_deref(), operator_proxy_image())
     }
 }
 
@@ -704,15 +739,17 @@ pub struct TracingSpec {
     #[x_kube(validation = Rule::new("self >= 0.0 && self <= 100.0")
         .message("samplingPercent must be between 0 and 100"))]
     pub sampling_percent: f64,
-    /// OTLP/gRPC collector address, `host:port` or `http://host:port` (plaintext; the sidecars
-    /// have no TLS client for the collector). Without it, mode `Install` installs Jaeger
-    /// all-in-one in the operator's namespace and the sidecars export to it; mode `Integrate`
-    /// exports nothing. Checked here as well as by the sidecars, because a value the sidecars
-    /// refuse would stop every namespace's config from updating.
+    /// OTLP collector address: `host:port` or `http://host:port` for OTLP/gRPC, and OTLP/HTTP
+    /// (protobuf) when the port is 4318 or a path is given (`http://otel:4318`,
+    /// `http://otel:8080/v1/traces`; a path is used as given). Plaintext only: the sidecars have
+    /// no trust anchors for a collector's certificate, so `https://` is refused. Without it, mode
+    /// `Install` installs Jaeger all-in-one in the operator's namespace and the sidecars export
+    /// to it; mode `Integrate` exports nothing. Checked here as well as by the sidecars, because
+    /// a value the sidecars refuse would stop every namespace's config from updating.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
-    #[x_kube(validation = Rule::new("self.matches('^(http://)?[^/\\\\s]+:[0-9]{1,5}$')")
-        .message("collector must be host:port or http://host:port (OTLP/gRPC, plaintext)"))]
+    #[x_kube(validation = Rule::new("self.matches('^((http://)?[^/\\\\s]+:[0-9]{1,5}|http://[^/\\\\s]+:[0-9]{1,5}/[^\\\\s?#]*)$')")
+        .message("collector must be host:port or http://host:port[/path] (OTLP/gRPC, or OTLP/HTTP on port 4318 or with a path; plaintext)"))]
     pub collector: Option<String>,
     /// Image of the Jaeger the operator installs (mode `Install`, no `collector`); defaults to
     /// the pinned image.
@@ -742,7 +779,7 @@ pub struct MeshStatus {
     /// `Accepted`; `Ready` (True only when `CAReady`, `WebhookReady` and `Programmed` are True
     /// and `Degraded` is not, each at the current `metadata.generation`); `CAReady`,
     /// `WebhookReady`, `Programmed`, `Degraded`, and `ProxiesUpToDate` (every injected pod runs
-    /// `spec.proxy.image`; not part of `Ready`), and `ObservabilityReady` (the observability
+    /// the Mesh's proxy image; not part of `Ready`), and `ObservabilityReady` (the observability
     /// addons, with each addon's state in the message; not part of `Ready`). Each controller
     /// writes its own conditions.
     #[serde(default)]
@@ -790,7 +827,8 @@ pub enum RolloutState {
 pub struct RolloutStatus {
     /// `Idle`, `Progressing`, `Paused`, `Failed` or `Complete`.
     pub state: RolloutState,
-    /// The proxy image every sidecar should run (`spec.proxy.image`).
+    /// The proxy image every sidecar should run (`spec.proxy.image`, else the operator's
+    /// default proxy image).
     pub desired_version: String,
     /// Why the rollout is in this state (CamelCase).
     #[serde(default)]
@@ -901,13 +939,34 @@ pub struct CaStatus {
 pub struct ProxyCounts {
     /// Pods with a sidecar (not being deleted).
     pub total: i64,
-    /// Pods whose sidecar runs the Mesh's current proxy image (`spec.proxy.image`).
+    /// Pods whose sidecar runs the Mesh's current proxy image (`spec.proxy.image`, else the operator's default).
     pub up_to_date: i64,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 17: an empty or absent `spec.proxy.image` means the operator's default, and the
+    /// CRD no longer writes a default image into every Mesh.
+    #[test]
+    fn an_empty_proxy_image_is_the_operators_default() {
+        assert_eq!(resolve_proxy_image(None, "op:1"), "op:1");
+        assert_eq!(resolve_proxy_image(Some(""), "op:1"), "op:1");
+        assert_eq!(resolve_proxy_image(Some("  "), "op:1"), "op:1");
+        assert_eq!(resolve_proxy_image(Some("mine:2"), "op:1"), "mine:2");
+        let spec: MeshSpec = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(spec.proxy.image, None);
+        assert_eq!(spec.proxy.effective_image(), operator_proxy_image());
+        let crd = serde_json::to_value(<Mesh as kube::CustomResourceExt>::crd()).unwrap();
+        let proxy = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["proxy"];
+        assert!(
+            proxy["properties"]["image"].get("default").is_none(),
+            "{proxy}"
+        );
+        assert!(proxy["default"].get("image").is_none(), "{proxy}");
+    }
 
     /// Issue 13 item 6: durations outside their range are refused with a message naming the
     /// field and the range, never accepted (a 0s TTL) and never a panic (a huge validity).

@@ -105,14 +105,19 @@ impl Parts {
     }
 }
 
-/// The proxy image the CRD defaults `spec.proxy.image` to: what a Mesh without one injects.
-pub fn default_proxy_image(crds: &[Value]) -> Option<String> {
-    let mesh = crds.iter().find(|c| c["spec"]["names"]["kind"] == "Mesh")?;
-    let schema = &mesh["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
-    let proxy = &schema["properties"]["spec"]["properties"]["proxy"];
-    proxy["default"]["image"]
+/// The environment variable that gives the operator its default proxy image.
+pub const PROXY_IMAGE_ENV: &str = "TRELLIS_PROXY_IMAGE";
+
+/// The operator's default proxy image: the `TRELLIS_PROXY_IMAGE` value `config/manager` sets
+/// on the operator container. What a Mesh without `spec.proxy.image` injects, so it is also
+/// the proxy entry of `relatedImages`.
+pub fn default_proxy_image(deployment: &Value) -> Option<String> {
+    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == PROXY_IMAGE_ENV)?["value"]
         .as_str()
-        .or_else(|| proxy["properties"]["image"]["default"].as_str())
+        .filter(|v| !v.is_empty())
         .map(str::to_string)
 }
 
@@ -143,8 +148,11 @@ pub fn csv(
              `kubectl apply -k config/default` install the same operator"
         )));
     }
-    let proxy_image = default_proxy_image(&parts.crds)
-        .ok_or_else(|| Error::Install("the Mesh CRD has no default for spec.proxy.image".into()))?;
+    let proxy_image = default_proxy_image(&parts.deployments[0]).ok_or_else(|| {
+        Error::Install(format!(
+            "the operator container in config/manager sets no {PROXY_IMAGE_ENV} value"
+        ))
+    })?;
 
     let meta = csv["metadata"]
         .as_object_mut()
@@ -173,13 +181,18 @@ pub fn csv(
             "mediatype": "image/svg+xml",
         }]),
     );
-    spec.insert(
-        "relatedImages".into(),
-        json!([
-            {"name": "trellis-operator", "image": operator_image},
-            {"name": "trellis-proxy", "image": proxy_image},
-        ]),
+    // Everything the operator may run, so a disconnected install mirrors all of it: itself,
+    // the sidecar, and the evaluation addons' pinned images.
+    let mut related = vec![
+        json!({"name": "trellis-operator", "image": operator_image}),
+        json!({"name": "trellis-proxy", "image": proxy_image}),
+    ];
+    related.extend(
+        crate::addons::images::ALL
+            .iter()
+            .map(|(name, image)| json!({"name": name, "image": image})),
     );
+    spec.insert("relatedImages".into(), Value::Array(related));
     spec.insert("install".into(), install(parts));
     let owned = spec
         .get_mut("customresourcedefinitions")

@@ -226,6 +226,29 @@ fn csv_metadata(csv: &Value, ann: &BTreeMap<String, String>, r: &mut Report) {
             );
         }
     }
+    // The operator injects the image its environment names; OLM mirrors relatedImages. They
+    // must be the same image, or a mirrored install injects an image it never mirrored.
+    let proxy_related = csv["spec"]["relatedImages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["name"] == "trellis-proxy")
+        .and_then(|i| i["image"].as_str());
+    for c in containers(csv) {
+        let env = c["env"].as_array().into_iter().flatten();
+        for e in env.filter(|e| e["name"] == super::csv::PROXY_IMAGE_ENV) {
+            let value = e["value"].as_str();
+            if value.is_none() || value != proxy_related {
+                r.add(
+                    Rule::CsvMetadata,
+                    format!(
+                        "{} is {value:?} but the trellis-proxy relatedImage is {proxy_related:?}",
+                        super::csv::PROXY_IMAGE_ENV
+                    ),
+                );
+            }
+        }
+    }
 }
 
 fn install_modes(csv: &Value, r: &mut Report) {

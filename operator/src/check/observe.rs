@@ -271,7 +271,30 @@ fn has_proxy(p: &Pod) -> bool {
 /// Reads what the data-plane checks need: the namespaces the Mesh selects (by its namespace
 /// selector, less the excluded ones), their ConfigMap and pods, and each running proxy's
 /// `/metrics`.
-pub async fn dataplane(client: &Client, operator_ns: &str, mesh: &MeshSpec) -> dataplane::Observed {
+/// The proxy image the Mesh's sidecars should run, as `trellis check` can know it: the
+/// operator resolves an empty `spec.proxy.image` to its own `--proxy-image`, which this CLI
+/// cannot see, and publishes the result as `status.rollout.desiredVersion`; before it has, the
+/// image of this build stands in.
+pub fn desired_image(mesh: &Mesh) -> String {
+    let published = mesh
+        .status
+        .as_ref()
+        .and_then(|s| s.rollout.as_deref())
+        .map(|r| r.desired_version.as_str())
+        .filter(|v| !v.is_empty());
+    crate::api::mesh::resolve_proxy_image(
+        mesh.spec.proxy.image.as_deref(),
+        published.unwrap_or(crate::api::mesh::operator_proxy_image()),
+    )
+    .to_owned()
+}
+
+pub async fn dataplane(
+    client: &Client,
+    operator_ns: &str,
+    mesh: &MeshSpec,
+    desired_image: String,
+) -> dataplane::Observed {
     let scope = crate::inject::scope::Scope::new(mesh, operator_ns);
     let selector = scope
         .namespace_match_labels()
@@ -306,7 +329,7 @@ pub async fn dataplane(client: &Client, operator_ns: &str, mesh: &MeshSpec) -> d
         }
     };
     dataplane::Observed {
-        desired_version: mesh.proxy.image.clone(),
+        desired_version: desired_image,
         cert_ttl_secs: crate::duration::parse(&mesh.workload_cert_ttl)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(24 * 3600),
@@ -388,11 +411,14 @@ pub async fn run(client: &Client, scope: &Scope, now: i64) -> Report {
     let o = installed(client, &scope.namespace).await;
     report.push("Control plane", installed::checks(&o, now));
     if scope.proxy {
-        let spec = match &o.mesh {
-            Ok(Some(m)) => m.spec.clone(),
-            _ => MeshSpec::default(),
+        let (spec, desired) = match &o.mesh {
+            Ok(Some(m)) => (m.spec.clone(), desired_image(m)),
+            _ => (
+                MeshSpec::default(),
+                crate::api::mesh::operator_proxy_image().to_owned(),
+            ),
         };
-        let d = dataplane(client, &scope.namespace, &spec).await;
+        let d = dataplane(client, &scope.namespace, &spec, desired).await;
         for (title, checks) in dataplane::sections(&d, now) {
             report.push(title, checks);
         }

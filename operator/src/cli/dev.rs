@@ -34,8 +34,9 @@ pub struct Args {
     /// `files` (issued by the CA directly and passed as --cert-file/--key-file).
     #[arg(long, value_enum, default_value_t = crate::dev::creds::Mode::default())]
     pub credentials: crate::dev::creds::Mode,
-    /// Export the sidecars' spans over OTLP/gRPC to this collector (`host:port`, e.g. a Jaeger
-    /// all-in-one on `127.0.0.1:4317`), sampling every request unless the Mesh sets tracing.
+    /// Export the sidecars' spans to this collector, sampling every request unless the Mesh sets
+    /// tracing: OTLP/gRPC for `host:port` (e.g. a Jaeger all-in-one on `127.0.0.1:4317`),
+    /// OTLP/HTTP for port 4318 or a URL with a path (`http://127.0.0.1:4318`).
     #[arg(long, value_parser = parse_collector)]
     pub otlp: Option<String>,
     /// 127.0.0.1 port of the live service graph in the browser (0: any free port). The URL is

@@ -47,7 +47,11 @@ pub fn condition(counts: &ProxyCounts, spec: &MeshSpec, generation: Option<i64>)
             PROXIES_UP_TO_DATE,
             ConditionStatus::True,
             "UpToDate",
-            format!("all {} proxies run {}", counts.total, spec.proxy.image),
+            format!(
+                "all {} proxies run {}",
+                counts.total,
+                spec.proxy.effective_image()
+            ),
             generation,
         );
     }
@@ -64,7 +68,9 @@ pub fn condition(counts: &ProxyCounts, spec: &MeshSpec, generation: Option<i64>)
         "OutOfDate",
         format!(
             "{} of {} proxies run {}; {how}",
-            counts.up_to_date, counts.total, spec.proxy.image
+            counts.up_to_date,
+            counts.total,
+            spec.proxy.effective_image()
         ),
         generation,
     )
@@ -72,7 +78,7 @@ pub fn condition(counts: &ProxyCounts, spec: &MeshSpec, generation: Option<i64>)
 
 /// Counts and condition for `mesh` over `pods`.
 pub fn report(pods: &[Arc<SlimPod>], mesh: &Mesh) -> (ProxyCounts, Condition) {
-    let counts = count(pods, &mesh.spec.proxy.image);
+    let counts = count(pods, mesh.spec.proxy.effective_image());
     let condition = condition(&counts, &mesh.spec, mesh.metadata.generation);
     (counts, condition)
 }
@@ -113,7 +119,7 @@ mod tests {
             }
         );
         let mut spec = MeshSpec::default();
-        spec.proxy.image = "proxy:2".into();
+        spec.proxy.image = Some("proxy:2".into());
         let cond = condition(&c, &spec, Some(7));
         assert_eq!(cond.status, ConditionStatus::False);
         assert_eq!(cond.observed_generation, Some(7));

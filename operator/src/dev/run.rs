@@ -939,11 +939,21 @@ impl LocalMesh {
                     trellis_proxy::spans::service_name(&p.labels, &pod)
                 })
                 .collect();
+            // `--otlp` was validated by the same parser when the flags were read.
+            let (protocol, url) = match trellis_proxy::config::parse_collector(c) {
+                Ok(c) => (
+                    match c.protocol {
+                        trellis_proxy::config::CollectorProtocol::Grpc => "OTLP/gRPC",
+                        trellis_proxy::config::CollectorProtocol::HttpProtobuf => "OTLP/HTTP",
+                    },
+                    c.url,
+                ),
+                Err(_) => ("OTLP", c.clone()),
+            };
             s.push_str(&format!(
-                "Traces: every sidecar exports spans over OTLP/gRPC to {} ({}% of new traces \
+                "Traces: every sidecar exports spans over {protocol} to {url} ({}% of new traces \
                  sampled); look them up in that collector's UI (Jaeger all-in-one: \
                  http://127.0.0.1:16686) by service: {}\n",
-                trellis_proxy::spans::endpoint(c),
                 mesh.spec.observability.tracing.sampling_percent,
                 services.into_iter().collect::<Vec<_>>().join(", ")
             ));

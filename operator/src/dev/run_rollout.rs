@@ -156,7 +156,10 @@ fn add(into: &mut Tally, from: &Tally) {
 impl LocalMesh {
     fn desired(&self) -> (String, crate::api::mesh::RolloutSpec) {
         let mesh = control::mesh_of(&self.dev);
-        (mesh.spec.proxy.image, mesh.spec.rollout)
+        (
+            mesh.spec.proxy.effective_image().to_owned(),
+            mesh.spec.rollout,
+        )
     }
 
     /// The version new proxies start as at `trellis dev` start.

@@ -470,7 +470,7 @@ fn options(ann: &BTreeMap<String, String>, mesh: &MeshSpec) -> Result<PodOptions
                 "expected an image reference",
             ));
         }
-        None => mesh.proxy.image.clone(),
+        None => mesh.proxy.effective_image().to_owned(),
     };
     Ok(PodOptions {
         image,
@@ -985,7 +985,7 @@ mod tests {
         };
         assert_eq!(
             out.metadata.annotations.unwrap()[ANNOTATION_PROXY_VERSION],
-            mesh.proxy.image
+            mesh.proxy.effective_image()
         );
         let bad = pod(json!({ANNOTATION_PROXY_IMAGE: "two words"}));
         assert!(matches!(

@@ -230,7 +230,7 @@ pub async fn pass(
         return (memory, true);
     };
     let spec = &mesh.spec.rollout;
-    let desired = mesh.spec.proxy.image.as_str();
+    let desired = mesh.spec.proxy.effective_image();
     let generation = mesh.metadata.generation.unwrap_or(0);
     let observed = stores.observe(&mesh);
     let previous = memory.or_else(|| {

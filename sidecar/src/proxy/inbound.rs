@@ -415,6 +415,7 @@ async fn handle(
                 endpoint: Some(info.target),
                 attempts: 1,
                 flags: vec!["UF"],
+                events: Vec::new(),
             });
             r
         }

@@ -230,6 +230,7 @@ pub fn record(shared: &Shared, c: &Completed<'_>, resp: &Response<Body>) {
             dst_service: c.dst_service,
             attempts: outcome.map(|o| o.attempts).unwrap_or(1),
             flags: outcome.map(|o| o.flags.as_slice()).unwrap_or(&[]),
+            events: outcome.map(|o| o.events.as_slice()).unwrap_or(&[]),
             elapsed,
         });
     }

@@ -310,6 +310,7 @@ async fn handle(
                 endpoint: Some(info.orig_dst),
                 attempts: 1,
                 flags: Vec::new(),
+                events: Vec::new(),
             };
             let mut resp = match shared.pool.send(target, req).await {
                 Ok(r) => r,

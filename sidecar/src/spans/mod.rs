@@ -1,5 +1,6 @@
-//! Distributed tracing: one span per HTTP request through the proxy, exported over OTLP/gRPC to
-//! the collector named in `mesh.telemetry.tracing`.
+//! Distributed tracing: one span per HTTP request through the proxy, exported over OTLP (gRPC,
+//! or HTTP with protobuf bodies; [`crate::config::parse_collector`] says which address means
+//! which) to the collector named in `mesh.telemetry.tracing`.
 //!
 //! Each request gets at most one span: a server span on the inbound side, a client span on the
 //! outbound side, with OpenTelemetry's HTTP semantic-convention attributes. The proxy joins the
@@ -26,15 +27,16 @@ use std::time::{Duration, SystemTime};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Version};
 use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+    Event, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
 };
 use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter};
 use prometheus_client::metrics::counter::Counter;
 
-use crate::config::TracingSettings;
+use crate::config::{CollectorProtocol, TracingSettings, parse_collector};
+use crate::traffic::{AttemptEvent, AttemptEventKind};
 use context::SpanIds;
 use export::Queue;
 
@@ -61,15 +63,6 @@ pub fn service_name(labels: &BTreeMap<String, String>, pod: &Pod) -> String {
         .or(pod.service_account.as_ref())
         .cloned()
         .unwrap_or_else(|| "unknown_service".into())
-}
-
-/// The gRPC endpoint URL for a collector given as `host:port` (the config's form).
-pub fn endpoint(collector: &str) -> String {
-    if collector.contains("://") {
-        collector.to_owned()
-    } else {
-        format!("http://{collector}")
-    }
 }
 
 /// The tracer in force, replaced when the config's tracing settings or the workload change.
@@ -164,16 +157,25 @@ pub struct Tracer {
 }
 
 impl Tracer {
-    fn start(
-        key: Key,
-        pod_name: Option<&str>,
-        dropped: Counter,
-    ) -> Result<Self, opentelemetry_otlp::ExporterBuildError> {
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint(&key.settings.collector))
-            .with_timeout(export::EXPORT_TIMEOUT)
-            .build()?;
+    fn start(key: Key, pod_name: Option<&str>, dropped: Counter) -> Result<Self, String> {
+        let collector = parse_collector(&key.settings.collector).map_err(str::to_owned)?;
+        let builder = opentelemetry_otlp::SpanExporter::builder();
+        let mut exporter = match collector.protocol {
+            CollectorProtocol::Grpc => builder
+                .with_tonic()
+                .with_endpoint(collector.url)
+                .with_timeout(export::EXPORT_TIMEOUT)
+                .build(),
+            // hyper-util's client (the `hyper-client` feature), plaintext only: no second TLS
+            // stack, no blocking reqwest thread.
+            CollectorProtocol::HttpProtobuf => builder
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(collector.url)
+                .with_timeout(export::EXPORT_TIMEOUT)
+                .build(),
+        }
+        .map_err(|e| e.to_string())?;
         let mut attrs = vec![
             KeyValue::new("service.name", key.service_name.clone()),
             KeyValue::new("k8s.namespace.name", key.namespace.clone()),
@@ -245,6 +247,8 @@ pub struct Finished<'a> {
     pub attempts: u32,
     /// Response flags of the traffic layer (`UF`, `UT`, `RL`, ...).
     pub flags: &'a [&'static str],
+    /// Retries and timeouts, recorded as span events.
+    pub events: &'a [AttemptEvent],
     pub elapsed: Duration,
 }
 
@@ -295,6 +299,11 @@ impl Active {
         ));
         if f.attempts > 1 {
             attributes.push(KeyValue::new("trellis.attempts", i64::from(f.attempts)));
+            // Semantic conventions: the ordinal of the last resend.
+            attributes.push(KeyValue::new(
+                "http.request.resend_count",
+                i64::from(f.attempts - 1),
+            ));
         }
         if !f.flags.is_empty() {
             attributes.push(KeyValue::new("trellis.response_flags", f.flags.join(",")));
@@ -325,7 +334,7 @@ impl Active {
             end_time: self.start + f.elapsed,
             attributes,
             dropped_attributes_count: 0,
-            events: Default::default(),
+            events: span_events(f.events),
             links: Default::default(),
             status: if failed {
                 Status::error("")
@@ -335,6 +344,46 @@ impl Active {
             instrumentation_scope: self.tracer.scope.clone(),
         }
     }
+}
+
+/// `SpanEvents` is non-exhaustive: fill a default one.
+fn span_events(events: &[AttemptEvent]) -> SpanEvents {
+    let mut out = SpanEvents::default();
+    out.events = events.iter().map(span_event).collect();
+    out
+}
+
+/// A retry or timeout as a span event. Names and attributes (under `trellis.`) are ours; the
+/// semantic conventions define none for either.
+fn span_event(e: &AttemptEvent) -> Event {
+    let attempt = KeyValue::new("trellis.attempt", i64::from(e.attempt));
+    let ms = |d: &Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let (name, attributes) = match &e.kind {
+        AttemptEventKind::Retry { reason } => (
+            "retry",
+            vec![
+                attempt,
+                KeyValue::new("trellis.retry.reason", reason.to_string()),
+            ],
+        ),
+        AttemptEventKind::PerTryTimeout { after } => (
+            "timeout",
+            vec![
+                attempt,
+                KeyValue::new("trellis.timeout.kind", "per-try"),
+                KeyValue::new("trellis.timeout.ms", ms(after)),
+            ],
+        ),
+        AttemptEventKind::RequestTimeout { after } => (
+            "timeout",
+            vec![
+                attempt,
+                KeyValue::new("trellis.timeout.kind", "request"),
+                KeyValue::new("trellis.timeout.ms", ms(after)),
+            ],
+        ),
+    };
+    Event::new(name, e.at, attributes, 0)
 }
 
 /// The span name and `http.request.method`: the method when it is a standard one, else `HTTP`
@@ -388,12 +437,6 @@ mod tests {
         assert_eq!(service_name(&l, &pod), "web");
         l.insert("app.kubernetes.io/name".into(), "shop-web".into());
         assert_eq!(service_name(&l, &pod), "shop-web");
-    }
-
-    #[test]
-    fn collector_endpoints() {
-        assert_eq!(endpoint("otel.obs:4317"), "http://otel.obs:4317");
-        assert_eq!(endpoint("http://otel.obs:4317"), "http://otel.obs:4317");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use rand::Rng;
@@ -21,7 +21,8 @@ use super::endpoint::{EndpointState, InflightGuard, now_ms_at};
 use super::limit::{RetryBudget, TokenBucket, rate_limited_response};
 use super::metrics::{DestMetrics, TrafficMetrics};
 use super::{
-    Body, ConnectionParams, Outcome, RequestCtx, Target, Upstream, UpstreamError, error_response,
+    AttemptEvent, AttemptEventKind, Body, ConnectionParams, Outcome, RequestCtx, RetryReason,
+    Target, Upstream, UpstreamError, error_response,
 };
 use crate::config::{
     CircuitBreaker, HashKey, LbAlgorithm, OutboundService, OutlierDetection, Protocol, ProxyConfig,
@@ -184,6 +185,21 @@ enum Class {
     /// The pool had no stream for it (never sent): retried like a connect failure, but not a
     /// failure of the endpoint for ejection.
     Overflow,
+}
+
+impl Class {
+    /// What a retry of an attempt of this class is recorded with; `None` for a success.
+    fn retry_reason(self) -> Option<RetryReason> {
+        Some(match self {
+            Class::Success => return None,
+            Class::Status(s) => RetryReason::Status(s),
+            Class::Grpc(c) => RetryReason::Grpc(c),
+            Class::Connect => RetryReason::ConnectFailure,
+            Class::Reset => RetryReason::Reset,
+            Class::Timeout => RetryReason::PerTryTimeout,
+            Class::Overflow => RetryReason::Overflow,
+        })
+    }
 }
 
 impl Dispatcher {
@@ -427,12 +443,18 @@ impl Dispatcher {
             endpoint: None,
             attempts: 0,
             flags: Vec::new(),
+            events: Vec::new(),
         };
         let mut resp = match route.request_timeout {
             Some(t) => {
                 match tokio::time::timeout(t, self.run(&route, req, ctx, &mut outcome)).await {
                     Ok(r) => r,
                     Err(_) => {
+                        outcome.events.push(AttemptEvent {
+                            at: SystemTime::now(),
+                            attempt: outcome.attempts,
+                            kind: AttemptEventKind::RequestTimeout { after: t },
+                        });
                         outcome.flags.push("UT");
                         route.dest.metrics.timeouts.inc();
                         error_response(StatusCode::GATEWAY_TIMEOUT)
@@ -518,13 +540,21 @@ impl Dispatcher {
             let send = self.upstream.send(target, req);
             let per_try = retry.and_then(|(r, ..)| r.per_try_timeout);
             let res = match per_try {
-                Some(t) => tokio::time::timeout(t, send)
-                    .await
-                    .unwrap_or(Err(UpstreamError::Other {
-                        addr: outcome.endpoint.expect("set above"),
-                        source: "per-try timeout".into(),
-                    }))
-                    .map_err(|e| (e, true)),
+                Some(t) => match tokio::time::timeout(t, send).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        outcome.events.push(AttemptEvent {
+                            at: SystemTime::now(),
+                            attempt,
+                            kind: AttemptEventKind::PerTryTimeout { after: t },
+                        });
+                        Err(UpstreamError::Other {
+                            addr: outcome.endpoint.expect("set above"),
+                            source: "per-try timeout".into(),
+                        })
+                    }
+                }
+                .map_err(|e| (e, true)),
                 None => send.await.map_err(|e| (e, false)),
             };
             drop(pending);
@@ -550,6 +580,13 @@ impl Dispatcher {
                             drop(res);
                             drop(inflight);
                             dest.metrics.retries.inc();
+                            if let Some(reason) = class.retry_reason() {
+                                outcome.events.push(AttemptEvent {
+                                    at: SystemTime::now(),
+                                    attempt,
+                                    kind: AttemptEventKind::Retry { reason },
+                                });
+                            }
                             tokio::time::sleep(policy.backoff(attempt)).await;
                             continue;
                         }

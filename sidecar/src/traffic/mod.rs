@@ -139,6 +139,57 @@ pub struct Outcome {
     /// (request or per-try), `UO` overflow (circuit breaker), `RL` rate limited, `URX` retries
     /// exhausted (the last allowed attempt still failed retriably).
     pub flags: Vec<&'static str>,
+    /// Retries and timeouts in the order they happened, for the request's span. Stays empty
+    /// (no allocation) for a request that was neither retried nor timed out.
+    pub events: Vec<AttemptEvent>,
+}
+
+/// A retry or a timeout during one request: what a trace shows of the traffic policy at work.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttemptEvent {
+    /// Wall-clock time, as span events carry it.
+    pub at: std::time::SystemTime,
+    /// The attempt it concerns (1 is the first).
+    pub attempt: u32,
+    pub kind: AttemptEventKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptEventKind {
+    /// The attempt failed retriably and another one is sent after the backoff.
+    Retry {
+        /// Why the attempt failed (`connect-failure`, `reset`, `per-try-timeout`,
+        /// `status-503`, `grpc-14`, `overflow`).
+        reason: RetryReason,
+    },
+    /// `retries.perTryTimeoutMs` cut the attempt short.
+    PerTryTimeout { after: Duration },
+    /// `timeouts.requestMs` ended the request (answered 504) during the attempt.
+    RequestTimeout { after: Duration },
+}
+
+/// Why an attempt was retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryReason {
+    ConnectFailure,
+    Reset,
+    PerTryTimeout,
+    Overflow,
+    Status(u16),
+    Grpc(u32),
+}
+
+impl std::fmt::Display for RetryReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ConnectFailure => f.write_str("connect-failure"),
+            Self::Reset => f.write_str("reset"),
+            Self::PerTryTimeout => f.write_str("per-try-timeout"),
+            Self::Overflow => f.write_str("overflow"),
+            Self::Status(s) => write!(f, "status-{s}"),
+            Self::Grpc(c) => write!(f, "grpc-{c}"),
+        }
+    }
 }
 
 /// Connection-level parameters of a destination that the core's pool enforces, attached to
