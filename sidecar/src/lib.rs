@@ -18,3 +18,4 @@ pub mod shutdown;
 pub mod spans;
 pub mod tls;
 pub mod traffic;
+pub mod workers;

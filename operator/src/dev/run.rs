@@ -383,6 +383,10 @@ impl LocalMesh {
                 "text".into(),
                 "--drain-timeout".into(),
                 "1s".into(),
+                // One worker each (tokio's current-thread runtime), as a pod with a one-core
+                // allowance gets; explicit so the user's environment cannot size the demo.
+                "--concurrency".into(),
+                "1".into(),
             ];
             args.extend(cred_args.get(&pod_key(&pod)).cloned().unwrap_or_default());
             let p = supervise::spawn(
