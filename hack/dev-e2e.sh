@@ -7,7 +7,11 @@
 #     during the run, the legacy edge shows refusals. Screenshots go to $OUT;
 #   - a real Prometheus (Debian's, on loopback, temp dir, 1 h retention, stopped at the end)
 #     scrapes the run's sidecars: `trellis stat` must report every meshed edge, and
-#     `trellis dashboard --prometheus` must draw them in Chromium too.
+#     `trellis dashboard --prometheus` must draw them in Chromium too;
+#   - the same Prometheus answers every Grafana dashboard query and alert expression shipped in
+#     operator/src/addons/assets (the operator's ignored `addons::assets::check::live` test:
+#     series for each, the failing catalog replica visible, broken copies refused); the alert
+#     rules also pass `promtool check rules` and `promtool test rules` first.
 # Usage: bash hack/dev-e2e.sh   (OUT=hack/out/dev-e2e DURATION=75s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +23,13 @@ DASHBOARD_PORT=${DASHBOARD_PORT:-17390}
 PROM_PORT=${PROM_PORT:-17391}
 PROM_DASHBOARD_PORT=${PROM_DASHBOARD_PORT:-17392}
 mkdir -p "$OUT"
+ASSETS=operator/src/addons/assets
+promtool check rules "$ASSETS/alerts.yaml"
+promtool test rules "$ASSETS/alerts_test.yaml"
 cargo build --locked --bin trellis
+# The live dashboard check is a lib test: built before the bounded run starts, with the flags
+# of hack/test.sh's `cargo test --workspace --locked`, so CI reuses that build.
+cargo test --workspace --locked --lib --no-run
 BIN="${CARGO_TARGET_DIR:-target}/debug/trellis"
 
 work=$(mktemp -d)
@@ -122,6 +132,9 @@ if [ -z "$ok" ]; then
   cat "$OUT/stat.json" "$OUT/stat.err" >&2
   exit 1
 fi
+echo "dev-e2e: dashboards and alerts against $PROM"
+TRELLIS_LIVE_PROMETHEUS="$PROM" cargo test --workspace --locked --lib -- --ignored --exact \
+  addons::assets::check::live --nocapture 2>&1 | tee "$OUT/dashboards-live.txt"
 "$BIN" stat --prometheus "$PROM" --window 15s | tee "$OUT/stat.txt"
 "$BIN" stat deploy/catalog --prometheus "$PROM" --window 15s >"$OUT/stat-catalog.txt"
 grep -q "frontend.shop -> catalog.shop" "$OUT/stat-catalog.txt"

@@ -14,7 +14,8 @@ command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 # curl: the same script waits on the dashboard's /api/graph.
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v curl >/dev/null 2>&1 || need+=(curl)
-# prometheus: the same script runs a real one against `trellis dev` for `trellis stat`.
+# prometheus: the same script runs a real one against `trellis dev` for `trellis stat` and the
+# dashboard/alert queries, and its promtool checks and unit-tests the alert rules.
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 
 if [ "${#need[@]}" -gt 0 ]; then

@@ -389,6 +389,19 @@ pub fn replica_servers(namespace: &str) -> Vec<ExtraServer> {
     ]
 }
 
+/// The operator's one metrics registry: the `trellis_operator` prefix, and the version as
+/// `trellis_operator_build_info{version}`, which the old-proxy alert and the control-plane
+/// dashboard compare the sidecars' `trellis_proxy_build_info` with.
+pub fn new_registry() -> Registry {
+    let mut registry = Registry::with_prefix("trellis_operator");
+    registry.register(
+        "build",
+        "The operator's version",
+        prometheus_client::metrics::info::Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+    );
+    registry
+}
+
 /// Builds a client and proves the API server answers.
 pub async fn connect() -> Result<Client, Error> {
     let config = kube::Config::infer()
@@ -456,7 +469,7 @@ pub async fn run(config: Config, extras: Vec<ExtraServer>) -> Result<(), Error> 
         config: Arc::new(config.clone()),
         shutdown: shutdown.clone(),
         readiness: Readiness::default(),
-        registry: Arc::new(Mutex::new(Registry::with_prefix("trellis_operator"))),
+        registry: Arc::new(Mutex::new(new_registry())),
     };
     let metrics = Arc::new(crate::controller::Metrics::register(
         &mut services.registry.lock().expect("registry lock"),
@@ -823,7 +836,7 @@ mod tests {
             config: Arc::new(parse(&["--pod-name", "t"]).unwrap()),
             shutdown: CancellationToken::new(),
             readiness: Readiness::default(),
-            registry: Arc::new(Mutex::new(Registry::with_prefix("trellis_operator"))),
+            registry: Arc::new(Mutex::new(new_registry())),
         }
     }
 
@@ -989,6 +1002,11 @@ mod tests {
         assert_eq!(code, 200);
         assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
         assert!(body.contains("trellis_operator_leader 1"), "{body}");
+        let version = format!(
+            "trellis_operator_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(body.contains(&version), "{body}");
         assert!(body.ends_with("# EOF\n"), "{body}");
         assert_eq!(get(addr, "/nope").await.0, 404);
 

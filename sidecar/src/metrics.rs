@@ -15,6 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::traffic::TrafficMetrics;
@@ -205,6 +206,13 @@ impl Metrics {
             "cert_expiry_timestamp_seconds",
             "Unix time at which the proxy's certificate expires",
             cert_expiry.clone(),
+        );
+        // An info metric (`trellis_proxy_build_info{version} 1`): dashboards count proxies per
+        // version and the old-version alert compares it with the operator's own.
+        registry.register(
+            "build",
+            "The proxy's version",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         let spans_dropped = Counter::default();
         registry.register(
@@ -486,6 +494,18 @@ mod tests {
         );
         assert!(text.contains("trellis_proxy_response_latency_seconds_bucket"));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// The proxy's version is a series of its own, so a dashboard can count proxies per version
+    /// and an alert can find proxies left on an old one.
+    #[test]
+    fn exports_its_version() {
+        let text = Metrics::new().encode();
+        let want = format!(
+            "trellis_proxy_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&want), "{want} not in:\n{text}");
     }
 
     #[test]

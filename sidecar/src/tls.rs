@@ -455,7 +455,9 @@ pub fn load_pem_credentials(
 
 /// How often the PEM files are polled. Kubelet swaps projected files through a `..data`
 /// symlink, which inotify on the file path misses; polling the content is simple and robust.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Once a second: certificates are renewed hours before they expire, so a faster poll only
+/// costs an idle proxy wake-ups and reads.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Publishes the credentials in the three files on `tx` whenever their content changes, until
 /// every receiver is gone. A change is only published when the files parse and the key matches

@@ -2,4 +2,5 @@
 //! (Prometheus Operator objects, `prometheus.io` annotations, Grafana dashboard ConfigMaps) and
 //! what it installs for evaluation (Prometheus, Grafana, Jaeger). Desired objects are built by
 //! pure code from the Mesh; one applier converges them.
+pub mod assets;
 pub mod images;

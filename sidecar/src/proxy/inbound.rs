@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
+use super::coalesce;
 use super::detect::{Detected, detect};
 use super::http::{
     ORIG_PROTO, authority, clean_response, ensure_request_id, is_upgrade, strip_hop_by_hop,
@@ -387,7 +388,8 @@ async fn handle(
         connect_timeout: None,
     };
     let mut resp = match shared.inbound_pool.send(target, req).await {
-        Ok(r) => r,
+        // Head and first chunk go to the peer sidecar as one write.
+        Ok(r) => coalesce::prefetch(r, coalesce::PREFETCH_WAIT).await,
         Err(e) => {
             tracing::debug!(error = %e, "local application did not answer");
             let mut r = error_response(StatusCode::BAD_GATEWAY);

@@ -1,8 +1,10 @@
 //! The data path, as named stages: [`io`] (original destination, replay), [`detect`]
 //! (protocol), [`outbound`] and [`inbound`] (per-direction routing and mTLS policy), [`http`]
 //! (L7 forwarding rules), [`tcp`] (L4), [`upstream`] (the pooled client behind
-//! [`crate::traffic::Upstream`]) and [`mtls`] (TLS configs per credentials snapshot).
+//! [`crate::traffic::Upstream`]), [`mtls`] (TLS configs per credentials snapshot) and
+//! [`coalesce`] (a small response's head and body written together).
 
+pub mod coalesce;
 pub mod detect;
 pub mod http;
 pub mod inbound;

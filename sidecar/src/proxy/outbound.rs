@@ -24,6 +24,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
+use super::coalesce;
 use super::detect::{Detected, detect};
 use super::http::{
     authority, clean_response, ensure_request_id, is_upgrade, strip_hop_by_hop, trace_id,
@@ -241,7 +242,7 @@ async fn handle(
         original_dst: info.orig_dst,
         source_ip: info.client.ip(),
     };
-    let (mut resp, dst_service, tls) = match route {
+    let (resp, dst_service, tls) = match route {
         Some((svc, port)) => {
             let resp = shared.dispatcher.dispatch(svc, port, req, &ctx).await;
             (resp, info.dst_service(svc), !svc.identities.is_empty())
@@ -280,6 +281,8 @@ async fn handle(
             (resp, Arc::<str>::from("unknown"), false)
         }
     };
+    // Head and first chunk go to the application as one write.
+    let mut resp = coalesce::prefetch(resp, coalesce::PREFETCH_WAIT).await;
     if let Some(cu) = client_upgrade
         && resp.status() == StatusCode::SWITCHING_PROTOCOLS
     {

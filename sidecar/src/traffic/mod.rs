@@ -59,7 +59,7 @@ pub use discover::{Discover, InlineEndpoints};
 pub use dispatch::{Dispatcher, EndpointStats, TcpRefused, TcpTarget};
 pub use endpoint::{EWMA_DECAY, EWMA_DEFAULT_RTT};
 pub use limit::{BUDGET_TTL, InboundRateLimiter, RetryBudget, TokenBucket, rate_limited_response};
-pub use metrics::TrafficMetrics;
+pub use metrics::{BackendLabels, OverflowLabels, TrafficMetrics};
 pub use plain::PlainUpstream;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

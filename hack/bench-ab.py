@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""A/B of two trellis-proxy binaries: CPU per 1000 requests per proxy, interleaved rounds.
+
+For judging one change to the request path on a shared, noisy machine: two Trellis pairs (client
+sidecar -> mTLS -> server sidecar -> nginx upstream, as in hack/bench-proxy.py) run side by
+side, one per binary, and the same fixed-rate load (hack/bench-load.rs) goes to A, then B, then
+A... Each proxy's CPU (utime+stime of all its threads, /proc/<pid>/stat) is read around each
+run. The report is the median over rounds of B's CPU per request divided by A's, per role, so
+machine-wide slowdowns that hit both alike cancel out. Not run by CI.
+
+Usage: hack/bench-ab.py OLD_BINARY NEW_BINARY (the same binary twice, with A_ENV/B_ENV, compares
+settings: A_ENV="TOKIO_WORKER_THREADS=1,X=y" is the environment of pair A only)
+Environment: RATE (1000), CONNS (16), DURATION (8 s), ROUNDS (5), PERF (unset; "client" or
+"server": run `perf record` on that proxy of B during its last round, into
+hack/out/perf-B-<role>.data), STAT (unset; "1": count syscalls and context switches per request
+of both proxies of A and B in their last rounds, with `perf stat`).
+"""
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+LOAD = os.environ.get("TRELLIS_LOAD", os.path.join(TARGET, "release/examples/bench-load"))
+RATE = int(os.environ.get("RATE", "1000"))
+CONNS = int(os.environ.get("CONNS", "16"))
+DURATION = os.environ.get("DURATION", "8")
+ROUNDS = int(os.environ.get("ROUNDS", "5"))
+PERF = os.environ.get("PERF", "")
+TICK = os.sysconf("SC_CLK_TCK")
+UPSTREAM = 18580
+TD = "cluster.local"
+CLIENT_ID = f"spiffe://{TD}/ns/bench/sa/client"
+SERVER_ID = f"spiffe://{TD}/ns/bench/sa/server"
+
+procs = []
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def spawn(args, env=None, **kw):
+    if env:
+        kw["env"] = dict(os.environ, **env)
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+    procs.append(p)
+    return p
+
+
+def certs(d):
+    def run(*a):
+        sh("openssl", *a, cwd=d)
+
+    run("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key")
+    run("req", "-x509", "-new", "-key", "ca.key", "-days", "2", "-subj", "/CN=bench-ca",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", "ca.pem")
+    for name, sid in (("client", CLIENT_ID), ("server", SERVER_ID)):
+        run("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.ec.key")
+        run("pkcs8", "-topk8", "-nocrypt", "-in", f"{name}.ec.key", "-out", f"{name}.key")
+        run("req", "-new", "-key", f"{name}.key", "-subj", f"/CN={name}", "-out", f"{name}.csr")
+        with open(os.path.join(d, f"{name}.ext"), "w") as f:
+            f.write(f"subjectAltName=URI:{sid}\nkeyUsage=critical,digitalSignature\n"
+                    "extendedKeyUsage=serverAuth,clientAuth\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+
+
+def upstream(d):
+    conf = os.path.join(d, "upstream.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes 1; daemon off; pid {d}/upstream.pid; error_log /dev/null;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{UPSTREAM};
+    location / {{ default_type text/plain; return 200 "{"x" * 1024}"; }} }} }}
+""")
+    spawn(["nginx", "-c", conf, "-p", d])
+
+
+def write_config(pd, cfg):
+    ts = os.path.join(pd, "..gen_0")
+    os.makedirs(ts)
+    with open(os.path.join(ts, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with open(os.path.join(ts, "labels"), "w") as f:
+        f.write('app="bench"\n')
+    os.symlink("..gen_0", os.path.join(pd, "..data"))
+    for name in ("config.json", "labels"):
+        os.symlink(os.path.join("..data", name), os.path.join(pd, name))
+
+
+def ready(port):
+    end = time.time() + 15
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"proxy with admin {port} not ready")
+
+
+def pair(d, name, binary, base_port, env=None):
+    out_port, in_port, cadmin, sadmin = base_port, base_port + 1, base_port + 2, base_port + 3
+    base = {"version": 1, "namespace": "bench",
+            "mesh": {"trustDomain": TD, "detectTimeoutMs": 100},
+            "inbound": [{"source": "mesh-default", "mtls": "Strict"}]}
+    client_cfg = dict(base, revision="r0", outbound=[{
+        "name": "bench", "namespace": "bench",
+        "ports": [{"port": 80, "protocol": "Http1",
+                   "endpoints": [{"address": f"127.0.0.1:{in_port}"}]}],
+        "identities": [SERVER_ID]}])
+    server_cfg = dict(base, revision="s0", outbound=[])
+    dirs = {}
+    for role, cfg in (("client", client_cfg), ("server", server_cfg)):
+        pd = os.path.join(d, f"{name}-{role}")
+        os.makedirs(pd)
+        shutil.copy(os.path.join(d, "ca.pem"), pd)
+        write_config(pd, cfg)
+        dirs[role] = pd
+    common = ["--log-format", "text", "--log-level", "warn", "--local-mode"]
+    s = spawn([binary, "--dir", dirs["server"], "--cert-file", f"{d}/server.crt",
+               "--key-file", f"{d}/server.key", "--inbound-addr", f"127.0.0.1:{in_port}",
+               "--outbound-addr", "127.0.0.1:0", "--admin-addr", f"127.0.0.1:{sadmin}",
+               "--inbound-target", f"127.0.0.1:{UPSTREAM}", *common], env)
+    c = spawn([binary, "--dir", dirs["client"], "--cert-file", f"{d}/client.crt",
+               "--key-file", f"{d}/client.key", "--outbound-addr", f"127.0.0.1:{out_port}",
+               "--inbound-addr", "127.0.0.1:0", "--admin-addr", f"127.0.0.1:{cadmin}", *common], env)
+    ready(sadmin)
+    ready(cadmin)
+    return {"client": c.pid, "server": s.pid, "port": out_port}
+
+
+def cpu(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+STAT_EVENTS = ["raw_syscalls:sys_enter", "context-switches", "syscalls:sys_enter_writev",
+               "syscalls:sys_enter_write", "syscalls:sys_enter_sendto",
+               "syscalls:sys_enter_recvfrom", "syscalls:sys_enter_read",
+               "syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_futex"]
+
+
+def run(p, perf_role=None, stat=False):
+    perf = None
+    stats = []
+    if stat:
+        for role in ("client", "server"):
+            out = tempfile.mktemp(prefix=f"perf-stat-{role}-")
+            args = ["perf", "stat", "-x", ",", "-o", out, "-p", str(p[role])]
+            for e in STAT_EVENTS:
+                args += ["-e", e]
+            stats.append((role, out, subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                                      stderr=subprocess.DEVNULL)))
+        time.sleep(0.5)
+    if perf_role:
+        os.makedirs(os.path.join(ROOT, "hack/out"), exist_ok=True)
+        perf = subprocess.Popen(
+            ["perf", "record", "-F", "999", "-g", "--call-graph", "dwarf,16384", "-p",
+             str(p[perf_role]), "-o", os.path.join(ROOT, f"hack/out/perf-B-{perf_role}.data")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+    c0, s0 = cpu(p["client"]), cpu(p["server"])
+    res = json.loads(sh(LOAD, "--url", f"http://127.0.0.1:{p['port']}/", "--host", "bench",
+                        "--rate", str(RATE), "--conns", str(CONNS), "--duration", DURATION))
+    c1, s1 = cpu(p["client"]), cpu(p["server"])
+    if perf:
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
+    n = res["requests"] / 1000
+    for role, out, sp in stats:
+        sp.send_signal(signal.SIGINT)
+        sp.wait()
+        counts = {}
+        for line in open(out):
+            f = line.strip().split(",")
+            if len(f) > 2 and f[0].replace(".", "").isdigit():
+                counts[f[2].replace("syscalls:sys_enter_", "")] = int(float(f[0]))
+        os.remove(out)
+        print(f"  {role} per request: " + ", ".join(
+            f"{k} {v / res['requests']:.2f}" for k, v in counts.items()), flush=True)
+    if res["errors"] or res["non2xx"]:
+        print(f"  errors: {res['errors']} non2xx: {res['non2xx']}", file=sys.stderr)
+    return {"client": (c1 - c0) / n, "server": (s1 - s0) / n, "p50": res["p50_ms"],
+            "p99": res["p99_ms"]}
+
+
+def main():
+    a_bin, b_bin = sys.argv[1], sys.argv[2]
+    d = tempfile.mkdtemp(prefix="trellis-ab-")
+    try:
+        certs(d)
+        upstream(d)
+        def env(var):
+            return dict(kv.split("=", 1) for kv in os.environ.get(var, "").split(",") if kv)
+
+        pairs = {"A": pair(d, "a", a_bin, 19100, env("A_ENV")),
+                 "B": pair(d, "b", b_bin, 19200, env("B_ENV"))}
+        # Warm both (TLS handshakes, pool connections) before anything counts.
+        for p in pairs.values():
+            sh(LOAD, "--url", f"http://127.0.0.1:{p['port']}/", "--host", "bench", "--rate",
+               "200", "--conns", str(CONNS), "--duration", "1")
+        rows = {"A": [], "B": []}
+        for i in range(ROUNDS):
+            for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
+                last = i == ROUNDS - 1 and name == "B"
+                r = run(pairs[name], PERF if (PERF and last) else None,
+                        os.environ.get("STAT") == "1" and i >= ROUNDS - 2)
+                rows[name].append(r)
+                print(f"round {i} {name}: client {r['client']:.4f} server {r['server']:.4f} "
+                      f"CPU s/1000 req; p50 {r['p50']:.3f} p99 {r['p99']:.3f} ms", flush=True)
+        for role in ("client", "server"):
+            ratios = [b[role] / a[role] for a, b in zip(rows["A"], rows["B"]) if a[role] > 0]
+            print(f"{role}: A median {statistics.median(r[role] for r in rows['A']):.4f}, "
+                  f"B median {statistics.median(r[role] for r in rows['B']):.4f}, "
+                  f"B/A per-round ratio median {statistics.median(ratios):.3f} "
+                  f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+        for k in ("p50", "p99"):
+            print(f"{k}: A median {statistics.median(r[k] for r in rows['A']):.3f} ms, "
+                  f"B median {statistics.median(r[k] for r in rows['B']):.3f} ms")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
