@@ -1,15 +1,18 @@
-//! Load-balancing benchmark: P2C over peak EWMA versus round robin, with one slow endpoint.
+//! Load-balancing benchmark: P2C over peak EWMA versus round robin and least request, with one
+//! slow endpoint.
 //!
-//! Three real HTTP/1.1 upstreams on 127.0.0.1 (two answer after `--fast-ms`, one after
-//! `--slow-ms`, 10x slower by default), driven through the real `Dispatcher` and the plaintext
-//! hyper `Upstream` at a fixed request rate (open loop: latency is measured from the scheduled
-//! send time, so a stalled generator cannot hide queueing). Modes, in the same run:
+//! Three real HTTP/1.1 upstreams on 127.0.0.1 (two answer after the fast delay, one after the
+//! slow one, 10x slower), driven through the real `Dispatcher` and the plaintext hyper
+//! `Upstream` at a fixed request rate (open loop: latency is measured from the scheduled send
+//! time, so a stalled generator cannot hide queueing). Scenarios: 1 ms / 10 ms and 5 ms / 50 ms
+//! (or the one `--fast-ms`/`--slow-ms` name). Modes, interleaved in every round, each with a
+//! fresh balancer (as after a proxy start):
 //!
 //! - `baseline`: only the two fast endpoints (round robin): what the fast endpoints deliver.
 //! - `round-robin` and `least-request` and `p2c-ewma`: all three endpoints.
 //!
-//! Run: `hack/bench-lb.sh` (release build; not part of CI). Goal: p2c-ewma p99 within 1.5x of
-//! the baseline p99.
+//! Run: `hack/bench-lb.sh` (release build; not part of CI). Goal: in every round, p2c-ewma p99
+//! within 1.5x of that round's baseline p99, and the share sent to the slow endpoint reported.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,8 +30,8 @@ struct Args {
     rate: u64,
     secs: u64,
     warmup_secs: u64,
-    fast_ms: u64,
-    slow_ms: u64,
+    /// (fast ms, slow ms) pairs to run.
+    scenarios: Vec<(u64, u64)>,
     rounds: u32,
 }
 
@@ -37,10 +40,10 @@ fn parse_args() -> Args {
         rate: 1000,
         secs: 10,
         warmup_secs: 2,
-        fast_ms: 1,
-        slow_ms: 10,
-        rounds: 1,
+        scenarios: vec![(1, 10), (5, 50)],
+        rounds: 3,
     };
+    let (mut fast, mut slow) = (None, None);
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let v: u64 = it
@@ -51,12 +54,19 @@ fn parse_args() -> Args {
             "--rate" => a.rate = v,
             "--secs" => a.secs = v,
             "--warmup-secs" => a.warmup_secs = v,
-            "--fast-ms" => a.fast_ms = v,
-            "--slow-ms" => a.slow_ms = v,
+            "--fast-ms" => fast = Some(v),
+            "--slow-ms" => slow = Some(v),
             "--rounds" => a.rounds = v as u32,
             other => panic!(
                 "unknown flag {other} (--rate --secs --warmup-secs --fast-ms --slow-ms --rounds)"
             ),
+        }
+    }
+    match (fast, slow) {
+        (None, None) => {}
+        (f, s) => {
+            let f = f.unwrap_or(1);
+            a.scenarios = vec![(f, s.unwrap_or(f * 10))];
         }
     }
     a
@@ -304,97 +314,97 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let fast1 = start_server(&servers, Duration::from_millis(a.fast_ms));
-    let fast2 = start_server(&servers, Duration::from_millis(a.fast_ms));
-    let slow = start_server(&servers, Duration::from_millis(a.slow_ms));
     let client = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("dispatcher")
         .enable_all()
         .build()
         .unwrap();
-    let all = [fast1.0, fast2.0, slow.0];
     println!(
-        "bench-lb: {} req/s open loop, {} s measured after {} s warm-up, fast {} ms x2, slow {} ms x1, {} round(s)",
-        a.rate, a.secs, a.warmup_secs, a.fast_ms, a.slow_ms, a.rounds
+        "bench-lb: {} req/s open loop, {} s measured after {} s warm-up, {} round(s) per scenario",
+        a.rate, a.secs, a.warmup_secs, a.rounds
     );
-    let mut results: Vec<Result_> = Vec::new();
-    for _ in 0..a.rounds {
-        results.push(client.block_on(run_mode(
-            "baseline (fast only)",
-            &all[..2],
-            slow.0,
-            LbAlgorithm::RoundRobin,
-            &a,
-        )));
-        results.push(client.block_on(run_mode(
-            "round-robin",
-            &all,
-            slow.0,
-            LbAlgorithm::RoundRobin,
-            &a,
-        )));
-        results.push(client.block_on(run_mode(
-            "least-request",
-            &all,
-            slow.0,
-            LbAlgorithm::LeastRequest,
-            &a,
-        )));
-        results.push(client.block_on(run_mode("p2c-ewma", &all, slow.0, LbAlgorithm::P2cEwma, &a)));
+    let mut all_met = true;
+    for &(fast_ms, slow_ms) in &a.scenarios {
+        all_met &= scenario(&servers, &client, &a, fast_ms, slow_ms);
     }
-    // Rounds interleave the modes so load from elsewhere on the machine hits all of them alike;
-    // samples of one mode are pooled across rounds.
-    let mut pooled: Vec<Result_> = Vec::new();
-    for r in results {
-        match pooled.iter_mut().find(|p| p.name == r.name) {
-            Some(p) => {
-                let n_old = p.lat_us.len() as f64;
-                let n_new = r.lat_us.len() as f64;
-                p.slow_share = (p.slow_share * n_old + r.slow_share * n_new) / (n_old + n_new);
-                p.errors += r.errors;
-                p.lat_us.extend(r.lat_us);
-            }
-            None => pooled.push(r),
-        }
-    }
-    for p in &mut pooled {
-        p.lat_us.sort_unstable();
-    }
-    let results = pooled;
-    let base_p99 = results
-        .iter()
-        .filter(|r| r.name.starts_with("baseline"))
-        .map(|r| pct(&r.lat_us, 0.99))
-        .fold(f64::NAN, f64::min);
     println!();
     println!(
-        "| mode | requests | errors | to slow | p50 ms | p99 ms | p99.9 ms | p99 / baseline p99 |"
+        "goal (p2c-ewma p99 <= 1.5x the fast endpoints' p99 in every round of every scenario): {}",
+        if all_met { "met" } else { "NOT met" }
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    for r in &results {
-        let p99 = pct(&r.lat_us, 0.99);
+}
+
+/// One scenario: per round, the four modes interleaved (load from elsewhere on the machine hits
+/// them alike); prints one table row per round and mode, then the per-round verdict. Returns
+/// whether every round met the goal.
+fn scenario(
+    servers: &tokio::runtime::Runtime,
+    client: &tokio::runtime::Runtime,
+    a: &Args,
+    fast_ms: u64,
+    slow_ms: u64,
+) -> bool {
+    let fast1 = start_server(servers, Duration::from_millis(fast_ms));
+    let fast2 = start_server(servers, Duration::from_millis(fast_ms));
+    let slow = start_server(servers, Duration::from_millis(slow_ms));
+    let all = [fast1.0, fast2.0, slow.0];
+    println!();
+    println!("### fast {fast_ms} ms x2, slow {slow_ms} ms x1");
+    println!();
+    println!(
+        "| round | mode | requests | errors | to slow | p50 ms | p99 ms | p99.9 ms | p99 / fast p99 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let modes = [
+        ("baseline (fast only)", LbAlgorithm::RoundRobin),
+        ("round-robin", LbAlgorithm::RoundRobin),
+        ("least-request", LbAlgorithm::LeastRequest),
+        ("p2c-ewma", LbAlgorithm::P2cEwma),
+    ];
+    let mut verdicts = Vec::new();
+    for round in 1..=a.rounds {
+        let mut base_p99 = f64::NAN;
+        let mut p2c = (f64::NAN, f64::NAN);
+        for (name, algo) in modes {
+            let eps = if name.starts_with("baseline") {
+                &all[..2]
+            } else {
+                &all[..]
+            };
+            let r = client.block_on(run_mode(name, eps, slow.0, algo, a));
+            let p99 = pct(&r.lat_us, 0.99);
+            if name.starts_with("baseline") {
+                base_p99 = p99;
+            }
+            println!(
+                "| {round} | {} | {} | {} | {:.2} % | {:.2} | {:.2} | {:.2} | {:.2}x |",
+                r.name,
+                r.lat_us.len(),
+                r.errors,
+                r.slow_share * 100.0,
+                pct(&r.lat_us, 0.50),
+                p99,
+                pct(&r.lat_us, 0.999),
+                p99 / base_p99
+            );
+            if algo == LbAlgorithm::P2cEwma {
+                p2c = (p99 / base_p99, r.slow_share);
+            }
+        }
+        verdicts.push(p2c);
+    }
+    println!();
+    let mut met = true;
+    for (i, (ratio, share)) in verdicts.iter().enumerate() {
+        let ok = *ratio <= 1.5;
+        met &= ok;
         println!(
-            "| {} | {} | {} | {:.1} % | {:.2} | {:.2} | {:.2} | {:.2}x |",
-            r.name,
-            r.lat_us.len(),
-            r.errors,
-            r.slow_share * 100.0,
-            pct(&r.lat_us, 0.50),
-            p99,
-            pct(&r.lat_us, 0.999),
-            p99 / base_p99
+            "round {}: p2c-ewma p99 / fast p99 = {ratio:.2}x ({}), {:.2} % to the slow endpoint",
+            i + 1,
+            if ok { "met" } else { "NOT met" },
+            share * 100.0
         );
     }
-    let p2c_p99 = results
-        .iter()
-        .filter(|r| r.name == "p2c-ewma")
-        .map(|r| pct(&r.lat_us, 0.99))
-        .fold(f64::NAN, f64::max);
-    let ratio = p2c_p99 / base_p99;
-    println!();
-    println!(
-        "goal: p2c-ewma p99 within 1.5x of the fast endpoints' p99: {ratio:.2}x -> {}",
-        if ratio <= 1.5 { "met" } else { "NOT met" }
-    );
+    met
 }

@@ -230,6 +230,7 @@ async fn proxy(n: usize, upstream: SocketAddr) -> (SocketAddr, tempfile::TempDir
             app_probes: Default::default(),
             pod_ip: None,
             pod: Default::default(),
+            discovery: None,
         },
         rx,
     )

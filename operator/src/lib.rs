@@ -12,6 +12,7 @@ pub mod compiler;
 pub mod controller;
 pub mod dashboard;
 pub mod dev;
+pub mod discovery;
 pub mod duration;
 pub mod identity;
 pub mod inject;

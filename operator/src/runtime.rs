@@ -55,6 +55,9 @@ pub struct Args {
     /// Address of the workload identity endpoint (HTTPS).
     #[arg(long, env = "TRELLIS_IDENTITY_ADDR", default_value = "0.0.0.0:15012")]
     pub identity_addr: String,
+    /// Address of the discovery stream sidecars resolve destinations from (mTLS, HTTP/2).
+    #[arg(long, env = "TRELLIS_DISCOVERY_ADDR", default_value = "0.0.0.0:15010")]
+    pub discovery_addr: String,
     /// Name of the Lease (in --namespace) that elects the replica running the controllers.
     #[arg(long, env = "TRELLIS_LEASE_NAME", default_value = "trellis-operator")]
     pub lease_name: String,
@@ -95,6 +98,7 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     pub webhook_addr: SocketAddr,
     pub identity_addr: SocketAddr,
+    pub discovery_addr: SocketAddr,
     pub lease_name: String,
     pub lease_duration: Duration,
     pub log_level: String,
@@ -122,6 +126,11 @@ impl Config {
         let admin_addr = addr("admin-addr", "TRELLIS_ADMIN_ADDR", &a.admin_addr);
         let webhook_addr = addr("webhook-addr", "TRELLIS_WEBHOOK_ADDR", &a.webhook_addr);
         let identity_addr = addr("identity-addr", "TRELLIS_IDENTITY_ADDR", &a.identity_addr);
+        let discovery_addr = addr(
+            "discovery-addr",
+            "TRELLIS_DISCOVERY_ADDR",
+            &a.discovery_addr,
+        );
         let mut duration = |flag: &str, env: &str, v: &str, min: Duration| -> Duration {
             match crate::duration::parse(v) {
                 Ok(d) if d >= min => d,
@@ -201,6 +210,7 @@ impl Config {
             admin_addr,
             webhook_addr,
             identity_addr,
+            discovery_addr,
             lease_name: a.lease_name,
             lease_duration,
             log_level: a.log_level,
@@ -386,6 +396,7 @@ pub fn replica_servers(namespace: &str) -> Vec<ExtraServer> {
     vec![
         crate::identity::replica::server(serving),
         crate::webhook::replica_server(webhook_tls),
+        crate::discovery::replica::server(),
     ]
 }
 
@@ -770,6 +781,7 @@ mod tests {
         assert_eq!(c.admin_addr.to_string(), "0.0.0.0:8080");
         assert_eq!(c.webhook_addr.to_string(), "0.0.0.0:9443");
         assert_eq!(c.identity_addr.to_string(), "0.0.0.0:15012");
+        assert_eq!(c.discovery_addr.to_string(), "0.0.0.0:15010");
         assert_eq!(c.lease_name, "trellis-operator");
         assert_eq!(c.lease_duration, Duration::from_secs(15));
         assert_eq!(c.log_format, LogFormat::Json);

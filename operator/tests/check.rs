@@ -903,6 +903,7 @@ mod live {
                 app_probes: Default::default(),
                 pod_ip: None,
                 pod: Default::default(),
+                discovery: None,
             },
             rx,
         )

@@ -184,6 +184,7 @@ fn install_has_what_the_design_promises() {
     assert_eq!(port("admin"), 8080);
     assert_eq!(port("webhook"), 9443);
     assert_eq!(port("identity"), 15012);
+    assert_eq!(port("discovery"), 15010);
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], "admin");
     for key in ["requests", "limits"] {
         assert!(c["resources"][key]["memory"].is_string(), "memory {key}");
@@ -212,7 +213,8 @@ fn install_has_what_the_design_promises() {
         svc_ports,
         [
             (443, "webhook".to_string()),
-            (15012, "identity".to_string())
+            (15012, "identity".to_string()),
+            (15010, "discovery".to_string())
         ]
     );
     assert_eq!(

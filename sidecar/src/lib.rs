@@ -6,6 +6,7 @@ pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod creds;
+pub mod discovery;
 pub mod identity;
 pub mod init;
 pub mod lookup;

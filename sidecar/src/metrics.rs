@@ -15,7 +15,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::traffic::TrafficMetrics;
@@ -93,6 +92,11 @@ pub struct RuntimeLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -113,6 +117,10 @@ pub struct Metrics {
     /// tool (`trellis check --proxy`) compares with the ConfigMap, without the loopback-only
     /// `/config`.
     pub config_info: Family<RevisionLabels, Gauge>,
+    /// One series, value 1, labelled with the proxy version this process says it is
+    /// (`--proxy-version`): what a rollout counts when pods carry no annotation, as in
+    /// `trellis dev`, where every local proxy is the same binary.
+    pub proxy_info: Family<VersionLabels, Gauge>,
     pub cert_expiry: Gauge,
     /// Spans lost to a full export queue or a failed export (see [`crate::spans::export`]).
     pub spans_dropped: Counter,
@@ -201,18 +209,27 @@ impl Metrics {
             "1, labelled with the revision of the config in force",
             config_info.clone(),
         );
+        // One series, `trellis_proxy_build_info{version} 1`, naming the version this process
+        // runs as (`--proxy-version`, by default the crate's): dashboards count proxies per
+        // version, the old-version alert compares it with the operator's own, and `trellis dev`
+        // follows a local rollout by it. A gauge family rather than an OpenMetrics info so the
+        // version can be set after start.
+        let proxy_info = Family::<VersionLabels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "1, labelled with the proxy version (--proxy-version) this process runs as",
+            proxy_info.clone(),
+        );
+        proxy_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .set(1);
         let cert_expiry = Gauge::default();
         registry.register(
             "cert_expiry_timestamp_seconds",
             "Unix time at which the proxy's certificate expires",
             cert_expiry.clone(),
-        );
-        // An info metric (`trellis_proxy_build_info{version} 1`): dashboards count proxies per
-        // version and the old-version alert compares it with the operator's own.
-        registry.register(
-            "build",
-            "The proxy's version",
-            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         let spans_dropped = Counter::default();
         registry.register(
@@ -237,6 +254,7 @@ impl Metrics {
             config_reloads,
             config_stale,
             config_info,
+            proxy_info,
             cert_expiry,
             spans_dropped,
             runtime_workers,
@@ -251,6 +269,16 @@ impl Metrics {
                 flavor: flavor.as_str(),
             })
             .set(i64::try_from(workers).unwrap_or(i64::MAX));
+    }
+
+    /// Makes `trellis_proxy_build_info` name `version` alone. Called once at start.
+    pub fn set_proxy_version(&self, version: &str) {
+        self.proxy_info.clear();
+        self.proxy_info
+            .get_or_create(&VersionLabels {
+                version: version.to_string(),
+            })
+            .set(1);
     }
 
     /// Makes `config_info` name `revision` alone. Called once per applied config, never on the
@@ -472,6 +500,24 @@ impl Drop for TcpBytesMeter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `trellis dev` counts a local rollout by this series: one, naming the version alone.
+    #[test]
+    fn proxy_info_names_the_version_it_was_started_as() {
+        let m = Metrics::new();
+        m.set_proxy_version("v1");
+        m.set_proxy_version("v2");
+        let text = m.encode();
+        assert!(
+            text.contains("trellis_proxy_build_info{version=\"v2\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("version=\"v1\""), "{text}");
+        assert!(
+            !text.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+            "{text}"
+        );
+    }
 
     #[test]
     fn encodes_requests_with_bounded_labels() {

@@ -115,6 +115,12 @@ pub struct RunArgs {
     /// [`crate::probe`]); `GET /app-health/...` on the admin port runs these and nothing else.
     #[arg(long, env = crate::probe::ENV_APP_PROBES, default_value = "", hide_default_value = true, value_parser = parse_probes)]
     pub app_probes: ProbeSet,
+    /// The proxy version this process reports as `trellis_proxy_build_info{version}` (default: the
+    /// crate version). The injector's image is the version in a cluster; `trellis dev`, whose
+    /// proxies are all this one binary, names the version it started each proxy as, so a local
+    /// rollout can be seen and counted.
+    #[arg(long, env = "TRELLIS_PROXY_VERSION", default_value = env!("CARGO_PKG_VERSION"))]
+    pub proxy_version: String,
     /// The pod's IP (downward API `status.podIP`): where app probes go, as the kubelet's would.
     /// Without it they go to 127.0.0.1.
     #[arg(long, env = "TRELLIS_POD_IP")]
@@ -127,6 +133,18 @@ pub struct RunArgs {
     /// to whole cores for the worker count. Without it, and without `--concurrency`, one core.
     #[arg(long, env = crate::workers::ENV_CPU_MILLIS)]
     pub cpu_millis: Option<String>,
+    /// The operator's discovery stream, `host:port` (comma-separated for several), set by the
+    /// injector. Without it the proxy knows only what its ConfigMap lists.
+    #[arg(
+        long,
+        env = "TRELLIS_DISCOVERY_ADDR",
+        value_delimiter = ',',
+        requires = "discovery_id"
+    )]
+    pub discovery_addr: Vec<String>,
+    /// The SPIFFE ID the discovery server must present (the operator's).
+    #[arg(long, env = "TRELLIS_DISCOVERY_ID")]
+    pub discovery_id: Option<String>,
 }
 
 fn parse_probes(s: &str) -> Result<ProbeSet, String> {
@@ -196,6 +214,8 @@ pub struct Options {
     pub pod_ip: Option<IpAddr>,
     /// The pod, as exported spans name it (resource attributes).
     pub pod: crate::spans::Pod,
+    /// The operator's discovery stream, if the injector configured one.
+    pub discovery: Option<crate::discovery::resolver::Settings>,
 }
 
 impl From<&RunArgs> for Options {
@@ -217,6 +237,15 @@ impl From<&RunArgs> for Options {
                 name: a.pod_name.clone(),
                 namespace: a.pod_namespace.clone(),
                 service_account: a.service_account.clone(),
+            },
+            discovery: match (&a.discovery_addr, &a.discovery_id) {
+                (addrs, Some(id)) if !addrs.is_empty() => {
+                    Some(crate::discovery::resolver::Settings {
+                        addrs: addrs.clone(),
+                        operator_id: id.clone(),
+                    })
+                }
+                _ => None,
             },
         }
     }
@@ -339,12 +368,12 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         metrics.spans_dropped.clone(),
     ));
 
-    let (mut watcher, config) = Watcher::new(&opts.dir, metrics.clone());
-    {
+    let (mut watcher, files) = Watcher::new(&opts.dir, metrics.clone());
+    let hook: Arc<dyn Fn(&crate::reload::Snapshot) + Send + Sync> = {
         let dispatcher = dispatcher.clone();
         let limiter = limiter.clone();
         let tracing = tracing.clone();
-        watcher.on_apply(Box::new(move |snap| {
+        Arc::new(move |snap: &crate::reload::Snapshot| {
             dispatcher.update(&snap.config);
             tracing.apply(
                 snap.config.mesh.telemetry.tracing.as_ref(),
@@ -366,9 +395,34 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
                 *slot = wanted
                     .map(|w| Arc::new(InboundRateLimiter::with_metrics(w, dispatcher.metrics())));
             }
-        }));
-    }
-    watcher.poll();
+        })
+    };
+    // With discovery, the data path reads the ConfigMap's config with the learned Services
+    // laid over it (see `crate::discovery::resolver`); without, the ConfigMap's as it is.
+    let discovery = opts
+        .discovery
+        .clone()
+        .map(crate::discovery::resolver::Resolver::new);
+    let config = match &discovery {
+        None => {
+            let hook = hook.clone();
+            watcher.on_apply(Box::new(move |snap| hook(snap)));
+            watcher.poll();
+            files
+        }
+        Some(resolver) => {
+            watcher.poll();
+            let initial = files.borrow().clone();
+            if let Some(snap) = &initial {
+                hook(snap);
+            }
+            let (tx, rx) = tokio::sync::watch::channel(initial);
+            let hook = hook.clone();
+            tokio::spawn(resolver.clone().merge(files, tx, move |snap| hook(snap)));
+            tokio::spawn(resolver.clone().run(creds.clone(), shutdown.token()));
+            rx
+        }
+    };
     let status = watcher.status();
     tokio::spawn(watcher.run(shutdown.token()));
 
@@ -413,6 +467,7 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         tcp_flush_interval: opts.tcp_flush_interval.max(Duration::from_millis(1)),
         http: http_builder(),
         tracing,
+        discovery,
     });
     for l in outbound {
         tokio::spawn(accept_loop(l, shared.clone(), Direction::Outbound));
@@ -534,6 +589,7 @@ pub fn main(args: RunArgs) -> ExitCode {
                 ));
             }
         }
+        running.metrics.set_proxy_version(&args.proxy_version);
         let sd = running.shutdown.clone();
         tokio::spawn(async move {
             crate::shutdown::signal().await;

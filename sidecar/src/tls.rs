@@ -179,6 +179,27 @@ pub fn verify_server_chain(
     Ok(())
 }
 
+/// Whether a client chain seen earlier (leaf first) would still be accepted now by
+/// [`server_config`] built from `creds`: valid at this moment, chaining to a root still in the
+/// bundle, with a SPIFFE ID of our trust domain. Inbound connections ask this when the
+/// credentials change, so a caller whose root left the bundle is cut off.
+pub fn verify_client_chain(
+    creds: &Credentials,
+    chain: &[CertificateDer<'_>],
+) -> Result<(), TlsError> {
+    let (end_entity, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| TlsError::Certificate("empty chain".into()))?;
+    let inner = WebPkiClientVerifier::builder_with_provider(root_store(&creds.roots)?, provider())
+        .build()?;
+    let verifier = SpiffeClientVerifier {
+        inner,
+        trust_domain: our_trust_domain(creds)?,
+    };
+    verifier.verify_client_cert(end_entity, intermediates, UnixTime::now())?;
+    Ok(())
+}
+
 /// The peer's SPIFFE ID (from its leaf's single URI SAN), once the handshake is done.
 pub fn peer_spiffe_id(conn: &CommonState) -> Option<String> {
     spiffe_id_of(conn.peer_certificates()?.first()?).ok()

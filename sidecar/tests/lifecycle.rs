@@ -309,6 +309,7 @@ async fn not_ready_without_credentials() {
             app_probes: Default::default(),
             pod_ip: None,
             pod: Default::default(),
+            discovery: None,
         },
         rx,
     )

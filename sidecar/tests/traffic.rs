@@ -775,9 +775,15 @@ async fn reload_keeps_in_flight_requests_and_endpoint_state() {
     assert_eq!(stats.len(), 2);
     let k = stats.iter().find(|s| s.addr == kept.addr).unwrap();
     assert!(
-        k.rtt_estimate <= kept_rtt,
-        "kept endpoint keeps its EWMA ({:?} vs {kept_rtt:?}), not the 30 ms default",
+        kept_rtt > Duration::ZERO && k.rtt_estimate > Duration::ZERO,
+        "kept endpoint keeps its EWMA ({:?}, was {kept_rtt:?}); a fresh state is unmeasured",
         k.rtt_estimate
+    );
+    let a = stats.iter().find(|s| s.addr == added.addr).unwrap();
+    assert_eq!(
+        a.rtt_estimate,
+        Duration::ZERO,
+        "the added endpoint starts unmeasured"
     );
     let before_old = old.hits.load(Ordering::SeqCst);
     let mut ports = HashSet::new();

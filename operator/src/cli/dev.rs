@@ -22,7 +22,8 @@ pub struct Args {
     #[arg(long)]
     pub once: bool,
     /// First of the consecutive 127.0.0.1 ports used (identity endpoint, then per pod: app,
-    /// sidecar outbound, inbound, admin).
+    /// sidecar outbound, inbound, admin; then the same again per meshed pod, spare ports where
+    /// a proxy rollout starts each pod's replacement).
     #[arg(long, default_value_t = 17000)]
     pub base_port: u16,
     /// Where configs, credentials and logs go (must be empty or missing; removed on exit).
@@ -41,6 +42,11 @@ pub struct Args {
     /// printed beside the table.
     #[arg(long, default_value_t = 0)]
     pub dashboard_port: u16,
+    /// Simulate a bad proxy version: pods whose proxy runs this version (the Mesh's
+    /// `spec.proxy.image`) answer every request with a 500. Set the Mesh to it while `trellis
+    /// dev` runs and watch the rollout's health gate stop it.
+    #[arg(long)]
+    pub fail_version: Option<String>,
 }
 
 fn parse_collector(s: &str) -> Result<String, String> {
@@ -78,5 +84,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         credentials: a.credentials,
         otlp: a.otlp,
         dashboard_port: a.dashboard_port,
+        fail_version: a.fail_version,
     }))
 }

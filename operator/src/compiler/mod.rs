@@ -188,6 +188,7 @@ impl std::fmt::Display for Problem {
     }
 }
 
+pub(crate) use render::Fragments;
 pub use render::NamespaceConfig;
 
 impl NamespaceConfig {
@@ -250,6 +251,9 @@ pub struct Output {
     /// The shared fragments and the outbound rows, for the next [`compile_incremental`].
     fragments: Option<Arc<render::Fragments>>,
     rows: Option<Arc<outbound::RowCache>>,
+    /// The import scope of every meshed namespace that narrows it (the others import `*`):
+    /// the discovery stream authorizes with the same rule the tables were built with.
+    imports: Arc<BTreeMap<String, visibility::Scope>>,
 }
 
 /// How much work a compile did, against what a compile from scratch would do.
@@ -277,6 +281,18 @@ impl Output {
             .iter()
             .map(|(ns, c)| (ns.clone(), c.render()))
             .collect()
+    }
+
+    /// The compiled table (every Service with its policy and all its endpoints), which the
+    /// discovery stream serves from: the very entries the ConfigMaps are rendered from.
+    pub(crate) fn fragments(&self) -> Option<&Arc<render::Fragments>> {
+        self.fragments.as_ref()
+    }
+
+    /// What a namespace imports (`trellis.dev/import-from`; `*` when not narrowed).
+    pub fn import_scope(&self, namespace: &str) -> &visibility::Scope {
+        static ALL: visibility::Scope = visibility::Scope::All;
+        self.imports.get(namespace).unwrap_or(&ALL)
     }
 
     /// Namespaces whose desired config differs from `previous` (new, changed or gone).
@@ -310,6 +326,19 @@ pub fn compile(snapshot: &Snapshot) -> Output {
 /// as [`compile`]'s, byte for byte (tests check). What changed since `previous` is
 /// [`Output::changed_since`]; the applier renders and writes only those.
 pub fn compile_incremental(snapshot: &Snapshot, previous: Option<&Output>) -> Output {
+    compile_with(snapshot, previous, true)
+}
+
+/// The shared part of [`compile_incremental`] only: the outbound table with policies attached
+/// (fragments), the meshed namespaces and their import scopes, without any namespace's config
+/// or any status. What the discovery stream serves from (`crate::discovery::View`): at 1 000
+/// namespaces the per-namespace plans are most of a compile's time and the stream needs none
+/// of them. Its output is a valid `previous` for either function.
+pub fn compile_discovery(snapshot: &Snapshot, previous: Option<&Output>) -> Output {
+    compile_with(snapshot, previous, false)
+}
+
+fn compile_with(snapshot: &Snapshot, previous: Option<&Output>, namespaces: bool) -> Output {
     let mut problems = Vec::new();
     let settings = &snapshot.settings;
     let mesh_spec = snapshot.mesh.as_ref().map(|m| &m.spec);
@@ -350,6 +379,14 @@ pub fn compile_incremental(snapshot: &Snapshot, previous: Option<&Output>) -> Ou
         rows: Some(Arc::new(rows)),
         ..Default::default()
     };
+    let imports = Arc::new(imports);
+    out.imports = imports.clone();
+    if !namespaces {
+        problems.sort();
+        problems.dedup();
+        out.problems = problems;
+        return out;
+    }
     // How many meshed namespaces see each Service, and how many of those got their config:
     // what a TrafficPolicy's `Programmed` condition reports.
     let mut reach = Reach::new(fragments.len());

@@ -287,6 +287,52 @@ impl Fragments {
         self.entries.len()
     }
 
+    /// `(namespace, name)` of entry `i`.
+    pub fn key_at(&self, i: u32) -> (&str, &str) {
+        self.entries[i as usize].key()
+    }
+
+    /// The compiled Service `i` as a sidecar receives it: policy attached, every endpoint
+    /// inline (the discovery stream's payload).
+    pub fn service_at(&self, i: u32) -> OutboundService {
+        let e = &self.entries[i as usize];
+        let mut svc = (*e.service).clone();
+        svc.policy = e.policy.clone();
+        svc
+    }
+
+    /// Cluster IPs and endpoint IPs of entry `i`, without copying the Service.
+    pub fn ips_at(&self, i: u32) -> impl Iterator<Item = std::net::IpAddr> + '_ {
+        let s = &self.entries[i as usize].service;
+        s.addresses.iter().copied().chain(
+            s.ports
+                .iter()
+                .flat_map(|p| p.endpoints.iter().map(|e| e.address.ip())),
+        )
+    }
+
+    /// Whether entry `i` of `self` and entry `j` of `other` are the same compiled value.
+    /// Unchanged entries are shared between consecutive compiles, so this is a pointer
+    /// comparison in the common case.
+    pub fn same_entry(&self, i: u32, other: &Fragments, j: u32) -> bool {
+        let (a, b) = (&self.entries[i as usize], &other.entries[j as usize]);
+        Arc::ptr_eq(a, b) || (a.policy == b.policy && a.service == b.service)
+    }
+
+    /// Whether `namespace`, importing `import`, sees entry `i` directly (its export scope
+    /// admits the namespace and the namespace imports the Service's). Split backends of a
+    /// visible Service are visible too: callers follow [`Self::split_backends`] for that, the
+    /// same closure [`Self::plan`] takes.
+    pub fn directly_visible(&self, i: u32, namespace: &str, import: &Scope) -> bool {
+        let e = &self.entries[i as usize];
+        self.export[i as usize].contains(namespace) && import.contains(&e.service.namespace)
+    }
+
+    /// Entries `i` splits traffic to.
+    pub fn split_backends(&self, i: u32) -> &[u32] {
+        &self.backends[i as usize]
+    }
+
     /// Index of a Service, if it is in the table.
     pub fn index_of(&self, key: &ObjectKey) -> Option<u32> {
         self.entries

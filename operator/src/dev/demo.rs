@@ -117,6 +117,11 @@ pub struct LoadArgs {
     /// Serve this client's own counters on `/metrics` here.
     #[arg(long)]
     pub metrics: SocketAddr,
+    /// On SIGTERM: stop sending, let the requests in flight finish, write the final counters
+    /// here (the `/metrics` text) and exit. `trellis dev` adds them to the whole run's count
+    /// when a rollout replaces this client, so no request goes uncounted.
+    #[arg(long)]
+    pub final_counts: Option<std::path::PathBuf>,
 }
 
 /// Entry point of the hidden `trellis demo-service` subcommand.
@@ -525,22 +530,50 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: usize = 0;
+    let targets = Arc::new(targets);
+    let direct = a.via.is_none();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = term.recv() => break,
+        }
         let Ok(permit) = sem.clone().try_acquire_owned() else {
             counters.skipped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        let to = targets[n % targets.len()];
+        let first = n;
         n = n.wrapping_add(1);
         let (down, counters, call) = (down.clone(), counters.clone(), a.target.clone());
+        let targets = targets.clone();
         tokio::spawn(async move {
-            let outcome = down.call(to, &call).await;
+            let mut outcome = Outcome::Connect;
+            // Straight at pods, a refused connection moves on to the next address, as a
+            // Service's virtual IP would only ever pick a live endpoint: `trellis dev` lists
+            // every port a replica may be on, and during a rollout some are not listening.
+            let tries = if direct { targets.len() } else { 1 };
+            for k in 0..tries {
+                outcome = down.call(targets[(first + k) % targets.len()], &call).await;
+                if outcome != Outcome::Connect {
+                    break;
+                }
+            }
             let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(1);
             counters.by_outcome[i].fetch_add(1, Ordering::Relaxed);
             drop(permit);
         });
     }
+    // Stopping: the requests in flight finish (bounded), then the final counts are written.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        sem.acquire_many(MAX_IN_FLIGHT as u32),
+    )
+    .await;
+    if let Some(path) = &a.final_counts {
+        let text = render_load_metrics(&counters, &a.target.authority, mode);
+        std::fs::write(path, text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn render_load_metrics(c: &LoadCounters, target: &str, mode: &str) -> String {

@@ -18,6 +18,8 @@ pub struct ServiceRow {
     pub exited: Vec<String>,
     /// The sidecars' own counters (config reloads, refused connections), when meshed.
     pub sidecar: Option<String>,
+    /// Its pods by the proxy version they run (`v1=2 v2=1`), when meshed.
+    pub versions: Option<String>,
 }
 
 /// Everything one frame shows.
@@ -32,6 +34,9 @@ pub struct Frame<'a> {
     pub backend_notes: &'a [(String, String)],
     /// Per plaintext-client edge: how its failed requests failed (e.g. `closed 2.0/s`).
     pub edge_notes: &'a [(String, String)],
+    /// The sidecar rollout: state, batch, pods per version, why, last failures; and what the
+    /// clients sent over the whole run.
+    pub rollout: &'a [String],
     pub footer: &'a str,
 }
 
@@ -65,6 +70,9 @@ pub fn render(f: &Frame<'_>) -> String {
             format!("{}/{}", s.ready, s.replicas),
             s.identity.as_deref().unwrap_or("- (no sidecar)")
         );
+        if let Some(v) = &s.versions {
+            let _ = write!(line, "  proxy {v}");
+        }
         if let Some(sc) = &s.sidecar {
             let _ = write!(line, "  [{sc}]");
         }
@@ -72,6 +80,12 @@ pub fn render(f: &Frame<'_>) -> String {
             let _ = write!(line, "  EXITED: {}", s.exited.join(", "));
         }
         let _ = writeln!(o, "{line}");
+    }
+    if !f.rollout.is_empty() {
+        let _ = writeln!(o);
+        for l in f.rollout {
+            let _ = writeln!(o, "{l}");
+        }
     }
     let _ = writeln!(o);
     let _ = writeln!(
@@ -180,15 +194,27 @@ mod tests {
                 identity: Some("spiffe://cluster.local/ns/shop/sa/catalog".into()),
                 exited: vec!["catalog-2 sidecar (exit status: 1)".into()],
                 sidecar: Some("reloads 2, refused 0".into()),
+                versions: Some("v1=1 v2=2".into()),
             }],
             edges: &edges,
             backends: &[],
             backend_notes: &[],
             edge_notes: &[],
+            rollout: &["ROLLOUT Progressing  batch 1 of 2".into()],
             footer: "",
         });
         assert!(text.contains("frontend.shop -> catalog.shop"), "{text}");
-        for needle in ["19.5", "97.5%", "3.1ms", "250.0ms", "yes", "2/3", "EXITED"] {
+        for needle in [
+            "19.5",
+            "97.5%",
+            "3.1ms",
+            "250.0ms",
+            "yes",
+            "2/3",
+            "EXITED",
+            "proxy v1=1 v2=2",
+            "ROLLOUT Progressing",
+        ] {
             assert!(text.contains(needle), "{needle} in {text}");
         }
         assert!(redraw("a\nb").starts_with("\x1b[H"));

@@ -20,6 +20,7 @@ pub mod display;
 pub mod graph;
 pub mod metrics;
 pub mod plan;
+pub mod rollout;
 pub mod run;
 pub mod spec;
 pub mod stats;

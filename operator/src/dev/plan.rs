@@ -73,11 +73,23 @@ impl Pod {
     }
 }
 
+/// A meshed pod's app port and sidecar ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub app: u16,
+    pub proxy: ProxyPorts,
+}
+
 /// Every process and port of the local mesh.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
     pub identity_port: u16,
     pub pods: Vec<Pod>,
+    /// Per meshed pod (by `namespace/name`), the ports it does not use now: a rollout starts the
+    /// pod's replacement there while the pod still serves, then the two swap (a surge replica,
+    /// as a Deployment's `maxSurge: 1` makes). Laid out after every pod's own ports, so the
+    /// layout of the ports in use does not depend on them.
+    pub spare: BTreeMap<String, Slot>,
 }
 
 impl Plan {
@@ -143,6 +155,17 @@ impl Plan {
                 proxy,
             ));
         }
+        let spare: Vec<(String, u32, (u32, u32, u32))> = pods
+            .iter()
+            .filter(|(_, _, proxy)| proxy.is_some())
+            .map(|(pod, _, _)| {
+                (
+                    format!("{}/{}", pod.namespace, pod.name),
+                    take(),
+                    (take(), take(), take()),
+                )
+            })
+            .collect();
         let last = next - 1;
         if last > u32::from(u16::MAX) {
             return Err(PortError::OutOfRange {
@@ -162,9 +185,24 @@ impl Plan {
                 pod
             })
             .collect();
+        let spare = spare
+            .into_iter()
+            .map(|(key, app, (o, i, a))| {
+                let slot = Slot {
+                    app: app as u16,
+                    proxy: ProxyPorts {
+                        outbound: o as u16,
+                        inbound: i as u16,
+                        admin: a as u16,
+                    },
+                };
+                (key, slot)
+            })
+            .collect();
         Ok(Plan {
             identity_port: base,
             pods,
+            spare,
         })
     }
 
@@ -179,7 +217,33 @@ impl Plan {
                 out.push((x.admin, format!("{} sidecar admin", p.name)));
             }
         }
+        for (pod, s) in &self.spare {
+            let name = pod.rsplit('/').next().unwrap_or(pod);
+            out.push((s.app, format!("{name} spare app")));
+            out.push((s.proxy.outbound, format!("{name} spare sidecar outbound")));
+            out.push((s.proxy.inbound, format!("{name} spare sidecar inbound")));
+            out.push((s.proxy.admin, format!("{name} spare sidecar admin")));
+        }
+        out.sort();
         out
+    }
+
+    /// Swaps a meshed pod's ports with its spare ones (its replacement took over); returns the
+    /// ports it had, now the spare.
+    pub fn swap_slot(&mut self, pod_key: &str) -> Option<Slot> {
+        let spare = *self.spare.get(pod_key)?;
+        let pod = self
+            .pods
+            .iter_mut()
+            .find(|p| format!("{}/{}", p.namespace, p.name) == pod_key)?;
+        let old = Slot {
+            app: pod.app_port,
+            proxy: pod.proxy?,
+        };
+        pod.app_port = spare.app;
+        pod.proxy = Some(spare.proxy);
+        self.spare.insert(pod_key.to_string(), old);
+        Some(old)
     }
 
     /// Binds every port once and releases it, so a taken port is reported by number and purpose
@@ -229,8 +293,9 @@ clients:
         let t = parse_services(Path::new("s.yaml"), TOPO).unwrap();
         let plan = Plan::new(&t, 20000, Path::new("/st")).unwrap();
         let ports = plan.ports();
-        // identity + 3 meshed service pods * 4 + meshed client 4 + plaintext client 1.
-        assert_eq!(ports.len(), 1 + 3 * 4 + 4 + 1);
+        // identity + 3 meshed service pods * 4 + meshed client 4 + plaintext client 1, and a
+        // spare set of 4 per meshed pod.
+        assert_eq!(ports.len(), 1 + 3 * 4 + 4 + 1 + 4 * 4);
         let nums: Vec<u16> = ports.iter().map(|p| p.0).collect();
         assert_eq!(
             nums,
@@ -249,6 +314,26 @@ clients:
             r => panic!("{r:?}"),
         }
         assert!(Plan::new(&t, 65530, Path::new("/st")).is_err());
+    }
+
+    #[test]
+    fn a_swap_trades_a_pods_ports_for_its_spare_ones_and_back() {
+        let t = parse_services(Path::new("s.yaml"), TOPO).unwrap();
+        let mut plan = Plan::new(&t, 20000, Path::new("/st")).unwrap();
+        let before = plan.clone();
+        let spare = plan.spare["a/web-0"];
+        let old = plan.swap_slot("a/web-0").unwrap();
+        assert_eq!(old.proxy, before.pods[0].proxy.unwrap());
+        assert_eq!(plan.pods[0].proxy, Some(spare.proxy));
+        assert_eq!(plan.pods[0].app_port, spare.app);
+        assert_eq!(plan.spare["a/web-0"], old);
+        assert_eq!(plan.pods[1], before.pods[1], "other pods keep their ports");
+        plan.swap_slot("a/web-0").unwrap();
+        assert_eq!(plan, before);
+        assert!(
+            plan.swap_slot("a/legacy-0").is_none(),
+            "no sidecar, no spare"
+        );
     }
 
     #[test]

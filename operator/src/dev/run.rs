@@ -25,6 +25,9 @@ use super::tokenreview::{TokenAuthority, TokenOwner};
 use super::{creds, metrics, volume};
 use crate::ca::CertificateAuthority;
 
+#[path = "run_rollout.rs"]
+mod rollout_edge;
+
 /// What `trellis dev` was asked to do.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -44,6 +47,9 @@ pub struct Options {
     pub otlp: Option<String>,
     /// 127.0.0.1 port of the dashboard (0: any free port; the URL is printed).
     pub dashboard_port: u16,
+    /// `--fail-version`: pods started as this proxy version answer every request with a 500,
+    /// to see the rollout's health gate stop a bad version.
+    pub fail_version: Option<String>,
 }
 
 /// Longest `--once` waits when no `--duration` bounds it.
@@ -56,6 +62,8 @@ const SCRAPE_EVERY: Duration = Duration::from_secs(1);
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
 /// How long children get to exit on SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How often the rollout's replacements advance (each step is one quick probe).
+const ROLLOUT_EVERY: Duration = Duration::from_millis(200);
 
 /// Runs the local mesh until a signal, the duration, or (with `--once`) success. Returns
 /// `Ok(())` only when, in a bounded run, every edge carried successful mTLS traffic.
@@ -106,6 +114,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         dashboard_url,
         refused_prev: BTreeMap::new(),
         last_scrape: None,
+        ro: rollout_edge::Edge::default(),
+        cred_args: BTreeMap::new(),
     };
     tokio::spawn(crate::dashboard::server::serve(
         dashboard,
@@ -114,6 +124,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     ));
     let result = local.run().await;
     // Whatever happened, stop what was started and remove the state directory.
+    let held = local.take_rollout_procs();
+    local.procs.extend(held);
     let killed = supervise::stop_all(&mut local.procs, STOP_GRACE).await;
     local.shutdown.cancel();
     if !killed.is_empty() {
@@ -222,6 +234,10 @@ struct LocalMesh {
     /// Refused inbound connections per workload at the previous scrape, for rates.
     refused_prev: BTreeMap<String, f64>,
     last_scrape: Option<Instant>,
+    /// The sidecar rollout (see `run_rollout.rs`).
+    ro: rollout_edge::Edge,
+    /// Per pod: the credential flags its proxies start with.
+    cred_args: BTreeMap<String, Vec<String>>,
 }
 
 pub(crate) fn pod_key(p: &Pod) -> String {
@@ -259,6 +275,7 @@ impl LocalMesh {
         let deadline = bound.map(|d| tokio::time::Instant::now() + d);
         let mut watch = tokio::time::interval(WATCH_EVERY);
         let mut scrape = tokio::time::interval(SCRAPE_EVERY);
+        let mut rollout = tokio::time::interval(ROLLOUT_EVERY);
         let mut last_snapshot = Instant::now();
         let mut fingerprint = dir_fingerprint(&self.opts.dir);
         let reason = loop {
@@ -275,6 +292,7 @@ impl LocalMesh {
                         self.reload().await;
                     }
                 }
+                _ = rollout.tick() => self.rollout_tick().await,
                 _ = scrape.tick() => {
                     self.scrape().await;
                     let frame = self.frame();
@@ -320,6 +338,7 @@ impl LocalMesh {
 
     /// Starts the CA, credentials, configs, proxies and apps.
     async fn start(&mut self) -> anyhow::Result<()> {
+        self.ro.held = rollout_edge::hold_ports(&self.plan);
         let ca = control::new_ca(&self.params)?;
         std::fs::write(self.state_dir.join("ca.pem"), ca.roots_pem())?;
         self.ca = Some(std::sync::Arc::new(ca));
@@ -355,40 +374,17 @@ impl LocalMesh {
             now_hms(),
             self.configs.keys().cloned().collect::<Vec<_>>().join(", ")
         ));
+        self.cred_args = cred_args;
+        self.ro.generation = 1;
+        let version = self.initial_version();
         let exe = self.opts.exe.clone();
         let logs = self.state_dir.join("logs");
         for pod in self.plan.pods.clone() {
-            let Some(px) = pod.proxy else { continue };
-            let mut args = vec![
-                "proxy".to_string(),
-                "--dir".into(),
-                pod.dir.display().to_string(),
-                "--outbound-addr".into(),
-                format!("127.0.0.1:{}", px.outbound),
-                "--inbound-addr".into(),
-                format!("127.0.0.1:{}", px.inbound),
-                "--admin-addr".into(),
-                format!("127.0.0.1:{}", px.admin),
-                // No iptables here: apps call the outbound port directly (routed by Host).
-                "--local-mode".into(),
-                "--inbound-target".into(),
-                format!("127.0.0.1:{}", pod.app_port),
-                "--pod-namespace".into(),
-                pod.namespace.clone(),
-                "--pod-name".into(),
-                pod.name.clone(),
-                "--service-account".into(),
-                pod.service_account.clone(),
-                "--log-format".into(),
-                "text".into(),
-                "--drain-timeout".into(),
-                "1s".into(),
-                // One worker each (tokio's current-thread runtime), as a pod with a one-core
-                // allowance gets; explicit so the user's environment cannot size the demo.
-                "--concurrency".into(),
-                "1".into(),
-            ];
-            args.extend(cred_args.get(&pod_key(&pod)).cloned().unwrap_or_default());
+            if pod.proxy.is_none() {
+                continue;
+            }
+            self.ro.versions.insert(pod_key(&pod), version.clone());
+            let args = self.proxy_args(&pod, &version);
             let p = supervise::spawn(
                 &format!("{} sidecar", pod.name),
                 &exe,
@@ -415,7 +411,12 @@ impl LocalMesh {
             );
         }
         for pod in self.plan.pods.clone() {
-            let args = self.app_args(&pod);
+            let counts = matches!(pod.role, Role::Client { .. }).then(|| {
+                let path = logs.join(format!("{}.{}.final.0", pod.name, pod.namespace));
+                self.ro.count_files.insert(pod_key(&pod), path.clone());
+                path
+            });
+            let args = self.app_args_as(&pod, &version, counts.as_deref());
             let p = supervise::spawn(
                 &format!("{} app", pod.name),
                 &exe,
@@ -428,6 +429,69 @@ impl LocalMesh {
         }
         self.write_prometheus_config()?;
         Ok(())
+    }
+
+    /// The flags of a pod's proxy, started as `version`.
+    fn proxy_args(&self, pod: &Pod, version: &str) -> Vec<String> {
+        let Some(px) = pod.proxy else {
+            return Vec::new();
+        };
+        let mut args = vec![
+            "proxy".to_string(),
+            "--dir".into(),
+            pod.dir.display().to_string(),
+            "--outbound-addr".into(),
+            format!("127.0.0.1:{}", px.outbound),
+            "--inbound-addr".into(),
+            format!("127.0.0.1:{}", px.inbound),
+            "--admin-addr".into(),
+            format!("127.0.0.1:{}", px.admin),
+            // No iptables here: apps call the outbound port directly (routed by Host).
+            "--local-mode".into(),
+            "--inbound-target".into(),
+            format!("127.0.0.1:{}", pod.app_port),
+            "--pod-namespace".into(),
+            pod.namespace.clone(),
+            "--pod-name".into(),
+            pod.name.clone(),
+            "--service-account".into(),
+            pod.service_account.clone(),
+            "--log-format".into(),
+            "text".into(),
+            "--drain-timeout".into(),
+            "1s".into(),
+            "--proxy-version".into(),
+            version.to_string(),
+            // One worker each (tokio's current-thread runtime), as a pod with a one-core
+            // allowance gets; explicit so the user's environment cannot size the demo.
+            "--concurrency".into(),
+            "1".into(),
+        ];
+        args.extend(
+            self.cred_args
+                .get(&pod_key(pod))
+                .cloned()
+                .unwrap_or_default(),
+        );
+        args
+    }
+
+    /// The flags of a pod's app beside a proxy of `version`: with `--fail-version` naming it,
+    /// a service answers every request with a 500 (the simulated bad proxy version).
+    fn app_args_as(&self, pod: &Pod, version: &str, final_counts: Option<&Path>) -> Vec<String> {
+        let mut a = self.app_args(pod);
+        if let Some(path) = final_counts {
+            a.push("--final-counts".into());
+            a.push(path.display().to_string());
+        }
+        let failing = self.opts.fail_version.as_deref() == Some(version) && pod.proxy.is_some();
+        if failing
+            && let Some(i) = a.iter().position(|x| x == "--failure-rate")
+            && i + 1 < a.len()
+        {
+            a[i + 1] = "1".into();
+        }
+        a
     }
 
     fn app_args(&self, pod: &Pod) -> Vec<String> {
@@ -494,10 +558,16 @@ impl LocalMesh {
                     None => {
                         // Outside the mesh: straight at the target's pods, as a pod without a
                         // sidecar would (its connection lands on their sidecars' inbound).
+                        // Both the ports a replica uses and its spare ones: a rollout moves
+                        // replicas between them, and the client skips the closed ones.
                         let direct: Vec<String> = self
                             .plan
                             .replicas_of(target)
-                            .filter_map(|p| p.proxy.map(|x| format!("127.0.0.1:{}", x.inbound)))
+                            .flat_map(|p| {
+                                let spare = self.plan.spare.get(&pod_key(p)).map(|s| s.proxy);
+                                p.proxy.into_iter().chain(spare)
+                            })
+                            .map(|x| format!("127.0.0.1:{}", x.inbound))
                             .collect();
                         a.push("--direct".into());
                         a.push(direct.join(","));
@@ -564,6 +634,11 @@ impl LocalMesh {
             });
         match result {
             Ok((dev, configs)) => {
+                let spec_of = |d: &DevDir| serde_json::to_value(&control::mesh_of(d).spec).ok();
+                if spec_of(&dev) != spec_of(&self.dev) {
+                    // What `metadata.generation` counts in a cluster: edits of the Mesh's spec.
+                    self.ro.generation += 1;
+                }
                 let changed_ns: Vec<String> = configs
                     .iter()
                     .filter(|(ns, c)| self.configs.get(*ns) != Some(*c))
@@ -707,6 +782,34 @@ impl LocalMesh {
             }
         }
         self.notes = notes;
+        let clients: Vec<(String, SocketAddr)> = self
+            .plan
+            .pods
+            .iter()
+            .filter(|p| matches!(p.role, Role::Client { .. }))
+            .map(|p| (pod_key(p), SocketAddr::from(([127, 0, 0, 1], p.app_port))))
+            .collect();
+        let bodies =
+            futures::future::join_all(clients.iter().map(|(_, a)| self.get(*a, "/metrics"))).await;
+        for ((id, _), body) in clients.into_iter().zip(bodies) {
+            if let Some((200, text)) = body
+                && let Ok(samples) = metrics::parse(&text)
+            {
+                let tally = rollout_edge::client_tally(&samples);
+                let failed = |t: &rollout_edge::Tally| -> f64 {
+                    t.iter()
+                        .filter(|(k, _)| k.as_str() != "ok")
+                        .map(|(_, v)| v)
+                        .sum()
+                };
+                let before = self.ro.client_counts.get(&id).map(failed);
+                if before.is_some_and(|b| failed(&tally) > b) && !std::io::stdout().is_terminal() {
+                    // In a log, when a request failed, next to the rollout's steps.
+                    println!("{} {id}: failed requests so far {tally:?}", now_hms());
+                }
+                self.ro.client_counts.insert(id, tally);
+            }
+        }
         let now = Instant::now();
         self.views = self.stats.window(now);
         self.backend_views = self.backends.window(now);
@@ -896,6 +999,7 @@ impl LocalMesh {
                 }
             }
             rows.push(ServiceRow {
+                versions: p.proxy.is_some().then(|| self.versions_of(&pods)),
                 sidecar: (p.proxy.is_some()).then(|| sc.describe()),
                 key,
                 kind: match p.role {
@@ -923,8 +1027,8 @@ impl LocalMesh {
         }
         let footer = format!(
             "Dashboard: {}\nMetrics: {}\nPrometheus scrape config: {}\nEdit {}/*.yaml: TrafficPolicy and \
-             PeerAuthentication changes recompile and the proxies reload live. Ctrl-C stops \
-             everything.\n",
+             PeerAuthentication changes recompile and the proxies reload live; a new \
+             spec.proxy.image in the Mesh rolls the proxies over. Ctrl-C stops everything.\n",
             self.dashboard_url,
             self.plan
                 .pods
@@ -957,7 +1061,26 @@ impl LocalMesh {
                 )
             })
             .collect();
+        let mut rollout = self.rollout_lines();
+        for (workload, tally) in self.client_totals() {
+            let ok = tally.get("ok").copied().unwrap_or(0.0);
+            let failed: Vec<String> = tally
+                .iter()
+                .filter(|(k, v)| k.as_str() != "ok" && **v > 0.0)
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let total_failed: f64 = tally
+                .iter()
+                .filter(|(k, _)| k.as_str() != "ok")
+                .map(|(_, v)| v)
+                .sum();
+            rollout.push(format!(
+                "CLIENT {workload} requests over the whole run (restarts included): ok {ok} failed {total_failed}{}",
+                if failed.is_empty() { String::new() } else { format!(" ({})", failed.join(" ")) }
+            ));
+        }
         display::render(&Frame {
+            rollout: &rollout,
             header: &header,
             status_lines: &status,
             services: &rows,

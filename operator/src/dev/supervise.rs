@@ -50,6 +50,22 @@ impl Proc {
         self.exited
     }
 
+    /// Asks the child's process group to stop (SIGTERM): a proxy drains, a load client writes
+    /// its final counts.
+    pub fn terminate(&mut self) {
+        if self.poll().is_none() {
+            signal_group(self, Signal::TERM);
+        }
+    }
+
+    /// Stops the child's process group at once (SIGKILL).
+    pub fn kill(&mut self) {
+        if self.poll().is_none() {
+            signal_group(self, Signal::KILL);
+            let _ = self.child.start_kill();
+        }
+    }
+
     /// The last lines of the child's log, for an error report.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

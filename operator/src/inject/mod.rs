@@ -330,7 +330,7 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo<'_>, mesh: &MeshSpec, ctx: &InjectCo
             reason: SkipReason::OtherMesh(m),
         };
     }
-    match build(pod, spec, annotations, mesh) {
+    match build(pod, spec, annotations, mesh, ctx) {
         Ok((patch, pod, warnings)) => Decision::Patch {
             patch,
             pod: Box::new(pod),
@@ -586,13 +586,32 @@ fn admin_probe(path: &str, period: i32, failures: i32) -> Probe {
 /// The proxy as a native sidecar: an init container with `restartPolicy: Always` starts before
 /// the app containers (after its startup probe passes, i.e. once it holds a certificate) and is
 /// stopped after them, so Jobs complete.
-fn proxy_container(mesh: &MeshSpec, o: &PodOptions, app_probes: &str) -> Container {
+fn proxy_container(
+    mesh: &MeshSpec,
+    o: &PodOptions,
+    app_probes: &str,
+    ctx: &InjectContext,
+) -> Container {
     let mut env = vec![
         field_env("TRELLIS_POD_NAMESPACE", "metadata.namespace"),
         field_env("TRELLIS_POD_NAME", "metadata.name"),
         field_env("TRELLIS_SERVICE_ACCOUNT", "spec.serviceAccountName"),
         value_env("TRELLIS_LOG_LEVEL", log_level(mesh.proxy.log_level)),
         value_env("TRELLIS_DIR", MOUNT_PATH.into()),
+        // The operator's discovery stream (every replica serves it behind the Service) and the
+        // identity it must present: destinations the ConfigMap does not list resolve there.
+        value_env(
+            "TRELLIS_DISCOVERY_ADDR",
+            format!(
+                "{}:{}",
+                crate::ca::serving::operator_service_dns(&ctx.operator_namespace),
+                crate::discovery::DEFAULT_PORT
+            ),
+        ),
+        value_env(
+            "TRELLIS_DISCOVERY_ID",
+            crate::discovery::replica::operator_id(&mesh.trust_domain, &ctx.operator_namespace),
+        ),
     ];
     env.extend(cpu_allowance_env(&o.resources));
     if !o.opaque_ports.is_empty() {
@@ -751,6 +770,7 @@ fn build(
     spec: &PodSpec,
     annotations: &BTreeMap<String, String>,
     mesh: &MeshSpec,
+    ctx: &InjectContext,
 ) -> Result<Built, InjectError> {
     let o = options(annotations, mesh)?;
     let rewrite = probes::rewrite(spec)?;
@@ -761,7 +781,7 @@ fn build(
             .map_err(|e| InjectError::Internal(e.to_string()))?
     };
     let init = to_value(&init_container(mesh, &o))?;
-    let proxy = to_value(&proxy_container(mesh, &o, &app_probes))?;
+    let proxy = to_value(&proxy_container(mesh, &o, &app_probes, ctx))?;
     let volume = to_value(&projected_volume())?;
 
     let mut ops = Vec::new();

@@ -22,7 +22,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
 use futures::{Stream, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -39,7 +38,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::gate::{self, Scrape};
 use super::observe::{self, Objects, Observed};
-use super::plan::{self, Action, Input, Plan, Verdict, WorkloadKey, WorkloadKind};
+use super::plan::{self, Action, Input, Plan, WorkloadKey, WorkloadKind};
 use super::{
     CONDITION, FAILED_VERSION_ANNOTATION, FIELD_MANAGER, PROXY_IMAGE_ANNOTATION, RESTARTED_AT,
 };
@@ -249,37 +248,14 @@ pub async fn pass(
         &observed.workloads,
         previous.as_ref(),
     );
-    let verdicts: BTreeMap<WorkloadKey, Verdict> =
-        join_all(awaiting.into_iter().map(|(flight, w)| {
-            let pods: Vec<_> = observed
-                .pods
-                .get(&w.key)
-                .into_iter()
-                .flatten()
-                .filter(|p| p.version == desired)
-                .cloned()
-                .collect();
-            let window = window.clone();
-            let baseline = flight.baseline.clone();
-            async move {
-                let verdict = match window {
-                    Err(e) => Verdict::Fail(format!("spec.rollout.healthGate.window: {e}")),
-                    Ok(d) => match gate::measure(edge.scraper.as_ref(), &pods, d).await {
-                        Ok(now) => gate::judge(
-                            baseline.as_ref(),
-                            &now,
-                            &spec.health_gate,
-                            &spec.health_gate.window,
-                        ),
-                        Err(e) => Verdict::Fail(format!("cannot read the new pods' metrics: {e}")),
-                    },
-                };
-                (w.key.clone(), verdict)
-            }
-        }))
-        .await
-        .into_iter()
-        .collect();
+    let verdicts = gate::verdicts(
+        edge.scraper.as_ref(),
+        spec,
+        desired,
+        &awaiting,
+        &observed.pods,
+    )
+    .await;
 
     let empty = BTreeMap::new();
     let mut plan = plan::plan(&Input {
@@ -331,26 +307,13 @@ async fn execute(
         .filter(|a| matches!(a, Action::Restart { .. }))
         .map(Action::key)
         .collect();
-    let baselines = match window {
-        Some(window) if !restarts.is_empty() => {
-            join_all(restarts.iter().map(|key| {
-                let pods = observed.pods.get(*key).cloned().unwrap_or_default();
-                async move {
-                    match gate::measure(edge.scraper.as_ref(), &pods, window).await {
-                        Ok(s) => Some(s),
-                        Err(e) => {
-                            tracing::info!(workload = %key, error = %e, "no baseline; judging against 100 %");
-                            None
-                        }
-                    }
-                }
-            }))
-            .await
-        }
-        _ => vec![None; restarts.len()],
-    };
-    let baselines: BTreeMap<WorkloadKey, _> =
-        restarts.into_iter().cloned().zip(baselines).collect();
+    let baselines = gate::baselines(
+        edge.scraper.as_ref(),
+        window.filter(|_| !restarts.is_empty()),
+        &restarts.into_iter().cloned().collect::<Vec<_>>(),
+        &observed.pods,
+    )
+    .await;
     for f in &mut plan.status.in_flight {
         if let Some(key) = key_of(f.kind.as_str(), &f.namespace, &f.name)
             && let Some(b) = baselines.get(&key)

@@ -23,8 +23,8 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioExecutor;
 
 use super::observe::PodTarget;
-use super::plan::Verdict;
-use crate::api::mesh::{GoldenSignals, HealthGateSpec};
+use super::plan::{Verdict, Workload, WorkloadKey};
+use crate::api::mesh::{GoldenSignals, HealthGateSpec, RolloutSpec, RolloutWorkload};
 use crate::dev::metrics::{OrdF64, parse, quantile};
 
 /// The sidecar's admin port.
@@ -100,7 +100,11 @@ impl Direct {
     pub fn new(resolve: impl Fn(&PodTarget) -> Option<SocketAddr> + Send + Sync + 'static) -> Self {
         Self {
             resolve: Arc::new(resolve),
-            client: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http(),
+            // A fresh connection per scrape: the two scrapes of a window are `window` apart, and
+            // an admin server closing its idle connection meanwhile would fail the second.
+            client: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build_http(),
         }
     }
 
@@ -306,6 +310,74 @@ pub fn judge(
         ));
     }
     Verdict::Pass
+}
+
+/// The gate's verdicts on the workloads [`super::plan::awaiting_gate`] named: each one's pods on
+/// `desired` measured over the spec's window and judged against the baseline its in-flight
+/// entry carries. Shared by the cluster controller and `trellis dev`, so both gate alike.
+pub async fn verdicts(
+    scraper: &dyn Scrape,
+    spec: &RolloutSpec,
+    desired: &str,
+    awaiting: &[(&RolloutWorkload, &Workload)],
+    pods: &BTreeMap<WorkloadKey, Vec<PodTarget>>,
+) -> BTreeMap<WorkloadKey, Verdict> {
+    let window = crate::duration::parse(&spec.health_gate.window);
+    join_all(awaiting.iter().map(|(flight, w)| {
+        let new: Vec<PodTarget> = pods
+            .get(&w.key)
+            .into_iter()
+            .flatten()
+            .filter(|p| p.version == desired)
+            .cloned()
+            .collect();
+        let window = window.clone();
+        async move {
+            let verdict = match window {
+                Err(e) => Verdict::Fail(format!("spec.rollout.healthGate.window: {e}")),
+                Ok(d) => match measure(scraper, &new, d).await {
+                    Ok(now) => judge(
+                        flight.baseline.as_ref(),
+                        &now,
+                        &spec.health_gate,
+                        &spec.health_gate.window,
+                    ),
+                    Err(e) => Verdict::Fail(format!("cannot read the new pods' metrics: {e}")),
+                },
+            };
+            (w.key.clone(), verdict)
+        }
+    }))
+    .await
+    .into_iter()
+    .collect()
+}
+
+/// The baselines of the workloads about to restart: their current pods over `window`. A
+/// workload whose pods cannot be read gets `None` (its new pods are then held to 100 %).
+pub async fn baselines(
+    scraper: &dyn Scrape,
+    window: Option<Duration>,
+    restarts: &[WorkloadKey],
+    pods: &BTreeMap<WorkloadKey, Vec<PodTarget>>,
+) -> BTreeMap<WorkloadKey, Option<GoldenSignals>> {
+    let Some(window) = window else {
+        return restarts.iter().map(|k| (k.clone(), None)).collect();
+    };
+    join_all(restarts.iter().map(|key| async move {
+        let current = pods.get(key).cloned().unwrap_or_default();
+        let b = match measure(scraper, &current, window).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::info!(workload = %key, error = %e, "no baseline; judging against 100 %");
+                None
+            }
+        };
+        (key.clone(), b)
+    }))
+    .await
+    .into_iter()
+    .collect()
 }
 
 #[cfg(test)]

@@ -31,8 +31,9 @@ use super::http::{
 };
 use super::io::{Prefixed, original_dst};
 use super::mtls::Alpn;
+use super::peer_trust::{self, PeerTrust};
 use super::upstream::Io;
-use super::{Completed, Shared, record, serve_http, spawn_tunnel, tcp};
+use super::{Completed, Shared, record, serve_http_until, spawn_tunnel, tcp};
 use crate::config::{MtlsMode, Protocol};
 use crate::metrics::{Direction, ReasonLabels, SeriesCache, TcpLabels};
 use crate::traffic::{BoxError, Outcome, Target, Upstream, error_response, rate_limited_response};
@@ -47,6 +48,9 @@ struct ConnInfo {
     tls: bool,
     dst_service: Arc<str>,
     series: SeriesCache,
+    /// The mTLS client's chain: the connection and its upgraded tunnels close when it expires
+    /// or its root leaves the bundle. `None` for plaintext.
+    trust: Option<PeerTrust>,
 }
 
 /// Where inbound traffic goes.
@@ -160,19 +164,8 @@ pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, client: SocketAdd
             tracing::debug!(%client, port, "plaintext refused: port is Strict");
             refuse(&shared, "plaintext");
         }
-        (_, d) if d.is_http() => {
-            plain_http(
-                &shared,
-                io,
-                client,
-                target,
-                dst_service,
-                Arc::from(""),
-                false,
-            )
-            .await
-        }
-        (_, _) => plain_tcp(&shared, io, target, dst_service, false).await,
+        (_, d) if d.is_http() => plain_http(&shared, io, client, target, dst_service, None).await,
+        (_, _) => plain_tcp(&shared, io, target, dst_service, None, false).await,
     }
 }
 
@@ -206,11 +199,13 @@ async fn accept_mtls(
     };
     let (_, conn) = tls.get_ref();
     let peer: Arc<str> = crate::tls::peer_spiffe_id(conn).unwrap_or_default().into();
+    let trust = PeerTrust::of_client(conn);
     match Alpn::from_id(conn.alpn_protocol()) {
         Some(Alpn::H2 | Alpn::Http1) => {
-            plain_http(shared, tls, client, target, dst_service, peer, true).await
+            let mtls = MtlsPeer { id: peer, trust };
+            plain_http(shared, tls, client, target, dst_service, Some(mtls)).await
         }
-        Some(Alpn::Tcp) => plain_tcp(shared, tls, target, dst_service, true).await,
+        Some(Alpn::Tcp) => plain_tcp(shared, tls, target, dst_service, trust, true).await,
         None => refuse(shared, "alpn"),
     }
 }
@@ -220,6 +215,7 @@ async fn plain_tcp<I: Io>(
     io: I,
     target: SocketAddr,
     dst_service: Arc<str>,
+    trust: Option<PeerTrust>,
     tls: bool,
 ) {
     let labels = TcpLabels {
@@ -239,7 +235,9 @@ async fn plain_tcp<I: Io>(
         }
     };
     if tls {
-        return tcp::splice(shared, io, upstream, labels).await;
+        // Closes when the client's certificate expires or its root leaves the bundle.
+        let revoked = peer_trust::revoked(trust, shared.tls.subscribe());
+        return tcp::splice_until(shared, io, upstream, labels, revoked).await;
     }
     // Plaintext: cut the connection as soon as a reload makes its port Strict.
     let mut config = shared.config.clone();
@@ -263,15 +261,27 @@ async fn plain_tcp<I: Io>(
     }
 }
 
+/// The verified client of an mTLS connection.
+struct MtlsPeer {
+    id: Arc<str>,
+    trust: Option<PeerTrust>,
+}
+
+/// Serves HTTP from a plaintext client (`mtls: None`) or an mTLS one.
 async fn plain_http<I: Io>(
     shared: &Arc<Shared>,
     io: I,
     client: SocketAddr,
     target: SocketAddr,
     dst_service: Arc<str>,
-    peer: Arc<str>,
-    tls: bool,
+    mtls: Option<MtlsPeer>,
 ) {
+    let tls = mtls.is_some();
+    let (peer, trust) = match mtls {
+        Some(m) => (m.id, m.trust),
+        None => (Arc::from(""), None),
+    };
+    let revoked = peer_trust::revoked(trust.clone(), shared.tls.subscribe());
     let info = Arc::new(ConnInfo {
         target,
         client_ip: client.ip().to_string(),
@@ -279,9 +289,16 @@ async fn plain_http<I: Io>(
         tls,
         dst_service,
         series: SeriesCache::default(),
+        trust,
     });
     let sh = shared.clone();
-    serve_http(shared, io, move |req| handle(sh.clone(), info.clone(), req)).await;
+    serve_http_until(
+        shared,
+        io,
+        move |req| handle(sh.clone(), info.clone(), req),
+        revoked,
+    )
+    .await;
 }
 
 async fn handle(
@@ -405,7 +422,7 @@ async fn handle(
     if let Some(cu) = client_upgrade
         && resp.status() == StatusCode::SWITCHING_PROTOCOLS
     {
-        spawn_tunnel(&shared, cu, &mut resp);
+        spawn_tunnel(&shared, cu, &mut resp, info.trust.clone());
     }
     clean_response(&mut resp);
     record_inbound(&resp);

@@ -1,7 +1,8 @@
 //! The data path, as named stages: [`io`] (original destination, replay), [`detect`]
 //! (protocol), [`outbound`] and [`inbound`] (per-direction routing and mTLS policy), [`http`]
 //! (L7 forwarding rules), [`tcp`] (L4), [`upstream`] (the pooled client behind
-//! [`crate::traffic::Upstream`]), [`mtls`] (TLS configs per credentials snapshot) and
+//! [`crate::traffic::Upstream`]), [`mtls`] (TLS configs per credentials snapshot),
+//! [`peer_trust`] (closing long-lived connections whose mTLS peer is no longer trusted) and
 //! [`coalesce`] (a small response's head and body written together).
 
 pub mod coalesce;
@@ -11,6 +12,7 @@ pub mod inbound;
 pub mod io;
 pub mod mtls;
 pub mod outbound;
+pub mod peer_trust;
 pub mod tcp;
 pub mod upstream;
 
@@ -63,6 +65,8 @@ pub struct Shared {
     pub http: auto::Builder<TokioExecutor>,
     /// The span exporter in force, if the config turns tracing on.
     pub tracing: Arc<crate::spans::Tracing>,
+    /// Resolves destinations the config does not know from the operator (when configured).
+    pub discovery: Option<Arc<crate::discovery::resolver::Resolver>>,
 }
 
 impl Shared {
@@ -141,6 +145,22 @@ where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
+    serve_http_until(shared, io, handler, std::future::pending()).await
+}
+
+/// [`serve_http`] that also shuts the connection down gracefully (requests in flight finish,
+/// no new ones are read) when `until` resolves: an inbound mTLS connection whose client
+/// certificate expired or whose root left the bundle (see [`peer_trust`]).
+pub async fn serve_http_until<I, F, Fut>(
+    shared: &Shared,
+    io: I,
+    handler: F,
+    until: impl std::future::Future<Output = ()>,
+) where
+    I: Io,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
     let svc = hyper::service::service_fn(handler);
     let conn = shared
         .http
@@ -152,13 +172,17 @@ where
             conn.as_mut().graceful_shutdown();
             conn.await
         }
+        _ = until => {
+            tracing::debug!("http connection closed: the peer's certificate expired or is no longer trusted");
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
     };
     if let Err(e) = res {
         tracing::debug!(error = %e, "http connection ended with an error");
     }
 }
 
-/// Facts recorded once per request, after the response headers.
 pub struct Completed<'a> {
     pub direction: Direction,
     pub start: Instant,
@@ -241,15 +265,41 @@ fn version_str(v: ::http::Version) -> &'static str {
 
 /// After a `101 Switching Protocols`, splices the client's and the upstream's upgraded
 /// connections together.
-pub fn spawn_tunnel(shared: &Shared, client: hyper::upgrade::OnUpgrade, resp: &mut Response<Body>) {
+/// Splices an upgraded (`101 Switching Protocols`) connection with the upstream's. `trust` is
+/// the mTLS peer of the hop the tunnel rides (the server proxy outbound, the client proxy
+/// inbound): the tunnel closes cleanly when that peer's certificate expires or its root leaves
+/// the bundle, like an opaque TCP connection.
+pub fn spawn_tunnel(
+    shared: &Shared,
+    client: hyper::upgrade::OnUpgrade,
+    resp: &mut Response<Body>,
+    trust: Option<peer_trust::PeerTrust>,
+) {
     let upstream = hyper::upgrade::on(resp);
+    let creds = shared.tls.subscribe();
     shared.shutdown.tracker().spawn(async move {
         match tokio::try_join!(client, upstream) {
             Ok((c, u)) => {
                 let mut c = TokioIo::new(c);
                 let mut u = TokioIo::new(u);
-                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                    tracing::debug!(error = %e, "upgraded tunnel ended");
+                let revoked = tokio::select! {
+                    r = tokio::io::copy_bidirectional(&mut c, &mut u) => {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "upgraded tunnel ended");
+                        }
+                        false
+                    }
+                    _ = peer_trust::revoked(trust, creds) => true,
+                };
+                if revoked {
+                    tracing::debug!(
+                        "upgraded tunnel closed: the peer's certificate expired or is no longer trusted"
+                    );
+                    use tokio::io::AsyncWriteExt;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        let _ = tokio::join!(c.shutdown(), u.shutdown());
+                    })
+                    .await;
                 }
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),

@@ -34,6 +34,8 @@ use super::mtls::Alpn;
 use super::upstream::PeerIdentity;
 use super::{Completed, Shared, record, serve_http, spawn_tunnel, tcp};
 use crate::config::{OutboundService, Protocol};
+use crate::discovery::Target as DiscoveryTarget;
+use crate::discovery::resolver::RESOLVE_WAIT;
 use crate::metrics::{Direction, SeriesCache, TcpLabels};
 use crate::traffic::{BoxError, Outcome, RequestCtx, Target, Upstream, error_response};
 
@@ -65,6 +67,26 @@ impl ConnInfo {
     }
 }
 
+/// The `name.namespace` an HTTP authority names (`name` alone is in `own_namespace`), for
+/// asking the operator; `None` for what cannot be a Service (an IP literal, a foreign domain).
+fn service_key(authority: &str, own_namespace: &str) -> Option<String> {
+    let host = match authority.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => h,
+        _ => authority,
+    };
+    let host = host.trim_end_matches('.');
+    if host.is_empty() || host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
+        return None;
+    }
+    let mut parts = host.split('.');
+    let name = parts.next()?;
+    match (parts.next(), parts.next()) {
+        (None, _) => Some(format!("{name}.{own_namespace}")),
+        (Some(ns), None | Some("svc")) => Some(format!("{name}.{ns}")),
+        _ => None,
+    }
+}
+
 /// Whether `key` is `svc.key()` (`name.namespace`), without formatting it.
 fn is_key_of(key: &str, svc: &OutboundService) -> bool {
     key.len() == svc.name.len() + 1 + svc.namespace.len()
@@ -83,7 +105,20 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr) {
         tracing::debug!(%client, "outbound connection was not redirected; closing (not local mode)");
         return;
     }
-    let snap = shared.config.borrow().clone();
+    let mut snap = shared.config.borrow().clone();
+    // An address the config does not know: ask the operator first (bounded, and only while
+    // its stream is up), so a meshed destination gets mTLS instead of plaintext.
+    if redirected
+        && let Some(resolver) = &shared.discovery
+        && snap
+            .as_deref()
+            .is_some_and(|s| s.service_for_addr(orig_dst).is_none())
+    {
+        resolver
+            .resolve(DiscoveryTarget::Address(orig_dst.ip()), RESOLVE_WAIT)
+            .await;
+        snap = shared.config.borrow().clone();
+    }
     let svc_port = snap.as_deref().and_then(|s| {
         let svc = s.service_for_addr(orig_dst)?;
         Some((svc, svc.port(orig_dst.port())?.protocol))
@@ -177,14 +212,16 @@ async fn tcp_outbound(
     let started = Instant::now();
     match shared
         .pool
-        .connect(addr, &identities, Alpn::Tcp, timeout)
+        .connect_trusted(addr, &identities, Alpn::Tcp, timeout)
         .await
     {
-        Ok((upstream, _peer)) => {
+        Ok((upstream, trust)) => {
             if let Some(t) = &conn {
                 t.connected(Ok(started.elapsed()));
             }
-            tcp::splice(shared, io, upstream, labels).await
+            // Closes when the server's certificate expires or its root leaves the bundle.
+            let revoked = super::peer_trust::revoked(trust, shared.tls.subscribe());
+            tcp::splice_until(shared, io, upstream, labels, revoked).await
         }
         Err(e) => {
             if let Some(t) = &conn {
@@ -226,7 +263,20 @@ async fn handle(
         (String::new(), String::new(), None)
     };
 
-    let snap = shared.config.borrow().clone();
+    let mut snap = shared.config.borrow().clone();
+    // Local mode: an authority the config does not know is asked of the operator first.
+    if !info.redirected
+        && let Some(resolver) = &shared.discovery
+        && let Some(s) = snap.as_deref()
+        && s.service_for_authority(authority(&req).unwrap_or(""))
+            .is_none()
+        && let Some(key) = service_key(authority(&req).unwrap_or(""), &s.config.namespace)
+    {
+        resolver
+            .resolve(DiscoveryTarget::Service(key), RESOLVE_WAIT)
+            .await;
+        snap = shared.config.borrow().clone();
+    }
     // References into the snapshot this request started with: a reload publishes a new
     // snapshot and never changes this one.
     let route = snap.as_deref().and_then(|s| {
@@ -286,7 +336,11 @@ async fn handle(
     if let Some(cu) = client_upgrade
         && resp.status() == StatusCode::SWITCHING_PROTOCOLS
     {
-        spawn_tunnel(&shared, cu, &mut resp);
+        let trust = resp
+            .extensions()
+            .get::<super::peer_trust::PeerTrust>()
+            .cloned();
+        spawn_tunnel(&shared, cu, &mut resp, trust);
     }
     clean_response(&mut resp);
     let peer = resp
@@ -395,5 +449,19 @@ mod tests {
         assert!(!is_key_of("reviews.shops", svc));
         assert!(!is_key_of("reviewsxshop", svc));
         assert!(!is_key_of("ratings.shop", svc));
+    }
+
+    #[test]
+    fn an_authority_names_the_service_the_operator_is_asked_about() {
+        assert_eq!(service_key("web", "shop").as_deref(), Some("web.shop"));
+        assert_eq!(service_key("web:8080", "shop").as_deref(), Some("web.shop"));
+        assert_eq!(service_key("web.pay", "shop").as_deref(), Some("web.pay"));
+        assert_eq!(
+            service_key("web.pay.svc.cluster.local.", "shop").as_deref(),
+            Some("web.pay")
+        );
+        for not_a_service in ["", "10.0.0.1:80", "[::1]:80", "example.com.evil", "a.b.c"] {
+            assert_eq!(service_key(not_a_service, "shop"), None, "{not_a_service}");
+        }
     }
 }

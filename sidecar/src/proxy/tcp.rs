@@ -23,30 +23,64 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(15);
 /// Copies both ways until both sides close (half-close is propagated), publishing the bytes
 /// copied every `shared.tcp_flush_interval` and when the copy ends or is cancelled.
 pub async fn splice<A: Io, B: Io>(shared: &Shared, client: A, upstream: B, labels: TcpLabels) {
+    splice_until(shared, client, upstream, labels, std::future::pending()).await
+}
+
+/// How long a revoked splice waits for each side to take its close (TLS close_notify, FIN)
+/// before the sockets are simply dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// [`splice`] that ends early when `until` resolves (the peer's certificate expired or its root
+/// left the bundle, see [`super::peer_trust`]): copying stops and both sides are shut down
+/// cleanly, so each end reads a normal end of stream instead of a reset.
+pub async fn splice_until<A: Io, B: Io>(
+    shared: &Shared,
+    client: A,
+    upstream: B,
+    labels: TcpLabels,
+    until: impl std::future::Future<Output = ()>,
+) {
     let open = OpenConn::new(&shared.metrics, &labels);
     let meter = TcpBytesMeter::new(&shared.metrics, &labels);
     let mut client = Counted::new(client, meter.to_client());
     let mut upstream = Counted::new(upstream, meter.from_client());
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-    tokio::pin!(copy);
-    let every = shared.tcp_flush_interval;
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    // Ticks missed on a busy runtime are not worth a burst of catch-up flushes.
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let result = loop {
-        tokio::select! {
-            biased;
-            r = &mut copy => break r,
-            _ = tick.tick() => meter.flush(),
+    let revoked = {
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        tokio::pin!(copy);
+        tokio::pin!(until);
+        let every = shared.tcp_flush_interval;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        // Ticks missed on a busy runtime are not worth a burst of catch-up flushes.
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut copy => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "tcp splice ended with an error");
+                    }
+                    break false;
+                }
+                _ = &mut until => break true,
+                _ = tick.tick() => meter.flush(),
+            }
         }
     };
+    if revoked {
+        tracing::debug!(
+            dst_service = %labels.dst_service,
+            "tcp connection closed: the peer's certificate expired or is no longer trusted"
+        );
+        use tokio::io::AsyncWriteExt;
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            let _ = tokio::join!(client.shutdown(), upstream.shutdown());
+        })
+        .await;
+    }
     // Bytes first, then the open gauge: a scrape that sees the connection gone sees all of its
     // bytes. Cancellation drops them in the same order (reverse declaration).
     drop(meter);
     drop(open);
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "tcp splice ended with an error");
-    }
 }
 
 /// A stream that counts the bytes written into it, i.e. the bytes the copy loop delivered to

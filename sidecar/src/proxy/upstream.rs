@@ -35,6 +35,9 @@
 //!   the reaper then drops it, which closes it gracefully after the requests in flight finish.
 //! - Connections, and with them their keys, unused for `idle_timeout` are dropped, so endpoint
 //!   churn does not grow the pool.
+//! - Connections that leave the pool (opaque TCP from [`Pool::connect_trusted`], upgraded
+//!   tunnels) carry the peer's [`PeerTrust`] to their owner, which closes them by the same rule
+//!   (see [`super::peer_trust`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -57,6 +60,7 @@ use tokio::net::TcpStream;
 
 use super::http::{ORIG_PROTO, is_upgrade, to_http1, to_http2};
 use super::mtls::{Alpn, TlsCache};
+use super::peer_trust::PeerTrust;
 use crate::config::Protocol;
 use crate::creds::Credentials;
 use crate::tls::mesh_server_name;
@@ -354,6 +358,21 @@ impl Pool {
         Ok((io, peer.map(|p| p.id)))
     }
 
+    /// [`Pool::connect`] that also returns the peer's [`PeerTrust`] (meshed targets), for a
+    /// connection that lives outside the pool and must close when its peer is no longer trusted.
+    pub async fn connect_trusted(
+        &self,
+        addr: SocketAddr,
+        identities: &Arc<[String]>,
+        alpn: Alpn,
+        timeout: Option<Duration>,
+    ) -> Result<(BoxIo, Option<PeerTrust>), UpstreamError> {
+        let source = self.inner.source.for_dst(addr);
+        let (io, peer) =
+            connect_peer(&self.inner.tls, source, addr, identities, alpn, timeout).await?;
+        Ok((io, peer.and_then(|p| p.trust)))
+    }
+
     async fn send_inner(
         self,
         target: Target,
@@ -418,9 +437,16 @@ impl Pool {
             }
             Mode::Upgrade => {
                 to_http1(&mut req);
-                let (io, peer) = self
-                    .connect(addr, &key.identities, Alpn::Http1, target.connect_timeout)
-                    .await?;
+                let source = self.inner.source.for_dst(addr);
+                let (io, peer) = connect_peer(
+                    &self.inner.tls,
+                    source,
+                    addr,
+                    &key.identities,
+                    Alpn::Http1,
+                    target.connect_timeout,
+                )
+                .await?;
                 let (mut sr, conn) = http1::Builder::new()
                     .handshake(TokioIo::new(io))
                     .await
@@ -432,7 +458,12 @@ impl Pool {
                 });
                 let mut resp = sr.send_request(req).await.map_err(|e| classify(addr, e))?;
                 if let Some(p) = peer {
-                    resp.extensions_mut().insert(PeerIdentity(p.into()));
+                    // The tunnel, once upgraded, outlives this call: it closes when the
+                    // server's certificate does (see `spawn_tunnel`).
+                    if let Some(t) = p.trust {
+                        resp.extensions_mut().insert(t);
+                    }
+                    resp.extensions_mut().insert(PeerIdentity(p.id.into()));
                 }
                 resp
             }
@@ -857,6 +888,8 @@ struct Peer {
     /// `None` only when the chain or our credentials could not be read; such a connection is
     /// then retired by nothing but idleness (rustls always exposes the chain it verified).
     cert: Option<PeerCert>,
+    /// The same chain for connections that leave the pool (opaque TCP, upgraded tunnels).
+    trust: Option<PeerTrust>,
 }
 
 /// TCP connect (with `TCP_NODELAY`), then mTLS when the target is meshed. Returns the stream
@@ -946,6 +979,7 @@ async fn connect_peer(
             reason: "peer did not agree on the mesh ALPN protocol".into(),
         });
     }
+    let trust = PeerTrust::of_server(conn, identities);
     let peer = crate::tls::peer_spiffe_id(conn).map(|id| {
         let chain: Option<Arc<[CertificateDer<'static>]>> = conn
             .peer_certificates()
@@ -961,7 +995,7 @@ async fn connect_peer(
                 }),
             _ => None,
         };
-        Peer { id, cert }
+        Peer { id, cert, trust }
     });
     Ok((Box::new(stream), peer))
 }

@@ -43,7 +43,7 @@ pub struct Dispatcher {
 pub struct EndpointStats {
     pub addr: std::net::SocketAddr,
     pub inflight: u32,
-    /// Peak-EWMA latency estimate.
+    /// Peak-EWMA latency estimate as the balancer sees it now; zero before the first answer.
     pub rtt_estimate: Duration,
     pub ejected: bool,
     /// Ejections so far (decayed by healthy time); the next lasts `base * 2^ejections`.

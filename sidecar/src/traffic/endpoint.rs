@@ -13,12 +13,33 @@ use std::time::{Duration, Instant};
 
 use crate::config::OutlierDetection;
 
-/// Time constant of the peak-EWMA decay (as Linkerd and Finagle: about 10 s).
-pub const EWMA_DECAY: Duration = Duration::from_secs(10);
-/// Latency assumed for an endpoint nothing has been measured on yet (Linkerd's default). High
-/// enough that a fresh endpoint is not flooded before its first measurement, and the estimate
-/// decays, so it is tried soon anyway.
-pub const EWMA_DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// How fast a measured endpoint's estimate follows samples below it (the time constant of the
+/// EWMA between samples). Short enough that one stalled sample (a busy client, a GC pause) is
+/// forgotten within a second or two of traffic, instead of marking a fast endpoint as slow for
+/// tens of seconds; a higher sample still takes over at once (peak).
+pub const EWMA_DECAY: Duration = Duration::from_secs(1);
+/// How fast the estimate of an endpoint that gets no traffic drifts toward zero, which is what
+/// makes the balancer probe it again. An endpoint 10x slower than its peers is tried about every
+/// `ln(10) * EWMA_IDLE_DECAY` ≈ 12 s: a negligible share, yet a recovery is noticed within that.
+pub const EWMA_IDLE_DECAY: Duration = Duration::from_secs(5);
+/// Cost of each request in flight to an endpoint still on probation (fewer than
+/// [`PROBATION_SAMPLES`] answers): far above any real estimate, so such an endpoint gets one
+/// request at a time (Finagle's "penalty"), but nothing while idle, so it is tried at once.
+const UNMEASURED_PENDING_COST_NS: f64 = 1e12;
+/// Answers a new endpoint gives, one at a time, before it competes on its estimate; the
+/// estimate is their minimum. A stall only ever adds latency, so the minimum of a few is what
+/// the endpoint can do; one unlucky first sample would otherwise mark a fast endpoint as slow
+/// and starve it for the whole idle decay.
+const PROBATION_SAMPLES: u8 = 3;
+/// A sample above the estimate raises it at most this many times per [`PEAK_RISE_WINDOW`].
+/// Peak-sensitive still (a 10x slowdown is followed within four windows), but a stall (the
+/// client was descheduled) doubles a fast endpoint's estimate instead of making it look as
+/// slow as the slow endpoint, which is how a slow endpoint used to get a share after every
+/// stall.
+const PEAK_RISE_MAX: f64 = 2.0;
+/// Rises closer together than this count as one: the burst of samples that completes when a
+/// stalled client runs again measures the client, not the endpoint, and must not compound.
+const PEAK_RISE_WINDOW: Duration = Duration::from_millis(100);
 /// Longest single ejection, whatever the multiplier (Envoy's default `max_ejection_time`).
 pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 
@@ -40,19 +61,85 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Peak-EWMA round-trip estimate (Finagle's `PeakEwma`, tower's `peak_ewma`): a slower sample
-/// replaces the estimate at once (peak), faster samples pull it down exponentially with time.
-#[derive(Debug)]
-struct Ewma {
-    /// Estimate in nanoseconds.
-    rtt_ns: f64,
-    updated: Instant,
+/// Peak-EWMA round-trip estimate: a slower sample replaces the estimate at once (peak), faster
+/// samples pull it down exponentially with the time since the previous sample
+/// ([`EWMA_DECAY`]), and while no sample comes the estimate the balancer sees drifts toward zero
+/// ([`EWMA_IDLE_DECAY`]), so an avoided endpoint is probed again.
+///
+/// Reading it changes nothing, which is where this departs from tower's `PeakEwma` (and from
+/// this module's first version): there, computing the cost decays the stored estimate toward
+/// zero *and* moves its timestamp, so a faster sample that follows is weighted by the few
+/// microseconds since the last pick (about 0.00003 at 500 requests/s with a 10 s decay) and
+/// changes nothing. The estimate was then only "the highest sample, decayed toward zero", never
+/// an average: fast endpoints sat at their stalls and slow endpoints looked no worse.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct PeakEwma {
+    /// Estimate in nanoseconds as of the last sample; `None` before the first one.
+    rtt_ns: Option<f64>,
+    sampled: Instant,
+    /// Samples so far, counted up to [`PROBATION_SAMPLES`].
+    samples: u8,
+    /// The estimate before the current run of rises, and when that run began: rises within
+    /// [`PEAK_RISE_WINDOW`] of each other are capped together.
+    rise_base: f64,
+    rise_at: Instant,
 }
 
-impl Ewma {
-    fn decay_factor(&self, now: Instant) -> f64 {
-        let elapsed = now.saturating_duration_since(self.updated).as_nanos() as f64;
-        (-elapsed / EWMA_DECAY.as_nanos() as f64).exp()
+impl PeakEwma {
+    pub(crate) fn new(now: Instant) -> Self {
+        Self {
+            rtt_ns: None,
+            sampled: now,
+            samples: 0,
+            rise_base: 0.0,
+            rise_at: now,
+        }
+    }
+
+    fn decay(since: Instant, now: Instant, tau: Duration) -> f64 {
+        let elapsed = now.saturating_duration_since(since).as_secs_f64();
+        (-elapsed / tau.as_secs_f64()).exp()
+    }
+
+    /// Records one round trip that ended at `now`.
+    pub(crate) fn observe(&mut self, rtt: Duration, now: Instant) {
+        let rtt = rtt.as_nanos() as f64;
+        self.rtt_ns = Some(match self.rtt_ns {
+            None => rtt,
+            Some(est) if self.samples < PROBATION_SAMPLES => est.min(rtt),
+            Some(est) if rtt > est => {
+                if now.saturating_duration_since(self.rise_at) >= PEAK_RISE_WINDOW
+                    || self.rise_base == 0.0
+                {
+                    self.rise_base = est;
+                    self.rise_at = now;
+                }
+                rtt.min(self.rise_base * PEAK_RISE_MAX).max(est)
+            }
+            Some(est) => {
+                let keep = Self::decay(self.sampled, now, EWMA_DECAY);
+                est * keep + rtt * (1.0 - keep)
+            }
+        });
+        self.samples = self.samples.saturating_add(1).min(PROBATION_SAMPLES);
+        self.sampled = self.sampled.max(now);
+    }
+
+    /// The estimate the balancer uses at `now` (nanoseconds), `None` before the first sample.
+    pub(crate) fn estimate(&self, now: Instant) -> Option<f64> {
+        self.rtt_ns
+            .map(|est| est * Self::decay(self.sampled, now, EWMA_IDLE_DECAY))
+    }
+
+    /// Load for P2C: the estimate times (in-flight + 1), as Linkerd and Finagle; an endpoint on
+    /// probation costs nothing while idle and [`UNMEASURED_PENDING_COST_NS`] per request in
+    /// flight.
+    pub(crate) fn cost(&self, now: Instant, pending: u32) -> f64 {
+        let pending = f64::from(pending);
+        match self.estimate(now) {
+            Some(est) if self.samples >= PROBATION_SAMPLES => est * (pending + 1.0),
+            _ => UNMEASURED_PENDING_COST_NS * pending,
+        }
     }
 }
 
@@ -73,7 +160,7 @@ pub struct EndpointState {
     /// SPIFFE IDs accepted from this endpoint.
     pub(crate) identities: Arc<[String]>,
     inflight: AtomicU32,
-    ewma: Mutex<Ewma>,
+    ewma: Mutex<PeakEwma>,
     outlier: Mutex<Outlier>,
     /// `now_ms()` deadline of the current ejection; 0 when not ejected.
     ejected_until: AtomicU64,
@@ -83,14 +170,15 @@ pub struct EndpointState {
 
 impl EndpointState {
     pub(crate) fn new(addr: SocketAddr, identities: Arc<[String]>) -> Self {
+        Self::new_at(addr, identities, Instant::now())
+    }
+
+    pub(crate) fn new_at(addr: SocketAddr, identities: Arc<[String]>, now: Instant) -> Self {
         Self {
             addr,
             identities,
             inflight: AtomicU32::new(0),
-            ewma: Mutex::new(Ewma {
-                rtt_ns: EWMA_DEFAULT_RTT.as_nanos() as f64,
-                updated: Instant::now(),
-            }),
+            ewma: Mutex::new(PeakEwma::new(now)),
             outlier: Mutex::new(Outlier::default()),
             ejected_until: AtomicU64::new(0),
             probing: AtomicBool::new(false),
@@ -111,38 +199,25 @@ impl EndpointState {
         InflightGuard(self.clone())
     }
 
-    /// Load for P2C: the decayed latency estimate times (in-flight + 1), as Linkerd.
+    /// Load for P2C (see [`PeakEwma::cost`]).
     pub(crate) fn ewma_cost(&self, now: Instant) -> f64 {
-        let mut e = self.ewma.lock().expect("ewma lock");
-        let decayed = e.rtt_ns * e.decay_factor(now);
-        e.rtt_ns = decayed;
-        e.updated = now;
-        drop(e);
-        let pending = self.inflight() as f64;
-        if decayed == 0.0 {
-            // Nothing measured recently: rank by load alone.
-            pending + 1.0
-        } else {
-            decayed * (pending + 1.0)
-        }
+        let ewma = *self.ewma.lock().expect("ewma lock");
+        ewma.cost(now, self.inflight())
     }
 
     /// Records one round trip (request sent to response headers).
     pub(crate) fn observe_rtt(&self, rtt: Duration, now: Instant) {
-        let rtt = rtt.as_nanos() as f64;
-        let mut e = self.ewma.lock().expect("ewma lock");
-        if rtt > e.rtt_ns {
-            e.rtt_ns = rtt;
-        } else {
-            let decay = e.decay_factor(now);
-            e.rtt_ns = e.rtt_ns * decay + rtt * (1.0 - decay);
-        }
-        e.updated = now;
+        self.ewma.lock().expect("ewma lock").observe(rtt, now);
     }
 
-    /// Current latency estimate (for tests and debugging).
+    /// The latency estimate the balancer uses now; zero before anything was measured.
     pub fn rtt_estimate(&self) -> Duration {
-        Duration::from_nanos(self.ewma.lock().expect("ewma lock").rtt_ns as u64)
+        let est = self
+            .ewma
+            .lock()
+            .expect("ewma lock")
+            .estimate(Instant::now());
+        Duration::from_nanos(est.unwrap_or(0.0) as u64)
     }
 
     /// Whether the endpoint is ejected at `now` (a `now_ms()` value). Notices expired ejections
@@ -268,34 +343,109 @@ mod tests {
         EndpointState::new("127.0.0.1:1".parse().unwrap(), Arc::from(Vec::new()))
     }
 
+    fn ms_of(ns: Option<f64>) -> f64 {
+        ns.unwrap() / 1e6
+    }
+
+    /// An estimator past probation, at `ms`.
+    fn measured(ms: u64, at: Instant) -> PeakEwma {
+        let mut e = PeakEwma::new(at);
+        for _ in 0..PROBATION_SAMPLES {
+            e.observe(Duration::from_millis(ms), at);
+        }
+        e
+    }
+
     #[test]
     fn peak_ewma_jumps_up_and_decays_down() {
-        let e = ep();
         let t0 = Instant::now();
-        e.observe_rtt(Duration::from_millis(100), t0);
-        assert_eq!(e.rtt_estimate(), Duration::from_millis(100));
-        // A fast sample 10 s later pulls the estimate most of the way down (1 - 1/e).
-        e.observe_rtt(Duration::from_millis(1), t0 + EWMA_DECAY);
-        let est = e.rtt_estimate().as_secs_f64() * 1000.0;
+        let mut e = measured(100, t0);
+        assert_eq!(ms_of(e.estimate(t0)), 100.0);
+        // A fast sample one decay constant later pulls the estimate most of the way (1 - 1/e).
+        let t1 = t0 + EWMA_DECAY;
+        e.observe(Duration::from_millis(1), t1);
+        let est = ms_of(e.estimate(t1));
+        let want = 100.0 / std::f64::consts::E + (1.0 - 1.0 / std::f64::consts::E);
+        assert!((est - want).abs() < 0.01, "{est} vs {want}");
+        // A slow sample raises it at once, at most twofold, and a burst of slow samples (a
+        // stalled client catching up) no further: one stall is not taken at face value.
+        for _ in 0..4 {
+            e.observe(Duration::from_millis(500), t1);
+        }
+        assert!((ms_of(e.estimate(t1)) - 2.0 * want).abs() < 0.01);
+        // A real slowdown keeps answering slowly and is followed within a few windows.
+        let mut t = t1;
+        for _ in 0..4 {
+            t += PEAK_RISE_WINDOW;
+            e.observe(Duration::from_millis(500), t);
+        }
+        assert_eq!(ms_of(e.estimate(t)), 500.0);
+        // Without samples it drifts toward zero, so the endpoint is probed again.
+        let t1 = t;
+        let later = ms_of(e.estimate(t1 + EWMA_IDLE_DECAY));
         assert!(
-            (est - (100.0 / std::f64::consts::E + 0.632)).abs() < 0.5,
-            "{est}"
+            (later - 500.0 / std::f64::consts::E).abs() < 0.01,
+            "{later}"
         );
-        // A slow sample is taken at once.
-        e.observe_rtt(Duration::from_millis(500), t0 + EWMA_DECAY);
-        assert_eq!(e.rtt_estimate(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn probation_takes_the_best_of_the_first_answers_one_at_a_time() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::new(t0);
+        assert_eq!(e.estimate(t0), None);
+        assert_eq!(e.cost(t0, 0), 0.0);
+        assert!(e.cost(t0, 1) >= UNMEASURED_PENDING_COST_NS);
+        // The first answer met a stall; the next two show what the endpoint really does.
+        for ms in [12, 1, 2] {
+            assert_eq!(e.cost(t0, 0), 0.0, "still on probation");
+            e.observe(Duration::from_millis(ms), t0);
+        }
+        assert_eq!(ms_of(e.estimate(t0)), 1.0);
+        assert_eq!(e.cost(t0, 1), 2.0 * 1e6);
+    }
+
+    /// The defect of the first version (and of tower's `PeakEwma`): reading the cost decayed
+    /// the estimate and reset its clock, so faster samples that followed carried no weight.
+    #[test]
+    fn reading_the_cost_does_not_discount_the_next_sample() {
+        let t0 = Instant::now();
+        let mut e = measured(10, t0);
+        // A thousand picks read the cost during the next second.
+        for k in 0..1000 {
+            e.cost(t0 + Duration::from_millis(k), 0);
+        }
+        let t1 = t0 + EWMA_DECAY;
+        e.observe(Duration::from_millis(1), t1);
+        let est = ms_of(e.estimate(t1));
+        let want = 10.0 / std::f64::consts::E + (1.0 - 1.0 / std::f64::consts::E);
+        assert!((est - want).abs() < 0.01, "{est} vs {want}");
     }
 
     #[test]
     fn cost_grows_with_inflight() {
         let e = Arc::new(ep());
         let now = Instant::now();
+        for _ in 0..PROBATION_SAMPLES {
+            e.observe_rtt(Duration::from_millis(5), now);
+        }
         let idle = e.ewma_cost(now);
         let g = e.start();
         let busy = e.ewma_cost(now);
-        assert!(busy > 1.9 * idle, "{idle} {busy}");
+        assert!((busy - 2.0 * idle).abs() < 1.0, "{idle} {busy}");
         drop(g);
         assert_eq!(e.inflight(), 0);
+    }
+
+    #[test]
+    fn unmeasured_endpoint_is_free_when_idle_and_dear_when_busy() {
+        let e = Arc::new(ep());
+        let now = Instant::now();
+        assert_eq!(e.ewma_cost(now), 0.0);
+        let g = e.start();
+        assert!(e.ewma_cost(now) >= UNMEASURED_PENDING_COST_NS);
+        drop(g);
+        assert_eq!(e.rtt_estimate(), Duration::ZERO);
     }
 
     #[test]

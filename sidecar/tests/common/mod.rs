@@ -194,7 +194,6 @@ impl TestProxy {
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
-        kubelet_write(dir.path(), 1, &cfg.to_json_pretty(), "app=\"test\"\n");
         let (cert, key) = pki.leaf(spiffe_id);
         let (tx, rx) = trellis_proxy::creds::channel();
         tokio::spawn(trellis_proxy::tls::watch_pem_files(
@@ -203,6 +202,34 @@ impl TestProxy {
             dir.path().join("ca.pem"),
             tx,
         ));
+        Self::start_in(dir, rx, cfg, inbound_target, tweak).await
+    }
+
+    /// A proxy whose credentials the test publishes itself on `creds` (short-lived
+    /// certificates, trust bundle changes).
+    pub async fn start_with_creds(
+        creds: trellis_proxy::creds::CredentialsRx,
+        cfg: &ProxyConfig,
+        inbound_target: Option<SocketAddr>,
+    ) -> Self {
+        Self::start_in(
+            tempfile::tempdir().unwrap(),
+            creds,
+            cfg,
+            inbound_target,
+            |_| {},
+        )
+        .await
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+        rx: trellis_proxy::creds::CredentialsRx,
+        cfg: &ProxyConfig,
+        inbound_target: Option<SocketAddr>,
+        tweak: impl FnOnce(&mut Options),
+    ) -> Self {
+        kubelet_write(dir.path(), 1, &cfg.to_json_pretty(), "app=\"test\"\n");
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         // Local mode: the tests' clients connect to the outbound listener directly, as
         // `trellis dev` does; no iptables here.
@@ -220,6 +247,7 @@ impl TestProxy {
             app_probes: Default::default(),
             pod_ip: None,
             pod: Default::default(),
+            discovery: None,
         };
         tweak(&mut opts);
         let running = trellis_proxy::run::start(opts, rx).await.unwrap();

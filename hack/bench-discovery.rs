@@ -1,0 +1,189 @@
+//! Discovery at cluster scale, in one process: a synthetic cluster (namespaces x Services x
+//! endpoints), the real compiler, the real discovery view and registry, and simulated streams
+//! (registry entries, no sockets), each subscribed to some Services. Reports compile time,
+//! the largest ConfigMap, operator RSS, and the time from an EndpointSlice change to every
+//! subscribed stream's messages being ready (the replica's table-only compile + publish +
+//! take), p50/p99.
+//!
+//! Not measured here: the network and TLS of 1 000 real streams, and the proxies' apply (the
+//! real-socket path is covered by `operator/tests/discovery.rs`).
+//!
+//! `cargo run --release -p trellis-operator --example bench-discovery -- [namespaces]
+//! [services per namespace] [endpoints per service] [streams] [subscriptions] [changes]`
+
+#[path = "../operator/tests/compiler_fixtures/mod.rs"]
+mod fixtures;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fixtures::*;
+use trellis_operator::compiler;
+use trellis_operator::discovery::{Registry, View};
+use trellis_proxy::discovery::Target;
+
+fn rss_mib() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn slice_for(ns: usize, svc: usize, endpoints: usize, salt: usize) -> Slice {
+    let mut s = slice(&format!("ns{ns}"), &format!("s{svc}"), &format!("s{svc}-x"))
+        .port(Some("http"), 8080);
+    for e in 0..endpoints {
+        let n = ns * 10_000 + svc * 100 + e + salt;
+        s = s.endpoint(
+            &format!("10.{}.{}.{}", 64 + (n >> 16) % 64, (n >> 8) & 255, n & 255),
+            None,
+        );
+    }
+    s
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("numeric arguments"))
+        .collect();
+    let arg = |i: usize, d: usize| args.get(i).copied().unwrap_or(d);
+    let (namespaces, per_ns, endpoints, streams, subs, changes) = (
+        arg(0, 1000),
+        arg(1, 10),
+        arg(2, 10),
+        arg(3, 1000),
+        arg(4, 20),
+        arg(5, 50),
+    );
+    let base = rss_mib();
+    let mut w = World::new();
+    for ns in 0..namespaces {
+        w.add(namespace(&format!("ns{ns}")).meshed());
+        for svc in 0..per_ns {
+            let n = ns * per_ns + svc;
+            w.add(
+                service(&format!("ns{ns}"), &format!("s{svc}"))
+                    .ip(&format!(
+                        "10.{}.{}.{}",
+                        96 + (n >> 16),
+                        (n >> 8) & 255,
+                        n & 255
+                    ))
+                    .port(80, "http"),
+            );
+            w.add(slice_for(ns, svc, endpoints, 0));
+        }
+    }
+    let t = Instant::now();
+    let mut out = compiler::compile(&w.snap);
+    let compile_full = t.elapsed();
+    let max_cm = out.configs.values().map(|c| c.len()).max().unwrap_or(0);
+    let too_large = out.too_large.len();
+    let largest_refused = out.too_large.values().map(|t| t.bytes).max().unwrap_or(0);
+
+    let mut reg = Registry::default();
+    let mut generation = 1;
+    reg.publish(Arc::new(View::new(&out, generation).unwrap()));
+    let mut ids = Vec::with_capacity(streams);
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng as usize
+    };
+    for s in 0..streams {
+        let id = reg.open(&format!("ns{}", s % namespaces));
+        let targets = (0..subs)
+            .map(|_| Target::Service(format!("s{}.ns{}", next() % per_ns, next() % namespaces)))
+            .collect();
+        reg.subscribe(id, targets);
+        reg.take(id);
+        ids.push(id);
+    }
+    let rss_loaded = rss_mib();
+
+    let mut lat = Vec::with_capacity(changes);
+    let mut phases = Vec::with_capacity(changes);
+    let mut pushed = 0usize;
+    for c in 0..changes {
+        let (ns, svc) = (next() % namespaces, next() % per_ns);
+        // The EndpointSlice changes (a rollout replaced a pod): a new object, as a watch
+        // delivers it.
+        let idx = ns * per_ns + svc;
+        let name = format!("s{svc}-x");
+        let pos = w
+            .snap
+            .endpoint_slices
+            .iter()
+            .position(|s| {
+                s.metadata.namespace.as_deref() == Some(&format!("ns{ns}"))
+                    && s.metadata.name.as_deref() == Some(&name)
+            })
+            .unwrap_or(idx);
+        let mut tmp = compiler::Snapshot::default();
+        slice_for(ns, svc, endpoints, 1 + c).add_to(&mut tmp);
+        w.snap.endpoint_slices[pos] = tmp.endpoint_slices.pop().unwrap();
+        let t = Instant::now();
+        // What a replica's discovery loop runs: the table only, no namespace configs.
+        out = compiler::compile_discovery(&w.snap, Some(&out));
+        let compiled = t.elapsed();
+        generation += 1;
+        let view = Arc::new(View::new(&out, generation).unwrap());
+        let indexed = t.elapsed();
+        let wake = reg.publish(view);
+        let published = t.elapsed();
+        for id in wake {
+            pushed += reg
+                .take(id)
+                .iter()
+                .filter(|m| matches!(m, trellis_proxy::discovery::ServerMessage::Service { .. }))
+                .count();
+        }
+        lat.push(t.elapsed());
+        phases.push((
+            compiled,
+            indexed - compiled,
+            published - indexed,
+            t.elapsed() - published,
+        ));
+    }
+    let n = phases.len().max(1) as u32;
+    let mean = |f: fn(&(Duration, Duration, Duration, Duration)) -> Duration| {
+        phases.iter().map(f).sum::<Duration>() / n
+    };
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "cluster: {namespaces} namespaces, {} Services, {} endpoints; {streams} streams x {subs} subscriptions",
+        namespaces * per_ns,
+        namespaces * per_ns * endpoints
+    );
+    println!("full compile: {:.0} ms", ms(compile_full));
+    println!(
+        "largest ConfigMap written: {} KiB; {} namespaces over the 1 MiB limit (largest {} KiB, not written)",
+        max_cm / 1024,
+        too_large,
+        largest_refused / 1024
+    );
+    println!(
+        "RSS: {:.0} MiB before the cluster, {:.0} MiB with cluster, compile and streams",
+        base, rss_loaded
+    );
+    println!(
+        "endpoint change -> every stream's messages ready (table compile + publish + take), {changes} changes: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {pushed} Service pushes",
+        ms(pct(0.5)),
+        ms(pct(0.99)),
+        ms(*lat.last().unwrap())
+    );
+    println!(
+        "mean per change: compile {:.1} ms, view index {:.1} ms, registry publish {:.1} ms, take {:.1} ms",
+        ms(mean(|p| p.0)),
+        ms(mean(|p| p.1)),
+        ms(mean(|p| p.2)),
+        ms(mean(|p| p.3))
+    );
+}

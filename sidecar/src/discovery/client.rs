@@ -1,0 +1,128 @@
+//! One discovery stream to one operator replica: mTLS with the workload certificate, the
+//! operator's SPIFFE ID checked, HTTP/2, one `POST` whose request body carries our messages and
+//! whose response body carries the operator's.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+
+use super::proto::{ClientMessage, Decoder, FrameError, PATH, ServerMessage, encode};
+
+/// How long connecting (TCP, TLS, HTTP/2, response headers) may take before the replica is
+/// given up on for another.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why a stream could not be opened or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("connecting to {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("TLS with the operator at {0}: {1}")]
+    Tls(SocketAddr, std::io::Error),
+    #[error("HTTP/2 with the operator: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("the operator answered {0}")]
+    Status(http::StatusCode),
+    #[error("timed out after {CONNECT_TIMEOUT:?}")]
+    Timeout,
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+/// An open stream.
+pub struct Stream {
+    tx: mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+    body: Incoming,
+    decoder: Decoder,
+    _conn: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream").finish_non_exhaustive()
+    }
+}
+
+impl Stream {
+    /// Opens a stream to `addr`. `tls` must present our workload certificate and accept only
+    /// the operator's SPIFFE ID ([`crate::tls::client_config`] with that ID as the expected
+    /// one, ALPN `h2`).
+    pub async fn open(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Self, StreamError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::open_inner(addr, tls))
+            .await
+            .map_err(|_| StreamError::Timeout)?
+    }
+
+    async fn open_inner(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Self, StreamError> {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| StreamError::Connect(addr, e))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = TlsConnector::from(tls)
+            .connect(crate::tls::mesh_server_name(), tcp)
+            .await
+            .map_err(|e| StreamError::Tls(addr, e))?;
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
+        let conn = tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%error, "discovery connection ended");
+            }
+        });
+        // Our messages are few and small (subscriptions, acks); a short queue is plenty and
+        // `send` waits when it is full.
+        let (tx, mut rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
+        let body = StreamBody::new(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+        let req = http::Request::post(format!("https://trellis-operator{PATH}"))
+            .body(body)
+            .expect("static request");
+        let resp = send.send_request(req).await?;
+        if resp.status() != http::StatusCode::OK {
+            return Err(StreamError::Status(resp.status()));
+        }
+        Ok(Self {
+            tx,
+            body: resp.into_body(),
+            decoder: Decoder::default(),
+            _conn: conn,
+        })
+    }
+
+    /// Sends one message; `false` when the stream is gone.
+    pub async fn send(&self, msg: &ClientMessage) -> bool {
+        self.tx.send(Ok(Frame::data(encode(msg)))).await.is_ok()
+    }
+
+    /// The next message; `Ok(None)` when the operator closed the stream.
+    pub async fn recv(&mut self) -> Result<Option<ServerMessage>, StreamError> {
+        loop {
+            if let Some(m) = self.decoder.next_message()? {
+                return Ok(Some(m));
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.decoder.push(&data);
+                    }
+                }
+            }
+        }
+    }
+}

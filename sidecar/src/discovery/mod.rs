@@ -1,0 +1,11 @@
+//! The sidecar's side of the operator's discovery stream: the wire protocol ([`proto`]) and
+//! the client that keeps a stream open ([`client`]).
+
+pub mod client;
+pub mod proto;
+pub mod resolver;
+
+pub use proto::{
+    ClientMessage, Decoder, FrameError, MAX_FRAME, MAX_SUBSCRIPTIONS, PATH, ServerMessage, Target,
+    encode, workload_namespace,
+};

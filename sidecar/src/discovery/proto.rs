@@ -1,0 +1,225 @@
+//! The discovery stream's wire protocol: messages and their framing.
+//!
+//! # Transport (why not gRPC)
+//! One long-lived HTTP/2 `POST` to [`PATH`] over mTLS: the request body carries the proxy's
+//! messages ([`ClientMessage`]), the response body the operator's ([`ServerMessage`]), each a
+//! frame of a 4-byte big-endian length followed by that many bytes of JSON. HTTP/2 gives what
+//! gRPC would (multiplexing, flow control so a slow proxy pushes back on its own stream only,
+//! one TLS connection), and hyper and rustls are already in both binaries. gRPC with tonic
+//! would add prost, a code generator and a second schema language for types that already exist:
+//! a pushed Service is the config contract's own [`OutboundService`], so the ConfigMap and the
+//! stream cannot drift apart, and its validation is the same. JSON costs more bytes than
+//! protobuf, but a Service is pushed only when it changes, debounced, to the proxies that asked
+//! for it.
+//!
+//! # Semantics
+//! The proxy subscribes to [`Target`]s (a Service by name, or an address it saw as an original
+//! destination). The operator answers each with the Service's current state
+//! ([`ServerMessage::Service`]) or [`ServerMessage::Unknown`] (no such Service, or one the
+//! proxy's namespace may not see: the two are indistinguishable on purpose), and from then on
+//! pushes the Service again whenever it changes, latest state only. After each batch it sends
+//! [`ServerMessage::Synced`] with the operator's view generation; the proxy acknowledges the
+//! generation it applied ([`ClientMessage::Ack`]), which is what propagation status counts.
+
+use std::net::IpAddr;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::config::OutboundService;
+
+/// The request path of the stream.
+pub const PATH: &str = "/trellis.discovery.v1/stream";
+/// The largest frame either side accepts. A Service with every endpoint of a large Deployment
+/// (5 000 pods) is about 1 MiB of JSON; anything larger is refused rather than buffered.
+pub const MAX_FRAME: usize = 4 * 1024 * 1024;
+/// Targets one stream may hold; a proxy that talks to more distinct Services than this keeps
+/// the oldest subscriptions and falls back to the ConfigMap for the rest. It bounds the
+/// operator's per-stream state (subscriptions and the pending map) whatever the proxy sends.
+pub const MAX_SUBSCRIPTIONS: usize = 1024;
+
+/// What a proxy asks about.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum Target {
+    /// A Service by `name.namespace` (an HTTP authority the proxy did not know).
+    Service(String),
+    /// An original destination address (a cluster IP or an endpoint) the proxy did not know.
+    Address(IpAddr),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Service(s) => f.write_str(s),
+            Target::Address(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// Proxy -> operator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum ClientMessage {
+    /// Resolve these targets and keep me posted.
+    Subscribe { targets: Vec<Target> },
+    /// I applied everything up to this generation.
+    Ack { generation: u64 },
+}
+
+/// Operator -> proxy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum ServerMessage {
+    /// The current state of a subscribed Service (`name.namespace`); `None` when it was deleted
+    /// or is no longer visible to the proxy's namespace (drop it from the cache).
+    Service {
+        key: String,
+        #[serde(default)]
+        service: Option<Box<OutboundService>>,
+    },
+    /// The target resolves to nothing this proxy may see: keep the old behaviour for it.
+    Unknown { target: Target },
+    /// Everything the operator knew at this generation has been sent.
+    Synced { generation: u64 },
+}
+
+/// A frame that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed message: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// One message as a frame.
+pub fn encode<T: Serialize>(msg: &T) -> Bytes {
+    let json = serde_json::to_vec(msg).expect("discovery messages serialize");
+    let mut out = BytesMut::with_capacity(4 + json.len());
+    out.put_u32(json.len() as u32);
+    out.put_slice(&json);
+    out.freeze()
+}
+
+/// Reassembles frames from the chunks a body delivers (which need not align with frames).
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: BytesMut,
+}
+
+impl Decoder {
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The next whole message, if one has arrived. An error is final: the stream is out of
+    /// step and must be closed.
+    pub fn next_message<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        self.buf.advance(4);
+        let body = self.buf.split_to(len);
+        Ok(Some(serde_json::from_slice(&body)?))
+    }
+}
+
+/// The namespace of a workload SPIFFE ID (`spiffe://<td>/ns/<ns>/sa/<sa>`), the only source
+/// of a stream's authority: never a field of the request.
+pub fn workload_namespace(spiffe_id: &str) -> Option<&str> {
+    let rest = spiffe_id.strip_prefix("spiffe://")?;
+    let mut parts = rest.split('/');
+    let (_td, ns_word, ns, sa_word, sa) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+    );
+    (ns_word == "ns"
+        && sa_word == "sa"
+        && !ns.is_empty()
+        && !sa.is_empty()
+        && parts.next().is_none())
+    .then_some(ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_survive_arbitrary_chunking() {
+        let msgs = vec![
+            ClientMessage::Subscribe {
+                targets: vec![
+                    Target::Service("web.shop".into()),
+                    Target::Address("10.96.0.7".parse().unwrap()),
+                ],
+            },
+            ClientMessage::Ack { generation: 7 },
+        ];
+        let wire: Vec<u8> = msgs.iter().flat_map(|m| encode(m).to_vec()).collect();
+        for chunk in [1, 3, 5, wire.len()] {
+            let mut d = Decoder::default();
+            let mut got = Vec::new();
+            for c in wire.chunks(chunk) {
+                d.push(c);
+                while let Some(m) = d.next_message::<ClientMessage>().unwrap() {
+                    got.push(m);
+                }
+            }
+            assert_eq!(got, msgs, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn oversized_and_malformed_frames_are_errors() {
+        let mut d = Decoder::default();
+        d.push(&((MAX_FRAME as u32) + 1).to_be_bytes());
+        assert!(matches!(
+            d.next_message::<ClientMessage>(),
+            Err(FrameError::TooLarge(_))
+        ));
+        let mut d = Decoder::default();
+        d.push(&3u32.to_be_bytes());
+        d.push(b"{x}");
+        assert!(matches!(
+            d.next_message::<ClientMessage>(),
+            Err(FrameError::Json(_))
+        ));
+        let mut d = Decoder::default();
+        d.push(&encode(
+            &serde_json::json!({"subscribe": {"targets": [], "namespace": "x"}}),
+        ));
+        assert!(
+            d.next_message::<ClientMessage>().is_err(),
+            "unknown fields are refused"
+        );
+    }
+
+    #[test]
+    fn namespace_comes_only_from_a_workload_id() {
+        assert_eq!(
+            workload_namespace("spiffe://cluster.local/ns/shop/sa/web"),
+            Some("shop")
+        );
+        for bad in [
+            "spiffe://cluster.local/ns/shop",
+            "spiffe://cluster.local/ns//sa/web",
+            "spiffe://cluster.local/ns/shop/sa/web/extra",
+            "spiffe://cluster.local/x/shop/sa/web",
+            "https://cluster.local/ns/shop/sa/web",
+        ] {
+            assert_eq!(workload_namespace(bad), None, "{bad}");
+        }
+    }
+}
