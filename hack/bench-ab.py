@@ -9,7 +9,7 @@ run. The report is the median over rounds of B's CPU per request divided by A's,
 machine-wide slowdowns that hit both alike cancel out. Not run by CI.
 
 Usage: hack/bench-ab.py OLD_BINARY NEW_BINARY (the same binary twice, with A_ENV/B_ENV, compares
-settings: A_ENV="TOKIO_WORKER_THREADS=1,X=y" is the environment of pair A only)
+settings: A_ENV="TRELLIS_CONCURRENCY=2,X=y" is the environment of pair A only)
 Environment: RATE (1000), CONNS (16), DURATION (8 s), ROUNDS (5), PERF (unset; "client" or
 "server": run `perf record` on that proxy of B during its last round, into
 hack/out/perf-B-<role>.data), STAT (unset; "1": count syscalls and context switches per request

@@ -1,9 +1,28 @@
 #!/usr/bin/env bash
-# Sidecar benchmark (not run by CI): trellis pair vs direct vs nginx pair vs HAProxy pair.
-# Needs: nginx haproxy openssl (apt-get install), python3. The load generator is
-# hack/bench-load.rs (fixed rate, coordinated-omission corrected; wrk2 is not in Debian).
-# Writes hack/out/bench-proxy.md (table) and hack/out/bench-proxy.json (raw).
+# Sidecar benchmark (not run by CI): Trellis pair vs direct vs nginx pair vs HAProxy pair, in
+# interleaved rounds, with oha as the load generator. See hack/bench-proxy.py for what it
+# measures and its flags (--quick, --rounds N, --proxy-bin [LABEL=]PATH, --concurrency N).
+# Needs: nginx haproxy openssl procps (apt-get install), python3, cargo (builds the release
+# proxy, and installs oha once). Writes hack/out/bench-proxy.md and hack/out/bench-proxy.json.
+# A full run (3 rounds, 4 configurations) takes about 5 minutes, 6 with one --proxy-bin.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# oha, pinned, from the Rust crate registry, under the same cache as the other tools
+# (hack/validate-manifests.sh); 1.16.0 builds with Rust 1.95 (`--locked`: its own lockfile).
+oha_version=1.16.0
+cache="${TRELLIS_CACHE:-${HOME:-/root}/.cache/trellis}"
+oha_root="$cache/oha-$oha_version"
+if [ ! -x "$oha_root/bin/oha" ]; then
+  mkdir -p "$cache"
+  # Its own throwaway target dir: the workspace's CARGO_TARGET_DIR is not for tools.
+  env -u CARGO_TARGET_DIR cargo install oha --version "$oha_version" --locked \
+    --root "$oha_root"
+fi
+export OHA="$oha_root/bin/oha"
+
+target="${CARGO_TARGET_DIR:-target}"
 cargo build --release -p trellis-proxy --bin trellis-proxy --example bench-load
+export TRELLIS_PROXY="${TRELLIS_PROXY:-$target/release/trellis-proxy}"
+export TRELLIS_LOAD="${TRELLIS_LOAD:-$target/release/examples/bench-load}"
 exec python3 hack/bench-proxy.py "$@"

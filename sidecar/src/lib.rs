@@ -19,3 +19,4 @@ pub mod shutdown;
 pub mod spans;
 pub mod tls;
 pub mod traffic;
+pub mod workers;

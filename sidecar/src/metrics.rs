@@ -86,6 +86,12 @@ pub struct RevisionLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RuntimeLabels {
+    /// `current_thread` or `multi_thread`.
+    pub flavor: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: String,
 }
@@ -118,6 +124,9 @@ pub struct Metrics {
     pub cert_expiry: Gauge,
     /// Spans lost to a full export queue or a failed export (see [`crate::spans::export`]).
     pub spans_dropped: Counter,
+    /// The runtime's worker threads, labelled with its flavour: benchmarks record it, and a
+    /// dashboard can tell a proxy starved by a one-core allowance from a slow one.
+    pub runtime_workers: Family<RuntimeLabels, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -228,6 +237,12 @@ impl Metrics {
             "Trace spans dropped because the export queue was full or the collector did not take them",
             spans_dropped.clone(),
         );
+        let runtime_workers = Family::<RuntimeLabels, Gauge>::default();
+        registry.register(
+            "runtime_workers",
+            "Worker threads of the proxy's runtime, by runtime flavour",
+            runtime_workers.clone(),
+        );
         Self {
             registry,
             requests,
@@ -242,7 +257,18 @@ impl Metrics {
             proxy_info,
             cert_expiry,
             spans_dropped,
+            runtime_workers,
         }
+    }
+
+    /// Records the runtime the proxy runs on; once, at start.
+    pub fn set_runtime(&self, flavor: crate::workers::Flavor, workers: usize) {
+        self.runtime_workers.clear();
+        self.runtime_workers
+            .get_or_create(&RuntimeLabels {
+                flavor: flavor.as_str(),
+            })
+            .set(i64::try_from(workers).unwrap_or(i64::MAX));
     }
 
     /// Makes `trellis_proxy_build_info` name `version` alone. Called once at start.

@@ -125,6 +125,14 @@ pub struct RunArgs {
     /// Without it they go to 127.0.0.1.
     #[arg(long, env = "TRELLIS_POD_IP")]
     pub pod_ip: Option<IpAddr>,
+    /// Worker threads; `0` uses every core. Overrides the CPU allowance (see
+    /// [`crate::workers`]); 1 runs tokio's current-thread runtime.
+    #[arg(long, env = crate::workers::ENV_CONCURRENCY, value_parser = crate::workers::parse_concurrency)]
+    pub concurrency: Option<usize>,
+    /// The container's CPU limit (or request) in millicores, from the downward API; rounded up
+    /// to whole cores for the worker count. Without it, and without `--concurrency`, one core.
+    #[arg(long, env = crate::workers::ENV_CPU_MILLIS)]
+    pub cpu_millis: Option<String>,
     /// The operator's discovery stream, `host:port` (comma-separated for several), set by the
     /// injector. Without it the proxy knows only what its ConfigMap lists.
     #[arg(
@@ -343,6 +351,8 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
     let admin_l = bind_all(&opts.admin_addrs, "admin")?;
     let traffic_metrics = TrafficMetrics::new();
     let metrics = Arc::new(Metrics::with_traffic(&traffic_metrics));
+    let (flavor, workers) = crate::workers::current();
+    metrics.set_runtime(flavor, workers);
     let shutdown = Shutdown::new();
     let tls = Arc::new(TlsCache::new(creds.clone()));
     let pool = Pool::new(tls.clone());
@@ -525,20 +535,32 @@ fn init_logging(args: &RunArgs) {
 
 pub fn main(args: RunArgs) -> ExitCode {
     init_logging(&args);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // A sidecar shares the pod's CPU with the application: two workers are enough for
-    // thousands of requests per second and keep idle memory small. tokio's own
-    // TOKIO_WORKER_THREADS overrides this (e.g. 1 for a pod with a one-CPU limit).
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        builder.worker_threads(2);
+    let available = std::thread::available_parallelism().map_or(1, usize::from);
+    let (sizing, warning) =
+        crate::workers::size(args.concurrency, args.cpu_millis.as_deref(), available);
+    if let Some(w) = warning {
+        tracing::warn!("{w}");
     }
-    let runtime = match builder.thread_name("trellis-proxy").enable_all().build() {
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
+        tracing::warn!(
+            "TOKIO_WORKER_THREADS is ignored; use --concurrency or {}",
+            crate::workers::ENV_CONCURRENCY
+        );
+    }
+    let runtime = match crate::workers::build(sizing) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");
             return ExitCode::FAILURE;
         }
     };
+    tracing::info!(
+        workers = sizing.workers,
+        flavor = sizing.flavor().as_str(),
+        source = %sizing.source,
+        available_cores = available,
+        "runtime"
+    );
     runtime.block_on(async move {
         let (creds_tx, creds_rx) = crate::creds::channel();
         let running = match start(Options::from(&args), creds_rx).await {
@@ -650,6 +672,20 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    #[test]
+    fn concurrency_flag_and_cpu_allowance() {
+        let a = parse(&[]).unwrap();
+        assert_eq!((a.concurrency, a.cpu_millis), (None, None));
+        let a = parse(&["--concurrency", "0", "--cpu-millis", "1500"]).unwrap();
+        assert_eq!(a.concurrency, Some(0));
+        assert_eq!(a.cpu_millis.as_deref(), Some("1500"));
+        for bad in ["-1", "two", "100000"] {
+            let flag = format!("--concurrency={bad}");
+            let e = parse(&[&flag]).expect_err(bad).to_string();
+            assert!(e.contains("--concurrency"), "{e}");
+        }
     }
 
     #[test]

@@ -462,6 +462,10 @@ impl LocalMesh {
             "1s".into(),
             "--proxy-version".into(),
             version.to_string(),
+            // One worker each (tokio's current-thread runtime), as a pod with a one-core
+            // allowance gets; explicit so the user's environment cannot size the demo.
+            "--concurrency".into(),
+            "1".into(),
         ];
         args.extend(
             self.cred_args

@@ -23,8 +23,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIProjection,
     DownwardAPIVolumeFile, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
-    Pod, PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    Pod, PodSpec, Probe, ProjectedVolumeSource, ResourceFieldSelector, ResourceRequirements,
+    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -538,6 +538,33 @@ fn field_env(name: &str, path: &str) -> EnvVar {
     }
 }
 
+/// The proxy's CPU allowance in millicores, for its runtime sizing (`trellis_proxy::workers`):
+/// the container's CPU limit, else its request. Never the limit when none is set: the downward
+/// API then reports the node's allocatable CPU, which would size a sidecar like the node.
+fn cpu_allowance_env(resources: &ResourceRequirements) -> Option<EnvVar> {
+    let has_cpu =
+        |m: &Option<BTreeMap<String, Quantity>>| m.as_ref().is_some_and(|m| m.contains_key("cpu"));
+    let resource = if has_cpu(&resources.limits) {
+        "limits.cpu"
+    } else if has_cpu(&resources.requests) {
+        "requests.cpu"
+    } else {
+        return None;
+    };
+    Some(EnvVar {
+        name: trellis_proxy::workers::ENV_CPU_MILLIS.into(),
+        value_from: Some(EnvVarSource {
+            resource_field_ref: Some(ResourceFieldSelector {
+                resource: resource.into(),
+                divisor: Some(Quantity("1m".into())),
+                container_name: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
 fn value_env(name: &str, value: String) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -590,6 +617,7 @@ fn proxy_container(
             crate::discovery::replica::operator_id(&mesh.trust_domain, &ctx.operator_namespace),
         ),
     ];
+    env.extend(cpu_allowance_env(&o.resources));
     if !o.opaque_ports.is_empty() {
         env.push(value_env(ENV_OPAQUE_PORTS, join(&o.opaque_ports)));
     }
@@ -994,6 +1022,64 @@ mod tests {
                 reason: InjectError::BadAnnotation { .. }
             }
         ));
+    }
+
+    /// The proxy's runtime follows its CPU allowance: the limit when the pod or Mesh sets one,
+    /// else the request, as millicores from the downward API.
+    #[test]
+    fn the_proxy_gets_its_cpu_limit_else_its_request_as_millicores() {
+        let pod = |ann: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "a", "namespace": "shop", "annotations": ann},
+                "spec": {"containers": [{"name": "app", "image": "app"}]}
+            }))
+            .unwrap()
+        };
+        let ns = NamespaceInfo {
+            name: "shop",
+            labels: None,
+        };
+        let ctx = InjectContext::default();
+        let allowance = |mesh: &MeshSpec, ann: serde_json::Value| -> Option<(String, String)> {
+            let Decision::Patch { pod: out, .. } = inject(&pod(ann), &ns, mesh, &ctx) else {
+                panic!("not injected");
+            };
+            let inits = out.spec.unwrap().init_containers.unwrap();
+            let proxy = inits.iter().find(|c| c.name == PROXY_CONTAINER).unwrap();
+            let env = proxy.env.as_ref().unwrap();
+            let e = env
+                .iter()
+                .find(|e| e.name == trellis_proxy::workers::ENV_CPU_MILLIS)?;
+            let r = e.value_from.as_ref()?.resource_field_ref.as_ref()?;
+            assert_eq!(r.divisor, Some(Quantity("1m".into())));
+            assert_eq!(r.container_name, None, "its own container");
+            Some((
+                r.resource.clone(),
+                proxy
+                    .resources
+                    .clone()
+                    .unwrap()
+                    .limits
+                    .map_or(String::new(), |l| {
+                        l.get("cpu").map_or(String::new(), |q| q.0.clone())
+                    }),
+            ))
+        };
+        let mut mesh = default_mesh();
+        assert!(mesh.proxy.resources.cpu_limit.is_none());
+        assert_eq!(
+            allowance(&mesh, json!({})),
+            Some(("requests.cpu".into(), String::new()))
+        );
+        assert_eq!(
+            allowance(&mesh, json!({ANNOTATION_CPU_LIMIT: "2"})),
+            Some(("limits.cpu".into(), "2".into()))
+        );
+        mesh.proxy.resources.cpu_limit = Some("1500m".into());
+        assert_eq!(
+            allowance(&mesh, json!({})),
+            Some(("limits.cpu".into(), "1500m".into()))
+        );
     }
 
     #[test]
