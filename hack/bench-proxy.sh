@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Sidecar benchmark (not run by CI): Trellis pair vs direct vs nginx pair vs HAProxy pair, in
 # interleaved rounds, with oha as the load generator. See hack/bench-proxy.py for what it
-# measures and its flags (--quick, --rounds N, --proxy-bin [LABEL=]PATH, --concurrency N).
+# measures and its flags (--quick, --rounds N, --proxy-bin [LABEL=]PATH, --concurrency N,
+# --pairs LIST, --tracing: the trellis pair also at 1 % and 100 % span sampling, issue #15).
 # Needs: nginx haproxy openssl procps (apt-get install), python3, cargo (builds the release
 # proxy, and installs oha once). Writes hack/out/bench-proxy.md and hack/out/bench-proxy.json.
-# A full run (3 rounds, 4 configurations) takes about 5 minutes, 6 with one --proxy-bin.
+# A full run (3 rounds, 4 configurations) takes about 5 minutes, 6 with one --proxy-bin,
+# 7 with --tracing (two more configurations per round).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
