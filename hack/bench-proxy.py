@@ -149,7 +149,7 @@ class OtlpSink:
             protocol_version = "HTTP/1.1"
 
             def do_POST(self):
-                n = len(self.rfile.read(int(self.headers.get("content-length", "0"))))
+                n = len(self.body())
                 with sink.lock:
                     sink.exports += 1
                     sink.bytes += n
@@ -157,6 +157,19 @@ class OtlpSink:
                 self.send_header("content-type", "application/x-protobuf")
                 self.send_header("content-length", "0")
                 self.end_headers()
+
+            def body(self):
+                # The whole body either way, or the next request on the connection would be
+                # parsed from its middle.
+                if "chunked" not in self.headers.get("transfer-encoding", "").lower():
+                    return self.rfile.read(int(self.headers.get("content-length", "0")))
+                out = b""
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0], 16)
+                    out += self.rfile.read(size)
+                    self.rfile.readline()
+                    if size == 0:
+                        return out
 
             def log_message(self, *a):
                 pass
