@@ -74,12 +74,21 @@ pub const RULES: &[Rule] = &[
     // namespace: watched by label, created by server-side apply, rewritten and deleted by name
     // only, so no other ConfigMap can be changed.
     cluster("", &["configmaps"], &["list", "watch", "create"]),
+    // The same, plus the observability addons' ConfigMaps (Prometheus's configuration,
+    // Grafana's provisioning, and the dashboards, which mode Integrate puts in the namespace
+    // the Mesh names, hence cluster scope).
     Rule {
         scope: Scope::Cluster,
         group: "",
         resources: &["configmaps"],
         verbs: &["patch", "delete"],
-        names: &["trellis-proxy", "trellis-trust-bundle"],
+        names: &[
+            "trellis-proxy",
+            "trellis-trust-bundle",
+            "trellis-prometheus",
+            "trellis-grafana",
+            "trellis-dashboards",
+        ],
         apply_updates_only: false,
     },
     // What the compiler and the webhook read: namespaces (labels decide the mesh), Services and
@@ -130,6 +139,113 @@ pub const RULES: &[Rule] = &[
     // The rollout's health gate reads the new pods' sidecar metrics (admin port 15020,
     // `/metrics`, public and read-only) through the API server's pod proxy.
     cluster("", &["pods/proxy"], &["get"]),
+    // Observability addons, mode Install (operator/src/addons): Prometheus, Grafana and Jaeger
+    // in the operator's namespace only. Created by server-side apply (create cannot be limited
+    // by name); changed and deleted by name only. Deployments are read and patched under the
+    // rollout's cluster rule above; Services are listed and watched under the compiler's.
+    Rule {
+        scope: Scope::OperatorNamespace,
+        group: "apps",
+        resources: &["deployments"],
+        verbs: &["create"],
+        names: &[],
+        apply_updates_only: false,
+    },
+    Rule {
+        scope: Scope::OperatorNamespace,
+        group: "apps",
+        resources: &["deployments"],
+        verbs: &["delete"],
+        names: &["trellis-prometheus", "trellis-grafana", "trellis-jaeger"],
+        apply_updates_only: false,
+    },
+    Rule {
+        scope: Scope::OperatorNamespace,
+        group: "",
+        resources: &["services"],
+        verbs: &["create"],
+        names: &[],
+        apply_updates_only: false,
+    },
+    Rule {
+        scope: Scope::OperatorNamespace,
+        group: "",
+        resources: &["services"],
+        verbs: &["patch", "delete"],
+        names: &["trellis-prometheus", "trellis-grafana", "trellis-jaeger"],
+        apply_updates_only: false,
+    },
+    Rule {
+        scope: Scope::OperatorNamespace,
+        group: "",
+        resources: &["serviceaccounts"],
+        verbs: &["list", "watch", "create"],
+        names: &[],
+        apply_updates_only: false,
+    },
+    Rule {
+        scope: Scope::OperatorNamespace,
+        group: "",
+        resources: &["serviceaccounts"],
+        verbs: &["patch", "delete"],
+        names: &["trellis-prometheus"],
+        apply_updates_only: false,
+    },
+    // Who may reach each addon (Prometheus: Grafana only; Jaeger: OTLP only; Grafana: nobody
+    // but `kubectl port-forward`).
+    Rule {
+        scope: Scope::OperatorNamespace,
+        group: "networking.k8s.io",
+        resources: &["networkpolicies"],
+        verbs: &["list", "watch", "create"],
+        names: &[],
+        apply_updates_only: false,
+    },
+    Rule {
+        scope: Scope::OperatorNamespace,
+        group: "networking.k8s.io",
+        resources: &["networkpolicies"],
+        verbs: &["patch", "delete"],
+        names: &["trellis-prometheus", "trellis-grafana", "trellis-jaeger"],
+        apply_updates_only: false,
+    },
+    // The installed Prometheus discovers pods cluster-wide: its ClusterRole and binding,
+    // listed by label and changed by name. RBAC lets only a holder of a role's permissions
+    // create or bind it, which is why the operator may `get` pods (below) too.
+    cluster(
+        "rbac.authorization.k8s.io",
+        &["clusterroles", "clusterrolebindings"],
+        &["list", "watch", "create"],
+    ),
+    Rule {
+        scope: Scope::Cluster,
+        group: "rbac.authorization.k8s.io",
+        resources: &["clusterroles", "clusterrolebindings"],
+        verbs: &["patch", "delete"],
+        names: &["trellis-prometheus"],
+        apply_updates_only: false,
+    },
+    // Not called by the operator: held because the Prometheus ClusterRole grants it (no
+    // escalation), beside the `list`/`watch` on pods above.
+    cluster("", &["pods"], &["get"]),
+    // Mode Integrate: the PodMonitor, ServiceMonitor and PrometheusRule for the cluster's
+    // Prometheus Operator, in the operator's namespace, changed by name.
+    Rule {
+        scope: Scope::OperatorNamespace,
+        group: "monitoring.coreos.com",
+        resources: &["podmonitors", "servicemonitors", "prometheusrules"],
+        verbs: &["list", "create"],
+        names: &[],
+        apply_updates_only: false,
+    },
+    Rule {
+        scope: Scope::OperatorNamespace,
+        group: "monitoring.coreos.com",
+        resources: &["podmonitors", "servicemonitors", "prometheusrules"],
+        verbs: &["patch", "delete"],
+        names: &["trellis-proxies", "trellis-operator", "trellis"],
+        apply_updates_only: false,
+    },
     // Leader election: one Lease, created on first start, renewed by patch.
     Rule {
         scope: Scope::OperatorNamespace,

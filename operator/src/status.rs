@@ -14,7 +14,8 @@
 //!
 //! Several controllers report on one object (the Mesh: `mesh` writes `Accepted`/`Ready`, `ca`
 //! writes `CAReady`/`WebhookReady`, `compile` writes `Programmed`/`Degraded`/`ProxiesUpToDate`
-//! and the proxy counts, `rollout` writes `RolloutProgressing` and `status.rollout`). Each sends only its own part: `conditions` is a map list keyed by
+//! and the proxy counts, `rollout` writes `RolloutProgressing` and `status.rollout`, `addons` writes
+//! `ObservabilityReady`). Each sends only its own part: `conditions` is a map list keyed by
 //! `type` (`x-kubernetes-list-type: map` in the CRD), so the API server merges the parts, and a
 //! controller working from a stale snapshot can no longer overwrite another's conditions. The
 //! no-op check compares only the part a controller sends ([`owns_unchanged`]).

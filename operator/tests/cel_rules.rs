@@ -490,3 +490,46 @@ fn mesh_tracing_collector_is_an_address_the_sidecars_accept() {
         fail(with(bad), "collector must be host:port or http://host:port");
     }
 }
+
+/// Issue 15: the observability API refuses combinations nothing would act on.
+#[test]
+fn mesh_observability_fields_apply_only_where_they_act() {
+    let obs = |o: Value| mesh("default", json!({"observability": o}));
+    pass(obs(json!({})));
+    pass(obs(
+        json!({"mode": "Install", "metrics": {"enabled": true, "image": "prom:1"},
+                    "dashboards": {"enabled": true}, "tracing": {"enabled": true}}),
+    ));
+    pass(obs(
+        json!({"mode": "Integrate", "metrics": {"enabled": true},
+                    "dashboards": {"enabled": true, "namespace": "monitoring"},
+                    "tracing": {"enabled": true, "collector": "otel.monitoring:4317"}}),
+    ));
+    fail(
+        obs(json!({"mode": "Integrate", "metrics": {"enabled": true, "image": "prom:1"}})),
+        "Integrate installs nothing",
+    );
+    fail(
+        obs(
+            json!({"dashboards": {"enabled": true, "namespace": "monitoring"}, "metrics": {"enabled": true}}),
+        ),
+        "dashboards.namespace is where mode Integrate",
+    );
+    fail(
+        obs(json!({"dashboards": {"enabled": true}})),
+        "dashboards.enabled needs metrics.enabled",
+    );
+    fail(
+        obs(json!({"mode": "Integrate", "tracing": {"enabled": true}})),
+        "tracing.enabled needs tracing.collector",
+    );
+    fail(
+        obs(json!({"tracing": {"enabled": true, "collector": "c:4317", "image": "j:1"}})),
+        "tracing.image is the Jaeger installed",
+    );
+    fail(
+        obs(json!({"mode": "Integrate", "dashboards": {"enabled": true, "namespace": "Bad_NS"}})),
+        "dashboards.namespace must be a namespace name",
+    );
+    fail(obs(json!({"mode": "Auto"})), "is not one of");
+}

@@ -728,6 +728,36 @@ fn trust_domain_comes_from_the_mesh() {
     assert_eq!(p.observed_generation, Some(3));
 }
 
+/// Issue 15: tracing on without a collector, in mode Install, sends the sidecars to the Jaeger
+/// the addon controller installs in the operator's namespace; a collector of the user's wins;
+/// mode Integrate installs nothing, so nothing is exported.
+#[test]
+fn tracing_without_a_collector_exports_to_the_installed_jaeger() {
+    use trellis_operator::api::mesh::ObservabilityMode;
+    let tracing = |mode: ObservabilityMode, collector: Option<&str>| {
+        let collector = collector.map(str::to_string);
+        let world = shop().with(mesh().spec(move |s| {
+            s.observability.mode = mode;
+            s.observability.tracing.enabled = true;
+            s.observability.tracing.sampling_percent = 5.0;
+            s.observability.tracing.collector = collector;
+        }));
+        config(&compile(&world.snap), "shop").mesh.telemetry.tracing
+    };
+    let t = tracing(ObservabilityMode::Install, None).expect("tracing configured");
+    assert_eq!(t.collector, "http://trellis-jaeger.trellis-system.svc:4317");
+    assert_eq!(t.sampling_percent, 5.0);
+    let t = tracing(ObservabilityMode::Install, Some("otel.obs:4317")).unwrap();
+    assert_eq!(t.collector, "otel.obs:4317");
+    assert!(tracing(ObservabilityMode::Integrate, None).is_none());
+    assert_eq!(
+        tracing(ObservabilityMode::Integrate, Some("otel.obs:4317"))
+            .unwrap()
+            .collector,
+        "otel.obs:4317"
+    );
+}
+
 #[test]
 fn absent_mesh_uses_defaults_and_says_so() {
     let out = compile(&shop().snap);

@@ -222,6 +222,25 @@ async fn kubectl_get_mesh_shows_ready_trust_domain_and_proxy_counts() {
     );
     out.unwrap();
 
+    // 2c. The addon controller: ObservabilityReady (here an addon still starting), under its
+    // own manager; it is reported beside Ready, not inside it.
+    let addons = writer.for_controller("addons");
+    let addons_part = MeshStatus {
+        conditions: vec![Condition::new(
+            "ObservabilityReady",
+            ConditionStatus::False,
+            "Progressing",
+            "prometheus: Available (1/1 ready); grafana: Progressing (0/1 ready); jaeger: disabled",
+            generation,
+        )],
+        ..Default::default()
+    };
+    let (out, ()) = tokio::join!(
+        addons.apply(stale.as_ref(), addons_part),
+        expect_apply(&mut server, &stored, "addons")
+    );
+    out.unwrap();
+
     // 3. The mesh controller summarises the parts into Ready.
     let m = part_of(&stored);
     let mesh_writer = writer.for_controller("mesh");
@@ -247,6 +266,7 @@ async fn kubectl_get_mesh_shows_ready_trust_domain_and_proxy_counts() {
             "Degraded",
             "ProxiesUpToDate",
             "RolloutProgressing",
+            "ObservabilityReady",
             "Accepted",
             "Ready"
         ],
@@ -280,6 +300,6 @@ async fn kubectl_get_mesh_shows_ready_trust_domain_and_proxy_counts() {
         (ready.status, ready.reason.as_str()),
         (ConditionStatus::False, "Reconciling")
     );
-    drop((applier, writer, ca, rollout, mesh_writer, client));
+    drop((applier, writer, ca, rollout, addons, mesh_writer, client));
     server.expect_no_more().await;
 }

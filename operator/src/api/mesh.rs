@@ -635,31 +635,93 @@ impl Default for HealthGateSpec {
     }
 }
 
-/// Observability addons.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// Observability addons: Prometheus metrics, Grafana dashboards and tracing, either installed
+/// by the operator for evaluation (`mode: Install`) or handed to the monitoring stack the
+/// cluster already runs (`mode: Integrate`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+// The rules test each field with `has()`: they must hold whether or not the API server has
+// filled in the defaults yet (an absent `mode` is `Install`, an absent `enabled` is false).
+// `namespace` is a CEL reserved word: Kubernetes CEL spells the field `__namespace__`.
+#[x_kube(
+    validation = Rule::new("(!has(self.mode) || self.mode == 'Install') || ((!has(self.metrics) || !has(self.metrics.image)) && (!has(self.dashboards) || !has(self.dashboards.image)) && (!has(self.tracing) || !has(self.tracing.image)))")
+        .message("metrics.image, dashboards.image and tracing.image choose what mode Install installs; Integrate installs nothing: remove them"),
+    validation = Rule::new("(has(self.mode) && self.mode == 'Integrate') || !has(self.dashboards) || !has(self.dashboards.__namespace__)")
+        .message("dashboards.namespace is where mode Integrate puts the dashboard ConfigMap; mode Install provisions Grafana in the operator's namespace: remove it"),
+    validation = Rule::new("(has(self.mode) && self.mode == 'Integrate') || !has(self.dashboards) || !has(self.dashboards.enabled) || !self.dashboards.enabled || (has(self.metrics) && has(self.metrics.enabled) && self.metrics.enabled)")
+        .message("mode Install: the installed Grafana reads the installed Prometheus, so dashboards.enabled needs metrics.enabled"),
+    validation = Rule::new("(!has(self.mode) || self.mode == 'Install') || !has(self.tracing) || !has(self.tracing.enabled) || !self.tracing.enabled || has(self.tracing.collector)")
+        .message("mode Integrate installs no tracing backend: tracing.enabled needs tracing.collector"),
+    validation = Rule::new("!has(self.tracing) || !has(self.tracing.image) || !has(self.tracing.collector)")
+        .message("tracing.image is the Jaeger installed when no collector is given: remove one of them")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct ObservabilitySpec {
-    /// Prometheus scraping the sidecars' golden metrics.
+    /// `Install` (the default; evaluation grade): the operator runs a pinned Prometheus,
+    /// Grafana and Jaeger in its own namespace, owned by this Mesh and labelled
+    /// `trellis.dev/grade: evaluation`. `Integrate` (production): the operator installs no
+    /// server; it keeps a PodMonitor, a ServiceMonitor and a PrometheusRule for the cluster's
+    /// Prometheus Operator (condition `ObservabilityReady` reason `PrometheusOperatorMissing`
+    /// when `monitoring.coreos.com/v1` is not served) and the dashboards as a ConfigMap
+    /// labelled `grafana_dashboard: "1"` for the Grafana chart's sidecar.
+    #[serde(default)]
+    pub mode: ObservabilityMode,
+    /// Metrics. Install: Prometheus scraping every sidecar's admin port (15020, `/metrics`).
+    /// Integrate: the PodMonitor, ServiceMonitor and PrometheusRule. In both modes injected
+    /// pods carry `prometheus.io/scrape|port|path` annotations for the proxy, unless the app
+    /// sets its own `prometheus.io/*` annotations (then the app's are kept).
     #[serde(default)]
     pub metrics: AddonSpec,
-    /// Grafana with the Trellis dashboards.
+    /// Dashboards. Install: Grafana with Prometheus as its data source and the Trellis
+    /// dashboards provisioned. Integrate: the dashboards as the ConfigMap `trellis-dashboards`.
     #[serde(default)]
-    pub dashboards: AddonSpec,
+    pub dashboards: DashboardsSpec,
     /// Distributed tracing.
     #[serde(default)]
     pub tracing: TracingSpec,
 }
 
-/// An addon the operator installs.
+/// Whether the operator installs the observability servers or integrates with existing ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ObservabilityMode {
+    /// Install pinned Prometheus, Grafana and Jaeger for evaluation (single replica, emptyDir
+    /// storage: data is lost when a pod restarts).
+    #[default]
+    Install,
+    /// Keep Prometheus Operator objects and Grafana dashboard ConfigMaps for the monitoring
+    /// stack the cluster runs.
+    Integrate,
+}
+
+/// An addon the operator installs (mode `Install`) or integrates with (mode `Integrate`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AddonSpec {
-    /// Install the addon.
+    /// Turn the addon on. Turning it off deletes what the operator made for it.
     #[serde(default)]
     pub enabled: bool,
-    /// Image of the addon; defaults to a pinned upstream image.
+    /// Image of the installed server (mode `Install` only); defaults to the pinned upstream
+    /// image. Changing it rolls the addon's Deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+}
+
+/// The dashboards addon.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DashboardsSpec {
+    /// Turn the dashboards on. Turning them off deletes what the operator made for them.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Image of the installed Grafana (mode `Install` only); defaults to the pinned image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Mode `Integrate`: the namespace of the dashboard ConfigMap (where the Grafana chart's
+    /// dashboard sidecar looks); defaults to the operator's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
+        .message("dashboards.namespace must be a namespace name"))]
+    pub namespace: Option<String>,
 }
 
 /// Tracing settings.
@@ -675,15 +737,17 @@ pub struct TracingSpec {
         .message("samplingPercent must be between 0 and 100"))]
     pub sampling_percent: f64,
     /// OTLP/gRPC collector address, `host:port` or `http://host:port` (plaintext; the sidecars
-    /// have no TLS client for the collector). Without it nothing is exported: the operator does
-    /// not install a collector yet. Checked here as well as by the sidecars, because a value
-    /// the sidecars refuse would stop every namespace's config from updating.
+    /// have no TLS client for the collector). Without it, mode `Install` installs Jaeger
+    /// all-in-one in the operator's namespace and the sidecars export to it; mode `Integrate`
+    /// exports nothing. Checked here as well as by the sidecars, because a value the sidecars
+    /// refuse would stop every namespace's config from updating.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new("self.matches('^(http://)?[^/\\\\s]+:[0-9]{1,5}$')")
         .message("collector must be host:port or http://host:port (OTLP/gRPC, plaintext)"))]
     pub collector: Option<String>,
-    /// Image of the collector the operator installs when `collector` is empty.
+    /// Image of the Jaeger the operator installs (mode `Install`, no `collector`); defaults to
+    /// the pinned image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 }
@@ -710,7 +774,9 @@ pub struct MeshStatus {
     /// `Accepted`; `Ready` (True only when `CAReady`, `WebhookReady` and `Programmed` are True
     /// and `Degraded` is not, each at the current `metadata.generation`); `CAReady`,
     /// `WebhookReady`, `Programmed`, `Degraded`, and `ProxiesUpToDate` (every injected pod runs
-    /// `spec.proxy.image`; not part of `Ready`). Each controller writes its own conditions.
+    /// `spec.proxy.image`; not part of `Ready`), and `ObservabilityReady` (the observability
+    /// addons, with each addon's state in the message; not part of `Ready`). Each controller
+    /// writes its own conditions.
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

@@ -634,6 +634,18 @@ fn mesh_settings(spec: Option<&crate::api::MeshSpec>, settings: &Settings) -> Me
                     sampling_percent: tracing.sampling_percent,
                     collector: collector.clone(),
                 }),
+                // Mode Install without a collector: the Jaeger the addon controller installs in
+                // the operator's (root) namespace.
+                (_, true)
+                    if spec.observability.mode == crate::api::mesh::ObservabilityMode::Install =>
+                {
+                    Some(TracingSettings {
+                        sampling_percent: tracing.sampling_percent,
+                        collector: crate::addons::desired::jaeger_collector(
+                            &settings.root_namespace,
+                        ),
+                    })
+                }
                 _ => None,
             },
         },

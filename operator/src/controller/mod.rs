@@ -1,6 +1,6 @@
 //! Controller registration: [`all`] lists every controller the leader runs.
 //!
-//! Three controllers, all writing status through the one [`StatusWriter`]:
+//! The controllers, all writing status through the one [`StatusWriter`]:
 //! - `mesh`: a `kube::runtime::Controller` whose reconcile is a pure function of the Mesh
 //!   ([`mesh_status`]: accepted or not, and `Ready` summarising the parts);
 //! - `ca` ([`crate::ca::controller`]): the CA Secret, trust bundles, the webhook configuration,
@@ -9,7 +9,9 @@
 //!   and the Mesh's `Programmed` / `Degraded` / `ProxiesUpToDate` and proxy counts
 //!   ([`proxies`]);
 //! - `rollout` ([`crate::rollout::controller`]): restarts out-of-date workloads in health-gated
-//!   batches, and writes the Mesh's `status.rollout` and `RolloutProgressing`.
+//!   batches, and writes the Mesh's `status.rollout` and `RolloutProgressing`;
+//! - `addons` ([`crate::addons::controller`]): the observability addons of
+//!   `spec.observability`, and the Mesh's `ObservabilityReady`.
 //!
 //! Each writes its own part of a status under its own field manager
 //! (`trellis-operator/<controller>`); see [`crate::status`].
@@ -145,6 +147,16 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
                 }
             })
         }),
+        // The observability addons and the Mesh's ObservabilityReady.
+        (
+            "addons",
+            Box::pin(crate::addons::controller::run(
+                ctx.client.clone(),
+                ctx.status.for_controller("addons"),
+                ctx.namespace.clone(),
+                shutdown.clone(),
+            )),
+        ),
         ("rollout", {
             let (client, status) = (ctx.client.clone(), ctx.status.for_controller("rollout"));
             Box::pin(async move {

@@ -68,6 +68,10 @@ pub const ANNOTATION_MEMORY_LIMIT: &str = "trellis.dev/proxy-memory-limit";
 
 /// Name of the injected proxy container (a native sidecar in `initContainers`).
 pub const PROXY_CONTAINER: &str = "trellis-proxy";
+/// The conventional annotation-based scrape annotations (see [`scrape_annotations`]).
+pub const ANNOTATION_PROMETHEUS_SCRAPE: &str = "prometheus.io/scrape";
+pub const ANNOTATION_PROMETHEUS_PORT: &str = "prometheus.io/port";
+pub const ANNOTATION_PROMETHEUS_PATH: &str = "prometheus.io/path";
 /// Name of the injected init container that writes the iptables rules.
 pub const INIT_CONTAINER: &str = "trellis-init";
 /// Name of the one projected volume.
@@ -737,6 +741,30 @@ pub(crate) fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, InjectError>
 
 type Built = (json_patch::Patch, Pod, Vec<String>);
 
+/// The conventional `prometheus.io/*` annotations pointing an annotation-based Prometheus
+/// scrape at the proxy's admin port, when `observability.metrics` is on.
+///
+/// They are one target per pod, so a pod can advertise only one: when the app already sets any
+/// `prometheus.io/*` annotation, the app's are kept untouched and the proxy is not advertised
+/// there (its metrics are still scraped by the installed Prometheus or the PodMonitor, which
+/// find it by its `trellis-admin` port, not by annotation). Istio instead merges the app's
+/// metrics into the proxy's endpoint; Trellis does not proxy the app's metrics (README,
+/// "Metrics of apps with their own prometheus.io annotations").
+fn scrape_annotations(
+    annotations: &BTreeMap<String, String>,
+    mesh: &MeshSpec,
+) -> Vec<(&'static str, String)> {
+    let apps_own = annotations.keys().any(|k| k.starts_with("prometheus.io/"));
+    if !mesh.observability.metrics.enabled || apps_own {
+        return Vec::new();
+    }
+    vec![
+        (ANNOTATION_PROMETHEUS_SCRAPE, "true".into()),
+        (ANNOTATION_PROMETHEUS_PORT, ADMIN_PORT.to_string()),
+        (ANNOTATION_PROMETHEUS_PATH, "/metrics".into()),
+    ]
+}
+
 fn build(
     pod: &Pod,
     spec: &PodSpec,
@@ -765,6 +793,13 @@ fn build(
         "path": format!("/metadata/annotations/{}", escape_pointer_token(ANNOTATION_PROXY_VERSION)),
         "value": o.image,
     }));
+    for (key, value) in scrape_annotations(annotations, mesh) {
+        ops.push(json!({
+            "op": "add",
+            "path": format!("/metadata/annotations/{}", escape_pointer_token(key)),
+            "value": value,
+        }));
+    }
     if !rewrite.is_empty() {
         let originals = serde_json::to_string(&rewrite.originals)
             .map_err(|e| InjectError::Internal(e.to_string()))?;
@@ -815,6 +850,18 @@ pub fn uninject_pod_json(pod: &mut Value) -> bool {
         && ann.remove(ANNOTATION_PROXY_VERSION).is_some()
     {
         changed = true;
+        // The scrape annotations the injector added: port 15020 is the proxy's, never an app's.
+        if ann.get(ANNOTATION_PROMETHEUS_PORT).and_then(Value::as_str)
+            == Some(ADMIN_PORT.to_string().as_str())
+        {
+            for key in [
+                ANNOTATION_PROMETHEUS_SCRAPE,
+                ANNOTATION_PROMETHEUS_PORT,
+                ANNOTATION_PROMETHEUS_PATH,
+            ] {
+                ann.remove(key);
+            }
+        }
         if ann.is_empty() {
             meta.remove("annotations");
         }
@@ -851,6 +898,58 @@ mod tests {
             "trellis.dev~1proxy-version"
         );
         assert_eq!(escape_pointer_token("a~/b"), "a~0~1b");
+    }
+
+    /// Issue 15: with `observability.metrics` on, an injected pod advertises the proxy's
+    /// metrics to annotation-based scrapes; an app's own `prometheus.io/*` annotations are kept
+    /// as they are (one target per pod); uninjecting removes only what the injector added.
+    #[test]
+    fn metrics_on_adds_scrape_annotations_unless_the_app_has_its_own() {
+        let pod = |ann: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "a", "namespace": "shop", "annotations": ann},
+                "spec": {"containers": [{"name": "app", "image": "app"}]}
+            }))
+            .unwrap()
+        };
+        let ns = NamespaceInfo {
+            name: "shop",
+            labels: None,
+        };
+        let ctx = InjectContext::default();
+        let mut mesh = default_mesh();
+        let annotations_after = |p: &Pod, mesh: &MeshSpec| {
+            let Decision::Patch { pod: out, .. } = inject(p, &ns, mesh, &ctx) else {
+                panic!("not injected");
+            };
+            out.metadata.annotations.unwrap()
+        };
+        // Off (the default): nothing added.
+        let ann = annotations_after(&pod(json!({})), &mesh);
+        assert!(!ann.contains_key(ANNOTATION_PROMETHEUS_SCRAPE), "{ann:?}");
+        mesh.observability.metrics.enabled = true;
+        let ann = annotations_after(&pod(json!({})), &mesh);
+        assert_eq!(ann[ANNOTATION_PROMETHEUS_SCRAPE], "true");
+        assert_eq!(ann[ANNOTATION_PROMETHEUS_PORT], "15020");
+        assert_eq!(ann[ANNOTATION_PROMETHEUS_PATH], "/metrics");
+        // The app's own: kept, none of ours added.
+        let app = pod(json!({"prometheus.io/scrape": "true", "prometheus.io/port": "8080"}));
+        let ann = annotations_after(&app, &mesh);
+        assert_eq!(ann[ANNOTATION_PROMETHEUS_PORT], "8080");
+        assert!(!ann.contains_key(ANNOTATION_PROMETHEUS_PATH), "{ann:?}");
+        // Uninject takes ours away and leaves the app's.
+        let Decision::Patch { pod: out, .. } = inject(&pod(json!({})), &ns, &mesh, &ctx) else {
+            panic!("not injected");
+        };
+        let mut v = serde_json::to_value(&out).unwrap();
+        assert!(uninject_pod_json(&mut v));
+        assert!(v["metadata"].get("annotations").is_none(), "{v}");
+        let Decision::Patch { pod: out, .. } = inject(&app, &ns, &mesh, &ctx) else {
+            panic!("not injected");
+        };
+        let mut v = serde_json::to_value(&out).unwrap();
+        assert!(uninject_pod_json(&mut v));
+        assert_eq!(v["metadata"]["annotations"]["prometheus.io/port"], "8080");
     }
 
     /// The rollout's rollback pin: the pod's `trellis.dev/proxy-image` wins over the Mesh's
