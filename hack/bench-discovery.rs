@@ -1,9 +1,9 @@
 //! Discovery at cluster scale, in one process: a synthetic cluster (namespaces x Services x
 //! endpoints), the real compiler, the real discovery view and registry, and simulated streams
 //! (registry entries, no sockets), each subscribed to some Services. Reports compile time,
-//! the largest ConfigMap, operator RSS, and the time from an EndpointSlice change to every
-//! subscribed stream's messages being ready (the replica's table-only compile + publish +
-//! take), p50/p99.
+//! the largest ConfigMap (in Full and in Bootstrap mode), operator RSS, and the time from an
+//! EndpointSlice change to every subscribed stream's messages being ready (the replica's
+//! table-only compile + publish + take), p50/p99.
 //!
 //! Not measured here: the network and TLS of 1 000 real streams, and the proxies' apply (the
 //! real-socket path is covered by `operator/tests/discovery.rs`).
@@ -150,6 +150,26 @@ fn main() {
             t.elapsed() - published,
         ));
     }
+    // The same cluster with `spec.discovery.configMap: Bootstrap`: each namespace's ConfigMap
+    // is its bootstrap set, the rest is what the streams serve. Compiled after the RSS reading
+    // so the Full-mode numbers above stay comparable with earlier runs.
+    let mut boot_snap = w.snap.clone();
+    boot_snap.mesh = Some(Arc::new(trellis_operator::api::Mesh::new(
+        "default",
+        trellis_operator::api::MeshSpec {
+            discovery: trellis_operator::api::mesh::DiscoverySpec {
+                config_map: trellis_operator::api::mesh::ConfigMapContent::Bootstrap,
+            },
+            ..Default::default()
+        },
+    )));
+    let t = Instant::now();
+    let boot = compiler::compile(&boot_snap);
+    let compile_boot = t.elapsed();
+    let boot_max = boot.configs.values().map(|c| c.len()).max().unwrap_or(0);
+    let boot_total: usize = boot.configs.values().map(|c| c.len()).sum();
+    let boot_written = boot.configs.len();
+    let boot_refused = boot.too_large.len();
     let n = phases.len().max(1) as u32;
     let mean = |f: fn(&(Duration, Duration, Duration, Duration)) -> Duration| {
         phases.iter().map(f).sum::<Duration>() / n
@@ -168,6 +188,14 @@ fn main() {
         max_cm / 1024,
         too_large,
         largest_refused / 1024
+    );
+    println!(
+        "Bootstrap mode (spec.discovery.configMap: Bootstrap): compile {:.0} ms; largest ConfigMap {:.1} KiB, {:.1} MiB in all; {} written, {} over the limit",
+        ms(compile_boot),
+        boot_max as f64 / 1024.0,
+        boot_total as f64 / (1024.0 * 1024.0),
+        boot_written,
+        boot_refused
     );
     println!(
         "RSS: {:.0} MiB before the cluster, {:.0} MiB with cluster, compile and streams",

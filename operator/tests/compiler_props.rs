@@ -5,7 +5,9 @@ mod compiler_fixtures;
 
 use compiler_fixtures::*;
 use proptest::prelude::*;
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use trellis_operator::api::mesh::ConfigMapContent;
 use trellis_operator::api::peer_authentication::MtlsMode as M;
 use trellis_operator::api::traffic_policy::{RetriesSpec, RetryOn, SplitBackend, TimeoutsSpec};
 use trellis_operator::compiler::visibility::{EXPORT_TO_ANNOTATION, IMPORT_FROM_ANNOTATION};
@@ -290,8 +292,12 @@ proptest! {
         edits in prop::collection::vec(obj(), 0..8),
         cut in 0usize..40,
         flips in prop::collection::vec(any::<bool>(), 8),
+        bootstrap in any::<bool>(),
     ) {
-        let before = world(&objs[..cut.min(objs.len())]);
+        let mut before = world(&objs[..cut.min(objs.len())]);
+        if bootstrap {
+            before.add(bootstrap_mesh());
+        }
         // Only pods change (sidecar added or removed), the most common change of all.
         let mut restarted = before.clone();
         for (i, p) in restarted.snap.pods.iter_mut().enumerate() {
@@ -306,12 +312,19 @@ proptest! {
         }
         // `edits` come first, so for a key they share with `objs` the edit wins (a change).
         let mut after = world(&[edits, objs].concat());
+        if bootstrap {
+            after.add(bootstrap_mesh());
+        }
         share(&before.snap, &mut after.snap);
         for (a, b) in [(&before, &after), (&after, &before), (&before, &restarted)] {
             let previous = compile(&a.snap);
             let inc = compile_incremental(&b.snap, Some(&previous));
             let full = compile(&b.snap);
             same(&inc, &full)?;
+            only_changed_bytes_are_written(&previous, &inc)?;
+            if bootstrap {
+                only_the_bootstrap_set(&b.snap, &inc)?;
+            }
             prop_assert!(inc.stats.serialized <= full.stats.serialized);
             prop_assert!(inc.stats.namespaces_indexed <= full.stats.namespaces_indexed);
         }
@@ -322,6 +335,54 @@ proptest! {
         prop_assert_eq!(again.stats.namespaces_indexed, 0);
         same(&again, &first)?;
     }
+}
+
+fn bootstrap_mesh() -> compiler_fixtures::M {
+    mesh().spec(|s| s.discovery.config_map = ConfigMapContent::Bootstrap)
+}
+
+/// The applier writes `changed_since`: it must be exactly the namespaces whose text changed
+/// (new or gone included), except one whose new config is refused (its old ConfigMap stays).
+fn only_changed_bytes_are_written(previous: &Output, now: &Output) -> Result<(), TestCaseError> {
+    let (old, new) = (previous.render_all(), now.render_all());
+    let expected: BTreeSet<String> = old
+        .keys()
+        .chain(new.keys())
+        .filter(|ns| old.get(*ns) != new.get(*ns))
+        .filter(|ns| new.contains_key(*ns) || !now.too_large.contains_key(*ns))
+        .cloned()
+        .collect();
+    prop_assert_eq!(now.changed_since(previous), expected);
+    Ok(())
+}
+
+/// In Bootstrap mode a namespace's config lists its own Services and the split backends of
+/// what it lists (which live in the same namespace), never another namespace's Service.
+fn only_the_bootstrap_set(snap: &Snapshot, out: &Output) -> Result<(), TestCaseError> {
+    let full = {
+        let mut s = snap.clone();
+        s.mesh = None;
+        compile(&s)
+    };
+    for (ns, json) in out.render_all() {
+        let config = ProxyConfig::from_json(json.as_bytes()).unwrap();
+        for svc in &config.outbound {
+            prop_assert_eq!(&svc.namespace, &ns);
+        }
+        // A subset of what the namespace sees in Full mode.
+        if let Some(f) = full.config(&ns) {
+            let seen: BTreeSet<_> = ProxyConfig::from_json(f.as_bytes())
+                .unwrap()
+                .outbound
+                .iter()
+                .map(|s| (s.namespace.clone(), s.name.clone()))
+                .collect();
+            for svc in &config.outbound {
+                prop_assert!(seen.contains(&(svc.namespace.clone(), svc.name.clone())));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Gives `into` the `Arc`s of `from` for objects with equal content, as a reflector store does

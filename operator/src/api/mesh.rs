@@ -61,6 +61,37 @@ pub struct MeshSpec {
     /// What each namespace's sidecars are told about the mesh's Services.
     #[serde(default)]
     pub outbound: OutboundSpec,
+    /// How sidecars learn about destinations: what the `trellis-proxy` ConfigMaps carry, given
+    /// the discovery stream.
+    #[serde(default)]
+    pub discovery: DiscoverySpec,
+}
+
+/// What the sidecars get from the ConfigMap and what from the operator's discovery stream.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DiscoverySpec {
+    /// What each namespace's `trellis-proxy` ConfigMap lists. `Full` (the default): every
+    /// Service the namespace may see, so a sidecar can call all of them with no operator
+    /// reachable (what `trellis dev` needs: it runs no discovery server), at a size that grows
+    /// with the cluster (past about 1 500 Services a ConfigMap exceeds 1 MiB and stops
+    /// updating). `Bootstrap`: only the mesh settings, inbound policy, the namespace's own
+    /// Services and the backends their TrafficPolicies split to; everything else is resolved on
+    /// demand from the discovery stream (port 15010). The size then does not grow with the
+    /// cluster, but a sidecar that cannot reach the operator can call only what its ConfigMap
+    /// and its cache hold: a new destination leaves as plain TCP until the stream is back.
+    #[serde(default)]
+    pub config_map: ConfigMapContent,
+}
+
+/// See [`DiscoverySpec::config_map`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ConfigMapContent {
+    /// Every Service the namespace may see.
+    #[default]
+    Full,
+    /// The namespace's own Services and their split backends; the rest comes from the stream.
+    Bootstrap,
 }
 
 /// Defaults of the outbound table compiled for every meshed namespace.
@@ -108,6 +139,7 @@ impl Default for MeshSpec {
             rollout: RolloutSpec::default(),
             observability: ObservabilitySpec::default(),
             outbound: OutboundSpec::default(),
+            discovery: DiscoverySpec::default(),
         }
     }
 }

@@ -12,6 +12,15 @@
 //!   to use plaintext. A TrafficPolicy therefore changes the table of every meshed namespace,
 //!   unless `trellis.dev/export-to` / `trellis.dev/import-from` narrow who sees the Service
 //!   (see [`visibility`]); then it changes exactly the namespaces that see it.
+//! - **Bootstrap ConfigMaps** (Mesh `spec.discovery.configMap: Bootstrap`). The table above
+//!   grows with the cluster (past about 1 500 Services it no longer fits a ConfigMap), so with
+//!   the discovery stream serving everything else a namespace's config carries only its own
+//!   Services and their split backends ([`bootstrap_plan`]), at a size the rest of the cluster
+//!   does not change; adding a Service elsewhere then rewrites no ConfigMap. The stream serves
+//!   from the full table ([`compile_discovery`] never cuts it), and a TrafficPolicy's
+//!   `Programmed` still counts every namespace that sees its Service, listed or streamed. `Full`
+//!   stays the default because a sidecar that cannot reach the operator (or `trellis dev`,
+//!   which runs no discovery server) can then still call everything.
 //! - **Inline endpoints.** By default ([`InlineEndpoints::SameNamespace`]) a namespace's config
 //!   carries the endpoints of its own Services only; other Services are reached through their
 //!   cluster IP (the design's fallback) and verified against the Service-level identities. With
@@ -56,6 +65,7 @@ use trellis_proxy::config::{
 };
 
 use crate::api::conditions::{Condition, ConditionStatus};
+use crate::api::mesh::ConfigMapContent;
 use crate::api::{Mesh, PeerAuthentication, TrafficPolicy};
 
 pub use outbound::infer_protocol;
@@ -390,9 +400,19 @@ fn compile_with(snapshot: &Snapshot, previous: Option<&Output>, namespaces: bool
     // How many meshed namespaces see each Service, and how many of those got their config:
     // what a TrafficPolicy's `Programmed` condition reports.
     let mut reach = Reach::new(fragments.len());
+    let bootstrap =
+        mesh_spec.is_some_and(|m| m.discovery.config_map == ConfigMapContent::Bootstrap);
     for ns in &meshed {
         let import = imports.get(ns).unwrap_or(&visibility::Scope::All);
-        let plan = fragments.plan(ns, settings.inline_endpoints, import);
+        // What the namespace's sidecars may call (and so what a TrafficPolicy reaches), whether
+        // the ConfigMap lists it or the discovery stream serves it.
+        let visible = fragments.plan(ns, settings.inline_endpoints, import);
+        let (plan, wider) = if bootstrap {
+            let plan = bootstrap_plan(&fragments, ns, settings.inline_endpoints);
+            (plan, Some(visible))
+        } else {
+            (visible, None)
+        };
         let mut header = ProxyConfig {
             namespace: ns.clone(),
             inbound: inbound.policies_for(ns),
@@ -412,7 +432,7 @@ fn compile_with(snapshot: &Snapshot, previous: Option<&Output>, namespaces: bool
             })
             .or_else(|| fragments.table_errors.clone());
         if let Some(e) = errors {
-            reach.add(&plan, false);
+            reach.add(wider.as_ref().unwrap_or(&plan), false);
             out.invalid.insert(ns.clone(), e);
             continue;
         }
@@ -424,7 +444,7 @@ fn compile_with(snapshot: &Snapshot, previous: Option<&Output>, namespaces: bool
         };
         let bytes = config.len();
         if bytes > settings.max_config_bytes {
-            reach.add(&config.plan, false);
+            reach.add(wider.as_ref().unwrap_or(&config.plan), false);
             out.too_large.insert(
                 ns.clone(),
                 TooLarge {
@@ -434,7 +454,7 @@ fn compile_with(snapshot: &Snapshot, previous: Option<&Output>, namespaces: bool
             );
             continue;
         }
-        reach.add(&config.plan, true);
+        reach.add(wider.as_ref().unwrap_or(&config.plan), true);
         out.configs.insert(ns.clone(), Arc::new(config));
     }
 
@@ -448,6 +468,21 @@ fn compile_with(snapshot: &Snapshot, previous: Option<&Output>, namespaces: bool
     out.mesh = mesh_conditions(snapshot, &out, &problems);
     out.problems = problems;
     out
+}
+
+/// The bootstrap set of `namespace` (Mesh `spec.discovery.configMap: Bootstrap`): its own
+/// Services that it may see and, transitively, the backends their TrafficPolicies split to
+/// (the sidecar refuses a split to a Service its table lacks). It is the visibility plan of a
+/// namespace that imports only itself, so it is a subset of what the namespace sees (every
+/// namespace imports its own Services) and its size depends on the namespace alone, never on
+/// the rest of the cluster. Everything else the discovery stream serves from the full table.
+fn bootstrap_plan(
+    fragments: &render::Fragments,
+    namespace: &str,
+    inline: InlineEndpoints,
+) -> render::Plan {
+    let own = visibility::Scope::Only(BTreeSet::from([namespace.to_string()]));
+    fragments.plan(namespace, inline, &own)
 }
 
 /// Per Service: in how many meshed namespaces' tables it is, and how many of those were written.

@@ -82,6 +82,17 @@ pub fn mesh_params(mesh: &Mesh) -> Result<MeshParams, ControlError> {
                 .into(),
         ));
     }
+    if mesh.spec.discovery.config_map == crate::api::mesh::ConfigMapContent::Bootstrap {
+        // Bootstrap configs list only a namespace's own Services and leave the rest to the
+        // operator's discovery stream, which `trellis dev` does not run: calls across
+        // namespaces would silently turn into plaintext.
+        return Err(ControlError::Mesh(
+            "spec.discovery.configMap is Bootstrap, which leaves every other namespace's \
+             Services to the operator's discovery stream, and `trellis dev` runs none: remove it \
+             (or set Full)"
+                .into(),
+        ));
+    }
     Ok(MeshParams {
         trust_domain: mesh.spec.trust_domain.clone(),
         workload_ttl: ttl,
@@ -260,6 +271,15 @@ mod tests {
             assert_eq!(t["collector"], "127.0.0.1:4317");
             assert_eq!(t["samplingPercent"], 100.0);
         }
+    }
+
+    #[test]
+    fn bootstrap_configmaps_are_refused_with_the_field_named() {
+        let mut mesh = Mesh::new(crate::api::MESH_NAME, MeshSpec::default());
+        assert!(mesh_params(&mesh).is_ok());
+        mesh.spec.discovery.config_map = crate::api::mesh::ConfigMapContent::Bootstrap;
+        let err = mesh_params(&mesh).unwrap_err().to_string();
+        assert!(err.contains("spec.discovery.configMap"), "{err}");
     }
 
     #[test]
