@@ -1,6 +1,15 @@
 //! Graceful shutdown: one signal (SIGTERM, SIGINT or `POST /shutdown`), listeners stop
 //! accepting, HTTP connections finish their in-flight requests and close, and the process
 //! waits for every connection task up to the drain deadline.
+//!
+//! The drain has two phases. The inbound side stops first: its listener closes and its
+//! connections finish what they are serving. The outbound side keeps accepting until then,
+//! because the application is still answering those inbound requests and may need new
+//! connections through the proxy to do it (a request that lands as the pod starts to stop,
+//! whose handler calls another Service); closing outbound at the signal turned such requests
+//! into 5xx. Once inbound is drained (or the deadline passes), outbound closes and drains too.
+//! This is the order Kubernetes' own termination implies: callers stop sending to a
+//! terminating pod, and the pod's outgoing calls must keep working while it finishes.
 
 use std::time::Duration;
 
@@ -12,6 +21,10 @@ use tokio_util::task::TaskTracker;
 pub struct Shutdown {
     token: CancellationToken,
     tracker: TaskTracker,
+    /// Inbound connection tasks (also in `tracker`): the first phase of the drain.
+    inbound: TaskTracker,
+    /// Cancelled once the inbound side is drained: outbound stops accepting and drains.
+    outbound: CancellationToken,
 }
 
 impl Shutdown {
@@ -42,14 +55,30 @@ impl Shutdown {
         &self.tracker
     }
 
-    /// Waits for the tracked tasks, at most `deadline`. Returns whether everything finished.
+    /// Inbound connection tasks are also tracked here: the outbound side closes after them.
+    pub fn inbound_tracker(&self) -> &TaskTracker {
+        &self.inbound
+    }
+
+    /// What the outbound side stops on: cancelled once the inbound side is drained, never
+    /// before shutdown starts.
+    pub fn outbound_token(&self) -> CancellationToken {
+        self.outbound.clone()
+    }
+
+    /// Waits for the tracked tasks, at most `deadline`: first the inbound connections, then,
+    /// with outbound closed, everything else. Returns whether everything finished.
     pub async fn drain(&self, deadline: Duration) -> bool {
+        let until = tokio::time::Instant::now() + deadline;
         self.tracker.close();
+        self.inbound.close();
         let open = self.tracker.len();
         if open > 0 {
             tracing::info!(connections = open, ?deadline, "draining");
         }
-        let done = tokio::time::timeout(deadline, self.tracker.wait())
+        let _ = tokio::time::timeout_at(until, self.inbound.wait()).await;
+        self.outbound.cancel();
+        let done = tokio::time::timeout_at(until, self.tracker.wait())
             .await
             .is_ok();
         if !done {

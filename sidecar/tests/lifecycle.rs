@@ -327,3 +327,101 @@ async fn not_ready_without_credentials() {
     assert_eq!(v["revision"], "c1");
     running.shutdown.trigger();
 }
+
+/// An app that, while answering an inbound request, calls another Service through its own
+/// sidecar: the shape of every frontend. On `/call` it waits `delay` (the test stops the
+/// sidecar meanwhile), then opens a new connection to the sidecar's outbound listener and
+/// answers with the status it got there (502 if it could not connect).
+async fn calling_app(
+    outbound: Arc<std::sync::OnceLock<std::net::SocketAddr>>,
+    delay: Duration,
+) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let outbound = outbound.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        let outbound = outbound.clone();
+                        async move {
+                            tokio::time::sleep(delay).await;
+                            let to = *outbound.get().expect("outbound address set");
+                            let status = match h1_send(to, get("other.shop", "/echo")).await {
+                                Ok((status, _, _)) => status,
+                                Err(_) => StatusCode::BAD_GATEWAY,
+                            };
+                            let mut resp = http::Response::new(Full::new(Bytes::new()));
+                            *resp.status_mut() = status;
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Issue #16 (seen in the local rollout): a request that reaches a pod as its sidecar starts
+/// to stop is still answered, even when the app needs a *new* outbound connection through
+/// that sidecar to answer it. The sidecar closes outbound only after inbound has drained.
+#[tokio::test]
+async fn a_stopping_sidecar_keeps_outbound_open_until_inbound_is_drained() {
+    let pki = Pki::new("mesh");
+    let up = upstream(Speaks::Both).await;
+    let other = TestProxy::start(
+        &pki,
+        &id("other"),
+        &config("o1", inbound(MtlsMode::Strict), vec![]),
+        Some(up),
+    )
+    .await;
+    let b_outbound = Arc::new(std::sync::OnceLock::new());
+    let app = calling_app(b_outbound.clone(), Duration::from_millis(400)).await;
+    let b_cfg = config(
+        "b1",
+        inbound(MtlsMode::Strict),
+        vec![service(
+            "other",
+            PORT,
+            Protocol::Http1,
+            other.running.inbound_addr,
+            vec![id("other")],
+        )],
+    );
+    let b = TestProxy::start(&pki, &id("backend"), &b_cfg, Some(app)).await;
+    b_outbound.set(b.running.outbound_addr).unwrap();
+    let a = TestProxy::start(
+        &pki,
+        &id("web"),
+        &a_config("a1", b.running.inbound_addr, 0),
+        None,
+    )
+    .await;
+
+    let a_out = a.running.outbound_addr;
+    let call = tokio::spawn(async move { h1_send(a_out, get("backend.shop", "/call")).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(b.admin("POST", "/shutdown").await.0, StatusCode::OK);
+    let drained = tokio::time::timeout(
+        Duration::from_secs(5),
+        b.running.wait(Duration::from_secs(3)),
+    )
+    .await
+    .expect("drain finished");
+    let (status, _, _) = call.await.unwrap().unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the app's outbound call made during the drain was refused"
+    );
+    assert!(drained, "the drain finished before its deadline");
+    // Both sides are closed once drained.
+    assert!(TcpStream::connect(b.running.inbound_addr).await.is_err());
+    assert!(TcpStream::connect(b.running.outbound_addr).await.is_err());
+}

@@ -111,21 +111,36 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
 
 /// Accepts until shutdown; each connection runs in a tracked task.
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, direction: Direction) {
+    // Inbound stops accepting at the signal; outbound once inbound is drained (see
+    // crate::shutdown for why).
+    let stop = match direction {
+        Direction::Inbound => shared.shutdown.token(),
+        Direction::Outbound => shared.shutdown.outbound_token(),
+    };
     loop {
         let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             r = listener.accept() => r,
         };
         match accepted {
             Ok((stream, client)) => {
                 let _ = stream.set_nodelay(true);
                 let sh = shared.clone();
-                shared.shutdown.tracker().spawn(async move {
-                    match direction {
-                        Direction::Outbound => outbound::serve(sh, stream, client).await,
-                        Direction::Inbound => inbound::serve(sh, stream, client).await,
+                match direction {
+                    Direction::Outbound => {
+                        shared
+                            .shutdown
+                            .tracker()
+                            .spawn(outbound::serve(sh, stream, client));
                     }
-                });
+                    Direction::Inbound => {
+                        let task = shared
+                            .shutdown
+                            .inbound_tracker()
+                            .track_future(inbound::serve(sh, stream, client));
+                        shared.shutdown.tracker().spawn(task);
+                    }
+                }
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -137,15 +152,23 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, direction: 
     tracing::debug!(direction = direction.as_str(), "listener closed");
 }
 
-/// Serves HTTP on one connection until it closes; on shutdown, finishes in-flight requests
-/// (HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY).
+/// Serves one outbound HTTP connection until it closes. Once the inbound side is drained (see
+/// crate::shutdown), finishes in-flight requests (HTTP/1.1 closes after the current response,
+/// HTTP/2 sends GOAWAY).
 pub async fn serve_http<I, F, Fut>(shared: &Shared, io: I, handler: F)
 where
     I: Io,
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
-    serve_http_until(shared, io, handler, std::future::pending()).await
+    serve_http_on(
+        shared,
+        io,
+        handler,
+        shared.shutdown.outbound_token(),
+        std::future::pending(),
+    )
+    .await
 }
 
 /// [`serve_http`] that also shuts the connection down gracefully (requests in flight finish,
@@ -161,6 +184,22 @@ pub async fn serve_http_until<I, F, Fut>(
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
+    serve_http_on(shared, io, handler, shared.shutdown.token(), until).await
+}
+
+/// Serves one HTTP connection, shutting it down gracefully when `closing` is cancelled (the
+/// shutdown token inbound, the later outbound token outbound) or `until` resolves.
+async fn serve_http_on<I, F, Fut>(
+    shared: &Shared,
+    io: I,
+    handler: F,
+    closing: tokio_util::sync::CancellationToken,
+    until: impl std::future::Future<Output = ()>,
+) where
+    I: Io,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
     let svc = hyper::service::service_fn(handler);
     let conn = shared
         .http
@@ -168,7 +207,7 @@ pub async fn serve_http_until<I, F, Fut>(
     tokio::pin!(conn);
     let res = tokio::select! {
         r = conn.as_mut() => r,
-        _ = shared.shutdown.cancelled() => {
+        _ = closing.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
