@@ -335,22 +335,13 @@ fn a_new_proxy_version_reaches_every_local_proxy_without_a_failed_request() {
         "load.shop: {} requests counted over {sending_for:.0}s at 20/s:\n{summary}",
         ok + failed - counted_at_first
     );
-    // The meshed caller must lose nothing. The unmeshed `legacy` client is held to less, and
-    // that is a known defect, not a design choice: it calls pods straight (trellis dev's stand-in
-    // for a Service VIP lists every port a replica may be on), so a request can land on an old
-    // frontend pod as its proxy drains; the old proxy then stops accepting its app's *outbound*
-    // connections while the app still finishes that inbound request, and the app answers 5xx.
-    // Seen in about one run in three (CI, 2026-11-29: `error=1`). The fix is a two-phase drain in
-    // the sidecar (outbound keeps accepting until inbound connections are done); issue #16 stays
-    // open for it.
     for client in ["load.shop", "legacy.shop"] {
         let (ok, failed) = client_counts(&summary, client)
             .unwrap_or_else(|| panic!("no counts for {client}:\n{summary}"));
         assert!(ok > 50.0, "{client} kept sending: {summary}");
-        let allowed = if client == "legacy.shop" { 2.0 } else { 0.0 };
-        assert!(
-            failed <= allowed,
-            "{client} lost {failed} requests (at most {allowed}); the whole run:\n{output}\nwarnings in the logs:\n{problems}"
+        assert_eq!(
+            failed, 0.0,
+            "{client} lost requests; the whole run:\n{output}\nwarnings in the logs:\n{problems}"
         );
     }
 }
