@@ -919,6 +919,20 @@ fn remove_named(obj: &mut serde_json::Map<String, Value>, key: &str, names: &[&s
 mod tests {
     use super::*;
 
+    /// A one-container pod in `shop` with the given annotations, as the webhook sees it.
+    fn annotated_pod(ann: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "a", "namespace": "shop", "annotations": ann},
+            "spec": {"containers": [{"name": "app", "image": "app"}]}
+        }))
+        .unwrap()
+    }
+
+    const SHOP: NamespaceInfo<'static> = NamespaceInfo {
+        name: "shop",
+        labels: None,
+    };
+
     #[test]
     fn pointer_tokens_escape_tilde_then_slash() {
         assert_eq!(
@@ -933,17 +947,8 @@ mod tests {
     /// as they are (one target per pod); uninjecting removes only what the injector added.
     #[test]
     fn metrics_on_adds_scrape_annotations_unless_the_app_has_its_own() {
-        let pod = |ann: serde_json::Value| -> Pod {
-            serde_json::from_value(json!({
-                "metadata": {"name": "a", "namespace": "shop", "annotations": ann},
-                "spec": {"containers": [{"name": "app", "image": "app"}]}
-            }))
-            .unwrap()
-        };
-        let ns = NamespaceInfo {
-            name: "shop",
-            labels: None,
-        };
+        let pod = annotated_pod;
+        let ns = SHOP;
         let ctx = InjectContext::default();
         let mut mesh = default_mesh();
         let annotations_after = |p: &Pod, mesh: &MeshSpec| {
@@ -984,17 +989,8 @@ mod tests {
     /// image for both containers and the version annotation; a malformed one is refused.
     #[test]
     fn a_pinned_pod_gets_its_pinned_image() {
-        let pod = |ann: serde_json::Value| -> Pod {
-            serde_json::from_value(json!({
-                "metadata": {"name": "a", "namespace": "shop", "annotations": ann},
-                "spec": {"containers": [{"name": "app", "image": "app"}]}
-            }))
-            .unwrap()
-        };
-        let ns = NamespaceInfo {
-            name: "shop",
-            labels: None,
-        };
+        let pod = annotated_pod;
+        let ns = SHOP;
         let mesh = default_mesh();
         let ctx = InjectContext::default();
         let pinned = pod(json!({ANNOTATION_PROXY_IMAGE: "proxy:old"}));
@@ -1028,17 +1024,8 @@ mod tests {
     /// else the request, as millicores from the downward API.
     #[test]
     fn the_proxy_gets_its_cpu_limit_else_its_request_as_millicores() {
-        let pod = |ann: serde_json::Value| -> Pod {
-            serde_json::from_value(json!({
-                "metadata": {"name": "a", "namespace": "shop", "annotations": ann},
-                "spec": {"containers": [{"name": "app", "image": "app"}]}
-            }))
-            .unwrap()
-        };
-        let ns = NamespaceInfo {
-            name: "shop",
-            labels: None,
-        };
+        let pod = annotated_pod;
+        let ns = SHOP;
         let ctx = InjectContext::default();
         let allowance = |mesh: &MeshSpec, ann: serde_json::Value| -> Option<(String, String)> {
             let Decision::Patch { pod: out, .. } = inject(&pod(ann), &ns, mesh, &ctx) else {
