@@ -35,7 +35,7 @@ use std::time::Duration;
 
 pub use registry::{Propagation, Registry, StreamId};
 pub use server::{Hub, serve};
-pub use view::View;
+pub use view::{Changes, View};
 
 /// How long a stream gathers changes before it is flushed: a rollout changes a Service's
 /// endpoints many times within a few milliseconds, and one message with the final state is the

@@ -29,7 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use trellis_proxy::discovery::{ClientMessage, Decoder, PATH, encode, workload_namespace};
 
-use super::{DEBOUNCE, Registry, StreamId, View};
+use super::{DEBOUNCE, Registry, StreamId};
 use crate::compiler::Output;
 
 /// Concurrent connections (one per proxy): enough for a large cluster per replica, and a
@@ -64,17 +64,16 @@ impl Hub {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Publishes a compile's output to every stream.
+    /// Publishes a compile's output to the streams it concerns.
     pub fn publish(&self, out: &Output) {
         let generation = {
             let mut g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
             *g += 1;
             *g
         };
-        let Some(view) = View::new(out, generation) else {
-            return;
-        };
-        let wake = self.registry().publish(Arc::new(view));
+        // Incremental: the view follows the compile in place and only the streams subscribed
+        // to what changed are woken (see `Registry::update`).
+        let wake = self.registry().update(out, generation);
         let wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
         for id in wake {
             if let Some(n) = wakers.get(&id) {
