@@ -13,9 +13,11 @@
 //!
 //! # Shape
 //! - [`view`]: one compile's table (the compiler's own entries, policies attached, every
-//!   endpoint inline) indexed by name and address, with the compiler's visibility rule.
-//! - [`registry`]: pure per-stream state: subscriptions, a bounded latest-wins pending set,
-//!   acknowledged generations.
+//!   endpoint inline) indexed by name and address, with the compiler's visibility rule; it
+//!   follows each compile in place, re-indexing only the Services the compiler rebuilt.
+//! - [`registry`]: pure per-stream state: subscriptions (and who subscribed to each Service,
+//!   so a change reaches its subscribers without a scan of every stream), a bounded
+//!   latest-wins pending set, acknowledged generations.
 //! - [`server`]: the mTLS HTTP/2 edge (transport and why in
 //!   [`trellis_proxy::discovery::proto`]).
 //!
