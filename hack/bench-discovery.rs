@@ -12,7 +12,8 @@
 //! 50 ms); the real-socket path is covered by `operator/tests/discovery.rs`.
 //!
 //! `cargo run --release -p trellis-operator --example bench-discovery -- [namespaces]
-//! [services per namespace] [endpoints per service] [streams] [subscriptions] [changes]`
+//! [services per namespace] [endpoints per service] [streams] [subscriptions] [changes]
+//! [pods: 1 = a meshed pod behind every endpoint]`
 //! The last line (`RESULT ...`) is for `hack/bench-discovery.sh`, which takes medians.
 
 #[path = "../operator/tests/compiler_fixtures/mod.rs"]
@@ -39,15 +40,19 @@ fn status_mib(field: &str) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn slice_for(ns: usize, svc: usize, endpoints: usize, salt: usize) -> Slice {
+fn endpoint_ip(ns: usize, svc: usize, e: usize, salt: usize) -> String {
+    let n = ns * 10_000 + svc * 100 + e + salt;
+    format!("10.{}.{}.{}", 64 + (n >> 16) % 64, (n >> 8) & 255, n & 255)
+}
+
+/// One Service's EndpointSlice; with `pods`, each endpoint names its pod (which gives it the
+/// pod's identity).
+fn slice_for(ns: usize, svc: usize, endpoints: usize, salt: usize, pods: bool) -> Slice {
     let mut s = slice(&format!("ns{ns}"), &format!("s{svc}"), &format!("s{svc}-x"))
         .port(Some("http"), 8080);
     for e in 0..endpoints {
-        let n = ns * 10_000 + svc * 100 + e + salt;
-        s = s.endpoint(
-            &format!("10.{}.{}.{}", 64 + (n >> 16) % 64, (n >> 8) & 255, n & 255),
-            None,
-        );
+        let pod = format!("s{svc}-{e}");
+        s = s.endpoint(&endpoint_ip(ns, svc, e, salt), pods.then_some(pod.as_str()));
     }
     s
 }
@@ -66,6 +71,9 @@ fn main() {
         arg(4, 20),
         arg(5, 50),
     );
+    // 1: a meshed pod behind every endpoint (the cluster's pods in the caches and the
+    // compile, identities on every endpoint); 0 (default): no pods, as earlier runs.
+    let pods = arg(6, 0) == 1;
     let base = rss_mib();
     let mut w = World::new();
     for ns in 0..namespaces {
@@ -82,7 +90,15 @@ fn main() {
                     ))
                     .port(80, "http"),
             );
-            w.add(slice_for(ns, svc, endpoints, 0));
+            w.add(slice_for(ns, svc, endpoints, 0, pods));
+            for e in (0..endpoints).filter(|_| pods) {
+                w.add(
+                    pod(&format!("ns{ns}"), &format!("s{svc}-{e}"))
+                        .sa(&format!("s{svc}"))
+                        .ip(&endpoint_ip(ns, svc, e, 0))
+                        .sidecar(),
+                );
+            }
         }
     }
     let t = Instant::now();
@@ -134,7 +150,7 @@ fn main() {
             })
             .unwrap_or(idx);
         let mut tmp = compiler::Snapshot::default();
-        slice_for(ns, svc, endpoints, 1 + c).add_to(&mut tmp);
+        slice_for(ns, svc, endpoints, 1 + c, pods).add_to(&mut tmp);
         w.snap.endpoint_slices[pos] = tmp.endpoint_slices.pop().unwrap();
         let t = Instant::now();
         // What a replica's discovery loop runs: the table only, no namespace configs.
@@ -203,7 +219,7 @@ fn main() {
             })
             .unwrap_or(ns * per_ns + svc);
         let mut tmp = compiler::Snapshot::default();
-        slice_for(ns, svc, endpoints, 1000 + c).add_to(&mut tmp);
+        slice_for(ns, svc, endpoints, 1000 + c, pods).add_to(&mut tmp);
         w.snap.endpoint_slices[pos] = tmp.endpoint_slices.pop().unwrap();
         out = compiler::compile_discovery(&w.snap, Some(&out));
         generation += 1;
@@ -228,9 +244,14 @@ fn main() {
     let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "cluster: {namespaces} namespaces, {} Services, {} endpoints; {streams} streams x {subs} subscriptions",
+        "cluster: {namespaces} namespaces, {} Services, {} endpoints, {} pods; {streams} streams x {subs} subscriptions",
         namespaces * per_ns,
-        namespaces * per_ns * endpoints
+        namespaces * per_ns * endpoints,
+        if pods {
+            namespaces * per_ns * endpoints
+        } else {
+            0
+        }
     );
     println!("full compile: {:.0} ms", ms(compile_full));
     println!(
