@@ -33,7 +33,7 @@ pub mod view;
 
 use std::time::Duration;
 
-pub use registry::{Propagation, Registry, StreamId};
+pub use registry::{Peer, Propagation, Registry, StreamId};
 pub use server::{Hub, serve};
 pub use view::View;
 
