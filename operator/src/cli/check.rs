@@ -19,7 +19,7 @@ pub struct Args {
     /// With `--proxy`: fail when a proxy has been behind the operator (a stream push not
     /// applied, or its namespace's ConfigMap settings not loaded) for longer than this.
     /// ConfigMaps reach pods on the kubelet's sync, about a minute.
-    #[arg(long, default_value = "3m", value_parser = parse_threshold)]
+    #[arg(long, default_value = "3m", value_parser = parse_threshold, requires = "proxy")]
     pub lag_threshold: std::time::Duration,
     /// Namespace Trellis is (or will be) installed in.
     #[arg(long, default_value = "trellis-system")]
