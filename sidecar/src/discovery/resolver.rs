@@ -341,11 +341,16 @@ impl Resolver {
         on_apply: impl Fn(&Snapshot) + Send + 'static,
     ) {
         let mut cache = self.cache();
+        let mut reported: Option<Arc<Snapshot>> = None;
         loop {
             let file = files.borrow_and_update().clone();
             let learned = cache.borrow_and_update().clone();
             if let Some(file) = file {
-                self.set_loaded(&file);
+                // Only a new file can change the settings; pushes (most iterations) cannot.
+                if !reported.as_ref().is_some_and(|r| Arc::ptr_eq(r, &file)) {
+                    self.set_loaded(&file);
+                    reported = Some(file.clone());
+                }
                 let merged = merged_snapshot(&file, &learned);
                 on_apply(&merged);
                 out.send_replace(Some(merged));
