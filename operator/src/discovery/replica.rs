@@ -148,9 +148,10 @@ fn report(
     pods: &kube::runtime::reflector::Store<crate::compiler::SlimPod>,
 ) -> ReplicaReport {
     let streams = hub.stream_states();
-    let tracker = tracker.lock().unwrap_or_else(|p| p.into_inner());
-    // Name pods only when some stream lags: one pass over the pod cache per report.
-    let any_behind = tracker.lagging(&streams, |_| None, 0).1 > 0;
+    let lock = || tracker.lock().unwrap_or_else(|p| p.into_inner());
+    // Name pods only when some stream lags: one pass over the pod cache per report, without
+    // holding the tracker (the compile loop records each compile in it).
+    let any_behind = lock().lagging(&streams, |_| None, 0).1 > 0;
     let by_ip: HashMap<IpAddr, String> = if any_behind {
         pods.state()
             .iter()
@@ -168,6 +169,7 @@ fn report(
     } else {
         HashMap::new()
     };
+    let tracker = lock();
     let (lagging, lagging_total) = tracker.lagging(
         &streams,
         |ip| by_ip.get(&ip).cloned(),
