@@ -247,7 +247,7 @@ async fn a_proxy_reports_the_configmap_it_runs_and_counts_once_the_kubelet_deliv
     let mut tracker = Tracker::default();
     let w1 = world(ApiMode::Permissive, 1, 3);
     let out1 = compiler::compile(&w1.snap);
-    let seq = hub.publish(&out1);
+    let seq = hub.publish(&out1).unwrap();
     tracker.observe(seq, Timestamp::now(), &w1.snap, &out1);
 
     let mut proxy =
@@ -278,7 +278,7 @@ async fn a_proxy_reports_the_configmap_it_runs_and_counts_once_the_kubelet_deliv
     // delivered the new ConfigMap yet.
     let w2 = world(ApiMode::Strict, 1, 3);
     let out2 = compiler::compile_incremental(&w2.snap, Some(&out1));
-    let seq = hub.publish(&out2);
+    let seq = hub.publish(&out2).unwrap();
     tracker.observe(seq, Timestamp::now(), &w2.snap, &out2);
     until("the proxy acknowledges the new view", || {
         hub.stream_states()[0].acked == seq

@@ -231,13 +231,14 @@ async fn compile_views(
     loop {
         let snapshot = stores.snapshot(&settings);
         let out = crate::compiler::compile_discovery(&snapshot, previous.as_ref());
-        let seq = hub.publish(&out);
-        tracker.lock().unwrap_or_else(|p| p.into_inner()).observe(
-            seq,
-            jiff::Timestamp::now(),
-            &snapshot,
-            &out,
-        );
+        if let Some(seq) = hub.publish(&out) {
+            tracker.lock().unwrap_or_else(|p| p.into_inner()).observe(
+                seq,
+                jiff::Timestamp::now(),
+                &snapshot,
+                &out,
+            );
+        }
         previous = Some(out);
         tokio::select! {
             _ = shutdown.cancelled() => return,

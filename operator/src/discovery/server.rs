@@ -65,16 +65,14 @@ impl Hub {
     }
 
     /// Publishes a compile's output to every stream; returns the view generation it was
-    /// published as (what the streams acknowledge).
-    pub fn publish(&self, out: &Output) -> u64 {
+    /// published as (what the streams acknowledge), `None` when the output has no table.
+    pub fn publish(&self, out: &Output) -> Option<u64> {
         let generation = {
             let mut g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
             *g += 1;
             *g
         };
-        let Some(view) = View::new(out, generation) else {
-            return generation;
-        };
+        let view = View::new(out, generation)?;
         let wake = self.registry().publish(Arc::new(view));
         let wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
         for id in wake {
@@ -82,7 +80,7 @@ impl Hub {
                 n.notify_one();
             }
         }
-        generation
+        Some(generation)
     }
 
     /// What every stream of this replica reported (see [`Registry::stream_states`]).
