@@ -185,6 +185,37 @@ fn changes_are_pushed_latest_wins_and_only_to_subscribers_of_what_changed() {
     assert_eq!((p.generation, p.updated, p.total), (4, 2, 3));
 }
 
+#[test]
+fn a_proxy_an_update_did_not_concern_is_reported_as_holding_the_latest_view() {
+    let out1 = compile(&world("10.1.0.5"), None);
+    let mut reg = Registry::default();
+    reg.update(&out1, 1);
+    let web = reg.open("shop");
+    reg.subscribe(web, vec![Target::Service("web.shop".into())]);
+    let ledger = reg.open("pay");
+    reg.subscribe(ledger, vec![Target::Service("ledger.pay".into())]);
+    for id in [web, ledger] {
+        reg.take(id);
+        reg.ack(id, 1);
+    }
+    let out2 = compile(&world("10.1.0.6"), Some(&out1));
+    reg.update(&out2, 2);
+    // What propagation reports and `trellis check --proxy` lists: the ledger's proxy was
+    // sent nothing and acknowledged nothing new, yet it is not behind; web's is, until it
+    // acknowledges generation 2.
+    let acked = |reg: &Registry, ns: &str| {
+        reg.stream_states()
+            .into_iter()
+            .find(|s| s.namespace == ns)
+            .unwrap()
+            .acked
+    };
+    assert_eq!((acked(&reg, "shop"), acked(&reg, "pay")), (1, 2));
+    reg.take(web);
+    reg.ack(web, 2);
+    assert_eq!((acked(&reg, "shop"), acked(&reg, "pay")), (2, 2));
+}
+
 /// web.shop splits to canary.shop, which is exported to its own namespace only: `pay` sees the
 /// canary through the split alone.
 fn split_world(split: bool) -> World {

@@ -17,7 +17,8 @@
 //!   follows each compile in place, re-indexing only the Services the compiler rebuilt.
 //! - [`registry`]: pure per-stream state: subscriptions (and who subscribed to each Service,
 //!   so a change reaches its subscribers without a scan of every stream), a bounded
-//!   latest-wins pending set, acknowledged generations.
+//!   latest-wins pending set, acknowledged generations, and who each proxy is and which
+//!   ConfigMap settings it runs (what [`crate::propagation`] counts).
 //! - [`server`]: the mTLS HTTP/2 edge (transport and why in
 //!   [`trellis_proxy::discovery::proto`]).
 //!
@@ -35,7 +36,7 @@ pub mod view;
 
 use std::time::Duration;
 
-pub use registry::{Propagation, Registry, StreamId};
+pub use registry::{Peer, Propagation, Registry, StreamId};
 pub use server::{Hub, serve};
 pub use view::{Changes, View};
 

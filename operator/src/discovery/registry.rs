@@ -75,6 +75,33 @@ struct Stream {
     /// The generation of the last view that gave this stream something to send: it is up to
     /// date once it acknowledged that generation (or a later one).
     owed: u64,
+    /// Who is at the other end, for propagation reports (`None` for streams opened by
+    /// [`Registry::open`] alone).
+    peer: Option<Peer>,
+    /// The ConfigMap settings digest the proxy reported ([`Registry::loaded`]).
+    settings: Option<String>,
+}
+
+impl Stream {
+    /// The view generation whose state this stream's proxy holds for everything it subscribed
+    /// to: `latest` once it acknowledged the last change it was sent and nothing waits to be
+    /// sent (updates that did not concern it are not sent, so its own ack stays older), else
+    /// what it acknowledged.
+    fn applied(&self, latest: u64) -> u64 {
+        if self.acked >= self.owed && self.pending.is_empty() {
+            latest.max(self.acked)
+        } else {
+            self.acked
+        }
+    }
+}
+
+/// Who a stream's proxy is: from its certificate and its connection, never from a message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Peer {
+    pub identity: String,
+    pub addr: std::net::IpAddr,
+    pub connected: jiff::Timestamp,
 }
 
 /// Every stream of this server.
@@ -137,6 +164,8 @@ impl Registry {
                 pending: Pending::default(),
                 acked: 0,
                 owed: 0,
+                peer: None,
+                settings: None,
             },
         );
         index_add(&mut self.by_namespace, namespace, id);
@@ -364,13 +393,53 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// Records who a stream's proxy is (its certificate's ID and its address).
+    pub fn set_peer(&mut self, id: StreamId, peer: Peer) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.peer = Some(peer);
+        }
+    }
+
+    /// Records the settings digest of the ConfigMap config a proxy serves from. Bounded: a
+    /// digest is 32 hex characters; anything longer is no digest and is dropped.
+    pub fn loaded(&mut self, id: StreamId, settings: String) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.settings = (settings.len() <= 64).then_some(settings);
+        }
+    }
+
+    /// A copy of what every stream reported, for the propagation count.
+    pub fn stream_states(&self) -> Vec<crate::propagation::StreamState> {
+        let latest = self.view.as_ref().map_or(0, |v| v.generation());
+        self.streams
+            .values()
+            .map(|s| crate::propagation::StreamState {
+                namespace: s.namespace.clone(),
+                identity: s
+                    .peer
+                    .as_ref()
+                    .map(|p| p.identity.clone())
+                    .unwrap_or_default(),
+                addr: s.peer.as_ref().map(|p| p.addr),
+                connected: s.peer.as_ref().map(|p| p.connected),
+                acked: s.applied(latest),
+                settings: s.settings.clone(),
+                subscriptions: s.subscriptions.iter().cloned().collect(),
+            })
+            .collect()
+    }
+
     /// How many streams hold the current view for everything they subscribed to (they
     /// acknowledged the last change they were sent).
     pub fn propagation(&self) -> Propagation {
         let generation = self.view.as_ref().map_or(0, |v| v.generation());
         Propagation {
             generation,
-            updated: self.streams.values().filter(|s| s.acked >= s.owed).count(),
+            updated: self
+                .streams
+                .values()
+                .filter(|s| s.applied(generation) >= generation)
+                .count(),
             total: self.streams.len(),
         }
     }
