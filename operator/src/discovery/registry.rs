@@ -302,7 +302,10 @@ impl Registry {
         }
         for ns in &changes.namespaces {
             for id in self.by_namespace.get(ns).into_iter().flatten() {
-                let keys: Vec<String> = self.streams[id].subscriptions.iter().cloned().collect();
+                let Some(stream) = self.streams.get(id) else {
+                    continue;
+                };
+                let keys: Vec<String> = stream.subscriptions.iter().cloned().collect();
                 for key in keys {
                     check(*id, &key, &mut self.streams);
                 }
