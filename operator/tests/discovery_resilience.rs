@@ -525,3 +525,53 @@ async fn a_split_whose_backends_are_known_only_from_the_stream_works() {
         assert!(learned.contains(&name), "{name} not in {learned:?}");
     }
 }
+
+/// A replica that accepts the stream and ends it at once (a crash loop behind a live port, a
+/// proxy in between closing streams) must not be redialled at the minimum backoff forever:
+/// with every sidecar of a cluster doing so, the handshakes alone would keep it down. Only a
+/// stream that delivered a batch counts as a success that resets the backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_ends_every_stream_at_once_is_redialled_with_growing_backoff() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let pki = common::Pki::new("mesh");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = trellis_proxy::tls::server_config(&creds(&pki, OPERATOR_ID), &[b"h2"]).unwrap();
+    let streams = Arc::new(AtomicUsize::new(0));
+    let counted = streams.clone();
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                // 200, then the end of the body: the stream opened and is over.
+                let svc = hyper::service::service_fn(move |_req| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Empty::<bytes::Bytes>::new(),
+                        ))
+                    }
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                        .await;
+            });
+        }
+    });
+    let cfg = common::config("r1", common::inbound(MtlsMode::Permissive), vec![]);
+    let _client = caller(&pki, &cfg, vec![addr]).await;
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let n = streams.load(Ordering::SeqCst);
+    eprintln!("{n} streams opened in {:?}", t.elapsed());
+    // 100 ms doubling: about 5 in 3 s (the minimum backoff alone would be about 25).
+    assert!((2..=7).contains(&n), "{n} streams in 3 s");
+}

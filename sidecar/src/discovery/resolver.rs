@@ -241,8 +241,12 @@ impl Resolver {
             };
             match opened {
                 Ok(stream) => {
-                    backoff = BACKOFF_MIN;
-                    self.session(stream, &mut requests, &shutdown).await;
+                    // Only a stream that delivered a batch was a success: a replica that ends
+                    // every stream at once (a crash loop behind a live port) is redialled with
+                    // growing backoff, not every 100 ms by every proxy of the cluster.
+                    if self.session(stream, &mut requests, &shutdown).await {
+                        backoff = BACKOFF_MIN;
+                    }
                     self.state().disconnected();
                     // Until the next stream is up, connections do not wait for the operator.
                     self.set_link(Link::Down);
@@ -261,12 +265,14 @@ impl Resolver {
         }
     }
 
+    /// Serves one stream until it ends; whether the operator delivered a batch on it.
     async fn session(
         &self,
         mut stream: Stream,
         requests: &mut mpsc::Receiver<Target>,
         shutdown: &CancellationToken,
-    ) {
+    ) -> bool {
+        let mut served = false;
         // Everything queued so far is subscribed, so it is in what is asked again here.
         while requests.try_recv().is_ok() {}
         let held = self.state().resubscribe(Instant::now());
@@ -275,44 +281,45 @@ impl Resolver {
                 .send(&ClientMessage::Subscribe { targets: held })
                 .await
         {
-            return;
+            return served;
         }
         self.set_link(Link::Up);
         tracing::info!("discovery stream up");
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return served,
                 t = requests.recv() => {
-                    let Some(t) = t else { return };
+                    let Some(t) = t else { return served };
                     let mut targets = vec![t];
                     while let Ok(t) = requests.try_recv() {
                         targets.push(t);
                     }
                     if !stream.send(&ClientMessage::Subscribe { targets }).await {
-                        return;
+                        return served;
                     }
                 }
                 m = stream.recv() => match m {
                     Ok(Some(m)) => {
                         let (ack, subscribe) = self.apply(m);
+                        served |= ack.is_some();
                         if !subscribe.is_empty()
                             && !stream.send(&ClientMessage::Subscribe { targets: subscribe }).await
                         {
-                            return;
+                            return served;
                         }
                         if let Some(generation) = ack
                             && !stream.send(&ClientMessage::Ack { generation }).await
                         {
-                            return;
+                            return served;
                         }
                     }
                     Ok(None) => {
                         tracing::info!("discovery stream closed by the operator; serving from cache");
-                        return;
+                        return served;
                     }
                     Err(error) => {
                         tracing::info!(%error, "discovery stream lost; serving from cache");
-                        return;
+                        return served;
                     }
                 },
             }
