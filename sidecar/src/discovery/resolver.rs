@@ -210,15 +210,8 @@ impl Resolver {
             if shutdown.is_cancelled() {
                 return;
             }
-            let tls = creds.borrow_and_update().as_ref().and_then(|c| {
-                crate::tls::client_config(
-                    c,
-                    std::slice::from_ref(&self.settings.operator_id),
-                    &[b"h2"],
-                )
-                .ok()
-            });
-            let Some(tls) = tls else {
+            let own = creds.borrow_and_update().clone();
+            let Some(own) = own else {
                 // No certificate yet (the proxy is not ready either): connect as soon as it
                 // arrives, not a backoff later, so the stream is up when traffic starts.
                 tokio::select! {
@@ -227,17 +220,23 @@ impl Resolver {
                 }
                 continue;
             };
+            let tls = crate::tls::client_config(
+                &own,
+                std::slice::from_ref(&self.settings.operator_id),
+                &[b"h2"],
+            );
             let addr = self
                 .settings
                 .addrs
                 .get(next % self.settings.addrs.len().max(1));
             next += 1;
-            let opened = match addr {
-                Some(addr) => match resolve_addr(addr).await {
+            let opened = match (tls, addr) {
+                (Err(error), _) => Err(format!("no TLS config for the stream: {error}")),
+                (Ok(tls), Some(addr)) => match resolve_addr(addr).await {
                     Some(sa) => Stream::open(sa, tls).await.map_err(|e| e.to_string()),
                     None => Err(format!("{addr} does not resolve")),
                 },
-                None => Err("no operator address configured".into()),
+                (Ok(_), None) => Err("no operator address configured".into()),
             };
             match opened {
                 Ok(stream) => {
