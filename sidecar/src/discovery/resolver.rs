@@ -9,14 +9,17 @@
 //! Every connection that arrives while a question is outstanding waits for the same answer
 //! (a connection pool opening at start must not send all but its first connection in
 //! plaintext), and a learned split waits for its backends, which the resolver subscribes to
-//! as soon as it learns the split (the rules, pure, are in [`super::cache`]). Services the operator pushes go into a
-//! cache that [`Resolver::merge`] lays over the ConfigMap's config, and the merged config is published
-//! to the data path on the same channel a ConfigMap reload uses: the new snapshot's index
-//! covers the bootstrap set plus the subscriptions (both bounded), and nothing is re-read
-//! from disk. A pushed Service replaces the ConfigMap's entry of the same name (it is newer).
+//! as soon as it learns the split (the rules, pure, are in [`super::cache`]). Services the
+//! operator pushes go into a cache that [`Resolver::merge`] lays over the ConfigMap's config,
+//! and the merged config is published to the data path on the same channel a ConfigMap reload
+//! uses: the new snapshot's index covers the bootstrap set plus the subscriptions (both
+//! bounded), and nothing is re-read from disk. A pushed Service replaces the ConfigMap's entry
+//! of the same name (it is newer).
 //!
 //! The stream is kept by [`Resolver::run`]: it connects to the configured operator addresses
-//! in turn (a Service name resolves to any replica), with exponential backoff, subscribes again
+//! in turn (a Service name resolves to any replica), with exponential backoff (reset only by a
+//! stream that delivered a batch, so a replica that ends every stream at once is not
+//! redialled at the minimum backoff by every proxy), subscribes again
 //! to everything it holds after a reconnect, and acknowledges each generation once its changes
 //! are in the cache. A replica that dies closes the stream; one that hangs (no FIN: a lost node,
 //! a partition) is noticed by the stream's HTTP/2 keepalive ([`super::client`]); either way the
