@@ -114,6 +114,12 @@ pub struct LoadArgs {
     /// Send in plaintext straight to these pod addresses, round robin (client outside the mesh).
     #[arg(long, value_delimiter = ',')]
     pub direct: Vec<SocketAddr>,
+    /// With `--direct`: the addresses that are live endpoints now (comma-separated, rewritten
+    /// by `trellis dev` as a rollout moves replicas), re-read when it changes. The client sends
+    /// only to these, as a Service's virtual IP only picks endpoints; `--direct` is used until
+    /// the file holds a valid list.
+    #[arg(long, requires = "direct")]
+    pub live_endpoints: Option<std::path::PathBuf>,
     /// Serve this client's own counters on `/metrics` here.
     #[arg(long)]
     pub metrics: SocketAddr,
@@ -530,7 +536,8 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: usize = 0;
-    let targets = Arc::new(targets);
+    let mut targets = Arc::new(targets);
+    let mut live = a.live_endpoints.clone().map(LiveEndpoints::new);
     let direct = a.via.is_none();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -542,6 +549,9 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
             counters.skipped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
+        if let Some(now) = live.as_mut().and_then(LiveEndpoints::changed) {
+            targets = now;
+        }
         let first = n;
         n = n.wrapping_add(1);
         let (down, counters, call) = (down.clone(), counters.clone(), a.target.clone());
@@ -576,6 +586,41 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `--live-endpoints` file, re-read when its modification time changes.
+struct LiveEndpoints {
+    path: std::path::PathBuf,
+    seen: Option<std::time::SystemTime>,
+}
+
+impl LiveEndpoints {
+    fn new(path: std::path::PathBuf) -> Self {
+        Self { path, seen: None }
+    }
+
+    /// The new list when the file changed and holds a valid, non-empty one.
+    fn changed(&mut self) -> Option<Arc<Vec<SocketAddr>>> {
+        let modified = std::fs::metadata(&self.path).ok()?.modified().ok()?;
+        if self.seen == Some(modified) {
+            return None;
+        }
+        let text = std::fs::read_to_string(&self.path).ok()?;
+        let list = parse_endpoints(&text)?;
+        self.seen = Some(modified);
+        Some(Arc::new(list))
+    }
+}
+
+fn parse_endpoints(text: &str) -> Option<Vec<SocketAddr>> {
+    let list: Vec<SocketAddr> = text
+        .split([',', '\n'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    (!list.is_empty()).then_some(list)
+}
+
 fn render_load_metrics(c: &LoadCounters, target: &str, mode: &str) -> String {
     let mut s = String::from(
         "# TYPE trellis_demo_requests counter\n# HELP trellis_demo_requests Requests sent by this \
@@ -598,6 +643,21 @@ fn render_load_metrics(c: &LoadCounters, target: &str, mode: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A half-written or empty endpoints file never replaces the list in use.
+    #[test]
+    fn live_endpoints_take_only_a_whole_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("frontend.txt");
+        let mut live = LiveEndpoints::new(path.clone());
+        assert!(live.changed().is_none(), "no file yet");
+        std::fs::write(&path, "127.0.0.1:1,127.0.0.1:2\n").unwrap();
+        let list = live.changed().unwrap();
+        assert_eq!(list.len(), 2);
+        assert!(live.changed().is_none(), "unchanged file, no new list");
+        assert!(parse_endpoints("127.0.0.1:1,127.0.0.").is_none());
+        assert!(parse_endpoints(" \n").is_none());
+    }
 
     #[test]
     fn calls_parse() {

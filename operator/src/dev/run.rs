@@ -410,6 +410,7 @@ impl LocalMesh {
                 dead.len()
             );
         }
+        self.write_live_endpoints()?;
         for pod in self.plan.pods.clone() {
             let counts = matches!(pod.role, Role::Client { .. }).then(|| {
                 let path = logs.join(format!("{}.{}.final.0", pod.name, pod.namespace));
@@ -428,6 +429,41 @@ impl LocalMesh {
             self.pod_procs.entry(pod_key(&pod)).or_default().app = Some(self.procs.len() - 1);
         }
         self.write_prometheus_config()?;
+        Ok(())
+    }
+
+    /// Where a client outside the mesh reads which of its target's pod addresses are endpoints.
+    fn live_endpoints_file(&self, pod: &Pod) -> PathBuf {
+        self.state_dir
+            .join("endpoints")
+            .join(format!("{}.{}", pod.name, pod.namespace))
+    }
+
+    /// Writes, for every client outside the mesh, the inbound addresses of its target's
+    /// replicas as they are now (the stand-in for the EndpointSlices kube-proxy follows). Each
+    /// file is replaced whole (write, then rename), so a client never reads half a list.
+    pub(super) fn write_live_endpoints(&self) -> anyhow::Result<()> {
+        for pod in &self.plan.pods {
+            let Role::Client { target, .. } = &pod.role else {
+                continue;
+            };
+            if pod.proxy.is_some() {
+                continue;
+            }
+            let live: Vec<String> = self
+                .plan
+                .replicas_of(target)
+                .filter_map(|p| p.proxy)
+                .map(|x| format!("127.0.0.1:{}", x.inbound))
+                .collect();
+            let path = self.live_endpoints_file(pod);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, live.join(","))?;
+            std::fs::rename(&tmp, &path)?;
+        }
         Ok(())
     }
 
@@ -571,6 +607,10 @@ impl LocalMesh {
                             .collect();
                         a.push("--direct".into());
                         a.push(direct.join(","));
+                        // Which of them are endpoints now: a replacement's proxy listens
+                        // before its app does, and kube-proxy would not send there yet.
+                        a.push("--live-endpoints".into());
+                        a.push(self.live_endpoints_file(pod).display().to_string());
                     }
                 }
                 a

@@ -636,6 +636,12 @@ impl LocalMesh {
         }
         self.ro.versions.insert(s.pod.clone(), s.version.clone());
         self.ready.insert(s.pod.clone(), true);
+        if let Err(e) = self.write_live_endpoints() {
+            self.note(format!(
+                "rollout: {}: writing the live endpoints: {e:#}",
+                s.pod
+            ));
+        }
         if let Err(e) = self.write_volumes() {
             // The sidecars keep the previous config; moving traffic waits its bound, then
             // the old pair drains anyway (its callers retry or fail, and the table says so).
