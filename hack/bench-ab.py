@@ -335,7 +335,8 @@ def main():
             print(f"perf profile of B's {PERF}: hack/out/perf-B-{PERF}.data")
         if sink:
             exports, size = sink.counts()
-            print(f"OTLP sink: {exports} exports, {size} bytes in all")
+            print(f"OTLP sink: {exports} exports over {sink.connections()} connection(s), "
+                  f"{size} bytes in all")
             if exports == 0:
                 print("no span reached the sink: tracing was not measured", file=sys.stderr)
     finally:
