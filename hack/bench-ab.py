@@ -199,7 +199,7 @@ STAT_EVENTS = ["raw_syscalls:sys_enter", "context-switches", "syscalls:sys_enter
                "syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_futex"]
 
 
-def run(p, perf_role=None, stat=False, duration=DURATION):
+def run(p, perf_role=None, stat=False, duration=DURATION, name=""):
     perf = None
     stats = []
     if stat:
@@ -235,7 +235,7 @@ def run(p, perf_role=None, stat=False, duration=DURATION):
             if len(f) > 2 and f[0].replace(".", "").isdigit():
                 counts[f[2].replace("syscalls:sys_enter_", "")] = int(float(f[0]))
         os.remove(out)
-        print(f"  {role} per request: " + ", ".join(
+        print(f"  {name} {role} per request: " + ", ".join(
             f"{k} {v / res['requests']:.2f}" for k, v in counts.items()), flush=True)
     if res["errors"] or res["non2xx"]:
         print(f"  errors: {res['errors']} non2xx: {res['non2xx']}", file=sys.stderr)
@@ -316,7 +316,8 @@ def main():
                       f"p99 {r[name]['p99']:.3f} ms", flush=True)
         for i in range(0 if TOGETHER else ROUNDS):
             for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
-                r = run(pairs[name], None, os.environ.get("STAT") == "1" and i >= ROUNDS - 2)
+                r = run(pairs[name], None, os.environ.get("STAT") == "1" and i >= ROUNDS - 2,
+                        name=name)
                 rows[name].append(r)
                 print(f"round {i} {name}: client {r['client']:.4f} server {r['server']:.4f} "
                       f"CPU s/1000 req; p50 {r['p50']:.3f} p99 {r['p99']:.3f} ms", flush=True)
