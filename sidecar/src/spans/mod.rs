@@ -20,10 +20,11 @@
 //! queues it (~0.6 µs). Off the request path, the export task sleeps while its queue is empty
 //! (no timer: an idle traced proxy uses no more CPU than an untraced one), and the exporter
 //! keeps one connection to the collector across batches. `perf` profiles under load
-//! (`hack/bench-ab.py`, `B_TRACING=1 PERF=client`) put everything reached from this module, the
-//! exporter and its HTTP client included, under 1 % of a sidecar's CPU at 1 % sampling. Whole-
-//! process CPU A/B ratios on the shared 2-core machine spread too widely per round to resolve
-//! a few percent; see the README's tracing benchmark notes.
+//! (`hack/bench-ab.py`, `B_TRACING=1 PERF=client`, read with `hack/perf-share.py`) put
+//! everything reached from this module, the exporter and its HTTP client included, at about
+//! 1 % of a sidecar's CPU or less at 1 % sampling, ~5 % at 100 %. Whole-process CPU A/B ratios
+//! on the shared 2-core machine spread too widely per round to resolve a few percent; see the
+//! README's "Tracing cost".
 
 pub mod context;
 pub mod export;
