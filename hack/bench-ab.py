@@ -4,17 +4,27 @@
 For judging one change to the request path on a shared, noisy machine: two Trellis pairs (client
 sidecar -> mTLS -> server sidecar -> nginx upstream, as in hack/bench-proxy.py) run side by
 side, one per binary, and the same fixed-rate load (hack/bench-load.rs) goes to A, then B, then
-A... Each proxy's CPU (utime+stime of all its threads, /proc/<pid>/stat) is read around each
-run. The report is the median over rounds of B's CPU per request divided by A's, per role, so
+A... Each proxy's CPU (time on CPU of all its threads, /proc/<pid>/task/*/schedstat) is read
+around each run. The report is the median over rounds of B's CPU per request divided by A's, per role, so
 machine-wide slowdowns that hit both alike cancel out. Not run by CI.
 
 Usage: hack/bench-ab.py OLD_BINARY NEW_BINARY (the same binary twice, with A_ENV/B_ENV, compares
 settings: A_ENV="TRELLIS_CONCURRENCY=2,X=y" is the environment of pair A only)
 Environment: RATE (1000), CONNS (16), DURATION (8 s), ROUNDS (5), PERF (unset; "client" or
-"server": run `perf record` on that proxy of B during its last round, into
-hack/out/perf-B-<role>.data), STAT (unset; "1": count syscalls and context switches per request
-of both proxies of A and B in their last rounds, with `perf stat`).
+"server": run `perf record` on that proxy of B during one more round after the counted ones,
+PERF_DURATION seconds long (default DURATION), into hack/out/perf-B-<role>.data), STAT (unset;
+"1": count syscalls and context switches per request of both proxies of A and B in their last
+rounds, with `perf stat`), A_TRACING / B_TRACING
+(unset: tracing off; a sampling percent, e.g. "1": both sidecars of that pair export spans over
+OTLP/HTTP to a sink collector inside this script, which answers every export 200 and counts
+them; its CPU is this script's, not the proxies'; "<percent>@dead": to a port where nothing
+listens, to measure what a down collector costs), IDLE (seconds, default 0: before the loaded
+rounds, each proxy's CPU over that many seconds with no requests at all, in interleaved rounds,
+to tell a fixed cost per second from a cost per request), TOGETHER (unset; "1": each round
+loads A and B at the same time instead of one after the other, so both meet the same
+contention; STAT is not taken then).
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -34,7 +44,10 @@ CONNS = int(os.environ.get("CONNS", "16"))
 DURATION = os.environ.get("DURATION", "8")
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
 PERF = os.environ.get("PERF", "")
-TICK = os.sysconf("SC_CLK_TCK")
+IDLE = float(os.environ.get("IDLE", "0"))
+TOGETHER = os.environ.get("TOGETHER") == "1"
+OTLP_SINK = 19318
+OTLP_DEAD = 19319
 UPSTREAM = 18580
 TD = "cluster.local"
 CLIENT_ID = f"spiffe://{TD}/ns/bench/sa/client"
@@ -112,10 +125,32 @@ def ready(port):
     raise SystemExit(f"proxy with admin {port} not ready")
 
 
-def pair(d, name, binary, base_port, env=None):
+def otlp_sink_class():
+    """hack/bench-proxy.py's sink collector, so both harnesses measure against the same one."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_proxy", os.path.join(ROOT, "hack/bench-proxy.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.OtlpSink
+
+
+def tracing(var):
+    """`(percent, collector port)` from A_TRACING / B_TRACING, or None for tracing off."""
+    v = os.environ.get(var, "")
+    if not v:
+        return None
+    pct, _, where = v.partition("@")
+    return float(pct), OTLP_DEAD if where == "dead" else OTLP_SINK
+
+
+def pair(d, name, binary, base_port, env=None, traced=None):
     out_port, in_port, cadmin, sadmin = base_port, base_port + 1, base_port + 2, base_port + 3
-    base = {"version": 1, "namespace": "bench",
-            "mesh": {"trustDomain": TD, "detectTimeoutMs": 100},
+    mesh = {"trustDomain": TD, "detectTimeoutMs": 100}
+    if traced:
+        mesh["telemetry"] = {"tracing": {
+            "samplingPercent": traced[0],
+            "collector": f"http://127.0.0.1:{traced[1]}/v1/traces"}}
+    base = {"version": 1, "namespace": "bench", "mesh": mesh,
             "inbound": [{"source": "mesh-default", "mtls": "Strict"}]}
     client_cfg = dict(base, revision="r0", outbound=[{
         "name": "bench", "namespace": "bench",
@@ -144,9 +179,18 @@ def pair(d, name, binary, base_port, env=None):
 
 
 def cpu(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    """CPU seconds of all the process's threads, in nanoseconds' resolution (schedstat's time
+    on CPU): /proc/<pid>/stat counts in clock ticks (10 ms), 2 % of a round's CPU here, which
+    is as large as the differences this tool is for. A thread that exits between two readings
+    takes its time with it; the proxy's threads live as long as it does."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total / 1e9
 
 
 STAT_EVENTS = ["raw_syscalls:sys_enter", "context-switches", "syscalls:sys_enter_writev",
@@ -155,7 +199,7 @@ STAT_EVENTS = ["raw_syscalls:sys_enter", "context-switches", "syscalls:sys_enter
                "syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_futex"]
 
 
-def run(p, perf_role=None, stat=False):
+def run(p, perf_role=None, stat=False, duration=DURATION, name=""):
     perf = None
     stats = []
     if stat:
@@ -176,7 +220,7 @@ def run(p, perf_role=None, stat=False):
         time.sleep(0.5)
     c0, s0 = cpu(p["client"]), cpu(p["server"])
     res = json.loads(sh(LOAD, "--url", f"http://127.0.0.1:{p['port']}/", "--host", "bench",
-                        "--rate", str(RATE), "--conns", str(CONNS), "--duration", DURATION))
+                        "--rate", str(RATE), "--conns", str(CONNS), "--duration", duration))
     c1, s1 = cpu(p["client"]), cpu(p["server"])
     if perf:
         perf.send_signal(signal.SIGINT)
@@ -191,12 +235,52 @@ def run(p, perf_role=None, stat=False):
             if len(f) > 2 and f[0].replace(".", "").isdigit():
                 counts[f[2].replace("syscalls:sys_enter_", "")] = int(float(f[0]))
         os.remove(out)
-        print(f"  {role} per request: " + ", ".join(
+        print(f"  {name} {role} per request: " + ", ".join(
             f"{k} {v / res['requests']:.2f}" for k, v in counts.items()), flush=True)
     if res["errors"] or res["non2xx"]:
         print(f"  errors: {res['errors']} non2xx: {res['non2xx']}", file=sys.stderr)
     return {"client": (c1 - c0) / n, "server": (s1 - s0) / n, "p50": res["p50_ms"],
             "p99": res["p99_ms"]}
+
+
+def run_together(pairs):
+    """One round with A's and B's load at the same time: both pairs meet the same contention
+    from the rest of the machine in the same seconds, so the B/A ratio of a round is not at the
+    mercy of what a neighbour happened to compile during A's run or B's."""
+    before = {n: (cpu(p["client"]), cpu(p["server"])) for n, p in pairs.items()}
+    loads = {n: subprocess.Popen(
+        [LOAD, "--url", f"http://127.0.0.1:{p['port']}/", "--host", "bench", "--rate",
+         str(RATE), "--conns", str(CONNS), "--duration", DURATION],
+        stdout=subprocess.PIPE, text=True) for n, p in pairs.items()}
+    out = {n: json.loads(l.communicate()[0]) for n, l in loads.items()}
+    rows = {}
+    for n, p in pairs.items():
+        c1, s1 = cpu(p["client"]), cpu(p["server"])
+        k = out[n]["requests"] / 1000
+        if out[n]["errors"] or out[n]["non2xx"]:
+            print(f"  {n} errors: {out[n]['errors']} non2xx: {out[n]['non2xx']}",
+                  file=sys.stderr)
+        rows[n] = {"client": (c1 - before[n][0]) / k, "server": (s1 - before[n][1]) / k,
+                   "p50": out[n]["p50_ms"], "p99": out[n]["p99_ms"]}
+    return rows
+
+
+def idle(pairs):
+    """CPU milliseconds per second of each idle proxy, A and B in the same window (no load
+    runs, so they share the machine alike); `ROUNDS` windows of `IDLE` seconds."""
+    rows = {name: {"client": [], "server": []} for name in pairs}
+    for i in range(ROUNDS):
+        before = {n: {r: cpu(p[r]) for r in ("client", "server")} for n, p in pairs.items()}
+        time.sleep(IDLE)
+        for n, p in pairs.items():
+            for r in ("client", "server"):
+                rows[n][r].append((cpu(p[r]) - before[n][r]) * 1000 / IDLE)
+        print(f"idle {i}: " + ", ".join(
+            f"{n} {r} {rows[n][r][-1]:.3f}" for n in pairs for r in ("client", "server"))
+            + " CPU ms/s", flush=True)
+    for n in pairs:
+        for r in ("client", "server"):
+            print(f"idle {n} {r}: median {statistics.median(rows[n][r]):.3f} CPU ms/s")
 
 
 def main():
@@ -208,18 +292,32 @@ def main():
         def env(var):
             return dict(kv.split("=", 1) for kv in os.environ.get(var, "").split(",") if kv)
 
-        pairs = {"A": pair(d, "a", a_bin, 19100, env("A_ENV")),
-                 "B": pair(d, "b", b_bin, 19200, env("B_ENV"))}
+        traced = {"A": tracing("A_TRACING"), "B": tracing("B_TRACING")}
+        sink = None
+        if any(t and t[1] == OTLP_SINK for t in traced.values()):
+            sink = otlp_sink_class()(OTLP_SINK)
+        pairs = {"A": pair(d, "a", a_bin, 19100, env("A_ENV"), traced["A"]),
+                 "B": pair(d, "b", b_bin, 19200, env("B_ENV"), traced["B"])}
+        if IDLE > 0:
+            # Let start-up (config load, exporter connect) settle before idling counts.
+            time.sleep(2)
+            idle(pairs)
         # Warm both (TLS handshakes, pool connections) before anything counts.
         for p in pairs.values():
             sh(LOAD, "--url", f"http://127.0.0.1:{p['port']}/", "--host", "bench", "--rate",
                "200", "--conns", str(CONNS), "--duration", "1")
         rows = {"A": [], "B": []}
-        for i in range(ROUNDS):
+        for i in range(ROUNDS if TOGETHER else 0):
+            r = run_together(pairs)
+            for name in ("A", "B"):
+                rows[name].append(r[name])
+                print(f"round {i} {name}: client {r[name]['client']:.4f} server "
+                      f"{r[name]['server']:.4f} CPU s/1000 req; p50 {r[name]['p50']:.3f} "
+                      f"p99 {r[name]['p99']:.3f} ms", flush=True)
+        for i in range(0 if TOGETHER else ROUNDS):
             for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
-                last = i == ROUNDS - 1 and name == "B"
-                r = run(pairs[name], PERF if (PERF and last) else None,
-                        os.environ.get("STAT") == "1" and i >= ROUNDS - 2)
+                r = run(pairs[name], None, os.environ.get("STAT") == "1" and i >= ROUNDS - 2,
+                        name=name)
                 rows[name].append(r)
                 print(f"round {i} {name}: client {r['client']:.4f} server {r['server']:.4f} "
                       f"CPU s/1000 req; p50 {r['p50']:.3f} p99 {r['p99']:.3f} ms", flush=True)
@@ -232,6 +330,16 @@ def main():
         for k in ("p50", "p99"):
             print(f"{k}: A median {statistics.median(r[k] for r in rows['A']):.3f} ms, "
                   f"B median {statistics.median(r[k] for r in rows['B']):.3f} ms")
+        if PERF:
+            # A round of its own, counted nowhere: perf's sampling costs the proxy CPU too.
+            run(pairs["B"], PERF, duration=os.environ.get("PERF_DURATION", DURATION))
+            print(f"perf profile of B's {PERF}: hack/out/perf-B-{PERF}.data")
+        if sink:
+            exports, size = sink.counts()
+            print(f"OTLP sink: {exports} exports over {sink.connections()} connection(s), "
+                  f"{size} bytes in all")
+            if exports == 0:
+                print("no span reached the sink: tracing was not measured", file=sys.stderr)
     finally:
         for p in procs:
             if p.poll() is None:

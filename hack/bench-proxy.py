@@ -142,6 +142,9 @@ class OtlpSink:
         sink = self
         self.lock = threading.Lock()
         self.exports = self.bytes = 0
+        # Client (address, port) pairs seen: one per TCP connection, so a report can tell an
+        # exporter that keeps its connection from one that connects per export.
+        self.peers = set()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             # Keep-alive, as a real collector: a connection per export would bill the
@@ -153,6 +156,7 @@ class OtlpSink:
                 with sink.lock:
                     sink.exports += 1
                     sink.bytes += n
+                    sink.peers.add(self.client_address)
                 self.send_response(200)
                 self.send_header("content-type", "application/x-protobuf")
                 self.send_header("content-length", "0")
@@ -181,6 +185,10 @@ class OtlpSink:
     def counts(self):
         with self.lock:
             return self.exports, self.bytes
+
+    def connections(self):
+        with self.lock:
+            return len(self.peers)
 
     def close(self):
         self.srv.shutdown()

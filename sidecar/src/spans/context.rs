@@ -4,6 +4,11 @@
 //! left untouched) are tested without sockets, and so the per-request path allocates nothing:
 //! parsing reads the header in place and formatting writes into a fixed 55-byte array.
 
+use std::cell::RefCell;
+
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
+
 /// A parsed `traceparent` (<https://www.w3.org/TR/trace-context/#traceparent-header>).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TraceParent {
@@ -78,18 +83,53 @@ impl SpanIds {
     }
 }
 
+/// The chance of starting a trace, fixed once per tracer so the per-request decision is one
+/// integer comparison against a uniform `u64` (no float conversion, no division).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sampler {
+    /// 0 % (or a NaN that validation let through): nothing is started, nothing is rolled.
+    Never,
+    /// 100 %: everything is started, nothing is rolled.
+    Always,
+    /// Start when the roll is below this: `percent / 100` of the `u64` range.
+    Below(u64),
+}
+
+impl Sampler {
+    pub fn new(percent: f64) -> Self {
+        if percent.is_nan() || percent <= 0.0 {
+            Self::Never
+        } else if percent >= 100.0 {
+            Self::Always
+        } else {
+            // Below 2^64 for any percent under 100; `as` saturates anyway.
+            Self::Below((percent / 100.0 * 18_446_744_073_709_551_616.0) as u64)
+        }
+    }
+
+    /// Whether a request without a usable `traceparent` starts a trace; `roll` (uniform over
+    /// all `u64`) is called only when the answer depends on it.
+    pub fn starts(self, roll: impl FnOnce() -> u64) -> bool {
+        match self {
+            Self::Never => false,
+            Self::Always => true,
+            Self::Below(t) => roll() < t,
+        }
+    }
+}
+
 /// Whether to record a span, given the request's `traceparent` (raw bytes, if any).
 ///
 /// - A valid sampled parent is continued: same trace id, the caller's span as parent.
 /// - A valid unsampled parent is honoured: no span, and the header is left as it came.
-/// - No header, or one the spec says to ignore, starts a trace with probability
-///   `percent / 100` (`roll` is uniform in `[0, 1)`).
+/// - No header, or one the spec says to ignore, starts a trace as `sampler` says (`roll` is
+///   uniform over all `u64`).
 ///
 /// `new_ids` is called only when a span is recorded, so an unsampled request draws no ids.
 pub fn decide(
     incoming: Option<&[u8]>,
-    percent: f64,
-    roll: impl FnOnce() -> f64,
+    sampler: Sampler,
+    roll: impl FnOnce() -> u64,
     new_ids: impl FnOnce() -> ([u8; 16], [u8; 8]),
 ) -> Option<SpanIds> {
     match incoming.and_then(TraceParent::parse) {
@@ -101,7 +141,7 @@ pub fn decide(
         }),
         Some(_) => None,
         None => {
-            if percent <= 0.0 || roll() * 100.0 >= percent {
+            if !sampler.starts(roll) {
                 return None;
             }
             let (trace_id, span_id) = new_ids();
@@ -115,15 +155,33 @@ pub fn decide(
     }
 }
 
+thread_local! {
+    /// The sampling rolls and ids of this thread: Xoshiro256++ (rand's `SmallRng`), seeded once
+    /// per thread from the OS through `rand::rng()`. Not `rand::rng()` itself: that is ChaCha12
+    /// with periodic reseeding, built to be unpredictable, and its block refills were the
+    /// largest single cost of a sampled request (`hack/bench-spans.rs` under `perf`). Trace and
+    /// span ids need to be unique, not secret (they travel in clear headers); the OpenTelemetry
+    /// SDK's own id generator makes the same choice.
+    static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
+}
+
+/// A uniform `u64` from this thread's generator: the sampling roll.
+pub fn roll() -> u64 {
+    RNG.with(|r| r.borrow_mut().next_u64())
+}
+
 /// Random, non-zero ids (the spec forbids all-zero ones).
 pub fn random_ids() -> ([u8; 16], [u8; 8]) {
-    loop {
-        let t: [u8; 16] = rand::random();
-        let s: [u8; 8] = rand::random();
-        if t != [0; 16] && s != [0; 8] {
-            return (t, s);
+    RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        loop {
+            let t = (u128::from(r.next_u64()) << 64 | u128::from(r.next_u64())).to_be_bytes();
+            let s = r.next_u64().to_be_bytes();
+            if t != [0; 16] && s != [0; 8] {
+                return (t, s);
+            }
         }
-    }
+    })
 }
 
 /// Lower-case hex, as the spec requires.
@@ -204,7 +262,7 @@ mod tests {
 
     #[test]
     fn continues_a_sampled_parent_whatever_the_percentage() {
-        let s = decide(Some(TP), 0.0, || unreachable!(), ids).unwrap();
+        let s = decide(Some(TP), Sampler::new(0.0), || unreachable!(), ids).unwrap();
         let p = TraceParent::parse(TP).unwrap();
         assert_eq!(s.trace_id, p.trace_id);
         assert_eq!(s.parent_id, Some(p.parent_id));
@@ -221,19 +279,67 @@ mod tests {
     #[test]
     fn honours_an_unsampled_parent() {
         let tp = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
-        assert_eq!(decide(Some(tp), 100.0, || 0.0, || unreachable!()), None);
+        let all = Sampler::new(100.0);
+        assert_eq!(decide(Some(tp), all, || 0, || unreachable!()), None);
     }
 
     #[test]
     fn starts_traces_by_percentage() {
-        assert_eq!(decide(None, 0.0, || 0.0, || unreachable!()), None);
-        assert_eq!(decide(None, 10.0, || 0.1, || unreachable!()), None);
-        let s = decide(None, 10.0, || 0.099, ids).unwrap();
+        let never = Sampler::new(0.0);
+        assert_eq!(
+            decide(None, never, || unreachable!(), || unreachable!()),
+            None
+        );
+        let ten = Sampler::new(10.0);
+        let Sampler::Below(edge) = ten else {
+            panic!("{ten:?}")
+        };
+        // 10 % of the u64 range, to f64's precision.
+        assert!(
+            (edge as f64 / u64::MAX as f64 - 0.1).abs() < 1e-12,
+            "{edge}"
+        );
+        assert_eq!(decide(None, ten, || edge, || unreachable!()), None);
+        assert_eq!(decide(None, ten, || u64::MAX, || unreachable!()), None);
+        let s = decide(None, ten, || edge - 1, ids).unwrap();
         assert_eq!(s.parent_id, None);
         assert_eq!(s.trace_id, [0x11; 16]);
         assert_eq!(s.flags, SAMPLED);
-        assert!(decide(None, 100.0, || 0.999_999, ids).is_some());
+        assert!(decide(None, ten, || 0, ids).is_some());
+        // 100 % starts everything without rolling.
+        let all = Sampler::new(100.0);
+        assert!(decide(None, all, || unreachable!(), ids).is_some());
         // A malformed header counts as none.
-        assert!(decide(Some(b"garbage"), 100.0, || 0.5, ids).is_some());
+        assert!(decide(Some(b"garbage"), all, || unreachable!(), ids).is_some());
+        assert_eq!(Sampler::new(f64::NAN), Sampler::Never);
+        assert_eq!(Sampler::new(-1.0), Sampler::Never);
+        assert_eq!(Sampler::new(250.0), Sampler::Always);
+    }
+
+    /// The thread's generator: the share of rolls a 1 % sampler starts is 1 % (within five
+    /// standard deviations over 200 000 rolls), and ids are never zero and never repeat.
+    #[test]
+    fn the_thread_generator_samples_at_the_rate_and_draws_distinct_ids() {
+        let one = Sampler::new(1.0);
+        let n = 200_000u32;
+        let started = (0..n).filter(|_| one.starts(roll)).count() as f64;
+        let (mean, sd) = (f64::from(n) * 0.01, (f64::from(n) * 0.01 * 0.99).sqrt());
+        assert!(
+            (started - mean).abs() < 5.0 * sd,
+            "{started} of {n} started"
+        );
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let (t, s) = random_ids();
+            assert_ne!(t, [0; 16]);
+            assert_ne!(s, [0; 8]);
+            assert!(seen.insert((t, s)), "an id pair repeated");
+        }
+        // Another thread draws its own sequence (seeded apart, not copied).
+        let here: Vec<_> = (0..4).map(|_| roll()).collect();
+        let there = std::thread::spawn(|| (0..4).map(|_| roll()).collect::<Vec<_>>())
+            .join()
+            .unwrap();
+        assert_ne!(here, there);
     }
 }
