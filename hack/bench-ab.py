@@ -10,10 +10,15 @@ machine-wide slowdowns that hit both alike cancel out. Not run by CI.
 
 Usage: hack/bench-ab.py OLD_BINARY NEW_BINARY (the same binary twice, with A_ENV/B_ENV, compares
 settings: A_ENV="TRELLIS_CONCURRENCY=2,X=y" is the environment of pair A only)
-Environment: RATE (1000), CONNS (16), DURATION (8 s), ROUNDS (5), PERF (unset; "client" or
+Environment: RATE (1000), CONNS (16), DURATION (8 s), ROUNDS (5), PORT_BASE (19100: pair A
+listens from there, pair B 100 above, the nginx upstream 1520 below; give each concurrent run
+its own, since a second run on the same ports would measure the first run's proxies), PERF (unset; "client" or
 "server": run `perf record` on that proxy of B during its last round, into
 hack/out/perf-B-<role>.data), STAT (unset; "1": count syscalls and context switches per request
-of both proxies of A and B in their last rounds, with `perf stat`).
+of both proxies of A and B in their last rounds, with `perf stat`), IR (unset; "1": run every
+proxy under valgrind's callgrind and report instructions per request per role instead of CPU
+time: deterministic, so one or two rounds at a low RATE (say 200) compare binaries on a machine
+too busy for CPU time to mean anything; it counts work, not cache misses or syscall cost).
 """
 import json
 import os
@@ -34,8 +39,10 @@ CONNS = int(os.environ.get("CONNS", "16"))
 DURATION = os.environ.get("DURATION", "8")
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
 PERF = os.environ.get("PERF", "")
+IR = os.environ.get("IR") == "1"
 TICK = os.sysconf("SC_CLK_TCK")
-UPSTREAM = 18580
+PORT_BASE = int(os.environ.get("PORT_BASE", "19100"))
+UPSTREAM = PORT_BASE - 1520
 TD = "cluster.local"
 CLIENT_ID = f"spiffe://{TD}/ns/bench/sa/client"
 SERVER_ID = f"spiffe://{TD}/ns/bench/sa/server"
@@ -100,7 +107,7 @@ def write_config(pd, cfg):
 
 
 def ready(port):
-    end = time.time() + 15
+    end = time.time() + (180 if IR else 15)
     while time.time() < end:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
@@ -131,19 +138,41 @@ def pair(d, name, binary, base_port, env=None):
         write_config(pd, cfg)
         dirs[role] = pd
     common = ["--log-format", "text", "--log-level", "warn", "--local-mode"]
-    s = spawn([binary, "--dir", dirs["server"], "--cert-file", f"{d}/server.crt",
+    if IR:
+        binary = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", binary]
+    else:
+        binary = [binary]
+    s = spawn([*binary, "--dir", dirs["server"], "--cert-file", f"{d}/server.crt",
                "--key-file", f"{d}/server.key", "--inbound-addr", f"127.0.0.1:{in_port}",
                "--outbound-addr", "127.0.0.1:0", "--admin-addr", f"127.0.0.1:{sadmin}",
                "--inbound-target", f"127.0.0.1:{UPSTREAM}", *common], env)
-    c = spawn([binary, "--dir", dirs["client"], "--cert-file", f"{d}/client.crt",
+    c = spawn([*binary, "--dir", dirs["client"], "--cert-file", f"{d}/client.crt",
                "--key-file", f"{d}/client.key", "--outbound-addr", f"127.0.0.1:{out_port}",
                "--inbound-addr", "127.0.0.1:0", "--admin-addr", f"127.0.0.1:{cadmin}", *common], env)
     ready(sadmin)
     ready(cadmin)
+    # Another run on the same ports answers `ready` too: make sure ours are the ones alive.
+    for p in (s, c):
+        if p.poll() is not None:
+            raise SystemExit(f"{binary} exited at start (ports from {base_port} taken?)")
     return {"client": c.pid, "server": s.pid, "port": out_port}
 
 
+def instructions(pid):
+    """Instructions the proxy under callgrind has run so far (every thread), in millions."""
+    out = sh("callgrind_control", "-e", "Ir", str(pid))
+    total = 0
+    for line in out.splitlines():
+        f = line.split()
+        # "Th <n> <Ir>" per thread.
+        if len(f) == 3 and f[0] == "Th":
+            total += int(f[2].replace(",", ""))
+    return total / 1e6
+
+
 def cpu(pid):
+    if IR:
+        return instructions(pid)
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
@@ -208,8 +237,8 @@ def main():
         def env(var):
             return dict(kv.split("=", 1) for kv in os.environ.get(var, "").split(",") if kv)
 
-        pairs = {"A": pair(d, "a", a_bin, 19100, env("A_ENV")),
-                 "B": pair(d, "b", b_bin, 19200, env("B_ENV"))}
+        pairs = {"A": pair(d, "a", a_bin, PORT_BASE, env("A_ENV")),
+                 "B": pair(d, "b", b_bin, PORT_BASE + 100, env("B_ENV"))}
         # Warm both (TLS handshakes, pool connections) before anything counts.
         for p in pairs.values():
             sh(LOAD, "--url", f"http://127.0.0.1:{p['port']}/", "--host", "bench", "--rate",
@@ -222,7 +251,7 @@ def main():
                         os.environ.get("STAT") == "1" and i >= ROUNDS - 2)
                 rows[name].append(r)
                 print(f"round {i} {name}: client {r['client']:.4f} server {r['server']:.4f} "
-                      f"CPU s/1000 req; p50 {r['p50']:.3f} p99 {r['p99']:.3f} ms", flush=True)
+                      f"{'M instructions' if IR else 'CPU s'}/1000 req; p50 {r['p50']:.3f} p99 {r['p99']:.3f} ms", flush=True)
         for role in ("client", "server"):
             ratios = [b[role] / a[role] for a, b in zip(rows["A"], rows["B"]) if a[role] > 0]
             print(f"{role}: A median {statistics.median(r[role] for r in rows['A']):.4f}, "
