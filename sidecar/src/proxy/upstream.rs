@@ -15,9 +15,11 @@
 //!   1; closed-loop over 64 connections it held 64 and reached 4.7k req/s against 13.9k over
 //!   HTTP/2, with peak RSS 14 MiB against 12. Every extra connection is a handshake and
 //!   buffers on both sides and a certificate to retire separately. HTTP/2 stays; the per-request
-//!   cost is a thing to win back inside the HTTP/2 client, not by multiplying connections.
+//!   cost is won back inside the HTTP/2 client instead: it drives `h2` directly from the
+//!   request's task ([`super::h2client`]), without hyper's dispatch task and per-request task
+//!   (0.91x the client sidecar's instructions per request, `hack/bench-ab.py` with `IR=1`).
 //!   Adaptive flow control (BDP pings) on or off made no measurable difference at 1000 req/s
-//!   (1.01x / 0.96x), so it stays on for large transfers.
+//!   (1.01x / 0.96x) with hyper's client; `h2` has none, so the windows are fixed and large.
 //! - Plaintext targets get HTTP/2 when the port says so (or the client spoke HTTP/2), otherwise
 //!   pooled HTTP/1.1 keep-alive connections.
 //! - `Upgrade` requests (WebSocket) take a dedicated HTTP/1.1 connection (mTLS with ALPN
@@ -40,24 +42,25 @@
 //!   (see [`super::peer_trust`]).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use http::{HeaderValue, Request, Response, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::h2client::{self, ConnState};
 use super::http::{ORIG_PROTO, is_upgrade, to_http1, to_http2};
 use super::mtls::{Alpn, TlsCache};
 use super::peer_trust::PeerTrust;
@@ -151,26 +154,14 @@ impl PeerCert {
     }
 }
 
-/// Streams of one HTTP/2 connection: ours in flight, and the peer's limit.
-#[derive(Debug)]
-struct Streams {
-    inflight: AtomicUsize,
-    max: AtomicUsize,
-}
+/// Streams of one HTTP/2 connection: ours in flight, the peer's limit, and whether the
+/// connection ended.
+type Streams = ConnState;
 
-impl Streams {
-    fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
-    }
-
-    fn has_room(&self) -> bool {
-        self.inflight() < self.max.load(Ordering::Relaxed)
-    }
-
-    fn reserve(self: &Arc<Self>) -> StreamGuard {
-        self.inflight.fetch_add(1, Ordering::Relaxed);
-        StreamGuard(self.clone())
-    }
+/// Counts one more stream on `streams` until the guard drops.
+fn reserve(streams: &Arc<Streams>) -> StreamGuard {
+    streams.inflight.fetch_add(1, Ordering::Relaxed);
+    StreamGuard(streams.clone())
 }
 
 /// One stream counted on its connection until the response body is dropped (or the request
@@ -184,7 +175,7 @@ impl Drop for StreamGuard {
 }
 
 struct H2Conn {
-    sr: http2::SendRequest<Body>,
+    sr: h2::client::SendRequest<Bytes>,
     peer: Option<Arc<str>>,
     cert: Option<PeerCert>,
     streams: Arc<Streams>,
@@ -204,7 +195,7 @@ impl H2Slot {
     fn prune(&mut self, creds: Option<&Arc<Credentials>>, ids: &[String], idle: Option<Duration>) {
         let now = SystemTime::now();
         self.conns.retain_mut(|c| {
-            !c.sr.is_closed()
+            !c.streams.closed.load(Ordering::Relaxed)
                 && c.cert.as_mut().is_none_or(|p| p.usable(creds, now, ids))
                 && idle.is_none_or(|t| c.streams.inflight() > 0 || c.last_used.elapsed() < t)
         });
@@ -289,7 +280,11 @@ pub struct PoolStats {
 
 /// Where an HTTP/2 request goes.
 enum H2Pick {
-    Use(http2::SendRequest<Body>, Option<Arc<str>>, StreamGuard),
+    Use(
+        h2::client::SendRequest<Bytes>,
+        Option<Arc<str>>,
+        StreamGuard,
+    ),
     Connect(Arc<tokio::sync::Mutex<()>>),
     Full,
 }
@@ -416,16 +411,17 @@ impl Pool {
                     .map_or(self.inner.settings.max_h2_conns, |m| {
                         (m as usize).min(self.inner.settings.max_h2_conns)
                     });
-                let (mut sr, peer, guard) =
-                    self.h2_sender(&key, cap, target.connect_timeout).await?;
-                let mut resp = sr.send_request(req).await.map_err(|e| classify(addr, e))?;
+                let (sr, peer, guard) = self.h2_sender(&key, cap, target.connect_timeout).await?;
+                let mut resp = h2client::send(&sr, req)
+                    .await
+                    .map_err(|e| classify_h2(addr, e))?;
                 if let Some(p) = peer {
                     resp.extensions_mut().insert(PeerIdentity(p));
                 }
                 // The stream counts against the connection until the body is done with.
                 return Ok(resp.map(|b| {
                     Counted {
-                        inner: b.map_err(|e| Box::new(e) as BoxError),
+                        inner: b,
                         _guard: guard,
                     }
                     .boxed()
@@ -477,7 +473,14 @@ impl Pool {
         key: &Key,
         cap: usize,
         timeout: Option<Duration>,
-    ) -> Result<(http2::SendRequest<Body>, Option<Arc<str>>, StreamGuard), UpstreamError> {
+    ) -> Result<
+        (
+            h2::client::SendRequest<Bytes>,
+            Option<Arc<str>>,
+            StreamGuard,
+        ),
+        UpstreamError,
+    > {
         let gate = match self.pick_h2(key, cap) {
             H2Pick::Use(sr, peer, g) => return Ok((sr, peer, g)),
             H2Pick::Full => return Err(UpstreamError::Overflow { addr: key.addr }),
@@ -490,7 +493,7 @@ impl Pool {
             H2Pick::Connect(_) => {}
         }
         let conn = self.open_h2(key, timeout).await?;
-        let picked = (conn.sr.clone(), conn.peer.clone(), conn.streams.reserve());
+        let picked = (conn.sr.clone(), conn.peer.clone(), reserve(&conn.streams));
         self.inner
             .conns
             .lock()
@@ -552,7 +555,7 @@ impl Pool {
         };
         let c = &mut slot.conns[chosen];
         c.last_used = Instant::now();
-        H2Pick::Use(c.sr.clone(), c.peer.clone(), c.streams.reserve())
+        H2Pick::Use(c.sr.clone(), c.peer.clone(), reserve(&c.streams))
     }
 
     /// Connects and handshakes HTTP/2, then waits (bounded) for the peer's first SETTINGS so
@@ -567,21 +570,18 @@ impl Pool {
             timeout,
         )
         .await?;
-        let streams = Arc::new(Streams {
-            inflight: AtomicUsize::new(0),
-            max: AtomicUsize::new(H2_INITIAL_MAX_STREAMS),
-        });
+        let streams = Arc::new(ConnState::new(H2_INITIAL_MAX_STREAMS));
         let (settled_tx, settled_rx) = tokio::sync::oneshot::channel();
         let io = SettingsSniffer::new(io, streams.clone(), settled_tx);
-        let (sr, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .adaptive_window(true)
-            .initial_max_send_streams(H2_INITIAL_MAX_STREAMS)
-            .handshake(TokioIo::new(io))
+        let (sr, conn) = h2client::builder(H2_INITIAL_MAX_STREAMS)
+            .handshake::<_, Bytes>(io)
             .await
-            .map_err(|e| classify(key.addr, e))?;
-        tokio::spawn(drive_h2(conn, streams.clone()));
+            .map_err(|e| classify_h2(key.addr, e))?;
+        tokio::spawn(h2client::drive(
+            conn,
+            streams.clone(),
+            h2client::Keepalive::default(),
+        ));
         let wait = timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let _ = tokio::time::timeout(wait, settled_rx).await;
         let (peer, cert) = match peer {
@@ -715,30 +715,6 @@ async fn reap(pool: Weak<Inner>, mut creds: crate::creds::CredentialsRx, setting
     }
 }
 
-/// Polls the HTTP/2 client task and follows changes of the peer's stream limit after the first
-/// SETTINGS (which [`SettingsSniffer`] reports): hyper's count only changes when the peer
-/// names a limit, so a change is the peer's word.
-async fn drive_h2<T>(conn: http2::Connection<T, Body, TokioExecutor>, streams: Arc<Streams>)
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let mut conn = Box::pin(conn);
-    let mut last = H2_INITIAL_MAX_STREAMS;
-    let res = std::future::poll_fn(|cx| {
-        let r = conn.as_mut().poll(cx);
-        let now = conn.current_max_send_streams();
-        if now != last {
-            last = now;
-            streams.max.store(now, Ordering::Relaxed);
-        }
-        r
-    })
-    .await;
-    if let Err(e) = res {
-        tracing::debug!(error = %e, "upstream h2 connection ended");
-    }
-}
-
 /// Reads the peer's first HTTP/2 frame (its SETTINGS, the server preface) as it passes, to
 /// learn `SETTINGS_MAX_CONCURRENT_STREAMS` the moment it arrives; then steps aside (one branch
 /// per read).
@@ -865,6 +841,23 @@ impl<B: HttpBody> HttpBody for Counted<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// An `h2` failure: the connection went away (I/O error, GOAWAY) or the stream was refused
+/// or reset before the response: the peer reset it. Anything else (a request `h2` would not
+/// send, a malformed response) is some other failure.
+fn classify_h2(addr: SocketAddr, e: h2::Error) -> UpstreamError {
+    if e.is_io() || e.is_go_away() || e.is_reset() {
+        UpstreamError::Reset {
+            addr,
+            source: Box::new(e),
+        }
+    } else {
+        UpstreamError::Other {
+            addr,
+            source: Box::new(e),
+        }
     }
 }
 
