@@ -187,9 +187,9 @@ async fn poll_pong(p: Option<&mut h2::PingPong>) -> Result<(), h2::Error> {
     }
 }
 
-/// Headers HTTP/2 forbids (RFC 9113 section 8.2.2); `h2` refuses a request carrying any.
-const CONNECTION_HEADERS: [HeaderName; 5] = [
-    header::CONNECTION,
+/// Headers HTTP/2 forbids (RFC 9113 section 8.2.2) besides `Connection` and `TE`; `h2` refuses
+/// a request carrying any.
+static CONNECTION_HEADERS: [HeaderName; 4] = [
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TRANSFER_ENCODING,
@@ -199,20 +199,36 @@ const CONNECTION_HEADERS: [HeaderName; 5] = [
 /// The request head as HTTP/2 sends it: connection-specific headers dropped (with those the
 /// `Connection` header names), `TE` only as `trailers`, and `content-length` from a body of
 /// known length (as hyper does: also when zero for methods whose payload means something).
+/// Looks at the names present once: the proxy already stripped these, so nearly always there is
+/// nothing to remove, and a hashed `remove` per name would be most of the cost.
 pub fn prepare(headers: &mut HeaderMap, method: &Method, body: &Body) {
-    if let Some(named) = headers.remove(header::CONNECTION)
+    let (mut connection, mut te, mut other) = (false, false, false);
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            connection = true;
+        } else if name == header::TE {
+            te = true;
+        } else if CONNECTION_HEADERS.contains(name) {
+            other = true;
+        }
+    }
+    if connection
+        && let Some(named) = headers.remove(header::CONNECTION)
         && let Ok(s) = named.to_str()
     {
         for n in s.split(',') {
             headers.remove(n.trim());
         }
     }
-    for h in &CONNECTION_HEADERS {
-        headers.remove(h);
+    if other {
+        for h in &CONNECTION_HEADERS {
+            headers.remove(h);
+        }
     }
-    if headers
-        .get(header::TE)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    if te
+        && headers
+            .get(header::TE)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
     {
         headers.remove(header::TE);
     }
