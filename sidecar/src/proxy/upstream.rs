@@ -440,7 +440,7 @@ impl Pool {
             }
             Mode::H1 => {
                 to_http1(&mut req);
-                self.send_h1(key, req, target.connect_timeout).await?
+                return self.send_h1(key, req, target.connect_timeout).await;
             }
             Mode::Upgrade => {
                 to_http1(&mut req);
@@ -608,8 +608,10 @@ impl Pool {
         })
     }
 
-    /// The most recently used idle connection that is still open and was idle for less than
-    /// `idle_timeout` (the policy's `timeouts.idleMs`, else the pool's); older ones are closed.
+    /// The most recently used idle connection that is ready for a request and was idle for
+    /// less than `idle_timeout` (the policy's `timeouts.idleMs`, else the pool's); older and
+    /// closed ones are dropped. One whose previous response ended but which has not taken note
+    /// yet (its connection task runs after the body's reader) stays for the next request.
     /// Only plaintext HTTP/1.1 is pooled (meshed requests ride HTTP/2; upgrades are never
     /// pooled), so there is no peer certificate to check here.
     fn idle_h1(
@@ -620,12 +622,9 @@ impl Pool {
         let t = idle_timeout.unwrap_or(self.inner.settings.idle_timeout);
         let mut c = self.inner.conns.lock().expect("pool lock");
         let idle = c.h1.get_mut(key)?;
-        while let Some(conn) = idle.pop() {
-            if conn.since.elapsed() < t && conn.sr.is_ready() {
-                return Some(conn.sr);
-            }
-        }
-        None
+        idle.retain(|conn| conn.since.elapsed() < t && !conn.sr.is_closed());
+        let i = idle.iter().rposition(|conn| conn.sr.is_ready())?;
+        Some(idle.remove(i).sr)
     }
 
     async fn send_h1(
@@ -633,7 +632,7 @@ impl Pool {
         key: Key,
         mut req: Request<Body>,
         timeout: Option<Duration>,
-    ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
+    ) -> Result<Response<Body>, UpstreamError> {
         let addr = key.addr;
         let idle_timeout = req
             .extensions()
@@ -662,22 +661,24 @@ impl Pool {
             };
             match sr.try_send_request(req).await {
                 Ok(resp) => {
-                    let pool = self.inner.clone();
-                    // Back to the pool once the response body is done and the connection can
-                    // take another request; a closed connection just drops.
-                    tokio::spawn(async move {
-                        if sr.ready().await.is_ok() {
-                            let mut c = pool.conns.lock().expect("pool lock");
-                            let idle = c.h1.entry(key).or_default();
-                            if idle.len() < MAX_IDLE_H1 {
-                                idle.push(IdleH1 {
-                                    sr,
-                                    since: Instant::now(),
-                                });
-                            }
-                        }
+                    // Back to the pool when the response body ends (see `Returning`).
+                    let mut ret = Some(Return {
+                        sr,
+                        pool: self.inner.clone(),
+                        key,
                     });
-                    return Ok(resp);
+                    if resp.body().is_end_stream()
+                        && let Some(r) = ret.take()
+                    {
+                        r.put();
+                    }
+                    return Ok(resp.map(|b| {
+                        Returning {
+                            inner: b.map_err(|e| Box::new(e) as BoxError),
+                            ret,
+                        }
+                        .boxed()
+                    }));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(r) if pooled => req = r,
@@ -869,6 +870,76 @@ fn classify_h2(addr: SocketAddr, e: h2::Error) -> UpstreamError {
             addr,
             source: Box::new(e),
         }
+    }
+}
+
+/// An HTTP/1.1 connection that goes back to the idle list once its response is read.
+struct Return {
+    sr: http1::SendRequest<Body>,
+    pool: Arc<Inner>,
+    key: Key,
+}
+
+impl Return {
+    fn put(self) {
+        if self.sr.is_closed() {
+            return;
+        }
+        let mut c = self.pool.conns.lock().expect("pool lock");
+        let idle = c.h1.entry(self.key).or_default();
+        if idle.len() < MAX_IDLE_H1 {
+            idle.push(IdleH1 {
+                sr: self.sr,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A plaintext HTTP/1.1 response body that returns its connection to the pool when it ends.
+    ///
+    /// This used to be a task per request that waited for the connection to become ready
+    /// again. A request sent right after the previous response was read ran before that task
+    /// and found no idle connection, so back-to-back requests opened a second connection (see
+    /// `http1_connections_are_reused_once_their_response_is_read` in tests/pool.rs). The end of
+    /// the body is the moment the connection can take another request; it may take note of it
+    /// a moment later, so [`Pool::idle_h1`] keeps such a connection and picks only ready ones.
+    /// A body dropped before its end drops the connection, which hyper cannot reuse anyway.
+    struct Returning<B> {
+        #[pin]
+        inner: B,
+        ret: Option<Return>,
+    }
+}
+
+impl<B: HttpBody> HttpBody for Returning<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let r = this.inner.as_mut().poll_frame(cx);
+        let ended = match &r {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            _ => false,
+        };
+        if ended && let Some(ret) = this.ret.take() {
+            ret.put();
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
