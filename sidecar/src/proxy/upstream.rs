@@ -423,7 +423,7 @@ impl Pool {
                         (m as usize).min(self.inner.settings.max_h2_conns)
                     });
                 let (sr, peer, guard) = self.h2_sender(&key, cap, target.connect_timeout).await?;
-                let mut resp = h2client::send(&sr, req)
+                let mut resp = h2client::send(&sr, &guard.0, req)
                     .await
                     .map_err(|e| classify_h2(addr, e))?;
                 if let Some(p) = peer {
