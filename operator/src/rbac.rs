@@ -246,12 +246,14 @@ pub const RULES: &[Rule] = &[
         names: &["trellis-proxies", "trellis-operator", "trellis"],
         apply_updates_only: false,
     },
-    // Leader election: one Lease, created on first start, renewed by patch.
+    // Leader election: one Lease, created on first start, renewed by patch. Propagation
+    // reports: one Lease per replica, applied by it and deleted when it stops; the leader
+    // lists them (by label) and deletes those of replicas long gone.
     Rule {
         scope: Scope::OperatorNamespace,
         group: "coordination.k8s.io",
         resources: &["leases"],
-        verbs: &["get", "create", "patch"],
+        verbs: &["get", "list", "create", "patch", "delete"],
         names: &[],
         apply_updates_only: false,
     },

@@ -419,6 +419,7 @@ mod tests {
                 Some(3),
             )],
             observed_generation: Some(3),
+            propagation: None,
         }
     }
 

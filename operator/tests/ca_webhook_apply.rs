@@ -174,6 +174,7 @@ fn converged() -> Converged {
         ca: first.ca_status.clone(),
         proxies: None,
         rollout: None,
+        propagation: None,
     });
     Converged {
         mesh: m,

@@ -84,6 +84,25 @@ struct Cluster {
     namespaces: Reply,
     configmap: Reply,
     pods: Vec<PodSpec>,
+    /// The operator replicas' propagation report Leases.
+    reports: Reply,
+}
+
+const REPORTS: &str = "/apis/coordination.k8s.io/v1/namespaces/trellis-system/leases?&labelSelector=trellis.dev%2Fcomponent%3Dpropagation-report";
+
+/// One replica's report Lease, renewed `age` seconds before `now`.
+fn report_lease(now: i64, age: i64, report: Value) -> Value {
+    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "trellis-propagation-op-a", "namespace": NS,
+                     "labels": {"trellis.dev/component": "propagation-report"},
+                     "annotations": {"trellis.dev/propagation": report.to_string()}},
+        "spec": {"holderIdentity": "op-a", "renewTime": jiff::Timestamp::from_second(now - age).unwrap().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()}})
+}
+
+fn reports(items: Vec<Value>) -> Reply {
+    ok(
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "LeaseList", "metadata": {}, "items": items}),
+    )
 }
 
 fn version(minor: &str) -> Reply {
@@ -212,6 +231,12 @@ impl Cluster {
             ),
             configmap: configmap("rev-1"),
             pods: vec![pod("web-1"), pod("web-2")],
+            reports: reports(vec![report_lease(
+                now,
+                2,
+                json!({"replica": "op-a", "latest": 7, "streams": 2, "objects": [],
+                       "lagging": [], "laggingTotal": 0}),
+            )]),
         };
         (c, fp)
     }
@@ -265,6 +290,7 @@ impl Cluster {
                     &p.metrics,
                 ));
             }
+            v.push(ex(REPORTS, &self.reports));
         }
         v
     }
@@ -289,6 +315,7 @@ async fn check(exchanges: Vec<Exchange>, pre: bool, proxy: bool) -> Report {
         namespace: NS.into(),
         pre,
         proxy,
+        lag_threshold_secs: 180,
     };
     let report = run(&client, &scope, NOW).await;
     drop(client);
@@ -350,6 +377,9 @@ async fn a_healthy_cluster_passes_every_check() {
         "[ok]   proxy versions: 2 proxies run ghcr.io/trellis-mesh/trellis-proxy:0.1.0",
         "[ok]   proxy web-1 certificate: expires in 12 h",
         "[ok]   proxy web-2 config: revision rev-1, as the ConfigMap",
+        "Propagation",
+        "[ok]   propagation reports: 1 operator replica(s), 2 proxy stream(s)",
+        "[ok]   proxies in step: all 2 proxies applied the latest",
         "Status check results are ok",
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
@@ -623,6 +653,79 @@ async fn proxy_admin_port_unreachable() {
     );
 }
 
+/// `trellis check --proxy` names the proxies behind the operator, and fails (exit code 1)
+/// once one has been behind for longer than `--lag-threshold`.
+#[tokio::test]
+async fn proxies_behind_the_operator_past_the_threshold() {
+    let (mut c, _) = Cluster::healthy();
+    let lagging = |pod: &str, behind: i64, settings_current: bool| {
+        json!({"namespace": "shop", "pod": pod,
+               "identity": format!("spiffe://cluster.local/ns/shop/sa/{pod}"),
+               "acked": 6, "latest": 7, "settingsCurrent": settings_current,
+               "connectedSince": ts(NOW - 7200), "behindSince": ts(NOW - behind)})
+    };
+    c.reports = reports(vec![report_lease(
+        NOW,
+        2,
+        json!({"replica": "op-a", "latest": 7, "streams": 9, "objects": [],
+               "lagging": [lagging("web-2", 40, true), lagging("web-1", 250, false)],
+               "laggingTotal": 2}),
+    )]);
+    let r = installed(&c, true).await;
+    let text = r.render();
+    assert_eq!(r.failures(), 1, "{text}");
+    let at = text
+        .find("[FAIL] proxies in step: 1 of 9 behind for more than 3m00s")
+        .unwrap_or_else(|| panic!("{text}"));
+    let table: Vec<Vec<&str>> = text[at..]
+        .lines()
+        .skip(1)
+        .take(3)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(table[0][0], "NAMESPACE");
+    assert_eq!(
+        table[1],
+        [
+            "shop",
+            "web-1",
+            "spiffe://cluster.local/ns/shop/sa/web-1",
+            "6/7",
+            "stale",
+            "2h00m",
+            "ago",
+            "4m10s"
+        ],
+        "longest behind first"
+    );
+    assert_eq!(table[2][1], "web-2");
+    assert!(text[at..].contains("hint: CONFIGMAP stale"), "{text}");
+
+    // Within the threshold: shown, not failed.
+    c.reports = reports(vec![report_lease(
+        NOW,
+        2,
+        json!({"replica": "op-a", "latest": 7, "streams": 9, "objects": [],
+               "lagging": [lagging("web-2", 40, true)], "laggingTotal": 1}),
+    )]);
+    let r = installed(&c, true).await;
+    assert_eq!(r.failures(), 0, "{}", r.render());
+    assert!(
+        r.render()
+            .contains("[warn] proxies in step: 1 of 9 catching up, none for more than 3m00s"),
+        "{}",
+        r.render()
+    );
+
+    // A user who may not list the reports is told what is missing.
+    c.reports = Reply(403, api_status(403, "Forbidden", "leases is forbidden"));
+    let r = installed(&c, true).await;
+    assert_only_failure(
+        &r,
+        "propagation reports: cannot list them: leases is forbidden (Forbidden)",
+    );
+}
+
 #[tokio::test]
 async fn namespace_without_configmap() {
     let (mut c, _) = Cluster::healthy();
@@ -792,6 +895,7 @@ async fn preinstall_api_server_unreachable() {
         namespace: NS.into(),
         pre: true,
         proxy: false,
+        lag_threshold_secs: 180,
     };
     let r = run(&client, &scope, NOW).await;
     let f = failed(&r);
@@ -1051,6 +1155,7 @@ mod live {
                 ok(json!(null)),
             ));
         }
+        out.push((REPORTS.into(), c.reports.clone()));
         out
     }
 
@@ -1061,6 +1166,7 @@ mod live {
             namespace: NS.into(),
             pre: false,
             proxy: true,
+            lag_threshold_secs: 180,
         };
         let r = run(&client, &scope, now).await;
         drop(client);

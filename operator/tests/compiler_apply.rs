@@ -51,8 +51,35 @@ fn with_status(tp: &TrafficPolicy, conds: Vec<Condition>) -> Arc<TrafficPolicy> 
     tp.status = Some(TrafficPolicyStatus {
         conditions: conds,
         observed_generation: tp.metadata.generation,
+        propagation: None,
     });
     Arc::new(tp)
+}
+
+/// The propagation writer's `Propagated` on the same object is not the compiler's to compare:
+/// with the compiler's own conditions current, no status write is planned (one was planned on
+/// every compile, and an event recorded, while another writer's condition was present).
+#[test]
+fn another_writers_condition_plans_no_compiler_status_write() {
+    let w = world_with_policy();
+    let out = compile(&w.snap);
+    let tp = &w.snap.traffic_policies[0];
+    let key = trellis_operator::compiler::ObjectKey::new("shop", "reviews");
+    let mut conds = merge_conditions(&[], out.traffic_policies[&key].clone(), NOW);
+    let current = with_status(tp, conds.clone());
+    assert!(plan_status(&out, &[current], &[], None, &[], NOW).is_empty());
+    let mut propagated = Condition::new(
+        "Propagated",
+        ConditionStatus::False,
+        "Propagating",
+        "1 of 2 proxies subscribed to its Service over the discovery stream have not applied generation 1 yet",
+        Some(1),
+    );
+    propagated.last_transition_time = NOW.into();
+    conds.push(propagated);
+    let current = with_status(tp, conds);
+    let plan = plan_status(&out, &[current], &[], None, &[], NOW);
+    assert!(plan.is_empty(), "{} writes planned", plan.len());
 }
 
 #[tokio::test]

@@ -110,6 +110,7 @@ fn resource_of(kind: &str) -> Option<(&'static str, &'static str)> {
         "Pod" | "SlimPod" => ("", "pods"),
         "EndpointSlice" => ("discovery.k8s.io", "endpointslices"),
         "TokenReview" => ("authentication.k8s.io", "tokenreviews"),
+        "Lease" => ("coordination.k8s.io", "leases"),
         "Deployment" => ("apps", "deployments"),
         "StatefulSet" => ("apps", "statefulsets"),
         "DaemonSet" => ("apps", "daemonsets"),

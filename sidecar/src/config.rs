@@ -541,6 +541,28 @@ impl ProxyConfig {
         serde_json::to_string_pretty(self).expect("config serializes")
     }
 
+    /// A digest of what the Mesh and the PeerAuthentications decide in this config: the mesh
+    /// settings and the inbound policies, nothing of the outbound table. The proxy reports it
+    /// on the discovery stream ([`crate::discovery::ClientMessage::Loaded`]) and the operator
+    /// computes the same digest for every namespace, so it can tell whether a proxy runs the
+    /// current Mesh and PeerAuthentication settings without knowing the (per-namespace,
+    /// costly) revision of the whole table. Both sides hash the contract's own serialization
+    /// of the same values, so a config that round-trips through JSON keeps its digest.
+    pub fn settings_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        #[derive(Serialize)]
+        struct Settings<'a> {
+            mesh: &'a MeshSettings,
+            inbound: &'a [InboundPolicy],
+        }
+        let json = serde_json::to_vec(&Settings {
+            mesh: &self.mesh,
+            inbound: &self.inbound,
+        })
+        .expect("config serializes");
+        hex::encode(&Sha256::digest(&json)[..16])
+    }
+
     /// The inbound policy that applies to a workload with these labels.
     pub fn inbound_for(&self, labels: &BTreeMap<String, String>) -> Option<&InboundPolicy> {
         self.inbound.iter().find(|p| p.matches(labels))

@@ -830,6 +830,10 @@ pub struct MeshStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     /// Boxed: it is the largest part of the status and most writers only carry it over.
     pub rollout: Option<Box<RolloutStatus>>,
+    /// Propagation of the current generation to the connected proxies (written by the
+    /// propagation writer, with the `Propagated` condition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub propagation: Option<super::propagation::PropagationStatus>,
 }
 
 /// Where a rollout stands.

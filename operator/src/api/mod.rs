@@ -7,6 +7,7 @@
 pub mod conditions;
 pub mod mesh;
 pub mod peer_authentication;
+pub mod propagation;
 pub mod traffic_policy;
 
 pub use conditions::{Condition, ConditionStatus};
@@ -14,6 +15,7 @@ pub use mesh::{Mesh, MeshSpec, MeshStatus};
 pub use peer_authentication::{
     PeerAuthentication, PeerAuthenticationSpec, PeerAuthenticationStatus,
 };
+pub use propagation::PropagationStatus;
 pub use traffic_policy::{TrafficPolicy, TrafficPolicySpec, TrafficPolicyStatus};
 
 /// API group of every Trellis kind.

@@ -80,4 +80,8 @@ pub struct PeerAuthenticationStatus {
     /// The generation the status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Propagation of the current generation to the connected proxies (written by the
+    /// propagation writer, with the `Propagated` condition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub propagation: Option<super::propagation::PropagationStatus>,
 }

@@ -15,6 +15,7 @@ pub mod dataplane;
 pub mod installed;
 pub mod observe;
 pub mod preinstall;
+pub mod propagation;
 
 use std::fmt::Write as _;
 

@@ -30,6 +30,37 @@ pub struct Scope {
     pub pre: bool,
     /// Also the data plane.
     pub proxy: bool,
+    /// With `proxy`: a proxy behind the operator for longer than this (seconds) fails.
+    pub lag_threshold_secs: i64,
+}
+
+/// Reads the operator replicas' propagation reports (their Leases, by label).
+pub async fn propagation(client: &Client, namespace: &str) -> super::propagation::Observed {
+    use crate::propagation::{REPORT_ANNOTATION, REPORT_LABEL, REPORT_LABEL_VALUE};
+    let api = Api::<Lease>::namespaced(client.clone(), namespace);
+    let reports = api
+        .list(&ListParams::default().labels(&format!("{REPORT_LABEL}={REPORT_LABEL_VALUE}")))
+        .await
+        .map_err(describe)
+        .map(|list| {
+            list.items
+                .into_iter()
+                .filter_map(|l| {
+                    let at = l
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.renew_time.as_ref())
+                        .map(|t| t.0.as_second());
+                    let json = l.metadata.annotations.as_ref()?.get(REPORT_ANNOTATION)?;
+                    // A report this build cannot read is skipped (a newer operator's).
+                    serde_json::from_str(json).ok().map(|r| (at, r))
+                })
+                .collect()
+        });
+    super::propagation::Observed {
+        namespace: namespace.to_string(),
+        reports,
+    }
 }
 
 /// A failed read as the user should see it: the API server's message when there is one.
@@ -422,6 +453,11 @@ pub async fn run(client: &Client, scope: &Scope, now: i64) -> Report {
         for (title, checks) in dataplane::sections(&d, now) {
             report.push(title, checks);
         }
+        let p = propagation(client, &scope.namespace).await;
+        report.push(
+            "Propagation",
+            super::propagation::checks(&p, now, scope.lag_threshold_secs),
+        );
     }
     report
 }

@@ -16,6 +16,11 @@ pub struct Args {
     /// and config revisions.
     #[arg(long)]
     pub proxy: bool,
+    /// With `--proxy`: fail when a proxy has been behind the operator (a stream push not
+    /// applied, or its namespace's ConfigMap settings not loaded) for longer than this.
+    /// ConfigMaps reach pods on the kubelet's sync, about a minute.
+    #[arg(long, default_value = "3m", value_parser = parse_threshold, requires = "proxy")]
+    pub lag_threshold: std::time::Duration,
     /// Namespace Trellis is (or will be) installed in.
     #[arg(long, default_value = "trellis-system")]
     pub namespace: String,
@@ -27,9 +32,14 @@ pub async fn report(client: &kube::Client, args: &Args) -> crate::check::Report 
         namespace: args.namespace.clone(),
         pre: args.pre,
         proxy: args.proxy,
+        lag_threshold_secs: args.lag_threshold.as_secs() as i64,
     };
     let now = jiff::Timestamp::now().as_second();
     run(client, &scope, now).await
+}
+
+fn parse_threshold(s: &str) -> Result<std::time::Duration, String> {
+    crate::duration::parse(s).map_err(|e| e.to_string())
 }
 
 pub fn run_cli(args: Args) -> anyhow::Result<()> {

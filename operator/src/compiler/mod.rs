@@ -254,6 +254,11 @@ pub struct Output {
     pub peer_authentications: BTreeMap<ObjectKey, Vec<Condition>>,
     /// The compiler's Mesh conditions (`Programmed`, `Degraded`).
     pub mesh: Vec<Condition>,
+    /// Per meshed namespace, the digest of the settings its config carries from the Mesh and
+    /// the PeerAuthentications ([`ProxyConfig::settings_digest`]): what a proxy that runs them
+    /// reports on the discovery stream. Computed by [`compile_discovery`] too (it is cheap: no
+    /// outbound plan), so every replica can count propagation.
+    pub settings: BTreeMap<String, String>,
     /// Objects skipped as malformed.
     pub problems: Vec<Problem>,
     /// How much of this compile was new work.
@@ -391,6 +396,16 @@ fn compile_with(snapshot: &Snapshot, previous: Option<&Output>, namespaces: bool
     };
     let imports = Arc::new(imports);
     out.imports = imports.clone();
+    out.settings = meshed
+        .iter()
+        .map(|ns| {
+            let header = ProxyConfig {
+                inbound: inbound.policies_for(ns),
+                ..blank.clone()
+            };
+            (ns.clone(), header.settings_digest())
+        })
+        .collect();
     if !namespaces {
         problems.sort();
         problems.dedup();

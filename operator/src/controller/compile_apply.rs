@@ -242,7 +242,11 @@ fn differs(
     generation: Option<i64>,
     now: &str,
 ) -> bool {
-    merge_conditions(existing, desired.to_vec(), now) != existing
+    // Only the compiler's own conditions: others (`Propagated`) belong to other writers, and
+    // counting them as a difference would plan a write on every compile.
+    !merge_conditions(existing, desired.to_vec(), now)
+        .iter()
+        .all(|c| crate::api::conditions::find(existing, &c.type_) == Some(c))
         || observed_generation != generation
 }
 
@@ -300,6 +304,7 @@ pub fn plan_status(
                     TrafficPolicyStatus {
                         conditions,
                         observed_generation,
+                        propagation: None,
                     },
                 )
             },
@@ -319,6 +324,7 @@ pub fn plan_status(
                     PeerAuthenticationStatus {
                         conditions,
                         observed_generation,
+                        propagation: None,
                     },
                 )
             },

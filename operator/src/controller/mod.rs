@@ -147,6 +147,16 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
                 }
             })
         }),
+        // Sums every replica's propagation report into `status.propagation` and
+        // `Propagated` (see `crate::propagation`).
+        (
+            "propagation",
+            Box::pin(crate::propagation::writer::run(
+                ctx.client.clone(),
+                ctx.namespace.clone(),
+                shutdown.clone(),
+            )),
+        ),
         // The observability addons and the Mesh's ObservabilityReady.
         (
             "addons",
@@ -289,6 +299,8 @@ pub fn mesh_status(mesh: &Mesh) -> MeshStatus {
         // Owned by the rollout controller (`trellis-operator/rollout`); `None` is not
         // serialized, so this manager never co-owns `status.rollout`.
         rollout: None,
+        // Owned by the propagation writer (`trellis-operator/propagation`).
+        propagation: None,
     }
 }
 
@@ -674,6 +686,7 @@ mod wiring_tests {
         TrafficPolicyStatus {
             conditions: vec![cond("Accepted", true, "Accepted", "", generation)],
             observed_generation: generation,
+            propagation: None,
         }
     }
 

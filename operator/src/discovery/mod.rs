@@ -15,7 +15,8 @@
 //! - [`view`]: one compile's table (the compiler's own entries, policies attached, every
 //!   endpoint inline) indexed by name and address, with the compiler's visibility rule.
 //! - [`registry`]: pure per-stream state: subscriptions, a bounded latest-wins pending set,
-//!   acknowledged generations.
+//!   acknowledged generations, and who each proxy is and which ConfigMap settings it runs
+//!   (what [`crate::propagation`] counts).
 //! - [`server`]: the mTLS HTTP/2 edge (transport and why in
 //!   [`trellis_proxy::discovery::proto`]).
 //!
@@ -33,7 +34,7 @@ pub mod view;
 
 use std::time::Duration;
 
-pub use registry::{Propagation, Registry, StreamId};
+pub use registry::{Peer, Propagation, Registry, StreamId};
 pub use server::{Hub, serve};
 pub use view::View;
 

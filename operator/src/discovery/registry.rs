@@ -61,6 +61,19 @@ struct Stream {
     unresolved: Vec<Target>,
     pending: Pending,
     acked: u64,
+    /// Who is at the other end, for propagation reports (`None` for streams opened by
+    /// [`Registry::open`] alone).
+    peer: Option<Peer>,
+    /// The ConfigMap settings digest the proxy reported ([`Registry::loaded`]).
+    settings: Option<String>,
+}
+
+/// Who a stream's proxy is: from its certificate and its connection, never from a message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Peer {
+    pub identity: String,
+    pub addr: std::net::IpAddr,
+    pub connected: jiff::Timestamp,
 }
 
 /// Every stream of this server.
@@ -96,6 +109,8 @@ impl Registry {
                 unresolved: Vec::new(),
                 pending: Pending::default(),
                 acked: 0,
+                peer: None,
+                settings: None,
             },
         );
         id
@@ -229,6 +244,41 @@ impl Registry {
             .get(&id)
             .map(|s| s.subscriptions.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Records who a stream's proxy is (its certificate's ID and its address).
+    pub fn set_peer(&mut self, id: StreamId, peer: Peer) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.peer = Some(peer);
+        }
+    }
+
+    /// Records the settings digest of the ConfigMap config a proxy serves from. Bounded: a
+    /// digest is 32 hex characters; anything longer is no digest and is dropped.
+    pub fn loaded(&mut self, id: StreamId, settings: String) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.settings = (settings.len() <= 64).then_some(settings);
+        }
+    }
+
+    /// A copy of what every stream reported, for the propagation count.
+    pub fn stream_states(&self) -> Vec<crate::propagation::StreamState> {
+        self.streams
+            .values()
+            .map(|s| crate::propagation::StreamState {
+                namespace: s.namespace.clone(),
+                identity: s
+                    .peer
+                    .as_ref()
+                    .map(|p| p.identity.clone())
+                    .unwrap_or_default(),
+                addr: s.peer.as_ref().map(|p| p.addr),
+                connected: s.peer.as_ref().map(|p| p.connected),
+                acked: s.acked,
+                settings: s.settings.clone(),
+                subscriptions: s.subscriptions.iter().cloned().collect(),
+            })
+            .collect()
     }
 
     /// How many streams acknowledged the current view.

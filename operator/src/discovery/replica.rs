@@ -7,7 +7,9 @@
 //! The operator's identity is `spiffe://<trust-domain>/ns/<operator namespace>/sa/`
 //! [`OPERATOR_SERVICE_ACCOUNT`]; sidecars accept no other server identity on the stream.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::{FutureExt, StreamExt};
@@ -19,6 +21,7 @@ use trellis_proxy::creds::Credentials;
 use super::Hub;
 use crate::ca::IssuerState;
 use crate::controller::compile::watch_all;
+use crate::propagation::{ReplicaReport, Tracker};
 use crate::runtime::{ExtraServer, Services};
 
 /// The operator's ServiceAccount in every install (config/rbac, the OLM bundle).
@@ -80,6 +83,10 @@ async fn run(s: Services) -> anyhow::Result<()> {
         s.client.clone(),
         crate::controller::compile_settings(&s.config.namespace),
         hub.clone(),
+        Reporter {
+            namespace: s.config.namespace.clone(),
+            replica: s.config.pod_name.clone(),
+        },
         s.shutdown.clone(),
     ));
     let listener = TcpListener::bind(s.config.discovery_addr)
@@ -126,14 +133,80 @@ async fn keep_certificate(
     }
 }
 
-/// Watches what the compiler reads and publishes each (incremental) compile to the streams.
+/// Where this replica's propagation report goes.
+struct Reporter {
+    namespace: String,
+    replica: String,
+}
+
+/// This replica's propagation report: the tracker's counts over the hub's streams, the pods
+/// behind the lagging ones named from the pod cache.
+fn report(
+    replica: &str,
+    hub: &Hub,
+    tracker: &Mutex<Tracker>,
+    pods: &kube::runtime::reflector::Store<crate::compiler::SlimPod>,
+) -> ReplicaReport {
+    let streams = hub.stream_states();
+    let lock = || tracker.lock().unwrap_or_else(|p| p.into_inner());
+    // Name pods only when some stream lags: one pass over the pod cache per report, without
+    // holding the tracker (the compile loop records each compile in it).
+    let any_behind = lock().lagging(&streams, |_| None, 0).1 > 0;
+    let by_ip: HashMap<IpAddr, String> = if any_behind {
+        pods.state()
+            .iter()
+            .flat_map(|p| {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                p.status
+                    .pod_ip
+                    .iter()
+                    .chain(p.status.pod_ips.iter().map(|i| &i.ip))
+                    .filter_map(|ip| ip.parse().ok())
+                    .map(move |ip: IpAddr| (ip, name.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    } else {
+        HashMap::new()
+    };
+    let tracker = lock();
+    let (lagging, lagging_total) = tracker.lagging(
+        &streams,
+        |ip| by_ip.get(&ip).cloned(),
+        crate::propagation::report::MAX_LISTED,
+    );
+    ReplicaReport {
+        replica: replica.to_string(),
+        latest: tracker.latest(),
+        streams: streams.len() as u64,
+        objects: tracker.count(&streams),
+        lagging,
+        lagging_total: lagging_total as u64,
+    }
+}
+
+/// Watches what the compiler reads and publishes each (incremental) compile to the streams;
+/// records each compile for the propagation count and publishes this replica's report.
 async fn compile_views(
     client: kube::Client,
     settings: crate::compiler::Settings,
     hub: Arc<Hub>,
+    reporter: Reporter,
     shutdown: CancellationToken,
 ) {
     let (stores, changes) = watch_all(&client);
+    let tracker = Arc::new(Mutex::new(Tracker::default()));
+    {
+        let (hub, tracker, pods) = (hub.clone(), tracker.clone(), stores.pods.clone());
+        let replica = reporter.replica.clone();
+        tokio::spawn(crate::propagation::publish::run(
+            client.clone(),
+            reporter.namespace,
+            reporter.replica,
+            move || report(&replica, &hub, &tracker, &pods),
+            shutdown.clone(),
+        ));
+    }
     let mut changes = std::pin::pin!(changes);
     // The stores fill only while the change stream is polled: poll it until the first compile.
     let ready = async {
@@ -156,9 +229,16 @@ async fn compile_views(
     }
     let mut previous = None;
     loop {
-        let out =
-            crate::compiler::compile_discovery(&stores.snapshot(&settings), previous.as_ref());
-        hub.publish(&out);
+        let snapshot = stores.snapshot(&settings);
+        let out = crate::compiler::compile_discovery(&snapshot, previous.as_ref());
+        if let Some(seq) = hub.publish(&out) {
+            tracker.lock().unwrap_or_else(|p| p.into_inner()).observe(
+                seq,
+                jiff::Timestamp::now(),
+                &snapshot,
+                &out,
+            );
+        }
         previous = Some(out);
         tokio::select! {
             _ = shutdown.cancelled() => return,

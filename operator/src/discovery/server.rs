@@ -64,16 +64,15 @@ impl Hub {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Publishes a compile's output to every stream.
-    pub fn publish(&self, out: &Output) {
+    /// Publishes a compile's output to every stream; returns the view generation it was
+    /// published as (what the streams acknowledge), `None` when the output has no table.
+    pub fn publish(&self, out: &Output) -> Option<u64> {
         let generation = {
             let mut g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
             *g += 1;
             *g
         };
-        let Some(view) = View::new(out, generation) else {
-            return;
-        };
+        let view = View::new(out, generation)?;
         let wake = self.registry().publish(Arc::new(view));
         let wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
         for id in wake {
@@ -81,6 +80,12 @@ impl Hub {
                 n.notify_one();
             }
         }
+        Some(generation)
+    }
+
+    /// What every stream of this replica reported (see [`Registry::stream_states`]).
+    pub fn stream_states(&self) -> Vec<crate::propagation::StreamState> {
+        self.registry().stream_states()
     }
 
     /// Follows the compile outputs published on `rx` until it closes.
@@ -101,8 +106,19 @@ impl Hub {
         self.registry().propagation()
     }
 
-    fn open(&self, namespace: &str) -> (StreamId, Arc<Notify>) {
-        let id = self.registry().open(namespace);
+    fn open(
+        &self,
+        namespace: &str,
+        peer: Option<super::registry::Peer>,
+    ) -> (StreamId, Arc<Notify>) {
+        let id = {
+            let mut registry = self.registry();
+            let id = registry.open(namespace);
+            if let Some(peer) = peer {
+                registry.set_peer(id, peer);
+            }
+            id
+        };
         let notify = Arc::new(Notify::new());
         self.wakers
             .lock()
@@ -172,7 +188,7 @@ pub async fn serve(listener: TcpListener, tls: TlsRx, hub: Arc<Hub>, shutdown: C
             let svc = service_fn(move |req: Request<Incoming>| {
                 let hub = hub.clone();
                 let peer_id = peer_id.clone();
-                async move { Ok::<_, Infallible>(handle(req, hub, peer_id.as_deref())) }
+                async move { Ok::<_, Infallible>(handle(req, hub, peer_id.as_deref(), peer)) }
             });
             let conn = builder.serve_connection(TokioIo::new(tls), svc);
             tokio::pin!(conn);
@@ -196,7 +212,12 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     r
 }
 
-fn handle(req: Request<Incoming>, hub: Arc<Hub>, peer_id: Option<&str>) -> Response<Body> {
+fn handle(
+    req: Request<Incoming>,
+    hub: Arc<Hub>,
+    peer_id: Option<&str>,
+    addr: std::net::SocketAddr,
+) -> Response<Body> {
     if req.uri().path() != PATH {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     }
@@ -209,7 +230,12 @@ fn handle(req: Request<Incoming>, hub: Arc<Hub>, peer_id: Option<&str>) -> Respo
             "a workload certificate (spiffe://<td>/ns/<ns>/sa/<sa>) is required\n",
         );
     };
-    let (id, notify) = hub.open(namespace);
+    let peer = peer_id.map(|identity| super::registry::Peer {
+        identity: identity.to_string(),
+        addr: addr.ip().to_canonical(),
+        connected: jiff::Timestamp::now(),
+    });
+    let (id, notify) = hub.open(namespace, peer);
     // One frame in flight: the HTTP/2 stream's own window is the buffer, the registry's
     // pending set holds the rest (latest-wins).
     let (tx, mut rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
@@ -259,6 +285,7 @@ async fn read_loop(
                     }
                 }
                 Ok(Some(ClientMessage::Ack { generation })) => hub.registry().ack(id, generation),
+                Ok(Some(ClientMessage::Loaded { settings })) => hub.registry().loaded(id, settings),
                 Ok(None) => break,
                 Err(error) => {
                     tracing::debug!(%error, "discovery stream closed: bad frame");

@@ -19,7 +19,8 @@
 //! proxy's namespace may not see: the two are indistinguishable on purpose), and from then on
 //! pushes the Service again whenever it changes, latest state only. After each batch it sends
 //! [`ServerMessage::Synced`] with the operator's view generation; the proxy acknowledges the
-//! generation it applied ([`ClientMessage::Ack`]), which is what propagation status counts.
+//! generation it applied ([`ClientMessage::Ack`]) and, separately, the settings of the ConfigMap
+//! config it serves from ([`ClientMessage::Loaded`]): together what propagation status counts.
 
 use std::net::IpAddr;
 
@@ -65,6 +66,13 @@ pub enum ClientMessage {
     Subscribe { targets: Vec<Target> },
     /// I applied everything up to this generation.
     Ack { generation: u64 },
+    /// The ConfigMap config I serve from has these settings
+    /// ([`crate::config::ProxyConfig::settings_digest`]): what tells the operator whether a
+    /// Mesh or PeerAuthentication edit, which reaches proxies through the ConfigMap and not
+    /// the stream, is in force here. Sent when the stream opens and on every reload that
+    /// changes it. An operator older than this message closes the stream on it; the operator
+    /// is upgraded before the proxies it rolls out, so that pairing does not occur.
+    Loaded { settings: String },
 }
 
 /// Operator -> proxy.
@@ -166,6 +174,9 @@ mod tests {
                 ],
             },
             ClientMessage::Ack { generation: 7 },
+            ClientMessage::Loaded {
+                settings: "0123abcd".into(),
+            },
         ];
         let wire: Vec<u8> = msgs.iter().flat_map(|m| encode(m).to_vec()).collect();
         for chunk in [1, 3, 5, wire.len()] {

@@ -69,6 +69,9 @@ pub struct Resolver {
     requests: mpsc::Sender<Target>,
     requests_rx: Mutex<Option<mpsc::Receiver<Target>>>,
     cache_tx: watch::Sender<Arc<BTreeMap<String, OutboundService>>>,
+    /// The settings digest of the ConfigMap config in force
+    /// ([`crate::config::ProxyConfig::settings_digest`]), reported to the operator.
+    loaded: watch::Sender<Option<String>>,
 }
 
 impl std::fmt::Debug for Resolver {
@@ -92,6 +95,7 @@ impl Resolver {
             requests,
             requests_rx: Mutex::new(Some(rx)),
             cache_tx: watch::channel(Arc::new(BTreeMap::new())).0,
+            loaded: watch::channel(None).0,
         })
     }
 
@@ -137,6 +141,18 @@ impl Resolver {
     /// The learned Services, for [`Resolver::merge`].
     pub fn cache(&self) -> watch::Receiver<Arc<BTreeMap<String, OutboundService>>> {
         self.cache_tx.subscribe()
+    }
+
+    /// Records the ConfigMap config now in force, for the next [`ClientMessage::Loaded`].
+    fn set_loaded(&self, file: &Snapshot) {
+        let digest = file.config.settings_digest();
+        self.loaded.send_if_modified(|cur| {
+            let changed = cur.as_deref() != Some(digest.as_str());
+            if changed {
+                *cur = Some(digest);
+            }
+            changed
+        });
     }
 
     fn apply(&self, msg: ServerMessage) -> Option<u64> {
@@ -256,11 +272,29 @@ impl Resolver {
         {
             return;
         }
+        let mut loaded = self.loaded.subscribe();
+        let settings = loaded.borrow_and_update().clone();
+        if let Some(settings) = settings
+            && !stream.send(&ClientMessage::Loaded { settings }).await
+        {
+            return;
+        }
         self.connected.store(true, Ordering::Relaxed);
         tracing::info!("discovery stream up");
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                c = loaded.changed() => {
+                    if c.is_err() {
+                        return;
+                    }
+                    let settings = loaded.borrow_and_update().clone();
+                    if let Some(settings) = settings
+                        && !stream.send(&ClientMessage::Loaded { settings }).await
+                    {
+                        return;
+                    }
+                }
                 t = requests.recv() => {
                     let Some(t) = t else { return };
                     let mut targets = vec![t];
@@ -307,10 +341,16 @@ impl Resolver {
         on_apply: impl Fn(&Snapshot) + Send + 'static,
     ) {
         let mut cache = self.cache();
+        let mut reported: Option<Arc<Snapshot>> = None;
         loop {
             let file = files.borrow_and_update().clone();
             let learned = cache.borrow_and_update().clone();
             if let Some(file) = file {
+                // Only a new file can change the settings; pushes (most iterations) cannot.
+                if !reported.as_ref().is_some_and(|r| Arc::ptr_eq(r, &file)) {
+                    self.set_loaded(&file);
+                    reported = Some(file.clone());
+                }
                 let merged = merged_snapshot(&file, &learned);
                 on_apply(&merged);
                 out.send_replace(Some(merged));

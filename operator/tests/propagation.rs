@@ -1,0 +1,351 @@
+//! Propagation counting: the pure tracker over real compiler outputs, and a real proxy (the
+//! sidecar's own discovery client and config reload) reporting what it runs to the real
+//! discovery server over mTLS.
+
+#[path = "../../sidecar/tests/common/mod.rs"]
+mod common;
+mod compiler_fixtures;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use compiler_fixtures::*;
+use jiff::Timestamp;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use trellis_operator::api::peer_authentication::MtlsMode as ApiMode;
+use trellis_operator::compiler::{self, Output};
+use trellis_operator::discovery::{Hub, serve};
+use trellis_operator::propagation::{ObjectCount, ObjectRef, StreamState, Tracker};
+use trellis_proxy::config::ProxyConfig;
+
+const OPERATOR_ID: &str = "spiffe://cluster.local/ns/trellis-system/sa/trellis-operator";
+
+fn t(second: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + second).unwrap()
+}
+
+/// `shop` and `pay` meshed, a Service in each, a PeerAuthentication in each, a TrafficPolicy on
+/// shop/web, the Mesh.
+fn world(shop_mode: ApiMode, tp_generation: i64, mesh_generation: i64) -> World {
+    let mut w = World::new()
+        .with(namespace("shop").meshed())
+        .with(namespace("pay").meshed())
+        .with(namespace("trellis-system"))
+        .with(service("shop", "web").ip("10.96.0.10").port(80, "http"))
+        .with(service("pay", "ledger").ip("10.96.0.20").port(80, "http"))
+        .with(peer_auth("shop", "mtls", shop_mode).created(1))
+        .with(peer_auth("pay", "mtls", ApiMode::Strict).created(1))
+        .with(traffic_policy("shop", "web", "web").created(1).spec(|s| {
+            s.timeouts = Some(serde_json::from_value(serde_json::json!({"request": "2s"})).unwrap())
+        }))
+        .with(mesh());
+    let mut snap = w.snap.clone();
+    snap.settings.identity_endpoint = None;
+    // Generations as the API server would have bumped them.
+    for tp in &mut snap.traffic_policies {
+        Arc::make_mut(tp).metadata.generation = Some(tp_generation);
+    }
+    for pa in &mut snap.peer_authentications {
+        if pa.metadata.namespace.as_deref() == Some("shop") && shop_mode != ApiMode::Permissive {
+            Arc::make_mut(pa).metadata.generation = Some(2);
+        }
+    }
+    if let Some(m) = &mut snap.mesh {
+        Arc::make_mut(m).metadata.generation = Some(mesh_generation);
+    }
+    w.snap = snap;
+    w
+}
+
+fn count(counts: &[ObjectCount], kind: &str, ns: &str, name: &str) -> (u64, u64) {
+    let c = counts
+        .iter()
+        .find(|c| c.object == ObjectRef::new(kind, ns, name))
+        .unwrap_or_else(|| panic!("{kind} {ns}/{name} not counted: {counts:?}"));
+    (c.updated, c.total)
+}
+
+fn stream(ns: &str, acked: u64, settings: Option<&str>, subs: &[&str]) -> StreamState {
+    StreamState {
+        namespace: ns.into(),
+        identity: format!("spiffe://cluster.local/ns/{ns}/sa/app"),
+        addr: Some("10.0.0.9".parse().unwrap()),
+        connected: Some(t(0)),
+        acked,
+        settings: settings.map(Into::into),
+        subscriptions: subs.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+#[test]
+fn the_digest_a_proxy_computes_from_its_configmap_is_the_one_every_replica_computes() {
+    let w = world(ApiMode::Permissive, 1, 3);
+    let full = compiler::compile(&w.snap);
+    let table_only = compiler::compile_discovery(&w.snap, None);
+    for ns in ["shop", "pay"] {
+        let cm = ProxyConfig::from_json(full.config(ns).unwrap().as_bytes()).unwrap();
+        assert_eq!(cm.settings_digest(), full.settings[ns], "{ns}");
+        assert_eq!(table_only.settings[ns], full.settings[ns], "{ns}");
+    }
+    assert_ne!(full.settings["shop"], full.settings["pay"]);
+}
+
+#[test]
+fn a_peer_authentication_edit_counts_the_proxies_of_its_namespace_that_run_it() {
+    let mut tracker = Tracker::default();
+    let w1 = world(ApiMode::Permissive, 1, 3);
+    let out1 = compiler::compile_discovery(&w1.snap, None);
+    tracker.observe(1, t(10), &w1.snap, &out1);
+    let old = out1.settings["shop"].clone();
+    let pay = out1.settings["pay"].clone();
+    let streams = vec![
+        stream("shop", 1, Some(&old), &[]),
+        stream("shop", 1, Some(&old), &[]),
+        stream("pay", 1, Some(&pay), &[]),
+    ];
+    let c = tracker.count(&streams);
+    assert_eq!(count(&c, "PeerAuthentication", "shop", "mtls"), (2, 2));
+    assert_eq!(count(&c, "PeerAuthentication", "pay", "mtls"), (1, 1));
+    assert_eq!(count(&c, "Mesh", "", "default"), (3, 3));
+
+    // shop's policy goes Strict (generation 2): shop's proxies still run the old settings.
+    let w2 = world(ApiMode::Strict, 1, 3);
+    let out2 = compiler::compile_discovery(&w2.snap, Some(&out1));
+    tracker.observe(2, t(20), &w2.snap, &out2);
+    let new = out2.settings["shop"].clone();
+    assert_ne!(new, old);
+    let c = tracker.count(&streams);
+    assert_eq!(count(&c, "PeerAuthentication", "shop", "mtls"), (0, 2));
+    assert_eq!(
+        count(&c, "PeerAuthentication", "pay", "mtls"),
+        (1, 1),
+        "another namespace's policy is not affected"
+    );
+    // The Mesh did not change: settings that were current after its generation have it.
+    assert_eq!(count(&c, "Mesh", "", "default"), (3, 3));
+    let (lagging, n) = tracker.lagging(&streams, |_| Some("web-0".into()), 10);
+    assert_eq!(n, 3, "two on settings, and every stream has not acked 2");
+
+    // One proxy's kubelet delivered the new ConfigMap.
+    let streams = vec![
+        stream("shop", 2, Some(&new), &[]),
+        stream("shop", 2, Some(&old), &[]),
+        stream("pay", 2, Some(&pay), &[]),
+    ];
+    let c = tracker.count(&streams);
+    assert_eq!(count(&c, "PeerAuthentication", "shop", "mtls"), (1, 2));
+    let (lagging2, n) = tracker.lagging(&streams, |_| Some("web-1".into()), 10);
+    assert_eq!(n, 1);
+    assert_eq!(lagging2[0].pod, "web-1");
+    assert!(!lagging2[0].settings_current);
+    assert_eq!(
+        lagging2[0].behind_since,
+        t(20),
+        "behind since the compile that changed its settings"
+    );
+    drop(lagging);
+}
+
+#[test]
+fn a_mesh_edit_that_changes_no_setting_is_applied_by_proxies_with_current_settings() {
+    let mut tracker = Tracker::default();
+    let w1 = world(ApiMode::Permissive, 1, 3);
+    let out1 = compiler::compile_discovery(&w1.snap, None);
+    tracker.observe(1, t(10), &w1.snap, &out1);
+    // Generation 4 (say, a new proxy image): no proxy setting changes.
+    let w2 = world(ApiMode::Permissive, 1, 4);
+    let out2 = compiler::compile_discovery(&w2.snap, Some(&out1));
+    tracker.observe(2, t(20), &w2.snap, &out2);
+    let streams = vec![
+        stream("shop", 2, Some(&out1.settings["shop"]), &[]),
+        stream("pay", 2, Some("0000"), &[]),
+        stream("pay", 2, None, &[]),
+    ];
+    let c = tracker.count(&streams);
+    let mesh = c
+        .iter()
+        .find(|c| c.object.kind == "Mesh")
+        .expect("the Mesh is counted");
+    assert_eq!(mesh.generation, 4);
+    // Unknown and unreported settings are not counted as applied: lag is over-reported,
+    // never hidden.
+    assert_eq!((mesh.updated, mesh.total), (1, 3));
+}
+
+#[test]
+fn a_traffic_policy_counts_the_streams_subscribed_to_its_service_by_their_acks() {
+    let mut tracker = Tracker::default();
+    let w1 = world(ApiMode::Permissive, 1, 3);
+    let out1 = compiler::compile_discovery(&w1.snap, None);
+    tracker.observe(1, t(10), &w1.snap, &out1);
+    // Other edits publish views 2 and 3; the policy's generation is still 1 (since view 1).
+    tracker.observe(2, t(11), &w1.snap, &out1);
+    tracker.observe(3, t(12), &w1.snap, &out1);
+    // Then the policy is edited: generation 2, first published as view 4.
+    let w2 = world(ApiMode::Permissive, 2, 3);
+    let out2 = compiler::compile_discovery(&w2.snap, Some(&out1));
+    tracker.observe(4, t(20), &w2.snap, &out2);
+    let pay = Some(out2.settings["pay"].as_str());
+    let streams = vec![
+        stream("pay", 4, pay, &["web.shop"]),
+        stream("pay", 3, pay, &["web.shop", "ledger.pay"]),
+        stream("pay", 1, pay, &["ledger.pay"]),
+    ];
+    let c = tracker.count(&streams);
+    assert_eq!(count(&c, "TrafficPolicy", "shop", "web"), (1, 2));
+    let tp = c.iter().find(|c| c.object.kind == "TrafficPolicy").unwrap();
+    assert_eq!(tp.generation, 2);
+    let (lagging, n) = tracker.lagging(&streams, |_| None, 10);
+    assert_eq!(n, 2, "the one that acked view 4 is not behind");
+    // The one that acked only view 1 is behind since view 2 (t 11), the longest.
+    assert_eq!(lagging[0].acked, 1);
+    assert_eq!(lagging[0].behind_since, t(11));
+    assert_eq!(lagging[0].latest, 4);
+}
+
+// ---- A real proxy reporting on the real server ----
+
+fn creds(pki: &common::Pki, id: &str) -> trellis_proxy::creds::Credentials {
+    let (c, k) = pki.leaf(id);
+    trellis_proxy::tls::credentials_from_pem(
+        &std::fs::read(c).unwrap(),
+        &std::fs::read(k).unwrap(),
+        pki.ca_pem.as_bytes(),
+    )
+    .unwrap()
+}
+
+async fn operator(pki: &common::Pki) -> (SocketAddr, Arc<Hub>, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = trellis_proxy::tls::server_config(&creds(pki, OPERATOR_ID), &[b"h2"]).unwrap();
+    let hub = Hub::new();
+    let stop = CancellationToken::new();
+    let tls = tokio::sync::watch::channel(Some(tls)).1;
+    tokio::spawn(serve(listener, tls, hub.clone(), stop.clone()));
+    (addr, hub, stop)
+}
+
+fn configmap(out: &Output) -> ProxyConfig {
+    ProxyConfig::from_json(out.config("shop").unwrap().as_bytes()).unwrap()
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_proxy_reports_the_configmap_it_runs_and_counts_once_the_kubelet_delivers_the_edit() {
+    let pki = common::Pki::new("mesh");
+    let (addr, hub, stop) = operator(&pki).await;
+    let mut tracker = Tracker::default();
+    let w1 = world(ApiMode::Permissive, 1, 3);
+    let out1 = compiler::compile(&w1.snap);
+    let seq = hub.publish(&out1).unwrap();
+    tracker.observe(seq, Timestamp::now(), &w1.snap, &out1);
+
+    let mut proxy =
+        common::TestProxy::start_with(&pki, &common::id("client"), &configmap(&out1), None, |o| {
+            o.discovery = Some(trellis_proxy::discovery::resolver::Settings {
+                addrs: vec![addr.to_string()],
+                operator_id: OPERATOR_ID.into(),
+            })
+        })
+        .await;
+    let pa = |hub: &Hub, tracker: &Tracker| {
+        count(
+            &tracker.count(&hub.stream_states()),
+            "PeerAuthentication",
+            "shop",
+            "mtls",
+        )
+    };
+    until("the proxy's report of its ConfigMap", || {
+        pa(&hub, &tracker) == (1, 1)
+    })
+    .await;
+    let s = &hub.stream_states()[0];
+    assert_eq!(s.identity, common::id("client"), "from its certificate");
+    assert_eq!(s.addr, Some(IpAddr::from([127, 0, 0, 1])));
+
+    // The PeerAuthentication goes Strict: the operator publishes at once, the kubelet has not
+    // delivered the new ConfigMap yet.
+    let w2 = world(ApiMode::Strict, 1, 3);
+    let out2 = compiler::compile_incremental(&w2.snap, Some(&out1));
+    let seq = hub.publish(&out2).unwrap();
+    tracker.observe(seq, Timestamp::now(), &w2.snap, &out2);
+    until("the proxy acknowledges the new view", || {
+        hub.stream_states()[0].acked == seq
+    })
+    .await;
+    assert_eq!(pa(&hub, &tracker), (0, 1), "acking the view is not enough");
+    let (lagging, _) = tracker.lagging(&hub.stream_states(), |_| Some("client-0".into()), 10);
+    assert_eq!(lagging.len(), 1);
+    assert!(!lagging[0].settings_current);
+
+    // The kubelet swaps the file: the proxy reloads and says so.
+    proxy.apply(&configmap(&out2)).await;
+    until("the reloaded ConfigMap is reported", || {
+        pa(&hub, &tracker) == (1, 1)
+    })
+    .await;
+    assert!(
+        tracker
+            .lagging(&hub.stream_states(), |_| None, 10)
+            .0
+            .is_empty()
+    );
+    stop.cancel();
+}
+
+/// What a replica's report costs at the scale (1 000 namespaces, 1 000 TrafficPolicies
+/// and PeerAuthentications, 1 000 streams each subscribed to 20 Services), every 5 s. A
+/// measurement, not a check: `cargo test --release --test propagation -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn report_cost_at_cluster_scale() {
+    let mut w = World::new();
+    for i in 0..1000 {
+        let ns = format!("ns-{i}");
+        w.add(traffic_policy(&ns, "tp", &format!("svc-{i}")));
+        w.add(peer_auth(&ns, "mtls", ApiMode::Strict));
+    }
+    w.add(mesh());
+    let mut out = Output::default();
+    out.settings = (0..1000)
+        .map(|i| (format!("ns-{i}"), format!("{i:032x}")))
+        .collect();
+    let mut tracker = Tracker::default();
+    tracker.observe(1, t(0), &w.snap, &out);
+    let streams: Vec<StreamState> = (0..1000)
+        .map(|i| StreamState {
+            namespace: format!("ns-{}", i % 1000),
+            identity: format!("spiffe://cluster.local/ns/ns-{i}/sa/app"),
+            addr: Some(IpAddr::from([10, 0, (i / 256) as u8, (i % 256) as u8])),
+            connected: Some(t(0)),
+            acked: 1,
+            settings: Some(format!("{:032x}", i % 1000)),
+            subscriptions: (0..20)
+                .map(|k| format!("svc-{}.ns-{}", (i + k) % 1000, (i + k) % 1000))
+                .collect(),
+        })
+        .collect();
+    let start = Instant::now();
+    let rounds = 20;
+    let mut objects = 0;
+    for _ in 0..rounds {
+        objects = tracker.count(&streams).len();
+        let _ = tracker.lagging(&streams, |_| None, 100);
+    }
+    let per = start.elapsed() / rounds;
+    let c = tracker.count(&streams);
+    assert_eq!(objects, 2001);
+    assert_eq!(count(&c, "TrafficPolicy", "ns-7", "tp"), (20, 20));
+    println!("report over 1000 streams x 20 subscriptions, {objects} objects: {per:?} per round");
+}

@@ -1,0 +1,391 @@
+//! The propagation edges against recorded API exchanges: a replica's report Lease (written at
+//! most once per interval, latest wins, a heartbeat when unchanged, deleted on stop) and the
+//! leader's status writer (one LIST per interval, one patch per object whose numbers changed,
+//! none otherwise; stale reports ignored, long-dead ones deleted). Time is virtual.
+
+mod recorded;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::Method;
+use jiff::Timestamp;
+use recorded::{ApiServer, exchange, mock};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use trellis_operator::propagation::{
+    self, LaggingProxy, ObjectCount, ObjectRef, ReplicaReport, publish, writer,
+};
+
+const NS: &str = "trellis-system";
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/trellis-system/leases";
+const NOW: &str = "2026-11-29T12:00:00Z";
+
+fn now() -> Timestamp {
+    NOW.parse().unwrap()
+}
+
+fn count(
+    kind: &str,
+    ns: &str,
+    name: &str,
+    generation: i64,
+    updated: u64,
+    total: u64,
+) -> ObjectCount {
+    ObjectCount {
+        object: ObjectRef::new(kind, ns, name),
+        generation,
+        updated,
+        total,
+    }
+}
+
+fn report(replica: &str, objects: Vec<ObjectCount>) -> ReplicaReport {
+    ReplicaReport {
+        replica: replica.into(),
+        latest: 7,
+        streams: 5,
+        objects,
+        lagging: vec![],
+        lagging_total: 0,
+    }
+}
+
+/// A report Lease as the API server returns it, renewed `age_s` seconds before [`NOW`].
+fn lease(r: &ReplicaReport, age_s: i64) -> Value {
+    let renewed = now() - jiff::SignedDuration::from_secs(age_s);
+    json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": propagation::lease_name(&r.replica),
+            "namespace": NS,
+            "labels": {"trellis.dev/component": "propagation-report"},
+            "annotations": {"trellis.dev/propagation": serde_json::to_string(r).unwrap()},
+        },
+        "spec": {"holderIdentity": r.replica, "renewTime": renewed.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()},
+    })
+}
+
+fn list(items: Vec<Value>) -> Value {
+    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "LeaseList", "metadata": {}, "items": items})
+}
+
+const LIST: &str = "/apis/coordination.k8s.io/v1/namespaces/trellis-system/leases?&labelSelector=trellis.dev%2Fcomponent%3Dpropagation-report";
+const TP_STATUS: &str = "/apis/trellis.dev/v1alpha1/namespaces/shop/trafficpolicies/web/status?&force=true&fieldManager=trellis-operator%2Fpropagation";
+const MESH_STATUS: &str = "/apis/trellis.dev/v1alpha1/meshes/default/status?&force=true&fieldManager=trellis-operator%2Fpropagation";
+
+/// What the API server answers a status apply with: the whole object.
+fn mesh_reply() -> Value {
+    json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "Mesh",
+           "metadata": {"name": "default", "generation": 3}, "spec": {}})
+}
+
+fn tp_reply() -> Value {
+    json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "TrafficPolicy",
+           "metadata": {"name": "web", "namespace": "shop", "generation": 2},
+           "spec": {"targetRef": {"kind": "Service", "name": "web"}}})
+}
+
+fn status_check(
+    kind: &'static str,
+    want: Value,
+    cond: (&'static str, &'static str),
+    message_starts: &'static str,
+) -> impl FnOnce(&Value) + Send + 'static {
+    move |b: &Value| {
+        assert_eq!(b["apiVersion"], "trellis.dev/v1alpha1");
+        assert_eq!(b["kind"], kind);
+        let status = b["status"].as_object().unwrap();
+        assert_eq!(
+            status.keys().collect::<Vec<_>>(),
+            ["conditions", "propagation"],
+            "only this writer's part: {b}"
+        );
+        assert_eq!(b["status"]["propagation"], want);
+        let conds = b["status"]["conditions"].as_array().unwrap();
+        assert_eq!(conds.len(), 1, "only Propagated: {b}");
+        let c = &conds[0];
+        assert_eq!(c["type"], "Propagated");
+        assert_eq!(
+            (c["status"].as_str().unwrap(), c["reason"].as_str().unwrap()),
+            cond
+        );
+        assert!(
+            c["message"].as_str().unwrap().starts_with(message_starts),
+            "{}",
+            c["message"]
+        );
+        assert_eq!(c["observedGeneration"], want["generation"]);
+        assert_eq!(c["lastTransitionTime"], NOW);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_leader_sums_fresh_reports_writes_once_per_interval_and_only_what_changed() {
+    let (client, handle) = mock();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(writer::run_with_clock(client, NS.into(), stop.clone(), now));
+    let mut api = ApiServer(handle);
+    let within = Duration::from_secs(1);
+    let a = report(
+        "op-a",
+        vec![
+            count("Mesh", "", "default", 3, 2, 2),
+            count("TrafficPolicy", "shop", "web", 2, 1, 3),
+        ],
+    );
+    let b = report("op-b", vec![count("TrafficPolicy", "shop", "web", 2, 2, 2)]);
+    // A replica that stopped renewing 2 minutes ago (its proxies moved to the others), and one
+    // gone for 20 minutes.
+    let stale = report(
+        "op-old",
+        vec![count("TrafficPolicy", "shop", "web", 2, 0, 9)],
+    );
+    let dead = report("op-dead", vec![count("Mesh", "", "default", 3, 0, 9)]);
+    let first = list(vec![
+        lease(&a, 3),
+        lease(&b, 20),
+        lease(&stale, 120),
+        lease(&dead, 1200),
+    ]);
+    api.expect(within, exchange(Method::GET, LIST, |_| {}, first))
+        .await;
+    api.expect(
+        within,
+        exchange(
+            Method::PATCH,
+            MESH_STATUS,
+            status_check(
+                "Mesh",
+                json!({"generation": 3, "updated": 2, "total": 2}),
+                ("True", "Propagated"),
+                "all 2 connected proxies",
+            ),
+            mesh_reply(),
+        ),
+    )
+    .await;
+    api.expect(
+        within,
+        exchange(
+            Method::PATCH,
+            TP_STATUS,
+            status_check(
+                "TrafficPolicy",
+                json!({"generation": 2, "updated": 3, "total": 5}),
+                ("False", "Propagating"),
+                "2 of 5 proxies subscribed",
+            ),
+            tp_reply(),
+        ),
+    )
+    .await;
+    api.expect(
+        within,
+        exchange(
+            Method::DELETE,
+            &format!("{LEASES}/trellis-propagation-op-dead?"),
+            |_| {},
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),
+        ),
+    )
+    .await;
+
+    // Nothing before the next interval, however the proxies move meanwhile.
+    api.expect_none_for(Duration::from_millis(4900)).await;
+    // Same numbers (the dead one deleted): read, and nothing written.
+    let second = list(vec![lease(&a, 8), lease(&b, 25), lease(&stale, 125)]);
+    api.expect(within, exchange(Method::GET, LIST, |_| {}, second))
+        .await;
+    api.expect_none_for(Duration::from_millis(4900)).await;
+
+    // The lagging proxies caught up (in two steps within one interval: the writer sees only
+    // the latest): one patch, for the TrafficPolicy alone.
+    let b2 = report("op-b", vec![count("TrafficPolicy", "shop", "web", 2, 2, 2)]);
+    let a2 = report(
+        "op-a",
+        vec![
+            count("Mesh", "", "default", 3, 2, 2),
+            count("TrafficPolicy", "shop", "web", 2, 3, 3),
+        ],
+    );
+    api.expect(
+        within,
+        exchange(
+            Method::GET,
+            LIST,
+            |_| {},
+            list(vec![lease(&a2, 1), lease(&b2, 4)]),
+        ),
+    )
+    .await;
+    api.expect(
+        within,
+        exchange(
+            Method::PATCH,
+            TP_STATUS,
+            status_check(
+                "TrafficPolicy",
+                json!({"generation": 2, "updated": 5, "total": 5}),
+                ("True", "Propagated"),
+                "all 5 proxies subscribed",
+            ),
+            tp_reply(),
+        ),
+    )
+    .await;
+    api.expect_none_for(Duration::from_millis(4900)).await;
+    stop.cancel();
+    task.await.unwrap();
+    api.expect_no_more().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_object_deleted_meanwhile_is_skipped_and_an_unreadable_report_changes_nothing() {
+    let (client, handle) = mock();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(writer::run_with_clock(client, NS.into(), stop.clone(), now));
+    let mut api = ApiServer(handle);
+    let within = Duration::from_secs(1);
+    let a = report("op-a", vec![count("TrafficPolicy", "shop", "web", 2, 1, 1)]);
+    let mut garbled = lease(&report("op-b", vec![]), 1);
+    garbled["metadata"]["annotations"]["trellis.dev/propagation"] = json!("{not json");
+    let items = list(vec![lease(&a, 1), garbled]);
+    api.expect(within, exchange(Method::GET, LIST, |_| {}, items.clone()))
+        .await;
+    let mut gone = exchange(
+        Method::PATCH,
+        TP_STATUS,
+        |_| {},
+        recorded::api_status(
+            404,
+            "NotFound",
+            "trafficpolicies.trellis.dev \"web\" not found",
+        ),
+    );
+    gone.status = 404;
+    api.expect(within, gone).await;
+    api.expect_none_for(Duration::from_millis(4900)).await;
+    api.expect(within, exchange(Method::GET, LIST, |_| {}, items))
+        .await;
+    // Not remembered as written: the next round tries again (it may have been recreated).
+    api.expect(
+        within,
+        exchange(Method::PATCH, TP_STATUS, |_| {}, tp_reply()),
+    )
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    api.expect_no_more().await;
+}
+
+fn report_in(b: &Value) -> ReplicaReport {
+    serde_json::from_str(
+        b["metadata"]["annotations"]["trellis.dev/propagation"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_writes_its_report_once_per_interval_latest_wins_with_a_heartbeat() {
+    let (client, handle) = mock();
+    let stop = CancellationToken::new();
+    let current = Arc::new(Mutex::new(report(
+        "op-a",
+        vec![count("Mesh", "", "default", 3, 0, 1)],
+    )));
+    let source = {
+        let current = current.clone();
+        move || current.lock().unwrap().clone()
+    };
+    let task = tokio::spawn(publish::run(
+        client,
+        NS.into(),
+        "op-a".into(),
+        source,
+        stop.clone(),
+    ));
+    let mut api = ApiServer(handle);
+    let within = Duration::from_secs(1);
+    const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/trellis-system/leases/trellis-propagation-op-a?&force=true&fieldManager=trellis-operator%2Fpropagation";
+    api.expect(
+        within,
+        exchange(
+            Method::PATCH,
+            LEASE,
+            |b| {
+                assert_eq!(b["kind"], "Lease");
+                assert_eq!(b["metadata"]["name"], "trellis-propagation-op-a");
+                assert_eq!(
+                    b["metadata"]["labels"]["trellis.dev/component"],
+                    "propagation-report"
+                );
+                assert_eq!(b["spec"]["holderIdentity"], "op-a");
+                assert!(b["spec"]["renewTime"].is_string());
+                assert_eq!(report_in(b).objects[0].updated, 0);
+            },
+            Value::Null,
+        ),
+    )
+    .await;
+    // Two changes within the interval: one write, with the latest.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    current.lock().unwrap().objects[0].updated = 1;
+    current.lock().unwrap().lagging = vec![LaggingProxy {
+        namespace: "shop".into(),
+        pod: "web-0".into(),
+        identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
+        acked: 6,
+        latest: 7,
+        settings_current: true,
+        connected_since: None,
+        behind_since: now(),
+    }];
+    api.expect_none_for(Duration::from_secs(2)).await;
+    current.lock().unwrap().objects[0].updated = 2;
+    current.lock().unwrap().lagging.clear();
+    api.expect(
+        Duration::from_secs(3),
+        exchange(
+            Method::PATCH,
+            LEASE,
+            |b| {
+                let r = report_in(b);
+                assert_eq!(r.objects[0].updated, 2);
+                assert!(r.lagging.is_empty());
+            },
+            Value::Null,
+        ),
+    )
+    .await;
+    // Unchanged: only the heartbeat, 30 s after the last write.
+    api.expect_none_for(Duration::from_secs(29)).await;
+    api.expect(
+        Duration::from_secs(6),
+        exchange(
+            Method::PATCH,
+            LEASE,
+            |b| assert_eq!(report_in(b).objects[0].updated, 2),
+            Value::Null,
+        ),
+    )
+    .await;
+    // Stopping removes the report: the leader stops counting this replica at once.
+    stop.cancel();
+    api.expect(
+        within,
+        exchange(
+            Method::DELETE,
+            &format!("{LEASES}/trellis-propagation-op-a?"),
+            |_| {},
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),
+        ),
+    )
+    .await;
+    task.await.unwrap();
+    api.expect_no_more().await;
+}
