@@ -2,14 +2,19 @@
 //! endpoints), the real compiler, the real discovery view and registry, and simulated streams
 //! (registry entries, no sockets), each subscribed to some Services. Reports compile time,
 //! the largest ConfigMap (in Full and in Bootstrap mode), operator RSS, and the time from an
-//! EndpointSlice change to every subscribed stream's messages being ready (the replica's
-//! table-only compile + publish + take), p50/p99.
+//! EndpointSlice change until every stream it concerns has its messages and has acknowledged
+//! the new generation (the replica's table-only compile, the view's incremental update and the
+//! publish to subscribers, each woken stream's take and ack), p50/p99.
 //!
-//! Not measured here: the network and TLS of 1 000 real streams, and the proxies' apply (the
-//! real-socket path is covered by `operator/tests/discovery.rs`).
+//! Not measured here: the network and TLS of 1 000 real streams, the proxies' apply, and the
+//! fixed waits the design adds on top (the replica gathers watch events for
+//! `discovery::replica::COMPILE_DEBOUNCE`, 100 ms, and each stream for `discovery::DEBOUNCE`,
+//! 50 ms); the real-socket path is covered by `operator/tests/discovery.rs`.
 //!
 //! `cargo run --release -p trellis-operator --example bench-discovery -- [namespaces]
-//! [services per namespace] [endpoints per service] [streams] [subscriptions] [changes]`
+//! [services per namespace] [endpoints per service] [streams] [subscriptions] [changes]
+//! [pods: 1 = a meshed pod behind every endpoint]`
+//! The last line (`RESULT ...`) is for `hack/bench-discovery.sh`, which takes medians.
 
 #[path = "../operator/tests/compiler_fixtures/mod.rs"]
 mod fixtures;
@@ -20,25 +25,34 @@ use std::time::{Duration, Instant};
 use fixtures::*;
 use trellis_operator::compiler;
 use trellis_operator::discovery::{Registry, View};
-use trellis_proxy::discovery::Target;
+use trellis_proxy::discovery::{ServerMessage, Target};
 
 fn rss_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
+/// A memory figure of this process from `/proc/self/status` (`VmRSS:` now, `VmHWM:` peak).
+fn status_mib(field: &str) -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn slice_for(ns: usize, svc: usize, endpoints: usize, salt: usize) -> Slice {
+fn endpoint_ip(ns: usize, svc: usize, e: usize, salt: usize) -> String {
+    let n = ns * 10_000 + svc * 100 + e + salt;
+    format!("10.{}.{}.{}", 64 + (n >> 16) % 64, (n >> 8) & 255, n & 255)
+}
+
+/// One Service's EndpointSlice; with `pods`, each endpoint names its pod (which gives it the
+/// pod's identity).
+fn slice_for(ns: usize, svc: usize, endpoints: usize, salt: usize, pods: bool) -> Slice {
     let mut s = slice(&format!("ns{ns}"), &format!("s{svc}"), &format!("s{svc}-x"))
         .port(Some("http"), 8080);
     for e in 0..endpoints {
-        let n = ns * 10_000 + svc * 100 + e + salt;
-        s = s.endpoint(
-            &format!("10.{}.{}.{}", 64 + (n >> 16) % 64, (n >> 8) & 255, n & 255),
-            None,
-        );
+        let pod = format!("s{svc}-{e}");
+        s = s.endpoint(&endpoint_ip(ns, svc, e, salt), pods.then_some(pod.as_str()));
     }
     s
 }
@@ -57,6 +71,9 @@ fn main() {
         arg(4, 20),
         arg(5, 50),
     );
+    // 1: a meshed pod behind every endpoint (the cluster's pods in the caches and the
+    // compile, identities on every endpoint); 0 (default): no pods, as earlier runs.
+    let pods = arg(6, 0) == 1;
     let base = rss_mib();
     let mut w = World::new();
     for ns in 0..namespaces {
@@ -73,7 +90,15 @@ fn main() {
                     ))
                     .port(80, "http"),
             );
-            w.add(slice_for(ns, svc, endpoints, 0));
+            w.add(slice_for(ns, svc, endpoints, 0, pods));
+            for e in (0..endpoints).filter(|_| pods) {
+                w.add(
+                    pod(&format!("ns{ns}"), &format!("s{svc}-{e}"))
+                        .sa(&format!("s{svc}"))
+                        .ip(&endpoint_ip(ns, svc, e, 0))
+                        .sidecar(),
+                );
+            }
         }
     }
     let t = Instant::now();
@@ -85,7 +110,7 @@ fn main() {
 
     let mut reg = Registry::default();
     let mut generation = 1;
-    reg.publish(Arc::new(View::new(&out, generation).unwrap()));
+    reg.update(&out, generation);
     let mut ids = Vec::with_capacity(streams);
     let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
     let mut next = move || {
@@ -101,13 +126,14 @@ fn main() {
             .collect();
         reg.subscribe(id, targets);
         reg.take(id);
+        reg.ack(id, generation);
         ids.push(id);
     }
     let rss_loaded = rss_mib();
 
     let mut lat = Vec::with_capacity(changes);
     let mut phases = Vec::with_capacity(changes);
-    let mut pushed = 0usize;
+    let (mut pushed, mut woken) = (0usize, 0usize);
     for c in 0..changes {
         let (ns, svc) = (next() % namespaces, next() % per_ns);
         // The EndpointSlice changes (a rollout replaced a pod): a new object, as a watch
@@ -124,31 +150,36 @@ fn main() {
             })
             .unwrap_or(idx);
         let mut tmp = compiler::Snapshot::default();
-        slice_for(ns, svc, endpoints, 1 + c).add_to(&mut tmp);
+        slice_for(ns, svc, endpoints, 1 + c, pods).add_to(&mut tmp);
         w.snap.endpoint_slices[pos] = tmp.endpoint_slices.pop().unwrap();
         let t = Instant::now();
         // What a replica's discovery loop runs: the table only, no namespace configs.
         out = compiler::compile_discovery(&w.snap, Some(&out));
         let compiled = t.elapsed();
         generation += 1;
-        let view = Arc::new(View::new(&out, generation).unwrap());
-        let indexed = t.elapsed();
-        let wake = reg.publish(view);
+        // What `Hub::publish` runs: the view follows the compile, the subscribers are woken.
+        let wake = reg.update(&out, generation);
         let published = t.elapsed();
+        woken += wake.len();
+        // Each woken stream sends its messages, and its proxy applies them and acknowledges.
         for id in wake {
-            pushed += reg
-                .take(id)
+            let msgs = reg.take(id);
+            pushed += msgs
                 .iter()
-                .filter(|m| matches!(m, trellis_proxy::discovery::ServerMessage::Service { .. }))
+                .filter(|m| matches!(m, ServerMessage::Service { .. }))
                 .count();
+            if let Some(ServerMessage::Synced { generation }) = msgs.last() {
+                reg.ack(id, *generation);
+            }
         }
         lat.push(t.elapsed());
-        phases.push((
-            compiled,
-            indexed - compiled,
-            published - indexed,
-            t.elapsed() - published,
-        ));
+        let p = reg.propagation();
+        assert_eq!(
+            (p.generation, p.updated, p.total),
+            (generation, streams, streams),
+            "every stream holds the new view"
+        );
+        phases.push((compiled, published - compiled, t.elapsed() - published));
     }
     // The same cluster with `spec.discovery.configMap: Bootstrap`: each namespace's ConfigMap
     // is its bootstrap set, the rest is what the streams serve. Compiled after the RSS reading
@@ -170,17 +201,57 @@ fn main() {
     let boot_total: usize = boot.configs.values().map(|c| c.len()).sum();
     let boot_written = boot.configs.len();
     let boot_refused = boot.too_large.len();
+    let peak = status_mib("VmHWM:");
+    // For comparison, after the memory readings: the same kind of change through the
+    // from-scratch path (a view indexed anew, every subscription of every stream compared,
+    // every stream woken), which is what every change cost before the view followed compiles.
+    let mut scratch = Vec::new();
+    for c in 0..5 {
+        let (ns, svc) = (next() % namespaces, next() % per_ns);
+        let name = format!("s{svc}-x");
+        let pos = w
+            .snap
+            .endpoint_slices
+            .iter()
+            .position(|s| {
+                s.metadata.namespace.as_deref() == Some(&format!("ns{ns}"))
+                    && s.metadata.name.as_deref() == Some(&name)
+            })
+            .unwrap_or(ns * per_ns + svc);
+        let mut tmp = compiler::Snapshot::default();
+        slice_for(ns, svc, endpoints, 1000 + c, pods).add_to(&mut tmp);
+        w.snap.endpoint_slices[pos] = tmp.endpoint_slices.pop().unwrap();
+        out = compiler::compile_discovery(&w.snap, Some(&out));
+        generation += 1;
+        let t = Instant::now();
+        let view = Arc::new(View::new(&out, generation).unwrap());
+        let indexed = t.elapsed();
+        for id in reg.publish(view) {
+            if let Some(ServerMessage::Synced { generation }) = reg.take(id).last() {
+                reg.ack(id, *generation);
+            }
+        }
+        scratch.push((indexed, t.elapsed() - indexed));
+    }
+    let scratch_n = scratch.len() as u32;
+    let scratch_index = scratch.iter().map(|s| s.0).sum::<Duration>() / scratch_n;
+    let scratch_publish = scratch.iter().map(|s| s.1).sum::<Duration>() / scratch_n;
     let n = phases.len().max(1) as u32;
-    let mean = |f: fn(&(Duration, Duration, Duration, Duration)) -> Duration| {
+    let mean = |f: fn(&(Duration, Duration, Duration)) -> Duration| {
         phases.iter().map(f).sum::<Duration>() / n
     };
     lat.sort();
     let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "cluster: {namespaces} namespaces, {} Services, {} endpoints; {streams} streams x {subs} subscriptions",
+        "cluster: {namespaces} namespaces, {} Services, {} endpoints, {} pods; {streams} streams x {subs} subscriptions",
         namespaces * per_ns,
-        namespaces * per_ns * endpoints
+        namespaces * per_ns * endpoints,
+        if pods {
+            namespaces * per_ns * endpoints
+        } else {
+            0
+        }
     );
     println!("full compile: {:.0} ms", ms(compile_full));
     println!(
@@ -198,20 +269,36 @@ fn main() {
         boot_refused
     );
     println!(
-        "RSS: {:.0} MiB before the cluster, {:.0} MiB with cluster, compile and streams",
-        base, rss_loaded
+        "RSS: {:.0} MiB before the cluster, {:.0} MiB with cluster, compile and streams; peak {:.0} MiB (the Bootstrap compile included)",
+        base, rss_loaded, peak
     );
     println!(
-        "endpoint change -> every stream's messages ready (table compile + publish + take), {changes} changes: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {pushed} Service pushes",
+        "endpoint change -> every concerned stream's messages taken and acked (table compile + view update + publish + take + ack), {changes} changes: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {woken} streams woken, {pushed} Service pushes",
         ms(pct(0.5)),
         ms(pct(0.99)),
         ms(*lat.last().unwrap())
     );
     println!(
-        "mean per change: compile {:.1} ms, view index {:.1} ms, registry publish {:.1} ms, take {:.1} ms",
+        "mean per change: compile {:.1} ms, view update + publish {:.1} ms, take + ack {:.2} ms",
         ms(mean(|p| p.0)),
         ms(mean(|p| p.1)),
         ms(mean(|p| p.2)),
-        ms(mean(|p| p.3))
+    );
+    println!(
+        "from scratch, for comparison (5 changes): view index {:.1} ms, publish to every stream + take + ack {:.1} ms",
+        ms(scratch_index),
+        ms(scratch_publish)
+    );
+    println!(
+        "RESULT rss_mib={:.0} peak_mib={:.0} boot_max_kib={:.1} p50_ms={:.1} p99_ms={:.1} compile_ms={:.1} publish_ms={:.2} scratch_index_ms={:.1} scratch_publish_ms={:.1}",
+        rss_loaded,
+        peak,
+        boot_max as f64 / 1024.0,
+        ms(pct(0.5)),
+        ms(pct(0.99)),
+        ms(mean(|p| p.0)),
+        ms(mean(|p| p.1)),
+        ms(scratch_index),
+        ms(scratch_publish),
     );
 }

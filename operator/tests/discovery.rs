@@ -138,37 +138,187 @@ fn changes_are_pushed_latest_wins_and_only_to_subscribers_of_what_changed() {
     let w = world("10.1.0.5");
     let out1 = compile(&w, None);
     let mut reg = Registry::default();
-    reg.publish(view(&out1, 1));
+    reg.update(&out1, 1);
     let web = reg.open("shop");
     reg.subscribe(web, vec![Target::Service("web.shop".into())]);
     let ledger = reg.open("pay");
     reg.subscribe(ledger, vec![Target::Service("ledger.pay".into())]);
+    let idle = reg.open("shop");
+    assert_eq!(reg.subscribers("web.shop"), vec![web]);
     reg.take(web);
     reg.take(ledger);
 
-    // Two endpoint changes before the stream is flushed: one message, the last state.
+    // Two endpoint changes before the stream is flushed: one message, the last state. Only
+    // the subscriber of what changed is woken.
     let out2 = compile(&world("10.1.0.6"), Some(&out1));
-    reg.publish(view(&out2, 2));
+    assert_eq!(reg.update(&out2, 2), vec![web]);
     let out3 = compile(&world("10.1.0.7"), Some(&out2));
-    reg.publish(view(&out3, 3));
+    assert_eq!(reg.update(&out3, 3), vec![web]);
     let msgs = reg.take(web);
     let got = services(&msgs);
     assert_eq!(got.len(), 1, "{msgs:?}");
     let ep = &got[0].1.as_ref().unwrap().ports[0].endpoints[0];
     assert_eq!(ep.address.ip().to_string(), "10.1.0.7");
     assert_eq!(msgs.last(), Some(&ServerMessage::Synced { generation: 3 }));
-    // The ledger did not change: only the new generation.
-    assert_eq!(
-        reg.take(ledger),
-        vec![ServerMessage::Synced { generation: 3 }]
-    );
+    // The ledger did not change, and a stream with no subscriptions holds nothing to change:
+    // neither hears anything.
+    assert!(reg.take(ledger).is_empty());
+    assert!(reg.take(idle).is_empty());
 
-    // Acks feed propagation.
-    assert_eq!(reg.propagation().updated, 0);
+    // Acks feed propagation: a stream is up to date once it acknowledged the last change it
+    // was sent.
+    assert_eq!(reg.propagation().updated, 1, "only the idle stream");
+    reg.ack(web, 2);
+    assert_eq!(
+        reg.propagation().updated,
+        1,
+        "web has not applied generation 3"
+    );
     reg.ack(web, 3);
     reg.ack(ledger, 99); // cannot ack the future
     let p = reg.propagation();
-    assert_eq!((p.generation, p.updated, p.total), (3, 2, 2));
+    assert_eq!((p.generation, p.updated, p.total), (3, 3, 3));
+    // A new change to web only: the ledger stays up to date without a word.
+    let out4 = compile(&world("10.1.0.8"), Some(&out3));
+    assert_eq!(reg.update(&out4, 4), vec![web]);
+    let p = reg.propagation();
+    assert_eq!((p.generation, p.updated, p.total), (4, 2, 3));
+}
+
+#[test]
+fn a_proxy_an_update_did_not_concern_is_reported_as_holding_the_latest_view() {
+    let out1 = compile(&world("10.1.0.5"), None);
+    let mut reg = Registry::default();
+    reg.update(&out1, 1);
+    let web = reg.open("shop");
+    reg.subscribe(web, vec![Target::Service("web.shop".into())]);
+    let ledger = reg.open("pay");
+    reg.subscribe(ledger, vec![Target::Service("ledger.pay".into())]);
+    for id in [web, ledger] {
+        reg.take(id);
+        reg.ack(id, 1);
+    }
+    let out2 = compile(&world("10.1.0.6"), Some(&out1));
+    reg.update(&out2, 2);
+    // What propagation reports and `trellis check --proxy` lists: the ledger's proxy was
+    // sent nothing and acknowledged nothing new, yet it is not behind; web's is, until it
+    // acknowledges generation 2.
+    let acked = |reg: &Registry, ns: &str| {
+        reg.stream_states()
+            .into_iter()
+            .find(|s| s.namespace == ns)
+            .unwrap()
+            .acked
+    };
+    assert_eq!((acked(&reg, "shop"), acked(&reg, "pay")), (1, 2));
+    reg.take(web);
+    reg.ack(web, 2);
+    assert_eq!((acked(&reg, "shop"), acked(&reg, "pay")), (2, 2));
+}
+
+/// web.shop splits to canary.shop, which is exported to its own namespace only: `pay` sees the
+/// canary through the split alone.
+fn split_world(split: bool) -> World {
+    let mut w = World::new()
+        .with(namespace("shop").meshed())
+        .with(namespace("pay").meshed())
+        .with(service("shop", "web").ip("10.96.0.10").port(80, "http"))
+        .with(
+            service("shop", "canary")
+                .ip("10.96.0.11")
+                .port(80, "http")
+                .annotate("trellis.dev/export-to", "."),
+        );
+    if split {
+        w.add(traffic_policy("shop", "web", "web").spec(|s| {
+            s.split = ["web", "canary"]
+                .into_iter()
+                .map(|name| trellis_operator::api::traffic_policy::SplitBackend {
+                    name: name.into(),
+                    weight: 50,
+                })
+                .collect()
+        }));
+    }
+    w
+}
+
+#[test]
+fn a_backend_seen_only_through_a_split_is_withdrawn_when_the_split_goes() {
+    let out1 = compile(&split_world(true), None);
+    let mut reg = Registry::default();
+    reg.update(&out1, 1);
+    let s = reg.open("pay");
+    reg.subscribe(s, vec![Target::Service("canary.shop".into())]);
+    assert!(
+        services(&reg.take(s))[0].1.is_some(),
+        "visible through the split"
+    );
+    // Only web's entry changes (its policy); the canary's own entry is the same value, yet
+    // what `pay` may see of it is not.
+    let out2 = compile(&split_world(false), Some(&out1));
+    assert_eq!(reg.update(&out2, 2), vec![s]);
+    assert_eq!(
+        services(&reg.take(s)),
+        vec![("canary.shop".to_string(), None)]
+    );
+    assert!(reg.subscriptions(s).is_empty());
+    assert!(reg.subscribers("canary.shop").is_empty());
+}
+
+#[test]
+fn a_namespace_that_narrows_its_imports_loses_what_it_no_longer_imports() {
+    let w = world("10.1.0.5");
+    let out1 = compile(&w, None);
+    let mut reg = Registry::default();
+    reg.update(&out1, 1);
+    let pay = reg.open("pay");
+    reg.subscribe(pay, vec![Target::Service("web.shop".into())]);
+    assert!(services(&reg.take(pay))[0].1.is_some());
+    let shop = reg.open("shop");
+    reg.subscribe(shop, vec![Target::Service("web.shop".into())]);
+    reg.take(shop);
+    // `pay` now imports only itself: no Service changed, a namespace's scope did.
+    let mut snap = w.snap.clone();
+    for ns in &mut snap.namespaces {
+        if ns.metadata.name.as_deref() == Some("pay") {
+            let mut n = (**ns).clone();
+            n.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert("trellis.dev/import-from".into(), ".".into());
+            *ns = Arc::new(n);
+        }
+    }
+    let out2 = compiler::compile_incremental(&snap, Some(&out1));
+    assert_eq!(reg.update(&out2, 2), vec![pay]);
+    assert_eq!(
+        services(&reg.take(pay)),
+        vec![("web.shop".to_string(), None)]
+    );
+    assert!(reg.take(shop).is_empty());
+}
+
+#[test]
+fn an_output_that_does_not_follow_the_view_is_published_from_scratch() {
+    // Two compiles from scratch share no lineage: the registry cannot follow the second from
+    // the first, so it compares every subscription and tells every stream the generation.
+    let out1 = compile(&world("10.1.0.5"), None);
+    let out2 = compile(&world("10.1.0.6"), None);
+    let mut reg = Registry::default();
+    reg.update(&out1, 1);
+    let web = reg.open("shop");
+    reg.subscribe(web, vec![Target::Service("web.shop".into())]);
+    let ledger = reg.open("pay");
+    reg.subscribe(ledger, vec![Target::Service("ledger.pay".into())]);
+    reg.take(web);
+    reg.take(ledger);
+    assert_eq!(reg.update(&out2, 2), vec![web, ledger]);
+    assert_eq!(services(&reg.take(web)).len(), 1);
+    assert_eq!(
+        reg.take(ledger),
+        vec![ServerMessage::Synced { generation: 2 }]
+    );
 }
 
 #[test]
@@ -365,6 +515,67 @@ async fn a_proxy_subscribes_over_mtls_and_an_endpoint_change_is_pushed() {
     let deadline = Instant::now() + Duration::from_secs(5);
     while op.hub.propagation().total != 0 {
         assert!(Instant::now() < deadline, "closed stream still registered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    op.stop.cancel();
+}
+
+#[tokio::test]
+async fn a_proxy_whose_services_did_not_change_hears_nothing_and_stays_up_to_date() {
+    let pki = common::Pki::new("mesh");
+    let op = operator(&pki).await;
+    let out1 = compile(&world("10.1.0.5"), None);
+    op.hub.publish(&out1);
+
+    let mut streams = Vec::new();
+    for (ns, key) in [("shop", "web.shop"), ("pay", "ledger.pay")] {
+        let c = creds(
+            &pki,
+            &format!("spiffe://cluster.local/ns/{ns}/sa/client"),
+            &[&pki],
+        );
+        let mut stream = Stream::open(op.addr, client_tls(&c)).await.unwrap();
+        stream
+            .send(&ClientMessage::Subscribe {
+                targets: vec![Target::Service(key.into())],
+            })
+            .await;
+        let msgs = batch(&mut stream).await;
+        assert_eq!(services(&msgs).len(), 1, "{msgs:?}");
+        let Some(ServerMessage::Synced { generation }) = msgs.last() else {
+            unreachable!()
+        };
+        stream
+            .send(&ClientMessage::Ack {
+                generation: *generation,
+            })
+            .await;
+        streams.push(stream);
+    }
+    let (mut shop, mut pay) = (streams.remove(0), streams.remove(0));
+
+    // web.shop's endpoint changes: its subscriber gets it...
+    op.hub.publish(&compile(&world("10.1.0.6"), Some(&out1)));
+    let msgs = batch(&mut shop).await;
+    assert_eq!(services(&msgs)[0].0, "web.shop");
+    let Some(ServerMessage::Synced { generation }) = msgs.last() else {
+        unreachable!()
+    };
+    shop.send(&ClientMessage::Ack {
+        generation: *generation,
+    })
+    .await;
+    // ...and the ledger's subscriber is neither woken nor sent anything (several debounce
+    // periods pass), yet counts as holding the current view.
+    let quiet = tokio::time::timeout(Duration::from_millis(400), pay.recv()).await;
+    assert!(quiet.is_err(), "the ledger's proxy heard {quiet:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let p = op.hub.propagation();
+        if (p.generation, p.updated, p.total) == (2, 2, 2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{p:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     op.stop.cancel();

@@ -304,6 +304,12 @@ impl Output {
         self.fragments.as_ref()
     }
 
+    /// The import scope of every meshed namespace that narrows it (shared, so the discovery
+    /// view holds it without a copy and sees at a pointer comparison whether it moved).
+    pub(crate) fn imports(&self) -> &Arc<BTreeMap<String, visibility::Scope>> {
+        &self.imports
+    }
+
     /// What a namespace imports (`trellis.dev/import-from`; `*` when not narrowed).
     pub fn import_scope(&self, namespace: &str) -> &visibility::Scope {
         static ALL: visibility::Scope = visibility::Scope::All;
@@ -394,7 +400,12 @@ fn compile_with(snapshot: &Snapshot, previous: Option<&Output>, namespaces: bool
         rows: Some(Arc::new(rows)),
         ..Default::default()
     };
-    let imports = Arc::new(imports);
+    // Shared with the previous compile when equal: the discovery view then sees at a pointer
+    // comparison that no namespace's import scope moved.
+    let imports = match previous {
+        Some(p) if *p.imports == imports => p.imports.clone(),
+        _ => Arc::new(imports),
+    };
     out.imports = imports.clone();
     out.settings = meshed
         .iter()

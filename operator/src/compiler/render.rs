@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 use trellis_proxy::config::{OutboundService, ProxyConfig, ServicePort, TrafficPolicy};
@@ -75,7 +76,28 @@ pub(crate) struct Fragments {
     pub table_errors: Option<String>,
     /// Entries serialized by this compile; the others were reused from the previous one.
     pub serialized: usize,
+    /// Unique per build, so a consumer can tell whether [`Self::delta`] is relative to the
+    /// table it holds (a watch channel may skip compiles).
+    id: u64,
+    /// What differs from the previous compile's table; `None` for a table built from scratch.
+    delta: Option<Delta>,
 }
+
+/// Which entries of a table differ from those of the table it was built from, so the
+/// discovery view and its subscribers can follow a compile at the cost of what changed
+/// instead of the size of the table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Delta {
+    /// [`Fragments::id`] of the table this one was built from.
+    pub base: u64,
+    /// Entries (indices in the new table) that are new, or whose compiled value or export
+    /// scope changed.
+    pub changed: Vec<u32>,
+    /// Keys of the previous table that are gone.
+    pub removed: Vec<ObjectKey>,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl std::fmt::Debug for Fragments {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -269,6 +291,7 @@ impl Fragments {
         let remote = sum(false);
         let full = sum(true);
         let restricted = export.iter().any(|s| !s.is_all());
+        let delta = previous.map(|p| p.delta_to(&entries, &export));
         Self {
             entries,
             export,
@@ -279,7 +302,56 @@ impl Fragments {
             full,
             table_errors,
             serialized,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            delta,
         }
+    }
+
+    /// One merge walk over two sorted tables: unchanged entries are the very `Arc`s reused
+    /// by [`Self::build`], so an entry counts as changed exactly when it was rebuilt (or its
+    /// export scope moved), and a pointer comparison decides.
+    fn delta_to(&self, entries: &[Arc<Entry>], export: &[Scope]) -> Delta {
+        let mut delta = Delta {
+            base: self.id,
+            ..Delta::default()
+        };
+        let (mut i, mut j) = (0, 0);
+        while i < entries.len() || j < self.entries.len() {
+            let order = match (entries.get(i), self.entries.get(j)) {
+                (Some(new), Some(old)) => new.key().cmp(&old.key()),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, _) => std::cmp::Ordering::Greater,
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    delta.changed.push(i as u32);
+                    i += 1;
+                }
+                std::cmp::Ordering::Greater => {
+                    let (namespace, name) = self.entries[j].key();
+                    delta.removed.push(ObjectKey::new(namespace, name));
+                    j += 1;
+                }
+                std::cmp::Ordering::Equal => {
+                    if !Arc::ptr_eq(&entries[i], &self.entries[j]) || export[i] != self.export[j] {
+                        delta.changed.push(i as u32);
+                    }
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+        delta
+    }
+
+    /// This table's identity (see [`Delta::base`]).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// What changed since the table this one was built from (`None`: built from scratch).
+    pub fn delta(&self) -> Option<&Delta> {
+        self.delta.as_ref()
     }
 
     /// Number of Services in the table.
@@ -321,22 +393,36 @@ impl Fragments {
 
     /// Whether `namespace`, importing `import`, sees entry `i` directly (its export scope
     /// admits the namespace and the namespace imports the Service's). Split backends of a
-    /// visible Service are visible too: callers follow [`Self::split_backends`] for that, the
+    /// visible Service are visible too: callers follow [`Self::split_targets`] for that, the
     /// same closure [`Self::plan`] takes.
     pub fn directly_visible(&self, i: u32, namespace: &str, import: &Scope) -> bool {
         let e = &self.entries[i as usize];
         self.export[i as usize].contains(namespace) && import.contains(&e.service.namespace)
     }
 
-    /// Entries `i` splits traffic to.
-    pub fn split_backends(&self, i: u32) -> &[u32] {
-        &self.backends[i as usize]
+    /// The `namespace/name` of every Service entry `i`'s policy splits to, whether it is in
+    /// the table or not: an index kept across compiles must not lose an edge because its
+    /// backend was missing when the edge was recorded.
+    pub fn split_targets(&self, i: u32) -> impl Iterator<Item = ObjectKey> + '_ {
+        self.entries[i as usize]
+            .policy
+            .iter()
+            .flat_map(|p| &p.split)
+            .filter_map(|b| {
+                let (name, namespace) = b.service.split_once('.')?;
+                Some(ObjectKey::new(namespace, name))
+            })
     }
 
     /// Index of a Service, if it is in the table.
     pub fn index_of(&self, key: &ObjectKey) -> Option<u32> {
+        self.find(&key.namespace, &key.name)
+    }
+
+    /// Index of the Service `namespace/name`, if it is in the table (a binary search).
+    pub fn find(&self, namespace: &str, name: &str) -> Option<u32> {
         self.entries
-            .binary_search_by(|e| e.key().cmp(&(key.namespace.as_str(), key.name.as_str())))
+            .binary_search_by(|e| e.key().cmp(&(namespace, name)))
             .ok()
             .map(|i| i as u32)
     }

@@ -13,10 +13,12 @@
 //!
 //! # Shape
 //! - [`view`]: one compile's table (the compiler's own entries, policies attached, every
-//!   endpoint inline) indexed by name and address, with the compiler's visibility rule.
-//! - [`registry`]: pure per-stream state: subscriptions, a bounded latest-wins pending set,
-//!   acknowledged generations, and who each proxy is and which ConfigMap settings it runs
-//!   (what [`crate::propagation`] counts).
+//!   endpoint inline) indexed by name and address, with the compiler's visibility rule; it
+//!   follows each compile in place, re-indexing only the Services the compiler rebuilt.
+//! - [`registry`]: pure per-stream state: subscriptions (and who subscribed to each Service,
+//!   so a change reaches its subscribers without a scan of every stream), a bounded
+//!   latest-wins pending set, acknowledged generations, and who each proxy is and which
+//!   ConfigMap settings it runs (what [`crate::propagation`] counts).
 //! - [`server`]: the mTLS HTTP/2 edge (transport and why in
 //!   [`trellis_proxy::discovery::proto`]).
 //!
@@ -36,7 +38,7 @@ use std::time::Duration;
 
 pub use registry::{Peer, Propagation, Registry, StreamId};
 pub use server::{Hub, serve};
-pub use view::View;
+pub use view::{Changes, View};
 
 /// How long a stream gathers changes before it is flushed: a rollout changes a Service's
 /// endpoints many times within a few milliseconds, and one message with the final state is the

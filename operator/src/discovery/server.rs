@@ -29,7 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use trellis_proxy::discovery::{ClientMessage, Decoder, PATH, encode, workload_namespace};
 
-use super::{DEBOUNCE, Registry, StreamId, View};
+use super::{DEBOUNCE, Registry, StreamId};
 use crate::compiler::Output;
 
 /// Concurrent connections (one per proxy): enough for a large cluster per replica, and a
@@ -64,16 +64,18 @@ impl Hub {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Publishes a compile's output to every stream; returns the view generation it was
-    /// published as (what the streams acknowledge), `None` when the output has no table.
+    /// Publishes a compile's output to the streams it concerns; returns the view generation it
+    /// was published as (what the streams acknowledge), `None` when the output has no table.
     pub fn publish(&self, out: &Output) -> Option<u64> {
+        out.fragments()?;
         let generation = {
             let mut g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
             *g += 1;
             *g
         };
-        let view = View::new(out, generation)?;
-        let wake = self.registry().publish(Arc::new(view));
+        // Incremental: the view follows the compile in place and only the streams subscribed
+        // to what changed are woken (see `Registry::update`).
+        let wake = self.registry().update(out, generation);
         let wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
         for id in wake {
             if let Some(n) = wakers.get(&id) {

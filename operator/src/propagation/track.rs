@@ -103,7 +103,9 @@ pub struct StreamState {
     /// The TCP peer (the pod's IP: sidecar traffic bypasses the redirect).
     pub addr: Option<IpAddr>,
     pub connected: Option<Timestamp>,
-    /// The last view generation acknowledged.
+    /// The view generation whose state the proxy holds: what it acknowledged, or the latest
+    /// once it acknowledged every change it was sent (a view that changes nothing it
+    /// subscribed to is not sent to it, see `discovery::registry`).
     pub acked: u64,
     /// The ConfigMap settings digest reported (`None`: not reported yet).
     pub settings: Option<String>,

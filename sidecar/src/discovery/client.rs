@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
@@ -20,6 +20,17 @@ use super::proto::{ClientMessage, Decoder, FrameError, PATH, ServerMessage, enco
 /// How long connecting (TCP, TLS, HTTP/2, response headers) may take before the replica is
 /// given up on for another.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// HTTP/2 PING interval on the stream. A replica that hangs, or whose node vanished without a
+/// FIN, leaves the socket open and silent: without pings the proxy would stay subscribed to
+/// nobody forever, miss every change, and make each new destination wait [`RESOLVE_WAIT`] for
+/// nothing. With this interval and [`KEEPALIVE_TIMEOUT`] such a replica is left for another
+/// within 10 s; a PING is 17 bytes every 5 s per proxy, which the operator answers without
+/// touching the registry.
+///
+/// [`RESOLVE_WAIT`]: super::resolver::RESOLVE_WAIT
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a PING may go unanswered before the stream is closed.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a stream could not be opened or ended.
 #[derive(Debug, thiserror::Error)]
@@ -77,8 +88,13 @@ impl Stream {
             .connect(crate::tls::mesh_server_name(), tcp)
             .await
             .map_err(|e| StreamError::Tls(addr, e))?;
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
+        let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls))
+            .await?;
         let conn = tokio::spawn(async move {
             if let Err(error) = conn.await {
                 tracing::debug!(%error, "discovery connection ended");

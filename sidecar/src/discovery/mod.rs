@@ -1,6 +1,8 @@
 //! The sidecar's side of the operator's discovery stream: the wire protocol ([`proto`]) and
-//! the client that keeps a stream open ([`client`]).
+//! the client that keeps a stream open ([`client`]), what it learned ([`cache`], pure) and the
+//! resolver the data path asks ([`resolver`]).
 
+pub mod cache;
 pub mod client;
 pub mod proto;
 pub mod resolver;

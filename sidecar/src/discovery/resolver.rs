@@ -3,40 +3,50 @@
 //! The ConfigMap is the bootstrap: the proxy serves from it before the stream is up and
 //! whenever the operator is unreachable. The first connection to an address (or, in local
 //! mode, an authority) the config does not know asks the [`Resolver`], which subscribes on the
-//! stream and waits for the answer, at most [`RESOLVE_WAIT`] and only while a stream is up,
-//! so an unreachable operator never delays traffic. Services the operator pushes go into a
-//! cache that [`Resolver::merge`] lays over the ConfigMap's config, and the merged config is published
-//! to the data path on the same channel a ConfigMap reload uses: the new snapshot's index
-//! covers the bootstrap set plus the subscriptions (both bounded), and nothing is re-read
-//! from disk. A pushed Service replaces the ConfigMap's entry of the same name (it is newer).
+//! stream and waits for the answer, at most [`RESOLVE_WAIT`], while a stream is up or the first
+//! one is being opened (the application's first calls come as the proxy turns ready), never
+//! once the operator proved unreachable, so an unreachable operator never delays traffic.
+//! Every connection that arrives while a question is outstanding waits for the same answer
+//! (a connection pool opening at start must not send all but its first connection in
+//! plaintext), and a learned split waits for its backends, which the resolver subscribes to
+//! as soon as it learns the split (the rules, pure, are in [`super::cache`]). Services the
+//! operator pushes go into a cache that [`Resolver::merge`] lays over the ConfigMap's config,
+//! and the merged config is published to the data path on the same channel a ConfigMap reload
+//! uses: the new snapshot's index covers the bootstrap set plus the subscriptions (both
+//! bounded), and nothing is re-read from disk. A pushed Service replaces the ConfigMap's entry
+//! of the same name (it is newer).
 //!
 //! The stream is kept by [`Resolver::run`]: it connects to the configured operator addresses
-//! in turn (a Service name resolves to any replica), with exponential backoff, subscribes again
+//! in turn (a Service name resolves to any replica), with exponential backoff (reset only by a
+//! stream that delivered a batch, so a replica that ends every stream at once is not
+//! redialled at the minimum backoff by every proxy), subscribes again
 //! to everything it holds after a reconnect, and acknowledges each generation once its changes
-//! are in the cache. When the stream is down the cache stays as it is: the proxy keeps serving
-//! the last state it was told.
+//! are in the cache. A replica that dies closes the stream; one that hangs (no FIN: a lost node,
+//! a partition) is noticed by the stream's HTTP/2 keepalive ([`super::client`]); either way the
+//! next attempt goes to the next address. When the stream is down the cache stays as it is:
+//! the proxy keeps serving the last state it was told.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::cache::{Ask, Cache};
 use super::client::Stream;
-use super::proto::{ClientMessage, MAX_SUBSCRIPTIONS, ServerMessage, Target};
+use super::proto::{ClientMessage, ServerMessage, Target};
 use crate::config::OutboundService;
 use crate::creds::CredentialsRx;
 use crate::reload::{ConfigRx, ConfigTx, Snapshot};
 
+pub use super::cache::NEGATIVE_TTL;
+
 /// How long the first connection to an unknown destination waits for the operator's answer
 /// before it is handled as before (plaintext pass-through).
 pub const RESOLVE_WAIT: Duration = Duration::from_secs(1);
-/// How long an `Unknown` answer is remembered: connections to non-mesh destinations (the
-/// internet, a database outside the cluster) do not ask again on every connection.
-pub const NEGATIVE_TTL: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -49,26 +59,36 @@ pub struct Settings {
     pub operator_id: String,
 }
 
-#[derive(Default)]
-struct State {
-    /// Pushed Services by `name.namespace`.
-    cache: BTreeMap<String, OutboundService>,
-    /// Everything asked for (re-sent after a reconnect).
-    subscribed: HashSet<Target>,
-    /// `Unknown` answers and when they arrived.
-    unknown: HashMap<Target, Instant>,
+/// The state of the stream, as far as a connection deciding whether to wait cares.
+///
+/// `Starting` is the time between the proxy's start and the first attempt's outcome: the
+/// application's first calls come right when the proxy turns ready, typically before the
+/// stream is up, and must wait for it (bounded) or they would leave as plaintext. Once an
+/// attempt has failed, the operator counts as unreachable and nobody waits for it until a
+/// stream is up again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Link {
+    Starting = 0,
+    Up = 1,
+    Down = 2,
 }
+
+/// Learned Services and the number of answers they include (see [`Cache::answers`]).
+type Published = (u64, Arc<BTreeMap<String, OutboundService>>);
 
 /// The sidecar's discovery client.
 pub struct Resolver {
     settings: Settings,
-    state: Mutex<State>,
-    connected: AtomicBool,
-    /// Woken on every batch the operator finishes (`Synced`), on `Unknown`, and on disconnect.
+    cache: Mutex<Cache>,
+    link: AtomicU8,
+    /// Answers included in the snapshot the data path reads (set by [`Resolver::merge`]).
+    merged: AtomicU64,
+    /// Woken when a merged snapshot is published and when the stream goes up or down.
     answered: Notify,
     requests: mpsc::Sender<Target>,
     requests_rx: Mutex<Option<mpsc::Receiver<Target>>>,
-    cache_tx: watch::Sender<Arc<BTreeMap<String, OutboundService>>>,
+    cache_tx: watch::Sender<Published>,
     /// The settings digest of the ConfigMap config in force
     /// ([`crate::config::ProxyConfig::settings_digest`]), reported to the operator.
     loaded: watch::Sender<Option<String>>,
@@ -89,57 +109,82 @@ impl Resolver {
         let (requests, rx) = mpsc::channel(256);
         Arc::new(Self {
             settings,
-            state: Mutex::default(),
-            connected: AtomicBool::new(false),
+            cache: Mutex::default(),
+            link: AtomicU8::new(Link::Starting as u8),
+            merged: AtomicU64::new(0),
             answered: Notify::new(),
             requests,
             requests_rx: Mutex::new(Some(rx)),
-            cache_tx: watch::channel(Arc::new(BTreeMap::new())).0,
+            cache_tx: watch::channel((0, Arc::new(BTreeMap::new()))).0,
             loaded: watch::channel(None).0,
         })
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn link(&self) -> Link {
+        match self.link.load(Ordering::Acquire) {
+            0 => Link::Starting,
+            1 => Link::Up,
+            _ => Link::Down,
+        }
+    }
+
+    fn set_link(&self, link: Link) {
+        self.link.store(link as u8, Ordering::Release);
+        self.answered.notify_waiters();
     }
 
     /// Whether a stream to the operator is up.
     pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
+        self.link() == Link::Up
     }
 
-    /// Asks the operator about `target` and waits (at most `wait`, and only while connected)
-    /// until it answered. The caller then looks the destination up again in the current
-    /// snapshot, which includes the answer when there was one.
-    pub async fn resolve(&self, target: Target, wait: Duration) {
-        {
-            let mut st = self.state();
-            if let Some(at) = st.unknown.get(&target) {
-                if at.elapsed() < NEGATIVE_TTL {
-                    return;
-                }
-                st.unknown.remove(&target);
-            }
-            if st.subscribed.contains(&target) || st.subscribed.len() >= MAX_SUBSCRIPTIONS {
-                // Already asked (the answer is in the cache, or on its way) or full.
-                return;
-            }
-            if !self.is_connected() {
-                return;
-            }
-            st.subscribed.insert(target.clone());
-        }
-        let answered = self.answered.notified();
-        tokio::pin!(answered);
-        answered.as_mut().enable();
-        if self.requests.try_send(target).is_err() {
+    /// Asks the operator about `target` and waits (at most `wait`, and not at all while the
+    /// operator is unreachable) until `known` says the data path can route the destination,
+    /// or the operator's answer (and whatever it depends on) is in the published snapshot.
+    /// Connections that arrive while the same question is outstanding wait for the same
+    /// answer. The caller then looks the destination up again in the current snapshot.
+    pub async fn resolve(&self, target: Target, wait: Duration, known: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + wait;
+        if self.link() == Link::Down {
             return;
         }
-        let _ = tokio::time::timeout(wait, answered).await;
+        {
+            let mut st = self.state();
+            match st.ask(&target, Instant::now()) {
+                Ask::Send => {
+                    if self.requests.try_send(target.clone()).is_err() {
+                        st.unsend(&target);
+                        return;
+                    }
+                }
+                Ask::Asked => {}
+                Ask::Unknown | Ask::Full => return,
+            }
+        }
+        loop {
+            let answered = self.answered.notified();
+            tokio::pin!(answered);
+            answered.as_mut().enable();
+            if known() || self.link() == Link::Down || self.settled(&target) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, answered).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn settled(&self, target: &Target) -> bool {
+        let merged = self.merged.load(Ordering::Acquire);
+        self.link() == Link::Up && self.state().settled(target, merged, Instant::now())
     }
 
     /// The learned Services, for [`Resolver::merge`].
-    pub fn cache(&self) -> watch::Receiver<Arc<BTreeMap<String, OutboundService>>> {
+    pub fn cache(&self) -> watch::Receiver<Published> {
         self.cache_tx.subscribe()
     }
 
@@ -155,45 +200,21 @@ impl Resolver {
         });
     }
 
-    fn apply(&self, msg: ServerMessage) -> Option<u64> {
-        match msg {
-            ServerMessage::Service { key, service } => {
-                let mut st = self.state();
-                match service {
-                    Some(s) => {
-                        st.cache.insert(key, *s);
-                    }
-                    None => {
-                        st.cache.remove(&key);
-                        st.subscribed.remove(&Target::Service(key));
-                    }
-                }
-                None
-            }
-            ServerMessage::Unknown { target } => {
-                let mut st = self.state();
-                st.subscribed.remove(&target);
-                // A Service re-subscribed after a reconnect may be gone (or hidden) by now: the
-                // cache must not keep serving it (the next `Synced` publishes the removal).
-                if let Target::Service(key) = &target {
-                    st.cache.remove(key);
-                }
-                st.unknown.insert(target, Instant::now());
-                drop(st);
-                self.answered.notify_waiters();
-                None
-            }
-            ServerMessage::Synced { generation } => {
-                // Waiters are woken by `merge` once the data path can see the batch.
-                let cache = Arc::new(self.state().cache.clone());
-                self.cache_tx.send_replace(cache);
-                Some(generation)
-            }
+    /// Applies one message; returns the generation to acknowledge and targets to subscribe.
+    fn apply(&self, msg: ServerMessage) -> (Option<u64>, Vec<Target>) {
+        let mut st = self.state();
+        let applied = st.apply(msg, Instant::now());
+        if applied.synced.is_some() {
+            // Waiters are woken by `merge` once the data path can see the batch.
+            let published = (st.answers(), Arc::new(st.services().clone()));
+            drop(st);
+            self.cache_tx.send_replace(published);
         }
+        (applied.synced, applied.subscribe)
     }
 
     /// Keeps a stream to the operator until `shutdown`, reconnecting with backoff.
-    pub async fn run(self: Arc<Self>, creds: CredentialsRx, shutdown: CancellationToken) {
+    pub async fn run(self: Arc<Self>, mut creds: CredentialsRx, shutdown: CancellationToken) {
         let Some(mut requests) = self
             .requests_rx
             .lock()
@@ -208,35 +229,50 @@ impl Resolver {
             if shutdown.is_cancelled() {
                 return;
             }
-            let tls = creds.borrow().as_ref().and_then(|c| {
-                crate::tls::client_config(
-                    c,
-                    std::slice::from_ref(&self.settings.operator_id),
-                    &[b"h2"],
-                )
-                .ok()
-            });
+            let own = creds.borrow_and_update().clone();
+            let Some(own) = own else {
+                // No certificate yet (the proxy is not ready either): connect as soon as it
+                // arrives, not a backoff later, so the stream is up when traffic starts.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    changed = creds.changed() => if changed.is_err() { return },
+                }
+                continue;
+            };
+            let tls = crate::tls::client_config(
+                &own,
+                std::slice::from_ref(&self.settings.operator_id),
+                &[b"h2"],
+            );
             let addr = self
                 .settings
                 .addrs
                 .get(next % self.settings.addrs.len().max(1));
             next += 1;
             let opened = match (tls, addr) {
-                (Some(tls), Some(addr)) => match resolve_addr(addr).await {
+                (Err(error), _) => Err(format!("no TLS config for the stream: {error}")),
+                (Ok(tls), Some(addr)) => match resolve_addr(addr).await {
                     Some(sa) => Stream::open(sa, tls).await.map_err(|e| e.to_string()),
                     None => Err(format!("{addr} does not resolve")),
                 },
-                (None, _) => Err("no workload certificate yet".into()),
-                (_, None) => Err("no operator address configured".into()),
+                (Ok(_), None) => Err("no operator address configured".into()),
             };
             match opened {
                 Ok(stream) => {
-                    backoff = BACKOFF_MIN;
-                    self.session(stream, &mut requests, &shutdown).await;
-                    self.connected.store(false, Ordering::Relaxed);
-                    self.answered.notify_waiters();
+                    // Only a stream that delivered a batch was a success: a replica that ends
+                    // every stream at once (a crash loop behind a live port) is redialled with
+                    // growing backoff, not every 100 ms by every proxy of the cluster.
+                    if self.session(stream, &mut requests, &shutdown).await {
+                        backoff = BACKOFF_MIN;
+                    }
+                    self.state().disconnected();
+                    // Until the next stream is up, connections do not wait for the operator.
+                    self.set_link(Link::Down);
                 }
-                Err(error) => tracing::debug!(%error, "discovery stream not opened"),
+                Err(error) => {
+                    tracing::debug!(%error, "discovery stream not opened");
+                    self.set_link(Link::Down);
+                }
             }
             let jitter = Duration::from_millis(rand::random::<u64>() % 50);
             tokio::select! {
@@ -247,76 +283,79 @@ impl Resolver {
         }
     }
 
+    /// Serves one stream until it ends; whether the operator delivered a batch on it.
     async fn session(
         &self,
         mut stream: Stream,
         requests: &mut mpsc::Receiver<Target>,
         shutdown: &CancellationToken,
-    ) {
-        let held: Vec<Target> = {
-            let st = self.state();
-            st.subscribed
-                .iter()
-                .cloned()
-                .chain(st.cache.keys().map(|k| Target::Service(k.clone())))
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .collect()
-        };
-        // Requests queued while disconnected were answered by the timeout; drop them.
+    ) -> bool {
+        let mut served = false;
+        // Everything queued so far is subscribed, so it is in what is asked again here.
         while requests.try_recv().is_ok() {}
+        let held = self.state().resubscribe(Instant::now());
         if !held.is_empty()
             && !stream
                 .send(&ClientMessage::Subscribe { targets: held })
                 .await
         {
-            return;
+            return served;
         }
         let mut loaded = self.loaded.subscribe();
         let settings = loaded.borrow_and_update().clone();
         if let Some(settings) = settings
             && !stream.send(&ClientMessage::Loaded { settings }).await
         {
-            return;
+            return served;
         }
-        self.connected.store(true, Ordering::Relaxed);
+        self.set_link(Link::Up);
         tracing::info!("discovery stream up");
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return served,
                 c = loaded.changed() => {
                     if c.is_err() {
-                        return;
+                        return served;
                     }
                     let settings = loaded.borrow_and_update().clone();
                     if let Some(settings) = settings
                         && !stream.send(&ClientMessage::Loaded { settings }).await
                     {
-                        return;
+                        return served;
                     }
                 }
                 t = requests.recv() => {
-                    let Some(t) = t else { return };
+                    let Some(t) = t else { return served };
                     let mut targets = vec![t];
                     while let Ok(t) = requests.try_recv() {
                         targets.push(t);
                     }
                     if !stream.send(&ClientMessage::Subscribe { targets }).await {
-                        return;
+                        return served;
                     }
                 }
                 m = stream.recv() => match m {
                     Ok(Some(m)) => {
-                        if let Some(generation) = self.apply(m)
+                        let (ack, subscribe) = self.apply(m);
+                        served |= ack.is_some();
+                        if !subscribe.is_empty()
+                            && !stream.send(&ClientMessage::Subscribe { targets: subscribe }).await
+                        {
+                            return served;
+                        }
+                        if let Some(generation) = ack
                             && !stream.send(&ClientMessage::Ack { generation }).await
                         {
-                            return;
+                            return served;
                         }
                     }
-                    Ok(None) => return,
+                    Ok(None) => {
+                        tracing::info!("discovery stream closed by the operator; serving from cache");
+                        return served;
+                    }
                     Err(error) => {
                         tracing::info!(%error, "discovery stream lost; serving from cache");
-                        return;
+                        return served;
                     }
                 },
             }
@@ -332,8 +371,9 @@ impl Resolver {
     /// Lays the learned Services over the ConfigMap's config and publishes the result on `out`
     /// (what the data path reads), calling `on_apply` with each merged snapshot, until `files`
     /// closes; then wakes the connections waiting for an answer. A merged config the sidecar's
-    /// validator refuses (say, a pushed split whose backend is not known here) is not
-    /// published: the ConfigMap's config alone is.
+    /// validator refuses is not published: the ConfigMap's config alone is. (A learned split
+    /// whose backends are not known yet is left out before validation, see
+    /// [`super::cache::overlay`], so it cannot take every other learned Service down with it.)
     pub async fn merge(
         self: Arc<Self>,
         mut files: ConfigRx,
@@ -344,7 +384,7 @@ impl Resolver {
         let mut reported: Option<Arc<Snapshot>> = None;
         loop {
             let file = files.borrow_and_update().clone();
-            let learned = cache.borrow_and_update().clone();
+            let (answers, learned) = cache.borrow_and_update().clone();
             if let Some(file) = file {
                 // Only a new file can change the settings; pushes (most iterations) cannot.
                 if !reported.as_ref().is_some_and(|r| Arc::ptr_eq(r, &file)) {
@@ -355,6 +395,7 @@ impl Resolver {
                 on_apply(&merged);
                 out.send_replace(Some(merged));
             }
+            self.merged.store(answers, Ordering::Release);
             self.answered.notify_waiters();
             tokio::select! {
                 c = files.changed() => if c.is_err() { return },
@@ -368,12 +409,9 @@ fn merged_snapshot(
     file: &Arc<Snapshot>,
     learned: &BTreeMap<String, OutboundService>,
 ) -> Arc<Snapshot> {
-    if learned.is_empty() {
+    let Some(cfg) = super::cache::overlay(&file.config, learned) else {
         return file.clone();
-    }
-    let mut cfg = (*file.config).clone();
-    cfg.outbound.retain(|s| !learned.contains_key(&s.key()));
-    cfg.outbound.extend(learned.values().cloned());
+    };
     match cfg.validate() {
         Ok(()) => Arc::new(Snapshot::new(cfg, (*file.labels).clone())),
         Err(errors) => {
@@ -422,9 +460,12 @@ mod tests {
             key: "db.shop".into(),
             service: Some(svc("db")),
         });
-        assert!(cache.borrow().is_empty(), "published only at Synced");
-        assert_eq!(r.apply(ServerMessage::Synced { generation: 3 }), Some(3));
-        assert_eq!(cache.borrow().len(), 2);
+        assert!(cache.borrow().1.is_empty(), "published only at Synced");
+        assert_eq!(
+            r.apply(ServerMessage::Synced { generation: 3 }),
+            (Some(3), vec![])
+        );
+        assert_eq!(cache.borrow().1.len(), 2);
         // Deleted while we were subscribed, and gone by the time of a re-subscribe.
         r.apply(ServerMessage::Service {
             key: "web.shop".into(),
@@ -434,6 +475,6 @@ mod tests {
             target: Target::Service("db.shop".into()),
         });
         r.apply(ServerMessage::Synced { generation: 4 });
-        assert!(cache.borrow().is_empty());
+        assert!(cache.borrow().1.is_empty());
     }
 }

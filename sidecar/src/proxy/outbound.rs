@@ -114,8 +114,15 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr) {
             .as_deref()
             .is_some_and(|s| s.service_for_addr(orig_dst).is_none())
     {
+        let known = || {
+            shared
+                .config
+                .borrow()
+                .as_deref()
+                .is_some_and(|s| s.service_for_addr(orig_dst).is_some())
+        };
         resolver
-            .resolve(DiscoveryTarget::Address(orig_dst.ip()), RESOLVE_WAIT)
+            .resolve(DiscoveryTarget::Address(orig_dst.ip()), RESOLVE_WAIT, known)
             .await;
         snap = shared.config.borrow().clone();
     }
@@ -272,8 +279,16 @@ async fn handle(
             .is_none()
         && let Some(key) = service_key(authority(&req).unwrap_or(""), &s.config.namespace)
     {
+        let auth = authority(&req).unwrap_or("");
+        let known = || {
+            shared
+                .config
+                .borrow()
+                .as_deref()
+                .is_some_and(|s| s.service_for_authority(auth).is_some())
+        };
         resolver
-            .resolve(DiscoveryTarget::Service(key), RESOLVE_WAIT)
+            .resolve(DiscoveryTarget::Service(key), RESOLVE_WAIT, known)
             .await;
         snap = shared.config.borrow().clone();
     }
