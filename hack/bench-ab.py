@@ -10,11 +10,17 @@ machine-wide slowdowns that hit both alike cancel out. Not run by CI.
 
 Usage: hack/bench-ab.py OLD_BINARY NEW_BINARY (the same binary twice, with A_ENV/B_ENV, compares
 settings: A_ENV="TRELLIS_CONCURRENCY=2,X=y" is the environment of pair A only)
-Environment: RATE (1000), CONNS (16), DURATION (8 s), ROUNDS (5), PERF (unset; "client" or
+Environment: RATE (1000), CONNS (16), DURATION (8 s), ROUNDS (5), PORT_BASE (19100: pair A
+listens from there, pair B 100 above, the nginx upstream 1520 below, the OTLP sink 218 above;
+give each concurrent run its own, since a second run on the same ports would measure the first
+run's proxies), PERF (unset; "client" or
 "server": run `perf record` on that proxy of B during one more round after the counted ones,
 PERF_DURATION seconds long (default DURATION), into hack/out/perf-B-<role>.data), STAT (unset;
 "1": count syscalls and context switches per request of both proxies of A and B in their last
-rounds, with `perf stat`), A_TRACING / B_TRACING
+rounds, with `perf stat`), IR (unset; "1": run every proxy under valgrind's callgrind and report
+instructions per request per role instead of CPU time: deterministic, so one or two rounds at a
+low RATE (say 200) compare binaries on a machine too busy for CPU time to mean anything; it
+counts work, not cache misses or syscall cost), A_TRACING / B_TRACING
 (unset: tracing off; a sampling percent, e.g. "1": both sidecars of that pair export spans over
 OTLP/HTTP to a sink collector inside this script, which answers every export 200 and counts
 them; its CPU is this script's, not the proxies'; "<percent>@dead": to a port where nothing
@@ -46,9 +52,11 @@ ROUNDS = int(os.environ.get("ROUNDS", "5"))
 PERF = os.environ.get("PERF", "")
 IDLE = float(os.environ.get("IDLE", "0"))
 TOGETHER = os.environ.get("TOGETHER") == "1"
-OTLP_SINK = 19318
-OTLP_DEAD = 19319
-UPSTREAM = 18580
+IR = os.environ.get("IR") == "1"
+PORT_BASE = int(os.environ.get("PORT_BASE", "19100"))
+OTLP_SINK = PORT_BASE + 218
+OTLP_DEAD = PORT_BASE + 219
+UPSTREAM = PORT_BASE - 1520
 TD = "cluster.local"
 CLIENT_ID = f"spiffe://{TD}/ns/bench/sa/client"
 SERVER_ID = f"spiffe://{TD}/ns/bench/sa/server"
@@ -113,7 +121,7 @@ def write_config(pd, cfg):
 
 
 def ready(port):
-    end = time.time() + 15
+    end = time.time() + (180 if IR else 15)
     while time.time() < end:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
@@ -166,23 +174,46 @@ def pair(d, name, binary, base_port, env=None, traced=None):
         write_config(pd, cfg)
         dirs[role] = pd
     common = ["--log-format", "text", "--log-level", "warn", "--local-mode"]
-    s = spawn([binary, "--dir", dirs["server"], "--cert-file", f"{d}/server.crt",
+    if IR:
+        binary = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", binary]
+    else:
+        binary = [binary]
+    s = spawn([*binary, "--dir", dirs["server"], "--cert-file", f"{d}/server.crt",
                "--key-file", f"{d}/server.key", "--inbound-addr", f"127.0.0.1:{in_port}",
                "--outbound-addr", "127.0.0.1:0", "--admin-addr", f"127.0.0.1:{sadmin}",
                "--inbound-target", f"127.0.0.1:{UPSTREAM}", *common], env)
-    c = spawn([binary, "--dir", dirs["client"], "--cert-file", f"{d}/client.crt",
+    c = spawn([*binary, "--dir", dirs["client"], "--cert-file", f"{d}/client.crt",
                "--key-file", f"{d}/client.key", "--outbound-addr", f"127.0.0.1:{out_port}",
                "--inbound-addr", "127.0.0.1:0", "--admin-addr", f"127.0.0.1:{cadmin}", *common], env)
     ready(sadmin)
     ready(cadmin)
+    # Another run on the same ports answers `ready` too: make sure ours are the ones alive.
+    for p in (s, c):
+        if p.poll() is not None:
+            raise SystemExit(f"{binary} exited at start (ports from {base_port} taken?)")
     return {"client": c.pid, "server": s.pid, "port": out_port}
+
+
+def instructions(pid):
+    """Instructions the proxy under callgrind has run so far (every thread), in millions."""
+    out = sh("callgrind_control", "-e", "Ir", str(pid))
+    total = 0
+    for line in out.splitlines():
+        f = line.split()
+        # "Th <n> <Ir>" per thread.
+        if len(f) == 3 and f[0] == "Th":
+            total += int(f[2].replace(",", ""))
+    return total / 1e6
 
 
 def cpu(pid):
     """CPU seconds of all the process's threads, in nanoseconds' resolution (schedstat's time
     on CPU): /proc/<pid>/stat counts in clock ticks (10 ms), 2 % of a round's CPU here, which
     is as large as the differences this tool is for. A thread that exits between two readings
-    takes its time with it; the proxy's threads live as long as it does."""
+    takes its time with it; the proxy's threads live as long as it does. Under IR=1, millions
+    of instructions instead."""
+    if IR:
+        return instructions(pid)
     total = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -296,8 +327,8 @@ def main():
         sink = None
         if any(t and t[1] == OTLP_SINK for t in traced.values()):
             sink = otlp_sink_class()(OTLP_SINK)
-        pairs = {"A": pair(d, "a", a_bin, 19100, env("A_ENV"), traced["A"]),
-                 "B": pair(d, "b", b_bin, 19200, env("B_ENV"), traced["B"])}
+        pairs = {"A": pair(d, "a", a_bin, PORT_BASE, env("A_ENV"), traced["A"]),
+                 "B": pair(d, "b", b_bin, PORT_BASE + 100, env("B_ENV"), traced["B"])}
         if IDLE > 0:
             # Let start-up (config load, exporter connect) settle before idling counts.
             time.sleep(2)
@@ -320,7 +351,7 @@ def main():
                         name=name)
                 rows[name].append(r)
                 print(f"round {i} {name}: client {r['client']:.4f} server {r['server']:.4f} "
-                      f"CPU s/1000 req; p50 {r['p50']:.3f} p99 {r['p99']:.3f} ms", flush=True)
+                      f"{'M instructions' if IR else 'CPU s'}/1000 req; p50 {r['p50']:.3f} p99 {r['p99']:.3f} ms", flush=True)
         for role in ("client", "server"):
             ratios = [b[role] / a[role] for a, b in zip(rows["A"], rows["B"]) if a[role] > 0]
             print(f"{role}: A median {statistics.median(r[role] for r in rows['A']):.4f}, "

@@ -406,3 +406,83 @@ async fn a_connection_whose_root_left_the_bundle_is_retired_after_in_flight_requ
     })
     .await;
 }
+
+/// A plaintext HTTP/1.1 server counting connections; `/big` answers with 1 MiB, everything
+/// else with "ok".
+async fn h1_server() -> (SocketAddr, Arc<Seen>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            s.accepted.fetch_add(1, Ordering::SeqCst);
+            let s = s.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let body = if req.uri().path() == "/big" {
+                        Bytes::from(vec![b'x'; 1 << 20])
+                    } else {
+                        Bytes::from_static(b"ok")
+                    };
+                    Ok::<_, Infallible>(Response::new(Full::new(body)))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+                s.closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Plaintext HTTP/1.1 connections go back to the pool when their response has been read, and
+/// one whose response was abandoned half-way is not handed to the next request.
+#[tokio::test]
+async fn http1_connections_are_reused_once_their_response_is_read() {
+    let (addr, seen) = h1_server().await;
+    let pool = plain_pool();
+    let t = Target {
+        protocol: Protocol::Http1,
+        ..target(addr, &[])
+    };
+    for _ in 0..5 {
+        assert_eq!(get(&pool, t.clone(), "/").await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(
+        seen.accepted.load(Ordering::SeqCst),
+        1,
+        "one connection reused"
+    );
+    assert_eq!(pool.stats().idle_h1_conns, 1);
+
+    // A large response dropped after its head: that connection cannot take another request.
+    let req = Request::builder()
+        .uri("http://svc/big")
+        .body(full(Bytes::new()))
+        .unwrap();
+    let resp = pool.send(t.clone(), req).await.unwrap();
+    assert_eq!(
+        pool.stats().idle_h1_conns,
+        0,
+        "in use while its response is read"
+    );
+    drop(resp);
+    assert_eq!(get(&pool, t.clone(), "/").await.unwrap(), StatusCode::OK);
+    assert_eq!(
+        seen.accepted.load(Ordering::SeqCst),
+        2,
+        "a new connection for the next"
+    );
+    eventually("the abandoned connection closes", || {
+        seen.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // And the new one is reused in turn.
+    assert_eq!(get(&pool, t, "/").await.unwrap(), StatusCode::OK);
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+}

@@ -7,6 +7,7 @@
 
 pub mod coalesce;
 pub mod detect;
+pub mod h2client;
 pub mod http;
 pub mod inbound;
 pub mod io;

@@ -15,9 +15,11 @@
 //!   1; closed-loop over 64 connections it held 64 and reached 4.7k req/s against 13.9k over
 //!   HTTP/2, with peak RSS 14 MiB against 12. Every extra connection is a handshake and
 //!   buffers on both sides and a certificate to retire separately. HTTP/2 stays; the per-request
-//!   cost is a thing to win back inside the HTTP/2 client, not by multiplying connections.
+//!   cost is won back inside the HTTP/2 client instead: it drives `h2` directly from the
+//!   request's task ([`super::h2client`]), without hyper's dispatch task and per-request task
+//!   (0.91x the client sidecar's instructions per request, `hack/bench-ab.py` with `IR=1`).
 //!   Adaptive flow control (BDP pings) on or off made no measurable difference at 1000 req/s
-//!   (1.01x / 0.96x), so it stays on for large transfers.
+//!   (1.01x / 0.96x) with hyper's client; `h2` has none, so the windows are fixed and large.
 //! - Plaintext targets get HTTP/2 when the port says so (or the client spoke HTTP/2), otherwise
 //!   pooled HTTP/1.1 keep-alive connections.
 //! - `Upgrade` requests (WebSocket) take a dedicated HTTP/1.1 connection (mTLS with ALPN
@@ -40,24 +42,25 @@
 //!   (see [`super::peer_trust`]).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use http::{HeaderValue, Request, Response, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::h2client::{self, ConnState};
 use super::http::{ORIG_PROTO, is_upgrade, to_http1, to_http2};
 use super::mtls::{Alpn, TlsCache};
 use super::peer_trust::PeerTrust;
@@ -109,11 +112,22 @@ pub type BoxIo = Box<dyn Io>;
 #[derive(Clone, Debug)]
 pub struct PeerIdentity(pub Arc<str>);
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Key {
     addr: SocketAddr,
     /// Empty for plaintext.
     identities: Arc<[String]>,
+}
+
+/// Hashes the address (and how many identities) only. Keys are looked up once per request, and
+/// hashing the SPIFFE IDs cost about as much as the rest of the pick (callgrind: 600 of the
+/// pool's 1000 instructions per request); an address nearly always comes with one identity set,
+/// and equality still compares them.
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.addr.hash(state);
+        self.identities.len().hash(state);
+    }
 }
 
 /// What retires a meshed connection: its peer's chain (verified again when the trust bundle
@@ -151,26 +165,14 @@ impl PeerCert {
     }
 }
 
-/// Streams of one HTTP/2 connection: ours in flight, and the peer's limit.
-#[derive(Debug)]
-struct Streams {
-    inflight: AtomicUsize,
-    max: AtomicUsize,
-}
+/// Streams of one HTTP/2 connection: ours in flight, the peer's limit, and whether the
+/// connection ended.
+type Streams = ConnState;
 
-impl Streams {
-    fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
-    }
-
-    fn has_room(&self) -> bool {
-        self.inflight() < self.max.load(Ordering::Relaxed)
-    }
-
-    fn reserve(self: &Arc<Self>) -> StreamGuard {
-        self.inflight.fetch_add(1, Ordering::Relaxed);
-        StreamGuard(self.clone())
-    }
+/// Counts one more stream on `streams` until the guard drops.
+fn reserve(streams: &Arc<Streams>) -> StreamGuard {
+    streams.inflight.fetch_add(1, Ordering::Relaxed);
+    StreamGuard(streams.clone())
 }
 
 /// One stream counted on its connection until the response body is dropped (or the request
@@ -184,7 +186,7 @@ impl Drop for StreamGuard {
 }
 
 struct H2Conn {
-    sr: http2::SendRequest<Body>,
+    sr: h2::client::SendRequest<Bytes>,
     peer: Option<Arc<str>>,
     cert: Option<PeerCert>,
     streams: Arc<Streams>,
@@ -204,7 +206,7 @@ impl H2Slot {
     fn prune(&mut self, creds: Option<&Arc<Credentials>>, ids: &[String], idle: Option<Duration>) {
         let now = SystemTime::now();
         self.conns.retain_mut(|c| {
-            !c.sr.is_closed()
+            !c.streams.closed.load(Ordering::Relaxed)
                 && c.cert.as_mut().is_none_or(|p| p.usable(creds, now, ids))
                 && idle.is_none_or(|t| c.streams.inflight() > 0 || c.last_used.elapsed() < t)
         });
@@ -289,7 +291,11 @@ pub struct PoolStats {
 
 /// Where an HTTP/2 request goes.
 enum H2Pick {
-    Use(http2::SendRequest<Body>, Option<Arc<str>>, StreamGuard),
+    Use(
+        h2::client::SendRequest<Bytes>,
+        Option<Arc<str>>,
+        StreamGuard,
+    ),
     Connect(Arc<tokio::sync::Mutex<()>>),
     Full,
 }
@@ -416,16 +422,17 @@ impl Pool {
                     .map_or(self.inner.settings.max_h2_conns, |m| {
                         (m as usize).min(self.inner.settings.max_h2_conns)
                     });
-                let (mut sr, peer, guard) =
-                    self.h2_sender(&key, cap, target.connect_timeout).await?;
-                let mut resp = sr.send_request(req).await.map_err(|e| classify(addr, e))?;
+                let (sr, peer, guard) = self.h2_sender(&key, cap, target.connect_timeout).await?;
+                let mut resp = h2client::send(&sr, &guard.0, req)
+                    .await
+                    .map_err(|e| classify_h2(addr, e))?;
                 if let Some(p) = peer {
                     resp.extensions_mut().insert(PeerIdentity(p));
                 }
                 // The stream counts against the connection until the body is done with.
                 return Ok(resp.map(|b| {
                     Counted {
-                        inner: b.map_err(|e| Box::new(e) as BoxError),
+                        inner: b,
                         _guard: guard,
                     }
                     .boxed()
@@ -433,7 +440,7 @@ impl Pool {
             }
             Mode::H1 => {
                 to_http1(&mut req);
-                self.send_h1(key, req, target.connect_timeout).await?
+                return self.send_h1(key, req, target.connect_timeout).await;
             }
             Mode::Upgrade => {
                 to_http1(&mut req);
@@ -477,7 +484,14 @@ impl Pool {
         key: &Key,
         cap: usize,
         timeout: Option<Duration>,
-    ) -> Result<(http2::SendRequest<Body>, Option<Arc<str>>, StreamGuard), UpstreamError> {
+    ) -> Result<
+        (
+            h2::client::SendRequest<Bytes>,
+            Option<Arc<str>>,
+            StreamGuard,
+        ),
+        UpstreamError,
+    > {
         let gate = match self.pick_h2(key, cap) {
             H2Pick::Use(sr, peer, g) => return Ok((sr, peer, g)),
             H2Pick::Full => return Err(UpstreamError::Overflow { addr: key.addr }),
@@ -490,7 +504,7 @@ impl Pool {
             H2Pick::Connect(_) => {}
         }
         let conn = self.open_h2(key, timeout).await?;
-        let picked = (conn.sr.clone(), conn.peer.clone(), conn.streams.reserve());
+        let picked = (conn.sr.clone(), conn.peer.clone(), reserve(&conn.streams));
         self.inner
             .conns
             .lock()
@@ -552,7 +566,7 @@ impl Pool {
         };
         let c = &mut slot.conns[chosen];
         c.last_used = Instant::now();
-        H2Pick::Use(c.sr.clone(), c.peer.clone(), c.streams.reserve())
+        H2Pick::Use(c.sr.clone(), c.peer.clone(), reserve(&c.streams))
     }
 
     /// Connects and handshakes HTTP/2, then waits (bounded) for the peer's first SETTINGS so
@@ -567,21 +581,18 @@ impl Pool {
             timeout,
         )
         .await?;
-        let streams = Arc::new(Streams {
-            inflight: AtomicUsize::new(0),
-            max: AtomicUsize::new(H2_INITIAL_MAX_STREAMS),
-        });
+        let streams = Arc::new(ConnState::new(H2_INITIAL_MAX_STREAMS));
         let (settled_tx, settled_rx) = tokio::sync::oneshot::channel();
         let io = SettingsSniffer::new(io, streams.clone(), settled_tx);
-        let (sr, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .adaptive_window(true)
-            .initial_max_send_streams(H2_INITIAL_MAX_STREAMS)
-            .handshake(TokioIo::new(io))
+        let (sr, conn) = h2client::builder(H2_INITIAL_MAX_STREAMS)
+            .handshake::<_, Bytes>(io)
             .await
-            .map_err(|e| classify(key.addr, e))?;
-        tokio::spawn(drive_h2(conn, streams.clone()));
+            .map_err(|e| classify_h2(key.addr, e))?;
+        tokio::spawn(h2client::drive(
+            conn,
+            streams.clone(),
+            h2client::Keepalive::default(),
+        ));
         let wait = timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let _ = tokio::time::timeout(wait, settled_rx).await;
         let (peer, cert) = match peer {
@@ -597,8 +608,10 @@ impl Pool {
         })
     }
 
-    /// The most recently used idle connection that is still open and was idle for less than
-    /// `idle_timeout` (the policy's `timeouts.idleMs`, else the pool's); older ones are closed.
+    /// The most recently used idle connection that is ready for a request and was idle for
+    /// less than `idle_timeout` (the policy's `timeouts.idleMs`, else the pool's); older and
+    /// closed ones are dropped. One whose previous response ended but which has not taken note
+    /// yet (its connection task runs after the body's reader) stays for the next request.
     /// Only plaintext HTTP/1.1 is pooled (meshed requests ride HTTP/2; upgrades are never
     /// pooled), so there is no peer certificate to check here.
     fn idle_h1(
@@ -609,12 +622,9 @@ impl Pool {
         let t = idle_timeout.unwrap_or(self.inner.settings.idle_timeout);
         let mut c = self.inner.conns.lock().expect("pool lock");
         let idle = c.h1.get_mut(key)?;
-        while let Some(conn) = idle.pop() {
-            if conn.since.elapsed() < t && conn.sr.is_ready() {
-                return Some(conn.sr);
-            }
-        }
-        None
+        idle.retain(|conn| conn.since.elapsed() < t && !conn.sr.is_closed());
+        let i = idle.iter().rposition(|conn| conn.sr.is_ready())?;
+        Some(idle.remove(i).sr)
     }
 
     async fn send_h1(
@@ -622,7 +632,7 @@ impl Pool {
         key: Key,
         mut req: Request<Body>,
         timeout: Option<Duration>,
-    ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
+    ) -> Result<Response<Body>, UpstreamError> {
         let addr = key.addr;
         let idle_timeout = req
             .extensions()
@@ -651,22 +661,24 @@ impl Pool {
             };
             match sr.try_send_request(req).await {
                 Ok(resp) => {
-                    let pool = self.inner.clone();
-                    // Back to the pool once the response body is done and the connection can
-                    // take another request; a closed connection just drops.
-                    tokio::spawn(async move {
-                        if sr.ready().await.is_ok() {
-                            let mut c = pool.conns.lock().expect("pool lock");
-                            let idle = c.h1.entry(key).or_default();
-                            if idle.len() < MAX_IDLE_H1 {
-                                idle.push(IdleH1 {
-                                    sr,
-                                    since: Instant::now(),
-                                });
-                            }
-                        }
+                    // Back to the pool when the response body ends (see `Returning`).
+                    let mut ret = Some(Return {
+                        sr,
+                        pool: self.inner.clone(),
+                        key,
                     });
-                    return Ok(resp);
+                    if resp.body().is_end_stream()
+                        && let Some(r) = ret.take()
+                    {
+                        r.put();
+                    }
+                    return Ok(resp.map(|b| {
+                        Returning {
+                            inner: b.map_err(|e| Box::new(e) as BoxError),
+                            ret,
+                        }
+                        .boxed()
+                    }));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(r) if pooled => req = r,
@@ -712,30 +724,6 @@ async fn reap(pool: Weak<Inner>, mut creds: crate::creds::CredentialsRx, setting
             });
             !idle.is_empty()
         });
-    }
-}
-
-/// Polls the HTTP/2 client task and follows changes of the peer's stream limit after the first
-/// SETTINGS (which [`SettingsSniffer`] reports): hyper's count only changes when the peer
-/// names a limit, so a change is the peer's word.
-async fn drive_h2<T>(conn: http2::Connection<T, Body, TokioExecutor>, streams: Arc<Streams>)
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let mut conn = Box::pin(conn);
-    let mut last = H2_INITIAL_MAX_STREAMS;
-    let res = std::future::poll_fn(|cx| {
-        let r = conn.as_mut().poll(cx);
-        let now = conn.current_max_send_streams();
-        if now != last {
-            last = now;
-            streams.max.store(now, Ordering::Relaxed);
-        }
-        r
-    })
-    .await;
-    if let Err(e) = res {
-        tracing::debug!(error = %e, "upstream h2 connection ended");
     }
 }
 
@@ -857,6 +845,93 @@ impl<B: HttpBody> HttpBody for Counted<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An `h2` failure: the connection went away (I/O error, GOAWAY) or the stream was refused
+/// or reset before the response: the peer reset it. Anything else (a request `h2` would not
+/// send, a malformed response) is some other failure.
+fn classify_h2(addr: SocketAddr, e: h2::Error) -> UpstreamError {
+    if e.is_io() || e.is_go_away() || e.is_reset() {
+        UpstreamError::Reset {
+            addr,
+            source: Box::new(e),
+        }
+    } else {
+        UpstreamError::Other {
+            addr,
+            source: Box::new(e),
+        }
+    }
+}
+
+/// An HTTP/1.1 connection that goes back to the idle list once its response is read.
+struct Return {
+    sr: http1::SendRequest<Body>,
+    pool: Arc<Inner>,
+    key: Key,
+}
+
+impl Return {
+    fn put(self) {
+        if self.sr.is_closed() {
+            return;
+        }
+        let mut c = self.pool.conns.lock().expect("pool lock");
+        let idle = c.h1.entry(self.key).or_default();
+        if idle.len() < MAX_IDLE_H1 {
+            idle.push(IdleH1 {
+                sr: self.sr,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A plaintext HTTP/1.1 response body that returns its connection to the pool when it ends.
+    ///
+    /// This used to be a task per request that waited for the connection to become ready
+    /// again. A request sent right after the previous response was read ran before that task
+    /// and found no idle connection, so back-to-back requests opened a second connection (see
+    /// `http1_connections_are_reused_once_their_response_is_read` in tests/pool.rs). The end of
+    /// the body is the moment the connection can take another request; it may take note of it
+    /// a moment later, so [`Pool::idle_h1`] keeps such a connection and picks only ready ones.
+    /// A body dropped before its end drops the connection, which hyper cannot reuse anyway.
+    struct Returning<B> {
+        #[pin]
+        inner: B,
+        ret: Option<Return>,
+    }
+}
+
+impl<B: HttpBody> HttpBody for Returning<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let r = this.inner.as_mut().poll_frame(cx);
+        let ended = match &r {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            _ => false,
+        };
+        if ended && let Some(ret) = this.ret.take() {
+            ret.put();
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {
