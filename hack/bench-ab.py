@@ -20,7 +20,9 @@ PERF_DURATION seconds long (default DURATION), into hack/out/perf-B-<role>.data)
 rounds, with `perf stat`), IR (unset; "1": run every proxy under valgrind's callgrind and report
 instructions per request per role instead of CPU time: deterministic, so one or two rounds at a
 low RATE (say 200) compare binaries on a machine too busy for CPU time to mean anything; it
-counts work, not cache misses or syscall cost), A_TRACING / B_TRACING
+counts work, not cache misses or syscall cost), IR_OUT (unset; a directory: with IR=1, each
+proxy's callgrind profile goes to IR_OUT/callgrind.<a|b>-<client|server>.out when it exits, for
+`callgrind_annotate --inclusive=yes`), A_TRACING / B_TRACING
 (unset: tracing off; a sampling percent, e.g. "1": both sidecars of that pair export spans over
 OTLP/HTTP to a sink collector inside this script, which answers every export 200 and counts
 them; its CPU is this script's, not the proxies'; "<percent>@dead": to a port where nothing
@@ -53,6 +55,7 @@ PERF = os.environ.get("PERF", "")
 IDLE = float(os.environ.get("IDLE", "0"))
 TOGETHER = os.environ.get("TOGETHER") == "1"
 IR = os.environ.get("IR") == "1"
+IR_OUT = os.environ.get("IR_OUT", "")
 PORT_BASE = int(os.environ.get("PORT_BASE", "19100"))
 OTLP_SINK = PORT_BASE + 218
 OTLP_DEAD = PORT_BASE + 219
@@ -174,15 +177,17 @@ def pair(d, name, binary, base_port, env=None, traced=None):
         write_config(pd, cfg)
         dirs[role] = pd
     common = ["--log-format", "text", "--log-level", "warn", "--local-mode"]
-    if IR:
-        binary = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", binary]
-    else:
-        binary = [binary]
-    s = spawn([*binary, "--dir", dirs["server"], "--cert-file", f"{d}/server.crt",
+    def wrapped(role):
+        if not IR:
+            return [binary]
+        out = os.path.join(IR_OUT, f"callgrind.{name}-{role}.out") if IR_OUT else "/dev/null"
+        return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", binary]
+
+    s = spawn([*wrapped("server"), "--dir", dirs["server"], "--cert-file", f"{d}/server.crt",
                "--key-file", f"{d}/server.key", "--inbound-addr", f"127.0.0.1:{in_port}",
                "--outbound-addr", "127.0.0.1:0", "--admin-addr", f"127.0.0.1:{sadmin}",
                "--inbound-target", f"127.0.0.1:{UPSTREAM}", *common], env)
-    c = spawn([*binary, "--dir", dirs["client"], "--cert-file", f"{d}/client.crt",
+    c = spawn([*wrapped("client"), "--dir", dirs["client"], "--cert-file", f"{d}/client.crt",
                "--key-file", f"{d}/client.key", "--outbound-addr", f"127.0.0.1:{out_port}",
                "--inbound-addr", "127.0.0.1:0", "--admin-addr", f"127.0.0.1:{cadmin}", *common], env)
     ready(sadmin)
