@@ -229,7 +229,7 @@ def cpu(pid):
     return total / 1e9
 
 
-STAT_EVENTS = ["raw_syscalls:sys_enter", "context-switches", "syscalls:sys_enter_writev",
+STAT_EVENTS = ["raw_syscalls:sys_enter", "context-switches", "page-faults", "syscalls:sys_enter_writev",
                "syscalls:sys_enter_write", "syscalls:sys_enter_sendto",
                "syscalls:sys_enter_recvfrom", "syscalls:sys_enter_read",
                "syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_futex"]

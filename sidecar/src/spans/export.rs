@@ -40,8 +40,14 @@ use super::record::Record;
 pub const QUEUE: usize = 2048;
 /// Spans per export call (the SDK's default batch size).
 pub const MAX_BATCH: usize = 512;
-/// How long a span may wait for companions before a partial batch goes out.
-pub const BATCH_DELAY: Duration = Duration::from_millis(500);
+/// How long a span may wait for companions before a partial batch goes out (a full batch goes
+/// at once). An export has a fixed cost besides its spans (under callgrind ~45 000
+/// instructions, two thread wake-ups and a few system calls for the HTTP round trip, against
+/// ~13 000 instructions per span in small batches): at 1 % of 1000 requests/s, 500 ms meant
+/// five spans per export, and the fixed part was 40 % of the export work. 2 s puts ~20 spans
+/// in such a batch; longer would save under 0.05 % of a sidecar's CPU there while traces show
+/// up later (the OpenTelemetry SDK's default is 5 s).
+pub const BATCH_DELAY: Duration = Duration::from_secs(2);
 /// An export slower than this counts as failed; its spans are dropped and the next batch goes.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
