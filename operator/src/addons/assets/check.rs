@@ -790,7 +790,7 @@ mod tests {
             ("trellis_operator_build_info", "version"),
             ("trellis_operator_reconciles_total", "controller"),
             ("trellis_operator_identity_rejections_total", "reason"),
-            ("trellis_operator_trellis_injector_skips_total", "reason"),
+            ("trellis_operator_injector_skips_total", "reason"),
         ] {
             assert!(
                 e.get(metric).is_some_and(|f| f.labels.contains(label)),
