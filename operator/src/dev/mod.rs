@@ -19,6 +19,7 @@ pub mod demo;
 pub mod display;
 pub mod graph;
 pub mod metrics;
+pub mod operator_metrics;
 pub mod plan;
 pub mod rollout;
 pub mod run;
