@@ -578,8 +578,12 @@ impl LocalMesh {
                 .topology
                 .service(key)
                 .expect("validated call target");
-            let grpc = matches!(s.protocol, spec::AppProtocol::Grpc);
-            format!("{key}:{}{}", s.port, if grpc { ":grpc" } else { "" })
+            let suffix = match s.protocol {
+                spec::AppProtocol::Http => "",
+                spec::AppProtocol::Grpc => ":grpc",
+                spec::AppProtocol::Tcp => ":tcp",
+            };
+            format!("{key}:{}{suffix}", s.port)
         };
         match &pod.role {
             Role::Service {
@@ -601,8 +605,10 @@ impl LocalMesh {
                     "--latency-ms".into(),
                     latency_ms.to_string(),
                 ];
-                if matches!(protocol, spec::AppProtocol::Grpc) {
-                    a.push("--grpc".into());
+                match protocol {
+                    spec::AppProtocol::Http => {}
+                    spec::AppProtocol::Grpc => a.push("--grpc".into()),
+                    spec::AppProtocol::Tcp => a.push("--tcp".into()),
                 }
                 if let Some(px) = pod.proxy {
                     a.push("--outbound".into());
@@ -860,6 +866,20 @@ impl LocalMesh {
                     notes.push(n);
                 }
                 self.stats.record(&id, edges);
+            }
+        }
+        // Opaque TCP edges count connections, and carry no latency: say so beside them.
+        for c in &self.dev.topology.clients {
+            if self
+                .dev
+                .topology
+                .service(&c.target)
+                .is_some_and(|s| s.protocol == spec::AppProtocol::Tcp)
+            {
+                notes.push((
+                    format!("{}>{}", c.key(), c.target),
+                    "opaque TCP: RPS and TOTAL count connections".to_string(),
+                ));
             }
         }
         self.notes = notes;
