@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::Request;
 use traffic_support::*;
 use trellis_proxy::config::*;
-use trellis_proxy::traffic::{Dispatcher, PlainUpstream, TrafficMetrics, full};
+use trellis_proxy::traffic::{AttemptEventKind, Dispatcher, PlainUpstream, TrafficMetrics, full};
 
 fn dispatcher() -> Dispatcher {
     Dispatcher::new(Arc::new(PlainUpstream::default()))
@@ -648,6 +648,49 @@ async fn request_timeout_answers_504_ut_and_per_try_timeout_retries_elsewhere() 
         assert_eq!(a.port(), fast.addr.port());
         assert!(t.elapsed() < Duration::from_millis(400));
     }
+}
+
+#[tokio::test]
+async fn with_a_per_try_timeout_a_failed_connect_is_still_a_connect_failure() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let echo = serve(|_| Reply::Ok).await;
+    let r = Retries {
+        per_try_timeout_ms: Some(2_000),
+        ..retries(2, &[RetryOn::ConnectFailure])
+    };
+    let pol = TrafficPolicy {
+        retries: Some(r),
+        ..with_lb(LbAlgorithm::RoundRobin)
+    };
+    let svc = service("cf", &[dead, echo.addr], Protocol::Http1, Some(pol.clone()));
+    let only_dead = service("dead", &[dead], Protocol::Http1, Some(pol));
+    let d = dispatcher();
+    d.update(&config(vec![svc.clone(), only_dead.clone()]));
+    let post = || {
+        Request::builder()
+            .method("POST")
+            .uri("/")
+            .body(full("hello"))
+            .unwrap()
+    };
+    for _ in 0..4 {
+        let a = send(&d, &svc, post()).await;
+        assert_eq!(a.status, 200, "{:?}", a.outcome);
+        assert!(
+            !a.outcome
+                .events
+                .iter()
+                .any(|e| matches!(e.kind, AttemptEventKind::PerTryTimeout { .. })),
+            "no timeout: {:?}",
+            a.outcome
+        );
+    }
+    let a = send(&d, &only_dead, get()).await;
+    assert_eq!(a.status, 503, "{:?}", a.outcome);
+    assert_eq!(a.outcome.flags, vec!["URX", "UF"]);
 }
 
 #[tokio::test]

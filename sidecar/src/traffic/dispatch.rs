@@ -544,21 +544,25 @@ impl Dispatcher {
             let send = self.upstream.send(target, req);
             let per_try = retry.and_then(|(r, ..)| r.per_try_timeout);
             let res = match per_try {
+                // Only the timer firing makes an attempt a timeout: a connect failure or a
+                // reset inside the window keeps its own class (its retry rules, its flag).
                 Some(t) => match tokio::time::timeout(t, send).await {
-                    Ok(r) => r,
+                    Ok(r) => r.map_err(|e| (e, false)),
                     Err(_) => {
                         outcome.events.push(AttemptEvent {
                             at: SystemTime::now(),
                             attempt,
                             kind: AttemptEventKind::PerTryTimeout { after: t },
                         });
-                        Err(UpstreamError::Other {
-                            addr: outcome.endpoint.expect("set above"),
-                            source: "per-try timeout".into(),
-                        })
+                        Err((
+                            UpstreamError::Other {
+                                addr: outcome.endpoint.expect("set above"),
+                                source: "per-try timeout".into(),
+                            },
+                            true,
+                        ))
                     }
-                }
-                .map_err(|e| (e, true)),
+                },
                 None => send.await.map_err(|e| (e, false)),
             };
             drop(pending);
