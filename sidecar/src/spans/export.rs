@@ -391,7 +391,7 @@ mod tests {
     }
 
     #[test]
-    fn an_exporter_that_cannot_be_built_is_an_error_and_no_thread_stays() {
+    fn an_exporter_that_cannot_be_built_is_an_error_at_start() {
         let e = Queue::start(
             || Err::<Stuck, _>("no such collector".to_owned()),
             InstrumentationScope::default(),
