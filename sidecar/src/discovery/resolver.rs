@@ -77,6 +77,22 @@ enum Link {
     Down = 2,
 }
 
+/// What the ConfigMap config in force decides, as reported in [`ClientMessage::Loaded`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Loaded {
+    settings: String,
+    policies: String,
+}
+
+impl Loaded {
+    fn message(self) -> ClientMessage {
+        ClientMessage::Loaded {
+            settings: self.settings,
+            policies: Some(self.policies),
+        }
+    }
+}
+
 /// Learned Services and the number of answers they include (see [`Cache::answers`]).
 type Published = (u64, Arc<BTreeMap<String, OutboundService>>);
 
@@ -92,9 +108,10 @@ pub struct Resolver {
     requests: mpsc::Sender<Target>,
     requests_rx: Mutex<Option<mpsc::Receiver<Target>>>,
     cache_tx: watch::Sender<Published>,
-    /// The settings digest of the ConfigMap config in force
-    /// ([`crate::config::ProxyConfig::settings_digest`]), reported to the operator.
-    loaded: watch::Sender<Option<String>>,
+    /// The settings and policies digests of the ConfigMap config in force
+    /// ([`crate::config::ProxyConfig::settings_digest`],
+    /// [`crate::config::ProxyConfig::policies_digest`]), reported to the operator.
+    loaded: watch::Sender<Option<Loaded>>,
 }
 
 impl std::fmt::Debug for Resolver {
@@ -193,11 +210,14 @@ impl Resolver {
 
     /// Records the ConfigMap config now in force, for the next [`ClientMessage::Loaded`].
     fn set_loaded(&self, file: &Snapshot) {
-        let digest = file.config.settings_digest();
+        let loaded = Loaded {
+            settings: file.config.settings_digest(),
+            policies: file.config.policies_digest(),
+        };
         self.loaded.send_if_modified(|cur| {
-            let changed = cur.as_deref() != Some(digest.as_str());
+            let changed = cur.as_ref() != Some(&loaded);
             if changed {
-                *cur = Some(digest);
+                *cur = Some(loaded);
             }
             changed
         });
@@ -308,9 +328,9 @@ impl Resolver {
             return served;
         }
         let mut loaded = self.loaded.subscribe();
-        let settings = loaded.borrow_and_update().clone();
-        if let Some(settings) = settings
-            && !stream.send(&ClientMessage::Loaded { settings }).await
+        let report = loaded.borrow_and_update().clone();
+        if let Some(report) = report
+            && !stream.send(&report.message()).await
         {
             return served;
         }
@@ -323,9 +343,9 @@ impl Resolver {
                     if c.is_err() {
                         return served;
                     }
-                    let settings = loaded.borrow_and_update().clone();
-                    if let Some(settings) = settings
-                        && !stream.send(&ClientMessage::Loaded { settings }).await
+                    let report = loaded.borrow_and_update().clone();
+                    if let Some(report) = report
+                        && !stream.send(&report.message()).await
                     {
                         return served;
                     }
