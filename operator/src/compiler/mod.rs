@@ -69,7 +69,7 @@ use crate::api::mesh::ConfigMapContent;
 use crate::api::{Mesh, PeerAuthentication, TrafficPolicy};
 
 pub use outbound::infer_protocol;
-pub use pod::{SlimPod, SlimPodSpec, SlimPodStatus};
+pub use pod::{PodCompactor, SlimPod, SlimPodSpec, SlimPodStatus};
 
 /// Name of the ConfigMap the compiler writes into every meshed namespace.
 pub const CONFIGMAP_NAME: &str = "trellis-proxy";
@@ -662,12 +662,7 @@ pub fn meshed_namespaces(snapshot: &Snapshot) -> BTreeSet<String> {
     let with_opted_in_pods: BTreeSet<&str> = snapshot
         .pods
         .iter()
-        .filter(|p| {
-            crate::inject::scope::pod_wants_proxy(
-                p.metadata.labels.as_ref(),
-                p.metadata.annotations.as_ref(),
-            )
-        })
+        .filter(|p| p.wants_proxy())
         .filter_map(|p| p.metadata.namespace.as_deref())
         .collect();
     let empty = BTreeMap::new();

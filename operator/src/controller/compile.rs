@@ -26,9 +26,7 @@ use super::compile_apply::{
     Applier, MANAGED_BY, MANAGED_BY_LABEL, plan_configmaps, plan_status, strip_configmap,
 };
 use crate::api::{MESH_NAME, Mesh, PeerAuthentication, TrafficPolicy};
-use crate::compiler::{
-    self, CONFIGMAP_NAME, Output, PROXY_VERSION_ANNOTATION, Settings, SlimPod, Snapshot,
-};
+use crate::compiler::{self, CONFIGMAP_NAME, Output, PodCompactor, Settings, SlimPod, Snapshot};
 use crate::status::StatusWriter;
 
 /// How long changes are gathered before a recompile: a rollout touches hundreds of pods and
@@ -106,17 +104,11 @@ impl Stores {
     }
 }
 
-/// Drops what the compiler does not read from a cached pod's metadata (the spec and status
-/// are already slim, see [`SlimPod`]).
+/// Compacts a pod as the watch caches it ([`PodCompactor`]): one compactor per call site
+/// (each holds the labels it shares). Kept as a function for tests and the benchmarks, which
+/// must cache pods exactly as the controller does.
 pub fn strip_pod(pod: &mut SlimPod) {
-    let meta = &mut pod.metadata;
-    meta.managed_fields = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    meta.generate_name = None;
-    if let Some(a) = meta.annotations.as_mut() {
-        a.retain(|k, _| k == PROXY_VERSION_ANNOTATION);
-    }
+    PodCompactor::default().compact(pod);
 }
 
 fn strip_meta<K: Resource>(obj: &mut K) {
@@ -207,7 +199,15 @@ pub fn watch_all(client: &Client) -> (Stores, impl Stream<Item = ()> + Send + 's
             w_slice,
             strip_meta,
         ),
-        watch(Api::<SlimPod>::all(client.clone()), cfg(), w_pod, strip_pod),
+        {
+            let mut compactor = PodCompactor::default();
+            watch(
+                Api::<SlimPod>::all(client.clone()),
+                cfg(),
+                w_pod,
+                move |p| compactor.compact(p),
+            )
+        },
         watch(
             Api::<ConfigMap>::all(client.clone()),
             cfg()

@@ -157,11 +157,8 @@ fn report(
             .iter()
             .flat_map(|p| {
                 let name = p.metadata.name.clone().unwrap_or_default();
-                p.status
-                    .pod_ip
-                    .iter()
-                    .chain(p.status.pod_ips.iter().map(|i| &i.ip))
-                    .filter_map(|ip| ip.parse().ok())
+                p.ips()
+                    .into_iter()
                     .map(move |ip: IpAddr| (ip, name.clone()))
                     .collect::<Vec<_>>()
             })
