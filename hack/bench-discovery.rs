@@ -13,7 +13,8 @@
 //!
 //! `cargo run --release -p trellis-operator --example bench-discovery -- [namespaces]
 //! [services per namespace] [endpoints per service] [streams] [subscriptions] [changes]
-//! [pods: 1 = a meshed pod behind every endpoint]`
+//! [pods: 1 = a meshed pod behind every endpoint] [compact: 1 (default) = pods cached as the
+//! operator caches them, 0 = with the modify step before compaction, for an A/B]`
 //! The last line (`RESULT ...`) is for `hack/bench-discovery.sh`, which takes medians.
 
 #[path = "../operator/tests/compiler_fixtures/mod.rs"]
@@ -109,6 +110,21 @@ struct Compacting<'a> {
     writer: reflector::store::Writer<compiler::SlimPod>,
     compactor: &'a mut compiler::PodCompactor,
     started: bool,
+    /// For an A/B against the cache before compaction: the modify step the watch ran then.
+    previous_strip: bool,
+}
+
+/// The pod watch's modify step before `PodCompactor` (labels and the proxy-version annotation
+/// kept in the metadata, everything else of the metadata kept too): the A side of an A/B.
+fn previous_strip(pod: &mut compiler::SlimPod) {
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.generate_name = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.retain(|k, _| k == compiler::PROXY_VERSION_ANNOTATION);
+    }
 }
 
 impl Compacting<'_> {
@@ -116,7 +132,11 @@ impl Compacting<'_> {
         let event = match event {
             watcher::Event::InitApply(p) => {
                 let mut p = p.clone();
-                self.compactor.compact(&mut p);
+                if self.previous_strip {
+                    previous_strip(&mut p);
+                } else {
+                    self.compactor.compact(&mut p);
+                }
                 watcher::Event::InitApply(p)
             }
             other => other.clone(),
@@ -154,6 +174,7 @@ fn main() {
         writer,
         compactor: &mut compactor,
         started: false,
+        previous_strip: arg(7, 1) == 0,
     };
     for ns in 0..namespaces {
         w.add(namespace(&format!("ns{ns}")).meshed());
