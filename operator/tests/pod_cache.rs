@@ -113,8 +113,13 @@ fn a_compacted_pod_compiles_to_the_same_output_as_the_full_one() {
         proxies::report(&cached.pods, &mesh).0
     );
     assert_eq!(proxies::report(&cached.pods, &mesh).0.total, 3);
-    // What the propagation report names lagging proxies by.
+    // What the propagation report names lagging proxies by, and what the rollout restarts.
     for (f, c) in full.pods.iter().zip(&cached.pods) {
+        let owner = trellis_operator::rollout::observe::owner(c);
+        assert_eq!(trellis_operator::rollout::observe::owner(f), owner);
+        assert_eq!(owner.unwrap().name, "x", "the Deployment behind ReplicaSet x-abc");
+        assert_eq!(f.proxy_version(), c.proxy_version());
+        assert_eq!(f.status.pod_ip, c.status.pod_ip);
         assert_eq!(f.ips(), c.ips());
         assert_eq!(f.metadata.name, c.metadata.name);
         assert_eq!(f.service_account(), c.service_account());
@@ -138,7 +143,11 @@ fn compaction_drops_what_nobody_reads_and_shares_equal_labels() {
     let m = &reviews[0].metadata;
     assert_eq!(m.labels, None, "moved out of the metadata");
     assert_eq!(m.annotations, None);
-    assert_eq!(m.owner_references, None);
+    assert_eq!(m.owner_references, None, "the controller moved out, shared");
+    assert!(std::ptr::eq(
+        reviews[0].controller().unwrap(),
+        reviews[1].controller().unwrap()
+    ));
     assert_eq!(m.managed_fields, None);
     assert_eq!(m.uid, None);
     assert_eq!(m.resource_version, None);

@@ -15,12 +15,15 @@
 //! - the compiler: namespace, name, labels (Service selectors, `trellis.dev/inject`), the
 //!   service account, the IPs, and whether the pod was injected (`trellis.dev/proxy-version`);
 //! - the discovery replica's propagation report: name and IPs;
-//! - the Mesh's proxy counts: the proxy version and the deletion timestamp.
+//! - the Mesh's proxy counts: the proxy version and the deletion timestamp;
+//! - the rollout: the controller owner reference, the `pod-template-hash` label, the proxy
+//!   version, the IP and the deletion timestamp.
 //!
 //! Labels move out of the metadata into one `Arc` shared by every pod with the same labels
 //! (the pods of one ReplicaSet have equal ones), the proxy version into an interned string,
-//! and `status.podIPs` is dropped when it only repeats `status.podIP`. Readers go through
-//! [`SlimPod::labels`], [`SlimPod::proxy_version`] and [`SlimPod::ips`], which read a
+//! the controller owner reference into one `Arc` per owner, and `status.podIPs` is dropped
+//! when it only repeats `status.podIP`. Readers go through [`SlimPod::labels`],
+//! [`SlimPod::proxy_version`], [`SlimPod::controller`] and [`SlimPod::ips`], which read a
 //! compacted pod and one built from a full `Pod` alike (tests build both; a test checks they
 //! compile to the same output).
 
@@ -30,7 +33,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, PodIP};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use serde::{Deserialize, Serialize};
 
 use super::PROXY_VERSION_ANNOTATION;
@@ -51,6 +54,10 @@ pub struct SlimPod {
     /// `metadata.annotations` (interned).
     #[serde(skip)]
     shared_proxy_version: Option<Arc<str>>,
+    /// The controller owner reference, once [`PodCompactor::compact`] moved it out of
+    /// `metadata.ownerReferences` (shared by the pods of one ReplicaSet).
+    #[serde(skip)]
+    shared_controller: Option<Arc<OwnerReference>>,
 }
 
 /// `spec.serviceAccountName` (and the deprecated `serviceAccount`).
@@ -89,6 +96,18 @@ impl SlimPod {
                 .as_ref()?
                 .get(PROXY_VERSION_ANNOTATION)
                 .map(String::as_str)
+        })
+    }
+
+    /// The owner reference marked `controller` (the ReplicaSet, StatefulSet or DaemonSet that
+    /// manages the pod): what the rollout restarts.
+    pub fn controller(&self) -> Option<&OwnerReference> {
+        self.shared_controller.as_deref().or_else(|| {
+            self.metadata
+                .owner_references
+                .as_ref()?
+                .iter()
+                .find(|o| o.controller == Some(true))
         })
     }
 
@@ -140,6 +159,7 @@ impl From<&Pod> for SlimPod {
             },
             shared_labels: None,
             shared_proxy_version: None,
+            shared_controller: None,
         }
     }
 }
@@ -183,15 +203,40 @@ impl<T: ?Sized + Hash + Eq> Interner<T> {
 pub struct PodCompactor {
     labels: Interner<BTreeMap<String, String>>,
     strings: Interner<str>,
+    /// By owner uid (an `OwnerReference` is not `Hash`); swept like the interners.
+    owners: std::collections::HashMap<String, Arc<OwnerReference>>,
+    owners_swept_at: usize,
 }
 
 impl PodCompactor {
+    fn share_owner(&mut self, owner: OwnerReference) -> Arc<OwnerReference> {
+        if let Some(held) = self.owners.get(&owner.uid)
+            && **held == owner
+        {
+            return held.clone();
+        }
+        if self.owners.len() >= 2 * self.owners_swept_at.max(512) {
+            self.owners.retain(|_, o| Arc::strong_count(o) > 1);
+            self.owners_swept_at = self.owners.len();
+        }
+        let shared = Arc::new(owner);
+        self.owners.insert(shared.uid.clone(), shared.clone());
+        shared
+    }
+
     pub fn compact(&mut self, pod: &mut SlimPod) {
         let meta = &mut pod.metadata;
         // Read by nobody: the watcher keeps its own resource version, and the reflector's
         // key is namespace and name.
         meta.managed_fields = None;
-        meta.owner_references = None;
+        if let Some(owner) = meta
+            .owner_references
+            .take()
+            .and_then(|o| o.into_iter().find(|o| o.controller == Some(true)))
+        {
+            pod.shared_controller = Some(self.share_owner(owner));
+        }
+        let meta = &mut pod.metadata;
         meta.finalizers = None;
         meta.generate_name = None;
         meta.uid = None;

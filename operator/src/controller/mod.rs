@@ -46,7 +46,8 @@ pub struct Context {
     /// The operator's namespace (the mesh root namespace).
     pub namespace: String,
     pub metrics: Arc<Metrics>,
-    /// The process's one set of the compiler's watches (the discovery replica reads it too).
+    /// The process's one set of the compiler's watches (the discovery replica and the rollout
+    /// read it too).
     pub stores: compile::SharedStores,
 }
 
@@ -173,8 +174,10 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
         ),
         ("rollout", {
             let (client, status) = (ctx.client.clone(), ctx.status.for_controller("rollout"));
+            let stores = ctx.stores.clone();
             Box::pin(async move {
-                if let Err(e) = crate::rollout::controller::run(client, status, shutdown).await {
+                let run = crate::rollout::controller::run(client, &stores, status, shutdown);
+                if let Err(e) = run.await {
                     tracing::error!(error = %e, "rollout controller stopped");
                 }
             })
