@@ -84,7 +84,7 @@ fn pod_json(ns: usize, svc: usize, e: usize) -> String {
                 "prometheus.io/scrape": "true"
             },
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
-                "name": format!("s{svc}-7d9f8c6b5"), "uid": "0a0b0c0d", "controller": true,
+                "name": format!("s{svc}-7d9f8c6b5"), "uid": format!("rs-{ns}-{svc}"), "controller": true,
                 "blockOwnerDeletion": true}],
             "managedFields": [{"manager": "kube-controller-manager", "operation": "Update",
                 "apiVersion": "v1", "time": "2026-11-29T10:00:00Z", "fieldsType": "FieldsV1",

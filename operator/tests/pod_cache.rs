@@ -117,7 +117,11 @@ fn a_compacted_pod_compiles_to_the_same_output_as_the_full_one() {
     for (f, c) in full.pods.iter().zip(&cached.pods) {
         let owner = trellis_operator::rollout::observe::owner(c);
         assert_eq!(trellis_operator::rollout::observe::owner(f), owner);
-        assert_eq!(owner.unwrap().name, "x", "the Deployment behind ReplicaSet x-abc");
+        assert_eq!(
+            owner.unwrap().name,
+            "x",
+            "the Deployment behind ReplicaSet x-abc"
+        );
         assert_eq!(f.proxy_version(), c.proxy_version());
         assert_eq!(f.status.pod_ip, c.status.pod_ip);
         assert_eq!(f.ips(), c.ips());
