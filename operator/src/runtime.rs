@@ -419,6 +419,9 @@ pub fn replica_servers(namespace: &str) -> Vec<ExtraServer> {
     ]
 }
 
+/// The content type of every Trellis `/metrics` (prometheus-client writes OpenMetrics text).
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// The operator's one metrics registry: the `trellis_operator` prefix, and the version as
 /// `trellis_operator_build_info{version}`, which the old-proxy alert and the control-plane
 /// dashboard compare the sidecars' `trellis_proxy_build_info` with.
@@ -768,11 +771,7 @@ fn admin_route(method: &Method, path: &str, s: &Services) -> Response<Full<Bytes
             let mut out = String::new();
             let registry = s.registry.lock().expect("registry lock");
             match prometheus_client::encoding::text::encode(&mut out, &registry) {
-                Ok(()) => reply(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    out,
-                ),
+                Ok(()) => reply(StatusCode::OK, OPENMETRICS, out),
                 Err(e) => reply(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     TEXT,
