@@ -393,6 +393,9 @@ pub struct Services {
     pub readiness: Readiness,
     /// The one metrics registry; register under a component prefix (`registry.sub_registry_with_prefix`).
     pub registry: Arc<Mutex<Registry>>,
+    /// The compiler's watches, one set per process: the discovery stream reads them on every
+    /// replica, the compile controller on the leader.
+    pub stores: crate::controller::compile::SharedStores,
 }
 
 /// A server every replica runs (identity, webhook). It must return when `shutdown` fires.
@@ -502,6 +505,7 @@ pub async fn run(config: Config, extras: Vec<ExtraServer>) -> Result<(), Error> 
         shutdown: shutdown.clone(),
         readiness: Readiness::default(),
         registry: Arc::new(Mutex::new(new_registry())),
+        stores: crate::controller::compile::SharedStores::new(client.clone(), shutdown.clone()),
     };
     let metrics = Arc::new(crate::controller::Metrics::register(
         &mut services.registry.lock().expect("registry lock"),
@@ -637,6 +641,7 @@ async fn lead(
         status: crate::status::StatusWriter::new(services.client.clone()),
         namespace: config.namespace.clone(),
         metrics: metrics.clone(),
+        stores: services.stores.clone(),
     });
     let controllers_gate = services.readiness.gate("controllers");
     let mut running: Option<(CancellationToken, tokio::task::JoinSet<()>)> = None;
@@ -866,12 +871,14 @@ mod tests {
             http::Request<kube::client::Body>,
             http::Response<kube::client::Body>,
         >();
+        let client = Client::new(svc, "default");
         Services {
-            client: Client::new(svc, "default"),
+            client: client.clone(),
             config: Arc::new(parse(&["--pod-name", "t"]).unwrap()),
             shutdown: CancellationToken::new(),
             readiness: Readiness::default(),
             registry: Arc::new(Mutex::new(new_registry())),
+            stores: crate::controller::compile::SharedStores::new(client, CancellationToken::new()),
         }
     }
 
