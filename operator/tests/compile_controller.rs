@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use trellis_operator::api::{Mesh, PeerAuthentication, TrafficPolicy};
 use trellis_operator::compiler::{Output, SlimPod, compile, digest};
+use trellis_operator::controller::Reconciles;
 use trellis_operator::controller::compile::{DEBOUNCE, Error, RESYNC, RETRY, Stores, drive};
 use trellis_operator::controller::compile_apply::{Applier, configmap_body, strip_configmap};
 use trellis_operator::status::StatusWriter;
@@ -208,6 +209,8 @@ struct Harness {
     api: ApiServer,
     shutdown: CancellationToken,
     controller: JoinHandle<Result<(), Error>>,
+    /// Where the loop counts its reconciles.
+    registry: prometheus_client::registry::Registry,
 }
 
 impl Harness {
@@ -235,7 +238,9 @@ impl Harness {
         let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(svc, "default");
         let status = StatusWriter::with_clock(client.clone(), Arc::new(|| NOW.to_string()));
-        let applier = Applier::new(client, status, None);
+        let mut registry = prometheus_client::registry::Registry::default();
+        let reconciles = Reconciles::register(&mut registry);
+        let applier = Applier::new(client, status, None).with_reconciles(reconciles);
         let shutdown = CancellationToken::new();
         let controller = tokio::spawn(drive(
             stores,
@@ -259,7 +264,19 @@ impl Harness {
             api: ApiServer(handle),
             shutdown,
             controller,
+            registry,
         }
+    }
+
+    /// `trellis_operator_reconciles_total{controller="compile",result}` so far.
+    fn reconciles(&self, result: &str) -> u64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+        let series = format!("reconciles_total{{controller=\"compile\",result=\"{result}\"}} ");
+        let line = text.lines().find_map(|l| l.strip_prefix(series.as_str()));
+        line.unwrap_or_else(|| panic!("no {series} in {text}"))
+            .parse()
+            .unwrap()
     }
 
     /// Starts the loop over stores synced with `w`, whose ConfigMaps already hold `w`'s
@@ -435,6 +452,10 @@ async fn a_failed_apply_is_retried_until_it_succeeds() {
 
     // Succeeded: no more retries (each would repeat the apply: the store has not seen it).
     h.api.expect_none_for(Duration::from_secs(60)).await;
+    // Counted: the failed apply by its kind, and every compile that succeeded as ok.
+    assert_eq!(h.reconciles("apply"), 1);
+    assert!(h.reconciles("ok") >= 2, "the first compile and the retry");
+    assert_eq!(h.reconciles("status"), 0, "created at 0, not absent");
     h.shut_down().await;
 }
 

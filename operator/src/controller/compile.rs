@@ -330,6 +330,7 @@ pub async fn reconcile_once(
     for e in &errors {
         tracing::warn!(error = %e, kind = e.metric_label(), "apply failed; will retry");
     }
+    applier.count_reconcile(errors.first().map_or("ok", |e| e.metric_label()));
     (out, errors.is_empty())
 }
 
@@ -341,6 +342,7 @@ pub async fn run(
     shared: &SharedStores,
     settings: Settings,
     status: StatusWriter,
+    reconciles: super::Reconciles,
     meshed: crate::compiler::MeshedTx,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
@@ -352,7 +354,9 @@ pub async fn run(
             instance: std::env::var("POD_NAME").ok(),
         },
     );
-    let applier = Applier::new(client, status, Some(recorder)).with_meshed_publisher(meshed);
+    let applier = Applier::new(client, status, Some(recorder))
+        .with_meshed_publisher(meshed)
+        .with_reconciles(reconciles);
     drive(stores, changes, applier, settings, shutdown).await
 }
 

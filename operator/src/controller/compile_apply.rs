@@ -376,6 +376,9 @@ pub struct Stats {
     pub events: usize,
 }
 
+/// The `controller` label of the compile loop's reconciles (`trellis dev` uses it too).
+pub const COMPILE_CONTROLLER: &str = "compile";
+
 /// Executes plans against the API server.
 pub struct Applier {
     client: Client,
@@ -383,6 +386,8 @@ pub struct Applier {
     recorder: Option<Recorder>,
     /// Where the meshed namespaces of each compile go (the CA writes their trust bundles).
     meshed: Option<crate::compiler::MeshedTx>,
+    /// Counts each compile and apply as a `compile` reconcile, by its first error's kind.
+    reconciles: Option<super::Reconciles>,
 }
 
 impl Applier {
@@ -393,6 +398,7 @@ impl Applier {
             status,
             recorder,
             meshed: None,
+            reconciles: None,
         }
     }
 
@@ -402,6 +408,23 @@ impl Applier {
         Self {
             meshed: Some(tx),
             ..self
+        }
+    }
+
+    /// Counts every compile and apply in `reconciles` (controller `compile`), its results
+    /// created at 0 up front.
+    pub fn with_reconciles(self, reconciles: super::Reconciles) -> Self {
+        reconciles.init(COMPILE_CONTROLLER, &["ok", "apply", "delete", "status"]);
+        Self {
+            reconciles: Some(reconciles),
+            ..self
+        }
+    }
+
+    /// Counts one compile and apply; `result` is `ok` or an [`Error::metric_label`].
+    pub fn count_reconcile(&self, result: &str) {
+        if let Some(r) = &self.reconciles {
+            r.count(COMPILE_CONTROLLER, result);
         }
     }
 

@@ -59,9 +59,47 @@ pub struct ReconcileLabels {
     pub result: String,
 }
 
+/// `trellis_operator_reconciles_total`, shared by the status controllers run by [`run`], the
+/// compile loop (which is not a kube-rs `Controller`) and `trellis dev`'s compile.
+#[derive(Clone, Debug, Default)]
+pub struct Reconciles(Family<ReconcileLabels, Counter>);
+
+impl Reconciles {
+    pub fn register(registry: &mut Registry) -> Self {
+        let r = Self::default();
+        registry.register(
+            "reconciles",
+            "Reconciles by controller and result",
+            r.0.clone(),
+        );
+        r
+    }
+
+    pub fn count(&self, controller: &str, result: &str) {
+        self.counter(controller, result).inc();
+    }
+
+    /// Creates `controller`'s series for each of `results` at 0, as Prometheus advises for
+    /// known label values: a failure rate then reads 0, not "no data", until one happens.
+    pub fn init(&self, controller: &str, results: &[&str]) {
+        for r in results {
+            self.counter(controller, r);
+        }
+    }
+
+    fn counter(&self, controller: &str, result: &str) -> Counter {
+        self.0
+            .get_or_create(&ReconcileLabels {
+                controller: controller.into(),
+                result: result.into(),
+            })
+            .clone()
+    }
+}
+
 /// Controller metrics (registered under the `trellis_operator` prefix).
 pub struct Metrics {
-    pub reconciles: Family<ReconcileLabels, Counter>,
+    pub reconciles: Reconciles,
     /// 1 while this replica holds the Lease.
     pub leader: Gauge,
 }
@@ -69,14 +107,9 @@ pub struct Metrics {
 impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
-            reconciles: Family::default(),
+            reconciles: Reconciles::register(registry),
             leader: Gauge::default(),
         };
-        registry.register(
-            "reconciles",
-            "Reconciles by controller and result",
-            m.reconciles.clone(),
-        );
         registry.register(
             "leader",
             "1 while this replica holds the leader Lease and runs the controllers",
@@ -86,12 +119,7 @@ impl Metrics {
     }
 
     fn count(&self, controller: &str, result: &str) {
-        self.reconciles
-            .get_or_create(&ReconcileLabels {
-                controller: controller.into(),
-                result: result.into(),
-            })
-            .inc();
+        self.reconciles.count(controller, result);
     }
 }
 
@@ -145,8 +173,11 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
             let (client, status) = (ctx.client.clone(), ctx.status.for_controller("compile"));
             let shutdown = shutdown.clone();
             let stores = ctx.stores.clone();
+            let reconciles = ctx.metrics.reconciles.clone();
             Box::pin(async move {
-                let run = compile::run(client, &stores, settings, status, meshed_tx, shutdown);
+                let run = compile::run(
+                    client, &stores, settings, status, reconciles, meshed_tx, shutdown,
+                );
                 if let Err(e) = run.await {
                     tracing::error!(error = %e, "compile controller stopped");
                 }

@@ -9,12 +9,14 @@
 //! - `trellis_operator_injector_*`: the admission webhook's decision ([`Injector::review`]),
 //!   given every synthesized pod at start as the API server would send it (an AdmissionReview
 //!   CREATE); the run refuses to start if the injector would mesh a different set of pods than
-//!   `services.yaml` declares ([`admit`]).
+//!   `services.yaml` declares ([`admit`]);
+//! - `trellis_operator_reconciles_total{controller="compile"}`: each compile of the directory
+//!   by the operator's compiler, at start and after every edit (`ok`, or `invalid`).
 //!
 //! What is not, because `trellis dev` does not run that code: leader election (one process, no
 //! Lease: `trellis_operator_leader` is absent rather than a made-up 1), the status controllers
-//! (`trellis_operator_reconciles_total`), the webhook's HTTPS edge (its `too_large`,
-//! `overloaded` and `timeout` denials) and the discovery stream.
+//! (their `reconciles_total` series), the webhook's HTTPS edge (its `too_large`, `overloaded`
+//! and `timeout` denials) and the discovery stream.
 //!
 //! Audience: Prometheus and the user on this machine. The server listens on 127.0.0.1 only and
 //! answers only `GET /metrics` whose `Host` is that address, so a web page elsewhere cannot read
@@ -63,6 +65,18 @@ impl OperatorMetrics {
     /// would repeat the family in the exposition).
     pub fn identity(&self) -> IdentityMetrics {
         IdentityMetrics::register(&mut self.lock())
+    }
+
+    /// The reconcile counter, registered here (call once). `trellis dev` counts each compile
+    /// of its directory as the compile controller's reconcile: `ok`, or `invalid` when the
+    /// directory did not compile (what the operator reports in the objects' status instead).
+    pub fn reconciles(&self) -> crate::controller::Reconciles {
+        let r = crate::controller::Reconciles::register(&mut self.lock());
+        r.init(
+            crate::controller::compile_apply::COMPILE_CONTROLLER,
+            &["ok", "invalid"],
+        );
+        r
     }
 
     /// The admission webhook's decision, with its metrics registered here (call once).

@@ -87,6 +87,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .context("the operator's metrics on 127.0.0.1")?;
     let op_metrics_addr = op_listener.local_addr()?;
     let op_metrics = operator_metrics::OperatorMetrics::default();
+    let reconciles = op_metrics.reconciles();
     let (graph_tx, graph_rx) = tokio::sync::watch::channel(crate::dashboard::Graph::default());
     create_state_dir(&state_dir, owned)?;
     let mut local = LocalMesh {
@@ -122,6 +123,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         ro: rollout_edge::Edge::default(),
         cred_args: BTreeMap::new(),
         op_metrics: op_metrics.clone(),
+        reconciles,
         op_metrics_addr,
     };
     tokio::spawn(operator_metrics::serve(
@@ -252,6 +254,8 @@ struct LocalMesh {
     cred_args: BTreeMap<String, Vec<String>>,
     /// The operator's registry (identity endpoint, injector), served on `op_metrics_addr`.
     op_metrics: operator_metrics::OperatorMetrics,
+    /// Counts each compile of the directory (see [`operator_metrics::OperatorMetrics::reconciles`]).
+    reconciles: crate::controller::Reconciles,
     op_metrics_addr: SocketAddr,
 }
 
@@ -383,7 +387,11 @@ impl LocalMesh {
         .await?;
         self.admit_pods()?;
         self.cred_desc = cred_desc;
-        let configs = control::compile(&self.dev, &self.plan, &self.identity_url())?;
+        let configs = self.counted(control::compile(
+            &self.dev,
+            &self.plan,
+            &self.identity_url(),
+        ))?;
         self.configs = configs;
         self.write_volumes()?;
         self.status.push(format!(
@@ -692,6 +700,17 @@ impl LocalMesh {
         Ok(changed)
     }
 
+    /// Counts a compile of the directory as the compile controller's reconcile.
+    fn counted<T>(
+        &self,
+        compiled: Result<T, control::ControlError>,
+    ) -> Result<T, control::ControlError> {
+        let result = if compiled.is_ok() { "ok" } else { "invalid" };
+        let controller = crate::controller::compile_apply::COMPILE_CONTROLLER;
+        self.reconciles.count(controller, result);
+        compiled
+    }
+
     /// Re-reads the directory after an edit: a valid one is compiled and written (proxies
     /// reload it themselves); an invalid one is reported and changes nothing.
     async fn reload(&mut self) {
@@ -716,7 +735,8 @@ impl LocalMesh {
                          `trellis dev` to apply it"
                     );
                 }
-                let configs = control::compile(&dev, &self.plan, &self.identity_url())?;
+                let configs =
+                    self.counted(control::compile(&dev, &self.plan, &self.identity_url()))?;
                 Ok((dev, configs))
             });
         match result {

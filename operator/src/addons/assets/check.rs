@@ -688,13 +688,7 @@ pub fn proxy_exposition() -> String {
 pub fn operator_exposition() -> String {
     let mut r = crate::runtime::new_registry();
     let controllers = crate::controller::Metrics::register(&mut r);
-    controllers
-        .reconciles
-        .get_or_create(&crate::controller::ReconcileLabels {
-            controller: "mesh".into(),
-            result: "ok".into(),
-        })
-        .inc();
+    controllers.reconciles.count("mesh", "ok");
     controllers.leader.set(1);
     let identity = crate::identity::IdentityMetrics::register(&mut r);
     identity.rejected("not_found");
@@ -943,11 +937,6 @@ const NOT_IN_DEV: &[(&str, &str)] = &[
     (
         "trellis_operator_leader",
         "no leader election in `trellis dev` (one process, no Lease): the gauge is absent, not faked",
-    ),
-    (
-        "trellis_operator_reconciles_total",
-        "counted by the Mesh status controller, which needs an API server; `trellis dev` runs \
-         the compiler without it",
     ),
     (
         "trellis_operator_identity_rejections_total",
