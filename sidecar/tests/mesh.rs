@@ -751,3 +751,49 @@ async fn without_local_mode_direct_connections_are_closed() {
         "a request reached the server proxy: {m}"
     );
 }
+
+/// A client that gives up on a request cancels it all the way to the application: the client
+/// proxy resets the HTTP/2 stream, and the server proxy drops the request it made, closing the
+/// application's connection.
+#[tokio::test]
+async fn a_request_the_client_abandons_is_cancelled_at_the_application() {
+    let pki = Pki::new("mesh");
+    // An application that reads a request, never answers, and reports when its client hangs up.
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = app.local_addr().unwrap();
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = app.accept().await.unwrap();
+            let events = events.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            let _ = events.send("closed");
+                            return;
+                        }
+                        Ok(_) => {
+                            let _ = events.send("request");
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let (a, _b) = pair(&pki, up, Protocol::Http1, &id("backend")).await;
+    let mut client = TcpStream::connect(a.running.outbound_addr).await.unwrap();
+    client
+        .write_all(b"GET /hang HTTP/1.1\r\nhost: backend.shop:8080\r\n\r\n")
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await;
+    assert_eq!(got.unwrap(), Some("request"));
+    drop(client);
+    let got = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await;
+    assert_eq!(
+        got.expect("the application's request was not cancelled"),
+        Some("closed")
+    );
+}
