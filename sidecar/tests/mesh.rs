@@ -797,3 +797,33 @@ async fn a_request_the_client_abandons_is_cancelled_at_the_application() {
         Some("closed")
     );
 }
+
+/// Bodies far larger than every window and buffer on the way, both ways at once: the
+/// application echoes the request body as it reads it, so the whole path (client proxy, the
+/// HTTP/2 hop, server proxy, application) has to stream under flow control rather than buffer.
+#[tokio::test]
+async fn large_bodies_stream_both_ways_through_both_proxies() {
+    let pki = Pki::new("mesh");
+    let up = upstream(Speaks::Http1Only).await;
+    let (a, _b) = pair(&pki, up, Protocol::Http1, &id("backend")).await;
+    let payload: Bytes = (0..12 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let req = Request::builder()
+        .method("POST")
+        .uri("/grpc")
+        .header("host", "backend.shop:8080")
+        .body(Full::new(payload.clone()))
+        .unwrap();
+    let (status, _, body) = tokio::time::timeout(
+        Duration::from_secs(30),
+        h1_send(a.running.outbound_addr, req),
+    )
+    .await
+    .expect("the echo did not finish")
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body == payload,
+        "echoed body differs ({} bytes)",
+        body.len()
+    );
+}

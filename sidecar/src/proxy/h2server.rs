@@ -488,34 +488,46 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_the_client_resets_cancels_its_handler() {
-        // Each handler holds a sender until it is dropped; it never answers.
+        // The first request's handler holds a sender until it is dropped and never answers;
+        // later ones answer at once.
         let (seen_tx, mut seen) =
             tokio::sync::mpsc::channel::<tokio::sync::oneshot::Receiver<()>>(1);
+        let mut first = true;
         let (addr, _close, _task) = server(
             move |_req| {
                 let (guard, dropped) = tokio::sync::oneshot::channel::<()>();
-                let _ = seen_tx.try_send(dropped);
+                let hold = std::mem::take(&mut first);
+                if hold {
+                    let _ = seen_tx.try_send(dropped);
+                }
                 async move {
                     let _guard = guard;
-                    std::future::pending::<Response<Body>>().await
+                    if hold {
+                        std::future::pending::<()>().await;
+                    }
+                    Response::new(empty())
                 }
             },
             SECS5,
         )
         .await;
         let (sr, state) = client(addr).await;
-        let pending = tokio::spawn(async move { h2client::send(&sr, &state, get()).await });
+        let (sr2, state2) = (sr.clone(), state.clone());
+        let pending = tokio::spawn(async move { h2client::send(&sr2, &state2, get()).await });
         let dropped = tokio::time::timeout(SECS5, seen.recv())
             .await
             .unwrap()
             .unwrap();
-        // Dropping the request's future resets its stream (RST_STREAM CANCEL).
+        // Dropping the request's future resets its stream (RST_STREAM CANCEL); the connection
+        // stays open (`sr` is still held).
         pending.abort();
         let r = tokio::time::timeout(SECS5, dropped).await;
         assert!(
             matches!(r, Ok(Err(_))),
             "the handler's future was not dropped after the client reset the stream"
         );
+        let resp = h2client::send(&sr, &state, get()).await.unwrap();
+        assert_eq!(resp.status(), 200, "the connection still serves");
     }
 
     #[tokio::test]
