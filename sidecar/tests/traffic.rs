@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::Request;
 use traffic_support::*;
 use trellis_proxy::config::*;
-use trellis_proxy::traffic::{Dispatcher, PlainUpstream, TrafficMetrics, full};
+use trellis_proxy::traffic::{AttemptEventKind, Dispatcher, PlainUpstream, TrafficMetrics, full};
 
 fn dispatcher() -> Dispatcher {
     Dispatcher::new(Arc::new(PlainUpstream::default()))
@@ -23,6 +23,20 @@ fn policy() -> TrafficPolicy {
         source: "shop/test".into(),
         ..Default::default()
     }
+}
+
+/// A local port with nothing listening (its listener is dropped at once): connects are refused.
+fn dead_port() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn post_hello() -> Request<trellis_proxy::traffic::Body> {
+    Request::builder()
+        .method("POST")
+        .uri("/")
+        .body(full("hello"))
+        .unwrap()
 }
 
 fn with_lb(algorithm: LbAlgorithm) -> TrafficPolicy {
@@ -651,12 +665,41 @@ async fn request_timeout_answers_504_ut_and_per_try_timeout_retries_elsewhere() 
 }
 
 #[tokio::test]
-async fn connect_failures_retry_even_for_post_but_5xx_does_not() {
-    // A port with nothing listening.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
+async fn with_a_per_try_timeout_a_failed_connect_is_still_a_connect_failure() {
+    let dead = dead_port();
+    let echo = serve(|_| Reply::Ok).await;
+    let r = Retries {
+        per_try_timeout_ms: Some(2_000),
+        ..retries(2, &[RetryOn::ConnectFailure])
     };
+    let pol = TrafficPolicy {
+        retries: Some(r),
+        ..with_lb(LbAlgorithm::RoundRobin)
+    };
+    let svc = service("cf", &[dead, echo.addr], Protocol::Http1, Some(pol.clone()));
+    let only_dead = service("dead", &[dead], Protocol::Http1, Some(pol));
+    let d = dispatcher();
+    d.update(&config(vec![svc.clone(), only_dead.clone()]));
+    for _ in 0..4 {
+        let a = send(&d, &svc, post_hello()).await;
+        assert_eq!(a.status, 200, "{:?}", a.outcome);
+        assert!(
+            !a.outcome
+                .events
+                .iter()
+                .any(|e| matches!(e.kind, AttemptEventKind::PerTryTimeout { .. })),
+            "no timeout: {:?}",
+            a.outcome
+        );
+    }
+    let a = send(&d, &only_dead, get()).await;
+    assert_eq!(a.status, 503, "{:?}", a.outcome);
+    assert_eq!(a.outcome.flags, vec!["URX", "UF"]);
+}
+
+#[tokio::test]
+async fn connect_failures_retry_even_for_post_but_5xx_does_not() {
+    let dead = dead_port();
     let echo = serve(|_| Reply::Ok).await;
     let failing = serve(|_| Reply::Status(503)).await;
     let pol = TrafficPolicy {
@@ -665,13 +708,6 @@ async fn connect_failures_retry_even_for_post_but_5xx_does_not() {
             &[RetryOn::ConnectFailure, RetryOn::GatewayError],
         )),
         ..with_lb(LbAlgorithm::RoundRobin)
-    };
-    let post = || {
-        Request::builder()
-            .method("POST")
-            .uri("/")
-            .body(full("hello"))
-            .unwrap()
     };
     let d = dispatcher();
     let svc = service("cf", &[dead, echo.addr], Protocol::Http1, Some(pol.clone()));
@@ -683,7 +719,7 @@ async fn connect_failures_retry_even_for_post_but_5xx_does_not() {
         no_retry_post.clone(),
     ]));
     for _ in 0..4 {
-        let a = send(&d, &svc, post()).await;
+        let a = send(&d, &svc, post_hello()).await;
         assert_eq!(a.status, 200);
         assert_eq!(
             a.body.as_ref().unwrap(),
@@ -694,7 +730,7 @@ async fn connect_failures_retry_even_for_post_but_5xx_does_not() {
     let a = send(&d, &only_dead, get()).await;
     assert_eq!(a.status, 503);
     assert_eq!(a.outcome.flags, vec!["UF"]);
-    let a = send(&d, &no_retry_post, post()).await;
+    let a = send(&d, &no_retry_post, post_hello()).await;
     assert_eq!(a.status, 503);
     assert_eq!(a.outcome.attempts, 1, "POST is not retried on 503");
     assert_eq!(failing.hits(), 1);

@@ -157,7 +157,8 @@ pub struct TimeoutsSpec {
 /// When a request is retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum RetryOn {
-    /// The connection to the endpoint could not be made.
+    /// The connection to the endpoint could not be made. Like `Reset`, it also covers an
+    /// HTTP/2 stream the endpoint refused unprocessed (`REFUSED_STREAM`), for any method.
     ConnectFailure,
     /// The endpoint reset the connection or stream before answering.
     Reset,

@@ -856,10 +856,14 @@ impl<B: HttpBody> HttpBody for Counted<B> {
     }
 }
 
-/// An `h2` failure: the connection went away (I/O error, GOAWAY) or the stream was refused
-/// or reset before the response: the peer reset it. Anything else (a request `h2` would not
+/// An `h2` failure: a stream the peer refused (`REFUSED_STREAM`, so unprocessed); the
+/// connection went away (I/O error, GOAWAY) or the stream was reset before the response: the
+/// peer reset it. Anything else (a request `h2` would not
 /// send, a malformed response) is some other failure.
 fn classify_h2(addr: SocketAddr, e: h2::Error) -> UpstreamError {
+    if e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        return UpstreamError::Refused { addr };
+    }
     if e.is_io() || e.is_go_away() || e.is_reset() {
         UpstreamError::Reset {
             addr,

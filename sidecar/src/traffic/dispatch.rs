@@ -185,6 +185,9 @@ enum Class {
     /// The pool had no stream for it (never sent): retried like a connect failure, but not a
     /// failure of the endpoint for ejection.
     Overflow,
+    /// The peer refused the stream unprocessed (HTTP/2 `REFUSED_STREAM`): an endpoint at its
+    /// stream limit, not a broken one, so not a failure for ejection either.
+    Refused,
 }
 
 impl Class {
@@ -198,6 +201,7 @@ impl Class {
             Class::Reset => RetryReason::Reset,
             Class::Timeout => RetryReason::PerTryTimeout,
             Class::Overflow => RetryReason::Overflow,
+            Class::Refused => RetryReason::Refused,
         })
     }
 }
@@ -540,21 +544,25 @@ impl Dispatcher {
             let send = self.upstream.send(target, req);
             let per_try = retry.and_then(|(r, ..)| r.per_try_timeout);
             let res = match per_try {
+                // Only the timer firing makes an attempt a timeout: a connect failure or a
+                // reset inside the window keeps its own class (its retry rules, its flag).
                 Some(t) => match tokio::time::timeout(t, send).await {
-                    Ok(r) => r,
+                    Ok(r) => r.map_err(|e| (e, false)),
                     Err(_) => {
                         outcome.events.push(AttemptEvent {
                             at: SystemTime::now(),
                             attempt,
                             kind: AttemptEventKind::PerTryTimeout { after: t },
                         });
-                        Err(UpstreamError::Other {
-                            addr: outcome.endpoint.expect("set above"),
-                            source: "per-try timeout".into(),
-                        })
+                        Err((
+                            UpstreamError::Other {
+                                addr: outcome.endpoint.expect("set above"),
+                                source: "per-try timeout".into(),
+                            },
+                            true,
+                        ))
                     }
-                }
-                .map_err(|e| (e, true)),
+                },
                 None => send.await.map_err(|e| (e, false)),
             };
             drop(pending);
@@ -609,7 +617,9 @@ impl Dispatcher {
                     tracing::debug!(error = %e, backend = %dest.key, "upstream attempt failed");
                     let (status, flag) = match (class, per_try_timeout) {
                         (_, true) => (StatusCode::GATEWAY_TIMEOUT, "UT"),
-                        (Class::Overflow, _) => (StatusCode::SERVICE_UNAVAILABLE, "UO"),
+                        (Class::Overflow | Class::Refused, _) => {
+                            (StatusCode::SERVICE_UNAVAILABLE, "UO")
+                        }
                         (Class::Connect, _) => (StatusCode::SERVICE_UNAVAILABLE, "UF"),
                         _ => (StatusCode::BAD_GATEWAY, "UC"),
                     };
@@ -732,6 +742,7 @@ fn classify(res: &Result<Response<Body>, (UpstreamError, bool)>) -> Class {
         }
         Err((UpstreamError::Tls { .. }, _)) => Class::Connect,
         Err((UpstreamError::Overflow { .. }, _)) => Class::Overflow,
+        Err((UpstreamError::Refused { .. }, _)) => Class::Refused,
         Err((UpstreamError::Reset { .. } | UpstreamError::Other { .. }, _)) => Class::Reset,
     }
 }
@@ -745,6 +756,9 @@ impl RetryPolicy {
         match class {
             Class::Success => false,
             Class::Connect | Class::Overflow => self.on_connect_failure,
+            // Nothing was processed, so the method does not matter; a policy that retries
+            // either connect failures or resets covers a refusal (it is a bit of both).
+            Class::Refused => self.on_connect_failure || self.on_reset,
             Class::Reset => safe && self.on_reset,
             Class::Timeout => safe && (self.on_server_error || self.on_gateway_error),
             Class::Status(s) => {
@@ -880,12 +894,14 @@ impl Destination {
 
     /// Outlier detection: 5xx, connect failures, resets and timeouts are failures.
     fn record(&self, i: usize, class: Class) {
-        if class == Class::Overflow {
-            return; // Never reached the endpoint: says nothing of its health.
+        if matches!(class, Class::Overflow | Class::Refused) {
+            // Never reached the endpoint's app, or the endpoint only said it is busy: says
+            // nothing of its health.
+            return;
         }
         let ep = &self.endpoints.eps[i];
         let failed = match class {
-            Class::Success | Class::Grpc(_) | Class::Overflow => false,
+            Class::Success | Class::Grpc(_) | Class::Overflow | Class::Refused => false,
             Class::Status(s) => s >= 500,
             Class::Connect | Class::Reset | Class::Timeout => true,
         };
@@ -1062,6 +1078,12 @@ mod tests {
         assert!(all.retriable(Class::Status(409), true, false));
         assert!(!all.retriable(Class::Status(404), true, false));
         assert!(!all.retriable(Class::Reset, false, false));
+        assert!(
+            all.retriable(Class::Refused, false, false),
+            "unprocessed: safe"
+        );
+        assert!(policy(&[Reset]).retriable(Class::Refused, false, false));
+        assert!(!gw.retriable(Class::Refused, true, false));
         assert!(
             all.retriable(Class::Grpc(14), false, true),
             "listed gRPC code on a POST"

@@ -88,6 +88,10 @@ pub enum UpstreamError {
     Tls { addr: SocketAddr, reason: String },
     #[error("{addr} reset the connection before responding: {source}")]
     Reset { addr: SocketAddr, source: BoxError },
+    /// The peer refused the HTTP/2 stream (`REFUSED_STREAM`), which RFC 9113 §8.7 says
+    /// guarantees it did no processing: as safe to retry, for any method, as a failed connect.
+    #[error("{addr} refused the stream (REFUSED_STREAM); nothing was processed")]
+    Refused { addr: SocketAddr },
     #[error("upstream {addr}: {source}")]
     Other { addr: SocketAddr, source: BoxError },
     /// The pool has no stream for the request: every connection to `addr` is at the peer's
@@ -136,7 +140,8 @@ pub struct Outcome {
     /// Attempts made (1 without retries).
     pub attempts: u32,
     /// Envoy-style response flags: `UF` connect failure, `UC` upstream reset, `UT` timeout
-    /// (request or per-try), `UO` overflow (circuit breaker), `RL` rate limited, `URX` retries
+    /// (request or per-try), `UO` overflow (circuit breaker, or the peer refused the stream at
+    /// its limit), `RL` rate limited, `URX` retries
     /// exhausted (the last allowed attempt still failed retriably).
     pub flags: Vec<&'static str>,
     /// Retries and timeouts in the order they happened, for the request's span. Stays empty
@@ -175,6 +180,7 @@ pub enum RetryReason {
     Reset,
     PerTryTimeout,
     Overflow,
+    Refused,
     Status(u16),
     Grpc(u32),
 }
@@ -186,6 +192,7 @@ impl std::fmt::Display for RetryReason {
             Self::Reset => f.write_str("reset"),
             Self::PerTryTimeout => f.write_str("per-try-timeout"),
             Self::Overflow => f.write_str("overflow"),
+            Self::Refused => f.write_str("refused-stream"),
             Self::Status(s) => write!(f, "status-{s}"),
             Self::Grpc(c) => write!(f, "grpc-{c}"),
         }
