@@ -20,7 +20,8 @@ PERF_DURATION seconds long (default DURATION), into hack/out/perf-B-<role>.data)
 rounds, with `perf stat`), IR (unset; "1": run every proxy under valgrind's callgrind and report
 instructions per request per role instead of CPU time: deterministic, so one or two rounds at a
 low RATE (say 200) compare binaries on a machine too busy for CPU time to mean anything; it
-counts work, not cache misses or syscall cost), A_TRACING / B_TRACING
+counts work, not cache misses or syscall cost; IR_OUT=DIR keeps each proxy's profile there as
+callgrind.<a|b>-<role>.out, written when the proxy exits, for callgrind_annotate), A_TRACING / B_TRACING
 (unset: tracing off; a sampling percent, e.g. "1": both sidecars of that pair export spans over
 OTLP/HTTP to a sink collector inside this script, which answers every export 200 and counts
 them; its CPU is this script's, not the proxies'; "<percent>@dead": to a port where nothing
@@ -29,6 +30,8 @@ rounds, each proxy's CPU over that many seconds with no requests at all, in inte
 to tell a fixed cost per second from a cost per request), TOGETHER (unset; "1": each round
 loads A and B at the same time instead of one after the other, so both meet the same
 contention; STAT is not taken then).
+Memory (not under IR): each proxy's idle RSS (VmRSS once ready, before any request) and peak
+RSS (VmHWM after the last round), as hack/bench-proxy.py measures them.
 """
 import importlib.util
 import json
@@ -53,6 +56,7 @@ PERF = os.environ.get("PERF", "")
 IDLE = float(os.environ.get("IDLE", "0"))
 TOGETHER = os.environ.get("TOGETHER") == "1"
 IR = os.environ.get("IR") == "1"
+IR_OUT = os.environ.get("IR_OUT", "")
 PORT_BASE = int(os.environ.get("PORT_BASE", "19100"))
 OTLP_SINK = PORT_BASE + 218
 OTLP_DEAD = PORT_BASE + 219
@@ -175,14 +179,19 @@ def pair(d, name, binary, base_port, env=None, traced=None):
         dirs[role] = pd
     common = ["--log-format", "text", "--log-level", "warn", "--local-mode"]
     if IR:
-        binary = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", binary]
+        binary = ["valgrind", "--tool=callgrind", binary]
     else:
         binary = [binary]
-    s = spawn([*binary, "--dir", dirs["server"], "--cert-file", f"{d}/server.crt",
+
+    def callgrind(role):
+        out = f"{IR_OUT}/callgrind.{name}-{role}.out" if IR_OUT else "/dev/null"
+        return [binary[0], binary[1], f"--callgrind-out-file={out}", *binary[2:]] if IR else binary
+
+    s = spawn([*callgrind("server"), "--dir", dirs["server"], "--cert-file", f"{d}/server.crt",
                "--key-file", f"{d}/server.key", "--inbound-addr", f"127.0.0.1:{in_port}",
                "--outbound-addr", "127.0.0.1:0", "--admin-addr", f"127.0.0.1:{sadmin}",
                "--inbound-target", f"127.0.0.1:{UPSTREAM}", *common], env)
-    c = spawn([*binary, "--dir", dirs["client"], "--cert-file", f"{d}/client.crt",
+    c = spawn([*callgrind("client"), "--dir", dirs["client"], "--cert-file", f"{d}/client.crt",
                "--key-file", f"{d}/client.key", "--outbound-addr", f"127.0.0.1:{out_port}",
                "--inbound-addr", "127.0.0.1:0", "--admin-addr", f"127.0.0.1:{cadmin}", *common], env)
     ready(sadmin)
@@ -192,6 +201,15 @@ def pair(d, name, binary, base_port, env=None, traced=None):
         if p.poll() is not None:
             raise SystemExit(f"{binary} exited at start (ports from {base_port} taken?)")
     return {"client": c.pid, "server": s.pid, "port": out_port}
+
+
+def status_kib(pid, field):
+    """A /proc/<pid>/status field in KiB (VmRSS, VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
 
 
 def instructions(pid):
@@ -224,7 +242,8 @@ def cpu(pid):
     return total / 1e9
 
 
-STAT_EVENTS = ["raw_syscalls:sys_enter", "context-switches", "syscalls:sys_enter_writev",
+STAT_EVENTS = ["raw_syscalls:sys_enter", "context-switches", "page-faults",
+               "syscalls:sys_enter_writev",
                "syscalls:sys_enter_write", "syscalls:sys_enter_sendto",
                "syscalls:sys_enter_recvfrom", "syscalls:sys_enter_read",
                "syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_futex"]
@@ -329,6 +348,8 @@ def main():
             sink = otlp_sink_class()(OTLP_SINK)
         pairs = {"A": pair(d, "a", a_bin, PORT_BASE, env("A_ENV"), traced["A"]),
                  "B": pair(d, "b", b_bin, PORT_BASE + 100, env("B_ENV"), traced["B"])}
+        idle_rss = {n: {r: status_kib(p[r], "VmRSS") for r in ("client", "server")}
+                    for n, p in pairs.items()}
         if IDLE > 0:
             # Let start-up (config load, exporter connect) settle before idling counts.
             time.sleep(2)
@@ -361,6 +382,11 @@ def main():
         for k in ("p50", "p99"):
             print(f"{k}: A median {statistics.median(r[k] for r in rows['A']):.3f} ms, "
                   f"B median {statistics.median(r[k] for r in rows['B']):.3f} ms")
+        if not IR:
+            for n, p in pairs.items():
+                print(f"RSS {n}: " + ", ".join(
+                    f"{r} idle {idle_rss[n][r] / 1024:.1f} MiB peak "
+                    f"{status_kib(p[r], 'VmHWM') / 1024:.1f} MiB" for r in ("client", "server")))
         if PERF:
             # A round of its own, counted nowhere: perf's sampling costs the proxy CPU too.
             run(pairs["B"], PERF, duration=os.environ.get("PERF_DURATION", DURATION))

@@ -13,7 +13,8 @@
 //!
 //! `cargo run --release -p trellis-operator --example bench-discovery -- [namespaces]
 //! [services per namespace] [endpoints per service] [streams] [subscriptions] [changes]
-//! [pods: 1 = a meshed pod behind every endpoint]`
+//! [pods: 1 = a meshed pod behind every endpoint] [compact: 1 (default) = pods cached as the
+//! operator caches them, 0 = with the modify step before compaction, for an A/B]`
 //! The last line (`RESULT ...`) is for `hack/bench-discovery.sh`, which takes medians.
 
 #[path = "../operator/tests/compiler_fixtures/mod.rs"]
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fixtures::*;
+use kube::runtime::{reflector, watcher};
 use trellis_operator::compiler;
 use trellis_operator::discovery::{Registry, View};
 use trellis_proxy::discovery::{ServerMessage, Target};
@@ -51,10 +53,100 @@ fn slice_for(ns: usize, svc: usize, endpoints: usize, salt: usize, pods: bool) -
     let mut s = slice(&format!("ns{ns}"), &format!("s{svc}"), &format!("s{svc}-x"))
         .port(Some("http"), 8080);
     for e in 0..endpoints {
-        let pod = format!("s{svc}-{e}");
+        let pod = pod_name(svc, e);
         s = s.endpoint(&endpoint_ip(ns, svc, e, salt), pods.then_some(pod.as_str()));
     }
     s
+}
+
+/// The pod behind endpoint `e` of Service `svc`: a Deployment's pod name.
+fn pod_name(svc: usize, e: usize) -> String {
+    format!("s{svc}-7d9f8c6b5-{e:05}")
+}
+
+/// A meshed pod as the API server sends it on a watch: what the operator reads (name,
+/// namespace, labels, service account, IPs, the injector's annotation) and what a real pod
+/// carries besides (owner, uid, resource version, managed fields, other annotations,
+/// containers, conditions), so the cache measured is the one the operator keeps.
+fn pod_json(ns: usize, svc: usize, e: usize) -> String {
+    let ip = endpoint_ip(ns, svc, e, 0);
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": pod_name(svc, e), "generateName": format!("s{svc}-7d9f8c6b5-"),
+            "namespace": format!("ns{ns}"),
+            "uid": format!("6f1c2a3b-0000-4000-8000-{:012}", ns * 100_000 + svc * 100 + e),
+            "resourceVersion": format!("{}", 1_000_000 + e), "creationTimestamp": "2026-11-29T10:00:00Z",
+            "labels": {"app": format!("s{svc}"), "pod-template-hash": "7d9f8c6b5"},
+            "annotations": {
+                "trellis.dev/proxy-version": "ghcr.io/trellis-mesh/trellis-proxy:0.1.0",
+                "kubectl.kubernetes.io/restartedAt": "2026-11-29T10:00:00Z",
+                "prometheus.io/scrape": "true"
+            },
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "name": format!("s{svc}-7d9f8c6b5"), "uid": format!("rs-{ns}-{svc}"), "controller": true,
+                "blockOwnerDeletion": true}],
+            "managedFields": [{"manager": "kube-controller-manager", "operation": "Update",
+                "apiVersion": "v1", "time": "2026-11-29T10:00:00Z", "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:metadata": {"f:labels": {"f:app": {}}}}}]
+        },
+        "spec": {
+            "serviceAccountName": format!("s{svc}"), "serviceAccount": format!("s{svc}"),
+            "containers": [{"name": "app", "image": "registry.example/app:1.2.3"},
+                           {"name": "trellis-proxy", "image": "ghcr.io/trellis-mesh/trellis-proxy:0.1.0"}],
+            "nodeName": "node-1"
+        },
+        "status": {
+            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "192.168.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}]
+        }
+    })
+    .to_string()
+}
+
+/// The pod watch's last two steps, as `controller::compile::watch_all` runs them: the modify
+/// step (compaction), then the reflector's store.
+struct Compacting<'a> {
+    writer: reflector::store::Writer<compiler::SlimPod>,
+    compactor: &'a mut compiler::PodCompactor,
+    started: bool,
+    /// For an A/B against the cache before compaction: the modify step the watch ran then.
+    previous_strip: bool,
+}
+
+/// The pod watch's modify step before `PodCompactor` (labels and the proxy-version annotation
+/// kept in the metadata, everything else of the metadata kept too): the A side of an A/B.
+fn previous_strip(pod: &mut compiler::SlimPod) {
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.generate_name = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.retain(|k, _| k == compiler::PROXY_VERSION_ANNOTATION);
+    }
+}
+
+impl Compacting<'_> {
+    fn apply_watcher_event(&mut self, event: &watcher::Event<compiler::SlimPod>) {
+        let event = match event {
+            watcher::Event::InitApply(p) => {
+                let mut p = p.clone();
+                if self.previous_strip {
+                    previous_strip(&mut p);
+                } else {
+                    self.compactor.compact(&mut p);
+                }
+                watcher::Event::InitApply(p)
+            }
+            other => other.clone(),
+        };
+        if matches!(event, watcher::Event::InitApply(_)) && !self.started {
+            self.started = true;
+            self.writer.apply_watcher_event(&watcher::Event::Init);
+        }
+        self.writer.apply_watcher_event(&event);
+    }
 }
 
 fn main() {
@@ -76,6 +168,14 @@ fn main() {
     let pods = arg(6, 0) == 1;
     let base = rss_mib();
     let mut w = World::new();
+    let (pod_store, writer) = reflector::store::<compiler::SlimPod>();
+    let mut compactor = compiler::PodCompactor::default();
+    let mut pod_cache = Compacting {
+        writer,
+        compactor: &mut compactor,
+        started: false,
+        previous_strip: arg(7, 1) == 0,
+    };
     for ns in 0..namespaces {
         w.add(namespace(&format!("ns{ns}")).meshed());
         for svc in 0..per_ns {
@@ -92,15 +192,17 @@ fn main() {
             );
             w.add(slice_for(ns, svc, endpoints, 0, pods));
             for e in (0..endpoints).filter(|_| pods) {
-                w.add(
-                    pod(&format!("ns{ns}"), &format!("s{svc}-{e}"))
-                        .sa(&format!("s{svc}"))
-                        .ip(&endpoint_ip(ns, svc, e, 0))
-                        .sidecar(),
-                );
+                let json = pod_json(ns, svc, e);
+                let pod: compiler::SlimPod =
+                    serde_json::from_str(&json).expect("the pod JSON reads as a SlimPod");
+                pod_cache.apply_watcher_event(&watcher::Event::InitApply(pod));
             }
         }
     }
+    pod_cache.apply_watcher_event(&watcher::Event::InitDone);
+    // The pods as the operator holds them: its reflector store (keys included), each pod read
+    // from the API server's JSON and compacted by the watch's modify step.
+    w.snap.pods = pod_store.state();
     let t = Instant::now();
     let mut out = compiler::compile(&w.snap);
     let compile_full = t.elapsed();

@@ -2,16 +2,19 @@
 # One bounded `trellis dev` run (the README's Quick start) shared by the tests that need a live
 # local mesh, so CI starts the mesh once:
 #   - the run itself must end with every edge having carried mTLS traffic (its exit code);
-#   - the dashboard in headless Chromium: every demo edge drawn and listed with a success rate,
-#     the legacy edge marked plaintext; after `shop`'s PeerAuthentication is edited to Strict
-#     during the run, the legacy edge shows refusals. Screenshots go to $OUT;
+#   - the dashboard in headless Chromium: every demo edge drawn and listed with a success rate
+#     (the opaque TCP edge warmer -> cache included), the legacy edge marked plaintext; after
+#     `shop`'s PeerAuthentication is edited to Strict during the run, the legacy edge shows
+#     refusals. Screenshots go to $OUT;
 #   - a real Prometheus (Debian's, on loopback, temp dir, 1 h retention, stopped at the end)
-#     scrapes the run's sidecars: `trellis stat` must report every meshed edge, and
+#     scrapes the run's sidecars and its operator metrics (the scrape config trellis dev
+#     writes): `trellis stat` must report every meshed HTTP edge, and
 #     `trellis dashboard --prometheus` must draw them in Chromium too;
-#   - the same Prometheus answers every Grafana dashboard query and alert expression shipped in
-#     operator/src/addons/assets (the operator's ignored `addons::assets::check::live` test:
-#     series for each, the failing catalog replica visible, broken copies refused); the alert
-#     rules also pass `promtool check rules` and `promtool test rules` first.
+#   - once `shop` is Strict (so refusals have series too), the same Prometheus answers every
+#     Grafana dashboard query and alert expression shipped in operator/src/addons/assets (the
+#     operator's ignored `addons::assets::check::live` test: series for each, the operator's and
+#     opaque TCP's included, the failing catalog replica visible, broken copies refused); the
+#     alert rules also pass `promtool check rules` and `promtool test rules` first.
 # Usage: bash hack/dev-e2e.sh   (OUT=hack/out/dev-e2e DURATION=75s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -78,14 +81,18 @@ chrome() {
 
 MESHED=(load.shop-\>frontend.shop=mtls frontend.shop-\>catalog.shop=mtls
   frontend.shop-\>reviews.shop=mtls)
+# Opaque TCP: trellis dev's graph reads it from the sidecars' trellis_proxy_tcp_* counters;
+# `trellis stat` and `trellis dashboard --prometheus` show HTTP edges only.
+TCP=warmer.shop-\>cache.shop
 LEGACY=legacy.shop-\>frontend.shop
 
 echo "dev-e2e: waiting for traffic on every edge ($URL)"
 wait_graph "all(e.get(k, {}).get('success') is not None for k in
   ['load.shop->frontend.shop', 'frontend.shop->catalog.shop', 'frontend.shop->reviews.shop',
-   'legacy.shop->frontend.shop'])" 40
+   'legacy.shop->frontend.shop', 'warmer.shop->cache.shop'])" 40
 chrome --dump-dom "$URL" >"$OUT/dom-permissive.html"
-python3 hack/dashboard_dom.py "$OUT/dom-permissive.html" "${MESHED[@]}" "$LEGACY=plaintext"
+python3 hack/dashboard_dom.py "$OUT/dom-permissive.html" "${MESHED[@]}" "$TCP=mtls" \
+  "$LEGACY=plaintext"
 chrome --screenshot="$OUT/dashboard.png" "$URL"
 # The checker must fail on a wrong marking and on a missing edge, or it proves nothing.
 if python3 hack/dashboard_dom.py "$OUT/dom-permissive.html" "$LEGACY=mtls" >/dev/null ||
@@ -132,9 +139,6 @@ if [ -z "$ok" ]; then
   cat "$OUT/stat.json" "$OUT/stat.err" >&2
   exit 1
 fi
-echo "dev-e2e: dashboards and alerts against $PROM"
-TRELLIS_LIVE_PROMETHEUS="$PROM" cargo test --workspace --locked --lib -- --ignored --exact \
-  addons::assets::check::live --nocapture 2>&1 | tee "$OUT/dashboards-live.txt"
 "$BIN" stat --prometheus "$PROM" --window 15s | tee "$OUT/stat.txt"
 "$BIN" stat deploy/catalog --prometheus "$PROM" --window 15s >"$OUT/stat-catalog.txt"
 grep -q "frontend.shop -> catalog.shop" "$OUT/stat-catalog.txt"
@@ -161,8 +165,12 @@ echo "dev-e2e: shop PeerAuthentication Permissive -> Strict"
 sed -i 's/mode: Permissive/mode: Strict/' "$work/demo/peer-authentication.yaml"
 wait_graph "e['$LEGACY']['transport'] == 'refused'" 20
 chrome --dump-dom "$URL" >"$OUT/dom-strict.html"
-python3 hack/dashboard_dom.py "$OUT/dom-strict.html" "${MESHED[@]}" "$LEGACY=refused"
+python3 hack/dashboard_dom.py "$OUT/dom-strict.html" "${MESHED[@]}" "$TCP=mtls" "$LEGACY=refused"
 chrome --screenshot="$OUT/dashboard-strict.png" "$URL"
+
+echo "dev-e2e: dashboards and alerts against $PROM"
+TRELLIS_LIVE_PROMETHEUS="$PROM" cargo test --workspace --locked --lib -- --ignored --exact \
+  addons::assets::check::live --nocapture 2>&1 | tee "$OUT/dashboards-live.txt"
 
 echo "dev-e2e: waiting for the bounded run to finish"
 kill "$prom"

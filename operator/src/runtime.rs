@@ -393,6 +393,9 @@ pub struct Services {
     pub readiness: Readiness,
     /// The one metrics registry; register under a component prefix (`registry.sub_registry_with_prefix`).
     pub registry: Arc<Mutex<Registry>>,
+    /// The compiler's watches, one set per process: the discovery stream reads them on every
+    /// replica, the compile controller on the leader.
+    pub stores: crate::controller::compile::SharedStores,
 }
 
 /// A server every replica runs (identity, webhook). It must return when `shutdown` fires.
@@ -415,6 +418,9 @@ pub fn replica_servers(namespace: &str) -> Vec<ExtraServer> {
         crate::discovery::replica::server(),
     ]
 }
+
+/// The content type of every Trellis `/metrics` (prometheus-client writes OpenMetrics text).
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The operator's one metrics registry: the `trellis_operator` prefix, and the version as
 /// `trellis_operator_build_info{version}`, which the old-proxy alert and the control-plane
@@ -499,6 +505,7 @@ pub async fn run(config: Config, extras: Vec<ExtraServer>) -> Result<(), Error> 
         shutdown: shutdown.clone(),
         readiness: Readiness::default(),
         registry: Arc::new(Mutex::new(new_registry())),
+        stores: crate::controller::compile::SharedStores::new(client.clone(), shutdown.clone()),
     };
     let metrics = Arc::new(crate::controller::Metrics::register(
         &mut services.registry.lock().expect("registry lock"),
@@ -634,6 +641,7 @@ async fn lead(
         status: crate::status::StatusWriter::new(services.client.clone()),
         namespace: config.namespace.clone(),
         metrics: metrics.clone(),
+        stores: services.stores.clone(),
     });
     let controllers_gate = services.readiness.gate("controllers");
     let mut running: Option<(CancellationToken, tokio::task::JoinSet<()>)> = None;
@@ -763,11 +771,7 @@ fn admin_route(method: &Method, path: &str, s: &Services) -> Response<Full<Bytes
             let mut out = String::new();
             let registry = s.registry.lock().expect("registry lock");
             match prometheus_client::encoding::text::encode(&mut out, &registry) {
-                Ok(()) => reply(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    out,
-                ),
+                Ok(()) => reply(StatusCode::OK, OPENMETRICS, out),
                 Err(e) => reply(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     TEXT,
@@ -867,12 +871,14 @@ mod tests {
             http::Request<kube::client::Body>,
             http::Response<kube::client::Body>,
         >();
+        let client = Client::new(svc, "default");
         Services {
-            client: Client::new(svc, "default"),
+            client: client.clone(),
             config: Arc::new(parse(&["--pod-name", "t"]).unwrap()),
             shutdown: CancellationToken::new(),
             readiness: Readiness::default(),
             registry: Arc::new(Mutex::new(new_registry())),
+            stores: crate::controller::compile::SharedStores::new(client, CancellationToken::new()),
         }
     }
 

@@ -57,7 +57,9 @@ pub enum WebhookError {
     },
 }
 
-/// Injection metrics, registered under the `trellis_injector` prefix.
+/// Injection metrics, registered under the `injector` prefix: in the operator's registry
+/// (prefix `trellis_operator`) they are `trellis_operator_injector_*`, like every other
+/// component's (`trellis_operator_identity_*`).
 #[derive(Debug, Default)]
 pub struct WebhookMetrics {
     /// Pods patched.
@@ -72,7 +74,7 @@ impl WebhookMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Arc<Self> {
         let m = Arc::new(Self::default());
-        let sub = registry.sub_registry_with_prefix("trellis_injector");
+        let sub = registry.sub_registry_with_prefix("injector");
         sub.register(
             "injections",
             "Pods injected with the proxy",

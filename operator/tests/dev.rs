@@ -129,7 +129,8 @@ fn start(dir: &Path, base: u16, state: &Path, out: &Path, extra: &[&str]) -> Dev
     }
 }
 
-/// Successful mTLS requests each sidecar of `source` sent to `dst`, from its `/metrics`.
+/// Successful mTLS requests (opaque TCP: connections) each sidecar of `source` sent to `dst`,
+/// from its `/metrics`, read as trellis dev's own view reads them.
 fn mtls_successes(plan: &Plan, source: &str, dst: &str) -> f64 {
     let mut total = 0.0;
     for pod in plan.pods.iter().filter(|p| p.workload_key() == source) {
@@ -144,18 +145,10 @@ fn mtls_successes(plan: &Plan, source: &str, dst: &str) -> f64 {
         let Ok(samples) = metrics::parse(body_of(&resp)) else {
             continue;
         };
-        total += samples
+        total += trellis_operator::dev::stats::edges_from_scrape(source, &samples)
             .iter()
-            .filter(|s| {
-                s.name == trellis_operator::dev::stats::names::REQUESTS
-                    && s.label("direction") == Some("outbound")
-                    && s.label("dst_service") == Some(dst)
-                    && s.label("tls") == Some("true")
-                    && s.label("status_code")
-                        .and_then(|c| c.parse::<u16>().ok())
-                        .is_some_and(|c| c < 500)
-            })
-            .map(|s| s.value)
+            .filter(|(k, _)| k.mtls && k.destination == dst)
+            .map(|(_, c)| c.successes)
             .sum::<f64>();
     }
     total

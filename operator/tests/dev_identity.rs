@@ -47,6 +47,7 @@ async fn the_local_identity_endpoint_certifies_a_sidecar_by_its_minted_token() {
     });
     let url = format!("https://127.0.0.1:{}", plan.identity_port);
     let shutdown = tokio_util::sync::CancellationToken::new();
+    let metrics = trellis_operator::dev::operator_metrics::OperatorMetrics::default();
     let (args, desc) = creds::start(Inputs {
         mode: Mode::Endpoint,
         ca: &ca,
@@ -56,6 +57,7 @@ async fn the_local_identity_endpoint_certifies_a_sidecar_by_its_minted_token() {
         tokens: &tokens,
         identity_url: &url,
         shutdown: &shutdown,
+        metrics: &metrics,
     })
     .await
     .unwrap();
@@ -108,5 +110,16 @@ async fn the_local_identity_endpoint_certifies_a_sidecar_by_its_minted_token() {
         "a forged token must not be certified"
     );
     stop.cancel();
+
+    // What the endpoint did is in the operator's registry, which trellis dev serves.
+    let text = metrics.encode().unwrap();
+    assert!(
+        text.contains("trellis_operator_identity_issuances_total 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("trellis_operator_identity_rejections_total{reason="),
+        "{text}"
+    );
     shutdown.cancel();
 }

@@ -1,7 +1,8 @@
 //! The sidecar rollout in `trellis dev`, end to end: the built `trellis` binary runs the example
 //! mesh, its clients send constant traffic at `frontend` (the meshed `load` client at 20 rps
-//! through its sidecar, the plaintext `legacy` client straight at the frontend pods), and the
-//! test edits the proxy version in `mesh.yaml`.
+//! through its sidecar, the plaintext `legacy` client straight at the frontend pods) and at the
+//! opaque TCP `cache` (the meshed `warmer` client, 5 connections/s), and the test edits the
+//! proxy version in `mesh.yaml`.
 //! - A healthy version: every local proxy must end on it (its process started as that version
 //!   and its admin port says so), and not one client request may fail across the whole run.
 //! - A version `--fail-version` makes bad: the health gate must stop the rollout after the first
@@ -18,9 +19,9 @@ use trellis_operator::dev::spec;
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo");
 const OLD: &str = "ghcr.io/trellis-mesh/trellis-proxy:0.1.0";
-/// Bound of one rollout (three batches of the example, each with a 5 s baseline and a 5 s gate
-/// window, its replicas replaced one at a time) on a loaded CI machine.
-const ROLLOUT_BOUND: Duration = Duration::from_secs(100);
+/// Bound of one rollout (four batches of the example's seven meshed workloads, each with a 5 s
+/// baseline and a 5 s gate window, its replicas replaced one at a time) on a loaded CI machine.
+const ROLLOUT_BOUND: Duration = Duration::from_secs(130);
 
 /// One local mesh at a time: each runs some twenty processes, and two at once on a small CI
 /// machine starve both (a starved proxy times out requests, which this test would count).
@@ -311,14 +312,14 @@ fn a_new_proxy_version_reaches_every_local_proxy_without_a_failed_request() {
     let new = "ghcr.io/trellis-mesh/trellis-proxy:0.2.0";
     let mut dev = Dev::start(&[], only_rollout_failures);
     let first = dev.wait_frame("traffic from both clients", Duration::from_secs(60), |f| {
-        ["load.shop", "legacy.shop"]
+        ["load.shop", "legacy.shop", "warmer.shop"]
             .iter()
             .all(|c| client_counts(f, c).is_some_and(|(ok, _)| ok > 0.0))
     });
     let sending_since = Instant::now();
     let (counted_at_first, _) = client_counts(&first, "load.shop").unwrap();
     let before = dev.proxies();
-    assert_eq!(before.len(), 8, "one proxy per meshed pod: {before:?}");
+    assert_eq!(before.len(), 10, "one proxy per meshed pod: {before:?}");
     assert!(
         before
             .iter()
@@ -331,11 +332,11 @@ fn a_new_proxy_version_reaches_every_local_proxy_without_a_failed_request() {
         f.contains("ROLLOUT Complete") && f.contains(&format!("desired {new}"))
     });
     assert!(
-        frame.contains(&format!("pods by version: {new}=8")),
+        frame.contains(&format!("pods by version: {new}=10")),
         "{frame}"
     );
     let after = dev.proxies();
-    assert_eq!(after.len(), 8, "no proxy left over: {after:?}");
+    assert_eq!(after.len(), 10, "no proxy left over: {after:?}");
     for (pod, started_as, reports) in &after {
         assert_eq!(started_as, new, "{pod}: {after:?}");
         assert_eq!(reports.as_deref(), Some(new), "{pod}: {after:?}");
@@ -353,7 +354,7 @@ fn a_new_proxy_version_reaches_every_local_proxy_without_a_failed_request() {
         "load.shop: {} requests counted over {sending_for:.0}s at 20/s:\n{summary}",
         ok + failed - counted_at_first
     );
-    for client in ["load.shop", "legacy.shop"] {
+    for client in ["load.shop", "legacy.shop", "warmer.shop"] {
         let (ok, failed) = client_counts(&summary, client)
             .unwrap_or_else(|| panic!("no counts for {client}:\n{summary}"));
         assert!(ok > 50.0, "{client} kept sending: {summary}");
@@ -379,17 +380,17 @@ fn a_failing_version_pauses_the_rollout_with_the_reason_and_later_batches_untouc
         f.contains("ROLLOUT Paused") && f.contains("HealthGateFailed")
     });
     // The table says why: the failed workload and its success rate against the baseline.
-    assert!(frame.contains("batch 1 of 3"), "{frame}");
+    assert!(frame.contains("batch 1 of 4"), "{frame}");
     assert!(
         frame.contains("success rate") && frame.contains("below the baseline"),
         "{frame}"
     );
-    // Batch 1 is catalog and frontend (canary-less, by name); the later batches never started.
+    // Batch 1 is cache and catalog (canary-less, by name); the later batches never started.
     std::thread::sleep(Duration::from_secs(3));
     let proxies = dev.proxies();
-    assert_eq!(proxies.len(), 8, "{proxies:?}");
+    assert_eq!(proxies.len(), 10, "{proxies:?}");
     for (pod, started_as, reports) in &proxies {
-        let first_batch = pod.starts_with("catalog-") || pod.starts_with("frontend-");
+        let first_batch = pod.starts_with("cache-") || pod.starts_with("catalog-");
         let want = if first_batch { bad } else { OLD };
         assert_eq!(started_as, want, "{pod}: {proxies:?}\n{frame}");
         assert_eq!(reports.as_deref(), Some(want), "{pod}: {proxies:?}");

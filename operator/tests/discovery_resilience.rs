@@ -575,3 +575,43 @@ async fn a_replica_that_ends_every_stream_at_once_is_redialled_with_growing_back
     // 100 ms doubling: about 5 in 3 s (the minimum backoff alone would be about 25).
     assert!((2..=7).contains(&n), "{n} streams in 3 s");
 }
+
+/// The operator's addresses as a proxy may meet them after a rollout or a lost node: the
+/// first refuses connections (the replica is gone, its port closed), the second accepts TCP
+/// and never answers (a hung replica: the handshake waits for the connect timeout), and only
+/// the third serves. The proxy must be on the live replica well before a connect timeout per
+/// dead address has passed: a dead replica's address must not stall reconnection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_operator_addresses_do_not_stall_the_stream() {
+    let pki = common::Pki::new("mesh");
+    let b = api_pod(&pki, "b").await;
+    let out = compile(&cluster(&[("web", b.running.inbound_addr)]), None);
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    // Accepted by the kernel into the backlog; nothing ever reads or writes.
+    let hung = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let op = Replica::start(&pki, "127.0.0.1:0".parse().unwrap(), &out);
+    let t = Instant::now();
+    let client = caller(
+        &pki,
+        &caller_config(&out),
+        vec![refused, hung.local_addr().unwrap(), op.addr],
+    )
+    .await;
+    // The connect timeout alone is 3 s; dialling the addresses one after the other takes
+    // longer than that before the live one is tried.
+    let within = trellis_proxy::discovery::client::CONNECT_TIMEOUT - Duration::from_millis(500);
+    eventually("the stream is up on the live replica", within, || {
+        op.all_acked()
+    })
+    .await;
+    eprintln!("stream acknowledged after {:?}", t.elapsed());
+    assert_eq!(
+        get(client.running.outbound_addr, "web.api")
+            .await
+            .as_deref(),
+        Ok("b")
+    );
+}

@@ -75,8 +75,105 @@ fn stream(ns: &str, acked: u64, settings: Option<&str>, subs: &[&str]) -> Stream
         connected: Some(t(0)),
         acked,
         settings: settings.map(Into::into),
+        policies: None,
         subscriptions: subs.iter().map(|s| s.to_string()).collect(),
     }
+}
+
+/// A proxy in `ns` that serves from `cm` (its ConfigMap) and reports what it loaded, as the
+/// sidecar does; subscribed to nothing.
+fn loaded(ns: &str, acked: u64, cm: &ProxyConfig) -> StreamState {
+    StreamState {
+        policies: Some(cm.policies_digest()),
+        ..stream(ns, acked, Some(&cm.settings_digest()), &[])
+    }
+}
+
+/// `world` with shop/web's TrafficPolicy edited: generation 2, another request timeout.
+fn world_with_policy_edit(request_timeout: &str) -> World {
+    let mut w = world(ApiMode::Permissive, 2, 3);
+    for tp in &mut w.snap.traffic_policies {
+        Arc::make_mut(tp).spec.timeouts = Some(
+            serde_json::from_value(serde_json::json!({ "request": request_timeout })).unwrap(),
+        );
+    }
+    w
+}
+
+/// Issue 19: with the default `Full` ConfigMap a proxy holds every visible Service, policy
+/// included, from its ConfigMap and never subscribes; it must still be counted, by the
+/// policies its ConfigMap carried when it loaded it.
+#[test]
+fn a_traffic_policy_counts_full_configmap_proxies_by_the_policies_they_loaded() {
+    let mut tracker = Tracker::default();
+    let w1 = world(ApiMode::Permissive, 1, 3);
+    let out1 = compiler::compile(&w1.snap);
+    tracker.observe(1, t(10), &w1.snap, &out1);
+    let cm1 = ProxyConfig::from_json(out1.config("pay").unwrap().as_bytes()).unwrap();
+    assert!(cm1.service("web.shop").unwrap().policy.is_some());
+    // What the proxy computes from its ConfigMap is what every replica computes.
+    assert_eq!(cm1.policies_digest(), out1.policies["pay"].digest);
+    assert_eq!(
+        compiler::compile_discovery(&w1.snap, None).policies,
+        out1.policies
+    );
+    let streams = vec![loaded("pay", 1, &cm1), loaded("pay", 1, &cm1)];
+    let c = tracker.count(&streams);
+    assert_eq!(count(&c, "TrafficPolicy", "shop", "web"), (2, 2));
+
+    // The policy is edited. Both proxies acknowledge the new view (nothing they subscribed to
+    // changed), but their ConfigMap still carries the old policy: not applied.
+    let w2 = world_with_policy_edit("5s");
+    let out2 = compiler::compile_discovery(&w2.snap, Some(&out1));
+    tracker.observe(2, t(20), &w2.snap, &out2);
+    assert_ne!(out2.policies["pay"].digest, out1.policies["pay"].digest);
+    let streams = vec![loaded("pay", 2, &cm1), loaded("pay", 2, &cm1)];
+    assert_eq!(
+        count(&tracker.count(&streams), "TrafficPolicy", "shop", "web"),
+        (0, 2)
+    );
+    // The kubelet delivers the new ConfigMap to one of them.
+    let cm2 = ProxyConfig::from_json(
+        compiler::compile(&w2.snap)
+            .config("pay")
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    let streams = vec![loaded("pay", 2, &cm2), loaded("pay", 2, &cm1)];
+    assert_eq!(
+        count(&tracker.count(&streams), "TrafficPolicy", "shop", "web"),
+        (1, 2)
+    );
+    // A proxy that does not report its policies (older than the field) is counted, not
+    // updated: lag is over-reported, never hidden.
+    let streams = vec![stream("pay", 2, Some(&cm2.settings_digest()), &[])];
+    assert_eq!(
+        count(&tracker.count(&streams), "TrafficPolicy", "shop", "web"),
+        (0, 1)
+    );
+
+    // With `Bootstrap` ConfigMaps pay's lists only pay's own Services: a pay proxy holds
+    // web.shop only if it subscribed, and is counted only then.
+    let mut w3 = w2.clone();
+    let mesh = w3.snap.mesh.as_mut().unwrap();
+    Arc::make_mut(mesh).spec.discovery.config_map =
+        trellis_operator::api::mesh::ConfigMapContent::Bootstrap;
+    let out3 = compiler::compile(&w3.snap);
+    tracker.observe(3, t(30), &w3.snap, &out3);
+    let cm3 = ProxyConfig::from_json(out3.config("pay").unwrap().as_bytes()).unwrap();
+    assert!(cm3.service("web.shop").is_none());
+    let streams = vec![
+        loaded("pay", 3, &cm3),
+        StreamState {
+            subscriptions: vec!["web.shop".into()],
+            ..loaded("pay", 3, &cm3)
+        },
+    ];
+    assert_eq!(
+        count(&tracker.count(&streams), "TrafficPolicy", "shop", "web"),
+        (1, 1)
+    );
 }
 
 #[test]
@@ -194,7 +291,9 @@ fn a_traffic_policy_counts_the_streams_subscribed_to_its_service_by_their_acks()
         stream("pay", 1, pay, &["ledger.pay"]),
     ];
     let c = tracker.count(&streams);
-    assert_eq!(count(&c, "TrafficPolicy", "shop", "web"), (1, 2));
+    // The third holds web.shop from its (`Full`) ConfigMap and reports no policies digest:
+    // counted, not updated (see the test above for proxies that report it).
+    assert_eq!(count(&c, "TrafficPolicy", "shop", "web"), (1, 3));
     let tp = c.iter().find(|c| c.object.kind == "TrafficPolicy").unwrap();
     assert_eq!(tp.generation, 2);
     let (lagging, n) = tracker.lagging(&streams, |_| None, 10);
@@ -331,6 +430,7 @@ fn report_cost_at_cluster_scale() {
             connected: Some(t(0)),
             acked: 1,
             settings: Some(format!("{:032x}", i % 1000)),
+            policies: None,
             subscriptions: (0..20)
                 .map(|k| format!("svc-{}.ns-{}", (i + k) % 1000, (i + k) % 1000))
                 .collect(),

@@ -83,7 +83,8 @@ impl Harness {
     async fn start_with(tune: impl FnOnce(&mut ServeOptions)) -> Harness {
         let pki = pki();
         let (tls_tx, tls_rx) = watch::channel(pki.server.clone());
-        let mut registry = Registry::default();
+        // The operator's own registry, so the names asserted are the names Prometheus scrapes.
+        let mut registry = trellis_operator::runtime::new_registry();
         let metrics = WebhookMetrics::register(&mut registry);
         let namespaces: NamespaceLabels = BTreeMap::from([
             (
@@ -272,7 +273,8 @@ async fn injects_with_a_base64_json_patch() {
     let patch: Value = serde_json::from_slice(&decoded).unwrap();
     assert_eq!(patch[0]["op"], "add");
     assert!(
-        h.metrics().contains("trellis_injector_injections_total 1"),
+        h.metrics()
+            .contains("trellis_operator_injector_injections_total 1"),
         "{}",
         h.metrics()
     );
@@ -335,7 +337,7 @@ async fn malformed_json_is_http_400() {
     assert!(body.contains("request.uid is missing"), "{body}");
     assert!(
         h.metrics()
-            .contains(r#"trellis_injector_denials_total{reason="malformed"} 3"#),
+            .contains(r#"trellis_operator_injector_denials_total{reason="malformed"} 3"#),
         "{}",
         h.metrics()
     );
@@ -403,15 +405,15 @@ async fn non_pods_and_out_of_scope_pods_are_allowed_unchanged() {
     );
     let m = h.metrics();
     assert!(
-        m.contains(r#"trellis_injector_skips_total{reason="not_a_pod"} 1"#),
+        m.contains(r#"trellis_operator_injector_skips_total{reason="not_a_pod"} 1"#),
         "{m}"
     );
     assert!(
-        m.contains(r#"trellis_injector_skips_total{reason="namespace_not_selected"} 1"#),
+        m.contains(r#"trellis_operator_injector_skips_total{reason="namespace_not_selected"} 1"#),
         "{m}"
     );
     assert!(
-        m.contains(r#"trellis_injector_skips_total{reason="excluded_namespace"} 1"#),
+        m.contains(r#"trellis_operator_injector_skips_total{reason="excluded_namespace"} 1"#),
         "{m}"
     );
     h.stop().await;
@@ -439,7 +441,7 @@ async fn already_injected_pod_is_allowed_unchanged() {
     );
     assert!(
         h.metrics()
-            .contains(r#"trellis_injector_skips_total{reason="already_injected"} 1"#)
+            .contains(r#"trellis_operator_injector_skips_total{reason="already_injected"} 1"#)
     );
     h.stop().await;
 }
@@ -479,7 +481,7 @@ async fn bad_annotations_are_denied_with_the_reason() {
     );
     assert!(
         h.metrics()
-            .contains(r#"trellis_injector_denials_total{reason="bad_annotation"} 1"#)
+            .contains(r#"trellis_operator_injector_denials_total{reason="bad_annotation"} 1"#)
     );
     h.stop().await;
 }
@@ -500,7 +502,7 @@ async fn huge_bodies_are_refused_without_buffering() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(
         h.metrics()
-            .contains(r#"trellis_injector_denials_total{reason="too_large"} 2"#)
+            .contains(r#"trellis_operator_injector_denials_total{reason="too_large"} 2"#)
     );
     h.stop().await;
 }
@@ -645,7 +647,7 @@ async fn reviews_past_the_concurrency_limit_wait_then_get_503() {
     assert_eq!(v["response"]["allowed"], true);
     assert!(
         h.metrics()
-            .contains(r#"trellis_injector_denials_total{reason="overloaded"}"#),
+            .contains(r#"trellis_operator_injector_denials_total{reason="overloaded"}"#),
         "{}",
         h.metrics()
     );

@@ -527,6 +527,25 @@ pub enum LoadError {
     Invalid(Vec<ConfigError>),
 }
 
+/// The digest of a set of Services' TrafficPolicies, given as `(namespace, name, policy)` in
+/// `(namespace, name)` order: the one function both the proxy
+/// ([`ProxyConfig::policies_digest`]) and the operator (over what a namespace's ConfigMap
+/// lists) hash with, over the contract's own serialization, so equal policies give equal
+/// digests on both sides. 32 hex characters, like [`ProxyConfig::settings_digest`].
+pub fn policies_digest<'a>(
+    policies: impl IntoIterator<Item = (&'a str, &'a str, &'a TrafficPolicy)>,
+) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for entry in policies {
+        let json = serde_json::to_vec(&entry).expect("policy serializes");
+        // Length-prefixed, so no two different lists hash the same bytes.
+        h.update((json.len() as u64).to_le_bytes());
+        h.update(&json);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
 impl ProxyConfig {
     /// Parses and validates. Either the whole config is usable or it is refused.
     pub fn from_json(bytes: &[u8]) -> Result<Self, LoadError> {
@@ -561,6 +580,21 @@ impl ProxyConfig {
         })
         .expect("config serializes");
         hex::encode(&Sha256::digest(&json)[..16])
+    }
+
+    /// A digest of the TrafficPolicies this config carries: every outbound Service that has
+    /// a policy, with it ([`policies_digest`]). The proxy reports it beside
+    /// [`Self::settings_digest`], so the operator can count a proxy that holds a policy from
+    /// its ConfigMap (the `Full` content lists every visible Service and the proxy never
+    /// subscribes to them) by what it loaded, as it counts streamed policies by acks.
+    pub fn policies_digest(&self) -> String {
+        let mut with_policy: Vec<(&str, &str, &TrafficPolicy)> = self
+            .outbound
+            .iter()
+            .filter_map(|s| Some((s.namespace.as_str(), s.name.as_str(), s.policy.as_ref()?)))
+            .collect();
+        with_policy.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        policies_digest(with_policy)
     }
 
     /// The inbound policy that applies to a workload with these labels.

@@ -11,7 +11,8 @@
 //! accepted its connection, with no cross-thread wake-ups or work stealing. Issue #14 measured
 //! one worker instead of two cutting CPU per request by about a fifth. Nothing in the proxy needs a
 //! multi-thread runtime: it never calls `block_in_place`, and `spawn_blocking` (DNS lookups)
-//! has its own thread pool in either flavour.
+//! has its own thread pool in either flavour. With tracing on, span export runs on one more
+//! thread of its own (`trellis-spans`, see `spans::export`), so it never holds up requests.
 //!
 //! [`size`] is the pure core (tested below); `run::main` feeds it the flags and the machine's
 //! parallelism and builds the runtime with [`build`].

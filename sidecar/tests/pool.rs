@@ -1,7 +1,9 @@
 //! Connection hygiene of the upstream pool, against real HTTP/2 servers over real TCP and real
 //! mTLS: the peer's stream limit opens more connections (bounded), idle connections and keys
 //! are dropped, and a connection whose peer certificate expired or whose root left the trust
-//! bundle takes no more requests while requests in flight finish.
+//! bundle takes no more requests while requests in flight finish. And the pooled HTTP/1.1
+//! client to plaintext servers (the server sidecar's hop to its application): reuse, bodies
+//! streamed both ways, `Connection: close`, early responses, keep-alive expiry.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -407,8 +409,10 @@ async fn a_connection_whose_root_left_the_bundle_is_retired_after_in_flight_requ
     .await;
 }
 
-/// A plaintext HTTP/1.1 server counting connections; `/big` answers with 1 MiB, everything
-/// else with "ok".
+/// A plaintext HTTP/1.1 server counting connections. `/big` answers with 1 MiB; `/close` with
+/// `Connection: close`; `/trickle` with a body of unknown length in three pieces 30 ms apart;
+/// `/echo` with the length of the request body, once read in full; `/early` with 413 before
+/// reading the request body; everything else with "ok".
 async fn h1_server() -> (SocketAddr, Arc<Seen>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -423,12 +427,37 @@ async fn h1_server() -> (SocketAddr, Arc<Seen>) {
             let s = s.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let body = if req.uri().path() == "/big" {
-                        Bytes::from(vec![b'x'; 1 << 20])
-                    } else {
-                        Bytes::from_static(b"ok")
+                    let body = match req.uri().path() {
+                        "/big" => full(Bytes::from(vec![b'x'; 1 << 20])),
+                        "/close" => {
+                            let mut resp = Response::new(full(Bytes::from_static(b"ok")));
+                            resp.headers_mut()
+                                .insert(http::header::CONNECTION, "close".parse().unwrap());
+                            return Ok::<_, Infallible>(resp);
+                        }
+                        "/trickle" => {
+                            let pieces = futures::stream::unfold(0, |i| async move {
+                                if i == 3 {
+                                    return None;
+                                }
+                                tokio::time::sleep(Duration::from_millis(30)).await;
+                                let frame = http_body::Frame::data(Bytes::from(format!("{i}")));
+                                Some((Ok::<_, trellis_proxy::traffic::BoxError>(frame), i + 1))
+                            });
+                            http_body_util::StreamBody::new(pieces).boxed()
+                        }
+                        "/echo" => {
+                            let n = req.into_body().collect().await.unwrap().to_bytes().len();
+                            full(Bytes::from(n.to_string()))
+                        }
+                        "/early" => {
+                            let mut resp = Response::new(full(Bytes::from_static(b"too big")));
+                            *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+                            return Ok(resp);
+                        }
+                        _ => full(Bytes::from_static(b"ok")),
                     };
-                    Ok::<_, Infallible>(Response::new(Full::new(body)))
+                    Ok(Response::new(body))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), svc)
@@ -485,4 +514,187 @@ async fn http1_connections_are_reused_once_their_response_is_read() {
     // And the new one is reused in turn.
     assert_eq!(get(&pool, t, "/").await.unwrap(), StatusCode::OK);
     assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+}
+
+fn h1_target(addr: SocketAddr) -> Target {
+    Target {
+        protocol: Protocol::Http1,
+        ..target(addr, &[])
+    }
+}
+
+/// A request to `path` and the response's status and whole body.
+async fn fetch(
+    pool: &Pool,
+    t: Target,
+    path: &str,
+    body: trellis_proxy::traffic::Body,
+) -> (StatusCode, Bytes) {
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("http://svc{path}"))
+        .body(body)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), pool.send(t, req))
+        .await
+        .expect("response head within 5 s")
+        .unwrap();
+    let status = resp.status();
+    let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .expect("response body within 5 s")
+        .unwrap()
+        .to_bytes();
+    (status, body)
+}
+
+/// A request body sent in `n` pieces of `size` bytes, `gap` apart, of unknown length.
+fn trickled(n: usize, size: usize, gap: Duration) -> trellis_proxy::traffic::Body {
+    let pieces = futures::stream::unfold(0, move |i| async move {
+        if i == n {
+            return None;
+        }
+        tokio::time::sleep(gap).await;
+        let frame = http_body::Frame::data(Bytes::from(vec![b'y'; size]));
+        Some((Ok::<_, trellis_proxy::traffic::BoxError>(frame), i + 1))
+    });
+    http_body_util::StreamBody::new(pieces).boxed()
+}
+
+/// Bodies of every shape go both ways over the pooled connection, which is reused after each:
+/// a response body trickling in after its head and one of 1 MiB are read in full (the reader
+/// of the body is what drives the connection, nothing else does), a request body streamed in
+/// pieces reaches the server whole.
+#[tokio::test]
+async fn http1_streams_bodies_both_ways_and_reuses_the_connection() {
+    let (addr, seen) = h1_server().await;
+    let pool = plain_pool();
+    let t = h1_target(addr);
+    let (status, body) = fetch(&pool, t.clone(), "/trickle", full(Bytes::new())).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"012"[..]));
+    let (status, body) = fetch(&pool, t.clone(), "/big", full(Bytes::new())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.len(), 1 << 20);
+    let upload = trickled(4, 100_000, Duration::from_millis(20));
+    let (status, body) = fetch(&pool, t.clone(), "/echo", upload).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"400000"[..]));
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 1, "one connection");
+    assert_eq!(pool.stats().idle_h1_conns, 1);
+}
+
+/// `Connection: close` from the server: that connection is not pooled, and the next request
+/// goes out on a new one without an error.
+#[tokio::test]
+async fn http1_connection_close_is_honoured() {
+    let (addr, seen) = h1_server().await;
+    let pool = plain_pool();
+    let t = h1_target(addr);
+    let (status, _) = fetch(&pool, t.clone(), "/close", full(Bytes::new())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        pool.stats().idle_h1_conns,
+        0,
+        "a closing connection is not pooled"
+    );
+    eventually("the server sees the close", || {
+        seen.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let (status, _) = fetch(&pool, t, "/", full(Bytes::new())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+}
+
+/// The server answers before it read the request body: the response arrives, the rest of the
+/// body is still sent (the client does not stall), and the next request does not land on that
+/// connection mid-upload.
+#[tokio::test]
+async fn http1_early_response_during_an_upload() {
+    let (addr, seen) = h1_server().await;
+    let pool = plain_pool();
+    let t = h1_target(addr);
+    let upload = trickled(5, 10_000, Duration::from_millis(20));
+    let (status, body) = fetch(&pool, t.clone(), "/early", upload).await;
+    assert_eq!(
+        (status, &body[..]),
+        (StatusCode::PAYLOAD_TOO_LARGE, &b"too big"[..])
+    );
+    let (status, body) = fetch(&pool, t, "/", full(Bytes::new())).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+}
+
+/// A raw HTTP/1.1 server that answers each request on a connection with "ok" and closes the
+/// connection once it has been idle for `keep_alive` (a server's keep-alive timeout).
+async fn expiring_h1_server(keep_alive: Duration) -> (SocketAddr, Arc<Seen>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = l.accept().await else {
+                return;
+            };
+            s.accepted.fetch_add(1, Ordering::SeqCst);
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = match tokio::time::timeout(keep_alive, tcp.read(&mut chunk)).await {
+                        Ok(Ok(n)) if n > 0 => n,
+                        _ => break,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    // Requests without a body: one per blank line.
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let resp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if tcp.write_all(resp).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                drop(tcp);
+                s.closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A pooled connection the server closed while it was idle is let go: the pool's sweep drops
+/// it, and a request in the meantime goes out on a new connection and succeeds.
+#[tokio::test]
+async fn http1_idle_connection_closed_by_the_server_is_let_go() {
+    use trellis_proxy::proxy::upstream::PoolSettings;
+    let (addr, seen) = expiring_h1_server(Duration::from_millis(100)).await;
+    let (_tx, rx) = creds::channel();
+    let pool = Pool::with_settings(
+        Arc::new(TlsCache::new(rx)),
+        PoolSettings {
+            sweep_interval: Duration::from_millis(50),
+            ..PoolSettings::default()
+        },
+    );
+    let t = h1_target(addr);
+    assert_eq!(get(&pool, t.clone(), "/").await.unwrap(), StatusCode::OK);
+    assert_eq!(pool.stats().idle_h1_conns, 1);
+    eventually("the server closes the idle connection", || {
+        seen.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    eventually("the sweep drops it", || pool.stats().idle_h1_conns == 0).await;
+
+    // Closed again while idle, and picked before any sweep: the pick notices.
+    let pool = plain_pool();
+    assert_eq!(get(&pool, t.clone(), "/").await.unwrap(), StatusCode::OK);
+    eventually("the server closes the idle connection", || {
+        seen.closed.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    assert_eq!(get(&pool, t, "/").await.unwrap(), StatusCode::OK);
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 3);
 }

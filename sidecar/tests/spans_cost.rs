@@ -1,7 +1,7 @@
 //! The cost promise of tracing at low sampling rates: deciding that a request is not sampled
 //! allocates nothing (no span, no attribute, no header copy), whether the request carries no
 //! `traceparent` or an unsampled one. Counted by a counting global allocator, on this thread
-//! only; the exporter's task shares the thread but cannot run inside the synchronous loops.
+//! only (the exporter runs on a thread of its own).
 
 use std::collections::BTreeMap;
 

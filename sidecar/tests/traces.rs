@@ -384,7 +384,8 @@ async fn sampling_zero_exports_nothing_and_leaves_traceparent_alone() {
         Some(unsampled.as_str()),
         "an unsampled traceparent passes untouched"
     );
-    tokio::time::sleep(trellis_proxy::spans::export::BATCH_DELAY * 3).await;
+    // Past the batch delay: a span would have gone out by now.
+    tokio::time::sleep(trellis_proxy::spans::export::BATCH_DELAY + Duration::from_secs(1)).await;
     if let Ok(req) = rx.try_recv() {
         panic!("exported at 0 %: {:#?}", spans_of(req));
     }

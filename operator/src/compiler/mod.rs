@@ -69,7 +69,7 @@ use crate::api::mesh::ConfigMapContent;
 use crate::api::{Mesh, PeerAuthentication, TrafficPolicy};
 
 pub use outbound::infer_protocol;
-pub use pod::{SlimPod, SlimPodSpec, SlimPodStatus};
+pub use pod::{PodCompactor, SlimPod, SlimPodSpec, SlimPodStatus};
 
 /// Name of the ConfigMap the compiler writes into every meshed namespace.
 pub const CONFIGMAP_NAME: &str = "trellis-proxy";
@@ -259,6 +259,12 @@ pub struct Output {
     /// reports on the discovery stream. Computed by [`compile_discovery`] too (it is cheap: no
     /// outbound plan), so every replica can count propagation.
     pub settings: BTreeMap<String, String>,
+    /// Per meshed namespace, the TrafficPolicies its ConfigMap carries (the Services with a
+    /// policy that its `Full` table, or its `Bootstrap` set, lists) and their digest: what a
+    /// proxy serving from that ConfigMap reports on the discovery stream, so propagation counts
+    /// proxies that hold a policy from their ConfigMap and never subscribe to its Service.
+    /// Computed by [`compile_discovery`] too, over the policy-bearing Services only.
+    pub policies: BTreeMap<String, ListedPolicies>,
     /// Objects skipped as malformed.
     pub problems: Vec<Problem>,
     /// How much of this compile was new work.
@@ -269,6 +275,16 @@ pub struct Output {
     /// The import scope of every meshed namespace that narrows it (the others import `*`):
     /// the discovery stream authorizes with the same rule the tables were built with.
     imports: Arc<BTreeMap<String, visibility::Scope>>,
+}
+
+/// The TrafficPolicies one namespace's ConfigMap carries ([`Output::policies`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListedPolicies {
+    /// [`trellis_proxy::config::policies_digest`] over them, as the proxy computes it
+    /// ([`ProxyConfig::policies_digest`]).
+    pub digest: String,
+    /// Their Services' `name.namespace` keys; shared by the namespaces that list the same.
+    pub services: Arc<BTreeSet<String>>,
 }
 
 /// How much work a compile did, against what a compile from scratch would do.
@@ -417,6 +433,9 @@ fn compile_with(snapshot: &Snapshot, previous: Option<&Output>, namespaces: bool
             (ns.clone(), header.settings_digest())
         })
         .collect();
+    let bootstrap =
+        mesh_spec.is_some_and(|m| m.discovery.config_map == ConfigMapContent::Bootstrap);
+    out.policies = listed_policies(&fragments, &meshed, &imports, bootstrap);
     if !namespaces {
         problems.sort();
         problems.dedup();
@@ -426,8 +445,6 @@ fn compile_with(snapshot: &Snapshot, previous: Option<&Output>, namespaces: bool
     // How many meshed namespaces see each Service, and how many of those got their config:
     // what a TrafficPolicy's `Programmed` condition reports.
     let mut reach = Reach::new(fragments.len());
-    let bootstrap =
-        mesh_spec.is_some_and(|m| m.discovery.config_map == ConfigMapContent::Bootstrap);
     for ns in &meshed {
         let import = imports.get(ns).unwrap_or(&visibility::Scope::All);
         // What the namespace's sidecars may call (and so what a TrafficPolicy reaches), whether
@@ -509,6 +526,47 @@ fn bootstrap_plan(
 ) -> render::Plan {
     let own = visibility::Scope::Only(BTreeSet::from([namespace.to_string()]));
     fragments.plan(namespace, inline, &own)
+}
+
+/// [`Output::policies`]: per meshed namespace, the policy-bearing Services its ConfigMap
+/// lists (its visible table, or its bootstrap set) and their digest. Namespaces that list the
+/// same Services (every namespace importing everything, the default) share one digest and one
+/// set, computed once.
+fn listed_policies(
+    fragments: &render::Fragments,
+    meshed: &BTreeSet<String>,
+    imports: &BTreeMap<String, visibility::Scope>,
+    bootstrap: bool,
+) -> BTreeMap<String, ListedPolicies> {
+    let mut shared: std::collections::HashMap<Vec<u32>, ListedPolicies> = Default::default();
+    let mut out = BTreeMap::new();
+    for ns in meshed {
+        let own;
+        let scope = if bootstrap {
+            own = visibility::Scope::Only(BTreeSet::from([ns.clone()]));
+            &own
+        } else {
+            imports.get(ns).unwrap_or(&visibility::Scope::All)
+        };
+        let listed = fragments.listed_policies(ns, scope);
+        let entry = shared
+            .entry(listed)
+            .or_insert_with_key(|listed| ListedPolicies {
+                digest: fragments.policies_digest(listed),
+                services: Arc::new(
+                    listed
+                        .iter()
+                        .map(|i| {
+                            let (namespace, name) = fragments.key_at(*i);
+                            format!("{name}.{namespace}")
+                        })
+                        .collect(),
+                ),
+            })
+            .clone();
+        out.insert(ns.clone(), entry);
+    }
+    out
 }
 
 /// Per Service: in how many meshed namespaces' tables it is, and how many of those were written.
@@ -604,12 +662,7 @@ pub fn meshed_namespaces(snapshot: &Snapshot) -> BTreeSet<String> {
     let with_opted_in_pods: BTreeSet<&str> = snapshot
         .pods
         .iter()
-        .filter(|p| {
-            crate::inject::scope::pod_wants_proxy(
-                p.metadata.labels.as_ref(),
-                p.metadata.annotations.as_ref(),
-            )
-        })
+        .filter(|p| p.wants_proxy())
         .filter_map(|p| p.metadata.namespace.as_deref())
         .collect();
     let empty = BTreeMap::new();

@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use trellis_proxy::config::{Endpoint, OutboundService, Protocol, ServicePort, spiffe_id};
 
 use super::visibility::{self, Scope};
-use super::{ObjectKey, PROXY_VERSION_ANNOTATION, Problem, SlimPod, Snapshot};
+use super::{ObjectKey, Problem, SlimPod, Snapshot};
 
 /// Label EndpointSlices carry to name their Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -63,34 +63,17 @@ pub fn infer_protocol(app_protocol: Option<&str>, name: Option<&str>) -> Protoco
 }
 
 fn pod_info<'a>(pod: &'a SlimPod, trust_domain: &str) -> PodInfo<'a> {
-    let meta = &pod.metadata;
-    let meshed = meta
-        .annotations
-        .as_ref()
-        .is_some_and(|a| a.contains_key(PROXY_VERSION_ANNOTATION));
-    let sa = pod.service_account();
-    let identity = meshed.then(|| {
+    let identity = pod.proxy_version().is_some().then(|| {
         spiffe_id(
             trust_domain,
-            meta.namespace.as_deref().unwrap_or_default(),
-            sa,
+            pod.metadata.namespace.as_deref().unwrap_or_default(),
+            pod.service_account(),
         )
     });
-    let mut ips = Vec::new();
-    for ip in &pod.status.pod_ips {
-        if let Ok(ip) = ip.ip.parse() {
-            ips.push(ip);
-        }
-    }
-    if let Some(ip) = pod.status.pod_ip.as_deref().and_then(|ip| ip.parse().ok())
-        && !ips.contains(&ip)
-    {
-        ips.push(ip);
-    }
     PodInfo {
         identity,
-        labels: meta.labels.as_ref(),
-        ips,
+        labels: pod.labels(),
+        ips: pod.ips(),
     }
 }
 

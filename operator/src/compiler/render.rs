@@ -67,6 +67,9 @@ pub(crate) struct Fragments {
     /// Whether any entry is hidden from some namespace (else every namespace that imports
     /// everything sees the whole table, the fast path).
     restricted: bool,
+    /// Entries that carry a TrafficPolicy (sorted): what a namespace's policies digest is
+    /// computed over, without a walk of the whole table per namespace.
+    with_policy: Vec<u32>,
     /// Indices of each namespace's own Services.
     by_namespace: BTreeMap<String, Vec<u32>>,
     /// Digest and total text length of the all-remote and the all-full tables.
@@ -291,12 +294,16 @@ impl Fragments {
         let remote = sum(false);
         let full = sum(true);
         let restricted = export.iter().any(|s| !s.is_all());
+        let with_policy = (0..entries.len() as u32)
+            .filter(|i| entries[*i as usize].policy.is_some())
+            .collect();
         let delta = previous.map(|p| p.delta_to(&entries, &export));
         Self {
             entries,
             export,
             backends,
             restricted,
+            with_policy,
             by_namespace,
             remote,
             full,
@@ -412,6 +419,46 @@ impl Fragments {
                 let (name, namespace) = b.service.split_once('.')?;
                 Some(ObjectKey::new(namespace, name))
             })
+    }
+
+    /// The entries with a TrafficPolicy that a namespace importing `import` lists (sorted):
+    /// the policy-bearing subset of [`Self::plan`]'s, computed over the policy-bearing entries
+    /// alone. Only a policy splits, so a Service with a policy is visible either directly or
+    /// as a split backend of another visible one with a policy: the closure stays among them.
+    pub fn listed_policies(&self, namespace: &str, import: &Scope) -> Vec<u32> {
+        if import.is_all() && !self.restricted {
+            return self.with_policy.clone();
+        }
+        let mut seen: BTreeMap<u32, ()> = BTreeMap::new();
+        let mut stack: Vec<u32> = self
+            .with_policy
+            .iter()
+            .copied()
+            .filter(|i| self.directly_visible(*i, namespace, import))
+            .collect();
+        while let Some(i) = stack.pop() {
+            if seen.insert(i, ()).is_none() {
+                stack.extend(
+                    self.backends[i as usize]
+                        .iter()
+                        .filter(|b| self.entries[**b as usize].policy.is_some()),
+                );
+            }
+        }
+        seen.into_keys().collect()
+    }
+
+    /// [`trellis_proxy::config::policies_digest`] of the given entries (sorted indices), as
+    /// the proxy computes it over a config listing them.
+    pub fn policies_digest(&self, listed: &[u32]) -> String {
+        trellis_proxy::config::policies_digest(listed.iter().filter_map(|i| {
+            let e = &self.entries[*i as usize];
+            Some((
+                e.service.namespace.as_str(),
+                e.service.name.as_str(),
+                e.policy.as_ref()?,
+            ))
+        }))
     }
 
     /// Index of a Service, if it is in the table.

@@ -5,8 +5,10 @@
 //! the compile is global (one TrafficPolicy changes every namespace's table): every change,
 //! whatever its kind, leads to the same incremental recompile, and the applier writes only what
 //! differs. Only the Lease holder runs it; dropping the future (Lease lost, shutdown) stops the
-//! watches.
+//! loop. The watches are the process's [`SharedStores`], which the discovery replica reads on
+//! every replica, so they outlive a lost Lease and are never run twice in one process.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt, stream::BoxStream};
@@ -18,7 +20,7 @@ use kube::runtime::watcher::{self, watcher};
 use kube::runtime::{WatchStreamExt, reflector::store::Writer};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
@@ -26,9 +28,7 @@ use super::compile_apply::{
     Applier, MANAGED_BY, MANAGED_BY_LABEL, plan_configmaps, plan_status, strip_configmap,
 };
 use crate::api::{MESH_NAME, Mesh, PeerAuthentication, TrafficPolicy};
-use crate::compiler::{
-    self, CONFIGMAP_NAME, Output, PROXY_VERSION_ANNOTATION, Settings, SlimPod, Snapshot,
-};
+use crate::compiler::{self, CONFIGMAP_NAME, Output, PodCompactor, Settings, SlimPod, Snapshot};
 use crate::status::StatusWriter;
 
 /// How long changes are gathered before a recompile: a rollout touches hundreds of pods and
@@ -106,17 +106,11 @@ impl Stores {
     }
 }
 
-/// Drops what the compiler does not read from a cached pod's metadata (the spec and status
-/// are already slim, see [`SlimPod`]).
+/// Compacts a pod as the watch caches it ([`PodCompactor`]): one compactor per call site
+/// (each holds the labels it shares). Kept as a function for tests and the benchmarks, which
+/// must cache pods exactly as the controller does.
 pub fn strip_pod(pod: &mut SlimPod) {
-    let meta = &mut pod.metadata;
-    meta.managed_fields = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    meta.generate_name = None;
-    if let Some(a) = meta.annotations.as_mut() {
-        a.retain(|k, _| k == PROXY_VERSION_ANNOTATION);
-    }
+    PodCompactor::default().compact(pod);
 }
 
 fn strip_meta<K: Resource>(obj: &mut K) {
@@ -207,7 +201,15 @@ pub fn watch_all(client: &Client) -> (Stores, impl Stream<Item = ()> + Send + 's
             w_slice,
             strip_meta,
         ),
-        watch(Api::<SlimPod>::all(client.clone()), cfg(), w_pod, strip_pod),
+        {
+            let mut compactor = PodCompactor::default();
+            watch(
+                Api::<SlimPod>::all(client.clone()),
+                cfg(),
+                w_pod,
+                move |p| compactor.compact(p),
+            )
+        },
         watch(
             Api::<ConfigMap>::all(client.clone()),
             cfg()
@@ -228,6 +230,59 @@ pub fn watch_all(client: &Client) -> (Stores, impl Stream<Item = ()> + Send + 's
         configmaps: cms,
     };
     (stores, futures::stream::select_all(streams))
+}
+
+/// One set of the compiler's watches per process, shared by everything that reads them:
+/// every replica's discovery loop ([`crate::discovery::replica`]) and, on the Lease holder,
+/// the compile controller. Each used to run its own watches, so the leader held every
+/// Service, EndpointSlice and pod twice (issue 19). The watches start on the first
+/// [`SharedStores::subscribe`] and run until `shutdown`; a replica that gains or loses the
+/// Lease keeps them (its discovery loop reads them either way).
+#[derive(Clone)]
+pub struct SharedStores {
+    client: Client,
+    shutdown: CancellationToken,
+    started: Arc<OnceLock<(Stores, watch::Receiver<u64>)>>,
+}
+
+impl SharedStores {
+    pub fn new(client: Client, shutdown: CancellationToken) -> Self {
+        Self {
+            client,
+            shutdown,
+            started: Arc::default(),
+        }
+    }
+
+    /// The stores, and a stream that yields after they took a change (changes between two
+    /// polls yield once, which is all a debounced loop needs) and ends when the watches do.
+    /// Must be called inside the runtime: the first call spawns the task that drives the
+    /// watches.
+    pub fn subscribe(&self) -> (Stores, impl Stream<Item = ()> + Send + 'static) {
+        let (stores, rx) = self.started.get_or_init(|| {
+            let (stores, changes) = watch_all(&self.client);
+            let (tx, rx) = watch::channel(0u64);
+            let shutdown = self.shutdown.clone();
+            tokio::spawn(async move {
+                let mut changes = std::pin::pin!(changes);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        c = changes.next() => match c {
+                            Some(()) => tx.send_modify(|n| *n = n.wrapping_add(1)),
+                            None => return,
+                        },
+                    }
+                }
+            });
+            (stores, rx)
+        });
+        let changes = futures::stream::unfold(rx.clone(), |mut rx| async move {
+            rx.changed().await.ok()?;
+            Some(((), rx))
+        });
+        (stores.clone(), changes)
+    }
 }
 
 /// One compile and apply over the current stores. Returns the output (the next incremental
@@ -279,16 +334,17 @@ pub async fn reconcile_once(
 }
 
 /// Runs the compile controller until `shutdown` fires (Lease lost, process stopping) or the
-/// watches end. Status goes through the shared [`StatusWriter`]; every compile's meshed
+/// watches end, over the process's [`SharedStores`]. Status goes through the shared [`StatusWriter`]; every compile's meshed
 /// namespaces go to `meshed` (the CA controller's trust bundles follow them).
 pub async fn run(
     client: Client,
+    shared: &SharedStores,
     settings: Settings,
     status: StatusWriter,
     meshed: crate::compiler::MeshedTx,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let (stores, changes) = watch_all(&client);
+    let (stores, changes) = shared.subscribe();
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -347,4 +403,86 @@ pub async fn drive(
         }
     }
     Err(Error::StreamsEnded)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::json;
+
+    use super::*;
+
+    /// Issue 19: the Lease holder's compile controller and its discovery replica read one set
+    /// of watches: each kind is listed and watched once, and both see the same cached objects.
+    #[tokio::test]
+    async fn readers_of_the_shared_stores_share_one_watch_per_kind() {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let shutdown = CancellationToken::new();
+        let shared = SharedStores::new(Client::new(svc, "default"), shutdown.clone());
+        let (compile, compile_changes) = shared.subscribe();
+        let (discovery, discovery_changes) = shared.subscribe();
+        let mut lists: BTreeMap<String, usize> = BTreeMap::new();
+        let mut watches: BTreeMap<String, usize> = BTreeMap::new();
+        let mut open = Vec::new();
+        let serve = async {
+            loop {
+                let (req, send) = handle.next_request().await.expect("client gone");
+                let path = req.uri().path().to_string();
+                if req.uri().query().unwrap_or_default().contains("watch=true") {
+                    *watches.entry(path).or_default() += 1;
+                    open.push(send); // left open and silent
+                    continue;
+                }
+                let items = if path == "/api/v1/pods" {
+                    vec![json!({"metadata": {"name": "web-0", "namespace": "shop",
+                        "annotations": {"trellis.dev/proxy-version": "p:1"}},
+                        "status": {"podIP": "10.0.0.5"}})]
+                } else {
+                    vec![]
+                };
+                *lists.entry(path).or_default() += 1;
+                let list = json!({"apiVersion": "v1", "kind": "List",
+                    "metadata": {"resourceVersion": "1"}, "items": items});
+                send.send_response(
+                    Response::builder()
+                        .body(Body::from(serde_json::to_vec(&list).unwrap()))
+                        .unwrap(),
+                );
+            }
+        };
+        let ready = async {
+            compile.wait_until_ready().await.unwrap();
+            discovery.wait_until_ready().await.unwrap();
+            // Give a second set of watches, were there one, the time to list.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::select! {
+                _ = serve => unreachable!(),
+                _ = ready => {}
+            }
+        })
+        .await
+        .expect("the stores sync");
+        assert_eq!(lists.len(), 8, "every kind the compiler reads: {lists:?}");
+        assert!(lists.values().all(|n| *n == 1), "listed once: {lists:?}");
+        assert!(
+            watches.values().all(|n| *n == 1),
+            "watched once: {watches:?}"
+        );
+        let (a, b) = (compile.pods.state(), discovery.pods.state());
+        assert_eq!(a.len(), 1);
+        assert!(Arc::ptr_eq(&a[0], &b[0]), "one cached pod, not two copies");
+        assert_eq!(a[0].proxy_version(), Some("p:1"));
+        // Both readers hear of the changes.
+        for changes in [compile_changes.boxed(), discovery_changes.boxed()] {
+            let mut changes = changes;
+            let heard = tokio::time::timeout(Duration::from_secs(1), changes.next()).await;
+            assert_eq!(heard.expect("a change is signalled"), Some(()));
+        }
+        shutdown.cancel();
+    }
 }

@@ -46,6 +46,9 @@ pub struct Context {
     /// The operator's namespace (the mesh root namespace).
     pub namespace: String,
     pub metrics: Arc<Metrics>,
+    /// The process's one set of the compiler's watches (the discovery replica and the rollout
+    /// read it too).
+    pub stores: compile::SharedStores,
 }
 
 /// Labels of the reconcile counter.
@@ -141,8 +144,10 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
             let settings = compile_settings(&ctx.namespace);
             let (client, status) = (ctx.client.clone(), ctx.status.for_controller("compile"));
             let shutdown = shutdown.clone();
+            let stores = ctx.stores.clone();
             Box::pin(async move {
-                if let Err(e) = compile::run(client, settings, status, meshed_tx, shutdown).await {
+                let run = compile::run(client, &stores, settings, status, meshed_tx, shutdown);
+                if let Err(e) = run.await {
                     tracing::error!(error = %e, "compile controller stopped");
                 }
             })
@@ -169,8 +174,10 @@ pub fn all(ctx: Arc<Context>, shutdown: CancellationToken) -> Vec<Named> {
         ),
         ("rollout", {
             let (client, status) = (ctx.client.clone(), ctx.status.for_controller("rollout"));
+            let stores = ctx.stores.clone();
             Box::pin(async move {
-                if let Err(e) = crate::rollout::controller::run(client, status, shutdown).await {
+                let run = crate::rollout::controller::run(client, &stores, status, shutdown);
+                if let Err(e) = run.await {
                     tracing::error!(error = %e, "rollout controller stopped");
                 }
             })
@@ -589,9 +596,13 @@ mod wiring_tests {
         let metrics = Arc::new(Metrics::register(&mut registry));
         let ctx = Arc::new(Context {
             client: client.clone(),
-            status: StatusWriter::with_clock(client, Arc::new(|| "2026-11-25T12:00:00Z".into())),
+            status: StatusWriter::with_clock(
+                client.clone(),
+                Arc::new(|| "2026-11-25T12:00:00Z".into()),
+            ),
             namespace: "trellis-system".into(),
             metrics,
+            stores: compile::SharedStores::new(client, CancellationToken::new()),
         });
         (ctx, handle, registry)
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::api::conditions::{Condition, ConditionStatus};
 use crate::api::mesh::{ProxyCounts, RolloutMode};
 use crate::api::{Mesh, MeshSpec};
-use crate::compiler::{PROXY_VERSION_ANNOTATION, SlimPod};
+use crate::compiler::SlimPod;
 
 /// The condition type.
 pub const PROXIES_UP_TO_DATE: &str = "ProxiesUpToDate";
@@ -24,12 +24,7 @@ pub fn count(pods: &[Arc<SlimPod>], image: &str) -> ProxyCounts {
         if pod.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        let Some(version) = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(PROXY_VERSION_ANNOTATION))
-        else {
+        let Some(version) = pod.proxy_version() else {
             continue;
         };
         counts.total += 1;
@@ -87,6 +82,7 @@ pub fn report(pods: &[Arc<SlimPod>], mesh: &Mesh) -> (ProxyCounts, Condition) {
 mod tests {
     use super::*;
     use crate::api::MeshSpec;
+    use crate::compiler::PROXY_VERSION_ANNOTATION;
 
     fn pod(version: Option<&str>, deleting: bool) -> Arc<SlimPod> {
         let mut p = SlimPod::default();

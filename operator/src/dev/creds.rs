@@ -47,6 +47,8 @@ pub struct Inputs<'a> {
     pub tokens: &'a TokenAuthority,
     pub identity_url: &'a str,
     pub shutdown: &'a tokio_util::sync::CancellationToken,
+    /// The operator's registry, where the identity endpoint counts what it does.
+    pub metrics: &'a super::operator_metrics::OperatorMetrics,
 }
 
 fn write_private(path: &Path, data: &str) -> anyhow::Result<()> {
@@ -74,7 +76,7 @@ pub async fn start(i: Inputs<'_>) -> anyhow::Result<(BTreeMap<String, Vec<String
 async fn endpoint(i: Inputs<'_>) -> anyhow::Result<(BTreeMap<String, Vec<String>>, String)> {
     use crate::ca::IssuerState;
     use crate::ca::serving::{OPERATOR_SERVICE_DNS, SERVING_CERT_TTL, ServingCert};
-    use crate::identity::{IdentityConfig, IdentityMetrics, IdentityService};
+    use crate::identity::{IdentityConfig, IdentityService};
 
     let state = IssuerState {
         ca: i.ca.clone(),
@@ -99,12 +101,11 @@ async fn endpoint(i: Inputs<'_>) -> anyhow::Result<(BTreeMap<String, Vec<String>
     );
     serving.refresh(i.ca, SystemTime::now())?;
     let tls = serving.server_config(&[b"h2", b"http/1.1"]);
-    let mut registry = prometheus_client::registry::Registry::default();
     let service = IdentityService::new(
         i.tokens.client(),
         rx,
         IdentityConfig::default(),
-        IdentityMetrics::register(&mut registry),
+        i.metrics.identity(),
     );
     let addr = SocketAddr::from(([127, 0, 0, 1], i.plan.identity_port));
     crate::identity::server::bind_and_serve(addr, tls, service, i.shutdown.clone())

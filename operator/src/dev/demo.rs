@@ -6,6 +6,12 @@
 //! `name.namespace:port`, sent to its own sidecar's outbound listener (in a cluster iptables
 //! would redirect the connection there; locally the app is told the address).
 //!
+//! A `tcp` service (`serve --tcp`) speaks a line protocol instead, like a small cache: each
+//! request line is answered with one line, `OK <replica>: <request>` or, failing on purpose,
+//! `ERR <replica>: ...`. The sidecars carry it as opaque TCP over mTLS; a `load` client of it
+//! opens one connection per request (so connections, not just bytes, show in the sidecars'
+//! `trellis_proxy_tcp_*` metrics).
+//!
 //! `load` sends requests at a steady rate, either through its sidecar (a meshed client) or
 //! straight at the target's pods in plaintext (a client outside the mesh), and counts what
 //! happened on its own `/metrics`, so a refused plaintext request is visible from the client's
@@ -44,23 +50,28 @@ pub enum Mode {
     Load(LoadArgs),
 }
 
-/// A downstream service: `name.namespace:port[:grpc]`.
+/// A downstream service: `name.namespace:port[:grpc|:tcp]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Call {
     pub authority: String,
     pub grpc: bool,
+    /// The line protocol over opaque TCP (see the module's doc).
+    pub tcp: bool,
 }
 
 impl std::str::FromStr for Call {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (authority, grpc) = match s.strip_suffix(":grpc") {
-            Some(a) => (a, true),
-            None => (s.strip_suffix(":http").unwrap_or(s), false),
+        let (authority, grpc, tcp) = if let Some(a) = s.strip_suffix(":grpc") {
+            (a, true, false)
+        } else if let Some(a) = s.strip_suffix(":tcp") {
+            (a, false, true)
+        } else {
+            (s.strip_suffix(":http").unwrap_or(s), false, false)
         };
         let (host, port) = authority
             .rsplit_once(':')
-            .ok_or_else(|| format!("{s:?}: expected name.namespace:port[:grpc]"))?;
+            .ok_or_else(|| format!("{s:?}: expected name.namespace:port[:grpc|:tcp]"))?;
         port.parse::<u16>()
             .map_err(|_| format!("{s:?}: bad port {port:?}"))?;
         if !host.contains('.') {
@@ -69,6 +80,7 @@ impl std::str::FromStr for Call {
         Ok(Call {
             authority: authority.to_string(),
             grpc,
+            tcp,
         })
     }
 }
@@ -83,6 +95,9 @@ pub struct ServeArgs {
     /// Answer with gRPC framing and `grpc-status` trailers.
     #[arg(long)]
     pub grpc: bool,
+    /// Answer the line protocol over plain TCP instead of HTTP (see the module's doc).
+    #[arg(long, conflicts_with_all = ["grpc", "calls"])]
+    pub tcp: bool,
     /// Fraction of requests answered with an error (0..=1).
     #[arg(long, default_value_t = 0.0)]
     pub failure_rate: f64,
@@ -102,7 +117,7 @@ pub struct LoadArgs {
     /// Client name, for logs.
     #[arg(long)]
     pub name: String,
-    /// The service called (`name.namespace:port[:grpc]`).
+    /// The service called (`name.namespace:port[:grpc|:tcp]`).
     #[arg(long)]
     pub target: Call,
     /// Requests per second.
@@ -399,6 +414,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(a.listen)
         .await
         .map_err(|e| anyhow::anyhow!("bind {}: {e}", a.listen))?;
+    if a.tcp {
+        return serve_lines(listener, Arc::new(a)).await;
+    }
     let state = Arc::new((a, Downstream::new()));
     loop {
         let (stream, _) = listener.accept().await?;
@@ -413,6 +431,81 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+/// Longest request or answer line of the line protocol; a longer one closes the connection.
+const MAX_LINE: u64 = 1024;
+
+/// Reads one line (without its `\n`) of at most [`MAX_LINE`] bytes; `None` at the end of the
+/// stream, an error for a line too long.
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+) -> std::io::Result<Option<String>> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut buf = Vec::new();
+    let n = r.take(MAX_LINE + 1).read_until(b'\n', &mut buf).await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() != Some(&b'\n') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "line too long or unterminated",
+        ));
+    }
+    buf.pop();
+    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
+}
+
+/// Serves the line protocol: every request line gets one answer line, after `latency`.
+async fn serve_lines(listener: TcpListener, a: Arc<ServeArgs>) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let a = a.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut r = tokio::io::BufReader::new(r);
+            while let Ok(Some(line)) = read_line(&mut r).await {
+                if a.latency_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(a.latency_ms)).await;
+                }
+                let flaky = a.failure_rate > 0.0 && rand::random::<f64>() < a.failure_rate;
+                let answer = if flaky {
+                    format!("ERR {}: failing on purpose\n", a.name)
+                } else {
+                    format!("OK {}: {line}\n", a.name)
+                };
+                if w.write_all(answer.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// One request of the line protocol on a connection of its own to `to`.
+async fn tcp_call(to: SocketAddr, request: &str) -> Outcome {
+    use tokio::io::AsyncWriteExt;
+    let connect = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(to));
+    let stream = match connect.await {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) => return Outcome::Connect,
+        Err(_) => return Outcome::Timeout,
+    };
+    let _ = stream.set_nodelay(true);
+    let (r, mut w) = stream.into_split();
+    let exchange = async {
+        w.write_all(format!("{request}\n").as_bytes()).await?;
+        read_line(&mut tokio::io::BufReader::new(r)).await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), exchange).await {
+        Err(_) => Outcome::Timeout,
+        Ok(Err(_)) | Ok(Ok(None)) => Outcome::Closed,
+        Ok(Ok(Some(line))) if line.starts_with("OK ") => Outcome::Ok,
+        Ok(Ok(Some(_))) => Outcome::Error,
     }
 }
 
@@ -563,7 +656,12 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
             // every port a replica may be on, and during a rollout some are not listening.
             let tries = if direct { targets.len() } else { 1 };
             for k in 0..tries {
-                outcome = down.call(targets[(first + k) % targets.len()], &call).await;
+                let to = targets[(first + k) % targets.len()];
+                outcome = if call.tcp {
+                    tcp_call(to, &format!("GET item-{}", first % 100)).await
+                } else {
+                    down.call(to, &call).await
+                };
                 if outcome != Outcome::Connect {
                     break;
                 }
@@ -659,6 +757,57 @@ mod tests {
         assert!(parse_endpoints(" \n").is_none());
     }
 
+    /// The line protocol over real sockets: answers, failures on purpose, and a line too long
+    /// closing the connection instead of growing a buffer.
+    #[tokio::test]
+    async fn the_line_protocol_answers_fails_and_bounds_lines() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let start = |name: &str, failure_rate: f64| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.set_nonblocking(true).unwrap();
+            let addr = l.local_addr().unwrap();
+            let a = ServeArgs {
+                name: name.into(),
+                listen: addr,
+                grpc: false,
+                tcp: true,
+                failure_rate,
+                latency_ms: 0,
+                calls: vec![],
+                outbound: None,
+            };
+            tokio::spawn(serve_lines(TcpListener::from_std(l).unwrap(), Arc::new(a)));
+            addr
+        };
+        let (good, bad) = (start("cache-0", 0.0), start("cache-1", 1.0));
+        assert_eq!(tcp_call(good, "GET a").await, Outcome::Ok);
+        assert_eq!(tcp_call(bad, "GET a").await, Outcome::Error);
+        let mut c = tokio::net::TcpStream::connect(good).await.unwrap();
+        c.write_all(b"GET b\nGET c\n").await.unwrap();
+        let mut r = tokio::io::BufReader::new(&mut c);
+        assert_eq!(
+            read_line(&mut r).await.unwrap().unwrap(),
+            "OK cache-0: GET b"
+        );
+        assert_eq!(
+            read_line(&mut r).await.unwrap().unwrap(),
+            "OK cache-0: GET c"
+        );
+        let mut c = tokio::net::TcpStream::connect(good).await.unwrap();
+        c.write_all(&[b'x'; 2 * MAX_LINE as usize]).await.unwrap();
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+            .await
+            .expect("the server closes an overlong line's connection")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "no answer to an overlong line: {rest:?}");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert_eq!(tcp_call(closed, "GET a").await, Outcome::Connect);
+    }
+
     #[test]
     fn calls_parse() {
         let c: Call = "catalog.shop:9080".parse().unwrap();
@@ -667,6 +816,9 @@ mod tests {
         let g: Call = "reviews.shop:9081:grpc".parse().unwrap();
         assert!(g.grpc);
         assert_eq!(g.authority, "reviews.shop:9081");
+        let t: Call = "cache.shop:6379:tcp".parse().unwrap();
+        assert!(t.tcp && !t.grpc);
+        assert_eq!(t.authority, "cache.shop:6379");
         assert!("catalog:9080".parse::<Call>().is_err());
         assert!("catalog.shop".parse::<Call>().is_err());
     }
@@ -689,6 +841,7 @@ mod tests {
             name: "bad-0".into(),
             listen: bad,
             grpc: true,
+            tcp: false,
             failure_rate: 1.0,
             latency_ms: 0,
             calls: vec![],
@@ -699,6 +852,7 @@ mod tests {
             name: "good-0".into(),
             listen: good,
             grpc: true,
+            tcp: false,
             failure_rate: 0.0,
             latency_ms: 1,
             calls: vec![],
@@ -710,6 +864,7 @@ mod tests {
             name: "front-0".into(),
             listen: front,
             grpc: false,
+            tcp: false,
             failure_rate: 0.0,
             latency_ms: 0,
             calls: vec!["bad.ns:1:grpc".parse().unwrap()],
@@ -720,6 +875,7 @@ mod tests {
         let call = |g: bool| Call {
             authority: "x.ns:1".into(),
             grpc: g,
+            tcp: false,
         };
         let mut outcome = Outcome::Connect;
         for _ in 0..50 {

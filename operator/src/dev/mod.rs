@@ -1,7 +1,8 @@
 //! `trellis dev`: the whole mesh on one machine, with no cluster.
 //!
-//! The real parts run locally: the mesh CA and the identity endpoint, the operator's compiler,
-//! one `trellis-proxy` per pod and the demo programs. Only two things are stand-ins, because
+//! The real parts run locally: the mesh CA and the identity endpoint, the admission webhook's
+//! decision on every pod, the operator's compiler and metrics ([`operator_metrics`]), one
+//! `trellis-proxy` per pod and the demo programs. Only two things are stand-ins, because
 //! there is no cluster to provide them:
 //! - the TokenReview the identity endpoint makes is answered in-process by [`tokenreview`],
 //!   for tokens this process minted and wrote into each pod's projected volume;
@@ -19,6 +20,7 @@ pub mod demo;
 pub mod display;
 pub mod graph;
 pub mod metrics;
+pub mod operator_metrics;
 pub mod plan;
 pub mod rollout;
 pub mod run;

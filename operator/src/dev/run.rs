@@ -22,7 +22,7 @@ use super::spec::{self, DevDir};
 use super::stats::{self, EdgeKey, EdgeStats, EdgeView};
 use super::supervise::{self, Proc};
 use super::tokenreview::{TokenAuthority, TokenOwner};
-use super::{creds, metrics, volume};
+use super::{creds, metrics, operator_metrics, volume};
 use crate::ca::CertificateAuthority;
 
 #[path = "run_rollout.rs"]
@@ -82,6 +82,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("dashboard port 127.0.0.1:{}", opts.dashboard_port))?;
     let dashboard_url = crate::dashboard::server::url(&dashboard);
+    let op_listener = operator_metrics::bind(0)
+        .await
+        .context("the operator's metrics on 127.0.0.1")?;
+    let op_metrics_addr = op_listener.local_addr()?;
+    let op_metrics = operator_metrics::OperatorMetrics::default();
     let (graph_tx, graph_rx) = tokio::sync::watch::channel(crate::dashboard::Graph::default());
     create_state_dir(&state_dir, owned)?;
     let mut local = LocalMesh {
@@ -116,7 +121,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         last_scrape: None,
         ro: rollout_edge::Edge::default(),
         cred_args: BTreeMap::new(),
+        op_metrics: op_metrics.clone(),
+        op_metrics_addr,
     };
+    tokio::spawn(operator_metrics::serve(
+        op_listener,
+        op_metrics,
+        local.shutdown.clone(),
+    ));
     tokio::spawn(crate::dashboard::server::serve(
         dashboard,
         graph_rx,
@@ -238,6 +250,9 @@ struct LocalMesh {
     ro: rollout_edge::Edge,
     /// Per pod: the credential flags its proxies start with.
     cred_args: BTreeMap<String, Vec<String>>,
+    /// The operator's registry (identity endpoint, injector), served on `op_metrics_addr`.
+    op_metrics: operator_metrics::OperatorMetrics,
+    op_metrics_addr: SocketAddr,
 }
 
 pub(crate) fn pod_key(p: &Pod) -> String {
@@ -363,8 +378,10 @@ impl LocalMesh {
             tokens: &self.tokens,
             identity_url: &self.identity_url(),
             shutdown: &self.shutdown,
+            metrics: &self.op_metrics,
         })
         .await?;
+        self.admit_pods()?;
         self.cred_desc = cred_desc;
         let configs = control::compile(&self.dev, &self.plan, &self.identity_url())?;
         self.configs = configs;
@@ -429,6 +446,30 @@ impl LocalMesh {
             self.pod_procs.entry(pod_key(&pod)).or_default().app = Some(self.procs.len() - 1);
         }
         self.write_prometheus_config()?;
+        Ok(())
+    }
+
+    /// Sends every pod through the operator's admission webhook decision, as the API server
+    /// sends each new pod: the injector must mesh exactly the pods that get a sidecar here, and
+    /// what it decides is counted in the operator's metrics.
+    fn admit_pods(&mut self) -> anyhow::Result<()> {
+        let cluster = super::synth::synthesize(&self.dev.topology, &self.plan);
+        let injector = self.op_metrics.injector(
+            control::mesh_of(&self.dev).spec,
+            crate::webhook::namespace_labels(&cluster.namespaces),
+        );
+        let meshed = self
+            .plan
+            .pods
+            .iter()
+            .filter(|p| p.proxy.is_some())
+            .map(pod_key)
+            .collect();
+        let n = operator_metrics::admit(&injector, &cluster.pods, &meshed)?;
+        self.status.push(format!(
+            "{n} pods injected by the operator's admission webhook at {}",
+            now_hms()
+        ));
         Ok(())
     }
 
@@ -537,8 +578,12 @@ impl LocalMesh {
                 .topology
                 .service(key)
                 .expect("validated call target");
-            let grpc = matches!(s.protocol, spec::AppProtocol::Grpc);
-            format!("{key}:{}{}", s.port, if grpc { ":grpc" } else { "" })
+            let suffix = match s.protocol {
+                spec::AppProtocol::Http => "",
+                spec::AppProtocol::Grpc => ":grpc",
+                spec::AppProtocol::Tcp => ":tcp",
+            };
+            format!("{key}:{}{suffix}", s.port)
         };
         match &pod.role {
             Role::Service {
@@ -560,8 +605,10 @@ impl LocalMesh {
                     "--latency-ms".into(),
                     latency_ms.to_string(),
                 ];
-                if matches!(protocol, spec::AppProtocol::Grpc) {
-                    a.push("--grpc".into());
+                match protocol {
+                    spec::AppProtocol::Http => {}
+                    spec::AppProtocol::Grpc => a.push("--grpc".into()),
+                    spec::AppProtocol::Tcp => a.push("--tcp".into()),
                 }
                 if let Some(px) = pod.proxy {
                     a.push("--outbound".into());
@@ -821,6 +868,20 @@ impl LocalMesh {
                 self.stats.record(&id, edges);
             }
         }
+        // Opaque TCP edges count connections, and carry no latency: say so beside them.
+        for c in &self.dev.topology.clients {
+            if self
+                .dev
+                .topology
+                .service(&c.target)
+                .is_some_and(|s| s.protocol == spec::AppProtocol::Tcp)
+            {
+                notes.push((
+                    format!("{}>{}", c.key(), c.target),
+                    "opaque TCP: RPS and TOTAL count connections".to_string(),
+                ));
+            }
+        }
         self.notes = notes;
         let clients: Vec<(String, SocketAddr)> = self
             .plan
@@ -950,6 +1011,10 @@ impl LocalMesh {
         ));
         s.push_str(&format!("{}\n", self.identity_line()));
         s.push_str(&format!("Dashboard: {}\n", self.dashboard_url));
+        s.push_str(&format!(
+            "Operator metrics (identity endpoint, injector): http://{}/metrics\n",
+            self.op_metrics_addr
+        ));
         for p in &self.plan.pods {
             if let Some(x) = p.proxy {
                 s.push_str(&format!(
@@ -1142,11 +1207,11 @@ impl LocalMesh {
         })
     }
 
-    /// A Prometheus config scraping every sidecar, labelled like the Kubernetes service
-    /// discovery would label them.
+    /// A Prometheus config scraping every sidecar and the operator's metrics, labelled like the
+    /// Kubernetes service discovery would label them.
     fn write_prometheus_config(&self) -> anyhow::Result<()> {
         let mut s = String::from(
-            "# Written by `trellis dev`: scrape every local sidecar.\n\
+            "# Written by `trellis dev`: scrape every local sidecar and the operator.\n\
              # prometheus --config.file=<this file>\n\
              global:\n  scrape_interval: 5s\nscrape_configs:\n  - job_name: trellis-proxies\n    static_configs:\n",
         );
@@ -1158,6 +1223,16 @@ impl LocalMesh {
                 ));
             }
         }
+        // The operator's own metrics, labelled as a ServiceMonitor would label its pod.
+        let labels: Vec<String> = operator_metrics::scrape_labels()
+            .into_iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+        s.push_str(&format!(
+            "  - job_name: trellis-operator\n    static_configs:\n      - targets: ['{}']\n        labels: {{{}}}\n",
+            self.op_metrics_addr,
+            labels.join(", ")
+        ));
         std::fs::write(self.state_dir.join("prometheus.yml"), s)?;
         Ok(())
     }

@@ -19,7 +19,7 @@
 //!     serviceAccount: catalog  # default: the service name
 //!     replicas: 3            # 1..=8
 //!     port: 9080             # the Service port
-//!     protocol: http         # http (HTTP/1.1) or grpc (HTTP/2, gRPC framing)
+//!     protocol: http         # http (HTTP/1.1), grpc (HTTP/2, gRPC framing) or tcp (opaque)
 //!     labels: {version: v1}  # extra pod labels (app=<name> is always set)
 //!     latency: 5ms           # time each request spends in the program
 //!     failureRate: 0.3       # fraction of requests answered with 500 (0..=1)
@@ -73,7 +73,9 @@ pub enum SpecError {
     NoServices { dir: PathBuf },
 }
 
-/// Application protocol a demo service speaks.
+/// Application protocol a demo service speaks. `tcp` is a line protocol (a request line, an
+/// answer line) that the sidecars carry as opaque TCP over mTLS: its Service port is declared
+/// `appProtocol: tcp`, so no sidecar looks for HTTP in it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AppProtocol {
@@ -82,6 +84,8 @@ pub enum AppProtocol {
     Http,
     /// HTTP/2 with gRPC framing and `grpc-status` trailers.
     Grpc,
+    /// Opaque TCP (see above).
+    Tcp,
 }
 
 impl AppProtocol {
@@ -90,6 +94,7 @@ impl AppProtocol {
         match self {
             AppProtocol::Http => "http",
             AppProtocol::Grpc => "grpc",
+            AppProtocol::Tcp => "tcp",
         }
     }
 }
@@ -360,9 +365,28 @@ fn validate(raw: RawFile) -> Result<Topology, Vec<String>> {
             calls: s.calls.iter().map(|c| qualify(c, &s.namespace)).collect(),
         });
     }
+    let tcp: BTreeSet<String> = services
+        .iter()
+        .filter(|s| s.protocol == AppProtocol::Tcp)
+        .map(ServiceSpec::key)
+        .collect();
     for (i, s) in services.iter().enumerate() {
+        if s.protocol == AppProtocol::Tcp && !s.calls.is_empty() {
+            problems.push(format!(
+                "services[{i}] ({}).calls: a tcp service answers lines and calls nothing",
+                s.name
+            ));
+        }
         for (j, c) in s.calls.iter().enumerate() {
-            if !keys.contains(c) {
+            if tcp.contains(c) {
+                // Locally each caller of an opaque TCP service needs a sidecar listener of its
+                // own (no iptables to redirect by destination): clients have exactly one.
+                problems.push(format!(
+                    "services[{i}] ({}).calls[{j}]: {c} speaks opaque TCP; in trellis dev only \
+                     a client (clients[].target) calls it",
+                    s.name
+                ));
+            } else if !keys.contains(c) {
                 problems.push(format!(
                     "services[{i}] ({}).calls[{j}]: no service {c} in this file",
                     s.name
@@ -396,6 +420,11 @@ fn validate(raw: RawFile) -> Result<Topology, Vec<String>> {
         let target = qualify(&c.target, &c.namespace);
         if !services.iter().any(|s| s.key() == target) {
             problems.push(format!("{at}.target: no service {target} in this file"));
+        } else if tcp.contains(&target) && !c.meshed {
+            problems.push(format!(
+                "{at}.meshed: {target} speaks opaque TCP; its clients go through a sidecar \
+                 (the plaintext client speaks HTTP)"
+            ));
         }
         if !(c.rate.is_finite() && c.rate > 0.0 && c.rate <= MAX_RATE) {
             problems.push(format!(
@@ -720,6 +749,31 @@ clients:
         assert!(e.contains("not a DNS label"), "{e}");
         let e = problems(&GOOD.replace("replicas: 3", "replicas: 99"));
         assert!(e.contains("replicas: must be between 1 and 8"), "{e}");
+    }
+
+    #[test]
+    fn tcp_services_are_used_by_meshed_clients_only() {
+        let text = GOOD.replace(
+            "clients:\n",
+            "  - name: cache\n    namespace: shop\n    port: 6379\n    protocol: tcp\n\
+             clients:\n  - name: warmer\n    namespace: shop\n    meshed: true\n    \
+             target: cache\n    rate: 5\n",
+        );
+        let t = parse(&text).unwrap();
+        assert_eq!(t.service("cache.shop").unwrap().protocol, AppProtocol::Tcp);
+        let e =
+            problems(&text.replace("calls: [catalog, reviews.shop]", "calls: [catalog, cache]"));
+        assert!(e.contains("cache.shop speaks opaque TCP"), "{e}");
+        let e = problems(&text.replace(
+            "meshed: true\n    target: cache",
+            "meshed: false\n    target: cache",
+        ));
+        assert!(e.contains("clients[0] (warmer).meshed"), "{e}");
+        let e = problems(&text.replace("protocol: tcp\n", "protocol: tcp\n    calls: [catalog]\n"));
+        assert!(
+            e.contains("a tcp service answers lines and calls nothing"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub mod names {
     pub const CONFIG_RELOADS: &str = "trellis_proxy_config_reloads_total";
     /// Inbound connections refused, by `reason`.
     pub const INBOUND_REFUSED: &str = "trellis_proxy_inbound_refused_total";
+    /// Counter of opaque TCP connections, counted once the connection to the destination
+    /// (its sidecar, over mTLS when `tls="true"`) is made.
+    pub const TCP_CONNECTIONS: &str = "trellis_proxy_tcp_connections_total";
 }
 
 /// One edge of the service graph, as the live view and the summary show it.
@@ -95,6 +98,10 @@ fn is_success(status: &str) -> bool {
 
 /// Extracts the outbound edges of one sidecar of service `source` from its scrape.
 ///
+/// An opaque TCP edge counts connections as its requests, each a success: the sidecar counts
+/// one only once the connection to the destination is made (mTLS handshake included); what the
+/// bytes inside meant is the app's business. It has no latency.
+///
 /// The request counter says whether each request used mTLS; the latency histogram does not
 /// (its labels are direction, destination and status class), so a destination's latency is
 /// attached to its mTLS edge when there is one, else to its plaintext edge.
@@ -119,6 +126,16 @@ pub fn edges_from_scrape(source: &str, samples: &[Sample]) -> BTreeMap<EdgeKey, 
             if s.label(names::STATUS).is_some_and(is_success) {
                 c.successes += s.value;
             }
+        } else if s.name == names::TCP_CONNECTIONS {
+            let c = out
+                .entry(EdgeKey {
+                    source: source.to_string(),
+                    destination: dst.to_string(),
+                    mtls: s.label(names::TLS) == Some("true"),
+                })
+                .or_default();
+            c.requests += s.value;
+            c.successes += s.value;
         } else if s.name == names::LATENCY_BUCKET {
             let Some(le) = s.label("le").and_then(|l| match l {
                 "+Inf" => Some(f64::INFINITY),
@@ -226,6 +243,8 @@ pub struct SidecarCounts {
     /// the server-side view, before the callers' retries.
     pub served: f64,
     pub served_5xx: f64,
+    /// Opaque TCP connections the sidecar passed to its app.
+    pub tcp_served: f64,
 }
 
 impl SidecarCounts {
@@ -235,11 +254,17 @@ impl SidecarCounts {
         self.inbound_refused += o.inbound_refused;
         self.served += o.served;
         self.served_5xx += o.served_5xx;
+        self.tcp_served += o.tcp_served;
     }
 
     pub fn describe(&self) -> String {
+        let tcp = if self.tcp_served > 0.0 {
+            format!(", opaque TCP connections {}", self.tcp_served)
+        } else {
+            String::new()
+        };
         format!(
-            "served {} (5xx {}), inbound refused {}, configs applied {} rejected {}",
+            "served {} (5xx {}){tcp}, inbound refused {}, configs applied {} rejected {}",
             self.served,
             self.served_5xx,
             self.inbound_refused,
@@ -260,6 +285,9 @@ pub fn sidecar_counts(samples: &[Sample]) -> SidecarCounts {
                 _ => {}
             },
             names::INBOUND_REFUSED => c.inbound_refused += s.value,
+            names::TCP_CONNECTIONS if s.label(names::DIRECTION) == Some("inbound") => {
+                c.tcp_served += s.value;
+            }
             names::REQUESTS if s.label(names::DIRECTION) == Some("inbound") => {
                 c.served += s.value;
                 if s.label(names::STATUS).is_some_and(|st| !is_success(st)) {
@@ -376,6 +404,25 @@ trellis_proxy_response_latency_seconds_bucket{{direction="outbound",dst_service=
         assert_eq!(k.destination, "catalog.shop");
         assert!(k.mtls);
         assert_eq!((c.requests, c.successes), (100.0, 90.0));
+    }
+
+    /// An opaque TCP edge: the caller's outbound connections (each made over mTLS), not the
+    /// server side's inbound ones.
+    #[test]
+    fn tcp_edges_count_outbound_connections() {
+        let text = r#"trellis_proxy_tcp_connections_total{direction="outbound",dst_service="cache.shop",tls="true"} 12
+trellis_proxy_tcp_connections_total{direction="inbound",dst_service="local",tls="true"} 99
+trellis_proxy_tcp_transfer_bytes_total{direction="outbound",dst_service="cache.shop",tls="true",flow="from_client"} 400
+"#;
+        let e = edges_from_scrape("warmer.shop", &parse(text).unwrap());
+        let key = EdgeKey {
+            source: "warmer.shop".into(),
+            destination: "cache.shop".into(),
+            mtls: true,
+        };
+        assert_eq!(e.keys().collect::<Vec<_>>(), [&key]);
+        assert_eq!((e[&key].requests, e[&key].successes), (12.0, 12.0));
+        assert!(e[&key].buckets.is_empty());
     }
 
     #[test]

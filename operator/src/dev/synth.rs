@@ -7,7 +7,14 @@
 //!   by port, not by address);
 //! - Services get a synthetic cluster IP from 10.96.0.0/16 that nothing listens on: without
 //!   iptables, apps reach services through the Host header, and the compiled endpoints are what
-//!   the sidecars actually connect to.
+//!   the sidecars actually connect to;
+//! - an opaque TCP Service has no Host header to route by, so a caller's sidecar must know the
+//!   Service from the address the app connected to, as it does from the original destination
+//!   behind iptables. Its cluster IP is therefore 127.0.0.1 and its ports are the outbound
+//!   listeners of its callers' sidecars (each meshed client of it, on its current and its spare
+//!   ports), named `tcp-0`, `tcp-1`, ...; every replica's EndpointSlice maps each of those
+//!   names to its sidecar's inbound port. A client's sidecar thus carries every connection its
+//!   app opens as opaque TCP, over mTLS, to that Service.
 
 use std::collections::BTreeMap;
 
@@ -20,7 +27,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::plan::{Plan, Role};
-use super::spec::Topology;
+use super::spec::{AppProtocol, Topology};
 
 /// The label that meshes a namespace.
 pub const INJECT_LABEL: &str = "trellis.dev/inject";
@@ -82,6 +89,10 @@ pub fn synthesize(topo: &Topology, plan: &Plan) -> Cluster {
     });
     for (i, s) in topo.services.iter().enumerate() {
         let port_name = s.protocol.app_protocol().to_string();
+        if s.protocol == AppProtocol::Tcp {
+            c.services.push(tcp_service(s, plan));
+            continue;
+        }
         c.services.push(Service {
             metadata: meta(
                 &s.name,
@@ -148,6 +159,14 @@ pub fn synthesize(topo: &Topology, plan: &Plan) -> Cluster {
         let (Role::Service { protocol, .. }, Some(proxy)) = (&pod.role, pod.proxy) else {
             continue;
         };
+        // The slice's ports: one per Service port, by name (see the module's doc for tcp).
+        let slice_ports = match protocol {
+            AppProtocol::Tcp => tcp_port_names(plan, key_of(&pod.role))
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect(),
+            _ => vec![protocol.app_protocol().to_string()],
+        };
         c.endpoint_slices.push(EndpointSlice {
             metadata: meta(
                 &pod.name,
@@ -175,17 +194,84 @@ pub fn synthesize(topo: &Topology, plan: &Plan) -> Cluster {
                 }),
                 ..Default::default()
             }]),
-            ports: Some(vec![EndpointPort {
-                name: Some(protocol.app_protocol().into()),
-                // The sidecar's inbound listener: what a caller's sidecar connects to locally
-                // (in a cluster: the pod port, redirected to 15006 by iptables).
-                port: Some(i32::from(proxy.inbound)),
-                protocol: Some("TCP".into()),
-                app_protocol: Some(protocol.app_protocol().into()),
-            }]),
+            ports: Some(
+                slice_ports
+                    .into_iter()
+                    .map(|name| EndpointPort {
+                        name: Some(name),
+                        // The sidecar's inbound listener: what a caller's sidecar connects to
+                        // locally (in a cluster: the pod port, redirected to 15006 by iptables).
+                        port: Some(i32::from(proxy.inbound)),
+                        protocol: Some("TCP".into()),
+                        app_protocol: Some(protocol.app_protocol().into()),
+                    })
+                    .collect(),
+            ),
         });
     }
     c
+}
+
+fn key_of(role: &Role) -> &str {
+    match role {
+        Role::Service { key, .. } => key,
+        Role::Client { target, .. } => target,
+    }
+}
+
+/// The ports of an opaque TCP Service `key`: the outbound listeners of its meshed callers'
+/// sidecars, current and spare, sorted, with the names `tcp-0`, `tcp-1`, ... in that order.
+pub fn tcp_port_names(plan: &Plan, key: &str) -> Vec<(String, u16)> {
+    let mut ports: Vec<u16> = plan
+        .pods
+        .iter()
+        .filter(|p| matches!(&p.role, Role::Client { target, .. } if target == key))
+        .filter_map(|p| {
+            let spare = plan
+                .spare
+                .get(&format!("{}/{}", p.namespace, p.name))
+                .map(|s| s.proxy.outbound);
+            Some([p.proxy?.outbound].into_iter().chain(spare))
+        })
+        .flatten()
+        .collect();
+    ports.sort_unstable();
+    ports
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| (format!("tcp-{i}"), p))
+        .collect()
+}
+
+/// An opaque TCP Service (see the module's doc): cluster IP 127.0.0.1, one port per caller
+/// sidecar's outbound listener.
+fn tcp_service(s: &crate::dev::spec::ServiceSpec, plan: &Plan) -> Service {
+    let ports = tcp_port_names(plan, &s.key())
+        .into_iter()
+        .map(|(name, port)| ServicePort {
+            name: Some(name.clone()),
+            port: i32::from(port),
+            target_port: Some(IntOrString::String(name)),
+            protocol: Some("TCP".into()),
+            app_protocol: Some(AppProtocol::Tcp.app_protocol().into()),
+            ..Default::default()
+        })
+        .collect();
+    Service {
+        metadata: meta(
+            &s.name,
+            Some(&s.namespace),
+            [("app".to_string(), s.name.clone())].into(),
+        ),
+        spec: Some(ServiceSpec {
+            selector: Some([("app".to_string(), s.name.clone())].into()),
+            cluster_ip: Some("127.0.0.1".into()),
+            type_: Some("ClusterIP".into()),
+            ports: Some(ports),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
@@ -235,6 +321,50 @@ mod tests {
             "the plaintext client is outside the mesh"
         );
         assert_eq!(pod_uid("a", "api-0"), pod_uid("a", "api-0"));
+    }
+
+    /// An opaque TCP Service is found by its caller's sidecar from the address its app
+    /// connected to: 127.0.0.1 and that sidecar's outbound port, current or spare.
+    #[test]
+    fn a_tcp_service_listens_where_its_callers_sidecars_do() {
+        let t = parse_services(
+            Path::new("s.yaml"),
+            "services:\n  - {name: cache, namespace: a, port: 6379, protocol: tcp, replicas: 2}\n\
+             clients:\n  - {name: warmer, namespace: a, meshed: true, target: cache, rate: 1}\n",
+        )
+        .unwrap();
+        let plan = Plan::new(&t, 30000, Path::new("/st")).unwrap();
+        let c = synthesize(&t, &plan);
+        let warmer = plan.pods.iter().find(|p| p.workload == "warmer").unwrap();
+        let spare = plan.spare["a/warmer-0"].proxy.outbound;
+        let spec = c.services[0].spec.as_ref().unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("127.0.0.1"));
+        let ports: Vec<(Option<&str>, i32, Option<&str>)> = spec
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| (p.name.as_deref(), p.port, p.app_protocol.as_deref()))
+            .collect();
+        let out = i32::from(warmer.proxy.unwrap().outbound);
+        assert_eq!(
+            ports,
+            [
+                (Some("tcp-0"), out, Some("tcp")),
+                (Some("tcp-1"), i32::from(spare), Some("tcp"))
+            ]
+        );
+        for (slice, pod) in c.endpoint_slices.iter().zip(plan.replicas_of("cache.a")) {
+            let names: Vec<(Option<&str>, Option<i32>)> = slice
+                .ports
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|p| (p.name.as_deref(), p.port))
+                .collect();
+            let inbound = Some(i32::from(pod.proxy.unwrap().inbound));
+            assert_eq!(names, [(Some("tcp-0"), inbound), (Some("tcp-1"), inbound)]);
+        }
         assert_ne!(pod_uid("a", "api-0"), pod_uid("a", "api-1"));
     }
 }

@@ -80,6 +80,8 @@ struct Stream {
     peer: Option<Peer>,
     /// The ConfigMap settings digest the proxy reported ([`Registry::loaded`]).
     settings: Option<String>,
+    /// The ConfigMap policies digest the proxy reported ([`Registry::loaded`]).
+    policies: Option<String>,
 }
 
 impl Stream {
@@ -166,6 +168,7 @@ impl Registry {
                 owed: 0,
                 peer: None,
                 settings: None,
+                policies: None,
             },
         );
         index_add(&mut self.by_namespace, namespace, id);
@@ -403,11 +406,13 @@ impl Registry {
         }
     }
 
-    /// Records the settings digest of the ConfigMap config a proxy serves from. Bounded: a
-    /// digest is 32 hex characters; anything longer is no digest and is dropped.
-    pub fn loaded(&mut self, id: StreamId, settings: String) {
+    /// Records the settings and policies digests of the ConfigMap config a proxy serves
+    /// from. Bounded: a digest is 32 hex characters; anything longer is no digest and is
+    /// dropped.
+    pub fn loaded(&mut self, id: StreamId, settings: String, policies: Option<String>) {
         if let Some(s) = self.streams.get_mut(&id) {
             s.settings = (settings.len() <= 64).then_some(settings);
+            s.policies = policies.filter(|p| p.len() <= 64);
         }
     }
 
@@ -427,6 +432,7 @@ impl Registry {
                 connected: s.peer.as_ref().map(|p| p.connected),
                 acked: s.applied(latest),
                 settings: s.settings.clone(),
+                policies: s.policies.clone(),
                 subscriptions: s.subscriptions.iter().cloned().collect(),
             })
             .collect()

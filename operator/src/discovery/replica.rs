@@ -1,5 +1,6 @@
-//! What every operator replica runs for discovery: its own watches and compile (the Lease
-//! holder's compile loop writes ConfigMaps; this one only publishes to the streams, so a
+//! What every operator replica runs for discovery: its own compile over the process's one set
+//! of watches ([`crate::controller::compile::SharedStores`], which the Lease holder's compile
+//! loop reads too; that loop writes ConfigMaps, this one only publishes to the streams, so a
 //! follower serves as fresh a view as the leader and proxies may connect to any replica), the
 //! operator's own SPIFFE certificate from the mesh CA, and the listener on
 //! `--discovery-addr` (15010).
@@ -20,7 +21,6 @@ use trellis_proxy::creds::Credentials;
 
 use super::Hub;
 use crate::ca::IssuerState;
-use crate::controller::compile::watch_all;
 use crate::propagation::{ReplicaReport, Tracker};
 use crate::runtime::{ExtraServer, Services};
 
@@ -81,6 +81,7 @@ async fn run(s: Services) -> anyhow::Result<()> {
     let hub = Hub::new();
     tokio::spawn(compile_views(
         s.client.clone(),
+        s.stores.clone(),
         crate::controller::compile_settings(&s.config.namespace),
         hub.clone(),
         Reporter {
@@ -157,11 +158,8 @@ fn report(
             .iter()
             .flat_map(|p| {
                 let name = p.metadata.name.clone().unwrap_or_default();
-                p.status
-                    .pod_ip
-                    .iter()
-                    .chain(p.status.pod_ips.iter().map(|i| &i.ip))
-                    .filter_map(|ip| ip.parse().ok())
+                p.ips()
+                    .into_iter()
                     .map(move |ip: IpAddr| (ip, name.clone()))
                     .collect::<Vec<_>>()
             })
@@ -189,12 +187,15 @@ fn report(
 /// records each compile for the propagation count and publishes this replica's report.
 async fn compile_views(
     client: kube::Client,
+    shared: crate::controller::compile::SharedStores,
     settings: crate::compiler::Settings,
     hub: Arc<Hub>,
     reporter: Reporter,
     shutdown: CancellationToken,
 ) {
-    let (stores, changes) = watch_all(&client);
+    // The process's one set of watches: on the Lease holder the compile controller reads the
+    // same stores.
+    let (stores, changes) = shared.subscribe();
     let tracker = Arc::new(Mutex::new(Tracker::default()));
     {
         let (hub, tracker, pods) = (hub.clone(), tracker.clone(), stores.pods.clone());

@@ -287,7 +287,9 @@ async fn read_loop(
                     }
                 }
                 Ok(Some(ClientMessage::Ack { generation })) => hub.registry().ack(id, generation),
-                Ok(Some(ClientMessage::Loaded { settings })) => hub.registry().loaded(id, settings),
+                Ok(Some(ClientMessage::Loaded { settings, policies })) => {
+                    hub.registry().loaded(id, settings, policies)
+                }
                 Ok(None) => break,
                 Err(error) => {
                     tracing::debug!(%error, "discovery stream closed: bad frame");

@@ -15,16 +15,22 @@
 //!   of the bounded history) counts as not applied: lag is over-reported, never hidden.
 //!   The Mesh affects every stream; a PeerAuthentication the streams of its namespace, or every
 //!   stream when it is the mesh-wide one (no selector, in the root namespace).
-//! - **TrafficPolicy** is counted over the stream: its target Service is pushed with the policy
-//!   attached, so the affected proxies are the streams subscribed to that Service and a proxy
-//!   has applied it once it acknowledged a view generation ≥ `since`. Proxies that hold the
-//!   Service only from their ConfigMap (the default `Full` ConfigMap content lists every
-//!   visible Service, so they never subscribe) are not counted: their copy follows the
-//!   ConfigMap, whose writing `Programmed` reports. Counting them would need each namespace's
-//!   whole-table revision, which only the leader's full compile computes.
+//! - **TrafficPolicy** reaches a proxy two ways, and each proxy is counted by the way it holds
+//!   the policy. A proxy subscribed to the target Service gets it pushed with the policy
+//!   attached, and has applied it once it acknowledged a view generation ≥ `since`. A proxy
+//!   whose ConfigMap lists the Service (the default `Full` content lists every visible
+//!   Service, so such proxies never subscribe; `Bootstrap` lists the namespace's own) holds the
+//!   policy from its ConfigMap: it reports the policies digest of the config it loaded
+//!   ([`trellis_proxy::config::ProxyConfig::policies_digest`]), the compiler computes the same
+//!   digest per namespace over the policy-bearing Services that namespace's ConfigMap lists
+//!   ([`crate::compiler::Output::policies`], cheap: no per-namespace table), and the proxy
+//!   has applied the policy when its digest was current at or after `since`, the rule the
+//!   settings follow. A proxy that reports no policies digest (older than the field) counts
+//!   as not applied.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -76,8 +82,9 @@ enum Scope {
     AllSettings,
     /// Streams of one namespace, through the ConfigMap settings.
     NamespaceSettings(String),
-    /// Streams subscribed to this Service key (`name.namespace`), over the stream.
-    Subscribers(String),
+    /// Proxies holding this Service key (`name.namespace`): subscribed to it (over the
+    /// stream), or listing it in their ConfigMap (through the policies digest).
+    Policy(String),
 }
 
 #[derive(Clone, Debug)]
@@ -109,6 +116,9 @@ pub struct StreamState {
     pub acked: u64,
     /// The ConfigMap settings digest reported (`None`: not reported yet).
     pub settings: Option<String>,
+    /// The ConfigMap policies digest reported (`None`: not reported, or a proxy older than
+    /// the field).
+    pub policies: Option<String>,
     /// Subscribed Service keys (`name.namespace`).
     pub subscriptions: Vec<String>,
 }
@@ -153,7 +163,43 @@ pub struct Tracker {
     latest: u64,
     objects: BTreeMap<ObjectRef, Tracked>,
     settings: HashMap<String, VecDeque<Seen>>,
+    /// The same history for each namespace's ConfigMap policies digest.
+    policies: HashMap<String, VecDeque<Seen>>,
+    /// Per namespace, the Service keys with a policy that its ConfigMap lists (latest compile).
+    listed: HashMap<String, Arc<BTreeSet<String>>>,
     times: VecDeque<(u64, Timestamp)>,
+}
+
+/// Records `digest` as namespace's current one at compile `seq` in `history`.
+fn record(history: &mut VecDeque<Seen>, digest: &str, seq: u64) {
+    if history
+        .back()
+        .is_some_and(|s| s.until.is_none() && s.digest == digest)
+    {
+        return;
+    }
+    if let Some(current) = history.back_mut().filter(|s| s.until.is_none()) {
+        current.until = Some(seq.saturating_sub(1));
+    }
+    history.retain(|s| s.digest != digest);
+    history.push_back(Seen {
+        digest: digest.to_string(),
+        until: None,
+    });
+    while history.len() > SETTINGS_HISTORY {
+        history.pop_front();
+    }
+}
+
+/// Whether `digest` was current at or after compile `since` according to `history`.
+fn applied(history: Option<&VecDeque<Seen>>, digest: Option<&String>, since: u64) -> bool {
+    let (Some(digest), Some(history)) = (digest, history) else {
+        return false;
+    };
+    history
+        .iter()
+        .find(|seen| seen.digest == *digest)
+        .is_some_and(|seen| seen.until.is_none_or(|until| until >= since))
 }
 
 impl Tracker {
@@ -199,7 +245,7 @@ impl Tracker {
             let key = format!("{}.{ns}", tp.spec.target_ref.name);
             seen.insert(
                 ObjectRef::new("TrafficPolicy", &ns, &name),
-                (tp.metadata.generation.unwrap_or(0), Scope::Subscribers(key)),
+                (tp.metadata.generation.unwrap_or(0), Scope::Policy(key)),
             );
         }
         let mut next = BTreeMap::new();
@@ -219,37 +265,33 @@ impl Tracker {
         }
         self.objects = next;
         for (ns, digest) in &out.settings {
-            let history = self.settings.entry(ns.clone()).or_default();
-            if history
-                .back()
-                .is_some_and(|s| s.until.is_none() && s.digest == *digest)
-            {
-                continue;
-            }
-            if let Some(current) = history.back_mut().filter(|s| s.until.is_none()) {
-                current.until = Some(seq.saturating_sub(1));
-            }
-            history.retain(|s| s.digest != *digest);
-            history.push_back(Seen {
-                digest: digest.clone(),
-                until: None,
-            });
-            while history.len() > SETTINGS_HISTORY {
-                history.pop_front();
-            }
+            record(self.settings.entry(ns.clone()).or_default(), digest, seq);
         }
         self.settings.retain(|ns, _| out.settings.contains_key(ns));
+        for (ns, listed) in &out.policies {
+            record(
+                self.policies.entry(ns.clone()).or_default(),
+                &listed.digest,
+                seq,
+            );
+        }
+        self.policies.retain(|ns, _| out.policies.contains_key(ns));
+        self.listed = out
+            .policies
+            .iter()
+            .map(|(ns, l)| (ns.clone(), l.services.clone()))
+            .collect();
     }
 
     /// Whether a stream runs settings that were current at or after compile `since`.
     fn settings_applied(&self, s: &StreamState, since: u64) -> bool {
-        let (Some(digest), Some(history)) = (&s.settings, self.settings.get(&s.namespace)) else {
-            return false;
-        };
-        history
-            .iter()
-            .find(|seen| seen.digest == *digest)
-            .is_some_and(|seen| seen.until.is_none_or(|until| until >= since))
+        applied(self.settings.get(&s.namespace), s.settings.as_ref(), since)
+    }
+
+    /// Whether a stream's ConfigMap carries the policies that were current at or after
+    /// compile `since`.
+    fn policies_applied(&self, s: &StreamState, since: u64) -> bool {
+        applied(self.policies.get(&s.namespace), s.policies.as_ref(), since)
     }
 
     fn settings_current(&self, s: &StreamState) -> bool {
@@ -264,7 +306,7 @@ impl Tracker {
             .objects
             .values()
             .filter_map(|t| match &t.scope {
-                Scope::Subscribers(key) => Some((key.as_str(), Vec::new())),
+                Scope::Policy(key) => Some((key.as_str(), Vec::new())),
                 _ => None,
             })
             .collect();
@@ -296,12 +338,25 @@ impl Tracker {
                             .count(),
                     )
                 }
-                Scope::Subscribers(key) => {
+                Scope::Policy(key) => {
                     let list = subscribers.get(key.as_str()).map_or(&[][..], Vec::as_slice);
-                    (
-                        list.len(),
-                        list.iter().filter(|s| s.acked >= t.since).count(),
-                    )
+                    let mut total = list.len();
+                    let mut updated = list.iter().filter(|s| s.acked >= t.since).count();
+                    // Proxies holding the Service from their ConfigMap (and not subscribed to
+                    // it, which the stream's copy would override).
+                    for (ns, streams) in &by_namespace {
+                        if !self.listed.get(*ns).is_some_and(|l| l.contains(key)) {
+                            continue;
+                        }
+                        for s in streams {
+                            if s.subscriptions.iter().any(|k| k == key) {
+                                continue;
+                            }
+                            total += 1;
+                            updated += usize::from(self.policies_applied(s, t.since));
+                        }
+                    }
+                    (total, updated)
                 }
             };
             out.push(ObjectCount {

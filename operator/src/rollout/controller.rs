@@ -46,7 +46,7 @@ use crate::api::conditions::{Condition, ConditionStatus};
 use crate::api::mesh::{RolloutState, RolloutStatus};
 use crate::api::{MESH_NAME, Mesh, MeshStatus};
 use crate::compiler::SlimPod;
-use crate::controller::compile::watch;
+use crate::controller::compile::{SharedStores, watch};
 use crate::status::StatusWriter;
 
 /// How long changes are gathered before a pass: a restart changes every pod of a workload
@@ -379,29 +379,20 @@ async fn publish(edge: &Edge, mesh: &Mesh, plan: &Plan) {
     }
 }
 
-/// Starts the watches; returns the stores and the merged change stream.
-pub fn watch_all(client: &Client) -> (Stores, impl Stream<Item = ()> + Send + 'static) {
-    let (meshes, w_mesh) = reflector::store();
-    let (namespaces, w_ns) = reflector::store();
+/// Starts the workload watches and joins them to the process's [`SharedStores`] (the Mesh,
+/// namespaces and pods, which the compiler reads too: the leader caches every pod once, in
+/// the compacted form whose controller reference, labels and proxy version are what
+/// [`observe`] reads); returns the stores and the merged change stream.
+pub fn watch_all(
+    client: &Client,
+    shared: &SharedStores,
+) -> (Stores, impl Stream<Item = ()> + Send + 'static) {
+    let (common, common_changes) = shared.subscribe();
     let (deployments, w_dep) = reflector::store();
     let (stateful_sets, w_sts) = reflector::store();
     let (daemon_sets, w_ds) = reflector::store();
-    let (pods, w_pod) = reflector::store();
     let cfg = watcher::Config::default;
-    let strip_meta = |o: &mut Namespace| o.meta_mut().managed_fields = None;
     let streams = vec![
-        watch(
-            Api::<Mesh>::all(client.clone()),
-            cfg().fields(&format!("metadata.name={MESH_NAME}")),
-            w_mesh,
-            |m: &mut Mesh| m.metadata.managed_fields = None,
-        ),
-        watch(
-            Api::<Namespace>::all(client.clone()),
-            cfg(),
-            w_ns,
-            strip_meta,
-        ),
         watch(
             Api::<Deployment>::all(client.clone()),
             cfg(),
@@ -420,20 +411,15 @@ pub fn watch_all(client: &Client) -> (Stores, impl Stream<Item = ()> + Send + 's
             w_ds,
             observe::strip_daemon_set,
         ),
-        watch(
-            Api::<SlimPod>::all(client.clone()),
-            cfg(),
-            w_pod,
-            observe::strip_pod,
-        ),
+        common_changes.boxed(),
     ];
     let stores = Stores {
-        meshes,
-        namespaces,
+        meshes: common.meshes,
+        namespaces: common.namespaces,
         deployments,
         stateful_sets,
         daemon_sets,
-        pods,
+        pods: common.pods,
     };
     (stores, futures::stream::select_all(streams))
 }
@@ -442,10 +428,11 @@ pub fn watch_all(client: &Client) -> (Stores, impl Stream<Item = ()> + Send + 's
 /// are read through the API server's pod proxy.
 pub async fn run(
     client: Client,
+    shared: &SharedStores,
     status: StatusWriter,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let (stores, changes) = watch_all(&client);
+    let (stores, changes) = watch_all(&client, shared);
     let recorder = Recorder::new(
         client.clone(),
         Reporter {

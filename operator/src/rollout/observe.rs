@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use super::plan::{Pin, Workload, WorkloadKey, WorkloadKind};
 use super::{FAILED_VERSION_ANNOTATION, PROXY_IMAGE_ANNOTATION, ROLLOUT_ANNOTATION};
 use crate::api::mesh::{CanarySelector, LabelSelector};
-use crate::compiler::{PROXY_VERSION_ANNOTATION, SlimPod};
+use crate::compiler::SlimPod;
 
 /// A pod whose sidecar the health gate reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,7 +112,7 @@ pub fn observe(objects: &Objects<'_>, canary: &CanarySelector) -> Observed {
         if meta.deletion_timestamp.is_some() {
             continue;
         }
-        let Some(version) = annotation(Some(meta), PROXY_VERSION_ANNOTATION) else {
+        let Some(version) = pod.proxy_version() else {
             continue;
         };
         let (Some(ns), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref()) else {
@@ -141,38 +141,16 @@ pub fn observe(objects: &Objects<'_>, canary: &CanarySelector) -> Observed {
 pub fn owner(pod: &SlimPod) -> Option<WorkloadKey> {
     let meta = &pod.metadata;
     let ns = meta.namespace.as_deref()?;
-    let owner = meta
-        .owner_references
-        .as_ref()?
-        .iter()
-        .find(|o| o.controller == Some(true))?;
+    let owner = pod.controller()?;
     match owner.kind.as_str() {
         "ReplicaSet" => {
-            let hash = meta.labels.as_ref()?.get("pod-template-hash")?;
+            let hash = pod.labels()?.get("pod-template-hash")?;
             let deployment = owner.name.strip_suffix(&format!("-{hash}"))?;
             Some(WorkloadKey::new(WorkloadKind::Deployment, ns, deployment))
         }
         "StatefulSet" => Some(WorkloadKey::new(WorkloadKind::StatefulSet, ns, &owner.name)),
         "DaemonSet" => Some(WorkloadKey::new(WorkloadKind::DaemonSet, ns, &owner.name)),
         _ => None,
-    }
-}
-
-/// Drops what the rollout does not read from a cached pod: it keeps the controller owner
-/// reference, the `pod-template-hash` label and the proxy version.
-pub fn strip_pod(pod: &mut SlimPod) {
-    let meta = &mut pod.metadata;
-    meta.managed_fields = None;
-    meta.finalizers = None;
-    meta.generate_name = None;
-    if let Some(o) = meta.owner_references.as_mut() {
-        o.retain(|o| o.controller == Some(true));
-    }
-    if let Some(l) = meta.labels.as_mut() {
-        l.retain(|k, _| k == "pod-template-hash");
-    }
-    if let Some(a) = meta.annotations.as_mut() {
-        a.retain(|k, _| k == PROXY_VERSION_ANNOTATION);
     }
 }
 
@@ -297,6 +275,7 @@ pub fn daemon_set_progress(d: &DaemonSet) -> (bool, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compiler::PROXY_VERSION_ANNOTATION;
     use serde_json::json;
 
     fn pod(

@@ -20,6 +20,12 @@ use super::proto::{ClientMessage, Decoder, FrameError, PATH, ServerMessage, enco
 /// How long connecting (TCP, TLS, HTTP/2, response headers) may take before the replica is
 /// given up on for another.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one attempt has before the next address is dialled beside it (as in Happy
+/// Eyeballs, RFC 8305): a hung replica's address holds its attempt for [`CONNECT_TIMEOUT`],
+/// and the proxy must not wait that long per dead address before it tries a live one. Long
+/// enough that a healthy replica (a TLS handshake on the node network: milliseconds) usually
+/// wins alone, so a proxy rarely opens two streams to throw one away.
+pub const ATTEMPT_STAGGER: Duration = Duration::from_millis(250);
 /// HTTP/2 PING interval on the stream. A replica that hangs, or whose node vanished without a
 /// FIN, leaves the socket open and silent: without pings the proxy would stay subscribed to
 /// nobody forever, miss every change, and make each new destination wait [`RESOLVE_WAIT`] for
@@ -47,6 +53,8 @@ pub enum StreamError {
     Timeout,
     #[error(transparent)]
     Frame(#[from] FrameError),
+    #[error("no operator address to dial")]
+    NoAddress,
 }
 
 /// An open stream.
@@ -74,6 +82,51 @@ impl Stream {
         tokio::time::timeout(CONNECT_TIMEOUT, Self::open_inner(addr, tls))
             .await
             .map_err(|_| StreamError::Timeout)?
+    }
+
+    /// Opens a stream to the first of `addrs` that answers. Attempts start in order, each
+    /// [`ATTEMPT_STAGGER`] after the previous one or as soon as it failed, and run side by
+    /// side; the first stream up wins and the other attempts are dropped. Every address is
+    /// dialled, so addresses that refuse or hang cost at most a stagger each, not a
+    /// [`CONNECT_TIMEOUT`]. On failure, the last attempt's error.
+    pub async fn open_first(
+        addrs: &[SocketAddr],
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<(SocketAddr, Self), StreamError> {
+        use futures::StreamExt;
+        let mut queue = addrs.iter().copied();
+        let mut running = futures::stream::FuturesUnordered::new();
+        let mut last = StreamError::NoAddress;
+        let dial = |addr: SocketAddr| {
+            let tls = tls.clone();
+            async move { (addr, Self::open(addr, tls).await) }
+        };
+        loop {
+            if running.is_empty() {
+                match queue.next() {
+                    Some(addr) => running.push(dial(addr)),
+                    None => return Err(last),
+                }
+            }
+            let more = queue.len() > 0;
+            tokio::select! {
+                Some((addr, opened)) = running.next() => match opened {
+                    Ok(stream) => return Ok((addr, stream)),
+                    Err(e) => {
+                        tracing::debug!(%addr, error = %e, "discovery replica not reachable");
+                        last = e;
+                        if let Some(next) = queue.next() {
+                            running.push(dial(next));
+                        }
+                    }
+                },
+                _ = tokio::time::sleep(ATTEMPT_STAGGER), if more => {
+                    if let Some(next) = queue.next() {
+                        running.push(dial(next));
+                    }
+                }
+            }
+        }
     }
 
     async fn open_inner(

@@ -72,7 +72,14 @@ pub enum ClientMessage {
     /// the stream, is in force here. Sent when the stream opens and on every reload that
     /// changes it. An operator older than this message closes the stream on it; the operator
     /// is upgraded before the proxies it rolls out, so that pairing does not occur.
-    Loaded { settings: String },
+    Loaded {
+        settings: String,
+        /// [`crate::config::ProxyConfig::policies_digest`] of the same config: whether the
+        /// TrafficPolicies the ConfigMap carries are current. Absent from proxies older than
+        /// the field (the operator then counts them as not having applied a policy edit).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policies: Option<String>,
+    },
 }
 
 /// Operator -> proxy.
@@ -176,6 +183,11 @@ mod tests {
             ClientMessage::Ack { generation: 7 },
             ClientMessage::Loaded {
                 settings: "0123abcd".into(),
+                policies: Some("4567ef01".into()),
+            },
+            ClientMessage::Loaded {
+                settings: "0123abcd".into(),
+                policies: None,
             },
         ];
         let wire: Vec<u8> = msgs.iter().flat_map(|m| encode(m).to_vec()).collect();

@@ -16,14 +16,16 @@
 //! bounded), and nothing is re-read from disk. A pushed Service replaces the ConfigMap's entry
 //! of the same name (it is newer).
 //!
-//! The stream is kept by [`Resolver::run`]: it connects to the configured operator addresses
-//! in turn (a Service name resolves to any replica), with exponential backoff (reset only by a
+//! The stream is kept by [`Resolver::run`]: each attempt dials every address the configured
+//! entries resolve to (a headless Service name resolves to every replica), staggered and side
+//! by side ([`Stream::open_first`]), so an address that refuses or hangs does not hold the
+//! attempt for a connect timeout; attempts repeat with exponential backoff (reset only by a
 //! stream that delivered a batch, so a replica that ends every stream at once is not
 //! redialled at the minimum backoff by every proxy), subscribes again
 //! to everything it holds after a reconnect, and acknowledges each generation once its changes
 //! are in the cache. A replica that dies closes the stream; one that hangs (no FIN: a lost node,
 //! a partition) is noticed by the stream's HTTP/2 keepalive ([`super::client`]); either way the
-//! next attempt goes to the next address. When the stream is down the cache stays as it is:
+//! next attempt starts at the next address. When the stream is down the cache stays as it is:
 //! the proxy keeps serving the last state it was told.
 
 use std::collections::BTreeMap;
@@ -53,7 +55,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Where the operator's stream is and who it must be.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
-    /// `host:port` entries, tried in turn (`trellis-operator.<ns>.svc:15010`).
+    /// `host:port` entries (`trellis-operator.<ns>.svc:15010`); every address each resolves
+    /// to is dialled (see [`Stream::open_first`]).
     pub addrs: Vec<String>,
     /// The operator's SPIFFE ID; no other server certificate is accepted.
     pub operator_id: String,
@@ -74,6 +77,22 @@ enum Link {
     Down = 2,
 }
 
+/// What the ConfigMap config in force decides, as reported in [`ClientMessage::Loaded`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Loaded {
+    settings: String,
+    policies: String,
+}
+
+impl Loaded {
+    fn message(self) -> ClientMessage {
+        ClientMessage::Loaded {
+            settings: self.settings,
+            policies: Some(self.policies),
+        }
+    }
+}
+
 /// Learned Services and the number of answers they include (see [`Cache::answers`]).
 type Published = (u64, Arc<BTreeMap<String, OutboundService>>);
 
@@ -89,9 +108,10 @@ pub struct Resolver {
     requests: mpsc::Sender<Target>,
     requests_rx: Mutex<Option<mpsc::Receiver<Target>>>,
     cache_tx: watch::Sender<Published>,
-    /// The settings digest of the ConfigMap config in force
-    /// ([`crate::config::ProxyConfig::settings_digest`]), reported to the operator.
-    loaded: watch::Sender<Option<String>>,
+    /// The settings and policies digests of the ConfigMap config in force
+    /// ([`crate::config::ProxyConfig::settings_digest`],
+    /// [`crate::config::ProxyConfig::policies_digest`]), reported to the operator.
+    loaded: watch::Sender<Option<Loaded>>,
 }
 
 impl std::fmt::Debug for Resolver {
@@ -190,11 +210,14 @@ impl Resolver {
 
     /// Records the ConfigMap config now in force, for the next [`ClientMessage::Loaded`].
     fn set_loaded(&self, file: &Snapshot) {
-        let digest = file.config.settings_digest();
+        let loaded = Loaded {
+            settings: file.config.settings_digest(),
+            policies: file.config.policies_digest(),
+        };
         self.loaded.send_if_modified(|cur| {
-            let changed = cur.as_deref() != Some(digest.as_str());
+            let changed = cur.as_ref() != Some(&loaded);
             if changed {
-                *cur = Some(digest);
+                *cur = Some(loaded);
             }
             changed
         });
@@ -244,18 +267,21 @@ impl Resolver {
                 std::slice::from_ref(&self.settings.operator_id),
                 &[b"h2"],
             );
-            let addr = self
-                .settings
-                .addrs
-                .get(next % self.settings.addrs.len().max(1));
+            let addrs = dial_order(&resolve_all(&self.settings.addrs).await, next);
             next += 1;
-            let opened = match (tls, addr) {
-                (Err(error), _) => Err(format!("no TLS config for the stream: {error}")),
-                (Ok(tls), Some(addr)) => match resolve_addr(addr).await {
-                    Some(sa) => Stream::open(sa, tls).await.map_err(|e| e.to_string()),
-                    None => Err(format!("{addr} does not resolve")),
-                },
-                (Ok(_), None) => Err("no operator address configured".into()),
+            let opened = match tls {
+                Err(error) => Err(format!("no TLS config for the stream: {error}")),
+                Ok(_) if self.settings.addrs.is_empty() => {
+                    Err("no operator address configured".into())
+                }
+                Ok(_) if addrs.is_empty() => Err(format!(
+                    "no operator address resolves ({})",
+                    self.settings.addrs.join(", ")
+                )),
+                Ok(tls) => Stream::open_first(&addrs, tls)
+                    .await
+                    .map(|(_, stream)| stream)
+                    .map_err(|e| e.to_string()),
             };
             match opened {
                 Ok(stream) => {
@@ -302,9 +328,9 @@ impl Resolver {
             return served;
         }
         let mut loaded = self.loaded.subscribe();
-        let settings = loaded.borrow_and_update().clone();
-        if let Some(settings) = settings
-            && !stream.send(&ClientMessage::Loaded { settings }).await
+        let report = loaded.borrow_and_update().clone();
+        if let Some(report) = report
+            && !stream.send(&report.message()).await
         {
             return served;
         }
@@ -317,9 +343,9 @@ impl Resolver {
                     if c.is_err() {
                         return served;
                     }
-                    let settings = loaded.borrow_and_update().clone();
-                    if let Some(settings) = settings
-                        && !stream.send(&ClientMessage::Loaded { settings }).await
+                    let report = loaded.borrow_and_update().clone();
+                    if let Some(report) = report
+                        && !stream.send(&report.message()).await
                     {
                         return served;
                     }
@@ -363,8 +389,38 @@ impl Resolver {
     }
 }
 
-async fn resolve_addr(addr: &str) -> Option<SocketAddr> {
-    tokio::net::lookup_host(addr).await.ok()?.next()
+/// Every address each `host:port` entry resolves to (a headless Service name resolves to
+/// every replica; an entry that does not resolve gives none), looked up side by side so one
+/// slow name does not hold the others.
+async fn resolve_all(entries: &[String]) -> Vec<Vec<SocketAddr>> {
+    futures::future::join_all(entries.iter().map(|entry| async move {
+        match tokio::net::lookup_host(entry.as_str()).await {
+            Ok(addrs) => addrs.collect(),
+            Err(error) => {
+                tracing::debug!(%entry, %error, "operator address does not resolve");
+                Vec::new()
+            }
+        }
+    }))
+    .await
+}
+
+/// The order in which one attempt dials the resolved addresses: entry by entry, each in the
+/// resolver's order, every address once, starting `attempt` places further on, so that
+/// successive attempts (after a replica failed or ended the stream) do not all begin with the
+/// same, possibly dead, address. Pure.
+fn dial_order(resolved: &[Vec<SocketAddr>], attempt: usize) -> Vec<SocketAddr> {
+    let mut order: Vec<SocketAddr> = Vec::new();
+    for addr in resolved.iter().flatten() {
+        if !order.contains(addr) {
+            order.push(*addr);
+        }
+    }
+    if !order.is_empty() {
+        let start = attempt % order.len();
+        order.rotate_left(start);
+    }
+    order
 }
 
 impl Resolver {
@@ -443,6 +499,45 @@ mod tests {
             identities: vec![],
             policy: None,
         })
+    }
+
+    /// Every resolved address of every entry is dialled once, and each attempt starts one
+    /// address further on, so a dead first address does not begin every attempt.
+    #[test]
+    fn every_resolved_address_is_dialled_and_attempts_rotate() {
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let resolved = vec![
+            vec![a("10.0.0.1:15010"), a("10.0.0.2:15010")],
+            vec![],
+            vec![a("10.0.0.2:15010"), a("10.0.0.3:15010")],
+        ];
+        assert_eq!(
+            dial_order(&resolved, 0),
+            [
+                a("10.0.0.1:15010"),
+                a("10.0.0.2:15010"),
+                a("10.0.0.3:15010")
+            ]
+        );
+        assert_eq!(
+            dial_order(&resolved, 4),
+            [
+                a("10.0.0.2:15010"),
+                a("10.0.0.3:15010"),
+                a("10.0.0.1:15010")
+            ]
+        );
+        assert!(dial_order(&[vec![], vec![]], 3).is_empty());
+    }
+
+    /// Each entry keeps its own addresses; one that does not resolve gives none and does not
+    /// take the others down with it.
+    #[tokio::test]
+    async fn an_entry_that_does_not_resolve_leaves_the_others() {
+        let resolved =
+            resolve_all(&["127.0.0.1:15010".into(), "no-such-host.invalid:1".into()]).await;
+        assert_eq!(resolved[0], [SocketAddr::from(([127, 0, 0, 1], 15010))]);
+        assert!(resolved[1].is_empty());
     }
 
     #[test]

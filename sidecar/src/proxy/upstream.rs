@@ -609,22 +609,22 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is ready for a request and was idle for
-    /// less than `idle_timeout` (the policy's `timeouts.idleMs`, else the pool's); older and
-    /// closed ones are dropped. One whose previous response ended but which has not taken note
-    /// yet (its connection task runs after the body's reader) stays for the next request.
-    /// Only plaintext HTTP/1.1 is pooled (meshed requests ride HTTP/2; upgrades are never
-    /// pooled), so there is no peer certificate to check here.
+    /// less than `idle_timeout` (the policy's `timeouts.idleMs`, else the pool's); older ones
+    /// are dropped ([`take_idle`]). One whose previous response ended but which has not taken
+    /// note yet (its connection task runs after the body's reader) stays for the next request;
+    /// closed ones are never ready, and the reaper drops them. Only plaintext HTTP/1.1 is
+    /// pooled (meshed requests ride HTTP/2; upgrades are never pooled), so there is no peer
+    /// certificate to check here.
     fn idle_h1(
         &self,
         key: &Key,
         idle_timeout: Option<Duration>,
     ) -> Option<http1::SendRequest<Body>> {
         let t = idle_timeout.unwrap_or(self.inner.settings.idle_timeout);
+        let now = Instant::now();
         let mut c = self.inner.conns.lock().expect("pool lock");
         let idle = c.h1.get_mut(key)?;
-        idle.retain(|conn| conn.since.elapsed() < t && !conn.sr.is_closed());
-        let i = idle.iter().rposition(|conn| conn.sr.is_ready())?;
-        Some(idle.remove(i).sr)
+        take_idle(idle, now, t, |conn| conn.since, |conn| conn.sr.is_ready()).map(|conn| conn.sr)
     }
 
     async fn send_h1(
@@ -691,6 +691,28 @@ impl Pool {
             source: "pooled connections kept closing".into(),
         })
     }
+}
+
+/// Takes from `idle` the last entry that is `ready`, after dropping the entries whose `since`
+/// is `t` or longer before `now`.
+///
+/// Entries are pushed in the order they became idle, so the expired ones are a prefix, found
+/// by binary search, and the most recent ones are at the end, where the search for a ready one
+/// starts and nearly always ends. This runs once per request to the application: it used to
+/// look at every idle connection (a clock read and two checks each), which with the 16 idle
+/// connections of a 16-connection load was 2 % of the server sidecar's instructions
+/// (callgrind: 15.6 `Instant::elapsed` calls per request).
+fn take_idle<T>(
+    idle: &mut Vec<T>,
+    now: Instant,
+    t: Duration,
+    since: impl Fn(&T) -> Instant,
+    ready: impl Fn(&T) -> bool,
+) -> Option<T> {
+    let expired = idle.partition_point(|e| now.saturating_duration_since(since(e)) >= t);
+    idle.drain(..expired);
+    let i = idle.iter().rposition(ready)?;
+    Some(idle.remove(i))
 }
 
 /// Every `sweep_interval`, and whenever the credentials change: drops HTTP/2 connections that
@@ -1092,6 +1114,77 @@ impl Upstream for Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    /// Idle entries as the pool holds them: (became idle at, ready).
+    fn entries(base: Instant, ages_ms: &[(u64, bool)]) -> Vec<(Instant, bool)> {
+        ages_ms
+            .iter()
+            .map(|&(at, ready)| (base + Duration::from_millis(at), ready))
+            .collect()
+    }
+
+    #[test]
+    fn take_idle_drops_the_expired_and_takes_the_most_recent_ready() {
+        let base = Instant::now();
+        let now = base + Duration::from_millis(1000);
+        let t = Duration::from_millis(500);
+        // Idle since 0, 400 (expired: 1000 and 600 ms ago), 600, 700, 900 (not ready yet).
+        let mut idle = entries(
+            base,
+            &[
+                (0, true),
+                (400, true),
+                (600, true),
+                (700, true),
+                (900, false),
+            ],
+        );
+        let got = take_idle(&mut idle, now, t, |e| e.0, |e| e.1);
+        assert_eq!(got, Some((base + Duration::from_millis(700), true)));
+        // The expired are gone; the one not ready yet stays for a later request.
+        assert_eq!(idle, entries(base, &[(600, true), (900, false)]));
+        // Idle exactly `t` counts as expired, as `elapsed() < t` did.
+        let mut idle = entries(base, &[(500, true)]);
+        assert_eq!(take_idle(&mut idle, now, t, |e| e.0, |e| e.1), None);
+        assert!(idle.is_empty());
+        // None ready: nothing taken, nothing fresh dropped.
+        let mut idle = entries(base, &[(800, false), (900, false)]);
+        assert_eq!(take_idle(&mut idle, now, t, |e| e.0, |e| e.1), None);
+        assert_eq!(idle.len(), 2);
+        assert_eq!(
+            take_idle(&mut Vec::new(), now, t, |e: &(Instant, bool)| e.0, |e| e.1),
+            None
+        );
+    }
+
+    /// The per-request cost does not grow with the idle list: with 64 fresh, ready
+    /// connections a pick reads a handful of timestamps and checks readiness once.
+    #[test]
+    fn take_idle_looks_at_few_entries() {
+        let base = Instant::now();
+        let now = base + Duration::from_millis(100);
+        let mut idle: Vec<(Instant, bool)> = (0..64)
+            .map(|i| (base + Duration::from_micros(i), true))
+            .collect();
+        let (ages, checks) = (Cell::new(0), Cell::new(0));
+        let got = take_idle(
+            &mut idle,
+            now,
+            Duration::from_secs(60),
+            |e| {
+                ages.set(ages.get() + 1);
+                e.0
+            },
+            |e| {
+                checks.set(checks.get() + 1);
+                e.1
+            },
+        );
+        assert_eq!(got, Some((base + Duration::from_micros(63), true)));
+        assert!(ages.get() <= 7, "{} timestamps read", ages.get());
+        assert_eq!(checks.get(), 1);
+    }
 
     #[test]
     fn inbound_connections_to_the_pod_ip_come_from_the_exempt_source() {
