@@ -751,3 +751,79 @@ async fn without_local_mode_direct_connections_are_closed() {
         "a request reached the server proxy: {m}"
     );
 }
+
+/// A client that gives up on a request cancels it all the way to the application: the client
+/// proxy resets the HTTP/2 stream, and the server proxy drops the request it made, closing the
+/// application's connection.
+#[tokio::test]
+async fn a_request_the_client_abandons_is_cancelled_at_the_application() {
+    let pki = Pki::new("mesh");
+    // An application that reads a request, never answers, and reports when its client hangs up.
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = app.local_addr().unwrap();
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = app.accept().await.unwrap();
+            let events = events.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            let _ = events.send("closed");
+                            return;
+                        }
+                        Ok(_) => {
+                            let _ = events.send("request");
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let (a, _b) = pair(&pki, up, Protocol::Http1, &id("backend")).await;
+    let mut client = TcpStream::connect(a.running.outbound_addr).await.unwrap();
+    client
+        .write_all(b"GET /hang HTTP/1.1\r\nhost: backend.shop:8080\r\n\r\n")
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await;
+    assert_eq!(got.unwrap(), Some("request"));
+    drop(client);
+    let got = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await;
+    assert_eq!(
+        got.expect("the application's request was not cancelled"),
+        Some("closed")
+    );
+}
+
+/// Bodies far larger than every window and buffer on the way, both ways at once: the
+/// application echoes the request body as it reads it, so the whole path (client proxy, the
+/// HTTP/2 hop, server proxy, application) has to stream under flow control rather than buffer.
+#[tokio::test]
+async fn large_bodies_stream_both_ways_through_both_proxies() {
+    let pki = Pki::new("mesh");
+    let up = upstream(Speaks::Http1Only).await;
+    let (a, _b) = pair(&pki, up, Protocol::Http1, &id("backend")).await;
+    let payload: Bytes = (0..12 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let req = Request::builder()
+        .method("POST")
+        .uri("/grpc")
+        .header("host", "backend.shop:8080")
+        .body(Full::new(payload.clone()))
+        .unwrap();
+    let (status, _, body) = tokio::time::timeout(
+        Duration::from_secs(30),
+        h1_send(a.running.outbound_addr, req),
+    )
+    .await
+    .expect("the echo did not finish")
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body == payload,
+        "echoed body differs ({} bytes)",
+        body.len()
+    );
+}

@@ -288,7 +288,8 @@ pub async fn send(
     Ok(head.map(|recv| RecvBody { recv, left: len }.boxed()))
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+/// The message's length from its `content-length` header(s), when they agree.
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
     let first: u64 = values.next()?.to_str().ok()?.trim().parse().ok()?;
     // Differing values make the length unknown (h2 refuses such a response anyway).
@@ -297,10 +298,17 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .then_some(first)
 }
 
-/// A request body being sent on its stream, within the peer's flow-control window.
+/// A body being sent on its stream, within the peer's flow-control window: a request body
+/// here, a response body in [`super::h2server`].
 pub struct Pipe {
     body: Body,
     tx: h2::SendStream<Bytes>,
+}
+
+impl Pipe {
+    pub fn new(body: Body, tx: h2::SendStream<Bytes>) -> Self {
+        Pipe { body, tx }
+    }
 }
 
 impl Future for Pipe {
@@ -356,11 +364,19 @@ impl Future for Pipe {
     }
 }
 
-/// A response body read from its stream, giving the window back as data is read.
+/// A body read from its stream, giving the window back as data is read: a response body here,
+/// a request body in [`super::h2server`].
 pub struct RecvBody {
     recv: h2::RecvStream,
     /// What `content-length` says is left, when the peer sent one.
     left: Option<u64>,
+}
+
+impl RecvBody {
+    /// `len`: the message's `content-length` (`content_length`), reported as the exact size.
+    pub fn new(recv: h2::RecvStream, len: Option<u64>) -> Self {
+        RecvBody { recv, left: len }
+    }
 }
 
 impl HttpBody for RecvBody {

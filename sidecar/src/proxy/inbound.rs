@@ -8,7 +8,9 @@
 //!   handshake terminated by the proxy; use `Disable` for such ports.)
 //! - `Disable`: plaintext only; TLS passes through to the application untouched.
 //!
-//! After mTLS, ALPN says what the stream carries (see [`super::mtls`]). Traffic goes where
+//! After mTLS, ALPN says what the stream carries (see [`super::mtls`]): `h2` from a client
+//! sidecar is served by [`super::h2server`] (each request handled in the connection's task),
+//! `http/1.1` (upgrades) and plaintext HTTP by hyper. Traffic goes where
 //! [`Forward`] says: the original destination (the pod IP) by default, so a service the
 //! application binds to loopback only stays private, as in Istio since 1.10.
 
@@ -33,7 +35,7 @@ use super::io::{Prefixed, original_dst};
 use super::mtls::Alpn;
 use super::peer_trust::{self, PeerTrust};
 use super::upstream::Io;
-use super::{Completed, Shared, record, serve_http_until, spawn_tunnel, tcp};
+use super::{Completed, Shared, h2server, record, serve_http_until, spawn_tunnel, tcp};
 use crate::config::{MtlsMode, Protocol};
 use crate::metrics::{Direction, ReasonLabels, SeriesCache, TcpLabels};
 use crate::traffic::{BoxError, Outcome, Target, Upstream, error_response, rate_limited_response};
@@ -201,7 +203,11 @@ async fn accept_mtls(
     let peer: Arc<str> = crate::tls::peer_spiffe_id(conn).unwrap_or_default().into();
     let trust = PeerTrust::of_client(conn);
     match Alpn::from_id(conn.alpn_protocol()) {
-        Some(Alpn::H2 | Alpn::Http1) => {
+        Some(Alpn::H2) => {
+            let mtls = MtlsPeer { id: peer, trust };
+            mesh_h2(shared, tls, client, target, dst_service, mtls).await
+        }
+        Some(Alpn::Http1) => {
             let mtls = MtlsPeer { id: peer, trust };
             plain_http(shared, tls, client, target, dst_service, Some(mtls)).await
         }
@@ -267,7 +273,45 @@ struct MtlsPeer {
     trust: Option<PeerTrust>,
 }
 
-/// Serves HTTP from a plaintext client (`mtls: None`) or an mTLS one.
+/// Serves the HTTP/2 hop from a client sidecar (mTLS, ALPN `h2`) with [`h2server`]: its
+/// requests are handled inside this connection's task. Shuts down gracefully like
+/// [`plain_http`]: at the shutdown signal, or when the client's certificate expires or its
+/// root leaves the bundle.
+async fn mesh_h2<I: Io>(
+    shared: &Arc<Shared>,
+    io: I,
+    client: SocketAddr,
+    target: SocketAddr,
+    dst_service: Arc<str>,
+    mtls: MtlsPeer,
+) {
+    let revoked = peer_trust::revoked(mtls.trust.clone(), shared.tls.subscribe());
+    let info = ConnInfo {
+        target,
+        client_ip: client.ip().to_string(),
+        peer: mtls.id,
+        tls: true,
+        dst_service,
+        series: SeriesCache::default(),
+        trust: mtls.trust,
+    };
+    let token = shared.shutdown.token();
+    let closing = async {
+        tokio::select! {
+            _ = token.cancelled() => {}
+            _ = revoked => tracing::debug!(
+                "http/2 connection closed: the peer's certificate expired or is no longer trusted"
+            ),
+        }
+    };
+    let handler = |req| handle(shared, &info, req);
+    if let Err(e) = h2server::serve(io, handler, closing, HANDSHAKE_TIMEOUT).await {
+        tracing::debug!(error = %e, "inbound http/2 connection ended with an error");
+    }
+}
+
+/// Serves HTTP from a plaintext client (`mtls: None`) or an mTLS one that asked for HTTP/1.1
+/// (an upgrade), on hyper.
 async fn plain_http<I: Io>(
     shared: &Arc<Shared>,
     io: I,
@@ -295,31 +339,38 @@ async fn plain_http<I: Io>(
     serve_http_until(
         shared,
         io,
-        move |req| handle(sh.clone(), info.clone(), req),
+        move |req: Request<Incoming>| {
+            let (sh, info) = (sh.clone(), info.clone());
+            async move {
+                let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
+                Ok::<_, Infallible>(handle(&sh, &info, req).await)
+            }
+        },
         revoked,
     )
     .await;
 }
 
+/// One request from the mesh (or a plaintext client) to the application.
 async fn handle(
-    shared: Arc<Shared>,
-    info: Arc<ConnInfo>,
-    mut req: Request<Incoming>,
-) -> Result<Response<crate::traffic::Body>, Infallible> {
-    if !info.tls && !plaintext_still_allowed(&shared, info.target.port()) {
+    shared: &Shared,
+    info: &ConnInfo,
+    mut req: Request<crate::traffic::Body>,
+) -> Response<crate::traffic::Body> {
+    if !info.tls && !plaintext_still_allowed(shared, info.target.port()) {
         // A plaintext keep-alive connection accepted under Permissive/Disable; the port has
         // become Strict since. Refuse and close it.
         tracing::debug!(
             port = info.target.port(),
             "plaintext request refused: port is now Strict"
         );
-        refuse(&shared, "plaintext");
+        refuse(shared, "plaintext");
         let mut resp = crate::traffic::error_response(http::StatusCode::FORBIDDEN);
         resp.headers_mut().insert(
             http::header::CONNECTION,
             http::HeaderValue::from_static("close"),
         );
-        return Ok(resp);
+        return resp;
     }
     let start = Instant::now();
     let request_id = ensure_request_id(req.headers_mut());
@@ -359,7 +410,7 @@ async fn handle(
     // Metrics and the access log line, the same for a rate-limited and a forwarded request.
     let record_inbound = |resp: &Response<crate::traffic::Body>| {
         record(
-            &shared,
+            shared,
             &Completed {
                 direction: Direction::Inbound,
                 start,
@@ -395,9 +446,8 @@ async fn handle(
             ..Default::default()
         });
         record_inbound(&resp);
-        return Ok(resp);
+        return resp;
     }
-    let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
     let target = Target {
         addr: info.target,
         identities: Arc::from(Vec::new()),
@@ -423,11 +473,11 @@ async fn handle(
     if let Some(cu) = client_upgrade
         && resp.status() == StatusCode::SWITCHING_PROTOCOLS
     {
-        spawn_tunnel(&shared, cu, &mut resp, info.trust.clone());
+        spawn_tunnel(shared, cu, &mut resp, info.trust.clone());
     }
     clean_response(&mut resp);
     record_inbound(&resp);
-    Ok(resp)
+    resp
 }
 
 #[cfg(test)]

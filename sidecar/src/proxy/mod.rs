@@ -3,11 +3,13 @@
 //! (L7 forwarding rules), [`tcp`] (L4), [`upstream`] (the pooled client behind
 //! [`crate::traffic::Upstream`]), [`mtls`] (TLS configs per credentials snapshot),
 //! [`peer_trust`] (closing long-lived connections whose mTLS peer is no longer trusted) and
-//! [`coalesce`] (a small response's head and body written together).
+//! [`coalesce`] (a small response's head and body written together). [`h2client`] and
+//! [`h2server`] speak HTTP/2 between the sidecars; hyper serves everything else.
 
 pub mod coalesce;
 pub mod detect;
 pub mod h2client;
+pub mod h2server;
 pub mod http;
 pub mod inbound;
 pub mod io;
