@@ -4,6 +4,8 @@
 //! a broken edit must leave the running config alone, and SIGTERM must leave no process and no
 //! file behind.
 
+mod dev_ports;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -15,22 +17,6 @@ use trellis_operator::dev::plan::Plan;
 use trellis_operator::dev::spec;
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo");
-
-/// A base port with `count` consecutive free ports after it.
-fn free_base(count: u16) -> u16 {
-    for _ in 0..200 {
-        let base: u16 = 20000 + rand::random::<u16>() % 40000;
-        if base.checked_add(count).is_none() {
-            continue;
-        }
-        let all_free = (base..base + count)
-            .all(|p| TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], p))).is_ok());
-        if all_free {
-            return base;
-        }
-    }
-    panic!("no {count} consecutive free ports on 127.0.0.1");
-}
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -171,7 +157,7 @@ fn example() -> Example {
     let state = tmp.path().join("state");
     let loaded = spec::load_dir(&dir).expect("the example loads");
     let probe = Plan::new(&loaded.topology, 20000, &state).unwrap();
-    let base = free_base(probe.ports().len() as u16);
+    let base = dev_ports::free_base(probe.ports().len() as u16);
     let plan = Plan::new(&loaded.topology, base, &state).unwrap();
     Example {
         tmp,

@@ -8,8 +8,10 @@
 //! - A version `--fail-version` makes bad: the health gate must stop the rollout after the first
 //!   batch, say why, and leave the workloads of later batches on the old version.
 
+mod dev_ports;
+
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,21 +31,6 @@ static ONE_MESH: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn one_mesh() -> std::sync::MutexGuard<'static, ()> {
     ONE_MESH.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn free_base(count: u16) -> u16 {
-    for _ in 0..200 {
-        let base: u16 = 20000 + rand::random::<u16>() % 40000;
-        if base.checked_add(count).is_none() {
-            continue;
-        }
-        if (base..base + count)
-            .all(|p| TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], p))).is_ok())
-        {
-            return base;
-        }
-    }
-    panic!("no {count} consecutive free ports on 127.0.0.1");
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
@@ -83,7 +70,7 @@ impl Dev {
         let state = tmp.path().join("state");
         let loaded = spec::load_dir(&dir).expect("the example loads");
         let probe = Plan::new(&loaded.topology, 20000, &state).unwrap();
-        let base = free_base(probe.ports().len() as u16);
+        let base = dev_ports::free_base(probe.ports().len() as u16);
         let out = tmp.path().join("out.txt");
         let log = std::fs::File::create(&out).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_trellis"))

@@ -4,8 +4,9 @@
 //! the callee's server span, and (the demo services forward `traceparent`) the trace goes on
 //! through the callee to the services it calls.
 
+mod dev_ports;
+
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -70,21 +71,6 @@ impl TraceService for Receiver {
     }
 }
 
-fn free_base(count: u16) -> u16 {
-    for _ in 0..200 {
-        let base: u16 = 20000 + rand::random::<u16>() % 40000;
-        if base.checked_add(count).is_none() {
-            continue;
-        }
-        if (base..base + count)
-            .all(|p| TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], p))).is_ok())
-        {
-            return base;
-        }
-    }
-    panic!("no {count} consecutive free ports on 127.0.0.1");
-}
-
 #[test]
 fn dev_with_otlp_exports_one_trace_across_two_sidecars() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -103,7 +89,7 @@ fn dev_with_otlp_exports_one_trace_across_two_sidecars() {
     let state = tmp.path().join("state");
     let loaded = spec::load_dir(Path::new(EXAMPLE)).unwrap();
     let probe = Plan::new(&loaded.topology, 20000, &state).unwrap();
-    let base = free_base(probe.ports().len() as u16);
+    let base = dev_ports::free_base(probe.ports().len() as u16);
     let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
         .args(["dev", EXAMPLE, "--once", "--duration", "60s", "--base-port"])
         .arg(base.to_string())
