@@ -16,6 +16,7 @@ pub mod discovery;
 pub mod duration;
 pub mod identity;
 pub mod inject;
+pub mod loopback_http;
 pub mod propagation;
 pub mod rbac;
 pub mod rollout;

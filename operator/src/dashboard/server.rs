@@ -3,13 +3,10 @@
 //! elsewhere cannot read it through DNS rebinding), serves read-only `GET`s, and forbids the
 //! page from loading anything but itself (`Content-Security-Policy`).
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -21,9 +18,7 @@ const APP_JS: &str = include_str!("assets/app.js");
 const STYLE: &str = include_str!("assets/style.css");
 
 /// Binds the dashboard on 127.0.0.1 (`port` 0 picks a free one).
-pub async fn bind(port: u16) -> std::io::Result<TcpListener> {
-    TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await
-}
+pub use crate::loopback_http::bind;
 
 /// The URL to open for a bound listener.
 pub fn url(listener: &TcpListener) -> String {
@@ -50,12 +45,7 @@ fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Respo
 
 /// Answers one request (pure apart from reading the latest graph).
 pub fn handle<B>(req: &Request<B>, port: u16, graph: &Graph) -> Response<Full<Bytes>> {
-    let host_ok = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .is_some_and(|h| h == format!("127.0.0.1:{port}") || h == format!("localhost:{port}"));
-    if !host_ok {
+    if !crate::loopback_http::host_is_loopback(req, port) {
         return respond(
             StatusCode::FORBIDDEN,
             "text/plain; charset=utf-8",
@@ -100,34 +90,8 @@ pub fn handle<B>(req: &Request<B>, port: u16, graph: &Graph) -> Response<Full<By
 
 /// Serves until `stop` is cancelled; every request sees the latest graph on `graph`.
 pub async fn serve(listener: TcpListener, graph: watch::Receiver<Graph>, stop: CancellationToken) {
-    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "dashboard accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let graph = graph.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let r = handle(&req, port, &graph.borrow());
-                async move { Ok::<_, Infallible>(r) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                _ = conn => {}
-                _ = stop.cancelled() => {}
-            }
-        });
-    }
+    let handle = move |req: &Request<_>, port| handle(req, port, &graph.borrow());
+    crate::loopback_http::serve(listener, "dashboard", handle, stop).await;
 }
 
 #[cfg(test)]

@@ -23,14 +23,11 @@
 //! it through DNS rebinding (as the dashboard, [`crate::dashboard::server`]).
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::core::v1::Pod;
 use prometheus_client::registry::Registry;
 use serde_json::json;
@@ -165,9 +162,7 @@ pub fn admit(
 }
 
 /// Binds the operator's metrics on 127.0.0.1 (`port` 0 picks a free one).
-pub async fn bind(port: u16) -> std::io::Result<TcpListener> {
-    TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await
-}
+pub use crate::loopback_http::bind;
 
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -180,12 +175,7 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
 /// Answers one request: `GET /metrics` addressed to this loopback port, nothing else.
 pub fn handle<B>(req: &Request<B>, port: u16, metrics: &OperatorMetrics) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
-    let host_ok = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .is_some_and(|h| h == format!("127.0.0.1:{port}") || h == format!("localhost:{port}"));
-    if !host_ok {
+    if !crate::loopback_http::host_is_loopback(req, port) {
         return respond(
             StatusCode::FORBIDDEN,
             TEXT,
@@ -214,34 +204,8 @@ pub fn handle<B>(req: &Request<B>, port: u16, metrics: &OperatorMetrics) -> Resp
 
 /// Serves until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, metrics: OperatorMetrics, stop: CancellationToken) {
-    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "operator metrics accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let r = handle(&req, port, &metrics);
-                async move { Ok::<_, Infallible>(r) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                _ = conn => {}
-                _ = stop.cancelled() => {}
-            }
-        });
-    }
+    let handle = move |req: &Request<_>, port| handle(req, port, &metrics);
+    crate::loopback_http::serve(listener, "operator metrics", handle, stop).await;
 }
 
 /// The labels the scrape config gives the operator's target, like a ServiceMonitor would
