@@ -67,3 +67,13 @@ where
         });
     }
 }
+
+/// This host's address on its default route, if it has one: what a test connects to, to show
+/// a loopback server does not answer there.
+#[cfg(test)]
+pub(crate) fn non_loopback_ip() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}

@@ -3,7 +3,6 @@
 //! elsewhere cannot read it through DNS rebinding), serves read-only `GET`s, and forbids the
 //! page from loading anything but itself (`Content-Security-Policy`).
 
-
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -105,14 +104,6 @@ mod tests {
             .unwrap()
     }
 
-    /// This host's address on its default route, if it has one.
-    fn non_loopback_ip() -> Option<std::net::IpAddr> {
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
-        s.connect("192.0.2.1:9").ok()?;
-        let ip = s.local_addr().ok()?.ip();
-        (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
-    }
-
     #[tokio::test]
     async fn serves_the_page_on_loopback_only() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -135,7 +126,7 @@ mod tests {
         c.read_to_string(&mut page).await.unwrap();
         assert!(page.starts_with("HTTP/1.1 200"), "{page}");
         assert!(page.contains("<script src=\"/app.js\">"), "{page}");
-        match non_loopback_ip() {
+        match crate::loopback_http::non_loopback_ip() {
             Some(ip) => assert!(
                 tokio::net::TcpStream::connect((ip, port)).await.is_err(),
                 "the dashboard answered on {ip}"

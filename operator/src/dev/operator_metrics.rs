@@ -342,14 +342,6 @@ clients:
         );
     }
 
-    /// This host's address on its default route, if it has one.
-    fn non_loopback_ip() -> Option<std::net::IpAddr> {
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
-        s.connect("192.0.2.1:9").ok()?;
-        let ip = s.local_addr().ok()?.ip();
-        (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
-    }
-
     /// Over a real socket: served on 127.0.0.1, and nothing answers on the host's other address.
     #[tokio::test]
     async fn serves_on_loopback_only() {
@@ -376,7 +368,7 @@ clients:
             page.contains("trellis_operator_identity_issuances_total 0"),
             "{page}"
         );
-        match non_loopback_ip() {
+        match crate::loopback_http::non_loopback_ip() {
             Some(ip) => assert!(
                 tokio::net::TcpStream::connect((ip, port)).await.is_err(),
                 "the operator's metrics answered on {ip}"
