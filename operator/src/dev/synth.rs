@@ -93,28 +93,16 @@ pub fn synthesize(topo: &Topology, plan: &Plan) -> Cluster {
             c.services.push(tcp_service(s, plan));
             continue;
         }
-        c.services.push(Service {
-            metadata: meta(
-                &s.name,
-                Some(&s.namespace),
-                [("app".to_string(), s.name.clone())].into(),
-            ),
-            spec: Some(ServiceSpec {
-                selector: Some([("app".to_string(), s.name.clone())].into()),
-                cluster_ip: Some(format!("10.96.{}.{}", i / 250, 10 + i % 250)),
-                type_: Some("ClusterIP".into()),
-                ports: Some(vec![ServicePort {
-                    name: Some(port_name.clone()),
-                    port: i32::from(s.port),
-                    target_port: Some(IntOrString::String(port_name.clone())),
-                    protocol: Some("TCP".into()),
-                    app_protocol: Some(s.protocol.app_protocol().into()),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
+        let port = ServicePort {
+            name: Some(port_name.clone()),
+            port: i32::from(s.port),
+            target_port: Some(IntOrString::String(port_name.clone())),
+            protocol: Some("TCP".into()),
+            app_protocol: Some(s.protocol.app_protocol().into()),
             ..Default::default()
-        });
+        };
+        let cluster_ip = format!("10.96.{}.{}", i / 250, 10 + i % 250);
+        c.services.push(service_object(s, cluster_ip, vec![port]));
     }
     for pod in &plan.pods {
         let (container_port, port_name) = match &pod.role {
@@ -257,6 +245,15 @@ fn tcp_service(s: &crate::dev::spec::ServiceSpec, plan: &Plan) -> Service {
             ..Default::default()
         })
         .collect();
+    service_object(s, "127.0.0.1".into(), ports)
+}
+
+/// The ClusterIP Service of a demo service: labelled and selecting `app: <name>`.
+fn service_object(
+    s: &crate::dev::spec::ServiceSpec,
+    cluster_ip: String,
+    ports: Vec<ServicePort>,
+) -> Service {
     Service {
         metadata: meta(
             &s.name,
@@ -265,7 +262,7 @@ fn tcp_service(s: &crate::dev::spec::ServiceSpec, plan: &Plan) -> Service {
         ),
         spec: Some(ServiceSpec {
             selector: Some([("app".to_string(), s.name.clone())].into()),
-            cluster_ip: Some("127.0.0.1".into()),
+            cluster_ip: Some(cluster_ip),
             type_: Some("ClusterIP".into()),
             ports: Some(ports),
             ..Default::default()
