@@ -71,9 +71,28 @@ pub struct WebhookMetrics {
 }
 
 impl WebhookMetrics {
+    /// Every reason a request can be denied for (the injector's own decisions and the edge's
+    /// refusals), created at 0 when registered: Prometheus's advice for known label values, so
+    /// a denial rate or alert reads 0 rather than "no data" until the first one.
+    pub const DENIAL_REASONS: &[&str] = &[
+        "malformed",
+        "unsupported_version",
+        "internal",
+        "overloaded",
+        "too_large",
+        "timeout",
+        "bad_annotation",
+        "no_spec",
+    ];
+
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Arc<Self> {
         let m = Arc::new(Self::default());
+        for reason in Self::DENIAL_REASONS {
+            let _ = m
+                .denials
+                .get_or_create(&vec![("reason".into(), (*reason).into())]);
+        }
         let sub = registry.sub_registry_with_prefix("injector");
         sub.register(
             "injections",

@@ -203,6 +203,32 @@ impl IdentityError {
     }
 }
 
+/// Every [`IdentityError::metric_label`] (the TokenReview's and the CA's included), created at
+/// 0 when the metrics are registered; a test keeps it in step with the errors.
+pub const REJECTION_REASONS: &[&str] = &[
+    "not_found",
+    "missing_token",
+    "too_large",
+    "bad_body",
+    "unauthenticated",
+    "wrong_audience",
+    "not_service_account",
+    "not_bound",
+    "token_review_unavailable",
+    "foreign_identity",
+    "malformed_csr",
+    "csr_signature",
+    "weak_key",
+    "invalid_identity",
+    "ca_error",
+    "rate_limited",
+    "source_rate_limited",
+    "overloaded",
+    "token_too_large",
+    "not_ready",
+    "timeout",
+];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: String,
@@ -228,9 +254,17 @@ impl IdentityMetrics {
     /// Registers `identity_issuances`, `identity_rejections{reason}` and
     /// `identity_request_duration_seconds` in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
+        let rejections = Family::<ReasonLabel, Counter>::default();
+        // Created at 0 (Prometheus's advice for known label values): a rejection rate or
+        // alert reads 0, not "no data", until the first rejection.
+        for reason in REJECTION_REASONS {
+            let _ = rejections.get_or_create(&ReasonLabel {
+                reason: (*reason).to_string(),
+            });
+        }
         let m = Self {
             issuances: Counter::default(),
-            rejections: Family::default(),
+            rejections,
             // 0.5 ms .. ~4 s
             latency: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             token_reviews: Counter::default(),
@@ -511,6 +545,55 @@ impl IdentityService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every error's label is pre-created at 0 (so the rejection panels and alerts have series
+    /// before a rejection), and the list names nothing else.
+    #[test]
+    fn rejection_reasons_are_exactly_the_error_labels() {
+        let s = || String::from("x");
+        let errors: Vec<IdentityError> = vec![
+            IdentityError::NotFound,
+            IdentityError::MissingToken,
+            IdentityError::TooLarge(1),
+            IdentityError::BadBody(s()),
+            ReviewError::Unauthenticated(None).into(),
+            ReviewError::WrongAudience.into(),
+            ReviewError::NotServiceAccount(s()).into(),
+            ReviewError::NotBound.into(),
+            ReviewError::Unavailable(s()).into(),
+            IdentityError::ForeignIdentity {
+                asked: vec![],
+                allowed: s(),
+            },
+            CaError::CaCertificate(s()).into(),
+            CaError::CaKey(s()).into(),
+            CaError::CaKeyMismatch.into(),
+            CaError::NotACa.into(),
+            CaError::MalformedCsr(s()).into(),
+            CaError::CsrSignature.into(),
+            CaError::WeakKey(s()).into(),
+            CaError::InvalidIdentity(s()).into(),
+            CaError::Signing(s()).into(),
+            IdentityError::RateLimited(s()),
+            IdentityError::SourceRateLimited(Ipv4Addr::LOCALHOST.into()),
+            IdentityError::Overloaded,
+            IdentityError::TokenTooLarge,
+            IdentityError::NotReady,
+            IdentityError::Timeout,
+        ];
+        let labels: std::collections::BTreeSet<&str> =
+            errors.iter().map(IdentityError::metric_label).collect();
+        let listed: std::collections::BTreeSet<&str> = REJECTION_REASONS.iter().copied().collect();
+        assert_eq!(labels, listed);
+        let mut r = Registry::default();
+        IdentityMetrics::register(&mut r);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        for reason in REJECTION_REASONS {
+            let series = format!("rejections_total{{reason=\"{reason}\"}} 0");
+            assert!(text.contains(&series), "{series} in {text}");
+        }
+    }
 
     #[test]
     fn every_error_has_a_status_in_the_protocol() {

@@ -933,20 +933,10 @@ mod tests {
 /// endpoint, injector; see `crate::dev::operator_metrics`), `trellis_proxy_tcp_*` from the
 /// demo's opaque TCP `cache`, `trellis_proxy_inbound_refused_total` from the plaintext `legacy`
 /// client once `hack/dev-e2e.sh` has made `shop` Strict.
-const NOT_IN_DEV: &[(&str, &str)] = &[
-    (
-        "trellis_operator_leader",
-        "no leader election in `trellis dev` (one process, no Lease): the gauge is absent, not faked",
-    ),
-    (
-        "trellis_operator_identity_rejections_total",
-        "every certificate request of the demo is valid: a rejection needs a bad token or CSR",
-    ),
-    (
-        "trellis_operator_injector_denials_total",
-        "every demo pod is admissible: a denial needs a malformed or refused pod",
-    ),
-];
+const NOT_IN_DEV: &[(&str, &str)] = &[(
+    "trellis_operator_leader",
+    "no leader election in `trellis dev` (one process, no Lease): the gauge is absent, not faked",
+)];
 
 fn not_in_dev(metric: &str) -> bool {
     NOT_IN_DEV.iter().any(|(m, _)| metric == *m)
