@@ -122,6 +122,26 @@ fn status_check(
     }
 }
 
+/// The TrafficPolicy's status patch from this writer, checked by [`status_check`].
+fn tp_patch(
+    want: Value,
+    cond: (&'static str, &'static str),
+    message_starts: &'static str,
+) -> recorded::Exchange {
+    let check = status_check("TrafficPolicy", want, cond, message_starts);
+    exchange(Method::PATCH, TP_STATUS, check, tp_reply())
+}
+
+/// The Mesh's status patch from this writer, checked by [`status_check`].
+fn mesh_patch(
+    want: Value,
+    cond: (&'static str, &'static str),
+    message_starts: &'static str,
+) -> recorded::Exchange {
+    let check = status_check("Mesh", want, cond, message_starts);
+    exchange(Method::PATCH, MESH_STATUS, check, mesh_reply())
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_leader_sums_fresh_reports_writes_once_per_interval_and_only_what_changed() {
     let (client, handle) = mock();
@@ -154,31 +174,19 @@ async fn the_leader_sums_fresh_reports_writes_once_per_interval_and_only_what_ch
         .await;
     api.expect(
         within,
-        exchange(
-            Method::PATCH,
-            MESH_STATUS,
-            status_check(
-                "Mesh",
-                json!({"generation": 3, "updated": 2, "total": 2}),
-                ("True", "Propagated"),
-                "all 2 connected proxies",
-            ),
-            mesh_reply(),
+        mesh_patch(
+            json!({"generation": 3, "updated": 2, "total": 2}),
+            ("True", "Propagated"),
+            "all 2 connected proxies",
         ),
     )
     .await;
     api.expect(
         within,
-        exchange(
-            Method::PATCH,
-            TP_STATUS,
-            status_check(
-                "TrafficPolicy",
-                json!({"generation": 2, "updated": 3, "total": 5}),
-                ("False", "Propagating"),
-                "2 of 5 proxies subscribed",
-            ),
-            tp_reply(),
+        tp_patch(
+            json!({"generation": 2, "updated": 3, "total": 5}),
+            ("False", "Propagating"),
+            "2 of 5 proxies subscribed",
         ),
     )
     .await;
@@ -223,16 +231,10 @@ async fn the_leader_sums_fresh_reports_writes_once_per_interval_and_only_what_ch
     .await;
     api.expect(
         within,
-        exchange(
-            Method::PATCH,
-            TP_STATUS,
-            status_check(
-                "TrafficPolicy",
-                json!({"generation": 2, "updated": 5, "total": 5}),
-                ("True", "Propagated"),
-                "all 5 proxies subscribed",
-            ),
-            tp_reply(),
+        tp_patch(
+            json!({"generation": 2, "updated": 5, "total": 5}),
+            ("True", "Propagated"),
+            "all 5 proxies subscribed",
         ),
     )
     .await;

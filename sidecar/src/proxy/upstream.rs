@@ -886,16 +886,16 @@ fn classify_h2(addr: SocketAddr, e: h2::Error) -> UpstreamError {
     if e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM) {
         return UpstreamError::Refused { addr };
     }
-    if e.is_io() || e.is_go_away() || e.is_reset() {
-        UpstreamError::Reset {
-            addr,
-            source: Box::new(e),
-        }
+    let reset = e.is_io() || e.is_go_away() || e.is_reset();
+    reset_or_other(addr, reset, Box::new(e))
+}
+
+/// The peer reset the exchange (retriable under `retryOn: Reset`), or some other failure.
+fn reset_or_other(addr: SocketAddr, reset: bool, source: BoxError) -> UpstreamError {
+    if reset {
+        UpstreamError::Reset { addr, source }
     } else {
-        UpstreamError::Other {
-            addr,
-            source: Box::new(e),
-        }
+        UpstreamError::Other { addr, source }
     }
 }
 
@@ -970,17 +970,8 @@ impl<B: HttpBody> HttpBody for Returning<B> {
 }
 
 fn classify(addr: SocketAddr, e: hyper::Error) -> UpstreamError {
-    if e.is_closed() || e.is_incomplete_message() || e.is_canceled() {
-        UpstreamError::Reset {
-            addr,
-            source: Box::new(e),
-        }
-    } else {
-        UpstreamError::Other {
-            addr,
-            source: Box::new(e),
-        }
-    }
+    let reset = e.is_closed() || e.is_incomplete_message() || e.is_canceled();
+    reset_or_other(addr, reset, Box::new(e))
 }
 
 /// The verified peer of a mesh connection.
