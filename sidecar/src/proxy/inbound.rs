@@ -50,6 +50,9 @@ struct ConnInfo {
     tls: bool,
     dst_service: Arc<str>,
     series: SeriesCache,
+    /// The application is not meshed: every request's [`Target`] has no identities. One empty
+    /// list per connection, not an allocation per request.
+    no_identities: Arc<[String]>,
     /// The mTLS client's chain: the connection and its upgraded tunnels close when it expires
     /// or its root leaves the bundle. `None` for plaintext.
     trust: Option<PeerTrust>,
@@ -293,6 +296,7 @@ async fn mesh_h2<I: Io>(
         tls: true,
         dst_service,
         series: SeriesCache::default(),
+        no_identities: Arc::from(Vec::new()),
         trust: mtls.trust,
     };
     let token = shared.shutdown.token();
@@ -333,6 +337,7 @@ async fn plain_http<I: Io>(
         tls,
         dst_service,
         series: SeriesCache::default(),
+        no_identities: Arc::from(Vec::new()),
         trust,
     });
     let sh = shared.clone();
@@ -450,7 +455,7 @@ async fn handle(
     }
     let target = Target {
         addr: info.target,
-        identities: Arc::from(Vec::new()),
+        identities: info.no_identities.clone(),
         protocol,
         connect_timeout: None,
     };
