@@ -270,7 +270,7 @@ pub async fn send(
     prepare(&mut parts.headers, &parts.method, &body, first);
     let eos = body.is_end_stream();
     let (resp, tx) = sr.send_request(Request::from_parts(parts, ()), eos)?;
-    let mut pipe = (!eos).then(|| Pipe { body, tx });
+    let mut pipe = (!eos).then(|| Pipe::new(body, tx));
     let mut resp = std::pin::pin!(resp);
     let head = std::future::poll_fn(|cx| {
         if let Some(p) = pipe.as_mut()
@@ -300,14 +300,29 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// A body being sent on its stream, within the peer's flow-control window: a request body
 /// here, a response body in [`super::h2server`].
+///
+/// The first chunk is read before any window is asked for: a stream starts with the peer's
+/// whole initial window (2 MiB between sidecars), and most bodies are one chunk that is already
+/// there ([`super::coalesce`] reads a small response's ahead). That chunk goes out at once,
+/// without the three calls into `h2` (reserve, read the capacity, register for a reset), each
+/// taking the connection's stream lock, that a later chunk waits on. Only when the first chunk
+/// is not there yet does the pipe register for window and reset, as for every later one. A
+/// chunk never waits for window in `h2`'s buffer longer than it would have: the pipe always
+/// reads one chunk once it has any window at all.
 pub struct Pipe {
     body: Body,
     tx: h2::SendStream<Bytes>,
+    /// Nothing read yet: read before asking for window.
+    fresh: bool,
 }
 
 impl Pipe {
     pub fn new(body: Body, tx: h2::SendStream<Bytes>) -> Self {
-        Pipe { body, tx }
+        Pipe {
+            body,
+            tx,
+            fresh: true,
+        }
     }
 }
 
@@ -319,21 +334,30 @@ impl Future for Pipe {
         let this = &mut *self;
         loop {
             // Wait for window before reading a chunk, so a slow peer slows the body's source
-            // instead of filling our buffers.
-            this.tx.reserve_capacity(1);
-            if this.tx.capacity() == 0 {
-                loop {
-                    match ready!(this.tx.poll_capacity(cx)) {
-                        Some(Ok(0)) => {}
-                        Some(Ok(_)) => break,
-                        Some(Err(_)) | None => return Poll::Ready(()),
+            // instead of filling our buffers (but not for the first one: see above).
+            let fresh = std::mem::take(&mut this.fresh);
+            if !fresh {
+                this.tx.reserve_capacity(1);
+                if this.tx.capacity() == 0 {
+                    loop {
+                        match ready!(this.tx.poll_capacity(cx)) {
+                            Some(Ok(0)) => {}
+                            Some(Ok(_)) => break,
+                            Some(Err(_)) | None => return Poll::Ready(()),
+                        }
                     }
+                } else if let Poll::Ready(r) = this.tx.poll_reset(cx) {
+                    tracing::debug!(reason = ?r.ok(), "upstream reset the request stream");
+                    return Poll::Ready(());
                 }
-            } else if let Poll::Ready(r) = this.tx.poll_reset(cx) {
-                tracing::debug!(reason = ?r.ok(), "upstream reset the request stream");
-                return Poll::Ready(());
             }
-            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+            let frame = match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Ready(f) => f,
+                // Not there yet: ask for window and watch for a reset, then wait.
+                Poll::Pending if fresh => continue,
+                Poll::Pending => return Poll::Pending,
+            };
+            match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let eos = this.body.is_end_stream();

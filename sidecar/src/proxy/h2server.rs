@@ -531,6 +531,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_response_body_still_awaited_is_dropped_when_the_client_resets() {
+        // The head goes out, the body never produces a byte: the pipe waits on it, and must
+        // still notice the client's RST_STREAM (and drop the body, which would cancel the
+        // application's response) rather than wait for a chunk that never comes.
+        let (seen_tx, mut seen) =
+            tokio::sync::mpsc::channel::<tokio::sync::oneshot::Receiver<()>>(1);
+        let (addr, _close, _task) = server(
+            move |_req| {
+                let (guard, dropped) = tokio::sync::oneshot::channel::<()>();
+                let _ = seen_tx.try_send(dropped);
+                async move {
+                    let stream = futures::stream::unfold(guard, |g| async move {
+                        std::future::pending::<()>().await;
+                        Some((Ok::<_, BoxError>(Frame::data(Bytes::new())), g))
+                    });
+                    Response::new(BodyExt::boxed(StreamBody::new(stream)))
+                }
+            },
+            SECS5,
+        )
+        .await;
+        let (sr, state) = client(addr).await;
+        let resp = tokio::time::timeout(SECS5, h2client::send(&sr, &state, get()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let dropped = seen.recv().await.unwrap();
+        // Dropping the response body resets the stream (RST_STREAM CANCEL).
+        drop(resp);
+        let r = tokio::time::timeout(SECS5, dropped).await;
+        assert!(
+            matches!(r, Ok(Err(_))),
+            "the response body was not dropped after the client reset the stream"
+        );
+    }
+
+    #[tokio::test]
     async fn graceful_shutdown_finishes_streams_in_flight_and_refuses_new_ones() {
         let (release_tx, release) = tokio::sync::watch::channel(false);
         let (addr, close, task) = server(
