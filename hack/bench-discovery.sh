@@ -2,9 +2,8 @@
 # Discovery at cluster scale (see hack/bench-discovery.rs): by default 1 000 namespaces,
 # 10 000 Services, 100 000 endpoints, 1 000 simulated streams x 20 subscriptions, 50 endpoint
 # changes. Arguments pass through: namespaces, Services per namespace, endpoints per Service,
-# streams, subscriptions per stream, changes, pods (1: a meshed pod behind every endpoint),
-# compact (1, default: pods cached compacted as the operator does; 0: the modify step before
-# compaction, for an A/B). Not run by CI.
+# streams, subscriptions per stream, changes, pods (1: a meshed pod behind every endpoint,
+# held in the operator's own pod cache). Not run by CI.
 #
 # Builds in release (a debug build is several times slower and measures the wrong thing; set
 # PROFILE=dev to compare), runs the benchmark RUNS times (default 3) and prints each run's
