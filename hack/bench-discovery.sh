@@ -22,7 +22,7 @@ for i in $(seq 1 "$runs"); do
     results+=("$(grep '^RESULT ' <<<"$out")")
 done
 echo "--- medians of $runs runs ($profile), load average now: $(cut -d' ' -f1-3 /proc/loadavg)"
-for key in rss_mib peak_mib boot_max_kib p50_ms p99_ms compile_ms publish_ms scratch_index_ms scratch_publish_ms; do
+for key in rss_mib peak_mib objects_mib pods_mib compiled_mib boot_max_kib p50_ms p99_ms compile_ms publish_ms scratch_index_ms scratch_publish_ms; do
     printf '%s\n' "${results[@]}" | grep -o " $key=[0-9.]*" | cut -d= -f2 | sort -g |
         awk -v k="$key" '{ v[NR] = $1 } END { printf "%s %s\n", k, (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'
 done
