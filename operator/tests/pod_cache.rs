@@ -202,7 +202,12 @@ fn only_a_namespace_whose_pods_changed_is_compiled_again() {
     snap.pods = store.state();
     let first = compiler::compile_incremental(&snap, None);
 
-    let mut touched = on_the_wire(&pods[0]);
+    // A pod of the shop, whose Services' rows depend on its pods.
+    let reviews = pods
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some("reviews-0"))
+        .unwrap();
+    let mut touched = on_the_wire(reviews);
     touched.metadata.resource_version = Some("999999".into());
     touched.metadata.managed_fields = None;
     writer.apply_watcher_event(&Event::Apply(touched));
@@ -210,10 +215,6 @@ fn only_a_namespace_whose_pods_changed_is_compiled_again() {
     let again = compiler::compile_incremental(&snap, Some(&first));
     assert_eq!(again.stats.namespaces_indexed, 0, "nothing read changed");
 
-    let reviews = pods
-        .iter()
-        .find(|p| p.metadata.name.as_deref() == Some("reviews-0"))
-        .unwrap();
     let mut moved = on_the_wire(reviews);
     moved.status.pod_ip = Some("10.0.0.77".into());
     moved.status.pod_ips = vec![];
