@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use trellis_operator::api::peer_authentication::MtlsMode as ApiMode;
 use trellis_operator::compiler::{self, Output};
 use trellis_operator::discovery::{Hub, serve};
-use trellis_operator::propagation::{ObjectCount, ObjectRef, StreamState, Tracker};
+use trellis_operator::propagation::{ObjectCount, ObjectRef, Stale, StreamState, Tracker};
 use trellis_proxy::config::ProxyConfig;
 
 const OPERATOR_ID: &str = "spiffe://cluster.local/ns/trellis-system/sa/trellis-operator";
@@ -197,6 +197,11 @@ fn a_peer_authentication_edit_counts_the_proxies_of_its_namespace_that_run_it() 
     tracker.observe(1, t(10), &w1.snap, &out1);
     let old = out1.settings["shop"].clone();
     let pay = out1.settings["pay"].clone();
+    // Each proxy's ConfigMap carries its namespace's current TrafficPolicies throughout.
+    let stream = |ns: &str, acked, settings: Option<&str>, subs: &[&str]| StreamState {
+        policies: Some(out1.policies[ns].digest.clone()),
+        ..stream(ns, acked, settings, subs)
+    };
     let streams = vec![
         stream("shop", 1, Some(&old), &[]),
         stream("shop", 1, Some(&old), &[]),
@@ -236,7 +241,8 @@ fn a_peer_authentication_edit_counts_the_proxies_of_its_namespace_that_run_it() 
     let (lagging2, n) = tracker.lagging(&streams, |_| Some("web-1".into()), 10);
     assert_eq!(n, 1);
     assert_eq!(lagging2[0].pod, "web-1");
-    assert!(!lagging2[0].settings_current);
+    assert!(lagging2[0].stale.settings.is_some());
+    assert_eq!(lagging2[0].stale.generation, None, "it acked view 2");
     assert_eq!(
         lagging2[0].behind_since,
         t(20),
@@ -297,11 +303,27 @@ fn a_traffic_policy_counts_the_streams_subscribed_to_its_service_by_their_acks()
     let tp = c.iter().find(|c| c.object.kind == "TrafficPolicy").unwrap();
     assert_eq!(tp.generation, 2);
     let (lagging, n) = tracker.lagging(&streams, |_| None, 10);
-    assert_eq!(n, 2, "the one that acked view 4 is not behind");
-    // The one that acked only view 1 is behind since view 2 (t 11), the longest.
+    assert_eq!(
+        n, 2,
+        "the one that acked view 4 is not behind: it holds web.shop, pay's only policy-bearing \
+         Service, from the stream, so its ConfigMap's policies do not matter"
+    );
+    // The one that acked only view 1 is behind on the view since view 2 (t 11), and on its
+    // ConfigMap's policies, which it does not report, since before anything this replica
+    // knows (its first compile, t 10): the longest.
     assert_eq!(lagging[0].acked, 1);
-    assert_eq!(lagging[0].behind_since, t(11));
+    assert_eq!(
+        lagging[0].stale,
+        Stale {
+            generation: Some(t(11)),
+            settings: None,
+            policies: Some(t(10)),
+        }
+    );
+    assert_eq!(lagging[0].behind_since, t(10));
     assert_eq!(lagging[0].latest, 4);
+    assert_eq!(lagging[1].acked, 3);
+    assert_eq!(lagging[1].stale.aspects().len(), 1, "{:?}", lagging[1]);
 }
 
 // ---- A real proxy reporting on the real server ----
@@ -386,7 +408,16 @@ async fn a_proxy_reports_the_configmap_it_runs_and_counts_once_the_kubelet_deliv
     assert_eq!(pa(&hub, &tracker), (0, 1), "acking the view is not enough");
     let (lagging, _) = tracker.lagging(&hub.stream_states(), |_| Some("client-0".into()), 10);
     assert_eq!(lagging.len(), 1);
-    assert!(!lagging[0].settings_current);
+    assert_eq!(
+        lagging[0]
+            .stale
+            .aspects()
+            .iter()
+            .map(|a| a.0)
+            .collect::<Vec<_>>(),
+        ["settings"],
+        "acked the view; the ConfigMap is the stale part"
+    );
 
     // The kubelet swaps the file: the proxy reloads and says so.
     proxy.apply(&configmap(&out2)).await;
@@ -448,4 +479,56 @@ fn report_cost_at_cluster_scale() {
     assert_eq!(objects, 2001);
     assert_eq!(count(&c, "TrafficPolicy", "ns-7", "tp"), (20, 20));
     println!("report over 1000 streams x 20 subscriptions, {objects} objects: {per:?} per round");
+}
+
+/// Issue 19: a proxy that acknowledged every view and runs its namespace's current settings,
+/// but whose ConfigMap still carries the old TrafficPolicy, is behind and `trellis check
+/// --proxy` must list it.
+#[test]
+fn a_proxy_running_a_stale_traffic_policy_from_its_configmap_is_listed_as_lagging() {
+    let mut tracker = Tracker::default();
+    let w1 = world(ApiMode::Permissive, 1, 3);
+    let out1 = compiler::compile(&w1.snap);
+    tracker.observe(1, t(10), &w1.snap, &out1);
+    let cm1 = ProxyConfig::from_json(out1.config("pay").unwrap().as_bytes()).unwrap();
+    let w2 = world_with_policy_edit("5s");
+    let out2 = compiler::compile(&w2.snap);
+    tracker.observe(2, t(20), &w2.snap, &out2);
+    let cm2 = ProxyConfig::from_json(out2.config("pay").unwrap().as_bytes()).unwrap();
+    assert_eq!(cm1.settings_digest(), cm2.settings_digest());
+    let streams = vec![loaded("pay", 2, &cm1), loaded("pay", 2, &cm2)];
+    let (lagging, n) = tracker.lagging(&streams, |_| Some("ledger-0".into()), 10);
+    assert_eq!(n, 1, "the proxy with the old policy lags: {lagging:?}");
+    assert_eq!(lagging.len(), 1);
+    assert_eq!(
+        lagging[0].stale,
+        Stale {
+            policies: Some(t(20)),
+            ..Stale::default()
+        },
+        "behind on its ConfigMap's policies alone, since the compile that changed the policy"
+    );
+    assert_eq!(lagging[0].behind_since, t(20));
+    assert_eq!(lagging[0].pod, "ledger-0");
+    // The same proxy is the one the TrafficPolicy's count has not updated.
+    assert_eq!(
+        count(&tracker.count(&streams), "TrafficPolicy", "shop", "web"),
+        (1, 2)
+    );
+
+    // The policy is deleted: a proxy whose ConfigMap still carries it runs a policy that no
+    // longer exists, and lags although no TrafficPolicy is left to count it.
+    let mut w3 = w2.clone();
+    w3.snap.traffic_policies.clear();
+    let out3 = compiler::compile(&w3.snap);
+    tracker.observe(3, t(30), &w3.snap, &out3);
+    let cm3 = ProxyConfig::from_json(out3.config("pay").unwrap().as_bytes()).unwrap();
+    let streams = vec![loaded("pay", 3, &cm2), loaded("pay", 3, &cm3)];
+    let (lagging, n) = tracker.lagging(&streams, |_| None, 10);
+    assert_eq!(n, 1, "{lagging:?}");
+    assert_eq!(lagging[0].stale.policies, Some(t(30)));
+    // A proxy older than the policies digest reports none: with no policy left to carry it
+    // has nothing to miss.
+    let streams = vec![stream("pay", 3, Some(&cm3.settings_digest()), &[])];
+    assert_eq!(tracker.lagging(&streams, |_| None, 10).1, 0);
 }

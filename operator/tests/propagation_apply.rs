@@ -343,7 +343,10 @@ async fn a_replica_writes_its_report_once_per_interval_latest_wins_with_a_heartb
         identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
         acked: 6,
         latest: 7,
-        settings_current: true,
+        stale: propagation::Stale {
+            policies: Some(now()),
+            ..Default::default()
+        },
         connected_since: None,
         behind_since: now(),
     }];

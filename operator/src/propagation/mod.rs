@@ -6,6 +6,8 @@
 //! - [`track`] (pure): per replica, what each object's current generation needs a proxy to
 //!   have applied, and how many of this replica's streams have (the per-kind meaning of
 //!   "applied" is documented there).
+//! - [`lag`] (pure): which proxies lag, on what (view generation, ConfigMap settings, ConfigMap
+//!   TrafficPolicies) and since when.
 //! - [`report`] (pure): a replica's report, the sum over replicas, the condition.
 //! - [`publish`] (edge, every replica): every [`INTERVAL`] this replica's report goes into
 //!   its own Lease, `trellis-propagation-<pod>`, in the operator's namespace.
@@ -28,6 +30,7 @@
 //! (else a heartbeat every [`HEARTBEAT`]); one LIST per [`INTERVAL`] by the leader; at most one
 //! status patch per object per [`INTERVAL`], latest numbers win, none when they did not change.
 
+pub mod lag;
 pub mod publish;
 pub mod report;
 pub mod track;
@@ -35,8 +38,9 @@ pub mod writer;
 
 use std::time::Duration;
 
+pub use lag::{LaggingProxy, Stale};
 pub use report::{PROPAGATED, ReplicaReport, aggregate, condition};
-pub use track::{LaggingProxy, ObjectCount, ObjectRef, StreamState, Tracker};
+pub use track::{ObjectCount, ObjectRef, StreamState, Tracker};
 
 /// How often reports are published and statuses written: the "few seconds" a status may lag
 /// the proxies, and the rate limit per object.

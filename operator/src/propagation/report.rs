@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use super::track::{LaggingProxy, ObjectCount, ObjectRef};
+use super::lag::LaggingProxy;
+use super::track::{ObjectCount, ObjectRef};
 use crate::api::PropagationStatus;
 use crate::api::conditions::{Condition, ConditionStatus};
 
