@@ -434,6 +434,139 @@ async fn a_proxy_reports_the_configmap_it_runs_and_counts_once_the_kubelet_deliv
     stop.cancel();
 }
 
+/// Issue 19 end to end: a real proxy serving from a `Full` ConfigMap acknowledges the view
+/// after a TrafficPolicy edit but keeps the old policy until the kubelet delivers the new
+/// ConfigMap: it is listed as behind on its policies alone until it reloads. Once it
+/// disconnects it leaves the totals and the lagging list together, at once (both read the same
+/// live streams): no ghost proxy lags on.
+#[tokio::test]
+async fn a_real_proxy_behind_on_its_configmap_policies_is_listed_until_it_reloads_or_leaves() {
+    let pki = common::Pki::new("mesh");
+    let (addr, hub, stop) = operator(&pki).await;
+    let mut tracker = Tracker::default();
+    let w1 = world(ApiMode::Permissive, 1, 3);
+    let out1 = compiler::compile(&w1.snap);
+    let seq = hub.publish(&out1).unwrap();
+    tracker.observe(seq, Timestamp::now(), &w1.snap, &out1);
+    let mut proxy =
+        common::TestProxy::start_with(&pki, &common::id("client"), &configmap(&out1), None, |o| {
+            o.discovery = Some(trellis_proxy::discovery::resolver::Settings {
+                addrs: vec![addr.to_string()],
+                operator_id: OPERATOR_ID.into(),
+            })
+        })
+        .await;
+    let tp = |tracker: &Tracker| {
+        count(
+            &tracker.count(&hub.stream_states()),
+            "TrafficPolicy",
+            "shop",
+            "web",
+        )
+    };
+    until("the proxy's report of its ConfigMap", || {
+        tp(&tracker) == (1, 1)
+    })
+    .await;
+    assert_eq!(tracker.lagging(&hub.stream_states(), |_| None, 10).1, 0);
+
+    // shop/web's policy is edited; the operator publishes at once.
+    let w2 = world_with_policy_edit("5s");
+    let out2 = compiler::compile_incremental(&w2.snap, Some(&out1));
+    let seq = hub.publish(&out2).unwrap();
+    let edited = Timestamp::now();
+    tracker.observe(seq, edited, &w2.snap, &out2);
+    until("the proxy acknowledges the new view", || {
+        hub.stream_states()[0].acked == seq
+    })
+    .await;
+    let (lagging, n) = tracker.lagging(&hub.stream_states(), |_| Some("client-0".into()), 10);
+    assert_eq!(n, 1);
+    assert_eq!(
+        lagging[0].stale,
+        Stale {
+            policies: Some(edited),
+            ..Stale::default()
+        },
+        "acked the view, current settings: behind on the ConfigMap's policies alone"
+    );
+    assert_eq!(tp(&tracker), (0, 1));
+
+    // The kubelet swaps the file: the proxy reloads, reports, and is in step.
+    proxy.apply(&configmap(&out2)).await;
+    until("the reloaded policies are reported", || {
+        tracker.lagging(&hub.stream_states(), |_| None, 10).1 == 0
+    })
+    .await;
+    assert_eq!(tp(&tracker), (1, 1));
+
+    // Another edit it will never load: it lags, then its pod goes away.
+    let w3 = world_with_policy_edit("9s");
+    let out3 = compiler::compile_incremental(&w3.snap, Some(&out2));
+    let seq = hub.publish(&out3).unwrap();
+    tracker.observe(seq, Timestamp::now(), &w3.snap, &out3);
+    until("the proxy lags on its policies again", || {
+        tracker.lagging(&hub.stream_states(), |_| None, 10).1 == 1
+    })
+    .await;
+    proxy.running.shutdown.trigger();
+    until("the stream is closed", || hub.stream_states().is_empty()).await;
+    assert_eq!(tp(&tracker), (0, 0), "out of the totals");
+    assert_eq!(
+        tracker.lagging(&hub.stream_states(), |_| None, 10),
+        (vec![], 0),
+        "and out of the lagging list"
+    );
+    stop.cancel();
+}
+
+/// The report Lease stays small whatever lags: 1 000 streams behind on all three aspects, with
+/// the longest names Kubernetes allows, list [`MAX_LISTED`] proxies, longest behind first,
+/// and count the rest; the listed part stays far below an annotation's 256 KiB.
+#[test]
+fn the_lagging_list_is_bounded_whatever_lags() {
+    use trellis_operator::propagation::report::MAX_LISTED;
+    let mut tracker = Tracker::default();
+    let w1 = world(ApiMode::Permissive, 1, 3);
+    let out1 = compiler::compile_discovery(&w1.snap, None);
+    tracker.observe(1, t(10), &w1.snap, &out1);
+    let w2 = world_with_policy_edit("5s");
+    let out2 = compiler::compile_discovery(&w2.snap, Some(&out1));
+    tracker.observe(2, t(20), &w2.snap, &out2);
+    let streams: Vec<StreamState> = (0..1000)
+        .map(|i| StreamState {
+            namespace: "pay".into(),
+            identity: format!("spiffe://cluster.local/ns/pay/sa/{}", "s".repeat(253)),
+            addr: Some(IpAddr::from([10, 1, (i / 256) as u8, (i % 256) as u8])),
+            connected: Some(t(i % 7)),
+            acked: 1,
+            settings: Some("stale".into()),
+            policies: Some(out1.policies["pay"].digest.clone()),
+            subscriptions: vec![],
+        })
+        .collect();
+    let (lagging, n) = tracker.lagging(
+        &streams,
+        |ip| Some(format!("{ip}-{}", "p".repeat(240))),
+        MAX_LISTED,
+    );
+    assert_eq!(n, 1000);
+    assert_eq!(lagging.len(), MAX_LISTED);
+    assert!(
+        lagging.iter().all(|p| p.stale.aspects().len() == 3),
+        "{:?}",
+        lagging[0]
+    );
+    assert!(
+        lagging
+            .windows(2)
+            .all(|w| w[0].behind_since <= w[1].behind_since)
+    );
+    let bytes = serde_json::to_string(&lagging).unwrap().len();
+    println!("{MAX_LISTED} listed lagging proxies: {bytes} bytes");
+    assert!(bytes < 100 * 1024, "{bytes} bytes");
+}
+
 /// What a replica's report costs at the issue's scale (1 000 namespaces, 1 000 TrafficPolicies
 /// and PeerAuthentications, 1 000 streams each subscribed to 20 Services), every 5 s. A
 /// measurement, not a check: `cargo test --release --test propagation -- --ignored --nocapture`.
@@ -478,7 +611,19 @@ fn report_cost_at_cluster_scale() {
     let c = tracker.count(&streams);
     assert_eq!(objects, 2001);
     assert_eq!(count(&c, "TrafficPolicy", "ns-7", "tp"), (20, 20));
-    println!("report over 1000 streams x 20 subscriptions, {objects} objects: {per:?} per round");
+    let (lagging, lagging_total) = tracker.lagging(&streams, |_| None, 100);
+    let report = trellis_operator::propagation::ReplicaReport {
+        replica: "trellis-operator-5d9c7b6f4-x2x9q".into(),
+        latest: 1,
+        streams: streams.len() as u64,
+        objects: c,
+        lagging,
+        lagging_total: lagging_total as u64,
+    };
+    let bytes = serde_json::to_string(&report).unwrap().len();
+    println!(
+        "report over 1000 streams x 20 subscriptions, {objects} objects: {per:?} per round, {bytes} bytes of JSON (an annotation holds 256 KiB)"
+    );
 }
 
 /// Issue 19: a proxy that acknowledged every view and runs its namespace's current settings,

@@ -12,6 +12,7 @@
 use std::fmt::Write as _;
 
 use super::{Check, Outcome};
+use crate::propagation::report::is_fresh;
 use crate::propagation::{LaggingProxy, ReplicaReport, STALE};
 
 /// What the propagation checks read: each report with its Lease's renew time (Unix seconds).
@@ -127,11 +128,15 @@ pub fn checks(o: &Observed, now: i64, threshold_secs: i64) -> Vec<Check> {
         }
         Ok(r) => r,
     };
-    // The grace the leader's sums use (`report::fresh`), so a dead replica's proxies leave
-    // this list when they leave the counts.
+    // The grace the leader's sums use, so a dead replica's proxies leave this list when they
+    // leave the counts.
+    let now_ts = jiff::Timestamp::from_second(now).unwrap_or_default();
     let fresh: Vec<&ReplicaReport> = reports
         .iter()
-        .filter(|(at, _)| at.is_some_and(|at| now - at <= STALE.as_secs() as i64))
+        .filter(|(at, _)| {
+            let at = at.and_then(|s| jiff::Timestamp::from_second(s).ok());
+            is_fresh(at, now_ts, STALE)
+        })
         .map(|(_, r)| r)
         .collect();
     if fresh.is_empty() {
@@ -398,5 +403,36 @@ mod tests {
         );
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].outcome, Outcome::Warn);
+    }
+
+    /// A dead replica's lagging proxies leave the check when its counts leave the statuses:
+    /// the same grace, to the second, on either side of it.
+    #[test]
+    fn a_report_is_read_exactly_as_long_as_the_leader_counts_it() {
+        let now = jiff::Timestamp::from_second(NOW).unwrap();
+        for age in [
+            0,
+            1,
+            STALE.as_secs() as i64 - 1,
+            STALE.as_secs() as i64,
+            STALE.as_secs() as i64 + 1,
+            600,
+            -30,
+        ] {
+            let r = report(vec![lag("web-0", 3000, policies(3000))], 1);
+            let at = jiff::Timestamp::from_second(NOW - age).unwrap();
+            let counted =
+                !crate::propagation::report::fresh(vec![(Some(at), r.clone())], now, STALE)
+                    .is_empty();
+            let listed = checks(&observed(vec![(NOW - age, r)]), NOW, 120)
+                .iter()
+                .any(|c| c.detail.contains("web-0"));
+            assert_eq!(listed, counted, "renewed {age} s ago");
+            assert_eq!(
+                counted,
+                age <= STALE.as_secs() as i64,
+                "renewed {age} s ago"
+            );
+        }
     }
 }

@@ -99,8 +99,22 @@ pub fn condition(object: &ObjectRef, p: &PropagationStatus) -> Condition {
     Condition::new(PROPAGATED, status, reason, message, Some(p.generation))
 }
 
-/// Reports younger than `max_age` at `now` (by their Lease's renew time): a replica that died
-/// stops renewing, and its proxies reconnect to (and are counted by) the others.
+/// Whether a report renewed `at` still counts at `now`: no older than `max_age` (a renew time
+/// ahead of `now` is clock skew, and counts). The one rule for the leader's sums and for
+/// `trellis check --proxy`, so a dead replica's proxies leave the lagging list exactly when
+/// they leave the counts.
+pub fn is_fresh(at: Option<Timestamp>, now: Timestamp, max_age: std::time::Duration) -> bool {
+    at.is_some_and(|at| {
+        now.duration_since(at)
+            .try_into()
+            .is_ok_and(|age: std::time::Duration| age <= max_age)
+            || at > now
+    })
+}
+
+/// Reports younger than `max_age` at `now` (by their Lease's renew time, [`is_fresh`]): a
+/// replica that died stops renewing, and its proxies reconnect to (and are counted by) the
+/// others.
 pub fn fresh(
     reports: Vec<(Option<Timestamp>, ReplicaReport)>,
     now: Timestamp,
@@ -108,14 +122,7 @@ pub fn fresh(
 ) -> Vec<ReplicaReport> {
     reports
         .into_iter()
-        .filter(|(at, _)| {
-            at.is_some_and(|at| {
-                now.duration_since(at)
-                    .try_into()
-                    .is_ok_and(|age: std::time::Duration| age <= max_age)
-                    || at > now
-            })
-        })
+        .filter(|(at, _)| is_fresh(*at, now, max_age))
         .map(|(_, r)| r)
         .collect()
 }
