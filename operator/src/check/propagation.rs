@@ -178,7 +178,7 @@ pub fn checks(o: &Observed, now: i64, threshold_secs: i64) -> Vec<Check> {
     let unlisted = total.saturating_sub(lagging.len() as u64);
     let note = if unlisted > 0 {
         format!(
-            " ({unlisted} more behind, not listed: each replica lists its {} longest behind)",
+            " ({unlisted} more behind, not listed: each replica lists at most its {} longest behind)",
             crate::propagation::report::MAX_LISTED
         )
     } else {
@@ -364,7 +364,7 @@ mod tests {
         );
         assert!(
             c[1].detail.starts_with(
-                "2 of 10 behind for more than 2m00s (2 more behind, not listed: each replica lists its 100 longest behind)\n"
+                "2 of 10 behind for more than 2m00s (2 more behind, not listed: each replica lists at most its 100 longest behind)\n"
             ),
             "{}",
             c[1].detail
