@@ -482,13 +482,19 @@ async fn a_real_proxy_behind_on_its_configmap_policies_is_listed_until_it_reload
     .await;
     let (lagging, n) = tracker.lagging(&hub.stream_states(), |_| Some("client-0".into()), 10);
     assert_eq!(n, 1);
+    let since = lagging[0].stale.policies.expect("behind on its policies");
     assert_eq!(
         lagging[0].stale,
         Stale {
-            policies: Some(edited),
+            policies: Some(since),
             ..Stale::default()
         },
         "acked the view, current settings: behind on the ConfigMap's policies alone"
+    );
+    // Since the edit, to the tracker's resolution of a second.
+    assert!(
+        since <= edited && edited.duration_since(since) < jiff::SignedDuration::from_secs(1),
+        "{since} vs {edited}"
     );
     assert_eq!(tp(&tracker), (0, 1));
 
@@ -518,6 +524,35 @@ async fn a_real_proxy_behind_on_its_configmap_policies_is_listed_until_it_reload
         "and out of the lagging list"
     );
     stop.cancel();
+}
+
+/// Under constant churn (a compile every 100 ms, as endpoint changes in a large cluster give) a
+/// proxy stuck for five minutes must show as behind for five minutes, not for as long as the
+/// replica happens to remember compile times: else it would never pass `--lag-threshold`.
+#[test]
+fn a_proxy_stuck_under_constant_churn_is_behind_for_as_long_as_it_has_been_stuck() {
+    let mut tracker = Tracker::default();
+    let w = world(ApiMode::Permissive, 1, 3);
+    let out = compiler::compile_discovery(&w.snap, None);
+    let start = t(0);
+    let at = |seq: u64| start + jiff::SignedDuration::from_millis(100 * seq as i64);
+    // 5 minutes of compiles.
+    for seq in 1..=3000 {
+        tracker.observe(seq, at(seq), &w.snap, &out);
+    }
+    let stuck = StreamState {
+        policies: Some(out.policies["pay"].digest.clone()),
+        ..stream("pay", 1, Some(&out.settings["pay"]), &[])
+    };
+    let (lagging, n) = tracker.lagging(&[stuck], |_| None, 10);
+    assert_eq!(n, 1);
+    let behind = at(3000).duration_since(lagging[0].behind_since);
+    assert!(
+        behind >= jiff::SignedDuration::from_secs(299),
+        "behind for {behind:?}, stuck at view 1 of 3000 for 5 minutes"
+    );
+    // And dated no earlier than the view it missed (within the second it was recorded at).
+    assert!(lagging[0].behind_since >= at(2) - jiff::SignedDuration::from_secs(1));
 }
 
 /// The report Lease stays small whatever lags: 1 000 streams behind on all three aspects, with

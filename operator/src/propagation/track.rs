@@ -41,8 +41,15 @@ use crate::compiler::{Output, Snapshot};
 /// Digests remembered per namespace. Settings change only on a Mesh or PeerAuthentication edit,
 /// and a proxy catches up within the kubelet's sync (a minute or two): a handful is plenty.
 pub const SETTINGS_HISTORY: usize = 8;
-/// Compile times remembered, for "behind since" (older lag is reported from the oldest known).
-pub const TIMES_HISTORY: usize = 1024;
+/// Compile times remembered, for "behind since": at most one per [`TIMES_RESOLUTION`], so they
+/// cover at least an hour however fast the compiles come (a compile every 100 ms under
+/// endpoint churn would otherwise push a stuck proxy's lag out of a per-compile history within
+/// a couple of minutes, and it would never pass `--lag-threshold`). Older lag is dated at the
+/// oldest time known, still over an hour ago.
+pub const TIMES_HISTORY: usize = 3600;
+/// The resolution of those times: a compile within this of the last one remembered is dated
+/// at that one, so a lag is dated at most this much early (over-reported, never hidden).
+pub const TIMES_RESOLUTION: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A tracked object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -206,7 +213,14 @@ impl Tracker {
     /// generation of each object it saw, and each namespace's settings digest.
     pub fn observe(&mut self, seq: u64, now: Timestamp, snapshot: &Snapshot, out: &Output) {
         self.latest = self.latest.max(seq);
-        if self.times.back().is_none_or(|(s, _)| *s < seq) {
+        let due = self.times.back().is_none_or(|(s, t)| {
+            *s < seq
+                && now
+                    .duration_since(*t)
+                    .try_into()
+                    .is_ok_and(|d: std::time::Duration| d >= TIMES_RESOLUTION)
+        });
+        if due {
             self.times.push_back((seq, now));
             if self.times.len() > TIMES_HISTORY {
                 self.times.pop_front();
@@ -359,10 +373,11 @@ impl Tracker {
         out
     }
 
-    /// When compile `seq` was observed (the oldest known time for older ones).
+    /// When compile `seq` was observed: the time of the last compile remembered at or before it
+    /// (at most [`TIMES_RESOLUTION`] early), or the oldest time known for older ones.
     fn time_of(&self, seq: u64) -> Option<Timestamp> {
-        let i = self.times.partition_point(|(s, _)| *s < seq);
-        self.times.get(i).or(self.times.back()).map(|(_, t)| *t)
+        let i = self.times.partition_point(|(s, _)| *s <= seq);
+        self.times.get(i.saturating_sub(1)).map(|(_, t)| *t)
     }
 
     /// What one stream misses of what this replica published, per aspect (see
