@@ -22,8 +22,8 @@
 //! from a dead replica's (ignored after [`STALE`]; its proxies reconnect elsewhere and are
 //! counted there), and the operator's Role already covers Leases in its namespace. The report
 //! carries counts per object and the [`report::MAX_LISTED`] proxies longest behind, never a
-//! full list, so it stays small; the status carries counts only (Istio and Cilium removed
-//! per-proxy status for its cost).
+//! full list (fewer when it would not fit a Lease, [`report::fit`]); the status carries counts
+//! only (Istio and Cilium removed per-proxy status for its cost).
 //!
 //! # Cost
 //! One Lease patch per replica per [`INTERVAL`] at most, and only when its numbers changed
