@@ -306,9 +306,10 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// there ([`super::coalesce`] reads a small response's ahead). That chunk goes out at once,
 /// without the three calls into `h2` (reserve, read the capacity, register for a reset), each
 /// taking the connection's stream lock, that a later chunk waits on. Only when the first chunk
-/// is not there yet does the pipe register for window and reset, as for every later one. A
-/// chunk never waits for window in `h2`'s buffer longer than it would have: the pipe always
-/// reads one chunk once it has any window at all.
+/// is not there yet does the pipe register for window and reset, as for every later one. The
+/// price: when the connection's window is used up, a stream's first chunk waits for it in
+/// `h2`'s buffer instead of in the body's source. That is one chunk per stream, which the pipe
+/// already lets into the buffer for every later chunk as soon as any window opens.
 pub struct Pipe {
     body: Body,
     tx: h2::SendStream<Bytes>,
