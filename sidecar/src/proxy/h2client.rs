@@ -62,7 +62,7 @@ const MAX_SEND_BUF: usize = 400 * 1024;
 /// The largest response header list accepted (hyper's client default, which this client
 /// replaced). `h2` alone advertises and accepts 16 MiB, so a hostile mesh server (a
 /// compromised workload holds a valid certificate) could make this sidecar buffer megabytes of
-/// headers per stream and hand them on to the application; past this the request fails (`502`).
+/// headers per stream and hand them on to the application; past this the request fails.
 pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// How often a connection with open streams is pinged (what the hyper client was set to).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
