@@ -424,8 +424,9 @@ pub fn replica_servers(namespace: &str) -> Vec<ExtraServer> {
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The operator's one metrics registry: the `trellis_operator` prefix, and the version as
-/// `trellis_operator_build_info{version}`, which the old-proxy alert and the control-plane
-/// dashboard compare the sidecars' `trellis_proxy_build_info` with.
+/// `trellis_operator_build_info{version}` (the control-plane dashboard's versions panel). The
+/// old-proxy alert compares the sidecars' `trellis_proxy_build_info` with the injector's
+/// `trellis_operator_desired_proxy_info` instead (see [`crate::webhook::DesiredProxy`]).
 pub fn new_registry() -> Registry {
     let mut registry = Registry::with_prefix("trellis_operator");
     registry.register(

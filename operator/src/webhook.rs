@@ -204,19 +204,53 @@ pub struct Injector {
 }
 
 impl Injector {
-    /// An injector whose metrics are registered in `registry`.
+    /// An injector whose metrics are registered in `registry`, with
+    /// `trellis_operator_desired_proxy_info` (see [`DesiredProxy`]) read from `mesh`.
     pub fn new(
         mesh: watch::Receiver<MeshSpec>,
         namespaces: watch::Receiver<Arc<NamespaceLabels>>,
         ctx: InjectContext,
         registry: &mut Registry,
     ) -> Self {
+        registry.register_collector(Box::new(DesiredProxy(mesh.clone())));
         Self {
             mesh,
             namespaces,
             ctx,
             metrics: WebhookMetrics::register(registry),
         }
+    }
+}
+
+/// `trellis_operator_desired_proxy_info{version}`: the proxy version new pods are injected
+/// with (the Mesh's `spec.proxy.image`, else the operator's default), read from the Mesh watch
+/// at each scrape, so it follows an edit without a hook in the controllers. A sidecar reports
+/// the same string as its `trellis_proxy_build_info{version}` (the injector passes it as
+/// `TRELLIS_PROXY_VERSION`), and the pod carries it as `trellis.dev/proxy-version`, which the
+/// rollout and `status.proxies` compare: so `TrellisProxyVersionOld` and the dashboards'
+/// "not on the desired version" are `trellis_proxy_build_info unless on (version)` this series,
+/// the same judgement as the Mesh's `ProxiesUpToDate`. Comparing with the operator's own
+/// build version instead would flag every proxy of a Mesh that pins another proxy image.
+/// Every replica serves it (each runs the injector), so it does not wait for a leader.
+#[derive(Debug)]
+pub struct DesiredProxy(pub watch::Receiver<MeshSpec>);
+
+impl prometheus_client::collector::Collector for DesiredProxy {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        let version = self.0.borrow().proxy.effective_image().to_owned();
+        let info = prometheus_client::metrics::info::Info::new(vec![("version", version)]);
+        let metric = encoder.encode_descriptor(
+            "desired_proxy",
+            "The proxy version (image) new pods are injected with: what a sidecar's build_info \
+             version should be",
+            None,
+            info.metric_type(),
+        )?;
+        info.encode(metric)
     }
 }
 

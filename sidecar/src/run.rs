@@ -116,7 +116,9 @@ pub struct RunArgs {
     #[arg(long, env = crate::probe::ENV_APP_PROBES, default_value = "", hide_default_value = true, value_parser = parse_probes)]
     pub app_probes: ProbeSet,
     /// The proxy version this process reports as `trellis_proxy_build_info{version}` (default: the
-    /// crate version). The injector's image is the version in a cluster; `trellis dev`, whose
+    /// crate version). In a cluster the injector passes the image the pod was injected with (the
+    /// pod's `trellis.dev/proxy-version`), which the operator's
+    /// `trellis_operator_desired_proxy_info` is compared with; `trellis dev`, whose
     /// proxies are all this one binary, names the version it started each proxy as, so a local
     /// rollout can be seen and counted.
     #[arg(long, env = "TRELLIS_PROXY_VERSION", default_value = env!("CARGO_PKG_VERSION"))]

@@ -43,12 +43,16 @@ use crate::webhook::{Injector, NamespaceLabels};
 #[derive(Clone)]
 pub struct OperatorMetrics {
     registry: Arc<Mutex<Registry>>,
+    /// The Mesh the injector reads, as the operator's Mesh watch feeds it: [`Self::set_mesh`]
+    /// after each edit, so `trellis_operator_desired_proxy_info` follows a rollout's new image.
+    mesh: Arc<tokio::sync::watch::Sender<MeshSpec>>,
 }
 
 impl Default for OperatorMetrics {
     fn default() -> Self {
         Self {
             registry: Arc::new(Mutex::new(crate::runtime::new_registry())),
+            mesh: Arc::new(tokio::sync::watch::Sender::new(MeshSpec::default())),
         }
     }
 }
@@ -78,16 +82,22 @@ impl OperatorMetrics {
 
     /// The admission webhook's decision, with its metrics registered here (call once).
     pub fn injector(&self, mesh: MeshSpec, namespaces: NamespaceLabels) -> Injector {
-        let (_, mesh) = tokio::sync::watch::channel(mesh);
+        self.set_mesh(mesh);
         let (_, namespaces) = tokio::sync::watch::channel(Arc::new(namespaces));
         Injector::new(
-            mesh,
+            self.mesh.subscribe(),
             namespaces,
             InjectContext {
                 operator_namespace: super::ROOT_NAMESPACE.to_string(),
             },
             &mut self.lock(),
         )
+    }
+
+    /// The Mesh as last compiled from the directory: what the injector (and its
+    /// `desired_proxy` series) reads from then on, as the operator's Mesh watch would see it.
+    pub fn set_mesh(&self, mesh: MeshSpec) {
+        self.mesh.send_replace(mesh);
     }
 
     /// The OpenMetrics text the operator's `/metrics` serves.
@@ -276,6 +286,24 @@ clients:
             text.contains("trellis_operator_build_info{version="),
             "{text}"
         );
+        let desired = MeshSpec::default().proxy.effective_image().to_owned();
+        assert!(
+            text.contains(&format!(
+                "trellis_operator_desired_proxy_info{{version=\"{desired}\"}} 1"
+            )),
+            "{text}"
+        );
+        // An edit of the Mesh's image reaches the series at the next scrape, as it reaches
+        // the injector: the old-proxy alert then flags the proxies still on the old one.
+        let mut edited = MeshSpec::default();
+        edited.proxy.image = Some("trellis-proxy:next".into());
+        m.set_mesh(edited);
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains("trellis_operator_desired_proxy_info{version=\"trellis-proxy:next\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains(&desired), "{text}");
         // No leader election runs here: the gauge is absent, not a made-up value.
         assert!(!text.contains("trellis_operator_leader"), "{text}");
     }

@@ -751,6 +751,7 @@ impl LocalMesh {
                     .filter(|(ns, c)| self.configs.get(*ns) != Some(*c))
                     .map(|(ns, _)| ns.clone())
                     .collect();
+                self.op_metrics.set_mesh(control::mesh_of(&dev).spec);
                 self.dev = dev;
                 self.configs = configs;
                 match self.write_volumes() {

@@ -602,6 +602,10 @@ fn proxy_container(
         field_env("TRELLIS_SERVICE_ACCOUNT", "spec.serviceAccountName"),
         value_env("TRELLIS_LOG_LEVEL", log_level(mesh.proxy.log_level)),
         value_env("TRELLIS_DIR", MOUNT_PATH.into()),
+        // The version the proxy reports (`trellis_proxy_build_info{version}`): the image it
+        // was injected with, the same string as the pod's `trellis.dev/proxy-version`, so the
+        // old-proxy alert compares what the rollout compares (see `webhook::DesiredProxy`).
+        value_env("TRELLIS_PROXY_VERSION", o.image.clone()),
         // The operator's discovery stream (every replica serves it behind the Service) and the
         // identity it must present: destinations the ConfigMap does not list resolve there.
         value_env(
@@ -1004,6 +1008,16 @@ mod tests {
         for c in &inits {
             assert_eq!(c.image.as_deref(), Some("proxy:old"), "{}", c.name);
         }
+        // The proxy reports the same version as `trellis_proxy_build_info{version}`, which
+        // the old-proxy alert compares with the operator's desired one.
+        let proxy = inits.iter().find(|c| c.name == PROXY_CONTAINER).unwrap();
+        let reported = proxy
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "TRELLIS_PROXY_VERSION")
+            .and_then(|e| e.value.as_deref());
+        assert_eq!(reported, Some("proxy:old"));
         let Decision::Patch { pod: out, .. } = inject(&pod(json!({})), &ns, &mesh, &ctx) else {
             panic!("not injected");
         };

@@ -697,6 +697,8 @@ pub fn operator_exposition() -> String {
     webhook.skips.get_or_create(&reason).inc();
     webhook.denials.get_or_create(&reason).inc();
     webhook.injections.inc();
+    let (_, mesh) = tokio::sync::watch::channel(crate::inject::default_mesh());
+    r.register_collector(Box::new(crate::webhook::DesiredProxy(mesh)));
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &r).expect("encoding into a String");
     out
@@ -782,6 +784,7 @@ mod tests {
             ("trellis_proxy_build_info", "version"),
             ("trellis_proxy_traffic_retries_total", "backend"),
             ("trellis_operator_build_info", "version"),
+            ("trellis_operator_desired_proxy_info", "version"),
             ("trellis_operator_reconciles_total", "controller"),
             ("trellis_operator_identity_rejections_total", "reason"),
             ("trellis_operator_injector_skips_total", "reason"),
