@@ -228,9 +228,22 @@ pub async fn post_from(
     token: Option<&str>,
     body: Vec<u8>,
 ) -> (u16, serde_json::Value) {
-    let tls = tls_from(source, addr, bundle_pem)
+    try_post_from(source, addr, bundle_pem, path, token, body)
         .await
-        .expect("TLS to the identity endpoint");
+        .expect("TLS to the identity endpoint")
+}
+
+/// [`post_from`], or `None` when the endpoint closes the connection before TLS completes (a
+/// source over its connection cap).
+pub async fn try_post_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    bundle_pem: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> Option<(u16, serde_json::Value)> {
+    let tls = tls_from(source, addr, bundle_pem).await.ok()?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
             .await
@@ -252,7 +265,7 @@ pub async fn post_from(
         "application/json"
     );
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap())
+    Some((status, serde_json::from_slice(&bytes).unwrap()))
 }
 
 /// A TLS connection to the endpoint from `source`, verifying its certificate against `bundle`.
