@@ -286,6 +286,44 @@ async fn rapid_reset_closes_the_connection_and_spares_the_application() {
 }
 
 #[tokio::test]
+async fn a_peer_that_makes_the_server_reset_streams_loses_the_connection() {
+    // The "MadeYouReset" family (CVE-2025-8671): streams opened, then made invalid, so that
+    // the server resets them itself and no RST_STREAM from the peer is counted. Here DATA
+    // after END_STREAM, thousands of times: h2 treats the first as a connection error, so the
+    // loop never gets going (its own bound on such resets, 1024, is not reached).
+    let pki = Pki::new("attack-ca");
+    let app = app().await;
+    let b = server_proxy(&pki, app.addr).await;
+    let s = hostile_peer(&pki, b.running.inbound_addr).await;
+    let (mut rd, mut wr) = tokio::io::split(s);
+    let writer = tokio::spawn(async move {
+        let block = get_block();
+        for batch in 0..50u32 {
+            let mut out = Vec::new();
+            for i in 0..100 {
+                let stream = 2 * (batch * 100 + i) + 1;
+                out.extend(frame(HEADERS, END_STREAM | END_HEADERS, stream, &block));
+                out.extend(frame(DATA, END_STREAM, stream, b"x"));
+            }
+            if wr.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+    });
+    let code = tokio::time::timeout(SECS5, goaway_then_close(&mut rd))
+        .await
+        .expect("the connection stayed open while the peer made the server reset streams");
+    assert_eq!(code, Some(0x1), "PROTOCOL_ERROR expected");
+    writer.abort();
+    let seen = app.requests.load(Ordering::SeqCst);
+    assert!(seen <= 1, "the application got {seen} requests");
+    assert_eq!(
+        honest_get(&pki, b.running.inbound_addr).await,
+        Ok(StatusCode::OK)
+    );
+}
+
+#[tokio::test]
 async fn a_continuation_flood_is_cut_off() {
     // A header block that never ends: HEADERS without END_HEADERS, then CONTINUATION frames
     // without it, forever (the 2024 CONTINUATION flood).
