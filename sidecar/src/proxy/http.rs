@@ -42,6 +42,24 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Whether an HTTP/1.0 client asked to keep its connection open (`Connection: keep-alive`).
+/// hyper keeps an HTTP/1.0 connection open only when the response says `Connection:
+/// keep-alive` too, and the proxy strips the application's `Connection` header (hop-by-hop):
+/// without [`keep_http10_alive`], every HTTP/1.0 keep-alive client (ApacheBench `-k`, old
+/// load balancers' health checks) got a new connection per request.
+pub fn http10_keep_alive<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_10 && connection_has(req.headers(), "keep-alive")
+}
+
+/// Tells an HTTP/1.0 client that asked for it ([`http10_keep_alive`]) that its connection stays
+/// open, unless the response closes it.
+pub fn keep_http10_alive<B>(resp: &mut Response<B>) {
+    if !resp.headers().contains_key(header::CONNECTION) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+    }
+}
+
 /// Removes hop-by-hop headers. `TE: trailers` survives (gRPC needs it end to end); an upgrade
 /// keeps `Connection: upgrade` and `Upgrade`.
 ///

@@ -27,7 +27,8 @@ use tokio::net::TcpStream;
 use super::coalesce;
 use super::detect::{Detected, detect};
 use super::http::{
-    authority, clean_response, ensure_request_id, is_upgrade, strip_hop_by_hop, trace_id,
+    authority, clean_response, ensure_request_id, http10_keep_alive, is_upgrade, keep_http10_alive,
+    strip_hop_by_hop, trace_id,
 };
 use super::io::{Prefixed, original_dst};
 use super::mtls::Alpn;
@@ -248,6 +249,7 @@ async fn handle(
     let start = Instant::now();
     let request_id = ensure_request_id(req.headers_mut());
     let upgrade = is_upgrade(&req);
+    let keep_alive_10 = http10_keep_alive(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut(), upgrade);
 
@@ -359,6 +361,9 @@ async fn handle(
         spawn_tunnel(&shared, cu, &mut resp, trust);
     }
     clean_response(&mut resp);
+    if keep_alive_10 {
+        keep_http10_alive(&mut resp);
+    }
     let peer = resp
         .extensions()
         .get::<PeerIdentity>()
