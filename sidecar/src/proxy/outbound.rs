@@ -253,6 +253,16 @@ async fn handle(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut(), upgrade);
 
+    // HTTP/1.0 allows a request without `Host`; HTTP/2 between the sidecars needs an
+    // authority (the `http` crate cannot even build a URI with a scheme and none), and without
+    // one the hop failed with 502. The authority is where the client connected, as it would
+    // have written it had it sent one; the application then gets that as `Host`.
+    if info.redirected
+        && authority(&req).is_none()
+        && let Ok(host) = http::HeaderValue::from_str(&info.orig_dst.to_string())
+    {
+        req.headers_mut().insert(http::header::HOST, host);
+    }
     let method = req.method().clone();
     let version = req.version();
     // Joins or starts the trace before the headers go on, so the next hop's span (or the

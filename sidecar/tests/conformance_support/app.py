@@ -1,6 +1,7 @@
 """A third-party HTTP/1.1 application for sidecar/tests/conformance.rs: Python's standard
 library server (no packages), so what reaches it is what a real application behind the
-sidecar would parse. Prints READY <port> once it listens on 127.0.0.1.
+sidecar would parse. `app.py [HOST PORT]` (default 127.0.0.1 and a free port); prints
+READY <port> once it listens.
 
 Routes (the test asserts on what the client sees end to end):
   /echo       JSON: method, path, request version, headers (as received, in order, bytes as
@@ -219,7 +220,11 @@ class Server(socketserver.ThreadingMixIn, HTTPServer):
 
 
 if __name__ == "__main__":
-    srv = Server(("127.0.0.1", 0), Handler)
+    # Address and port from the command line (the netns test binds the pod's port on every
+    # address); by default a free port on loopback.
+    host = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1"
+    port = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    srv = Server((host, port), Handler)
     print("READY", srv.server_address[1], flush=True)
     # Ends with the test: its stdin closes when the test drops the process.
     import threading
