@@ -327,6 +327,14 @@ async fn pipelined_and_http10_requests_are_answered_in_order() {
         started.elapsed() < Duration::from_secs(5),
         "the HTTP/1.0 connection was kept open"
     );
+    // A chunked response to an HTTP/1.0 client: close-delimited, whole.
+    let r = p.curl("/chunked").args(["--http1.0"]).run().await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.head.starts_with("HTTP/1.0 200"), "{}", r.head);
+    assert_eq!(
+        String::from_utf8_lossy(&r.body),
+        "part-0;part-1;part-2;part-3;part-4;"
+    );
     // curl's HTTP/1.0 with keep-alive: two requests on one connection.
     let r = p
         .curl("/echo")
@@ -415,6 +423,36 @@ async fn error_paths_show_the_user_a_clear_answer() {
     assert_ne!(r.code, 0, "a truncated response looked complete");
     assert!(r.body.len() < 100_000);
     assert!(started.elapsed() < Duration::from_secs(10), "hung");
+
+    // The same without a length: the client must not see a complete (chunked) response.
+    // (h2c needs the port declared HTTP/1.1: the Python application speaks nothing else.)
+    let h1_port = pair_with(Protocol::Http1).await;
+    for (p, v) in [
+        (&p, "--http1.1"),
+        (&p, "--http1.0"),
+        (&h1_port, "--http2-prior-knowledge"),
+    ] {
+        let started = Instant::now();
+        let r = p.curl("/truncate-chunked").args([v]).run().await;
+        // curl: 18 (short read), or 52 (nothing) for HTTP/1.0, whose close-delimited body
+        // cannot show a truncation any other way than by not answering.
+        assert_ne!(
+            r.code, 0,
+            "{v}: a truncated response looked complete: {}",
+            r.head
+        );
+        assert!(started.elapsed() < Duration::from_secs(10), "{v}: hung");
+    }
+    // A response framed both ways: the chunked framing wins and the body arrives whole, with
+    // no stale Content-Length for the client to trust.
+    let r = p.curl("/te-and-cl").run().await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(String::from_utf8_lossy(&r.body), "hello world");
+    assert!(
+        r.header("content-length").iter().all(|v| v == "11"),
+        "{}",
+        r.head
+    );
 
     // Nothing listens behind the server proxy: 503 with a body that says why.
     let dead = {

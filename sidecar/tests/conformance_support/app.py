@@ -14,6 +14,8 @@ Routes (the test asserts on what the client sees end to end):
   /big?n=N    N bytes with Content-Length, written in 64 KiB pieces.
   /upload     reads the body (chunked or Content-Length) and answers its length and checksum.
   /truncate   announces 100000 bytes, sends 1000 and closes the connection.
+  /truncate-chunked  one chunk, then closes without the last chunk.
+  /te-and-cl  a response framed both ways: Content-Length: 5 and an 11-byte chunked body.
   /sleep?ms=N answers after N ms.
   /ws         WebSocket (RFC 6455): says "hello" first, echoes text and binary messages,
               answers pings, and answers a close with the same code before closing.
@@ -158,6 +160,22 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(2)
         elif p == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
             self.websocket()
+        elif p == "/truncate-chunked":
+            self.read_body()
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.chunk(b"t" * 1000)
+            self.close_connection = True
+            self.connection.shutdown(2)
+        elif p == "/te-and-cl":
+            self.read_body()
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.chunk(b"hello world")
+            self.wfile.write(b"0\r\n\r\n")
         elif p == "/sleep":
             self.read_body()
             time.sleep(int(q["ms"][0]) / 1000)
