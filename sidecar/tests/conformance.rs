@@ -72,6 +72,18 @@ async fn head_204_304_and_duplicate_headers_reach_curl_as_the_app_sent_them() {
         assert_eq!(r.header("etag"), ["\"v1\""]);
         assert!(started.elapsed() < Duration::from_secs(5), "{code} hung");
     }
+    // A 304 may carry the Content-Length of what it stands for (RFC 9110 section 8.6), with
+    // no body; and so may a 304 to an h2c client.
+    // (h2c needs the port declared HTTP/1.1: the Python application speaks nothing else.)
+    let h1_port = pair_with(Protocol::Http1).await;
+    for (p, v) in [(&p, "--http1.1"), (&h1_port, "--http2-prior-knowledge")] {
+        let started = Instant::now();
+        let r = p.curl("/status/304?cl").args([v]).run().await;
+        assert_eq!(r.code, 0, "{v}: {}", r.stderr);
+        assert_eq!(r.status(), 304, "{v}: {}", r.head);
+        assert!(r.body.is_empty());
+        assert!(started.elapsed() < Duration::from_secs(5), "{v}: 304 hung");
+    }
     // Three Set-Cookie stay three, in order.
     let r = p.curl("/cookies").run().await;
     assert_eq!(
@@ -113,6 +125,19 @@ async fn uploads_with_expect_continue_and_chunked_bodies_arrive_whole() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.json()["bodyLen"], data.len());
     assert_eq!(r.json()["crc"], crc);
+    // Response trailers reach a client that asked for them (`TE: trailers`).
+    let r = p
+        .curl("/trailers")
+        .args(["--raw", "-H", "TE: trailers"])
+        .run()
+        .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let raw_body = String::from_utf8_lossy(&r.body).to_ascii_lowercase();
+    assert!(raw_body.contains("body"), "{raw_body}");
+    assert!(
+        raw_body.contains("x-checksum: 42"),
+        "trailer lost: {raw_body:?}"
+    );
     // A chunked response keeps its pieces' bytes in order.
     let r = p.curl("/chunked").run().await;
     assert_eq!(r.code, 0, "{}", r.stderr);

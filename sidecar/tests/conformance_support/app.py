@@ -7,7 +7,8 @@ Routes (the test asserts on what the client sees end to end):
   /echo       JSON: method, path, request version, headers (as received, in order, bytes as
               latin-1), body length and a checksum of the body (chunked or Content-Length).
   /head       Content-Length: 1234 and 1234 bytes (HEAD: the head only).
-  /status/N   status N, no body (204, 304) or a short one.
+  /status/N   status N, no body (204, 304; with ?cl a 304 carries Content-Length: 1234) or a
+              short one.
   /cookies    three Set-Cookie headers.
   /chunked    a chunked response in five chunks.
   /trickle    five chunks 300 ms apart, no length (server-sent events).
@@ -15,6 +16,7 @@ Routes (the test asserts on what the client sees end to end):
   /upload     reads the body (chunked or Content-Length) and answers its length and checksum.
   /truncate   announces 100000 bytes, sends 1000 and closes the connection.
   /truncate-chunked  one chunk, then closes without the last chunk.
+  /trailers   a chunked body with an `X-Checksum: 42` trailer.
   /te-and-cl  a response framed both ways: Content-Length: 5 and an 11-byte chunked body.
   /sleep?ms=N answers after N ms.
   /ws         WebSocket (RFC 6455): says "hello" first, echoes text and binary messages,
@@ -104,6 +106,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(code)
             if code in (204, 304):
                 self.send_header("ETag", '"v1"')
+                if "cl" in q:
+                    # The length of the representation the 304 stands for (RFC 9110 8.6).
+                    self.send_header("Content-Length", "1234")
                 self.end_headers()
             else:
                 self.send_header("Content-Length", "2")
@@ -176,6 +181,14 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.chunk(b"hello world")
             self.wfile.write(b"0\r\n\r\n")
+        elif p == "/trailers":
+            self.read_body()
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Trailer", "X-Checksum")
+            self.end_headers()
+            self.chunk(b"body")
+            self.wfile.write(b"0\r\nX-Checksum: 42\r\n\r\n")
         elif p == "/sleep":
             self.read_body()
             time.sleep(int(q["ms"][0]) / 1000)
