@@ -5,7 +5,7 @@
 //! `conformance_support/app.py`) on the pod IP. Real `trellis-proxy` binaries as UID 2137, the
 //! `netns_pods` fixture. `conformance.rs` covers the same behaviour in local mode (no
 //! redirect); this covers what only the redirect path does: routing by original destination,
-//! with no `Host` to go by.
+//! with no `Host` to go by, and upgrades on their own mTLS connection.
 //!
 //! Skips with a message when not root or when `ip` / `iptables` / `setpriv` / `curl` /
 //! `python3` are missing.
@@ -24,6 +24,8 @@ use netns_pods::*;
 use trellis_proxy::config::{Endpoint, MtlsMode, OutboundService, Protocol, ServicePort};
 
 const APP_PORT: u16 = 8080;
+/// A port of the server pod nothing listens on (the Service's port 81).
+const DEAD_PORT: u16 = 8081;
 
 fn skip() -> Option<String> {
     netns_support::skip_reason(&[
@@ -36,22 +38,26 @@ fn skip() -> Option<String> {
     ])
 }
 
-/// `backend.shop`: port 80 declared HTTP/1.1, its endpoint the server pod's application.
+/// `backend.shop`: port 80 declared HTTP/1.1, its endpoint the server pod's application; port
+/// 81 the same pod's [`DEAD_PORT`].
 fn backend() -> OutboundService {
     OutboundService {
         name: "backend".into(),
         namespace: "shop".into(),
         addresses: vec![CLUSTER_IP.parse().unwrap()],
-        ports: vec![ServicePort {
-            port: 80,
-            name: Some("http".into()),
-            protocol: Protocol::Http1,
-            endpoints: vec![Endpoint {
-                address: SocketAddr::new(SERVER_IP.parse().unwrap(), APP_PORT),
-                identity: Some(id("backend")),
-                zone: None,
-            }],
-        }],
+        ports: [(80, APP_PORT), (81, DEAD_PORT)]
+            .into_iter()
+            .map(|(port, target)| ServicePort {
+                port,
+                name: Some("http".into()),
+                protocol: Protocol::Http1,
+                endpoints: vec![Endpoint {
+                    address: SocketAddr::new(SERVER_IP.parse().unwrap(), target),
+                    identity: Some(id("backend")),
+                    zone: None,
+                }],
+            })
+            .collect(),
         identities: vec![id("backend")],
         policy: None,
     }
@@ -92,6 +98,35 @@ fn curl(ns: &str, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A WebSocket client on Python's standard library: handshake with the RFC's sample key,
+/// the server's greeting, a masked text message echoed back, then the close handshake and
+/// the end of the connection. Prints `WS-OK`.
+const WS_CLIENT: &str = r#"
+import socket, struct, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=5)
+s.sendall(b"GET /ws HTTP/1.1\r\nHost: backend.shop\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+f = s.makefile("rb")
+head = b""
+while not head.endswith(b"\r\n\r\n"):
+    head += f.read(1)
+assert head.startswith(b"HTTP/1.1 101"), head
+assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head, head
+def recv():
+    b0, b1 = f.read(2)
+    return b0 & 15, f.read(b1 & 127)
+def send(op, data):
+    mask = b"\x01\x02\x03\x04"
+    s.sendall(bytes([0x80 | op, 0x80 | len(data)]) + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(data)))
+assert recv() == (1, b"hello")
+send(1, b"through the redirect")
+assert recv() == (1, b"through the redirect")
+send(8, struct.pack("!H", 1000))
+assert recv() == (8, struct.pack("!H", 1000))
+assert f.read() == b""
+print("WS-OK")
+"#;
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
@@ -189,6 +224,37 @@ fn curl_through_the_redirect_reaches_the_app_as_it_would_without_the_mesh() {
     assert!(out.starts_with("HTTP/2 200"), "{out}");
     let body = out.split_once("\r\n\r\n").unwrap().1;
     assert_eq!(json(body)["version"], "HTTP/1.1");
+
+    // Nothing listening behind the server sidecar: 503 and why.
+    let (code, out, err) = curl(
+        &net.client,
+        &["-i", &format!("http://{CLUSTER_IP}:81/echo")],
+    );
+    if code != 0 {
+        fail("dead port", &err);
+    }
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert!(out.contains("connection refused"), "{out}");
+
+    // A WebSocket session from a Python client (standard library sockets) in the client pod.
+    let ws = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.client,
+            "python3",
+            "-c",
+            WS_CLIENT,
+            CLUSTER_IP,
+        ])
+        .output()
+        .unwrap();
+    let ws_out = String::from_utf8_lossy(&ws.stdout);
+    assert!(
+        ws.status.success() && ws_out.contains("WS-OK"),
+        "{ws_out} {}",
+        String::from_utf8_lossy(&ws.stderr)
+    );
 
     // Server-sent events: the first event long before the last (five, 300 ms apart).
     let started = Instant::now();
