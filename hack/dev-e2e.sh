@@ -8,8 +8,8 @@
 #     refusals. Screenshots go to $OUT;
 #   - a real Prometheus (Debian's, on loopback, temp dir, 1 h retention, stopped at the end)
 #     scrapes the run's sidecars and its operator metrics (the scrape config trellis dev
-#     writes): `trellis stat` must report every meshed HTTP edge, and
-#     `trellis dashboard --prometheus` must draw them in Chromium too;
+#     writes): `trellis stat` must report every meshed edge (the opaque TCP one included),
+#     and `trellis dashboard --prometheus` must draw them in Chromium too;
 #   - once `shop` is Strict (so refusals have series too), the same Prometheus answers every
 #     Grafana dashboard query and alert expression shipped in operator/src/addons/assets (the
 #     operator's ignored `addons::assets::check::live` test: series for each, the operator's and
@@ -81,8 +81,8 @@ chrome() {
 
 MESHED=(load.shop-\>frontend.shop=mtls frontend.shop-\>catalog.shop=mtls
   frontend.shop-\>reviews.shop=mtls)
-# Opaque TCP: trellis dev's graph reads it from the sidecars' trellis_proxy_tcp_* counters;
-# `trellis stat` and `trellis dashboard --prometheus` show HTTP edges only.
+# Opaque TCP: trellis dev's graph, `trellis stat` and `trellis dashboard --prometheus` read it
+# from the sidecars' trellis_proxy_tcp_connections_total (connections as requests).
 TCP=warmer.shop-\>cache.shop
 LEGACY=legacy.shop-\>frontend.shop
 
@@ -120,12 +120,13 @@ for ((i = 0; i < 60; i++)); do
 import json, sys
 st = json.load(open(sys.argv[1]))
 e = {(x["source"], x["destination"]): x for x in st["edges"]}
-want = [("load.shop", "frontend.shop"), ("frontend.shop", "catalog.shop"), ("frontend.shop", "reviews.shop")]
+want = [("load.shop", "frontend.shop"), ("frontend.shop", "catalog.shop"), ("frontend.shop", "reviews.shop"),
+        ("warmer.shop", "cache.shop")]
 bad = [k for k in want if not (k in e and e[k]["mtls"] and e[k]["rps"] > 0 and e[k]["success"] is not None)]
 plain = e.get(("(no sidecar)", "frontend.shop"))
 bad += [] if plain and not plain["mtls"] and plain["rps"] > 0 else ["plaintext into frontend.shop"]
 w = {x["workload"] + "." + x["namespace"] for x in st["workloads"]}
-bad += [x for x in ["frontend.shop", "catalog.shop", "reviews.shop"] if x not in w]
+bad += [x for x in ["frontend.shop", "catalog.shop", "reviews.shop", "cache.shop"] if x not in w]
 sys.exit(1 if bad else 0)
 PY
   then
@@ -154,7 +155,7 @@ promdash=$!
 sleep 4
 PURL="http://127.0.0.1:$PROM_DASHBOARD_PORT/"
 chrome --dump-dom "$PURL" >"$OUT/dom-prometheus.html"
-python3 hack/dashboard_dom.py "$OUT/dom-prometheus.html" "${MESHED[@]}" \
+python3 hack/dashboard_dom.py "$OUT/dom-prometheus.html" "${MESHED[@]}" "$TCP=mtls" \
   "(no sidecar)->frontend.shop=plaintext"
 chrome --screenshot="$OUT/dashboard-prometheus.png" "$PURL"
 kill "$promdash"

@@ -184,6 +184,16 @@ fn cli_inject_then_uninject_round_trips_through_stdin() {
         parse(&String::from_utf8(twice.stdout).unwrap(), "twice").unwrap(),
         parse(&injected_text, "once").unwrap()
     );
+    // `-f`, as kubectl and istioctl take manifests, reads the same.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bundle.yaml");
+    std::fs::write(&file, bundle()).unwrap();
+    let by_flag = trellis(&["inject", "-f", file.to_str().unwrap()], "");
+    assert!(by_flag.status.success());
+    assert_eq!(
+        parse(&String::from_utf8(by_flag.stdout).unwrap(), "by -f").unwrap(),
+        parse(&injected_text, "once").unwrap()
+    );
     let back = trellis(&["uninject", "-"], &injected_text);
     assert!(
         back.status.success(),

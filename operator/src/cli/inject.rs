@@ -37,10 +37,28 @@ pub enum CliError {
     Write(String),
 }
 
+/// The manifests to read: positional, as `linkerd inject` takes them, or `-f`, as `kubectl`
+/// and `istioctl kube-inject` do (people type whichever they are used to); both may be given.
 #[derive(clap::Args, Debug)]
-pub struct InjectArgs {
+pub struct ManifestFiles {
     /// Manifest files; `-` or nothing reads stdin.
     pub files: Vec<PathBuf>,
+    /// A manifest file (repeatable), as with kubectl; `-` reads stdin.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    pub filename: Vec<PathBuf>,
+}
+
+impl ManifestFiles {
+    /// Every file, positional ones first; none means stdin.
+    fn all(&self) -> Vec<PathBuf> {
+        self.files.iter().chain(&self.filename).cloned().collect()
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InjectArgs {
+    #[command(flatten)]
+    pub input: ManifestFiles,
     /// A Mesh manifest whose proxy settings to use (image, resources, log level); defaults
     /// otherwise.
     #[arg(long)]
@@ -52,8 +70,8 @@ pub struct InjectArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct UninjectArgs {
-    /// Manifest files; `-` or nothing reads stdin.
-    pub files: Vec<PathBuf>,
+    #[command(flatten)]
+    pub input: ManifestFiles,
 }
 
 pub fn run_inject(a: InjectArgs) -> anyhow::Result<()> {
@@ -65,7 +83,7 @@ pub fn run_inject(a: InjectArgs) -> anyhow::Result<()> {
         operator_namespace: a.operator_namespace,
     };
     let mut docs = Vec::new();
-    for (name, text) in inputs(&a.files)? {
+    for (name, text) in inputs(&a.input.all())? {
         docs.extend(parse(&text, &name)?);
     }
     let mut notes = Vec::new();
@@ -81,7 +99,7 @@ pub fn run_inject(a: InjectArgs) -> anyhow::Result<()> {
 
 pub fn run_uninject(a: UninjectArgs) -> anyhow::Result<()> {
     let mut docs = Vec::new();
-    for (name, text) in inputs(&a.files)? {
+    for (name, text) in inputs(&a.input.all())? {
         docs.extend(parse(&text, &name)?);
     }
     for doc in &mut docs {

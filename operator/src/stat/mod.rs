@@ -6,7 +6,10 @@
 //! the labels `trellis dev`'s generated `prometheus.yml` sets, and the ones a cluster's scrape
 //! configuration must set for these views. An edge is read on the caller's sidecar (outbound
 //! requests by `dst_service` and `tls`); callers without a sidecar appear as the plaintext
-//! requests the destination's sidecar received, from `(no sidecar)`.
+//! requests the destination's sidecar received, from `(no sidecar)`. An opaque TCP edge
+//! counts the caller's outbound connections as its requests, each a success (the sidecar
+//! counts one once the connection to the destination is made, mTLS handshake included), with
+//! no latency: the same reading as `trellis dev`'s graph (`dev::stats::edges_from_scrape`).
 //!
 //! Pure here: PromQL text, and query results -> [`Stat`]; the HTTP edge is [`prometheus`].
 
@@ -47,12 +50,16 @@ pub enum Query {
     EdgeOk,
     EdgeP50,
     EdgeP99,
+    /// Opaque TCP connections opened per second, by caller and destination.
+    EdgeTcp,
     PlainRps,
     PlainOk,
     WorkloadRps,
     WorkloadOk,
     WorkloadP50,
     WorkloadP99,
+    /// Opaque TCP connections served per second, by workload.
+    WorkloadTcp,
     Refused,
 }
 
@@ -86,6 +93,12 @@ pub fn queries(window: &str) -> Vec<(Query, String)> {
             q(0.99, "outbound", "namespace, app, dst_service"),
         ),
         (
+            Query::EdgeTcp,
+            format!(
+                "sum by ({edge}) (rate(trellis_proxy_tcp_connections_total{{direction=\"outbound\"}}[{window}]))"
+            ),
+        ),
+        (
             Query::PlainRps,
             format!(
                 "sum by (namespace, app) (rate({req}{{direction=\"inbound\",tls=\"false\"}}[{window}]))"
@@ -109,6 +122,12 @@ pub fn queries(window: &str) -> Vec<(Query, String)> {
         ),
         (Query::WorkloadP50, q(0.5, "inbound", "namespace, app")),
         (Query::WorkloadP99, q(0.99, "inbound", "namespace, app")),
+        (
+            Query::WorkloadTcp,
+            format!(
+                "sum by (namespace, app) (rate(trellis_proxy_tcp_connections_total{{direction=\"inbound\"}}[{window}]))"
+            ),
+        ),
         (
             Query::Refused,
             format!(
@@ -189,6 +208,20 @@ pub fn build(window: &str, results: &BTreeMap<Query, Vec<Sample>>) -> Stat {
             },
         );
     }
+    // Opaque TCP: connections are the edge's requests, each a success, added to any HTTP
+    // requests to the same destination (a Service with both kinds of port).
+    for s in get(Query::EdgeTcp) {
+        let k = key(s);
+        let e = edges.entry(k.clone()).or_insert_with(|| EdgeStat {
+            source: k.0.clone(),
+            destination: k.1.clone(),
+            mtls: k.2,
+            ..Default::default()
+        });
+        let ok = e.success.map_or(0.0, |r| r * e.rps) + s.value;
+        e.rps += s.value;
+        e.success = ratio(Some(ok), e.rps);
+    }
     // Latency has no `tls` label: it goes to the mTLS edge when there is one.
     for (q, p99) in [(Query::EdgeP50, false), (Query::EdgeP99, true)] {
         for s in get(q) {
@@ -227,8 +260,10 @@ pub fn build(window: &str, results: &BTreeMap<Query, Vec<Sample>>) -> Stat {
         .iter()
         .map(|s| (s.workload(), s.value))
         .collect();
+    // After `WorkloadRps`, which sets the HTTP rate that `WorkloadTcp` adds to.
     for q in [
         Query::WorkloadRps,
+        Query::WorkloadTcp,
         Query::WorkloadP50,
         Query::WorkloadP99,
         Query::Refused,
@@ -245,6 +280,11 @@ pub fn build(window: &str, results: &BTreeMap<Query, Vec<Sample>>) -> Stat {
                 Query::WorkloadRps => {
                     w.rps = s.value;
                     w.success = ratio(wl_ok.get(&s.workload()).copied(), s.value);
+                }
+                Query::WorkloadTcp => {
+                    let ok = w.success.map_or(0.0, |r| r * w.rps) + s.value;
+                    w.rps += s.value;
+                    w.success = ratio(Some(ok), w.rps);
                 }
                 Query::WorkloadP50 => w.p50_ms = finite(s.value).map(|v| v * 1000.0),
                 Query::WorkloadP99 => w.p99_ms = finite(s.value).map(|v| v * 1000.0),
@@ -362,7 +402,25 @@ impl Stat {
             );
         }
         // Callers that only send (clients) have no served metrics: their outbound metrics
-        // prove a sidecar. The `(no sidecar)` caller has none.
+        // prove a sidecar. The `(no sidecar)` caller has none. A destination that served
+        // nothing in the window still ends its edges; reached over mTLS it has a sidecar.
+        for e in &self.edges {
+            let (name, namespace) = e
+                .destination
+                .split_once('.')
+                .unwrap_or((&e.destination, ""));
+            let node = nodes.entry(e.destination.clone()).or_insert_with(|| Node {
+                id: e.destination.clone(),
+                name: name.to_string(),
+                namespace: namespace.to_string(),
+                meshed: false,
+                identity: None,
+                peer_authentication: None,
+                traffic_policy: None,
+                refused_rps: 0.0,
+            });
+            node.meshed |= e.mtls;
+        }
         for e in &self.edges {
             let (name, namespace) = e.source.split_once('.').unwrap_or((&e.source, ""));
             nodes.entry(e.source.clone()).or_insert_with(|| Node {
@@ -473,11 +531,64 @@ mod tests {
             g.nodes.iter().map(|n| (n.id.as_str(), n.meshed)).collect();
         assert_eq!(
             meshed,
-            BTreeMap::from([(NO_SIDECAR, false), ("frontend.shop", true)]),
-            "a caller's outbound metrics prove its sidecar"
+            BTreeMap::from([
+                (NO_SIDECAR, false),
+                ("catalog.shop", true),
+                ("frontend.shop", true)
+            ]),
+            "a caller's outbound metrics prove its sidecar, an mTLS edge its destination's"
         );
         assert_eq!(g.edges[0].transport, crate::dashboard::Transport::Refused);
         assert_eq!(g.edges[1].transport, crate::dashboard::Transport::Mtls);
+    }
+
+    /// Opaque TCP, read as `trellis dev`'s graph reads it: the caller's outbound connections
+    /// are the edge's requests, each a success, with no latency; the server's inbound ones
+    /// are what its workload served. A destination serving only TCP is a node of the graph.
+    #[test]
+    fn opaque_tcp_edges_count_connections() {
+        let warmer = [
+            ("app", "warmer"),
+            ("namespace", "shop"),
+            ("dst_service", "cache.shop"),
+            ("tls", "true"),
+        ];
+        let mut r = results();
+        r.insert(Query::EdgeTcp, vec![s(&warmer, 4.0)]);
+        r.insert(
+            Query::WorkloadTcp,
+            vec![
+                s(&[("app", "cache"), ("namespace", "shop")], 4.0),
+                s(&[("app", "frontend"), ("namespace", "shop")], 3.0),
+            ],
+        );
+        let st = build("30s", &r);
+        let tcp = st
+            .edges
+            .iter()
+            .find(|e| e.source == "warmer.shop")
+            .expect("the TCP edge");
+        assert_eq!(
+            (tcp.destination.as_str(), tcp.mtls, tcp.rps, tcp.success),
+            ("cache.shop", true, 4.0, Some(1.0))
+        );
+        assert_eq!((tcp.p50_ms, tcp.p99_ms), (None, None));
+        let wl: BTreeMap<&str, (f64, Option<f64>)> = st
+            .workloads
+            .iter()
+            .map(|w| (w.workload.as_str(), (w.rps, w.success)))
+            .collect();
+        assert_eq!(wl["cache"], (4.0, Some(1.0)));
+        // frontend: 22 HTTP requests/s, all served, plus 3 TCP connections/s.
+        assert_eq!(wl["frontend"], (25.0, Some(1.0)));
+        let g = st.to_graph("test", 0, 30.0);
+        assert!(
+            g.nodes.iter().any(|n| n.id == "cache.shop" && n.meshed),
+            "{:?}",
+            g.nodes
+        );
+        let e = g.edges.iter().find(|e| e.source == "warmer.shop").unwrap();
+        assert_eq!(e.transport, crate::dashboard::Transport::Mtls);
     }
 
     #[test]
@@ -494,10 +605,11 @@ mod tests {
         );
         assert!(st.workloads.is_empty());
         let g = st.to_graph("test", 0, 30.0);
-        assert_eq!(g.nodes.len(), 1);
+        let meshed: BTreeMap<&str, bool> =
+            g.nodes.iter().map(|n| (n.id.as_str(), n.meshed)).collect();
         assert_eq!(
-            (g.nodes[0].id.as_str(), g.nodes[0].meshed),
-            ("load.shop", true)
+            meshed,
+            BTreeMap::from([("frontend.shop", true), ("load.shop", true)])
         );
     }
 
