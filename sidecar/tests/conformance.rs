@@ -261,6 +261,17 @@ async fn header_edge_cases_reach_the_app_intact() {
     assert_eq!(app_header(&echo, "x-dup"), ["one", "two"]);
     assert_eq!(app_header(&echo, "x-mixed-case"), ["Value"]);
 
+    // The same 20 KiB value from an h2c client (to a port declared HTTP/1.1).
+    let h1_port = pair_with(Protocol::Http1).await;
+    let r = h1_port
+        .curl("/echo")
+        .args(["--http2-prior-knowledge", "-H", &format!("X-Long: {long}")])
+        .run()
+        .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.status(), 200, "{}", r.head);
+    assert_eq!(app_header(&r.json(), "x-long"), [long.as_str()]);
+
     // Past the limits, a clear 431 and nothing reaches the application: 101 header lines, or
     // a head larger than the 64 KiB the hop between the sidecars takes.
     let mut args: Vec<String> = Vec::new();
