@@ -468,16 +468,21 @@ async fn error_paths_show_the_user_a_clear_answer() {
         (&p, "--http1.0"),
         (&h1_port, "--http2-prior-knowledge"),
     ] {
-        let started = Instant::now();
-        let r = p.curl("/truncate-chunked").args([v]).run().await;
-        // curl: 18 (short read), or 52 (nothing) for HTTP/1.0, whose close-delimited body
-        // cannot show a truncation any other way than by not answering.
-        assert_ne!(
-            r.code, 0,
-            "{v}: a truncated response looked complete: {}",
-            r.head
-        );
-        assert!(started.elapsed() < Duration::from_secs(10), "{v}: hung");
+        // HTTP/1.0 several times: whether the chunk reaches the client before the failure
+        // does is a race, and only the run where it does could pass for complete.
+        let runs = if v == "--http1.0" { 6 } else { 1 };
+        for _ in 0..runs {
+            let started = Instant::now();
+            let r = p.curl("/truncate-chunked").args([v]).run().await;
+            // curl: 18 (short read); for HTTP/1.0, whose body ends where the connection does,
+            // 56 (reset) or 52 (nothing).
+            assert_ne!(
+                r.code, 0,
+                "{v}: a truncated response looked complete: {}",
+                r.head
+            );
+            assert!(started.elapsed() < Duration::from_secs(10), "{v}: hung");
+        }
     }
     // A response framed both ways: the chunked framing wins and the body arrives whole, with
     // no stale Content-Length for the client to trust.

@@ -3,9 +3,11 @@
 //! (L7 forwarding rules), [`tcp`] (L4), [`upstream`] (the pooled client behind
 //! [`crate::traffic::Upstream`]), [`mtls`] (TLS configs per credentials snapshot),
 //! [`peer_trust`] (closing long-lived connections whose mTLS peer is no longer trusted) and
-//! [`coalesce`] (a small response's head and body written together). [`h2client`] and
+//! [`coalesce`] (a small response's head and body written together), [`abort`] (an HTTP/1.0
+//! response that fails mid-way is reset, not closed). [`h2client`] and
 //! [`h2server`] speak HTTP/2 between the sidecars; hyper serves everything else.
 
+pub mod abort;
 pub mod coalesce;
 pub mod detect;
 pub mod h2client;

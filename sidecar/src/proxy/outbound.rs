@@ -24,7 +24,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
-use super::coalesce;
 use super::detect::{Detected, detect};
 use super::http::{
     authority, clean_response, ensure_request_id, http10_keep_alive, is_upgrade, keep_http10_alive,
@@ -34,6 +33,7 @@ use super::io::{Prefixed, original_dst};
 use super::mtls::Alpn;
 use super::upstream::PeerIdentity;
 use super::{Completed, Shared, record, serve_http, spawn_tunnel, tcp};
+use super::{abort, coalesce};
 use crate::config::{OutboundService, Protocol};
 use crate::discovery::Target as DiscoveryTarget;
 use crate::discovery::resolver::RESOLVE_WAIT;
@@ -51,6 +51,9 @@ struct ConnInfo {
     /// nearly always talks to one Service, and building the label costs two allocations.
     dst_service: std::sync::Mutex<Option<Arc<str>>>,
     series: SeriesCache,
+    /// Set when an HTTP/1.0 response body failed: the connection is then reset (see
+    /// [`super::abort`]).
+    aborted: abort::Flag,
 }
 
 impl ConnInfo {
@@ -154,12 +157,15 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr) {
     if detected.is_http() {
         // Requests read the config current at their start, not this connection's.
         drop(snap);
+        let aborted = abort::Flag::default();
+        let io = abort::ResetOnAbort::new(io, aborted.clone());
         let info = Arc::new(ConnInfo {
             client,
             orig_dst,
             redirected,
             dst_service: std::sync::Mutex::new(None),
             series: SeriesCache::default(),
+            aborted,
         });
         let sh = shared.clone();
         serve_http(&shared, io, move |req| {
@@ -373,6 +379,9 @@ async fn handle(
     clean_response(&mut resp);
     if keep_alive_10 {
         keep_http10_alive(&mut resp);
+    }
+    if version == http::Version::HTTP_10 {
+        resp = abort::flag_errors(resp, &info.aborted);
     }
     let peer = resp
         .extensions()
