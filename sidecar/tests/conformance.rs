@@ -207,6 +207,18 @@ async fn http2_prior_knowledge_from_curl_reaches_the_app_in_its_protocol() {
     assert_eq!(echo["authority"], AUTHORITY);
     assert_eq!(echo["bodyLen"], 5);
 
+    // `curl --http2` on http:// asks to upgrade (`Upgrade: h2c`); an application that does
+    // not upgrade answers in HTTP/1.1, as it would without the mesh.
+    let p = pair_with(Protocol::Auto).await;
+    let r = p
+        .curl("/echo?up=1")
+        .args(["--http2", "-d", "hello"])
+        .run()
+        .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.head.starts_with("HTTP/1.1 200"), "{}", r.head);
+    assert_eq!(r.json()["bodyLen"], 5);
+
     // The Python application speaks HTTP/1.1 only, on a port declared so.
     let p = pair_with(Protocol::Http1).await;
     let r = p
@@ -348,6 +360,28 @@ async fn pipelined_and_http10_requests_are_answered_in_order() {
         .collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{resp}");
     assert_eq!(resp.matches("HTTP/1.1 200").count(), 3, "{resp}");
+    // 100 requests, 32 at a time on as many connections (curl -Z): every one answered 200.
+    let urls: Vec<String> = (0..100)
+        .map(|i| format!("http://{AUTHORITY}/echo?par={i}"))
+        .collect();
+    let r = p
+        .curl("/echo?par=first")
+        .args([
+            "-Z",
+            "--parallel-max",
+            "32",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+        ])
+        .args(urls.iter().flat_map(|u| ["-o", "/dev/null", u.as_str()]))
+        .run()
+        .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let codes = String::from_utf8_lossy(&r.body).into_owned();
+    assert_eq!(codes.lines().count(), 101, "{codes}");
+    assert!(codes.lines().all(|c| c == "200"), "{codes}");
     // HTTP/1.0 with Host: answered, and closed after (no keep-alive asked).
     let started = Instant::now();
     let resp = raw(
