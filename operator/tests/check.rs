@@ -653,60 +653,80 @@ async fn proxy_admin_port_unreachable() {
     );
 }
 
-/// `trellis check --proxy` names the proxies behind the operator, and fails (exit code 1)
-/// once one has been behind for longer than `--lag-threshold`.
+/// `trellis check --proxy` names the proxies behind the operator, what each has not applied
+/// and for how long, and fails (exit code 1) once one has been behind for longer than
+/// `--lag-threshold`; one only briefly behind is a warning.
 #[tokio::test]
 async fn proxies_behind_the_operator_past_the_threshold() {
     let (mut c, _) = Cluster::healthy();
-    let lagging = |pod: &str, behind: i64, settings_current: bool| {
+    // `stale`: what the proxy misses, each with how many seconds it has been missing it.
+    let lagging = |pod: &str, stale: &[(&str, i64)]| {
+        let behind = stale.iter().map(|(_, s)| *s).max().unwrap();
+        let stale: serde_json::Map<String, Value> = stale
+            .iter()
+            .map(|(what, secs)| (what.to_string(), json!(ts(NOW - secs))))
+            .collect();
         json!({"namespace": "shop", "pod": pod,
                "identity": format!("spiffe://cluster.local/ns/shop/sa/{pod}"),
-               "acked": 6, "latest": 7, "settingsCurrent": settings_current,
+               "acked": 6, "latest": 7, "stale": stale,
                "connectedSince": ts(NOW - 7200), "behindSince": ts(NOW - behind)})
     };
+    // web-1 runs an old TrafficPolicy from its ConfigMap (and the old settings); web-3 runs an
+    // old TrafficPolicy alone: it acknowledged every view and its settings are current
+    // (issue 19). web-2 has only just missed a pushed view.
     c.reports = reports(vec![report_lease(
         NOW,
         2,
         json!({"replica": "op-a", "latest": 7, "streams": 9, "objects": [],
-               "lagging": [lagging("web-2", 40, true), lagging("web-1", 250, false)],
-               "laggingTotal": 2}),
+               "lagging": [lagging("web-2", &[("generation", 40)]),
+                           lagging("web-3", &[("policies", 200)]),
+                           lagging("web-1", &[("settings", 250), ("policies", 250)])],
+               "laggingTotal": 3}),
     )]);
     let r = installed(&c, true).await;
     let text = r.render();
     assert_eq!(r.failures(), 1, "{text}");
+    let cells = |l: &str| -> Vec<String> {
+        l.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(String::from)
+            .collect()
+    };
     let at = text
-        .find("[FAIL] proxies in step: 1 of 9 behind for more than 3m00s")
+        .find("[FAIL] proxies in step: 2 of 9 behind for more than 3m00s\n")
         .unwrap_or_else(|| panic!("{text}"));
-    let table: Vec<Vec<&str>> = text[at..]
-        .lines()
-        .skip(1)
-        .take(3)
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    assert_eq!(table[0][0], "NAMESPACE");
+    let table: Vec<Vec<String>> = text[at..].lines().skip(1).take(3).map(cells).collect();
+    assert_eq!(
+        table[0],
+        ["NAMESPACE", "POD", "STALE", "CONNECTED", "IDENTITY"]
+    );
     assert_eq!(
         table[1],
         [
             "shop",
             "web-1",
-            "spiffe://cluster.local/ns/shop/sa/web-1",
-            "6/7",
-            "stale",
-            "2h00m",
-            "ago",
-            "4m10s"
+            "settings 4m10s, policies 4m10s",
+            "2h00m ago",
+            "spiffe://cluster.local/ns/shop/sa/web-1"
         ],
         "longest behind first"
     );
-    assert_eq!(table[2][1], "web-2");
-    assert!(text[at..].contains("hint: CONFIGMAP stale"), "{text}");
+    assert_eq!(table[2][1..3], ["web-3", "policies 3m20s"]);
+    assert!(text[at..].contains("hint: STALE says what"), "{text}");
+    // The one only briefly behind: listed, as a warning.
+    let at = text
+        .find("[warn] proxies catching up: 1 of 9 behind for less than 3m00s\n")
+        .unwrap_or_else(|| panic!("{text}"));
+    let row = cells(text[at..].lines().nth(2).unwrap());
+    assert_eq!(row[1..3], ["web-2", "generation 6/7 40s"]);
 
-    // Within the threshold: shown, not failed.
+    // All within the threshold: shown, not failed.
     c.reports = reports(vec![report_lease(
         NOW,
         2,
         json!({"replica": "op-a", "latest": 7, "streams": 9, "objects": [],
-               "lagging": [lagging("web-2", 40, true)], "laggingTotal": 1}),
+               "lagging": [lagging("web-3", &[("policies", 100)])], "laggingTotal": 1}),
     )]);
     let r = installed(&c, true).await;
     assert_eq!(r.failures(), 0, "{}", r.render());
@@ -716,6 +736,7 @@ async fn proxies_behind_the_operator_past_the_threshold() {
         "{}",
         r.render()
     );
+    assert!(r.render().contains("policies 1m40s"), "{}", r.render());
 
     // A user who may not list the reports is told what is missing.
     c.reports = Reply(403, api_status(403, "Forbidden", "leases is forbidden"));

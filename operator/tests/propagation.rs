@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use trellis_operator::api::peer_authentication::MtlsMode as ApiMode;
 use trellis_operator::compiler::{self, Output};
 use trellis_operator::discovery::{Hub, serve};
-use trellis_operator::propagation::{ObjectCount, ObjectRef, StreamState, Tracker};
+use trellis_operator::propagation::{ObjectCount, ObjectRef, Stale, StreamState, Tracker};
 use trellis_proxy::config::ProxyConfig;
 
 const OPERATOR_ID: &str = "spiffe://cluster.local/ns/trellis-system/sa/trellis-operator";
@@ -197,6 +197,11 @@ fn a_peer_authentication_edit_counts_the_proxies_of_its_namespace_that_run_it() 
     tracker.observe(1, t(10), &w1.snap, &out1);
     let old = out1.settings["shop"].clone();
     let pay = out1.settings["pay"].clone();
+    // Each proxy's ConfigMap carries its namespace's current TrafficPolicies throughout.
+    let stream = |ns: &str, acked, settings: Option<&str>, subs: &[&str]| StreamState {
+        policies: Some(out1.policies[ns].digest.clone()),
+        ..stream(ns, acked, settings, subs)
+    };
     let streams = vec![
         stream("shop", 1, Some(&old), &[]),
         stream("shop", 1, Some(&old), &[]),
@@ -236,7 +241,8 @@ fn a_peer_authentication_edit_counts_the_proxies_of_its_namespace_that_run_it() 
     let (lagging2, n) = tracker.lagging(&streams, |_| Some("web-1".into()), 10);
     assert_eq!(n, 1);
     assert_eq!(lagging2[0].pod, "web-1");
-    assert!(!lagging2[0].settings_current);
+    assert!(lagging2[0].stale.settings.is_some());
+    assert_eq!(lagging2[0].stale.generation, None, "it acked view 2");
     assert_eq!(
         lagging2[0].behind_since,
         t(20),
@@ -297,11 +303,27 @@ fn a_traffic_policy_counts_the_streams_subscribed_to_its_service_by_their_acks()
     let tp = c.iter().find(|c| c.object.kind == "TrafficPolicy").unwrap();
     assert_eq!(tp.generation, 2);
     let (lagging, n) = tracker.lagging(&streams, |_| None, 10);
-    assert_eq!(n, 2, "the one that acked view 4 is not behind");
-    // The one that acked only view 1 is behind since view 2 (t 11), the longest.
+    assert_eq!(
+        n, 2,
+        "the one that acked view 4 is not behind: it holds web.shop, pay's only policy-bearing \
+         Service, from the stream, so its ConfigMap's policies do not matter"
+    );
+    // The one that acked only view 1 is behind on the view since view 2 (t 11), and on its
+    // ConfigMap's policies, which it does not report, since before anything this replica
+    // knows (its first compile, t 10): the longest.
     assert_eq!(lagging[0].acked, 1);
-    assert_eq!(lagging[0].behind_since, t(11));
+    assert_eq!(
+        lagging[0].stale,
+        Stale {
+            generation: Some(t(11)),
+            settings: None,
+            policies: Some(t(10)),
+        }
+    );
+    assert_eq!(lagging[0].behind_since, t(10));
     assert_eq!(lagging[0].latest, 4);
+    assert_eq!(lagging[1].acked, 3);
+    assert_eq!(lagging[1].stale.aspects().len(), 1, "{:?}", lagging[1]);
 }
 
 // ---- A real proxy reporting on the real server ----
@@ -386,7 +408,16 @@ async fn a_proxy_reports_the_configmap_it_runs_and_counts_once_the_kubelet_deliv
     assert_eq!(pa(&hub, &tracker), (0, 1), "acking the view is not enough");
     let (lagging, _) = tracker.lagging(&hub.stream_states(), |_| Some("client-0".into()), 10);
     assert_eq!(lagging.len(), 1);
-    assert!(!lagging[0].settings_current);
+    assert_eq!(
+        lagging[0]
+            .stale
+            .aspects()
+            .iter()
+            .map(|a| a.0)
+            .collect::<Vec<_>>(),
+        ["settings"],
+        "acked the view; the ConfigMap is the stale part"
+    );
 
     // The kubelet swaps the file: the proxy reloads and says so.
     proxy.apply(&configmap(&out2)).await;
@@ -401,6 +432,174 @@ async fn a_proxy_reports_the_configmap_it_runs_and_counts_once_the_kubelet_deliv
             .is_empty()
     );
     stop.cancel();
+}
+
+/// Issue 19 end to end: a real proxy serving from a `Full` ConfigMap acknowledges the view
+/// after a TrafficPolicy edit but keeps the old policy until the kubelet delivers the new
+/// ConfigMap: it is listed as behind on its policies alone until it reloads. Once it
+/// disconnects it leaves the totals and the lagging list together, at once (both read the same
+/// live streams): no ghost proxy lags on.
+#[tokio::test]
+async fn a_real_proxy_behind_on_its_configmap_policies_is_listed_until_it_reloads_or_leaves() {
+    let pki = common::Pki::new("mesh");
+    let (addr, hub, stop) = operator(&pki).await;
+    let mut tracker = Tracker::default();
+    let w1 = world(ApiMode::Permissive, 1, 3);
+    let out1 = compiler::compile(&w1.snap);
+    let seq = hub.publish(&out1).unwrap();
+    tracker.observe(seq, Timestamp::now(), &w1.snap, &out1);
+    let mut proxy =
+        common::TestProxy::start_with(&pki, &common::id("client"), &configmap(&out1), None, |o| {
+            o.discovery = Some(trellis_proxy::discovery::resolver::Settings {
+                addrs: vec![addr.to_string()],
+                operator_id: OPERATOR_ID.into(),
+            })
+        })
+        .await;
+    let tp = |tracker: &Tracker| {
+        count(
+            &tracker.count(&hub.stream_states()),
+            "TrafficPolicy",
+            "shop",
+            "web",
+        )
+    };
+    until("the proxy's report of its ConfigMap", || {
+        tp(&tracker) == (1, 1)
+    })
+    .await;
+    assert_eq!(tracker.lagging(&hub.stream_states(), |_| None, 10).1, 0);
+
+    // shop/web's policy is edited; the operator publishes at once.
+    let w2 = world_with_policy_edit("5s");
+    let out2 = compiler::compile_incremental(&w2.snap, Some(&out1));
+    let seq = hub.publish(&out2).unwrap();
+    let edited = Timestamp::now();
+    tracker.observe(seq, edited, &w2.snap, &out2);
+    until("the proxy acknowledges the new view", || {
+        hub.stream_states()[0].acked == seq
+    })
+    .await;
+    let (lagging, n) = tracker.lagging(&hub.stream_states(), |_| Some("client-0".into()), 10);
+    assert_eq!(n, 1);
+    let since = lagging[0].stale.policies.expect("behind on its policies");
+    assert_eq!(
+        lagging[0].stale,
+        Stale {
+            policies: Some(since),
+            ..Stale::default()
+        },
+        "acked the view, current settings: behind on the ConfigMap's policies alone"
+    );
+    // Since the edit, to the tracker's resolution of a second.
+    assert!(
+        since <= edited && edited.duration_since(since) < jiff::SignedDuration::from_secs(1),
+        "{since} vs {edited}"
+    );
+    assert_eq!(tp(&tracker), (0, 1));
+
+    // The kubelet swaps the file: the proxy reloads, reports, and is in step.
+    proxy.apply(&configmap(&out2)).await;
+    until("the reloaded policies are reported", || {
+        tracker.lagging(&hub.stream_states(), |_| None, 10).1 == 0
+    })
+    .await;
+    assert_eq!(tp(&tracker), (1, 1));
+
+    // Another edit it will never load: it lags, then its pod goes away.
+    let w3 = world_with_policy_edit("9s");
+    let out3 = compiler::compile_incremental(&w3.snap, Some(&out2));
+    let seq = hub.publish(&out3).unwrap();
+    tracker.observe(seq, Timestamp::now(), &w3.snap, &out3);
+    until("the proxy lags on its policies again", || {
+        tracker.lagging(&hub.stream_states(), |_| None, 10).1 == 1
+    })
+    .await;
+    proxy.running.shutdown.trigger();
+    until("the stream is closed", || hub.stream_states().is_empty()).await;
+    assert_eq!(tp(&tracker), (0, 0), "out of the totals");
+    assert_eq!(
+        tracker.lagging(&hub.stream_states(), |_| None, 10),
+        (vec![], 0),
+        "and out of the lagging list"
+    );
+    stop.cancel();
+}
+
+/// Under constant churn (a compile every 100 ms, as endpoint changes in a large cluster give) a
+/// proxy stuck for five minutes must show as behind for five minutes, not for as long as the
+/// replica happens to remember compile times: else it would never pass `--lag-threshold`.
+#[test]
+fn a_proxy_stuck_under_constant_churn_is_behind_for_as_long_as_it_has_been_stuck() {
+    let mut tracker = Tracker::default();
+    let w = world(ApiMode::Permissive, 1, 3);
+    let out = compiler::compile_discovery(&w.snap, None);
+    let start = t(0);
+    let at = |seq: u64| start + jiff::SignedDuration::from_millis(100 * seq as i64);
+    // 5 minutes of compiles.
+    for seq in 1..=3000 {
+        tracker.observe(seq, at(seq), &w.snap, &out);
+    }
+    let stuck = StreamState {
+        policies: Some(out.policies["pay"].digest.clone()),
+        ..stream("pay", 1, Some(&out.settings["pay"]), &[])
+    };
+    let (lagging, n) = tracker.lagging(&[stuck], |_| None, 10);
+    assert_eq!(n, 1);
+    let behind = at(3000).duration_since(lagging[0].behind_since);
+    assert!(
+        behind >= jiff::SignedDuration::from_secs(299),
+        "behind for {behind:?}, stuck at view 1 of 3000 for 5 minutes"
+    );
+    // And dated no earlier than the view it missed (within the second it was recorded at).
+    assert!(lagging[0].behind_since >= at(2) - jiff::SignedDuration::from_secs(1));
+}
+
+/// The report Lease stays small whatever lags: 1 000 streams behind on all three aspects, with
+/// the longest names Kubernetes allows, list [`MAX_LISTED`] proxies, longest behind first,
+/// and count the rest; the listed part stays far below an annotation's 256 KiB.
+#[test]
+fn the_lagging_list_is_bounded_whatever_lags() {
+    use trellis_operator::propagation::report::MAX_LISTED;
+    let mut tracker = Tracker::default();
+    let w1 = world(ApiMode::Permissive, 1, 3);
+    let out1 = compiler::compile_discovery(&w1.snap, None);
+    tracker.observe(1, t(10), &w1.snap, &out1);
+    let w2 = world_with_policy_edit("5s");
+    let out2 = compiler::compile_discovery(&w2.snap, Some(&out1));
+    tracker.observe(2, t(20), &w2.snap, &out2);
+    let streams: Vec<StreamState> = (0..1000)
+        .map(|i| StreamState {
+            namespace: "pay".into(),
+            identity: format!("spiffe://cluster.local/ns/pay/sa/{}", "s".repeat(253)),
+            addr: Some(IpAddr::from([10, 1, (i / 256) as u8, (i % 256) as u8])),
+            connected: Some(t(i % 7)),
+            acked: 1,
+            settings: Some("stale".into()),
+            policies: Some(out1.policies["pay"].digest.clone()),
+            subscriptions: vec![],
+        })
+        .collect();
+    let (lagging, n) = tracker.lagging(
+        &streams,
+        |ip| Some(format!("{ip}-{}", "p".repeat(240))),
+        MAX_LISTED,
+    );
+    assert_eq!(n, 1000);
+    assert_eq!(lagging.len(), MAX_LISTED);
+    assert!(
+        lagging.iter().all(|p| p.stale.aspects().len() == 3),
+        "{:?}",
+        lagging[0]
+    );
+    assert!(
+        lagging
+            .windows(2)
+            .all(|w| w[0].behind_since <= w[1].behind_since)
+    );
+    let bytes = serde_json::to_string(&lagging).unwrap().len();
+    println!("{MAX_LISTED} listed lagging proxies: {bytes} bytes");
+    assert!(bytes < 100 * 1024, "{bytes} bytes");
 }
 
 /// What a replica's report costs at the issue's scale (1 000 namespaces, 1 000 TrafficPolicies
@@ -447,5 +646,69 @@ fn report_cost_at_cluster_scale() {
     let c = tracker.count(&streams);
     assert_eq!(objects, 2001);
     assert_eq!(count(&c, "TrafficPolicy", "ns-7", "tp"), (20, 20));
-    println!("report over 1000 streams x 20 subscriptions, {objects} objects: {per:?} per round");
+    let (lagging, lagging_total) = tracker.lagging(&streams, |_| None, 100);
+    let report = trellis_operator::propagation::ReplicaReport {
+        replica: "trellis-operator-5d9c7b6f4-x2x9q".into(),
+        latest: 1,
+        streams: streams.len() as u64,
+        objects: c,
+        lagging,
+        lagging_total: lagging_total as u64,
+    };
+    let bytes = serde_json::to_string(&report).unwrap().len();
+    println!(
+        "report over 1000 streams x 20 subscriptions, {objects} objects: {per:?} per round, {bytes} bytes of JSON (an annotation holds 256 KiB)"
+    );
+}
+
+/// Issue 19: a proxy that acknowledged every view and runs its namespace's current settings,
+/// but whose ConfigMap still carries the old TrafficPolicy, is behind and `trellis check
+/// --proxy` must list it.
+#[test]
+fn a_proxy_running_a_stale_traffic_policy_from_its_configmap_is_listed_as_lagging() {
+    let mut tracker = Tracker::default();
+    let w1 = world(ApiMode::Permissive, 1, 3);
+    let out1 = compiler::compile(&w1.snap);
+    tracker.observe(1, t(10), &w1.snap, &out1);
+    let cm1 = ProxyConfig::from_json(out1.config("pay").unwrap().as_bytes()).unwrap();
+    let w2 = world_with_policy_edit("5s");
+    let out2 = compiler::compile(&w2.snap);
+    tracker.observe(2, t(20), &w2.snap, &out2);
+    let cm2 = ProxyConfig::from_json(out2.config("pay").unwrap().as_bytes()).unwrap();
+    assert_eq!(cm1.settings_digest(), cm2.settings_digest());
+    let streams = vec![loaded("pay", 2, &cm1), loaded("pay", 2, &cm2)];
+    let (lagging, n) = tracker.lagging(&streams, |_| Some("ledger-0".into()), 10);
+    assert_eq!(n, 1, "the proxy with the old policy lags: {lagging:?}");
+    assert_eq!(lagging.len(), 1);
+    assert_eq!(
+        lagging[0].stale,
+        Stale {
+            policies: Some(t(20)),
+            ..Stale::default()
+        },
+        "behind on its ConfigMap's policies alone, since the compile that changed the policy"
+    );
+    assert_eq!(lagging[0].behind_since, t(20));
+    assert_eq!(lagging[0].pod, "ledger-0");
+    // The same proxy is the one the TrafficPolicy's count has not updated.
+    assert_eq!(
+        count(&tracker.count(&streams), "TrafficPolicy", "shop", "web"),
+        (1, 2)
+    );
+
+    // The policy is deleted: a proxy whose ConfigMap still carries it runs a policy that no
+    // longer exists, and lags although no TrafficPolicy is left to count it.
+    let mut w3 = w2.clone();
+    w3.snap.traffic_policies.clear();
+    let out3 = compiler::compile(&w3.snap);
+    tracker.observe(3, t(30), &w3.snap, &out3);
+    let cm3 = ProxyConfig::from_json(out3.config("pay").unwrap().as_bytes()).unwrap();
+    let streams = vec![loaded("pay", 3, &cm2), loaded("pay", 3, &cm3)];
+    let (lagging, n) = tracker.lagging(&streams, |_| None, 10);
+    assert_eq!(n, 1, "{lagging:?}");
+    assert_eq!(lagging[0].stale.policies, Some(t(30)));
+    // A proxy older than the policies digest reports none: with no policy left to carry it
+    // has nothing to miss.
+    let streams = vec![stream("pay", 3, Some(&cm3.settings_digest()), &[])];
+    assert_eq!(tracker.lagging(&streams, |_| None, 10).1, 0);
 }

@@ -11,7 +11,8 @@
 
 use std::fmt::Write as _;
 
-use super::Check;
+use super::{Check, Outcome};
+use crate::propagation::report::is_fresh;
 use crate::propagation::{LaggingProxy, ReplicaReport, STALE};
 
 /// What the propagation checks read: each report with its Lease's renew time (Unix seconds).
@@ -32,9 +33,42 @@ fn human(secs: i64) -> String {
     }
 }
 
-/// The lagging proxies as a table, longest behind first. Pure, for the report and tests.
-pub fn table(lagging: &[LaggingProxy], now: i64) -> String {
-    let rows: Vec<[String; 7]> = lagging
+/// Whether a lagging proxy fails the check: behind for longer than `threshold_secs` on anything
+/// (its oldest stale aspect). One only briefly behind is catching up (a ConfigMap edit takes the
+/// kubelet's sync, about a minute, to arrive) and is shown as a warning. Pure.
+pub fn outcome(p: &LaggingProxy, now: i64, threshold_secs: i64) -> Outcome {
+    if now - p.behind_since.as_second() > threshold_secs {
+        Outcome::Fail
+    } else {
+        Outcome::Warn
+    }
+}
+
+/// The STALE cell: each aspect the proxy misses with how long, oldest first
+/// (`policies 4m10s, generation 6/7 40s`).
+fn stale_cell(p: &LaggingProxy, now: i64) -> String {
+    let aspects = p.stale.aspects();
+    if aspects.is_empty() {
+        // A report from a replica older than the per-aspect field.
+        return format!("unknown {}", human(now - p.behind_since.as_second()));
+    }
+    aspects
+        .iter()
+        .map(|(name, at)| {
+            let what = if *name == "generation" {
+                format!("generation {}/{}", p.acked, p.latest)
+            } else {
+                (*name).to_string()
+            };
+            format!("{what} {}", human(now - at.as_second()))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The lagging proxies as a table, in the order given. Pure, for the report and tests.
+pub fn table(lagging: &[&LaggingProxy], now: i64) -> String {
+    let rows: Vec<[String; 5]> = lagging
         .iter()
         .map(|p| {
             [
@@ -44,28 +78,14 @@ pub fn table(lagging: &[LaggingProxy], now: i64) -> String {
                 } else {
                     p.pod.clone()
                 },
-                p.identity.clone(),
-                format!("{}/{}", p.acked, p.latest),
-                if p.settings_current {
-                    "current".into()
-                } else {
-                    "stale".into()
-                },
+                stale_cell(p, now),
                 p.connected_since
                     .map_or_else(|| "?".into(), |t| human(now - t.as_second()) + " ago"),
-                human(now - p.behind_since.as_second()),
+                p.identity.clone(),
             ]
         })
         .collect();
-    let head = [
-        "NAMESPACE",
-        "POD",
-        "IDENTITY",
-        "ACKED",
-        "CONFIGMAP",
-        "CONNECTED",
-        "BEHIND",
-    ];
+    let head = ["NAMESPACE", "POD", "STALE", "CONNECTED", "IDENTITY"];
     let mut widths = head.map(str::len);
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -91,8 +111,11 @@ pub fn table(lagging: &[LaggingProxy], now: i64) -> String {
     out.trim_end().to_string()
 }
 
-/// The "Propagation" section: replicas reporting, and proxies behind, failing for any proxy
-/// behind for longer than `threshold_secs`.
+const FAIL_HINT: &str = "STALE says what each proxy has not applied. generation: a change the discovery stream pushed is not acknowledged (the proxy is slow or stuck); settings (Mesh, PeerAuthentication) or policies (TrafficPolicies): it does not run its namespace's current trellis-proxy ConfigMap (the kubelet has not delivered it, or the proxy refused it). Its log says why: `kubectl -n NS logs POD -c trellis-proxy`";
+const WARN_HINT: &str = "a ConfigMap change reaches a proxy on the kubelet's sync (about a minute); run again to see them catch up";
+
+/// The "Propagation" section: replicas reporting, and proxies behind: a failure for those
+/// behind for longer than `threshold_secs`, a warning for those only briefly behind.
 pub fn checks(o: &Observed, now: i64, threshold_secs: i64) -> Vec<Check> {
     let ns = &o.namespace;
     let reports = match &o.reports {
@@ -105,9 +128,15 @@ pub fn checks(o: &Observed, now: i64, threshold_secs: i64) -> Vec<Check> {
         }
         Ok(r) => r,
     };
+    // The grace the leader's sums use, so a dead replica's proxies leave this list when they
+    // leave the counts.
+    let now_ts = jiff::Timestamp::from_second(now).unwrap_or_default();
     let fresh: Vec<&ReplicaReport> = reports
         .iter()
-        .filter(|(at, _)| at.is_some_and(|at| now - at <= STALE.as_secs() as i64))
+        .filter(|(at, _)| {
+            let at = at.and_then(|s| jiff::Timestamp::from_second(s).ok());
+            is_fresh(at, now_ts, STALE)
+        })
         .map(|(_, r)| r)
         .collect();
     if fresh.is_empty() {
@@ -131,63 +160,94 @@ pub fn checks(o: &Observed, now: i64, threshold_secs: i64) -> Vec<Check> {
         ),
     )];
     let total: u64 = fresh.iter().map(|r| r.lagging_total).sum();
-    let mut lagging: Vec<LaggingProxy> = fresh.iter().flat_map(|r| r.lagging.clone()).collect();
+    let mut lagging: Vec<&LaggingProxy> = fresh.iter().flat_map(|r| &r.lagging).collect();
     lagging.sort_by(|a, b| {
         (a.behind_since, &a.namespace, &a.pod).cmp(&(b.behind_since, &b.namespace, &b.pod))
     });
     let name = "proxies in step";
-    let late = lagging
+    if total == 0 {
+        out.push(Check::pass(
+            name,
+            format!("all {streams} proxies applied the latest"),
+        ));
+        return out;
+    }
+    let (late, brief): (Vec<&LaggingProxy>, Vec<&LaggingProxy>) = lagging
         .iter()
-        .filter(|p| now - p.behind_since.as_second() > threshold_secs)
-        .count();
-    let listed = if (lagging.len() as u64) < total {
-        format!(" (the {} longest behind listed)", lagging.len())
+        .partition(|p| outcome(p, now, threshold_secs) == Outcome::Fail);
+    let unlisted = total.saturating_sub(lagging.len() as u64);
+    let note = if unlisted > 0 {
+        format!(
+            " ({unlisted} more behind, not listed: each replica lists at most its {} longest behind)",
+            crate::propagation::report::MAX_LISTED
+        )
     } else {
         String::new()
     };
-    let check = if total == 0 {
-        Check::pass(name, format!("all {streams} proxies applied the latest"))
-    } else if late == 0 {
-        Check::warn(
+    let limit = human(threshold_secs);
+    if late.is_empty() {
+        out.push(Check::warn(
             name,
             format!(
-                "{total} of {streams} catching up, none for more than {}{listed}\n{}",
-                human(threshold_secs),
-                table(&lagging, now)
+                "{total} of {streams} catching up, none for more than {limit}{note}\n{}",
+                table(&brief, now)
             ),
-            "a ConfigMap change reaches a proxy on the kubelet's sync (about a minute); run again to see them catch up",
-        )
-    } else {
-        Check::fail(
-            name,
+            WARN_HINT,
+        ));
+        return out;
+    }
+    out.push(Check::fail(
+        name,
+        format!(
+            "{} of {streams} behind for more than {limit}{note}\n{}",
+            late.len(),
+            table(&late, now)
+        ),
+        FAIL_HINT,
+    ));
+    if !brief.is_empty() {
+        out.push(Check::warn(
+            "proxies catching up",
             format!(
-                "{late} of {streams} behind for more than {}{listed}\n{}",
-                human(threshold_secs),
-                table(&lagging, now)
+                "{} of {streams} behind for less than {limit}\n{}",
+                brief.len(),
+                table(&brief, now)
             ),
-            "CONFIGMAP stale: the kubelet has not delivered the namespace's trellis-proxy ConfigMap, or the proxy refused it (its log says why: `kubectl -n NS logs POD -c trellis-proxy`); ACKED behind: the proxy has not applied what the stream pushed (slow or stuck; the same log)",
-        )
-    };
-    out.push(check);
+            WARN_HINT,
+        ));
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::propagation::Stale;
 
     const NOW: i64 = 1_900_000_000;
 
-    fn lag(pod: &str, behind: i64, settings_current: bool) -> LaggingProxy {
+    fn ago(secs: i64) -> jiff::Timestamp {
+        jiff::Timestamp::from_second(NOW - secs).unwrap()
+    }
+
+    /// A proxy behind for `behind` seconds on the aspects `stale` sets.
+    fn lag(pod: &str, behind: i64, stale: Stale) -> LaggingProxy {
         LaggingProxy {
             namespace: "shop".into(),
             pod: pod.into(),
             identity: format!("spiffe://cluster.local/ns/shop/sa/{pod}"),
             acked: 6,
             latest: 7,
-            settings_current,
-            connected_since: Some(jiff::Timestamp::from_second(NOW - 3600).unwrap()),
-            behind_since: jiff::Timestamp::from_second(NOW - behind).unwrap(),
+            stale,
+            connected_since: Some(ago(3600)),
+            behind_since: ago(behind),
+        }
+    }
+
+    fn policies(behind: i64) -> Stale {
+        Stale {
+            policies: Some(ago(behind)),
+            ..Stale::default()
         }
     }
 
@@ -209,68 +269,126 @@ mod tests {
         }
     }
 
+    fn cells(line: &str) -> Vec<&str> {
+        line.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect()
+    }
+
     #[test]
-    fn the_table_names_each_lagging_proxy_and_how_long_it_has_been_behind() {
-        let t = table(&[lag("web-0", 200, false)], NOW);
-        let lines: Vec<&str> = t.lines().map(str::trim).collect();
+    fn the_table_names_each_lagging_proxy_what_is_stale_and_for_how_long() {
+        let p = lag(
+            "web-0",
+            200,
+            Stale {
+                generation: Some(ago(40)),
+                settings: None,
+                policies: Some(ago(200)),
+            },
+        );
+        let t = table(&[&p], NOW);
+        let lines: Vec<&str> = t.lines().collect();
         assert_eq!(
-            lines[0].split_whitespace().collect::<Vec<_>>(),
-            [
-                "NAMESPACE",
-                "POD",
-                "IDENTITY",
-                "ACKED",
-                "CONFIGMAP",
-                "CONNECTED",
-                "BEHIND"
-            ]
+            cells(lines[0]),
+            ["NAMESPACE", "POD", "STALE", "CONNECTED", "IDENTITY"]
         );
         assert_eq!(
-            lines[1].split_whitespace().collect::<Vec<_>>(),
+            cells(lines[1]),
             [
                 "shop",
                 "web-0",
-                "spiffe://cluster.local/ns/shop/sa/web-0",
-                "6/7",
-                "stale",
-                "1h00m",
-                "ago",
-                "3m20s"
+                "policies 3m20s, generation 6/7 40s",
+                "1h00m ago",
+                "spiffe://cluster.local/ns/shop/sa/web-0"
             ]
         );
+        // A report from an older replica does not say what is stale.
+        let old = lag("web-1", 90, Stale::default());
+        assert_eq!(
+            cells(table(&[&old], NOW).lines().nth(1).unwrap())[2],
+            "unknown 1m30s"
+        );
+    }
+
+    #[test]
+    fn a_proxy_fails_only_past_the_threshold() {
+        assert_eq!(
+            outcome(&lag("a", 121, policies(121)), NOW, 120),
+            Outcome::Fail
+        );
+        assert_eq!(
+            outcome(&lag("a", 120, policies(120)), NOW, 120),
+            Outcome::Warn
+        );
+        assert_eq!(outcome(&lag("a", 5, policies(5)), NOW, 120), Outcome::Warn);
     }
 
     #[test]
     fn a_proxy_behind_past_the_threshold_fails_and_one_catching_up_warns() {
         let c = checks(
-            &observed(vec![(NOW - 2, report(vec![lag("web-0", 30, false)], 1))]),
-            NOW,
-            120,
-        );
-        assert_eq!(c[1].outcome, super::super::Outcome::Warn, "{:?}", c[1]);
-        let c = checks(
             &observed(vec![(
                 NOW - 2,
-                report(vec![lag("web-0", 30, true), lag("web-1", 300, false)], 3),
+                report(vec![lag("web-0", 30, policies(30))], 1),
             )]),
             NOW,
             120,
         );
-        assert_eq!(c[1].outcome, super::super::Outcome::Fail);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[1].outcome, Outcome::Warn, "{:?}", c[1]);
         assert!(
             c[1].detail
-                .starts_with("1 of 10 behind for more than 2m00s (the 2 longest behind listed)"),
+                .starts_with("1 of 10 catching up, none for more than 2m00s\n"),
             "{}",
             c[1].detail
         );
-        // Longest behind first.
-        let rows: Vec<&str> = c[1].detail.lines().skip(2).collect();
+        let c = checks(
+            &observed(vec![(
+                NOW - 2,
+                report(
+                    vec![
+                        lag("web-0", 30, policies(30)),
+                        lag("web-1", 300, policies(300)),
+                        lag("web-2", 400, policies(400)),
+                    ],
+                    5,
+                ),
+            )]),
+            NOW,
+            120,
+        );
+        assert_eq!(c.len(), 3, "{c:?}");
+        assert_eq!(
+            (c[1].name.as_str(), c[1].outcome),
+            ("proxies in step", Outcome::Fail)
+        );
         assert!(
-            rows[0].contains("web-1") && rows[1].contains("web-0"),
+            c[1].detail.starts_with(
+                "2 of 10 behind for more than 2m00s (2 more behind, not listed: each replica lists at most its 100 longest behind)\n"
+            ),
+            "{}",
+            c[1].detail
+        );
+        // Longest behind first; the one catching up is not among the failures.
+        let rows: Vec<&str> = c[1].detail.lines().skip(2).collect();
+        assert_eq!(rows.len(), 2);
+        assert!(
+            rows[0].contains("web-2") && rows[1].contains("web-1"),
             "{rows:?}"
         );
+        assert_eq!(
+            (c[2].name.as_str(), c[2].outcome),
+            ("proxies catching up", Outcome::Warn)
+        );
+        assert!(
+            c[2].detail
+                .starts_with("1 of 10 behind for less than 2m00s\n"),
+            "{}",
+            c[2].detail
+        );
+        assert!(c[2].detail.contains("web-0"));
         let c = checks(&observed(vec![(NOW - 2, report(vec![], 0))]), NOW, 120);
-        assert_eq!(c[1].outcome, super::super::Outcome::Pass);
+        assert_eq!(c[1].outcome, Outcome::Pass);
     }
 
     #[test]
@@ -278,12 +396,43 @@ mod tests {
         let c = checks(
             &observed(vec![(
                 NOW - 600,
-                report(vec![lag("web-0", 3000, false)], 1),
+                report(vec![lag("web-0", 3000, policies(3000))], 1),
             )]),
             NOW,
             120,
         );
         assert_eq!(c.len(), 1);
-        assert_eq!(c[0].outcome, super::super::Outcome::Warn);
+        assert_eq!(c[0].outcome, Outcome::Warn);
+    }
+
+    /// A dead replica's lagging proxies leave the check when its counts leave the statuses:
+    /// the same grace, to the second, on either side of it.
+    #[test]
+    fn a_report_is_read_exactly_as_long_as_the_leader_counts_it() {
+        let now = jiff::Timestamp::from_second(NOW).unwrap();
+        for age in [
+            0,
+            1,
+            STALE.as_secs() as i64 - 1,
+            STALE.as_secs() as i64,
+            STALE.as_secs() as i64 + 1,
+            600,
+            -30,
+        ] {
+            let r = report(vec![lag("web-0", 3000, policies(3000))], 1);
+            let at = jiff::Timestamp::from_second(NOW - age).unwrap();
+            let counted =
+                !crate::propagation::report::fresh(vec![(Some(at), r.clone())], now, STALE)
+                    .is_empty();
+            let listed = checks(&observed(vec![(NOW - age, r)]), NOW, 120)
+                .iter()
+                .any(|c| c.detail.contains("web-0"));
+            assert_eq!(listed, counted, "renewed {age} s ago");
+            assert_eq!(
+                counted,
+                age <= STALE.as_secs() as i64,
+                "renewed {age} s ago"
+            );
+        }
     }
 }

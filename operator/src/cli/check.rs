@@ -17,8 +17,9 @@ pub struct Args {
     #[arg(long)]
     pub proxy: bool,
     /// With `--proxy`: fail when a proxy has been behind the operator (a stream push not
-    /// applied, or its namespace's ConfigMap settings not loaded) for longer than this.
-    /// ConfigMaps reach pods on the kubelet's sync, about a minute.
+    /// applied, or its namespace's ConfigMap settings or TrafficPolicies not loaded) for
+    /// longer than this; proxies behind for less are a warning. ConfigMaps reach pods on the
+    /// kubelet's sync, about a minute.
     #[arg(long, default_value = "3m", value_parser = parse_threshold, requires = "proxy")]
     pub lag_threshold: std::time::Duration,
     /// Namespace Trellis is (or will be) installed in.

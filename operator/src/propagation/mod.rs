@@ -6,6 +6,8 @@
 //! - [`track`] (pure): per replica, what each object's current generation needs a proxy to
 //!   have applied, and how many of this replica's streams have (the per-kind meaning of
 //!   "applied" is documented there).
+//! - [`lag`] (pure): which proxies lag, on what (view generation, ConfigMap settings, ConfigMap
+//!   TrafficPolicies) and since when.
 //! - [`report`] (pure): a replica's report, the sum over replicas, the condition.
 //! - [`publish`] (edge, every replica): every [`INTERVAL`] this replica's report goes into
 //!   its own Lease, `trellis-propagation-<pod>`, in the operator's namespace.
@@ -20,14 +22,15 @@
 //! from a dead replica's (ignored after [`STALE`]; its proxies reconnect elsewhere and are
 //! counted there), and the operator's Role already covers Leases in its namespace. The report
 //! carries counts per object and the [`report::MAX_LISTED`] proxies longest behind, never a
-//! full list, so it stays small; the status carries counts only (Istio and Cilium removed
-//! per-proxy status for its cost).
+//! full list (fewer when it would not fit a Lease, [`report::fit`]); the status carries counts
+//! only (Istio and Cilium removed per-proxy status for its cost).
 //!
 //! # Cost
 //! One Lease patch per replica per [`INTERVAL`] at most, and only when its numbers changed
 //! (else a heartbeat every [`HEARTBEAT`]); one LIST per [`INTERVAL`] by the leader; at most one
 //! status patch per object per [`INTERVAL`], latest numbers win, none when they did not change.
 
+pub mod lag;
 pub mod publish;
 pub mod report;
 pub mod track;
@@ -35,8 +38,9 @@ pub mod writer;
 
 use std::time::Duration;
 
+pub use lag::{LaggingProxy, Stale};
 pub use report::{PROPAGATED, ReplicaReport, aggregate, condition};
-pub use track::{LaggingProxy, ObjectCount, ObjectRef, StreamState, Tracker};
+pub use track::{ObjectCount, ObjectRef, StreamState, Tracker};
 
 /// How often reports are published and statuses written: the "few seconds" a status may lag
 /// the proxies, and the rate limit per object.

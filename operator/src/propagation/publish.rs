@@ -44,7 +44,8 @@ pub fn lease_body(
     })
 }
 
-/// Publishes `source()` every [`INTERVAL`] when [`due`], until `shutdown`; then deletes the
+/// Publishes `source()`, cut to fit a Lease ([`super::report::fit`]), every [`INTERVAL`] when
+/// [`due`], until `shutdown`; then deletes the
 /// Lease, so the leader stops counting this replica at once (its proxies reconnect
 /// elsewhere).
 pub async fn run(
@@ -65,7 +66,13 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let report = source();
+        let mut report = source();
+        if !super::report::fit(&mut report, super::report::MAX_REPORT_BYTES) {
+            tracing::warn!(
+                objects = report.objects.len(),
+                "propagation report larger than a Lease annotation holds even without its lagging proxies; the API server will refuse it"
+            );
+        }
         let now = Instant::now();
         if !due(last.as_ref(), &report, now) {
             continue;

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use super::track::{LaggingProxy, ObjectCount, ObjectRef};
+use super::lag::LaggingProxy;
+use super::track::{ObjectCount, ObjectRef};
 use crate::api::PropagationStatus;
 use crate::api::conditions::{Condition, ConditionStatus};
 
@@ -15,6 +16,12 @@ pub const PROPAGATED: &str = "Propagated";
 /// Lagging proxies one replica lists at most: `trellis check --proxy` needs the worst ones,
 /// and the report must stay far below an annotation's 256 KiB.
 pub const MAX_LISTED: usize = 100;
+
+/// The most a report's JSON may take: the API server refuses an object whose annotations total
+/// more than 256 KiB, and a replica whose report is refused drops out of every count once its
+/// last one is [`super::STALE`]. A little is left for the annotation's key and any other
+/// annotation on the Lease.
+pub const MAX_REPORT_BYTES: usize = 250 * 1024;
 
 /// One replica's counts (the annotation of its report Lease).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,12 +35,34 @@ pub struct ReplicaReport {
     pub streams: u64,
     #[serde(default)]
     pub objects: Vec<ObjectCount>,
-    /// The proxies longest behind, at most [`MAX_LISTED`].
+    /// The proxies longest behind, longest first: at most [`MAX_LISTED`], and fewer when the
+    /// report would not fit [`MAX_REPORT_BYTES`] ([`fit`]).
     #[serde(default)]
     pub lagging: Vec<LaggingProxy>,
     /// How many proxies are behind in all.
     #[serde(default)]
     pub lagging_total: u64,
+}
+
+/// Makes `report` fit `budget` bytes of JSON by dropping lagging proxies from the end of its
+/// list (the least behind: the list is longest behind first); the counts are what the statuses
+/// are made of and are never dropped, and `lagging_total` still counts every proxy behind.
+/// Returns whether it fits: it does not when the counts alone are larger (so many objects
+/// that the report needs another home; the caller says so).
+pub fn fit(report: &mut ReplicaReport, budget: usize) -> bool {
+    let mut size = json_len(&*report);
+    while size > budget {
+        let Some(last) = report.lagging.pop() else {
+            return false;
+        };
+        // The entry and the comma before it.
+        size = size.saturating_sub(json_len(&last) + 1);
+    }
+    true
+}
+
+fn json_len<T: Serialize>(v: &T) -> usize {
+    serde_json::to_vec(v).map_or(0, |b| b.len())
 }
 
 /// Sums the counts of fresh reports per object: the generation is the highest any replica
@@ -98,8 +127,22 @@ pub fn condition(object: &ObjectRef, p: &PropagationStatus) -> Condition {
     Condition::new(PROPAGATED, status, reason, message, Some(p.generation))
 }
 
-/// Reports younger than `max_age` at `now` (by their Lease's renew time): a replica that died
-/// stops renewing, and its proxies reconnect to (and are counted by) the others.
+/// Whether a report renewed `at` still counts at `now`: no older than `max_age` (a renew time
+/// ahead of `now` is clock skew, and counts). The one rule for the leader's sums and for
+/// `trellis check --proxy`, so a dead replica's proxies leave the lagging list exactly when
+/// they leave the counts.
+pub fn is_fresh(at: Option<Timestamp>, now: Timestamp, max_age: std::time::Duration) -> bool {
+    at.is_some_and(|at| {
+        now.duration_since(at)
+            .try_into()
+            .is_ok_and(|age: std::time::Duration| age <= max_age)
+            || at > now
+    })
+}
+
+/// Reports younger than `max_age` at `now` (by their Lease's renew time, [`is_fresh`]): a
+/// replica that died stops renewing, and its proxies reconnect to (and are counted by) the
+/// others.
 pub fn fresh(
     reports: Vec<(Option<Timestamp>, ReplicaReport)>,
     now: Timestamp,
@@ -107,14 +150,7 @@ pub fn fresh(
 ) -> Vec<ReplicaReport> {
     reports
         .into_iter()
-        .filter(|(at, _)| {
-            at.is_some_and(|at| {
-                now.duration_since(at)
-                    .try_into()
-                    .is_ok_and(|age: std::time::Duration| age <= max_age)
-                    || at > now
-            })
-        })
+        .filter(|(at, _)| is_fresh(*at, now, max_age))
         .map(|(_, r)| r)
         .collect()
 }
@@ -183,6 +219,60 @@ mod tests {
         assert!(c.is_true());
         let c = condition(&o, &PropagationStatus::default());
         assert_eq!(c.reason, "NoProxies");
+    }
+
+    #[test]
+    fn a_report_is_cut_to_fit_from_its_least_behind_proxies_and_never_its_counts() {
+        let at = |s: i64| Timestamp::from_second(1_800_000_000 + s).unwrap();
+        let proxy = |i: i64| LaggingProxy {
+            namespace: "shop".into(),
+            pod: format!("web-{i}"),
+            identity: format!("spiffe://cluster.local/ns/shop/sa/web-{i}"),
+            acked: 1,
+            latest: 2,
+            stale: crate::propagation::Stale {
+                generation: Some(at(i)),
+                ..Default::default()
+            },
+            connected_since: None,
+            behind_since: at(i),
+        };
+        let full = ReplicaReport {
+            replica: "op-a".into(),
+            latest: 2,
+            streams: 40,
+            objects: (0..20)
+                .map(|i| count("TrafficPolicy", &format!("tp-{i}"), 1, 1, 2))
+                .collect(),
+            lagging: (0..40).map(proxy).collect(),
+            lagging_total: 40,
+        };
+        let whole = json_len(&full);
+        // Fits: untouched.
+        let mut r = full.clone();
+        assert!(fit(&mut r, whole));
+        assert_eq!(r, full);
+        // Every budget in between: as many of the longest behind as fit, in order.
+        for budget in [whole - 1, whole / 2, json_len(&full.objects) + 200] {
+            let mut r = full.clone();
+            assert!(fit(&mut r, budget), "{budget}");
+            assert!(json_len(&r) <= budget, "{} > {budget}", json_len(&r));
+            assert!(r.lagging.len() < 40);
+            assert_eq!(r.lagging[..], full.lagging[..r.lagging.len()]);
+            assert_eq!(
+                (r.objects.clone(), r.lagging_total),
+                (full.objects.clone(), 40)
+            );
+            // Not cut more than needed: one more entry would not have fitted.
+            let mut more = r.clone();
+            more.lagging.push(full.lagging[r.lagging.len()].clone());
+            assert!(json_len(&more) > budget);
+        }
+        // The counts alone too large: said so, and nothing of them dropped.
+        let mut r = full.clone();
+        assert!(!fit(&mut r, 100));
+        assert_eq!(r.objects, full.objects);
+        assert!(r.lagging.is_empty());
     }
 
     #[test]

@@ -35,13 +35,21 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use super::lag::{LaggingProxy, Standing, classify};
 use crate::compiler::{Output, Snapshot};
 
 /// Digests remembered per namespace. Settings change only on a Mesh or PeerAuthentication edit,
 /// and a proxy catches up within the kubelet's sync (a minute or two): a handful is plenty.
 pub const SETTINGS_HISTORY: usize = 8;
-/// Compile times remembered, for "behind since" (older lag is reported from the oldest known).
-pub const TIMES_HISTORY: usize = 1024;
+/// Compile times remembered, for "behind since": at most one per [`TIMES_RESOLUTION`], so they
+/// cover at least an hour however fast the compiles come (a compile every 100 ms under
+/// endpoint churn would otherwise push a stuck proxy's lag out of a per-compile history within
+/// a couple of minutes, and it would never pass `--lag-threshold`). Older lag is dated at the
+/// oldest time known, still over an hour ago.
+pub const TIMES_HISTORY: usize = 3600;
+/// The resolution of those times: a compile within this of the last one remembered is dated
+/// at that one, so a lag is dated at most this much early (over-reported, never hidden).
+pub const TIMES_RESOLUTION: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A tracked object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -135,29 +143,8 @@ pub struct ObjectCount {
     pub total: u64,
 }
 
-/// A proxy that has not applied everything this replica published.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LaggingProxy {
-    pub namespace: String,
-    /// The pod whose IP the stream comes from (empty when no pod has that IP).
-    #[serde(default)]
-    pub pod: String,
-    pub identity: String,
-    /// The view generation it acknowledged, and the replica's latest.
-    pub acked: u64,
-    pub latest: u64,
-    /// Whether the ConfigMap settings it runs are its namespace's current ones.
-    pub settings_current: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub connected_since: Option<Timestamp>,
-    /// Since when it has been missing something (the oldest change it has not applied, or
-    /// when it connected, whichever is later).
-    pub behind_since: Timestamp,
-}
-
 /// Per-replica bookkeeping across compiles. Pure: fed by [`Tracker::observe`], read by
-/// [`Tracker::count`] and [`Tracker::lagging`].
+/// [`Tracker::count`] and [`Tracker::lagging`] (classified by [`super::lag`]).
 #[derive(Debug, Default)]
 pub struct Tracker {
     latest: u64,
@@ -191,6 +178,20 @@ fn record(history: &mut VecDeque<Seen>, digest: &str, seq: u64) {
     }
 }
 
+/// Where a reported `digest` stands in a namespace's `history`.
+fn standing(history: &VecDeque<Seen>, digest: Option<&String>) -> Standing {
+    let Some(digest) = digest else {
+        return Standing::Unknown;
+    };
+    match history.iter().find(|seen| seen.digest == *digest) {
+        Some(Seen { until: None, .. }) => Standing::Current,
+        Some(Seen {
+            until: Some(until), ..
+        }) => Standing::Superseded { at: until + 1 },
+        None => Standing::Unknown,
+    }
+}
+
 /// Whether `digest` was current at or after compile `since` according to `history`.
 fn applied(history: Option<&VecDeque<Seen>>, digest: Option<&String>, since: u64) -> bool {
     let (Some(digest), Some(history)) = (digest, history) else {
@@ -212,7 +213,14 @@ impl Tracker {
     /// generation of each object it saw, and each namespace's settings digest.
     pub fn observe(&mut self, seq: u64, now: Timestamp, snapshot: &Snapshot, out: &Output) {
         self.latest = self.latest.max(seq);
-        if self.times.back().is_none_or(|(s, _)| *s < seq) {
+        let due = self.times.back().is_none_or(|(s, t)| {
+            *s < seq
+                && now
+                    .duration_since(*t)
+                    .try_into()
+                    .is_ok_and(|d: std::time::Duration| d >= TIMES_RESOLUTION)
+        });
+        if due {
             self.times.push_back((seq, now));
             if self.times.len() > TIMES_HISTORY {
                 self.times.pop_front();
@@ -294,10 +302,6 @@ impl Tracker {
         applied(self.policies.get(&s.namespace), s.policies.as_ref(), since)
     }
 
-    fn settings_current(&self, s: &StreamState) -> bool {
-        self.settings_applied(s, self.latest)
-    }
-
     /// Every tracked object's count over `streams`. Linear in the streams plus their
     /// subscriptions, once per report (every few seconds), never per request.
     pub fn count(&self, streams: &[StreamState]) -> Vec<ObjectCount> {
@@ -369,16 +373,48 @@ impl Tracker {
         out
     }
 
-    /// When compile `seq` was observed (the oldest known time for older ones).
+    /// When compile `seq` was observed: the time of the last compile remembered at or before it
+    /// (at most [`TIMES_RESOLUTION`] early), or the oldest time known for older ones.
     fn time_of(&self, seq: u64) -> Option<Timestamp> {
-        let i = self.times.partition_point(|(s, _)| *s < seq);
-        self.times.get(i).or(self.times.back()).map(|(_, t)| *t)
+        let i = self.times.partition_point(|(s, _)| *s <= seq);
+        self.times.get(i.saturating_sub(1)).map(|(_, t)| *t)
     }
 
-    /// The streams that miss something this replica published (a view generation not yet
-    /// acknowledged, or ConfigMap settings that are not their namespace's current ones),
-    /// longest behind first, at most `limit`; and how many there are in all. `pod_of` names
-    /// the pod behind an address.
+    /// What one stream misses of what this replica published, per aspect (see
+    /// [`super::lag`]): a view generation not acknowledged, its namespace's current ConfigMap
+    /// settings, or the TrafficPolicies that ConfigMap carries.
+    pub fn behind(&self, s: &StreamState) -> super::lag::Behind {
+        // A namespace without a digest (not meshed any more) has nothing to apply.
+        let settings = self
+            .settings
+            .get(&s.namespace)
+            .map(|h| standing(h, s.settings.as_ref()));
+        // (Whether they matter is asked only of a proxy that does not run the current ones.)
+        let policies = self
+            .policies
+            .get(&s.namespace)
+            .map(|h| standing(h, s.policies.as_ref()))
+            .filter(|st| *st == Standing::Current || self.policies_matter(s));
+        classify(s.acked, self.latest, settings, policies)
+    }
+
+    /// Whether the TrafficPolicies a stream's ConfigMap carries decide anything for it. Not
+    /// when the ConfigMap carries none and the proxy reports no digest (older than the
+    /// field), nor when the stream subscribed to every policy-bearing Service the ConfigMap
+    /// lists (the stream's copy overrides the ConfigMap's; `count` skips those the same way).
+    /// A proxy that reports a digest while none is listed is compared: a digest of policies
+    /// since deleted is a deleted policy still in force.
+    fn policies_matter(&self, s: &StreamState) -> bool {
+        let listed = self.listed.get(&s.namespace).map(|l| l.as_ref());
+        match listed {
+            Some(l) if !l.is_empty() => !l.iter().all(|k| s.subscriptions.contains(k)),
+            _ => s.policies.is_some(),
+        }
+    }
+
+    /// The streams that miss something this replica published (see [`Self::behind`]), longest
+    /// behind first, at most `limit`; and how many there are in all. `pod_of` names the pod
+    /// behind an address.
     pub fn lagging(
         &self,
         streams: &[StreamState],
@@ -388,35 +424,22 @@ impl Tracker {
         let mut all: Vec<LaggingProxy> = Vec::new();
         let mut n = 0;
         for s in streams {
-            let view_behind = s.acked < self.latest;
-            // A namespace without a current digest (not meshed any more) has nothing to apply.
-            let has_settings = self
-                .settings
-                .get(&s.namespace)
-                .is_some_and(|h| h.back().is_some_and(|b| b.until.is_none()));
-            let settings_current = !has_settings || self.settings_current(s);
-            if !view_behind && settings_current {
+            let Some(stale) = self.behind(s).dated(|seq| self.time_of(seq), s.connected) else {
+                continue;
+            };
+            n += 1;
+            if limit == 0 {
                 continue;
             }
-            n += 1;
-            let mut since_seq = if view_behind { s.acked + 1 } else { u64::MAX };
-            if !settings_current {
-                since_seq = since_seq.min(self.settings_since(s));
-            }
-            let behind = self.time_of(since_seq).unwrap_or_default();
-            let behind_since = match s.connected {
-                Some(c) if c > behind => c,
-                _ => behind,
-            };
             all.push(LaggingProxy {
                 namespace: s.namespace.clone(),
                 pod: s.addr.and_then(&pod_of).unwrap_or_default(),
                 identity: s.identity.clone(),
                 acked: s.acked,
                 latest: self.latest,
-                settings_current,
+                behind_since: stale.oldest().unwrap_or_default(),
+                stale,
                 connected_since: s.connected,
-                behind_since,
             });
         }
         all.sort_by(|a, b| {
@@ -424,19 +447,5 @@ impl Tracker {
         });
         all.truncate(limit);
         (all, n)
-    }
-
-    /// The first compile of the namespace's current settings, which a stream that does not run
-    /// them has been missing since.
-    fn settings_since(&self, s: &StreamState) -> u64 {
-        let Some(history) = self.settings.get(&s.namespace) else {
-            return self.latest;
-        };
-        let previous_until = history
-            .iter()
-            .filter_map(|seen| seen.until)
-            .max()
-            .unwrap_or(0);
-        previous_until + 1
     }
 }

@@ -21,6 +21,14 @@
 //! [`ServerMessage::Synced`] with the operator's view generation; the proxy acknowledges the
 //! generation it applied ([`ClientMessage::Ack`]) and, separately, the settings of the ConfigMap
 //! config it serves from ([`ClientMessage::Loaded`]): together what propagation status counts.
+//!
+//! # Versions
+//! The operator is upgraded before the proxies it rolls out, so for a while a newer operator
+//! talks to older proxies (and, when a Mesh pins a newer proxy image, the other way round).
+//! Either side therefore skips a message kind it does not know ([`Decoder::next_message`]
+//! logs it and reads on) and ignores fields it does not know in the messages it does, so a
+//! later version can add both without closing every older peer's stream. What a message
+//! carries of the config contract ([`OutboundService`]) stays as strict as the ConfigMap.
 
 use std::net::IpAddr;
 
@@ -60,7 +68,7 @@ impl std::fmt::Display for Target {
 
 /// Proxy -> operator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub enum ClientMessage {
     /// Resolve these targets and keep me posted.
     Subscribe { targets: Vec<Target> },
@@ -70,8 +78,9 @@ pub enum ClientMessage {
     /// ([`crate::config::ProxyConfig::settings_digest`]): what tells the operator whether a
     /// Mesh or PeerAuthentication edit, which reaches proxies through the ConfigMap and not
     /// the stream, is in force here. Sent when the stream opens and on every reload that
-    /// changes it. An operator older than this message closes the stream on it; the operator
-    /// is upgraded before the proxies it rolls out, so that pairing does not occur.
+    /// changes it. An operator older than this message (and than the skipping of unknown
+    /// kinds, see the module's doc) closes the stream on it; the operator is upgraded before
+    /// the proxies it rolls out, so that pairing does not occur.
     Loaded {
         settings: String,
         /// [`crate::config::ProxyConfig::policies_digest`] of the same config: whether the
@@ -84,7 +93,7 @@ pub enum ClientMessage {
 
 /// Operator -> proxy.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub enum ServerMessage {
     /// The current state of a subscribed Service (`name.namespace`); `None` when it was deleted
     /// or is no longer visible to the proxy's namespace (drop it from the cache).
@@ -97,6 +106,32 @@ pub enum ServerMessage {
     Unknown { target: Target },
     /// Everything the operator knew at this generation has been sent.
     Synced { generation: u64 },
+}
+
+/// A message type of the stream: the tags (serde's externally tagged, camelCase) of its kinds,
+/// so that [`Decoder::next_message`] can tell a kind it does not know (skipped) from a
+/// malformed message of one it does (an error).
+pub trait Message: for<'de> Deserialize<'de> {
+    const KINDS: &'static [&'static str];
+}
+
+impl Message for ClientMessage {
+    const KINDS: &'static [&'static str] = &["subscribe", "ack", "loaded"];
+}
+
+impl Message for ServerMessage {
+    const KINDS: &'static [&'static str] = &["service", "unknown", "synced"];
+}
+
+/// The tag of a message of a kind `T` does not have, if `body` is one: a JSON object with a
+/// single key that is not one of `T`'s kinds.
+fn unknown_kind<T: Message>(body: &[u8]) -> Option<String> {
+    let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
+    let mut keys = obj.keys();
+    let (Some(tag), None) = (keys.next(), keys.next()) else {
+        return None;
+    };
+    (!T::KINDS.contains(&tag.as_str())).then(|| tag.clone())
 }
 
 /// A frame that cannot be read.
@@ -128,22 +163,34 @@ impl Decoder {
         self.buf.extend_from_slice(chunk);
     }
 
-    /// The next whole message, if one has arrived. An error is final: the stream is out of
-    /// step and must be closed.
-    pub fn next_message<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
-        if self.buf.len() < 4 {
-            return Ok(None);
+    /// The next whole message, if one has arrived; messages of a kind `T` does not know (a
+    /// newer peer's) are skipped. An error is final: the stream is out of step and must be
+    /// closed.
+    pub fn next_message<T: Message>(&mut self) -> Result<Option<T>, FrameError> {
+        loop {
+            if self.buf.len() < 4 {
+                return Ok(None);
+            }
+            let len =
+                u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+            if len > MAX_FRAME {
+                return Err(FrameError::TooLarge(len));
+            }
+            if self.buf.len() < 4 + len {
+                return Ok(None);
+            }
+            self.buf.advance(4);
+            let body = self.buf.split_to(len);
+            match serde_json::from_slice(&body) {
+                Ok(m) => return Ok(Some(m)),
+                Err(e) => match unknown_kind::<T>(&body) {
+                    Some(kind) => {
+                        tracing::debug!(%kind, "discovery: skipped a message of a kind this version does not know");
+                    }
+                    None => return Err(e.into()),
+                },
+            }
         }
-        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-        if len > MAX_FRAME {
-            return Err(FrameError::TooLarge(len));
-        }
-        if self.buf.len() < 4 + len {
-            return Ok(None);
-        }
-        self.buf.advance(4);
-        let body = self.buf.split_to(len);
-        Ok(Some(serde_json::from_slice(&body)?))
     }
 }
 
@@ -219,14 +266,73 @@ mod tests {
             d.next_message::<ClientMessage>(),
             Err(FrameError::Json(_))
         ));
+        // A kind this version knows, malformed: an error, not a skip.
         let mut d = Decoder::default();
+        d.push(&encode(
+            &serde_json::json!({"ack": {"generation": "seven"}}),
+        ));
+        assert!(d.next_message::<ClientMessage>().is_err());
+        let mut d = Decoder::default();
+        d.push(&encode(&serde_json::json!({"ack": {}, "loaded": {}})));
+        assert!(d.next_message::<ClientMessage>().is_err());
+    }
+
+    /// A newer peer's messages: an unknown kind is skipped and the next message still read;
+    /// an unknown field of a known kind is ignored. Before, either closed the stream, so a
+    /// newer operator would have cut every older proxy off its pushes.
+    #[test]
+    fn a_newer_peers_messages_do_not_close_the_stream() {
+        let mut d = Decoder::default();
+        d.push(&encode(&serde_json::json!({"drain": {"within": "5s"}})));
+        d.push(&encode(
+            &serde_json::json!({"synced": {"generation": 9, "epoch": 2}}),
+        ));
+        assert_eq!(
+            d.next_message::<ServerMessage>().unwrap(),
+            Some(ServerMessage::Synced { generation: 9 })
+        );
+        let mut d = Decoder::default();
+        d.push(&encode(&serde_json::json!({"health": {"ok": true}})));
         d.push(&encode(
             &serde_json::json!({"subscribe": {"targets": [], "namespace": "x"}}),
         ));
-        assert!(
-            d.next_message::<ClientMessage>().is_err(),
-            "unknown fields are refused"
+        assert_eq!(
+            d.next_message::<ClientMessage>().unwrap(),
+            Some(ClientMessage::Subscribe { targets: vec![] })
         );
+        // A skipped message leaves a partial frame behind it waiting.
+        let mut d = Decoder::default();
+        d.push(&encode(&serde_json::json!({"drain": {}})));
+        d.push(&encode(&ServerMessage::Synced { generation: 1 })[..5]);
+        assert_eq!(d.next_message::<ServerMessage>().unwrap(), None);
+    }
+
+    /// `KINDS` names exactly the tags serde writes, or a known kind would be skipped.
+    #[test]
+    fn kinds_are_the_tags_serde_writes() {
+        let tag = |v: serde_json::Value| v.as_object().unwrap().keys().next().unwrap().clone();
+        let client = [
+            ClientMessage::Subscribe { targets: vec![] },
+            ClientMessage::Ack { generation: 1 },
+            ClientMessage::Loaded {
+                settings: String::new(),
+                policies: None,
+            },
+        ]
+        .map(|m| tag(serde_json::to_value(m).unwrap()));
+        assert_eq!(client.as_slice(), ClientMessage::KINDS);
+        let server = [
+            ServerMessage::Service {
+                key: String::new(),
+                service: None,
+            },
+            ServerMessage::Unknown {
+                target: Target::Service(String::new()),
+            },
+            ServerMessage::Synced { generation: 1 },
+        ]
+        .map(|m| tag(serde_json::to_value(m).unwrap()));
+        assert_eq!(server.as_slice(), ServerMessage::KINDS);
     }
 
     #[test]
