@@ -73,8 +73,12 @@ use crate::traffic::Body;
 /// Streams a client may have open at once: hyper's server default, which the client sidecar's
 /// pool follows (it opens another connection at the limit).
 pub const MAX_CONCURRENT_STREAMS: u32 = 200;
-/// The largest request header list accepted: hyper's server default.
-pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// The largest request header list accepted (RFC 9113 size: names, values and 32 bytes per
+/// field). Not hyper's server default of 16 KiB: the client sidecar's HTTP/1.1 listener takes
+/// heads of up to hyper's ~400 KiB buffer, so a request with a 20 KiB cookie or token (well
+/// within Envoy's 60 KiB default, nginx's 32 KiB) was accepted there and then answered `431`
+/// by this hop. 64 KiB covers Envoy's limit; beyond it the client still gets a `431`.
+pub const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 /// Response data buffered per stream before the pipe waits for the client's window: hyper's.
 const MAX_SEND_BUF: usize = 400 * 1024;
 /// Streams this side may reset for protocol errors before the connection is closed: hyper's
