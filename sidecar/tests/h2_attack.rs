@@ -402,20 +402,27 @@ async fn a_header_list_over_the_limit_is_refused_and_the_connection_serves_on() 
     let app = app().await;
     let b = server_proxy(&pki, app.addr).await;
     let mut s = hostile_peer(&pki, b.running.inbound_addr).await;
-    // Stream 1: a 20 KiB header, over the 16 KiB limit, in HEADERS + CONTINUATION; stream 3:
-    // an honest request on the same connection.
+    // Stream 1: an 80 KiB header, over the hop's limit (`h2server::MAX_HEADER_LIST_SIZE`),
+    // in HEADERS + CONTINUATIONs of at most the default 16 KiB frame size; stream 3: an
+    // honest request on the same connection.
+    const { assert!(80 * 1024 > trellis_proxy::proxy::h2server::MAX_HEADER_LIST_SIZE) };
     let mut big = get_block();
-    hpack_literal(&mut big, 0x00, b"x-big", &[b'b'; 20 * 1024]);
-    let (big1, big2) = big.split_at(16 * 1024 - 1);
-    let mut out = frame(HEADERS, END_STREAM, 1, big1);
-    out.extend(frame(CONTINUATION, END_HEADERS, 1, big2));
+    hpack_literal(&mut big, 0x00, b"x-big", &[b'b'; 80 * 1024]);
+    let chunks: Vec<&[u8]> = big.chunks(16 * 1024 - 1).collect();
+    let mut out = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let kind = if i == 0 { HEADERS } else { CONTINUATION };
+        let first = if i == 0 { END_STREAM } else { 0 };
+        let last = if i + 1 == chunks.len() { END_HEADERS } else { 0 };
+        out.extend(frame(kind, first | last, 1, chunk));
+    }
     out.extend(frame(HEADERS, END_STREAM | END_HEADERS, 3, &get_block()));
     s.write_all(&out).await.unwrap();
     let answered = answers(&mut s, 2).await;
     assert_eq!(
         answered.get(&1),
         Some(&false),
-        "20 KiB of headers: {answered:?}"
+        "80 KiB of headers: {answered:?}"
     );
     assert_eq!(
         answered.get(&3),
