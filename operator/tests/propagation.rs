@@ -174,6 +174,58 @@ fn a_traffic_policy_counts_full_configmap_proxies_by_the_policies_they_loaded() 
         count(&tracker.count(&streams), "TrafficPolicy", "shop", "web"),
         (1, 1)
     );
+
+    // Under `Auto` (the default) each namespace counts by its own mode. pay sees 400 more
+    // Services, so its full table passes 64 KiB and its ConfigMap carries the bootstrap set: a
+    // pay proxy holds web.shop only if it subscribed. shop imports only itself, keeps its
+    // full table, and its proxies hold the policy from their ConfigMap.
+    let mut w4 = w2.clone();
+    let mesh = w4.snap.mesh.as_mut().unwrap();
+    Arc::make_mut(mesh).spec.discovery.config_map = Default::default();
+    for ns in &mut w4.snap.namespaces {
+        if ns.metadata.name.as_deref() == Some("shop") {
+            Arc::make_mut(ns)
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(
+                    trellis_operator::compiler::visibility::IMPORT_FROM_ANNOTATION.into(),
+                    "shop".into(),
+                );
+        }
+    }
+    w4.add(namespace("lib"));
+    for i in 0..400 {
+        w4.add(
+            service("lib", &format!("s{i}"))
+                .ip(&format!("10.97.{}.{}", i / 250, i % 250 + 1))
+                .port(8080, "http"),
+        );
+    }
+    let out4 = compiler::compile(&w4.snap);
+    assert_eq!(
+        out4.bootstrapped.iter().collect::<Vec<_>>(),
+        ["pay"],
+        "{:?}",
+        out4.mesh
+    );
+    tracker.observe(4, t(40), &w4.snap, &out4);
+    let pay4 = ProxyConfig::from_json(out4.config("pay").unwrap().as_bytes()).unwrap();
+    let shop4 = ProxyConfig::from_json(out4.config("shop").unwrap().as_bytes()).unwrap();
+    assert!(pay4.service("web.shop").is_none());
+    assert!(shop4.service("web.shop").is_some());
+    let streams = vec![
+        loaded("pay", 4, &pay4),
+        StreamState {
+            subscriptions: vec!["web.shop".into()],
+            ..loaded("pay", 4, &pay4)
+        },
+        loaded("shop", 4, &shop4),
+    ];
+    assert_eq!(
+        count(&tracker.count(&streams), "TrafficPolicy", "shop", "web"),
+        (2, 2)
+    );
 }
 
 #[test]
