@@ -654,6 +654,7 @@ fn report_cost_at_cluster_scale() {
         objects: c,
         lagging,
         lagging_total: lagging_total as u64,
+        ..Default::default()
     };
     let bytes = serde_json::to_string(&report).unwrap().len();
     println!(

@@ -159,6 +159,24 @@ pub fn checks(o: &Observed, now: i64, threshold_secs: i64) -> Vec<Check> {
             fresh.len()
         ),
     )];
+    let cut: Vec<String> = fresh
+        .iter()
+        .filter(|r| r.omitted > 0)
+        .map(|r| format!("{} left out {} object(s)", r.replica, r.omitted))
+        .collect();
+    if !cut.is_empty() {
+        out.push(Check::warn(
+            "propagation report size",
+            format!(
+                "{}: their counts (status.propagation) miss that replica's proxies",
+                cut.join(", ")
+            ),
+            format!(
+                "a report holds {} Leases of 256 KiB (about 25 000 objects with long names, more with short ones): see the README's propagation status limits",
+                crate::propagation::encode::MAX_SHARDS
+            ),
+        ));
+    }
     let total: u64 = fresh.iter().map(|r| r.lagging_total).sum();
     let mut lagging: Vec<&LaggingProxy> = fresh.iter().flat_map(|r| &r.lagging).collect();
     lagging.sort_by(|a, b| {
@@ -266,6 +284,7 @@ mod tests {
             objects: vec![],
             lagging,
             lagging_total: total,
+            ..Default::default()
         }
     }
 

@@ -180,6 +180,7 @@ fn report(
         objects: tracker.count(&streams),
         lagging,
         lagging_total: lagging_total as u64,
+        ..Default::default()
     }
 }
 

@@ -30,6 +30,7 @@
 //! (else a heartbeat every [`HEARTBEAT`]); one LIST per [`INTERVAL`] by the leader; at most one
 //! status patch per object per [`INTERVAL`], latest numbers win, none when they did not change.
 
+pub mod encode;
 pub mod lag;
 pub mod publish;
 pub mod report;

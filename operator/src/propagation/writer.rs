@@ -29,8 +29,9 @@ use crate::api::{Mesh, PeerAuthentication, PropagationStatus, TrafficPolicy};
 /// deleting its own): long past [`STALE`], so a replica that was only slow is never removed.
 pub const GARBAGE: Duration = Duration::from_secs(600);
 
-/// Reads the report Leases of `namespace`: each with its renew time, skipping (and logging)
-/// any whose annotation does not parse.
+/// Reads the report Leases of `namespace` (either format, [`super::encode::decode`]), one per
+/// replica with its shards merged and its shard 0's renew time, skipping (and logging) any
+/// whose annotation does not decode.
 pub async fn read_reports(
     client: &Client,
     namespace: &str,
@@ -52,7 +53,7 @@ pub async fn read_reports(
             .annotations
             .as_ref()
             .and_then(|a| a.get(REPORT_ANNOTATION))
-            .map(|json| serde_json::from_str::<ReplicaReport>(json));
+            .map(|annotation| super::encode::decode(annotation));
         match parsed {
             Some(Ok(report)) => out.push((renewed, name, report)),
             Some(Err(error)) => {
@@ -63,7 +64,8 @@ pub async fn read_reports(
             }
         }
     }
-    Ok(out)
+    // Shards joined to their replica's report (shard 0's renew time decides freshness).
+    Ok(super::encode::merge(out))
 }
 
 /// The leader's writer; [`Writer::tick`] is one round.
@@ -107,6 +109,13 @@ impl Writer {
             }
         }
         let reports = fresh(dated, now, STALE);
+        for r in reports.iter().filter(|r| r.omitted > 0) {
+            tracing::warn!(
+                replica = %r.replica,
+                omitted = r.omitted,
+                "a replica's propagation report did not fit its Leases; the counts of the objects it left out miss its proxies"
+            );
+        }
         let mut round = Round {
             reports: reports.len(),
             ..Default::default()
