@@ -296,6 +296,40 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_whose_report_left_objects_out_is_a_warning_naming_it() {
+        let whole = report(vec![], 0);
+        let cut = ReplicaReport {
+            replica: "op-b".into(),
+            omitted: 1234,
+            ..report(vec![], 0)
+        };
+        let checks = checks(&observed(vec![(NOW, whole.clone())]), NOW, 180);
+        assert!(checks.iter().all(|c| c.name != "propagation report size"));
+        let checks = checks_of(vec![(NOW, whole), (NOW, cut)]);
+        let c = checks
+            .iter()
+            .find(|c| c.name == "propagation report size")
+            .expect("a size check");
+        assert_eq!(c.outcome, Outcome::Warn);
+        assert!(
+            c.detail.starts_with("op-b left out 1234 object(s)"),
+            "{}",
+            c.detail
+        );
+        // A stale report's omission is not reported: it is not counted either.
+        let stale = ReplicaReport {
+            omitted: 5,
+            ..report(vec![], 0)
+        };
+        let checks = checks_of(vec![(NOW - 3600, stale), (NOW, report(vec![], 0))]);
+        assert!(checks.iter().all(|c| c.name != "propagation report size"));
+    }
+
+    fn checks_of(reports: Vec<(i64, ReplicaReport)>) -> Vec<Check> {
+        checks(&observed(reports), NOW, 180)
+    }
+
+    #[test]
     fn the_table_names_each_lagging_proxy_what_is_stale_and_for_how_long() {
         let p = lag(
             "web-0",

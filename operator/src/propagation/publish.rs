@@ -75,6 +75,7 @@ pub async fn run(
     // Per shard index: what was last written there, and when.
     let mut written: Vec<Option<(String, Instant)>> = Vec::new();
     let mut warned = false;
+    let mut previous: Option<(ReplicaReport, super::encode::Layout)> = None;
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -84,7 +85,16 @@ pub async fn run(
         }
         let report = source();
         let objects = report.objects.len();
-        let layout = layout(&report, MAX_REPORT_BYTES, MAX_SHARDS);
+        // The layout costs a gzip of the whole report (milliseconds per thousand objects):
+        // reused while the report is unchanged, which is most rounds.
+        let layout = match &previous {
+            Some((r, l)) if *r == report => l.clone(),
+            _ => {
+                let l = layout(&report, MAX_REPORT_BYTES, MAX_SHARDS);
+                previous = Some((report, l.clone()));
+                l
+            }
+        };
         if layout.omitted > 0 {
             // Once per crossing, not every 5 s.
             if !warned {
