@@ -13,8 +13,11 @@
 //!
 //! `cargo run --release -p trellis-operator --example bench-discovery -- [namespaces]
 //! [services per namespace] [endpoints per service] [streams] [subscriptions] [changes]
-//! [pods: 1 = a meshed pod behind every endpoint] [compact: 1 (default) = pods cached as the
-//! operator caches them, 0 = with the modify step before compaction, for an A/B]`
+//! [pods: 1 = a meshed pod behind every endpoint]`
+//!
+//! With pods, each pod is the JSON the API server sends on a watch, read as the watch reads it
+//! and fed as watcher events (`Init`, `InitApply`, `InitDone`) to the operator's own pod cache
+//! (`trellis_operator::pods::store`), so the benchmark holds exactly what the operator holds.
 //! The last line (`RESULT ...`) is for `hack/bench-discovery.sh`, which takes medians.
 
 #[path = "../operator/tests/compiler_fixtures/mod.rs"]
@@ -24,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fixtures::*;
-use kube::runtime::{reflector, watcher};
+use kube::runtime::watcher;
 use trellis_operator::compiler;
 use trellis_operator::discovery::{Registry, View};
 use trellis_proxy::discovery::{ServerMessage, Target};
@@ -104,51 +107,6 @@ fn pod_json(ns: usize, svc: usize, e: usize) -> String {
     .to_string()
 }
 
-/// The pod watch's last two steps, as `controller::compile::watch_all` runs them: the modify
-/// step (compaction), then the reflector's store.
-struct Compacting<'a> {
-    writer: reflector::store::Writer<compiler::SlimPod>,
-    compactor: &'a mut compiler::PodCompactor,
-    started: bool,
-    /// For an A/B against the cache before compaction: the modify step the watch ran then.
-    previous_strip: bool,
-}
-
-/// The pod watch's modify step before `PodCompactor` (labels and the proxy-version annotation
-/// kept in the metadata, everything else of the metadata kept too): the A side of an A/B.
-fn previous_strip(pod: &mut compiler::SlimPod) {
-    let meta = &mut pod.metadata;
-    meta.managed_fields = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    meta.generate_name = None;
-    if let Some(a) = meta.annotations.as_mut() {
-        a.retain(|k, _| k == compiler::PROXY_VERSION_ANNOTATION);
-    }
-}
-
-impl Compacting<'_> {
-    fn apply_watcher_event(&mut self, event: &watcher::Event<compiler::SlimPod>) {
-        let event = match event {
-            watcher::Event::InitApply(p) => {
-                let mut p = p.clone();
-                if self.previous_strip {
-                    previous_strip(&mut p);
-                } else {
-                    self.compactor.compact(&mut p);
-                }
-                watcher::Event::InitApply(p)
-            }
-            other => other.clone(),
-        };
-        if matches!(event, watcher::Event::InitApply(_)) && !self.started {
-            self.started = true;
-            self.writer.apply_watcher_event(&watcher::Event::Init);
-        }
-        self.writer.apply_watcher_event(&event);
-    }
-}
-
 fn main() {
     let args: Vec<usize> = std::env::args()
         .skip(1)
@@ -168,14 +126,8 @@ fn main() {
     let pods = arg(6, 0) == 1;
     let base = rss_mib();
     let mut w = World::new();
-    let (pod_store, writer) = reflector::store::<compiler::SlimPod>();
-    let mut compactor = compiler::PodCompactor::default();
-    let mut pod_cache = Compacting {
-        writer,
-        compactor: &mut compactor,
-        started: false,
-        previous_strip: arg(7, 1) == 0,
-    };
+    let (pod_store, mut pod_writer) = trellis_operator::pods::store();
+    pod_writer.apply_watcher_event(&watcher::Event::Init);
     for ns in 0..namespaces {
         w.add(namespace(&format!("ns{ns}")).meshed());
         for svc in 0..per_ns {
@@ -191,21 +143,29 @@ fn main() {
                     .port(80, "http"),
             );
             w.add(slice_for(ns, svc, endpoints, 0, pods));
-            for e in (0..endpoints).filter(|_| pods) {
+        }
+    }
+    // Where the memory goes, roughly (RSS growth per stage): the other objects, the pods.
+    let rss_objects = rss_mib();
+    for ns in (0..namespaces).filter(|_| pods) {
+        for svc in 0..per_ns {
+            for e in 0..endpoints {
                 let json = pod_json(ns, svc, e);
                 let pod: compiler::SlimPod =
                     serde_json::from_str(&json).expect("the pod JSON reads as a SlimPod");
-                pod_cache.apply_watcher_event(&watcher::Event::InitApply(pod));
+                pod_writer.apply_watcher_event(&watcher::Event::InitApply(pod));
             }
         }
     }
-    pod_cache.apply_watcher_event(&watcher::Event::InitDone);
-    // The pods as the operator holds them: its reflector store (keys included), each pod read
-    // from the API server's JSON and compacted by the watch's modify step.
+    pod_writer.apply_watcher_event(&watcher::Event::InitDone);
+    let rss_pods = rss_mib();
+    // The pods as the operator holds them: its pod cache, each pod read from the API server's
+    // JSON and kept as a record indexed by namespace. Later snapshots are taken the same way.
     w.snap.pods = pod_store.state();
     let t = Instant::now();
     let mut out = compiler::compile(&w.snap);
     let compile_full = t.elapsed();
+    let rss_compiled = rss_mib();
     let max_cm = out.configs.values().map(|c| c.len()).max().unwrap_or(0);
     let too_large = out.too_large.len();
     let largest_refused = out.too_large.values().map(|t| t.bytes).max().unwrap_or(0);
@@ -375,6 +335,15 @@ fn main() {
         base, rss_loaded, peak
     );
     println!(
+        "RSS growth by stage: Services, slices and namespaces {:.0} MiB; pod cache {:.0} MiB ({:.0} bytes a pod); full compile's output {:.0} MiB; registry and streams {:.0} MiB",
+        rss_objects - base,
+        rss_pods - rss_objects,
+        (rss_pods - rss_objects) * 1024.0 * 1024.0
+            / (namespaces * per_ns * endpoints).max(1) as f64,
+        rss_compiled - rss_pods,
+        rss_loaded - rss_compiled
+    );
+    println!(
         "endpoint change -> every concerned stream's messages taken and acked (table compile + view update + publish + take + ack), {changes} changes: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {woken} streams woken, {pushed} Service pushes",
         ms(pct(0.5)),
         ms(pct(0.99)),
@@ -392,9 +361,12 @@ fn main() {
         ms(scratch_publish)
     );
     println!(
-        "RESULT rss_mib={:.0} peak_mib={:.0} boot_max_kib={:.1} p50_ms={:.1} p99_ms={:.1} compile_ms={:.1} publish_ms={:.2} scratch_index_ms={:.1} scratch_publish_ms={:.1}",
+        "RESULT rss_mib={:.0} peak_mib={:.0} objects_mib={:.0} pods_mib={:.0} compiled_mib={:.0} boot_max_kib={:.1} p50_ms={:.1} p99_ms={:.1} compile_ms={:.1} publish_ms={:.2} scratch_index_ms={:.1} scratch_publish_ms={:.1}",
         rss_loaded,
         peak,
+        rss_objects - base,
+        rss_pods - rss_objects,
+        rss_compiled - rss_pods,
         boot_max as f64 / 1024.0,
         ms(pct(0.5)),
         ms(pct(0.99)),

@@ -17,6 +17,7 @@ pub mod duration;
 pub mod identity;
 pub mod inject;
 pub mod loopback_http;
+pub mod pods;
 pub mod propagation;
 pub mod rbac;
 pub mod rollout;

@@ -34,6 +34,7 @@ use trellis_operator::compiler::{Output, SlimPod, compile, digest};
 use trellis_operator::controller::Reconciles;
 use trellis_operator::controller::compile::{DEBOUNCE, Error, RESYNC, RETRY, Stores, drive};
 use trellis_operator::controller::compile_apply::{Applier, configmap_body, strip_configmap};
+use trellis_operator::pods::{self, PodWriter};
 use trellis_operator::status::StatusWriter;
 
 const NOW: &str = "2026-11-25T17:00:00Z";
@@ -136,7 +137,7 @@ struct Watches {
     namespaces: Writer<Namespace>,
     services: Writer<Service>,
     endpoint_slices: Writer<EndpointSlice>,
-    pods: Writer<SlimPod>,
+    pods: PodWriter,
     configmaps: Writer<ConfigMap>,
     changes: UnboundedSender<()>,
 }
@@ -155,6 +156,11 @@ where
 
 fn owned<K: Clone>(objects: &[Arc<K>]) -> Vec<K> {
     objects.iter().map(|o| (**o).clone()).collect()
+}
+
+/// The pods of `w` as the watch delivers them.
+fn pods_of(w: &World) -> Vec<SlimPod> {
+    w.snap.pods.iter().map(slim_of).collect()
 }
 
 impl Watches {
@@ -182,7 +188,11 @@ impl Watches {
 
     fn list_all(&mut self, w: &World, configmaps: Vec<ConfigMap>) {
         self.list_all_but_pods(w, configmaps);
-        list(&mut self.pods, owned(&w.snap.pods));
+        self.pods.apply_watcher_event(&Event::Init);
+        for p in pods_of(w) {
+            self.pods.apply_watcher_event(&Event::InitApply(p));
+        }
+        self.pods.apply_watcher_event(&Event::InitDone);
         self.notify();
     }
 
@@ -222,7 +232,7 @@ impl Harness {
         let (namespaces, w_ns) = reflector::store();
         let (services, w_svc) = reflector::store();
         let (endpoint_slices, w_slice) = reflector::store();
-        let (pods, w_pod) = reflector::store();
+        let (pods, w_pod) = pods::store();
         let (configmaps, w_cm) = reflector::store();
         let stores = Stores {
             meshes,
@@ -339,7 +349,7 @@ async fn nothing_is_written_until_every_store_has_synced() {
     h.watches.list_all_but_pods(&w, vec![]);
     // The pod list is still arriving: a compile now would publish configs without the pods.
     h.watches.pods.apply_watcher_event(&Event::Init);
-    for p in owned(&w.snap.pods) {
+    for p in pods_of(&w) {
         h.watches.pods.apply_watcher_event(&Event::InitApply(p));
         h.watches.notify();
     }
@@ -574,7 +584,7 @@ async fn a_watch_ending_before_its_store_synced_stops_the_loop_without_writing()
     // pod store stays empty for good, and a config compiled from it would drop every endpoint's
     // identity.
     h.watches.pods.apply_watcher_event(&Event::Init);
-    drop(std::mem::take(&mut h.watches.pods));
+    drop(std::mem::replace(&mut h.watches.pods, pods::store().1));
     h.watches.notify();
     h.expect_streams_ended().await;
 }

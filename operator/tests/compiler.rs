@@ -983,7 +983,7 @@ fn shuffled(snap: &Snapshot, seed: u64) -> Snapshot {
     shuffle(&mut s.namespaces, &mut seed);
     shuffle(&mut s.services, &mut seed);
     shuffle(&mut s.endpoint_slices, &mut seed);
-    shuffle(&mut s.pods, &mut seed);
+    // Pods: the cache keeps them sorted, so their order cannot vary.
     shuffle(&mut s.traffic_policies, &mut seed);
     shuffle(&mut s.peer_authentications, &mut seed);
     s
@@ -1398,15 +1398,11 @@ fn incremental_compiles_redo_only_the_changed_namespace() {
     // A pod changes (restarted without sidecar): b again.
     let mut w2 = w.clone();
     let first_w = compile(&w.snap);
-    let i = w2
-        .snap
-        .pods
-        .iter()
-        .position(|p| p.metadata.name.as_deref() == Some("api-0"))
-        .unwrap();
-    let mut p = (*w2.snap.pods[i]).clone();
+    let mut p = slim_of(w2.snap.pods.iter().find(|p| p.name() == "api-0").unwrap());
     p.metadata.annotations = None;
-    w2.snap.pods[i] = std::sync::Arc::new(p);
+    w2.snap
+        .pods
+        .insert(trellis_operator::pods::PodRecord::of(&p).unwrap());
     let inc = compile_incremental(&w2.snap, Some(&first_w));
     assert_eq!(inc.stats.namespaces_indexed, 1);
     assert_eq!(inc.render_all(), compile(&w2.snap).render_all());

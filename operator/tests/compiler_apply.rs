@@ -67,7 +67,7 @@ fn another_writers_condition_plans_no_compiler_status_write() {
     let key = trellis_operator::compiler::ObjectKey::new("shop", "reviews");
     let mut conds = merge_conditions(&[], out.traffic_policies[&key].clone(), NOW);
     let current = with_status(tp, conds.clone());
-    assert!(plan_status(&out, &[current], &[], None, &[], NOW).is_empty());
+    assert!(plan_status(&out, &[current], &[], None, &Default::default(), NOW).is_empty());
     let mut propagated = Condition::new(
         "Propagated",
         ConditionStatus::False,
@@ -78,7 +78,7 @@ fn another_writers_condition_plans_no_compiler_status_write() {
     propagated.last_transition_time = NOW.into();
     conds.push(propagated);
     let current = with_status(tp, conds);
-    let plan = plan_status(&out, &[current], &[], None, &[], NOW);
+    let plan = plan_status(&out, &[current], &[], None, &Default::default(), NOW);
     assert!(plan.is_empty(), "{} writes planned", plan.len());
 }
 
@@ -234,7 +234,7 @@ async fn unchanged_config_and_status_issue_no_request() {
     );
     let tps = vec![with_status(&w.snap.traffic_policies[0], earlier)];
     let mut m = (*mesh.clone().unwrap()).clone();
-    let (counts, proxies) = trellis_operator::controller::proxies::report(&[], &m);
+    let (counts, proxies) = trellis_operator::controller::proxies::report(&Default::default(), &m);
     let mut mine = out.mesh.clone();
     mine.push(proxies);
     m.status = Some(MeshStatus {
@@ -247,7 +247,7 @@ async fn unchanged_config_and_status_issue_no_request() {
     let again = compile(&w.snap);
     let cms = plan_configmaps(&again, &observed, Some(&m));
     let m = Arc::new(m);
-    let status = plan_status(&again, &tps, &[], Some(&m), &[], NOW);
+    let status = plan_status(&again, &tps, &[], Some(&m), &Default::default(), NOW);
     assert!(cms.is_empty(), "{cms:?}");
     assert!(status.is_empty(), "{status:?}");
 
@@ -286,7 +286,14 @@ async fn conflict_patches_status_and_emits_a_warning_event() {
         .find(|t| t.name_any() == "late")
         .unwrap()
         .clone();
-    let status = plan_status(&out, std::slice::from_ref(&late), &[], None, &[], NOW);
+    let status = plan_status(
+        &out,
+        std::slice::from_ref(&late),
+        &[],
+        None,
+        &Default::default(),
+        NOW,
+    );
     assert_eq!(status.len(), 1);
     assert!(matches!(status[0].target, StatusTarget::TrafficPolicy(..)));
 

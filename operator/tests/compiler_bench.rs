@@ -24,7 +24,7 @@ use trellis_operator::api::traffic_policy::{
 use trellis_operator::api::{PeerAuthentication, TrafficPolicy};
 use trellis_operator::compiler::visibility::IMPORT_FROM_ANNOTATION;
 use trellis_operator::compiler::{Output, SlimPod, Snapshot, compile, compile_incremental, digest};
-use trellis_operator::controller::compile::strip_pod;
+use trellis_operator::pods::{Interners, PodRecord};
 use trellis_proxy::config::ProxyConfig;
 
 const NAMESPACES: usize = 200;
@@ -86,6 +86,8 @@ fn tp_spec(target: &str, timeout: &str) -> TrafficPolicySpec {
 
 fn synthetic() -> Snapshot {
     let mut s = Snapshot::default();
+    // Pods are cached as the pod cache keeps them: records sharing repeated values.
+    let mut interners = Interners::default();
     for n in 0..NAMESPACES {
         let mut ns = Namespace {
             metadata: meta("", &format!("ns-{n}"), n),
@@ -155,9 +157,9 @@ fn synthetic() -> Snapshot {
             pod.metadata.labels = Some([("app".to_string(), name.clone())].into());
             pod.metadata.annotations =
                 Some([("trellis.dev/proxy-version".to_string(), "0.1.0".to_string())].into());
-            let mut pod = SlimPod::from(&pod);
-            strip_pod(&mut pod);
-            s.pods.push(Arc::new(pod));
+            let pod = SlimPod::from(&pod);
+            s.pods
+                .insert(PodRecord::read(&pod, &mut interners).expect("a named pod"));
             endpoints.push(Endpoint {
                 addresses: vec![addr],
                 conditions: Some(EndpointConditions {
@@ -447,7 +449,7 @@ fn bench_compiler() {
     println!("|---|---|");
     println!("| process before the snapshot | {} |", mib(rss0));
     println!(
-        "| holding the snapshot (pods as SlimPod, as the controller caches them) | {} |",
+        "| holding the snapshot (pods as the pod cache's records) | {} |",
         mib(rss_snap)
     );
     println!("| snapshot + compiled output | {} |", mib(rss_out));

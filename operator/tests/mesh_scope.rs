@@ -19,6 +19,7 @@ use serde_json::json;
 use trellis_operator::api::{Mesh, MeshSpec};
 use trellis_operator::compiler::{self, SlimPod, Snapshot};
 use trellis_operator::inject::{Decision, InjectContext, NamespaceInfo, inject, webhook_config};
+use trellis_operator::pods::PodSet;
 
 const OPERATOR_NS: &str = "mesh-ops";
 
@@ -159,6 +160,8 @@ fn webhook_configuration_injector_and_compiler_agree() {
                     default_pod_injected = injected;
                 }
                 let mut slim = SlimPod::from(&p);
+                // Distinct names: the pod cache keys pods by namespace and name.
+                slim.metadata.name = Some(format!("p-{}", created.len()));
                 if injected {
                     slim.metadata.annotations = Some(labels(&[(
                         "trellis.dev/proxy-version",
@@ -173,10 +176,10 @@ fn webhook_configuration_injector_and_compiler_agree() {
             let mut namespace = Namespace::default();
             namespace.metadata.name = Some(ns.into());
             namespace.metadata.labels = Some(ns_labels.clone());
-            let snapshot = |pods: Vec<Arc<SlimPod>>| Snapshot {
+            let snapshot = |pods: Vec<SlimPod>| Snapshot {
                 mesh: Some(Arc::new(mesh.clone())),
                 namespaces: vec![Arc::new(namespace.clone())],
-                pods,
+                pods: PodSet::from_pods(&pods),
                 settings: trellis_operator::controller::compile_settings(OPERATOR_NS),
                 ..Default::default()
             };
@@ -187,7 +190,7 @@ fn webhook_configuration_injector_and_compiler_agree() {
                  a new pod is injected={default_pod_injected}"
             );
             let any_injected = created.iter().any(|(i, _)| *i);
-            let pods = created.into_iter().map(|(_, p)| Arc::new(p)).collect();
+            let pods = created.into_iter().map(|(_, p)| p).collect();
             let out = compiler::compile(&snapshot(pods));
             assert_eq!(
                 out.meshed.contains(ns),
@@ -215,7 +218,7 @@ fn opted_in_pods_get_configs_and_a_custom_selector_is_the_whole_rule() {
     p.metadata.annotations = None;
     let out = compiler::compile(&Snapshot {
         namespaces: vec![Arc::new(batch.clone())],
-        pods: vec![Arc::new(p)],
+        pods: PodSet::from_pods([&p]),
         ..Default::default()
     });
     assert!(out.configs.contains_key("batch"), "{:?}", out.meshed);

@@ -22,6 +22,7 @@ use trellis_operator::api::{Mesh, MeshStatus};
 use trellis_operator::compiler::{PROXY_VERSION_ANNOTATION, SlimPod, compile};
 use trellis_operator::controller::compile_apply::{Applier, plan_status};
 use trellis_operator::controller::mesh_status;
+use trellis_operator::pods::PodRecord;
 use trellis_operator::status::StatusWriter;
 
 const NOW: &str = "2026-11-25T17:00:00Z";
@@ -121,12 +122,12 @@ fn columns(object: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-fn injected(ns: &str, name: &str, version: &str) -> Arc<SlimPod> {
+fn injected(ns: &str, name: &str, version: &str) -> PodRecord {
     let mut p = SlimPod::default();
     p.metadata.namespace = Some(ns.into());
     p.metadata.name = Some(name.into());
     p.metadata.annotations = Some([(PROXY_VERSION_ANNOTATION.into(), version.into())].into());
-    Arc::new(p)
+    PodRecord::of(&p).unwrap()
 }
 
 fn part_of(stored: &Arc<Mutex<Value>>) -> Arc<Mesh> {
@@ -142,7 +143,7 @@ async fn kubectl_get_mesh_shows_ready_trust_domain_and_proxy_counts() {
         // The fixture's injected pods carry proxy-version 0.1.0.
         s.proxy.image = Some("0.1.0".into());
     }));
-    w.snap.pods.push(injected("shop", "old-0", "0.0.9"));
+    w.snap.pods.insert(injected("shop", "old-0", "0.0.9"));
     let mesh = w.snap.mesh.clone().unwrap();
     let stored = Arc::new(Mutex::new(serde_json::to_value(mesh.as_ref()).unwrap()));
     let before = columns(&stored.lock().unwrap());

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use trellis_operator::api::Mesh;
 use trellis_operator::compiler::SlimPod;
+use trellis_operator::pods::{self, PodWriter};
 use trellis_operator::rollout::controller::{DEBOUNCE, Edge, Error, Stores, TICK, drive};
 use trellis_operator::rollout::gate::PodProxy;
 use trellis_operator::status::StatusWriter;
@@ -107,7 +108,7 @@ struct Watches {
     deployments: Writer<Deployment>,
     stateful_sets: Writer<StatefulSet>,
     daemon_sets: Writer<DaemonSet>,
-    pods: Writer<SlimPod>,
+    pods: PodWriter,
     changes: UnboundedSender<()>,
 }
 
@@ -155,7 +156,7 @@ impl Harness {
         let (deps, w_dep) = reflector::store();
         let (sts, w_sts) = reflector::store();
         let (ds, w_ds) = reflector::store();
-        let (pod_store, w_pod) = reflector::store();
+        let (pod_store, w_pod) = pods::store();
         let stores = Stores {
             meshes,
             namespaces,
@@ -199,7 +200,11 @@ impl Harness {
         list(&mut w.deployments, deployments);
         list(&mut w.stateful_sets, []);
         list(&mut w.daemon_sets, []);
-        list(&mut w.pods, pods);
+        w.pods.apply_watcher_event(&Event::Init);
+        for p in pods {
+            w.pods.apply_watcher_event(&Event::InitApply(p));
+        }
+        w.pods.apply_watcher_event(&Event::InitDone);
         w.notify();
         Harness {
             mesh,

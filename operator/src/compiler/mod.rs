@@ -69,7 +69,7 @@ use crate::api::mesh::ConfigMapContent;
 use crate::api::{Mesh, PeerAuthentication, TrafficPolicy};
 
 pub use outbound::infer_protocol;
-pub use pod::{PodCompactor, SlimPod, SlimPodSpec, SlimPodStatus};
+pub use pod::{SlimPod, SlimPodSpec, SlimPodStatus};
 
 /// Name of the ConfigMap the compiler writes into every meshed namespace.
 pub const CONFIGMAP_NAME: &str = "trellis-proxy";
@@ -145,8 +145,9 @@ pub struct Snapshot {
     pub namespaces: Vec<Arc<Namespace>>,
     pub services: Vec<Arc<Service>>,
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
-    /// Pods, as the controller caches them (see [`SlimPod`]).
-    pub pods: Vec<Arc<SlimPod>>,
+    /// Pods, as the pod cache holds them: records indexed by namespace
+    /// ([`crate::pods::PodSet`]).
+    pub pods: crate::pods::PodSet,
     pub settings: Settings,
 }
 
@@ -661,9 +662,9 @@ pub fn meshed_namespaces(snapshot: &Snapshot) -> BTreeSet<String> {
     let scope = crate::inject::Scope::new(spec, &snapshot.settings.root_namespace);
     let with_opted_in_pods: BTreeSet<&str> = snapshot
         .pods
-        .iter()
-        .filter(|p| p.wants_proxy())
-        .filter_map(|p| p.metadata.namespace.as_deref())
+        .namespaces()
+        .filter(|(_, pods)| pods.any_wants_proxy())
+        .map(|(ns, _)| ns)
         .collect();
     let empty = BTreeMap::new();
     let mut out = BTreeSet::new();

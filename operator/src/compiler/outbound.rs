@@ -11,7 +11,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use trellis_proxy::config::{Endpoint, OutboundService, Protocol, ServicePort, spiffe_id};
 
 use super::visibility::{self, Scope};
-use super::{ObjectKey, Problem, SlimPod, Snapshot};
+use super::{ObjectKey, Problem, Snapshot};
+use crate::pods::{NamespacePods, PodRecord};
 
 /// Label EndpointSlices carry to name their Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -62,18 +63,15 @@ pub fn infer_protocol(app_protocol: Option<&str>, name: Option<&str>) -> Protoco
     Protocol::Auto
 }
 
-fn pod_info<'a>(pod: &'a SlimPod, trust_domain: &str) -> PodInfo<'a> {
-    let identity = pod.proxy_version().is_some().then(|| {
-        spiffe_id(
-            trust_domain,
-            pod.metadata.namespace.as_deref().unwrap_or_default(),
-            pod.service_account(),
-        )
-    });
+fn pod_info<'a>(pod: &'a PodRecord, trust_domain: &str) -> PodInfo<'a> {
+    let identity = pod
+        .proxy_version()
+        .is_some()
+        .then(|| spiffe_id(trust_domain, pod.namespace(), pod.service_account()));
     PodInfo {
         identity,
         labels: pod.labels(),
-        ips: pod.ips(),
+        ips: pod.ips().collect(),
     }
 }
 
@@ -89,14 +87,15 @@ fn selects(selector: &BTreeMap<String, String>, labels: Option<&BTreeMap<String,
 /// A Service's row depends only on objects of its own namespace (the Service, its
 /// EndpointSlices, the pods there) and the trust domain, so when none of those changed since the
 /// previous compile the rows are reused as they are. "Unchanged" is pointer identity: reflector
-/// stores hand out the same `Arc` until an object changes, and the previous inputs are held
+/// stores hand out the same `Arc` until an object changes, the pod cache the same
+/// [`NamespacePods`] until a pod of the namespace changes, and the previous inputs are held
 /// here, so an address cannot be reused by a different object while it is compared.
 pub(crate) struct NamespaceRows {
     trust_domain: String,
     default_export: String,
     services: Vec<Arc<Service>>,
     slices: Vec<Arc<EndpointSlice>>,
-    pods: Vec<Arc<SlimPod>>,
+    pods: Option<Arc<NamespacePods>>,
     rows: Vec<(ObjectKey, Arc<OutboundService>)>,
     exports: Vec<(ObjectKey, Scope)>,
     problems: Vec<Problem>,
@@ -113,12 +112,13 @@ impl std::fmt::Debug for NamespaceRows {
 /// Every namespace's rows, kept in the compile's output for the next compile.
 pub(crate) type RowCache = BTreeMap<String, Arc<NamespaceRows>>;
 
-/// One namespace's inputs, sorted by address.
+/// One namespace's inputs, the Services and slices sorted by address.
 #[derive(Default)]
 struct Inputs<'a> {
     services: Vec<&'a Arc<Service>>,
     slices: Vec<&'a Arc<EndpointSlice>>,
-    pods: Vec<&'a Arc<SlimPod>>,
+    /// The namespace's pods, as the pod cache indexes them (not grouped per compile).
+    pods: Option<&'a Arc<NamespacePods>>,
 }
 
 fn namespace_of(m: &ObjectMeta) -> &str {
@@ -127,6 +127,14 @@ fn namespace_of(m: &ObjectMeta) -> &str {
 
 fn same<T>(held: &[Arc<T>], now: &[&Arc<T>]) -> bool {
     held.len() == now.len() && held.iter().zip(now).all(|(a, b)| Arc::ptr_eq(a, b))
+}
+
+fn same_pods(held: Option<&Arc<NamespacePods>>, now: Option<&Arc<NamespacePods>>) -> bool {
+    match (held, now) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
 }
 
 fn by_address<T>(v: &mut [&Arc<T>]) {
@@ -186,13 +194,6 @@ pub(crate) fn build(
             .slices
             .push(s);
     }
-    for p in snapshot.pods.iter().filter(|p| named(&p.metadata)) {
-        groups
-            .entry(namespace_of(&p.metadata))
-            .or_default()
-            .pods
-            .push(p);
-    }
 
     let mut cache = RowCache::new();
     let mut rebuilt = 0;
@@ -203,13 +204,14 @@ pub(crate) fn build(
     for (ns, mut inputs) in groups {
         by_address(&mut inputs.services);
         by_address(&mut inputs.slices);
-        by_address(&mut inputs.pods);
+        // Only a namespace with Services has rows: its pods matter only there.
+        inputs.pods = snapshot.pods.namespace(ns);
         let reuse = previous.and_then(|p| p.get(ns)).filter(|held| {
             held.trust_domain == trust_domain
                 && held.default_export == default_export
                 && same(&held.services, &inputs.services)
                 && same(&held.slices, &inputs.slices)
-                && same(&held.pods, &inputs.pods)
+                && same_pods(held.pods.as_ref(), inputs.pods)
         });
         let rows = match reuse {
             Some(held) => held.clone(),
@@ -234,10 +236,15 @@ pub(crate) fn build(
 /// namespace only (where EndpointSlice controllers put them); an endpoint naming a pod in
 /// another namespace gets no identity.
 fn build_namespace(inputs: &Inputs<'_>, trust_domain: &str, default_export: &str) -> NamespaceRows {
-    let mut pods: BTreeMap<ObjectKey, PodInfo<'_>> = BTreeMap::new();
-    for pod in &inputs.pods {
-        pods.insert(ObjectKey::of(&pod.metadata), pod_info(pod, trust_domain));
-    }
+    // By name: the cache holds a namespace's pods sorted by name, as this map is.
+    let pods: BTreeMap<&str, PodInfo<'_>> = inputs
+        .pods
+        .map(|ns| {
+            ns.iter()
+                .map(|p| (p.name(), pod_info(p, trust_domain)))
+                .collect()
+        })
+        .unwrap_or_default();
     let mut slices: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in &inputs.slices {
         let Some(svc) = slice
@@ -294,7 +301,7 @@ fn build_namespace(inputs: &Inputs<'_>, trust_domain: &str, default_export: &str
         default_export: default_export.to_string(),
         services: inputs.services.iter().map(|a| Arc::clone(a)).collect(),
         slices: inputs.slices.iter().map(|a| Arc::clone(a)).collect(),
-        pods: inputs.pods.iter().map(|a| Arc::clone(a)).collect(),
+        pods: inputs.pods.cloned(),
         rows: rows.into_iter().collect(),
         exports,
         problems,
@@ -305,7 +312,7 @@ fn compile_service(
     svc: &Service,
     key: &ObjectKey,
     slices: &BTreeMap<ObjectKey, Vec<&EndpointSlice>>,
-    pods: &BTreeMap<ObjectKey, PodInfo<'_>>,
+    pods: &BTreeMap<&str, PodInfo<'_>>,
     report: &mut impl FnMut(String),
 ) -> Result<Option<OutboundService>, String> {
     let Some(spec) = &svc.spec else {
@@ -369,10 +376,8 @@ fn compile_service(
     let selected: Vec<&PodInfo<'_>> = if selector.is_empty() {
         Vec::new()
     } else {
-        pods.range(ObjectKey::new(key.namespace.clone(), "")..)
-            .take_while(|(k, _)| k.namespace == key.namespace)
-            .filter(|(_, p)| selects(&selector, p.labels))
-            .map(|(_, p)| p)
+        pods.values()
+            .filter(|p| selects(&selector, p.labels))
             .collect()
     };
     let mut identities: BTreeSet<String> =
@@ -384,12 +389,12 @@ fn compile_service(
         }
         let slice_ports = slice.ports.as_deref().unwrap_or_default();
         for ep in slice.endpoints.as_deref().unwrap_or_default() {
+            // `Some(None)`: a pod in another namespace, which gets no identity.
             let pod = ep.target_ref.as_ref().and_then(|r| {
                 (r.kind.as_deref() == Some("Pod")).then(|| {
-                    ObjectKey::new(
-                        r.namespace.clone().unwrap_or_else(|| key.namespace.clone()),
-                        r.name.clone().unwrap_or_default(),
-                    )
+                    let here = r.namespace.as_deref().is_none_or(|ns| ns == key.namespace);
+                    let name = r.name.as_deref().unwrap_or_default();
+                    here.then_some(name)
                 })
             });
             let mut addrs = Vec::new();
@@ -402,7 +407,7 @@ fn compile_service(
                     )),
                 }
             }
-            let identity = match pod.as_ref().and_then(|k| pods.get(k)) {
+            let identity = match pod.flatten().and_then(|name| pods.get(name)) {
                 Some(p) => p.identity.clone(),
                 None if pod.is_none() => selected
                     .iter()

@@ -28,7 +28,8 @@ use super::compile_apply::{
     Applier, MANAGED_BY, MANAGED_BY_LABEL, plan_configmaps, plan_status, strip_configmap,
 };
 use crate::api::{MESH_NAME, Mesh, PeerAuthentication, TrafficPolicy};
-use crate::compiler::{self, CONFIGMAP_NAME, Output, PodCompactor, Settings, SlimPod, Snapshot};
+use crate::compiler::{self, CONFIGMAP_NAME, Output, Settings, SlimPod, Snapshot};
+use crate::pods::{self, PodStore};
 use crate::status::StatusWriter;
 
 /// How long changes are gathered before a recompile: a rollout touches hundreds of pods and
@@ -49,7 +50,8 @@ pub enum Error {
     StreamsEnded,
 }
 
-/// The reflector stores of every kind the compiler reads.
+/// The caches of every kind the compiler reads: reflector stores, and the pod cache of
+/// Trellis's own ([`crate::pods`]).
 #[derive(Clone)]
 pub struct Stores {
     pub meshes: Store<Mesh>,
@@ -58,7 +60,7 @@ pub struct Stores {
     pub namespaces: Store<Namespace>,
     pub services: Store<Service>,
     pub endpoint_slices: Store<EndpointSlice>,
-    pub pods: Store<SlimPod>,
+    pub pods: PodStore,
     pub configmaps: Store<ConfigMap>,
 }
 
@@ -101,16 +103,12 @@ impl Stores {
             .wait_until_ready()
             .await
             .map_err(ended)?;
-        self.pods.wait_until_ready().await.map_err(ended)?;
+        self.pods
+            .wait_until_ready()
+            .await
+            .map_err(|_| Error::StreamsEnded)?;
         self.configmaps.wait_until_ready().await.map_err(ended)
     }
-}
-
-/// Compacts a pod as the watch caches it ([`PodCompactor`]): one compactor per call site
-/// (each holds the labels it shares). Kept as a function for tests and the benchmarks, which
-/// must cache pods exactly as the controller does.
-pub fn strip_pod(pod: &mut SlimPod) {
-    PodCompactor::default().compact(pod);
 }
 
 fn strip_meta<K: Resource>(obj: &mut K) {
@@ -161,7 +159,7 @@ pub fn watch_all(client: &Client) -> (Stores, impl Stream<Item = ()> + Send + 's
     let (nss, w_ns) = reflector::store();
     let (svcs, w_svc) = reflector::store();
     let (slices, w_slice) = reflector::store();
-    let (pods, w_pod) = reflector::store();
+    let (pods, w_pod) = pods::store();
     let (cms, w_cm) = reflector::store();
     let cfg = watcher::Config::default;
     let streams = vec![
@@ -201,15 +199,7 @@ pub fn watch_all(client: &Client) -> (Stores, impl Stream<Item = ()> + Send + 's
             w_slice,
             strip_meta,
         ),
-        {
-            let mut compactor = PodCompactor::default();
-            watch(
-                Api::<SlimPod>::all(client.clone()),
-                cfg(),
-                w_pod,
-                move |p| compactor.compact(p),
-            )
-        },
+        pods::watch(Api::<SlimPod>::all(client.clone()), cfg(), w_pod),
         watch(
             Api::<ConfigMap>::all(client.clone()),
             cfg()
@@ -479,8 +469,11 @@ mod tests {
         );
         let (a, b) = (compile.pods.state(), discovery.pods.state());
         assert_eq!(a.len(), 1);
-        assert!(Arc::ptr_eq(&a[0], &b[0]), "one cached pod, not two copies");
-        assert_eq!(a[0].proxy_version(), Some("p:1"));
+        assert!(
+            Arc::ptr_eq(a.namespace("shop").unwrap(), b.namespace("shop").unwrap()),
+            "one cached pod, not two copies"
+        );
+        assert_eq!(a.get("shop", "web-0").unwrap().proxy_version(), Some("p:1"));
         // Both readers hear of the changes.
         for changes in [compile_changes.boxed(), discovery_changes.boxed()] {
             let mut changes = changes;

@@ -30,9 +30,7 @@ use crate::api::{
     FIELD_MANAGER, Mesh, MeshStatus, PeerAuthentication, PeerAuthenticationStatus, TrafficPolicy,
     TrafficPolicyStatus,
 };
-use crate::compiler::{
-    CONFIG_KEY, CONFIGMAP_NAME, NamespaceConfig, ObjectKey, Output, SlimPod, digest,
-};
+use crate::compiler::{CONFIG_KEY, CONFIGMAP_NAME, NamespaceConfig, ObjectKey, Output, digest};
 use crate::status::{self, Outcome, StatusWriter};
 
 /// Label on every object the operator owns.
@@ -286,7 +284,7 @@ pub fn plan_status(
     traffic_policies: &[Arc<TrafficPolicy>],
     peer_authentications: &[Arc<PeerAuthentication>],
     mesh: Option<&Arc<Mesh>>,
-    pods: &[Arc<SlimPod>],
+    pods: &crate::pods::PodSet,
     now: &str,
 ) -> Vec<StatusUpdate> {
     let mut updates = Vec::new();

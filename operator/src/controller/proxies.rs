@@ -7,21 +7,19 @@
 //! `spec.proxy.image`. Pods being deleted are not counted: they are on their way out and a
 //! rollout replaces them.
 
-use std::sync::Arc;
-
 use crate::api::conditions::{Condition, ConditionStatus};
 use crate::api::mesh::{ProxyCounts, RolloutMode};
 use crate::api::{Mesh, MeshSpec};
-use crate::compiler::SlimPod;
+use crate::pods::PodSet;
 
 /// The condition type.
 pub const PROXIES_UP_TO_DATE: &str = "ProxiesUpToDate";
 
 /// Counts injected pods and those running `image`.
-pub fn count(pods: &[Arc<SlimPod>], image: &str) -> ProxyCounts {
+pub fn count(pods: &PodSet, image: &str) -> ProxyCounts {
     let mut counts = ProxyCounts::default();
-    for pod in pods {
-        if pod.metadata.deletion_timestamp.is_some() {
+    for pod in pods.iter() {
+        if pod.is_deleting() {
             continue;
         }
         let Some(version) = pod.proxy_version() else {
@@ -72,7 +70,7 @@ pub fn condition(counts: &ProxyCounts, spec: &MeshSpec, generation: Option<i64>)
 }
 
 /// Counts and condition for `mesh` over `pods`.
-pub fn report(pods: &[Arc<SlimPod>], mesh: &Mesh) -> (ProxyCounts, Condition) {
+pub fn report(pods: &PodSet, mesh: &Mesh) -> (ProxyCounts, Condition) {
     let counts = count(pods, mesh.spec.proxy.effective_image());
     let condition = condition(&counts, &mesh.spec, mesh.metadata.generation);
     (counts, condition)
@@ -82,10 +80,12 @@ pub fn report(pods: &[Arc<SlimPod>], mesh: &Mesh) -> (ProxyCounts, Condition) {
 mod tests {
     use super::*;
     use crate::api::MeshSpec;
-    use crate::compiler::PROXY_VERSION_ANNOTATION;
+    use crate::compiler::{PROXY_VERSION_ANNOTATION, SlimPod};
 
-    fn pod(version: Option<&str>, deleting: bool) -> Arc<SlimPod> {
+    fn pod(name: &str, version: Option<&str>, deleting: bool) -> SlimPod {
         let mut p = SlimPod::default();
+        p.metadata.name = Some(name.into());
+        p.metadata.namespace = Some("n".into());
         p.metadata.annotations =
             version.map(|v| [(PROXY_VERSION_ANNOTATION.to_string(), v.to_string())].into());
         if deleting {
@@ -94,19 +94,20 @@ mod tests {
                     k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
                 ));
         }
-        Arc::new(p)
+        p
     }
 
     #[test]
     fn counts_injected_pods_and_those_on_the_current_image() {
         let pods = [
-            pod(Some("proxy:2"), false),
-            pod(Some("proxy:1"), false),
-            pod(Some("proxy:2"), false),
-            pod(None, false),
-            pod(Some("proxy:1"), true),
+            pod("a", Some("proxy:2"), false),
+            pod("b", Some("proxy:1"), false),
+            pod("c", Some("proxy:2"), false),
+            pod("d", None, false),
+            pod("e", Some("proxy:1"), true),
         ];
-        let c = count(&pods, "proxy:2");
+        let all = PodSet::from_pods(&pods);
+        let c = count(&all, "proxy:2");
         assert_eq!(
             c,
             ProxyCounts {
@@ -130,9 +131,10 @@ mod tests {
                 .message
                 .contains("kubectl rollout restart")
         );
-        let all = count(&pods[..1], "proxy:2");
-        assert!(condition(&all, &spec, None).is_true());
+        let first = count(&PodSet::from_pods(&pods[..1]), "proxy:2");
+        assert!(condition(&first, &spec, None).is_true());
         // No injected pod at all: nothing is out of date.
-        assert!(condition(&count(&[], "x"), &spec, None).is_true());
+        let none = PodSet::default();
+        assert!(condition(&count(&none, "x"), &spec, None).is_true());
     }
 }

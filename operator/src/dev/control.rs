@@ -145,10 +145,12 @@ pub fn compile(
         namespaces: cluster.namespaces.into_iter().map(Arc::new).collect(),
         services: cluster.services.into_iter().map(Arc::new).collect(),
         endpoint_slices: cluster.endpoint_slices.into_iter().map(Arc::new).collect(),
-        pods: pods
-            .iter()
-            .map(|p| Arc::new(crate::compiler::SlimPod::from(p)))
-            .collect(),
+        pods: crate::pods::PodSet::from_pods(
+            &pods
+                .iter()
+                .map(crate::compiler::SlimPod::from)
+                .collect::<Vec<_>>(),
+        ),
         settings: Settings {
             root_namespace: super::ROOT_NAMESPACE.into(),
             identity_endpoint: Some(identity_endpoint.to_string()),

@@ -146,7 +146,7 @@ fn report(
     replica: &str,
     hub: &Hub,
     tracker: &Mutex<Tracker>,
-    pods: &kube::runtime::reflector::Store<crate::compiler::SlimPod>,
+    pods: &crate::pods::PodStore,
 ) -> ReplicaReport {
     let streams = hub.stream_states();
     let lock = || tracker.lock().unwrap_or_else(|p| p.into_inner());
@@ -154,15 +154,12 @@ fn report(
     // holding the tracker (the compile loop records each compile in it).
     let any_behind = lock().lagging(&streams, |_| None, 0).1 > 0;
     let by_ip: HashMap<IpAddr, String> = if any_behind {
-        pods.state()
-            .iter()
-            .flat_map(|p| {
-                let name = p.metadata.name.clone().unwrap_or_default();
-                p.ips()
-                    .into_iter()
-                    .map(move |ip: IpAddr| (ip, name.clone()))
-                    .collect::<Vec<_>>()
-            })
+        // A map for this report only, rather than an IP index kept with the cache: it is needed
+        // only while some stream lags, and an index of 100 000 pods would cost about 5 MiB for
+        // good.
+        let pods = pods.state();
+        pods.iter()
+            .flat_map(|p| p.ips().map(move |ip: IpAddr| (ip, p.name().to_string())))
             .collect()
     } else {
         HashMap::new()

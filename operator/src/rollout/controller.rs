@@ -45,7 +45,6 @@ use super::{
 use crate::api::conditions::{Condition, ConditionStatus};
 use crate::api::mesh::{RolloutState, RolloutStatus};
 use crate::api::{MESH_NAME, Mesh, MeshStatus};
-use crate::compiler::SlimPod;
 use crate::controller::compile::{SharedStores, watch};
 use crate::status::StatusWriter;
 
@@ -63,7 +62,7 @@ pub enum Error {
     StreamsEnded,
 }
 
-/// The reflector stores the rollout reads.
+/// The caches the rollout reads: reflector stores, and the pod cache ([`crate::pods`]).
 #[derive(Clone)]
 pub struct Stores {
     pub meshes: Store<Mesh>,
@@ -71,7 +70,7 @@ pub struct Stores {
     pub deployments: Store<Deployment>,
     pub stateful_sets: Store<StatefulSet>,
     pub daemon_sets: Store<DaemonSet>,
-    pub pods: Store<SlimPod>,
+    pub pods: crate::pods::PodStore,
 }
 
 impl Stores {
@@ -82,7 +81,10 @@ impl Stores {
         self.deployments.wait_until_ready().await.map_err(ended)?;
         self.stateful_sets.wait_until_ready().await.map_err(ended)?;
         self.daemon_sets.wait_until_ready().await.map_err(ended)?;
-        self.pods.wait_until_ready().await.map_err(ended)
+        self.pods
+            .wait_until_ready()
+            .await
+            .map_err(|_| Error::StreamsEnded)
     }
 
     fn mesh(&self) -> Option<Arc<Mesh>> {
@@ -380,9 +382,9 @@ async fn publish(edge: &Edge, mesh: &Mesh, plan: &Plan) {
 }
 
 /// Starts the workload watches and joins them to the process's [`SharedStores`] (the Mesh,
-/// namespaces and pods, which the compiler reads too: the leader caches every pod once, in
-/// the compacted form whose controller reference, labels and proxy version are what
-/// [`observe`] reads); returns the stores and the merged change stream.
+/// namespaces and pods, which the compiler reads too: the leader caches every pod once, as a
+/// record whose controller reference, labels and proxy version are what [`observe`] reads);
+/// returns the stores and the merged change stream.
 pub fn watch_all(
     client: &Client,
     shared: &SharedStores,

@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use super::plan::{Pin, Workload, WorkloadKey, WorkloadKind};
 use super::{FAILED_VERSION_ANNOTATION, PROXY_IMAGE_ANNOTATION, ROLLOUT_ANNOTATION};
 use crate::api::mesh::{CanarySelector, LabelSelector};
-use crate::compiler::SlimPod;
+use crate::pods::{PodRecord, PodSet};
 
 /// A pod whose sidecar the health gate reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +45,7 @@ pub struct Objects<'a> {
     pub deployments: &'a [Arc<Deployment>],
     pub stateful_sets: &'a [Arc<StatefulSet>],
     pub daemon_sets: &'a [Arc<DaemonSet>],
-    pub pods: &'a [Arc<SlimPod>],
+    pub pods: &'a PodSet,
 }
 
 /// Builds the planner's view. Objects without a namespace or name are skipped.
@@ -107,17 +107,14 @@ pub fn observe(objects: &Objects<'_>, canary: &CanarySelector) -> Observed {
     }
 
     let mut out = Observed::default();
-    for pod in objects.pods {
-        let meta = &pod.metadata;
-        if meta.deletion_timestamp.is_some() {
+    for pod in objects.pods.iter() {
+        if pod.is_deleting() {
             continue;
         }
         let Some(version) = pod.proxy_version() else {
             continue;
         };
-        let (Some(ns), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref()) else {
-            continue;
-        };
+        let (ns, name) = (pod.namespace(), pod.name());
         match owner(pod).filter(|k| workloads.contains_key(k)) {
             Some(key) => {
                 if let Some(w) = workloads.get_mut(&key) {
@@ -126,7 +123,7 @@ pub fn observe(objects: &Objects<'_>, canary: &CanarySelector) -> Observed {
                 out.pods.entry(key).or_default().push(PodTarget {
                     namespace: ns.to_string(),
                     name: name.to_string(),
-                    ip: pod.status.pod_ip.clone(),
+                    ip: pod.ip().map(|ip| ip.to_string()),
                     version: version.to_string(),
                 });
             }
@@ -138,9 +135,8 @@ pub fn observe(objects: &Objects<'_>, canary: &CanarySelector) -> Observed {
 }
 
 /// The workload that controls `pod`, if it is a Deployment, StatefulSet or DaemonSet.
-pub fn owner(pod: &SlimPod) -> Option<WorkloadKey> {
-    let meta = &pod.metadata;
-    let ns = meta.namespace.as_deref()?;
+pub fn owner(pod: &PodRecord) -> Option<WorkloadKey> {
+    let ns = pod.namespace();
     let owner = pod.controller()?;
     match owner.kind.as_str() {
         "ReplicaSet" => {
@@ -284,7 +280,7 @@ mod tests {
         owner: &str,
         hash: Option<&str>,
         version: &str,
-    ) -> SlimPod {
+    ) -> PodRecord {
         let mut labels = serde_json::Map::new();
         if let Some(h) = hash {
             labels.insert("pod-template-hash".into(), json!(h));
@@ -298,6 +294,8 @@ mod tests {
             },
             "status": {"podIP": "10.0.0.1"}
         }))
+        .ok()
+        .and_then(|p: crate::compiler::SlimPod| PodRecord::of(&p))
         .unwrap()
     }
 
@@ -323,13 +321,15 @@ mod tests {
             json!({"tier": "canary"}),
             json!({ROLLOUT_ANNOTATION: "manual"}),
         ));
-        let pods: Vec<Arc<SlimPod>> = vec![
-            Arc::new(pod("a", "ReplicaSet", "catalog-abc", Some("abc"), "p:1")),
-            Arc::new(pod("b", "ReplicaSet", "catalog-abc", Some("abc"), "p:2")),
+        let pods: PodSet = [
+            pod("a", "ReplicaSet", "catalog-abc", Some("abc"), "p:1"),
+            pod("b", "ReplicaSet", "catalog-abc", Some("abc"), "p:2"),
             // A ReplicaSet whose name does not end in the pod's hash: no Deployment.
-            Arc::new(pod("c", "ReplicaSet", "other-xyz", Some("abc"), "p:1")),
-            Arc::new(pod("d", "Job", "batch", None, "p:1")),
-        ];
+            pod("c", "ReplicaSet", "other-xyz", Some("abc"), "p:1"),
+            pod("d", "Job", "batch", None, "p:1"),
+        ]
+        .into_iter()
+        .collect();
         let canary = CanarySelector {
             namespace_selector: None,
             workload_selector: Some(LabelSelector {

@@ -258,6 +258,7 @@ pub fn share(from: &Snapshot, into: &mut Snapshot) {
     }
     swap(&from.services, &mut into.services);
     swap(&from.endpoint_slices, &mut into.endpoint_slices);
-    swap(&from.pods, &mut into.pods);
+    // The pod cache keeps a namespace's set when a relist brings equal pods.
+    into.pods.keep_unchanged(&from.pods);
     swap(&from.namespaces, &mut into.namespaces);
 }

@@ -14,6 +14,7 @@ use trellis_operator::api::peer_authentication::{MtlsMode, MtlsSpec, PeerAuthent
 use trellis_operator::api::traffic_policy::{TargetRef, TrafficPolicySpec};
 use trellis_operator::api::{Mesh, MeshSpec, PeerAuthentication, TrafficPolicy};
 use trellis_operator::compiler::{SlimPod, Snapshot};
+use trellis_operator::pods::PodRecord;
 
 pub fn meta(ns: Option<&str>, name: &str) -> ObjectMeta {
     ObjectMeta {
@@ -246,8 +247,33 @@ impl P {
 }
 impl Fixture for P {
     fn add_to(self, s: &mut Snapshot) {
-        s.pods.push(Arc::new(SlimPod::from(&self.0)));
+        s.pods
+            .insert(PodRecord::of(&SlimPod::from(&self.0)).expect("a named pod"));
     }
+}
+
+/// A pod that reads back as `p` (tests change a cached pod this way: the cache holds records,
+/// a change arrives as a new pod).
+pub fn slim_of(p: &PodRecord) -> SlimPod {
+    let mut pod = SlimPod::default();
+    let m = &mut pod.metadata;
+    m.name = Some(p.name().into());
+    m.namespace = Some(p.namespace().into());
+    m.labels = p.labels().cloned();
+    m.annotations = p
+        .proxy_version()
+        .map(|v| [("trellis.dev/proxy-version".to_string(), v.to_string())].into());
+    m.owner_references = p.controller().map(|o| vec![o.clone()]);
+    if p.is_deleting() {
+        m.deletion_timestamp = Some(at(0));
+    }
+    pod.spec.service_account_name = Some(p.service_account().into());
+    pod.status.pod_ip = p.ip().map(|ip| ip.to_string());
+    pod.status.pod_ips = p
+        .ips()
+        .map(|ip| k8s_openapi::api::core::v1::PodIP { ip: ip.to_string() })
+        .collect();
+    pod
 }
 
 // ---- TrafficPolicy ----
