@@ -310,6 +310,7 @@ async fn a_replica_writes_its_report_once_per_interval_latest_wins_with_a_heartb
         NS.into(),
         "op-a".into(),
         source,
+        publish::Metrics::default(),
         stop.clone(),
     ));
     let mut api = ApiServer(handle);
@@ -452,6 +453,7 @@ async fn a_report_too_large_as_json_is_gzipped_whole_into_its_lease() {
         NS.into(),
         "op-a".into(),
         source,
+        publish::Metrics::default(),
         stop.clone(),
     ));
     let mut api = ApiServer(handle);
@@ -554,11 +556,13 @@ async fn a_report_of_25_000_policies_is_sharded_over_leases_and_shrinks_back() {
         let current = current.clone();
         move || current.lock().unwrap().clone()
     };
+    let metrics = publish::Metrics::default();
     let task = tokio::spawn(publish::run(
         client,
         NS.into(),
         "op-a".into(),
         source,
+        metrics.clone(),
         stop.clone(),
     ));
     let mut api = ApiServer(handle);
@@ -603,6 +607,11 @@ async fn a_report_of_25_000_policies_is_sharded_over_leases_and_shrinks_back() {
     assert_eq!(got.len(), 25_000);
     assert!(got == want, "every count reads back");
     assert_eq!(back[0].2.omitted, 0);
+    assert_eq!(
+        (metrics.leases.get(), metrics.omitted.get()),
+        (n as i64, 0),
+        "the metrics say how many Leases it takes"
+    );
 
     // The mesh shrinks: one plain Lease again, then the shards no longer used go.
     *current.lock().unwrap() = report("op-a", many_objects(10));
@@ -636,6 +645,7 @@ async fn a_report_of_25_000_policies_is_sharded_over_leases_and_shrinks_back() {
         .await;
     }
     api.expect_none_for(Duration::from_millis(4900)).await;
+    assert_eq!(metrics.leases.get(), 1);
     stop.cancel();
     api.expect(
         within,

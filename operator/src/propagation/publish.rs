@@ -5,6 +5,7 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -14,6 +15,33 @@ use super::{
     FIELD_MANAGER, HEARTBEAT, INTERVAL, REPORT_ANNOTATION, REPORT_LABEL, REPORT_LABEL_VALUE,
     ReplicaReport, lease_name,
 };
+
+/// What the publisher tells Prometheus about its report's size: how many Leases it takes, and
+/// how many objects it left out past [`MAX_SHARDS`] (non-zero means the counts of those objects
+/// miss this replica's proxies; the README's "Report size" says when).
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    pub leases: Gauge,
+    pub omitted: Gauge,
+}
+
+impl Metrics {
+    /// Registers as `trellis_operator_propagation_report_leases` and
+    /// `trellis_operator_propagation_report_omitted_objects`.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        let r = registry.sub_registry_with_prefix("propagation_report");
+        r.register(
+            "leases",
+            "Leases this replica's propagation report takes (1 unless sharded)",
+            self.leases.clone(),
+        );
+        r.register(
+            "omitted_objects",
+            "Objects this replica's propagation report left out: it did not fit its Leases, and their counts miss this replica's proxies",
+            self.omitted.clone(),
+        );
+    }
+}
 
 /// Whether a Lease must be written: its annotation changed, or its last write is a
 /// [`HEARTBEAT`] old (each shard's Lease is renewed on its own, so the leader's garbage rule,
@@ -68,6 +96,7 @@ pub async fn run(
     namespace: String,
     replica: String,
     source: impl Fn() -> ReplicaReport + Send,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
@@ -110,6 +139,8 @@ pub async fn run(
             warned = false;
         }
         let n = layout.annotations.len();
+        metrics.leases.set(n as i64);
+        metrics.omitted.set(layout.omitted as i64);
         written.resize(written.len().max(n), None);
         let now = Instant::now();
         for i in (1..n).chain([0]) {
