@@ -663,7 +663,7 @@ async fn a_report_of_25_000_policies_is_sharded_over_leases_and_shrinks_back() {
 
 /// The leader reads every format at once, as during an upgrade: a sharded gzip report, a
 /// plain JSON report from a replica of the previous release, and a corrupt one (skipped, no
-/// effect); the sums are as if all were plain.
+/// effect); the sums are as if all were plain. A long-dead replica's shard Lease is deleted.
 #[tokio::test(start_paused = true)]
 async fn the_leader_sums_sharded_gzipped_and_old_plain_reports_alike() {
     let (client, handle) = mock();
@@ -698,6 +698,11 @@ async fn the_leader_sums_sharded_gzipped_and_old_plain_reports_alike() {
     let mut old_lease = lease(&report("op-old", vec![]), 2);
     old_lease["metadata"]["annotations"]["trellis.dev/propagation"] = json!(old.to_string());
     items.push(old_lease);
+    // A long-dead replica's shard: deleted like its first Lease would be.
+    let mut dead_shard = lease(&report("op-dead", vec![]), 1200);
+    dead_shard["metadata"]["name"] = json!("trellis-propagation-op-dead.3");
+    dead_shard["metadata"]["annotations"]["trellis.dev/propagation"] = json!(layout.annotations[1]);
+    items.push(dead_shard);
     let mut corrupt = lease(&report("op-bad", vec![]), 2);
     let truncated = &layout.annotations[0][..layout.annotations[0].len() / 2];
     corrupt["metadata"]["annotations"]["trellis.dev/propagation"] = json!(truncated);
@@ -735,6 +740,17 @@ async fn the_leader_sums_sharded_gzipped_and_old_plain_reports_alike() {
         );
     }
     assert!(checked);
+    api.expect(
+        within,
+        exchange(
+            Method::DELETE,
+            &format!("{LEASES}/trellis-propagation-op-dead.3?"),
+            |_| {},
+            deleted(),
+        ),
+    )
+    .await;
+    api.expect_none_for(Duration::from_millis(4000)).await;
     stop.cancel();
     task.await.unwrap();
 }
