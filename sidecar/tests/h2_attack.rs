@@ -413,7 +413,11 @@ async fn a_header_list_over_the_limit_is_refused_and_the_connection_serves_on() 
     for (i, chunk) in chunks.iter().enumerate() {
         let kind = if i == 0 { HEADERS } else { CONTINUATION };
         let first = if i == 0 { END_STREAM } else { 0 };
-        let last = if i + 1 == chunks.len() { END_HEADERS } else { 0 };
+        let last = if i + 1 == chunks.len() {
+            END_HEADERS
+        } else {
+            0
+        };
         out.extend(frame(kind, first | last, 1, chunk));
     }
     out.extend(frame(HEADERS, END_STREAM | END_HEADERS, 3, &get_block()));
