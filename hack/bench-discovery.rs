@@ -162,6 +162,18 @@ fn main() {
     // The pods as the operator holds them: its pod cache, each pod read from the API server's
     // JSON and kept as a record indexed by namespace. Later snapshots are taken the same way.
     w.snap.pods = pod_store.state();
+    // `configMap: Full` explicitly: the numbers below measure (and stay comparable with
+    // earlier runs of) the full table in every namespace; `Auto`, the default, would carry
+    // bootstrap sets at this size, as the Bootstrap compile below does.
+    w.snap.mesh = Some(Arc::new(trellis_operator::api::Mesh::new(
+        "default",
+        trellis_operator::api::MeshSpec {
+            discovery: trellis_operator::api::mesh::DiscoverySpec {
+                config_map: trellis_operator::api::mesh::ConfigMapContent::Full,
+            },
+            ..Default::default()
+        },
+    )));
     let t = Instant::now();
     let mut out = compiler::compile(&w.snap);
     let compile_full = t.elapsed();

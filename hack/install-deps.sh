@@ -14,6 +14,9 @@ command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 # curl: the same script waits on the dashboard's /api/graph.
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# python3: sidecar/tests/conformance.rs runs its standard-library HTTP server as the application
+# behind a sidecar pair (curl is that test's client); hack/validate-manifests.sh needs it too.
+command -v python3 >/dev/null 2>&1 || need+=(python3)
 # prometheus: the same script runs a real one against `trellis dev` for `trellis stat` and the
 # dashboard/alert queries, and its promtool checks and unit-tests the alert rules.
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)

@@ -247,7 +247,7 @@ pub const RULES: &[Rule] = &[
         apply_updates_only: false,
     },
     // Leader election: one Lease, created on first start, renewed by patch. Propagation
-    // reports: one Lease per replica, applied by it and deleted when it stops; the leader
+    // reports: one Lease per replica (up to 32 when its report is sharded), applied by it and deleted when it stops; the leader
     // lists them (by label) and deletes those of replicas long gone.
     Rule {
         scope: Scope::OperatorNamespace,

@@ -22,6 +22,7 @@ use kube::Client;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use trellis_proxy::conn_limit::{self, ConnLimits, Ended};
 
 use crate::api;
 
@@ -704,37 +705,83 @@ async fn lead(
     }
 }
 
-/// Serves `/healthz`, `/readyz` and `/metrics` until shutdown.
+/// Bounds of the admin server. Its port serves the kubelet's probes and Prometheus, so it is
+/// reachable from the cluster, in plaintext: the kubelet and a Prometheus or two need a
+/// handful of connections, and none needs one for long.
+pub const ADMIN_LIMITS: ConnLimits = ConnLimits {
+    max_connections: 128,
+    max_connections_per_peer: 32,
+    max_age: Duration::from_secs(60),
+    drain: Duration::from_secs(5),
+};
+/// A request head must arrive within this (and an idle HTTP/1.1 connection is closed after
+/// it): a probe's whole default timeout is 1 s.
+pub const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `/healthz`, `/readyz` and `/metrics` until shutdown, within [`ADMIN_LIMITS`].
 pub async fn serve_admin(listener: TcpListener, services: Services) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    serve_admin_with(listener, services, ADMIN_LIMITS, ADMIN_HEADER_TIMEOUT).await
+}
+
+/// [`serve_admin`] with its bounds as parameters (tests shorten them).
+pub async fn serve_admin_with(
+    listener: TcpListener,
+    services: Services,
+    limits: ConnLimits,
+    header_timeout: Duration,
+) {
+    let gate = limits.gate();
+    let connections = tokio_util::task::TaskTracker::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let builder = Arc::new(builder);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         tracing::warn!(error = %e, "admin accept failed");
+                        // EMFILE and friends: back off instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
+                };
+                let Some(slot) = gate.admit(peer.ip()) else {
+                    tracing::debug!(%peer, "admin connection refused: too many open");
+                    continue;
                 };
                 let s = services.clone();
                 let svc = hyper::service::service_fn(move |req| {
                     let s = s.clone();
                     async move { Ok::<_, Infallible>(admin_response(&req, &s)) }
                 });
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "admin connection ended with an error");
+                let builder = builder.clone();
+                let shutdown = services.shutdown.clone();
+                connections.spawn(async move {
+                    let _slot = slot;
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    match conn_limit::drive(conn, |c| c.graceful_shutdown(), &limits, &shutdown)
+                        .await
+                    {
+                        Ended::Closed(Ok(())) => {}
+                        Ended::Closed(Err(e)) => {
+                            tracing::debug!(error = %e, "admin connection ended with an error");
+                        }
+                        Ended::Dropped => {
+                            tracing::debug!(%peer, "admin connection dropped: still open after the drain");
+                        }
                     }
                 });
             }
             _ = services.shutdown.cancelled() => break,
         }
     }
-    graceful.shutdown().await;
+    connections.close();
+    connections.wait().await;
 }
 
 /// The admin endpoints. Pure apart from reading readiness and metrics.
@@ -1024,6 +1071,73 @@ mod tests {
         )
         .await
         .unwrap();
+    }
+
+    /// Whether the server closes `s` within `within` (what it sends meanwhile is dropped).
+    async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        tokio::time::timeout(within, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// The admin port is reachable from the cluster in plaintext: a head that never ends, an
+    /// idle HTTP/2 connection and a client opening more than its share cannot hold it.
+    #[tokio::test]
+    async fn admin_server_cuts_off_slow_heads_idle_connections_and_greedy_peers() {
+        use tokio::io::AsyncWriteExt;
+        let s = services();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ConnLimits {
+            max_connections: 16,
+            max_connections_per_peer: 2,
+            max_age: Duration::from_millis(600),
+            drain: Duration::from_millis(300),
+        };
+        let server = tokio::spawn(serve_admin_with(
+            listener,
+            s.clone(),
+            limits,
+            Duration::from_millis(300),
+        ));
+        let connect = || tokio::net::TcpStream::connect(addr);
+        let mut slow = connect().await.unwrap();
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        let mut h2 = connect().await.unwrap();
+        h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut third = connect().await.unwrap();
+        assert!(
+            closed_within(&mut third, Duration::from_millis(500)).await,
+            "a connection past the per-peer cap was served"
+        );
+        assert!(
+            closed_within(&mut slow, Duration::from_secs(3)).await,
+            "a request head that never ends held its connection"
+        );
+        assert!(
+            closed_within(&mut h2, Duration::from_secs(3)).await,
+            "an idle HTTP/2 connection was held past its age"
+        );
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        s.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("admin server stops on shutdown")
+            .unwrap();
     }
 
     #[tokio::test]

@@ -36,6 +36,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use trellis_proxy::conn_limit::{self, ConnLimits, Ended};
 
 use crate::api::MeshSpec;
 use crate::inject::{Decision, InjectContext, NamespaceInfo, inject};
@@ -162,6 +163,16 @@ pub struct ServeOptions {
     /// How long a review waits for a slot before it is answered 503 (well inside the API
     /// server's 10 s webhook timeout).
     pub queue_timeout: Duration,
+    /// Open connections, all peers together; more are closed at once. Anything in the cluster
+    /// can connect, and each connection costs a descriptor and TLS state.
+    pub max_connections: usize,
+    /// Open connections from one address; more are closed at once, so one client cannot fill
+    /// [`ServeOptions::max_connections`] and lock the API server out.
+    pub max_connections_per_peer: usize,
+    /// A connection this old is shut down gracefully (the API server reconnects): hyper's
+    /// HTTP/2 server has no idle timeout, so without this a client could hold one for ever.
+    /// Requests in flight get [`ServeOptions::drain_timeout`] to finish.
+    pub max_connection_age: Duration,
 }
 
 impl Default for ServeOptions {
@@ -173,6 +184,10 @@ impl Default for ServeOptions {
             drain_timeout: Duration::from_secs(5),
             max_concurrent: 8,
             queue_timeout: Duration::from_secs(5),
+            // The API servers (a handful in HA) need a few connections each.
+            max_connections: 256,
+            max_connections_per_peer: 32,
+            max_connection_age: Duration::from_secs(300),
         }
     }
 }
@@ -591,8 +606,15 @@ pub async fn serve_on(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_concurrent));
+    let limits = ConnLimits {
+        max_connections: opts.max_connections,
+        max_connections_per_peer: opts.max_connections_per_peer,
+        max_age: opts.max_connection_age,
+        drain: opts.drain_timeout,
+    };
+    let gate = limits.gate();
     let opts = Arc::new(opts);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = tokio_util::task::TaskTracker::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -612,14 +634,19 @@ pub async fn serve_on(
                 }
             },
         };
+        let Some(slot) = gate.admit(peer.ip()) else {
+            tracing::debug!(%peer, "webhook connection refused: too many open");
+            continue;
+        };
         // The latest certificate for every new connection: rotation needs no restart.
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
         let injector = injector.clone();
         let opts = opts.clone();
         let slots = slots.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let _slot = slot;
             let stream =
                 match tokio::time::timeout(opts.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,
@@ -642,21 +669,24 @@ pub async fn serve_on(
                     ))
                 }
             });
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%peer, error = %e, "webhook connection ended with an error");
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            match conn_limit::drive(conn, |c| c.graceful_shutdown(), &limits, &shutdown)
+                .await
+            {
+                Ended::Closed(Ok(())) => {}
+                Ended::Closed(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "webhook connection ended with an error");
+                }
+                Ended::Dropped => {
+                    tracing::debug!(%peer, "webhook connection dropped: still open after the drain");
+                }
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(opts.drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("webhook connections still open after the drain timeout");
-    }
+    // Each connection drains within `drain_timeout` of the shutdown by itself ([`drive`]).
+    connections.close();
+    connections.wait().await;
 }
 
 /// The namespace labels the webhook decides with, kept from a namespace watch. Events of a

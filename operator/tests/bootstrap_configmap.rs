@@ -65,15 +65,19 @@ fn bootstrap_configmap_does_not_grow_with_services_of_other_namespaces() {
         inc.changed_since(&a)
     );
 
-    // The contrast, so the test means something: in Full mode (the default) the same cluster
-    // lists all 202 Services in every meshed namespace.
-    let full = compile(&cluster(200).snap);
+    // The contrast, so the test means something: in Full mode the same cluster lists all 202
+    // Services in every meshed namespace.
+    let full = compile(
+        &cluster(200)
+            .with(mesh().spec(|s| s.discovery.config_map = ConfigMapContent::Full))
+            .snap,
+    );
     assert_eq!(listed(&full, "shop").len(), 202);
     assert!(full.configs["shop"].len() > 20 * b.configs["shop"].len());
 }
 
 #[test]
-fn full_is_the_default_and_an_explicit_full_is_the_same() {
+fn auto_is_the_default_and_a_small_cluster_compiles_as_under_an_explicit_full() {
     let none = compile(&cluster(3).snap);
     let explicit = compile(
         &cluster(3)

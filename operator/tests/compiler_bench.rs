@@ -7,197 +7,31 @@
 //! `ProxyConfig` as a value and serializes it with `to_json_pretty()`. The ratios say what the
 //! shared per-Service fragments and the incremental path buy.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{
-    Namespace, ObjectReference, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec,
-};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use trellis_operator::api::mesh::LabelSelector;
-use trellis_operator::api::peer_authentication::{MtlsMode, MtlsSpec, PeerAuthenticationSpec};
-use trellis_operator::api::traffic_policy::{
-    RetriesSpec, RetryOn, TargetRef, TimeoutsSpec, TrafficPolicySpec,
-};
-use trellis_operator::api::{PeerAuthentication, TrafficPolicy};
+use trellis_operator::api::peer_authentication::MtlsMode;
 use trellis_operator::compiler::visibility::IMPORT_FROM_ANNOTATION;
-use trellis_operator::compiler::{Output, SlimPod, Snapshot, compile, compile_incremental, digest};
-use trellis_operator::pods::{Interners, PodRecord};
+use trellis_operator::compiler::{Output, Snapshot, compile, compile_incremental, digest};
 use trellis_proxy::config::ProxyConfig;
 
-const NAMESPACES: usize = 200;
-const SERVICES: usize = 1_000;
-const ENDPOINTS_PER_SERVICE: usize = 10;
-const TRAFFIC_POLICIES: usize = 500;
+mod synthetic;
 
-fn meta(ns: &str, name: &str, i: usize) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.into()),
-        namespace: Some(ns.into()),
-        uid: Some(format!("00000000-0000-0000-0000-{i:012}")),
-        resource_version: Some(format!("{}", 100_000 + i)),
-        generation: Some(1),
-        creation_timestamp: Some(Time(
-            k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + i as i64).unwrap(),
-        )),
-        labels: Some(
-            [
-                ("app".to_string(), name.to_string()),
-                ("app.kubernetes.io/part-of".to_string(), "bench".to_string()),
-            ]
-            .into(),
-        ),
-        ..Default::default()
-    }
-}
+use synthetic::{BENCH, tp_spec};
 
-fn tp_spec(target: &str, timeout: &str) -> TrafficPolicySpec {
-    TrafficPolicySpec {
-        target_ref: TargetRef {
-            kind: "Service".into(),
-            name: target.into(),
-            port: None,
-        },
-        load_balancer: None,
-        timeouts: Some(TimeoutsSpec {
-            request: Some(timeout.into()),
-            idle: None,
-            connect: Some("1s".into()),
-        }),
-        retries: Some(RetriesSpec {
-            attempts: 3,
-            per_try_timeout: Some("500ms".into()),
-            retry_on: vec![RetryOn::GatewayError, RetryOn::Reset],
-            status_codes: vec![],
-            grpc_codes: vec![],
-            backoff: None,
-            budget_percent: None,
-            min_retries_per_second: None,
-            retry_non_idempotent: false,
-        }),
-        circuit_breaker: None,
-        outlier_detection: None,
-        rate_limit: None,
-        split: vec![],
-    }
-}
+const NAMESPACES: usize = BENCH.namespaces;
 
+/// The benchmark's cluster with `configMap: Full`: it measures the full table in every
+/// namespace (`Auto`, the default, would carry bootstrap sets at this size).
 fn synthetic() -> Snapshot {
-    let mut s = Snapshot::default();
-    // Pods are cached as the pod cache keeps them: records sharing repeated values.
-    let mut interners = Interners::default();
-    for n in 0..NAMESPACES {
-        let mut ns = Namespace {
-            metadata: meta("", &format!("ns-{n}"), n),
-            ..Default::default()
-        };
-        ns.metadata.namespace = None;
-        ns.metadata
-            .labels
-            .as_mut()
-            .unwrap()
-            .insert("trellis.dev/inject".into(), "enabled".into());
-        s.namespaces.push(Arc::new(ns));
-        // One namespace-wide policy per namespace, and a workload policy in every tenth.
-        let mut pa = PeerAuthentication::new(
-            "default",
-            PeerAuthenticationSpec {
-                selector: None,
-                mtls: MtlsSpec {
-                    mode: MtlsMode::Strict,
-                },
-                port_level_mtls: BTreeMap::new(),
-            },
-        );
-        pa.metadata = meta(&format!("ns-{n}"), "default", n);
-        s.peer_authentications.push(Arc::new(pa));
-    }
-    let mut ip = 0u32;
-    for i in 0..SERVICES {
-        let ns = format!("ns-{}", i % NAMESPACES);
-        let name = format!("svc-{i}");
-        let spec = ServiceSpec {
-            cluster_ip: Some(format!("10.96.{}.{}", i / 250, i % 250 + 1)),
-            cluster_ips: Some(vec![format!("10.96.{}.{}", i / 250, i % 250 + 1)]),
-            ports: Some(vec![ServicePort {
-                name: Some("http".into()),
-                port: 8080,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            }]),
-            selector: Some([("app".to_string(), name.clone())].into()),
-            type_: Some("ClusterIP".into()),
-            ..Default::default()
-        };
-        s.services.push(Arc::new(Service {
-            metadata: meta(&ns, &name, i),
-            spec: Some(spec),
-            status: None,
-        }));
-        let mut endpoints = Vec::new();
-        for e in 0..ENDPOINTS_PER_SERVICE {
-            ip += 1;
-            let addr = format!("10.{}.{}.{}", 1 + ip / 65536, (ip / 256) % 256, ip % 256);
-            let pod_name = format!("{name}-{e}");
-            let mut pod = Pod {
-                metadata: meta(&ns, &pod_name, ip as usize),
-                spec: Some(PodSpec {
-                    service_account_name: Some(name.clone()),
-                    ..Default::default()
-                }),
-                status: Some(PodStatus {
-                    pod_ip: Some(addr.clone()),
-                    pod_ips: Some(vec![PodIP { ip: addr.clone() }]),
-                    phase: Some("Running".into()),
-                    ..Default::default()
-                }),
-            };
-            pod.metadata.labels = Some([("app".to_string(), name.clone())].into());
-            pod.metadata.annotations =
-                Some([("trellis.dev/proxy-version".to_string(), "0.1.0".to_string())].into());
-            let pod = SlimPod::from(&pod);
-            s.pods
-                .insert(PodRecord::read(&pod, &mut interners).expect("a named pod"));
-            endpoints.push(Endpoint {
-                addresses: vec![addr],
-                conditions: Some(EndpointConditions {
-                    ready: Some(true),
-                    serving: Some(true),
-                    terminating: Some(false),
-                }),
-                target_ref: Some(ObjectReference {
-                    kind: Some("Pod".into()),
-                    name: Some(pod_name),
-                    namespace: Some(ns.clone()),
-                    ..Default::default()
-                }),
-                zone: Some(format!("zone-{}", e % 3)),
-                ..Default::default()
-            });
-        }
-        let mut slice_meta = meta(&ns, &format!("{name}-abcde"), i);
-        slice_meta.labels = Some([("kubernetes.io/service-name".to_string(), name.clone())].into());
-        s.endpoint_slices.push(Arc::new(EndpointSlice {
-            metadata: slice_meta,
-            address_type: "IPv4".into(),
-            endpoints: Some(endpoints),
-            ports: Some(vec![EndpointPort {
-                name: Some("http".into()),
-                port: Some(8080),
-                protocol: Some("TCP".into()),
-                app_protocol: None,
-            }]),
-        }));
-    }
-    for t in 0..TRAFFIC_POLICIES {
-        let i = t * 2; // every other Service
-        let ns = format!("ns-{}", i % NAMESPACES);
-        let mut tp = TrafficPolicy::new(&format!("tp-{t}"), tp_spec(&format!("svc-{i}"), "5s"));
-        tp.metadata = meta(&ns, &format!("tp-{t}"), t);
-        s.traffic_policies.push(Arc::new(tp));
-    }
+    let mut s = synthetic::synthetic(BENCH);
+    let mut mesh = trellis_operator::api::Mesh::new(
+        trellis_operator::api::MESH_NAME,
+        trellis_operator::api::MeshSpec::default(),
+    );
+    mesh.spec.discovery.config_map = trellis_operator::api::mesh::ConfigMapContent::Full;
+    s.mesh = Some(Arc::new(mesh));
     s
 }
 

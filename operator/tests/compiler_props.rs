@@ -57,12 +57,15 @@ proptest! {
         edits in prop::collection::vec(obj(), 0..8),
         cut in 0usize..40,
         flips in prop::collection::vec(any::<bool>(), 8),
-        bootstrap in any::<bool>(),
+        mode in prop::sample::select(vec![
+            ConfigMapContent::Auto,
+            ConfigMapContent::Full,
+            ConfigMapContent::Bootstrap,
+        ]),
     ) {
+        let bootstrap = mode == ConfigMapContent::Bootstrap;
         let mut before = world(&objs[..cut.min(objs.len())]);
-        if bootstrap {
-            before.add(bootstrap_mesh());
-        }
+        before.add(mode_mesh(mode));
         // Only pods change (sidecar added or removed), the most common change of all.
         let mut restarted = before.clone();
         let pods: Vec<_> = restarted.snap.pods.iter().map(slim_of).collect();
@@ -77,9 +80,7 @@ proptest! {
         }
         // `edits` come first, so for a key they share with `objs` the edit wins (a change).
         let mut after = world(&[edits, objs].concat());
-        if bootstrap {
-            after.add(bootstrap_mesh());
-        }
+        after.add(mode_mesh(mode));
         share(&before.snap, &mut after.snap);
         for (a, b) in [(&before, &after), (&after, &before), (&before, &restarted)] {
             let previous = compile(&a.snap);
@@ -102,8 +103,8 @@ proptest! {
     }
 }
 
-fn bootstrap_mesh() -> compiler_fixtures::M {
-    mesh().spec(|s| s.discovery.config_map = ConfigMapContent::Bootstrap)
+fn mode_mesh(mode: ConfigMapContent) -> compiler_fixtures::M {
+    mesh().spec(|s| s.discovery.config_map = mode)
 }
 
 /// The applier writes `changed_since`: it must be exactly the namespaces whose text changed
@@ -126,7 +127,9 @@ fn only_changed_bytes_are_written(previous: &Output, now: &Output) -> Result<(),
 fn only_the_bootstrap_set(snap: &Snapshot, out: &Output) -> Result<(), TestCaseError> {
     let full = {
         let mut s = snap.clone();
-        s.mesh = None;
+        let mut m = s.mesh.as_deref().cloned().expect("a Mesh");
+        m.spec.discovery.config_map = ConfigMapContent::Full;
+        s.mesh = Some(std::sync::Arc::new(m));
         compile(&s)
     };
     for (ns, json) in out.render_all() {
@@ -164,5 +167,7 @@ fn same(a: &Output, b: &Output) -> Result<(), TestCaseError> {
     prop_assert_eq!(&a.mesh, &b.mesh);
     prop_assert_eq!(&a.too_large, &b.too_large);
     prop_assert_eq!(&a.invalid, &b.invalid);
+    prop_assert_eq!(&a.bootstrapped, &b.bootstrapped);
+    prop_assert_eq!(&a.policies, &b.policies);
     Ok(())
 }

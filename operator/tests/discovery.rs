@@ -13,6 +13,7 @@ use compiler_fixtures::*;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use trellis_operator::compiler::{self, Output};
+use trellis_operator::discovery::server::MAX_CONNECTIONS_PER_PEER;
 use trellis_operator::discovery::{Hub, Registry, View, registry::MAX_PENDING, serve};
 use trellis_proxy::config::{OutboundService, ProxyConfig};
 use trellis_proxy::creds::Credentials;
@@ -578,6 +579,63 @@ async fn a_proxy_whose_services_did_not_change_hears_nothing_and_stays_up_to_dat
         assert!(Instant::now() < deadline, "{p:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    op.stop.cancel();
+}
+
+/// One mesh workload (a compromised pod holds a valid certificate) holding idle connections
+/// from its address: past its share they are closed, and proxies elsewhere still subscribe.
+#[tokio::test]
+async fn one_workload_cannot_hold_more_than_its_share_of_connections() {
+    use tokio::io::AsyncReadExt;
+    let pki = common::Pki::new("mesh");
+    let op = operator(&pki).await;
+    op.hub.publish(&compile(&world("10.1.0.5"), None));
+    let hostile = client_tls(&creds(
+        &pki,
+        "spiffe://cluster.local/ns/shop/sa/mallory",
+        &[&pki],
+    ));
+    let connect = || async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let tcp = socket.connect(op.addr).await?;
+        tokio_rustls::TlsConnector::from(hostile.clone())
+            .connect(trellis_proxy::tls::mesh_server_name(), tcp)
+            .await
+    };
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS_PER_PEER {
+        held.push(connect().await.unwrap());
+    }
+    let closed = match connect().await {
+        Err(_) => true,
+        Ok(mut extra) => {
+            let mut buf = [0u8; 256];
+            tokio::time::timeout(Duration::from_secs(2), async {
+                loop {
+                    match extra.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await
+            .is_ok()
+        }
+    };
+    assert!(closed, "a connection past the per-address cap was kept");
+    // A proxy at another address subscribes and is answered.
+    let c = creds(&pki, "spiffe://cluster.local/ns/shop/sa/client", &[&pki]);
+    let mut stream = Stream::open(op.addr, client_tls(&c)).await.unwrap();
+    assert!(
+        stream
+            .send(&ClientMessage::Subscribe {
+                targets: vec![Target::Service("web.shop".into())]
+            })
+            .await
+    );
+    assert_eq!(services(&batch(&mut stream).await).len(), 1);
+    drop(held);
     op.stop.cancel();
 }
 

@@ -9,6 +9,7 @@ use identity_support::*;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use trellis_operator::identity::{CERTIFICATE_PATH, IdentityConfig};
+use trellis_proxy::conn_limit::ConnLimits;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -472,5 +473,88 @@ async fn an_oversized_token_is_refused_without_a_token_review() {
     let huge = "a".repeat(trellis_operator::identity::MAX_TOKEN_BYTES + 1);
     refused(&ep, Some(&huge), body(&req), 401, "longer than").await;
     api.no_more_calls().await;
+    ep.stop().await;
+}
+
+/// A TLS connection from `source` speaking HTTP/2 (the preface and an empty SETTINGS), then
+/// idle: HTTP/2 has no header timeout between requests and hyper's server no idle timeout.
+async fn idle_h2(
+    ep: &Endpoint,
+    source: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use tokio::io::AsyncWriteExt;
+    let mut tls = tls_from(source.parse().unwrap(), ep.addr, &ep.bundle_pem()).await?;
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await?;
+    Ok(tls)
+}
+
+/// Whether the server closes `s` within `within` (what it sends meanwhile is read and dropped).
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+fn connection_limits(tune: impl FnOnce(&mut ConnLimits)) -> IdentityConfig {
+    let mut config = IdentityConfig::default();
+    tune(&mut config.connections);
+    config
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_ends_at_its_age() {
+    let config = connection_limits(|c| {
+        c.max_age = Duration::from_millis(500);
+        c.drain = Duration::from_millis(500);
+    });
+    let (ep, _api) = start(Duration::from_secs(3600), config).await;
+    let mut idle = idle_h2(&ep, "127.0.0.1").await.unwrap();
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(4)).await,
+        "an idle HTTP/2 connection stayed open past its age and the drain"
+    );
+    ep.stop().await;
+}
+
+#[tokio::test]
+async fn connections_past_the_per_source_cap_are_closed_and_other_pods_are_served() {
+    let config = connection_limits(|c| c.max_connections_per_peer = 3);
+    let (ep, _api) = start(Duration::from_secs(3600), config).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(idle_h2(&ep, "127.0.0.1").await.unwrap());
+    }
+    match idle_h2(&ep, "127.0.0.1").await {
+        Err(_) => {}
+        Ok(mut extra) => assert!(
+            closed_within(&mut extra, Duration::from_secs(2)).await,
+            "a connection past the per-source cap was kept"
+        ),
+    }
+    for c in &mut held {
+        assert!(!closed_within(c, Duration::from_millis(100)).await);
+    }
+    // Another pod is answered (a refusal for its missing token, decided without a review).
+    let (code, _) = post_from(
+        "127.0.0.2".parse().unwrap(),
+        ep.addr,
+        &ep.bundle_pem(),
+        CERTIFICATE_PATH,
+        None,
+        b"{}".to_vec(),
+    )
+    .await;
+    assert_eq!(code, 401);
+    drop(held);
     ep.stop().await;
 }

@@ -174,6 +174,58 @@ fn a_traffic_policy_counts_full_configmap_proxies_by_the_policies_they_loaded() 
         count(&tracker.count(&streams), "TrafficPolicy", "shop", "web"),
         (1, 1)
     );
+
+    // Under `Auto` (the default) each namespace counts by its own mode. pay sees 400 more
+    // Services, so its full table passes 64 KiB and its ConfigMap carries the bootstrap set: a
+    // pay proxy holds web.shop only if it subscribed. shop imports only itself, keeps its
+    // full table, and its proxies hold the policy from their ConfigMap.
+    let mut w4 = w2.clone();
+    let mesh = w4.snap.mesh.as_mut().unwrap();
+    Arc::make_mut(mesh).spec.discovery.config_map = Default::default();
+    for ns in &mut w4.snap.namespaces {
+        if ns.metadata.name.as_deref() == Some("shop") {
+            Arc::make_mut(ns)
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(
+                    trellis_operator::compiler::visibility::IMPORT_FROM_ANNOTATION.into(),
+                    "shop".into(),
+                );
+        }
+    }
+    w4.add(namespace("lib"));
+    for i in 0..400 {
+        w4.add(
+            service("lib", &format!("s{i}"))
+                .ip(&format!("10.97.{}.{}", i / 250, i % 250 + 1))
+                .port(8080, "http"),
+        );
+    }
+    let out4 = compiler::compile(&w4.snap);
+    assert_eq!(
+        out4.bootstrapped.iter().collect::<Vec<_>>(),
+        ["pay"],
+        "{:?}",
+        out4.mesh
+    );
+    tracker.observe(4, t(40), &w4.snap, &out4);
+    let pay4 = ProxyConfig::from_json(out4.config("pay").unwrap().as_bytes()).unwrap();
+    let shop4 = ProxyConfig::from_json(out4.config("shop").unwrap().as_bytes()).unwrap();
+    assert!(pay4.service("web.shop").is_none());
+    assert!(shop4.service("web.shop").is_some());
+    let streams = vec![
+        loaded("pay", 4, &pay4),
+        StreamState {
+            subscriptions: vec!["web.shop".into()],
+            ..loaded("pay", 4, &pay4)
+        },
+        loaded("shop", 4, &shop4),
+    ];
+    assert_eq!(
+        count(&tracker.count(&streams), "TrafficPolicy", "shop", "web"),
+        (2, 2)
+    );
 }
 
 #[test]
@@ -654,11 +706,77 @@ fn report_cost_at_cluster_scale() {
         objects: c,
         lagging,
         lagging_total: lagging_total as u64,
+        ..Default::default()
     };
     let bytes = serde_json::to_string(&report).unwrap().len();
     println!(
         "report over 1000 streams x 20 subscriptions, {objects} objects: {per:?} per round, {bytes} bytes of JSON (an annotation holds 256 KiB)"
     );
+}
+
+/// What the report's layout costs per object, and per build, at 2 500 and 25 000 policy
+/// objects (the issue's bar), with names of two shapes: short and regular (`tp-17` in `ns-3`),
+/// and long and varied (a 16-hex-digit hash in each, as generated names have). A measurement:
+/// `cargo test --test propagation -- --ignored --nocapture report_layout_cost`; the README
+/// quotes it.
+#[test]
+#[ignore]
+fn report_layout_cost_at_2_500_and_25_000_objects() {
+    use trellis_operator::propagation::encode::{MAX_SHARDS, encode_gzip, layout};
+    use trellis_operator::propagation::report::MAX_REPORT_BYTES;
+    let short = |i: usize| {
+        ObjectRef::new(
+            "TrafficPolicy",
+            &format!("ns-{}", i / 10),
+            &format!("tp-{i}"),
+        )
+    };
+    let long = |i: usize| {
+        let h = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        ObjectRef::new(
+            "TrafficPolicy",
+            &format!("team-{:03}-payments-production", i % 400),
+            &format!("checkout-{h:016x}-retries"),
+        )
+    };
+    let names: [(&str, &dyn Fn(usize) -> ObjectRef); 2] = [("short", &short), ("long", &long)];
+    for (shape, name) in names {
+        for n in [2_500usize, 25_000] {
+            let report = trellis_operator::propagation::ReplicaReport {
+                replica: "trellis-operator-5d9c7b6f4-x2x9q".into(),
+                latest: 41,
+                streams: 1000,
+                objects: (0..n)
+                    .map(|i| ObjectCount {
+                        object: name(i),
+                        generation: 1 + (i % 7) as i64,
+                        updated: 17 + (i % 3) as u64,
+                        total: 20,
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            let json = serde_json::to_string(&report).unwrap().len();
+            let gz = encode_gzip(&report).len();
+            let rounds = 5;
+            let start = Instant::now();
+            let mut l = layout(&report, MAX_REPORT_BYTES, MAX_SHARDS);
+            for _ in 1..rounds {
+                l = layout(&report, MAX_REPORT_BYTES, MAX_SHARDS);
+            }
+            let per = start.elapsed() / rounds;
+            let total: usize = l.annotations.iter().map(String::len).sum();
+            println!(
+                "{shape} names, {n} objects: JSON {:.1} B/object ({json} B), gzip+base64 {:.1} B/object ({gz} B); layout: {} Lease(s), {total} B, {:?} per build, omitted {}",
+                json as f64 / n as f64,
+                gz as f64 / n as f64,
+                l.annotations.len(),
+                per,
+                l.omitted
+            );
+            assert_eq!(l.omitted, 0);
+        }
+    }
 }
 
 /// Issue 19: a proxy that acknowledged every view and runs its namespace's current settings,

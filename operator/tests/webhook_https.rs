@@ -593,6 +593,103 @@ async fn silent_connection_is_closed() {
     h.stop().await;
 }
 
+/// A TLS connection to the webhook from `source` (an address on loopback: 127.0.0.0/8 all
+/// reaches the listener).
+async fn tls_from(
+    h: &Harness,
+    source: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(h.pki.ca_der.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().unwrap())?;
+    let tcp = socket.connect(h.addr).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(SAN).unwrap(), tcp)
+        .await
+}
+
+/// [`tls_from`], speaking HTTP/2 (the preface and an empty SETTINGS), then idle.
+async fn idle_h2(
+    h: &Harness,
+    source: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut tls = tls_from(h, source).await?;
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await?;
+    Ok(tls)
+}
+
+/// Whether the server closes `s` within `within` (what it sends meanwhile is read and dropped).
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// HTTP/2 has no header timeout between requests, and hyper's server no idle timeout: an idle
+/// HTTP/2 connection must still end, at its age (gracefully, GOAWAY) or after the drain.
+#[tokio::test]
+async fn an_idle_http2_connection_ends_at_its_age() {
+    let h = Harness::start_with(|o| o.max_connection_age = Duration::from_millis(500)).await;
+    let mut idle = idle_h2(&h, "127.0.0.1").await.unwrap();
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(4)).await,
+        "an idle HTTP/2 connection stayed open past its age and the drain"
+    );
+    h.stop().await;
+}
+
+/// One client cannot hold more than its share of connections, and others are still served
+/// while it holds them.
+#[tokio::test]
+async fn connections_past_the_per_peer_cap_are_closed_and_other_peers_are_served() {
+    let h = Harness::start_with(|o| o.max_connections_per_peer = 3).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(idle_h2(&h, "127.0.0.1").await.unwrap());
+    }
+    // The fourth from the same address is closed at once (during or right after TLS).
+    match idle_h2(&h, "127.0.0.1").await {
+        Err(_) => {}
+        Ok(mut extra) => assert!(
+            closed_within(&mut extra, Duration::from_secs(2)).await,
+            "a connection past the per-peer cap was kept"
+        ),
+    }
+    // The held ones are still open.
+    for c in &mut held {
+        assert!(!closed_within(c, Duration::from_millis(100)).await);
+    }
+    // Another address is answered.
+    let mut other = tls_from(&h, "127.0.0.2").await.unwrap();
+    let req = format!(
+        "POST /inject HTTP/1.1\r\nhost: {SAN}\r\ncontent-type: application/json\r\n\
+         content-length: 2\r\nconnection: close\r\n\r\n{{}}"
+    );
+    other.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), other.read_to_end(&mut resp)).await;
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 "), "no answer: {resp:?}");
+    assert!(!resp.starts_with("HTTP/1.1 503"), "{resp}");
+    drop(held);
+    h.stop().await;
+}
+
 /// Issue 13 item 6: reviews are read and decided at most `max_concurrent` at a time; one that
 /// cannot get a slot within `queue_timeout` gets 503 without its body being buffered, and the
 /// webhook answers again as soon as a slot frees.

@@ -5,6 +5,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod config;
+pub mod conn_limit;
 pub mod creds;
 pub mod discovery;
 pub mod identity;

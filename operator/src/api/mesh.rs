@@ -71,15 +71,20 @@ pub struct MeshSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DiscoverySpec {
-    /// What each namespace's `trellis-proxy` ConfigMap lists. `Full` (the default): every
-    /// Service the namespace may see, so a sidecar can call all of them with no operator
-    /// reachable (what `trellis dev` needs: it runs no discovery server), at a size that grows
-    /// with the cluster (past about 1 500 Services a ConfigMap exceeds 1 MiB and stops
-    /// updating). `Bootstrap`: only the mesh settings, inbound policy, the namespace's own
-    /// Services and the backends their TrafficPolicies split to; everything else is resolved on
-    /// demand from the discovery stream (port 15010). The size then does not grow with the
-    /// cluster, but a sidecar that cannot reach the operator can call only what its ConfigMap
-    /// and its cache hold: a new destination leaves as plain TCP until the stream is back.
+    /// What each namespace's `trellis-proxy` ConfigMap lists. `Auto` (the default): per
+    /// namespace, the full table while its `config.json` stays within 64 KiB, else the
+    /// bootstrap set, so small meshes keep the resilience of a full table and no ConfigMap
+    /// grows with the cluster (the Mesh's `Programmed` condition names the namespaces that
+    /// carry the bootstrap set). `Full`: every Service the namespace may see, always, so a
+    /// sidecar can call all of them with no operator reachable, at a size that grows with the
+    /// cluster (past about 1 500 Services a ConfigMap exceeds 1 MiB and stops updating,
+    /// `ConfigTooLarge`). `Bootstrap`: always only the mesh settings, inbound policy, the
+    /// namespace's own Services and the backends their TrafficPolicies split to; everything
+    /// else is resolved on demand from the discovery stream (port 15010). The size then does
+    /// not grow with the cluster, but a sidecar that cannot reach the operator can call only
+    /// what its ConfigMap and its cache hold: a new destination leaves as plain TCP until the
+    /// stream is back. `trellis dev` runs no discovery stream: it treats `Auto` as `Full` and
+    /// refuses `Bootstrap`.
     #[serde(default)]
     pub config_map: ConfigMapContent,
 }
@@ -87,8 +92,10 @@ pub struct DiscoverySpec {
 /// See [`DiscoverySpec::config_map`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ConfigMapContent {
-    /// Every Service the namespace may see.
+    /// Per namespace, `Full` while the full table fits 64 KiB, else `Bootstrap`.
     #[default]
+    Auto,
+    /// Every Service the namespace may see, whatever the size.
     Full,
     /// The namespace's own Services and their split backends; the rest comes from the stream.
     Bootstrap,

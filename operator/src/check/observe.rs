@@ -43,7 +43,8 @@ pub async fn propagation(client: &Client, namespace: &str) -> super::propagation
         .await
         .map_err(describe)
         .map(|list| {
-            list.items
+            let leases = list
+                .items
                 .into_iter()
                 .filter_map(|l| {
                     let at = l
@@ -51,10 +52,16 @@ pub async fn propagation(client: &Client, namespace: &str) -> super::propagation
                         .as_ref()
                         .and_then(|s| s.renew_time.as_ref())
                         .map(|t| t.0.as_second());
-                    let json = l.metadata.annotations.as_ref()?.get(REPORT_ANNOTATION)?;
-                    // A report this build cannot read is skipped (a newer operator's).
-                    serde_json::from_str(json).ok().map(|r| (at, r))
+                    let annotation = l.metadata.annotations.as_ref()?.get(REPORT_ANNOTATION)?;
+                    // A report this build cannot read is skipped (a newer operator's, or
+                    // corrupt); either format of this one is read, shards joined below.
+                    let r = crate::propagation::encode::decode(annotation).ok()?;
+                    Some((at, l.metadata.name.unwrap_or_default(), r))
                 })
+                .collect();
+            crate::propagation::encode::merge(leases)
+                .into_iter()
+                .map(|(at, _, r)| (at, r))
                 .collect()
         });
     super::propagation::Observed {

@@ -159,6 +159,24 @@ pub fn checks(o: &Observed, now: i64, threshold_secs: i64) -> Vec<Check> {
             fresh.len()
         ),
     )];
+    let cut: Vec<String> = fresh
+        .iter()
+        .filter(|r| r.omitted > 0)
+        .map(|r| format!("{} left out {} object(s)", r.replica, r.omitted))
+        .collect();
+    if !cut.is_empty() {
+        out.push(Check::warn(
+            "propagation report size",
+            format!(
+                "{}: their counts (status.propagation) miss that replica's proxies",
+                cut.join(", ")
+            ),
+            format!(
+                "a report holds {} Leases of 256 KiB (about 25 000 objects with long names, more with short ones): see the README's propagation status limits",
+                crate::propagation::encode::MAX_SHARDS
+            ),
+        ));
+    }
     let total: u64 = fresh.iter().map(|r| r.lagging_total).sum();
     let mut lagging: Vec<&LaggingProxy> = fresh.iter().flat_map(|r| &r.lagging).collect();
     lagging.sort_by(|a, b| {
@@ -266,6 +284,7 @@ mod tests {
             objects: vec![],
             lagging,
             lagging_total: total,
+            ..Default::default()
         }
     }
 
@@ -274,6 +293,40 @@ mod tests {
             .map(str::trim)
             .filter(|c| !c.is_empty())
             .collect()
+    }
+
+    #[test]
+    fn a_replica_whose_report_left_objects_out_is_a_warning_naming_it() {
+        let whole = report(vec![], 0);
+        let cut = ReplicaReport {
+            replica: "op-b".into(),
+            omitted: 1234,
+            ..report(vec![], 0)
+        };
+        let checks = checks(&observed(vec![(NOW, whole.clone())]), NOW, 180);
+        assert!(checks.iter().all(|c| c.name != "propagation report size"));
+        let checks = checks_of(vec![(NOW, whole), (NOW, cut)]);
+        let c = checks
+            .iter()
+            .find(|c| c.name == "propagation report size")
+            .expect("a size check");
+        assert_eq!(c.outcome, Outcome::Warn);
+        assert!(
+            c.detail.starts_with("op-b left out 1234 object(s)"),
+            "{}",
+            c.detail
+        );
+        // A stale report's omission is not reported: it is not counted either.
+        let stale = ReplicaReport {
+            omitted: 5,
+            ..report(vec![], 0)
+        };
+        let checks = checks_of(vec![(NOW - 3600, stale), (NOW, report(vec![], 0))]);
+        assert!(checks.iter().all(|c| c.name != "propagation report size"));
+    }
+
+    fn checks_of(reports: Vec<(i64, ReplicaReport)>) -> Vec<Check> {
+        checks(&observed(reports), NOW, 180)
     }
 
     #[test]

@@ -12,15 +12,20 @@
 //!   to use plaintext. A TrafficPolicy therefore changes the table of every meshed namespace,
 //!   unless `trellis.dev/export-to` / `trellis.dev/import-from` narrow who sees the Service
 //!   (see [`visibility`]); then it changes exactly the namespaces that see it.
-//! - **Bootstrap ConfigMaps** (Mesh `spec.discovery.configMap: Bootstrap`). The table above
-//!   grows with the cluster (past about 1 500 Services it no longer fits a ConfigMap), so with
-//!   the discovery stream serving everything else a namespace's config carries only its own
+//! - **Bootstrap ConfigMaps** (Mesh `spec.discovery.configMap`). The table above grows with
+//!   the cluster (past about 1 500 Services it no longer fits a ConfigMap), so with the
+//!   discovery stream serving everything else a namespace's config may carry only its own
 //!   Services and their split backends ([`bootstrap_plan`]), at a size the rest of the cluster
-//!   does not change; adding a Service elsewhere then rewrites no ConfigMap. The stream serves
-//!   from the full table ([`compile_discovery`] never cuts it), and a TrafficPolicy's
-//!   `Programmed` still counts every namespace that sees its Service, listed or streamed. `Full`
-//!   stays the default because a sidecar that cannot reach the operator (or `trellis dev`,
-//!   which runs no discovery server) can then still call everything.
+//!   does not change; adding a Service elsewhere then rewrites no such ConfigMap. The stream
+//!   serves from the full table ([`compile_discovery`] never cuts it), and a TrafficPolicy's
+//!   `Programmed` still counts every namespace that sees its Service, listed or streamed. The
+//!   default, `Auto`, chooses per namespace ([`carries_bootstrap`]): the full table while it
+//!   renders to at most [`AUTO_FULL_TABLE_MAX_BYTES`], so a small mesh keeps the resilience of
+//!   a full table (a sidecar that cannot reach the operator can still call everything), else
+//!   the bootstrap set, so no ConfigMap outgrows the bound issue #19 set. `Full` and
+//!   `Bootstrap` force one or the other; [`Output::bootstrapped`] records the choice, and
+//!   everything that depends on what a ConfigMap lists ([`Output::policies`], the reach of
+//!   TrafficPolicies) follows it.
 //! - **Inline endpoints.** By default ([`InlineEndpoints::SameNamespace`]) a namespace's config
 //!   carries the endpoints of its own Services only; other Services are reached through their
 //!   cluster IP (the design's fallback) and verified against the Service-level identities. With
@@ -88,6 +93,11 @@ pub const INJECT_LABEL: &str = crate::inject::scope::INJECT;
 pub const PROXY_VERSION_ANNOTATION: &str = crate::inject::scope::PROXY_VERSION;
 /// A ConfigMap may hold 1 MiB; keep 64 KiB for metadata and managed fields.
 pub const DEFAULT_MAX_CONFIG_BYTES: usize = 1024 * 1024 - 64 * 1024;
+/// Under `configMap: Auto`, the largest `config.json` a namespace's full table may render to;
+/// above it the namespace carries its bootstrap set. Issue #19's bound on a ConfigMap in a
+/// large cluster: small enough that a namespace's copy costs little to store and push to every
+/// kubelet, large enough for the full table of a mesh of about a hundred Services.
+pub const AUTO_FULL_TABLE_MAX_BYTES: usize = 64 * 1024;
 /// Namespaces that are never meshed, whatever their labels say.
 pub const SYSTEM_NAMESPACES: [&str; 3] = crate::inject::scope::SYSTEM_NAMESPACES;
 
@@ -244,6 +254,11 @@ pub struct Output {
     pub meshed: BTreeSet<String>,
     /// Desired `config.json` per meshed namespace (rendered on demand).
     pub configs: BTreeMap<String, Arc<NamespaceConfig>>,
+    /// Meshed namespaces whose ConfigMap carries the bootstrap set instead of the full table:
+    /// every one under `Bootstrap`, those whose full table exceeds
+    /// [`AUTO_FULL_TABLE_MAX_BYTES`] under `Auto`, none under `Full`. What [`Self::policies`]
+    /// and the TrafficPolicies' reach were computed with; [`compile_discovery`] computes it too.
+    pub bootstrapped: BTreeSet<String>,
     /// Meshed namespaces whose config was refused: the ConfigMap in the cluster stays as it is.
     pub too_large: BTreeMap<String, TooLarge>,
     /// Meshed namespaces whose compiled config failed the sidecar's validation (a compiler bug or
@@ -434,10 +449,33 @@ fn compile_with(snapshot: &Snapshot, previous: Option<&Output>, namespaces: bool
             (ns.clone(), header.settings_digest())
         })
         .collect();
-    let bootstrap =
-        mesh_spec.is_some_and(|m| m.discovery.config_map == ConfigMapContent::Bootstrap);
-    out.policies = listed_policies(&fragments, &meshed, &imports, bootstrap);
+    let mode = mesh_spec
+        .map(|m| m.discovery.config_map)
+        .unwrap_or_default();
+    let header_of = |ns: &str| ProxyConfig {
+        namespace: ns.to_string(),
+        inbound: inbound.policies_for(ns),
+        ..blank.clone()
+    };
     if !namespaces {
+        // The same decision the namespace loop below makes, so every replica counts
+        // propagation against what the ConfigMaps really list. Under `Auto` it needs each
+        // namespace's visible plan (for its size), which the loop has anyway; under `Full` and
+        // `Bootstrap` it costs nothing.
+        out.bootstrapped = meshed
+            .iter()
+            .filter(|ns| match mode {
+                ConfigMapContent::Full => false,
+                ConfigMapContent::Bootstrap => true,
+                ConfigMapContent::Auto => {
+                    let import = imports.get(*ns).unwrap_or(&visibility::Scope::All);
+                    let visible = fragments.plan(ns, settings.inline_endpoints, import);
+                    carries_bootstrap(mode, &fragments, &header_of(ns), &visible)
+                }
+            })
+            .cloned()
+            .collect();
+        out.policies = listed_policies(&fragments, &meshed, &imports, &out.bootstrapped);
         problems.sort();
         problems.dedup();
         out.problems = problems;
@@ -451,16 +489,13 @@ fn compile_with(snapshot: &Snapshot, previous: Option<&Output>, namespaces: bool
         // What the namespace's sidecars may call (and so what a TrafficPolicy reaches), whether
         // the ConfigMap lists it or the discovery stream serves it.
         let visible = fragments.plan(ns, settings.inline_endpoints, import);
-        let (plan, wider) = if bootstrap {
+        let mut header = header_of(ns);
+        let (plan, wider) = if carries_bootstrap(mode, &fragments, &header, &visible) {
+            out.bootstrapped.insert(ns.clone());
             let plan = bootstrap_plan(&fragments, ns, settings.inline_endpoints);
             (plan, Some(visible))
         } else {
             (visible, None)
-        };
-        let mut header = ProxyConfig {
-            namespace: ns.clone(),
-            inbound: inbound.policies_for(ns),
-            ..blank.clone()
         };
         // The sidecar's own validation, so a config it would refuse is never written: each
         // Service once (in `Fragments::build`), each namespace's header here. Together they are
@@ -502,6 +537,7 @@ fn compile_with(snapshot: &Snapshot, previous: Option<&Output>, namespaces: bool
         out.configs.insert(ns.clone(), Arc::new(config));
     }
 
+    out.policies = listed_policies(&fragments, &meshed, &imports, &out.bootstrapped);
     out.traffic_policies = policies.conditions(&meshed, |target| {
         fragments.index_of(target).map(|i| reach.get(i))
     });
@@ -512,6 +548,29 @@ fn compile_with(snapshot: &Snapshot, previous: Option<&Output>, namespaces: bool
     out.mesh = mesh_conditions(snapshot, &out, &problems);
     out.problems = problems;
     out
+}
+
+/// Whether a namespace's ConfigMap carries its bootstrap set rather than `visible`, its full
+/// table. Under `Auto` the size decides, taken from the lengths of the fragments the compile
+/// already holds (no text is rendered): the header (its revision is a fixed-length hash, so it
+/// is measured with a placeholder of that length) plus the visible Services. A 10 000-Service
+/// cluster thus costs one plan per namespace, which `Bootstrap` computes as well (for the
+/// reach of TrafficPolicies).
+fn carries_bootstrap(
+    mode: ConfigMapContent,
+    fragments: &render::Fragments,
+    header: &ProxyConfig,
+    visible: &render::Plan,
+) -> bool {
+    match mode {
+        ConfigMapContent::Full => false,
+        ConfigMapContent::Bootstrap => true,
+        ConfigMapContent::Auto => {
+            debug_assert!(header.revision.is_empty());
+            fragments.rendered_len(header, visible) + render::REVISION_LEN
+                > AUTO_FULL_TABLE_MAX_BYTES
+        }
+    }
 }
 
 /// The bootstrap set of `namespace` (Mesh `spec.discovery.configMap: Bootstrap`): its own
@@ -530,20 +589,21 @@ fn bootstrap_plan(
 }
 
 /// [`Output::policies`]: per meshed namespace, the policy-bearing Services its ConfigMap
-/// lists (its visible table, or its bootstrap set) and their digest. Namespaces that list the
+/// lists (its visible table, or its bootstrap set when it is in `bootstrapped`) and their
+/// digest. Namespaces that list the
 /// same Services (every namespace importing everything, the default) share one digest and one
 /// set, computed once.
 fn listed_policies(
     fragments: &render::Fragments,
     meshed: &BTreeSet<String>,
     imports: &BTreeMap<String, visibility::Scope>,
-    bootstrap: bool,
+    bootstrapped: &BTreeSet<String>,
 ) -> BTreeMap<String, ListedPolicies> {
     let mut shared: std::collections::HashMap<Vec<u32>, ListedPolicies> = Default::default();
     let mut out = BTreeMap::new();
     for ns in meshed {
         let own;
-        let scope = if bootstrap {
+        let scope = if bootstrapped.contains(ns) {
             own = visibility::Scope::Only(BTreeSet::from([ns.clone()]));
             &own
         } else {
@@ -751,13 +811,28 @@ fn mesh_conditions(snapshot: &Snapshot, out: &Output, problems: &[Problem]) -> V
         ""
     };
     let max = snapshot.settings.max_config_bytes;
+    // Under `Auto` which namespaces left the full table is news (their sidecars now depend on
+    // the discovery stream for other namespaces' Services); under `Bootstrap` it is every one.
+    let mode = snapshot.mesh.as_ref().map(|m| m.spec.discovery.config_map);
+    let auto = if mode.unwrap_or_default() == ConfigMapContent::Auto && !out.bootstrapped.is_empty()
+    {
+        format!(
+            " configMap Auto: {} namespace(s) carry the bootstrap set, their full table \
+             exceeding {AUTO_FULL_TABLE_MAX_BYTES} bytes (other Services come from the \
+             discovery stream): {}.",
+            out.bootstrapped.len(),
+            list(&out.bootstrapped, 10)
+        )
+    } else {
+        String::new()
+    };
     let programmed = if out.too_large.is_empty() && out.invalid.is_empty() {
         Condition::new(
             "Programmed",
             ConditionStatus::True,
             "Programmed",
             format!(
-                "Sidecar configuration compiled for {} meshed namespace(s).{defaults}",
+                "Sidecar configuration compiled for {} meshed namespace(s).{auto}{defaults}",
                 out.configs.len()
             ),
             generation,
@@ -773,7 +848,7 @@ fn mesh_conditions(snapshot: &Snapshot, out: &Output, problems: &[Problem]) -> V
                 "ConfigTooLarge"
             },
             format!(
-                "Sidecar configuration not updated in namespace(s) {}; see the Degraded condition.{defaults}",
+                "Sidecar configuration not updated in namespace(s) {}; see the Degraded condition.{auto}{defaults}",
                 list(failed, 10)
             ),
             generation,

@@ -584,7 +584,7 @@ impl Fragments {
                 }
             }
         }
-        hex::encode(&h.finalize()[..8])
+        hex::encode(&h.finalize()[..REVISION_LEN / 2])
     }
 
     fn text_len(&self, plan: &Plan) -> usize {
@@ -642,6 +642,9 @@ impl Fragments {
         out
     }
 }
+
+/// Length of [`Fragments::revision`]'s text (hex of 8 bytes), known before it is computed.
+pub(crate) const REVISION_LEN: usize = 16;
 
 const EMPTY_TAIL: &str = "[]\n}";
 const CLOSE: &str = "\n  ]\n}";

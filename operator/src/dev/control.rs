@@ -89,7 +89,7 @@ pub fn mesh_params(mesh: &Mesh) -> Result<MeshParams, ControlError> {
         return Err(ControlError::Mesh(
             "spec.discovery.configMap is Bootstrap, which leaves every other namespace's \
              Services to the operator's discovery stream, and `trellis dev` runs none: remove it \
-             (or set Full)"
+             (or set Auto or Full: trellis dev keeps the full table)"
                 .into(),
         ));
     }
@@ -106,6 +106,39 @@ pub fn identity_of(pod: &Pod, trust_domain: &str) -> Option<String> {
         .map(|_| spiffe_id(trust_domain, &pod.namespace, &pod.service_account))
 }
 
+/// The Mesh `trellis dev` compiles with: `configMap: Auto` becomes `Full`. Auto would give a
+/// namespace whose table passes 64 KiB only its bootstrap set and leave the rest to a discovery
+/// stream `trellis dev` does not run, silently turning its calls to other namespaces into
+/// plaintext; a local demo is small, and when it is not [`oversized_full_tables`] says so.
+/// `Bootstrap` never gets here ([`mesh_params`] refuses it).
+fn full_table_mesh(mut mesh: Mesh) -> Mesh {
+    use crate::api::mesh::ConfigMapContent;
+    if mesh.spec.discovery.config_map == ConfigMapContent::Auto {
+        mesh.spec.discovery.config_map = ConfigMapContent::Full;
+    }
+    mesh
+}
+
+/// One message per namespace whose full table exceeds what `configMap: Auto` keeps in a
+/// cluster: `trellis dev` still writes it whole (every Service stays callable), and says that a
+/// cluster would carry only the bootstrap set there.
+fn oversized_full_tables(out: &compiler::Output) -> Vec<String> {
+    out.configs
+        .iter()
+        .filter(|(_, c)| c.len() > compiler::AUTO_FULL_TABLE_MAX_BYTES)
+        .map(|(ns, c)| {
+            format!(
+                "namespace {ns}: its full table is {} bytes, over the {} bytes up to which \
+                 `configMap: Auto` keeps it in a cluster (there, this namespace would carry only \
+                 its bootstrap set and resolve the rest from the discovery stream); trellis dev \
+                 runs no discovery stream, so it keeps the full table",
+                c.len(),
+                compiler::AUTO_FULL_TABLE_MAX_BYTES
+            )
+        })
+        .collect()
+}
+
 /// Compiles the directory into each meshed namespace's `config.json`, with the operator's
 /// compiler. `identity_endpoint` is the local endpoint's URL, so the config the sidecars read
 /// names the endpoint they actually use.
@@ -114,6 +147,19 @@ pub fn compile(
     plan: &Plan,
     identity_endpoint: &str,
 ) -> Result<BTreeMap<String, String>, ControlError> {
+    let (configs, warnings) = compile_warning(dev, plan, identity_endpoint)?;
+    for warning in warnings {
+        eprintln!("trellis dev: {warning}");
+    }
+    Ok(configs)
+}
+
+/// [`compile`], with the warnings it prints returned instead.
+fn compile_warning(
+    dev: &DevDir,
+    plan: &Plan,
+    identity_endpoint: &str,
+) -> Result<(BTreeMap<String, String>, Vec<String>), ControlError> {
     let cluster = synthesize(&dev.topology, plan);
     let mut pods = cluster.pods;
     // What the injector does to every pod it gives a sidecar: the compiler counts a pod as
@@ -127,7 +173,7 @@ pub fn compile(
         }
     }
     let snapshot = Snapshot {
-        mesh: Some(Arc::new(mesh_of(dev))),
+        mesh: Some(Arc::new(full_table_mesh(mesh_of(dev)))),
         traffic_policies: dev
             .objects
             .traffic_policies
@@ -160,6 +206,7 @@ pub fn compile(
         },
     };
     let out = compiler::compile(&snapshot);
+    let warnings = oversized_full_tables(&out);
     let mut problems: Vec<String> = Vec::new();
     for (key, conds) in out
         .traffic_policies
@@ -202,7 +249,7 @@ pub fn compile(
             }
         }
     }
-    Ok(configs)
+    Ok((configs, warnings))
 }
 
 /// The mesh CA for this run: a fresh self-signed root, as the Mesh reconciler creates when no
@@ -282,6 +329,55 @@ mod tests {
         mesh.spec.discovery.config_map = crate::api::mesh::ConfigMapContent::Bootstrap;
         let err = mesh_params(&mesh).unwrap_err().to_string();
         assert!(err.contains("spec.discovery.configMap"), "{err}");
+    }
+
+    /// A dev directory whose `big` namespace has `n` Services (one replica each).
+    fn big_dir(n: usize, dir: &std::path::Path) -> DevDir {
+        let mut yaml = String::from("services:\n");
+        for i in 0..n {
+            yaml.push_str(&format!(
+                "  - name: s{i}\n    namespace: big\n    port: {}\n",
+                8000 + i
+            ));
+        }
+        yaml.push_str("  - name: api\n    namespace: small\n    port: 9999\n");
+        std::fs::write(dir.join("services.yaml"), yaml).unwrap();
+        super::super::spec::load_dir(dir).unwrap()
+    }
+
+    #[test]
+    fn auto_keeps_every_service_in_trellis_dev_and_says_when_a_cluster_would_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let dev = big_dir(200, dir.path());
+        assert_eq!(
+            mesh_of(&dev).spec.discovery.config_map,
+            crate::api::mesh::ConfigMapContent::Auto
+        );
+        let plan = Plan::new(&dev.topology, 17000, state.path()).unwrap();
+        let (configs, warnings) = compile_warning(&dev, &plan, "https://127.0.0.1:1").unwrap();
+        // Every Service in every namespace's config, though `big`'s is past Auto's bound:
+        // no discovery stream runs here to serve what a bootstrap set would leave out.
+        for (ns, json) in &configs {
+            let config = trellis_proxy::config::ProxyConfig::from_json(json.as_bytes()).unwrap();
+            assert_eq!(config.outbound.len(), 201, "{ns}");
+        }
+        assert!(configs["big"].len() > compiler::AUTO_FULL_TABLE_MAX_BYTES);
+
+        // And the run says so, for every namespace past the bound.
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].starts_with("namespace big: its full table is"));
+        assert!(
+            warnings[0].contains("keeps the full table"),
+            "{}",
+            warnings[0]
+        );
+        // A demo-sized directory gets no warning.
+        let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo");
+        let dev = super::super::spec::load_dir(&demo).unwrap();
+        let plan = Plan::new(&dev.topology, 18000, state.path()).unwrap();
+        let (_, warnings) = compile_warning(&dev, &plan, "https://127.0.0.1:1").unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
     }
 
     #[test]

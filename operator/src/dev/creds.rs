@@ -101,12 +101,11 @@ async fn endpoint(i: Inputs<'_>) -> anyhow::Result<(BTreeMap<String, Vec<String>
     );
     serving.refresh(i.ca, SystemTime::now())?;
     let tls = serving.server_config(&[b"h2", b"http/1.1"]);
-    let service = IdentityService::new(
-        i.tokens.client(),
-        rx,
-        IdentityConfig::default(),
-        i.metrics.identity(),
-    );
+    // Every local proxy connects from 127.0.0.1: the per-address cap would make them one
+    // client, so only the total applies here.
+    let mut config = IdentityConfig::default();
+    config.connections.max_connections_per_peer = config.connections.max_connections;
+    let service = IdentityService::new(i.tokens.client(), rx, config, i.metrics.identity());
     let addr = SocketAddr::from(([127, 0, 0, 1], i.plan.identity_port));
     crate::identity::server::bind_and_serve(addr, tls, service, i.shutdown.clone())
         .await

@@ -87,6 +87,11 @@ async fn run(s: Services) -> anyhow::Result<()> {
         Reporter {
             namespace: s.config.namespace.clone(),
             replica: s.config.pod_name.clone(),
+            metrics: {
+                let metrics = crate::propagation::publish::Metrics::default();
+                metrics.register(&mut s.registry.lock().unwrap_or_else(|p| p.into_inner()));
+                metrics
+            },
         },
         s.shutdown.clone(),
     ));
@@ -138,6 +143,7 @@ async fn keep_certificate(
 struct Reporter {
     namespace: String,
     replica: String,
+    metrics: crate::propagation::publish::Metrics,
 }
 
 /// This replica's propagation report: the tracker's counts over the hub's streams, the pods
@@ -177,6 +183,7 @@ fn report(
         objects: tracker.count(&streams),
         lagging,
         lagging_total: lagging_total as u64,
+        ..Default::default()
     }
 }
 
@@ -202,6 +209,7 @@ async fn compile_views(
             reporter.namespace,
             reporter.replica,
             move || report(&replica, &hub, &tracker, &pods),
+            reporter.metrics,
             shutdown.clone(),
         ));
     }

@@ -6,9 +6,10 @@
 //! certificate whose ID is not a workload ID (`/ns/<ns>/sa/<sa>`) gets `403`. The operator
 //! presents its own SPIFFE ID, which sidecars check.
 //!
-//! Bounds: connections are capped ([`MAX_CONNECTIONS`]), handshakes time out, frames are
-//! limited ([`trellis_proxy::discovery::MAX_FRAME`]), and per-stream state is bounded by the
-//! [`Registry`](super::Registry). Responses go through an HTTP/2 stream whose flow control
+//! Bounds: connections are capped in all ([`MAX_CONNECTIONS`]) and per address
+//! ([`MAX_CONNECTIONS_PER_PEER`]; over either, a new connection is closed at once), handshakes
+//! time out, frames are limited ([`trellis_proxy::discovery::MAX_FRAME`]), and per-stream
+//! state is bounded by the [`Registry`](super::Registry). Responses go through an HTTP/2 stream whose flow control
 //! pushes back on the writer task of that stream alone; while it waits, changes pile up in the
 //! bounded pending set, never in a queue.
 
@@ -24,9 +25,10 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use trellis_proxy::conn_limit::Gate;
 use trellis_proxy::discovery::{ClientMessage, Decoder, PATH, encode, workload_namespace};
 
 use super::{DEBOUNCE, Registry, StreamId};
@@ -35,6 +37,12 @@ use crate::compiler::Output;
 /// Concurrent connections (one per proxy): enough for a large cluster per replica, and a
 /// ceiling on the memory a flood of handshakes can take.
 pub const MAX_CONNECTIONS: usize = 20_000;
+/// Concurrent connections from one address. A proxy needs one (a reconnect replaces it);
+/// host-network pods share their node's address. Without it one compromised workload (it
+/// holds a valid mesh certificate) could take every connection of [`MAX_CONNECTIONS`] and
+/// keep every proxy that (re)connects after it off the stream: a connection that never opens
+/// a stream is legal HTTP/2 and costs nothing to hold.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 32;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 keepalive: a proxy that vanished without a FIN is noticed and its stream dropped.
 const KEEPALIVE: Duration = Duration::from_secs(30);
@@ -146,17 +154,13 @@ pub type TlsRx = watch::Receiver<Option<Arc<rustls::ServerConfig>>>;
 /// of the mesh ([`trellis_proxy::tls::server_config`] with the operator's own credentials) and
 /// offer `h2`; a renewed certificate or rotated bundle applies to new connections.
 pub async fn serve(listener: TcpListener, tls: TlsRx, hub: Arc<Hub>, shutdown: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let gate = Gate::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER);
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
         .keep_alive_interval(KEEPALIVE)
         .keep_alive_timeout(KEEPALIVE);
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -167,6 +171,10 @@ pub async fn serve(listener: TcpListener, tls: TlsRx, hub: Arc<Hub>, shutdown: C
                     continue;
                 }
             },
+        };
+        let Some(permit) = gate.admit(peer.ip()) else {
+            tracing::debug!(%peer, "discovery connection refused: too many open");
+            continue;
         };
         let Some(config) = tls.borrow().clone() else {
             drop(tcp);

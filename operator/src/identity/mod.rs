@@ -34,6 +34,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
+use trellis_proxy::conn_limit::ConnLimits;
+
 use crate::ca::{CaError, IssuerRx};
 pub use guard::RateLimiter;
 use guard::{CacheTtl, ReviewCache};
@@ -77,6 +79,11 @@ pub struct IdentityConfig {
     pub review_cache_max_ttl: Duration,
     /// How long a refused token's review is reused.
     pub review_cache_negative_ttl: Duration,
+    /// Connections the listener holds ([`server`]): every pod can connect before it proves
+    /// anything, so the count is capped in all and per source address, and every connection
+    /// ends at an age (hyper's HTTP/2 server has no idle timeout). A sidecar asks over one
+    /// short connection at start and at renewal, and retries with backoff when refused.
+    pub connections: ConnLimits,
 }
 
 impl Default for IdentityConfig {
@@ -92,6 +99,16 @@ impl Default for IdentityConfig {
             review_cache_entries: 10_000,
             review_cache_max_ttl: Duration::from_secs(300),
             review_cache_negative_ttl: Duration::from_secs(60),
+            connections: ConnLimits {
+                // A rollout of a thousand pods asks at about the same time, each from its
+                // own address; host-network pods share the node's.
+                max_connections: 1024,
+                max_connections_per_peer: 16,
+                // A request takes at most `request_timeout`; an exchange needs one or two.
+                max_age: Duration::from_secs(60),
+                // What the endpoint gave requests in flight at shutdown before.
+                drain: Duration::from_secs(5),
+            },
         }
     }
 }
@@ -349,6 +366,11 @@ fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Byt
 }
 
 impl IdentityService {
+    /// The listener's connection bounds.
+    pub fn connection_limits(&self) -> ConnLimits {
+        self.config.connections
+    }
+
     pub fn new(
         client: kube::Client,
         issuer: IssuerRx,

@@ -1,5 +1,7 @@
 //! The HTTPS listener of the identity endpoint (port 15012): TLS with the in-memory serving
-//! certificate, HTTP/1.1 and HTTP/2, bounded handshake and header times, graceful shutdown.
+//! certificate, HTTP/1.1 and HTTP/2, bounded handshake and header times, connections capped in
+//! all and per source address and ended at an age ([`super::IdentityConfig::connections`]),
+//! graceful shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,10 +10,10 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use trellis_proxy::conn_limit::{self, Ended};
 
 use super::IdentityService;
 
@@ -20,8 +22,6 @@ pub const IDENTITY_PORT: u16 = 15012;
 
 /// A slow or silent client must not hold a connection slot forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long in-flight requests may finish after shutdown is requested.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `service` on `listener` with `tls` until `shutdown`, then drains.
 pub async fn serve(
@@ -31,7 +31,9 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let graceful = GracefulShutdown::new();
+    let limits = service.connection_limits();
+    let gate = limits.gate();
+    let connections = tokio_util::task::TaskTracker::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -50,11 +52,16 @@ pub async fn serve(
                 }
             },
         };
+        let Some(slot) = gate.admit(peer.ip()) else {
+            tracing::debug!(%peer, "identity endpoint connection refused: too many open");
+            continue;
+        };
         let acceptor = acceptor.clone();
         let service = service.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let _slot = slot;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
@@ -71,20 +78,23 @@ pub async fn serve(
                 req.extensions_mut().insert(super::PeerAddr(peer));
                 async move { Ok::<_, std::convert::Infallible>(service.handle(req).await) }
             });
-            let conn = builder
-                .serve_connection(TokioIo::new(tls), svc)
-                .into_owned();
-            if let Err(error) = watcher.watch(conn).await {
-                tracing::debug!(%error, %peer, "identity endpoint connection ended with an error");
+            let conn = builder.serve_connection(TokioIo::new(tls), svc);
+            match conn_limit::drive(conn, |c| c.graceful_shutdown(), &limits, &shutdown)
+                .await
+            {
+                Ended::Closed(Ok(())) => {}
+                Ended::Closed(Err(error)) => {
+                    tracing::debug!(%error, %peer, "identity endpoint connection ended with an error");
+                }
+                Ended::Dropped => {
+                    tracing::debug!(%peer, "identity endpoint connection dropped: still open after the drain");
+                }
             }
         });
     }
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("identity endpoint: connections still open after the drain timeout");
-    }
+    // Each connection drains by itself after the shutdown (`ConnLimits::drain`).
+    connections.close();
+    connections.wait().await;
 }
 
 /// Binds `addr` and serves; returns the bound address and the serving task.

@@ -7,8 +7,9 @@
 //!   proxy has not acknowledged;
 //! - **settings**: the Mesh and PeerAuthentication settings its namespace's `trellis-proxy`
 //!   ConfigMap carries (settings digest);
-//! - **policies**: the TrafficPolicies that ConfigMap carries (policies digest); with the
-//!   default `configMap: Full` most proxies hold their policies this way and never subscribe.
+//! - **policies**: the TrafficPolicies that ConfigMap carries (policies digest); where it
+//!   carries the full table (`configMap: Full`, or `Auto` while the table fits 64 KiB) most
+//!   proxies hold their policies this way and never subscribe.
 //!
 //! Each aspect is classified from compile numbers ([`classify`]), then dated
 //! ([`Behind::dated`]): the time of the first compile the proxy has not applied, or when it

@@ -9,8 +9,11 @@
 //! - [`lag`] (pure): which proxies lag, on what (view generation, ConfigMap settings, ConfigMap
 //!   TrafficPolicies) and since when.
 //! - [`report`] (pure): a replica's report, the sum over replicas, the condition.
+//! - [`encode`] (pure): how a report is laid out in Lease annotations (plain JSON, gzip, or
+//!   shards over up to [`encode::MAX_SHARDS`] Leases past 256 KiB) and read back.
 //! - [`publish`] (edge, every replica): every [`INTERVAL`] this replica's report goes into
-//!   its own Lease, `trellis-propagation-<pod>`, in the operator's namespace.
+//!   its own Lease, `trellis-propagation-<pod>`, in the operator's namespace (and its shards,
+//!   `trellis-propagation-<pod>.<i>`, when it does not fit one).
 //! - [`writer`] (edge, the leader): every [`INTERVAL`] the leader lists the report Leases,
 //!   sums the fresh ones and writes the statuses that changed.
 //!
@@ -22,14 +25,16 @@
 //! from a dead replica's (ignored after [`STALE`]; its proxies reconnect elsewhere and are
 //! counted there), and the operator's Role already covers Leases in its namespace. The report
 //! carries counts per object and the [`report::MAX_LISTED`] proxies longest behind, never a
-//! full list (fewer when it would not fit a Lease, [`report::fit`]); the status carries counts
+//! full list (fewer only past [`encode::MAX_SHARDS`] Leases, [`report::fit`]); the status carries counts
 //! only (Istio and Cilium removed per-proxy status for its cost).
 //!
 //! # Cost
-//! One Lease patch per replica per [`INTERVAL`] at most, and only when its numbers changed
-//! (else a heartbeat every [`HEARTBEAT`]); one LIST per [`INTERVAL`] by the leader; at most one
+//! One Lease patch per replica per [`INTERVAL`] at most (one per shard Lease whose bytes
+//! changed when the report is sharded, so at most [`encode::MAX_SHARDS`]), and only when its
+//! numbers changed (else a heartbeat every [`HEARTBEAT`]); one LIST per [`INTERVAL`] by the leader; at most one
 //! status patch per object per [`INTERVAL`], latest numbers win, none when they did not change.
 
+pub mod encode;
 pub mod lag;
 pub mod publish;
 pub mod report;
@@ -53,7 +58,7 @@ pub const STALE: Duration = Duration::from_secs(90);
 pub const REPORT_LABEL: &str = "trellis.dev/component";
 /// Its value.
 pub const REPORT_LABEL_VALUE: &str = "propagation-report";
-/// Annotation holding the report's JSON.
+/// Annotation holding the report (JSON, or gzip + base64: [`encode`]).
 pub const REPORT_ANNOTATION: &str = "trellis.dev/propagation";
 /// Field manager of both edges.
 pub const FIELD_MANAGER: &str = "trellis-operator/propagation";

@@ -42,6 +42,26 @@ pub struct ReplicaReport {
     /// How many proxies are behind in all.
     #[serde(default)]
     pub lagging_total: u64,
+    /// Which shard of the replica's report this is (0: the one with the header and the
+    /// lagging list), when it did not fit one Lease ([`super::encode`]).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub shard: u32,
+    /// How many shards the report has (0 or 1: one; absent in the first format).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub shards: u32,
+    /// Objects left out of the report because it did not fit [`super::encode::MAX_SHARDS`]
+    /// Leases: their counts miss this replica's proxies (`trellis check --proxy` and the
+    /// leader's log say so).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub omitted: u64,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Makes `report` fit `budget` bytes of JSON by dropping lagging proxies from the end of its
@@ -246,6 +266,7 @@ mod tests {
                 .collect(),
             lagging: (0..40).map(proxy).collect(),
             lagging_total: 40,
+            ..Default::default()
         };
         let whole = json_len(&full);
         // Fits: untouched.

@@ -18,12 +18,13 @@
 //! - **TrafficPolicy** reaches a proxy two ways, and each proxy is counted by the way it holds
 //!   the policy. A proxy subscribed to the target Service gets it pushed with the policy
 //!   attached, and has applied it once it acknowledged a view generation ≥ `since`. A proxy
-//!   whose ConfigMap lists the Service (the default `Full` content lists every visible
-//!   Service, so such proxies never subscribe; `Bootstrap` lists the namespace's own) holds the
-//!   policy from its ConfigMap: it reports the policies digest of the config it loaded
-//!   ([`trellis_proxy::config::ProxyConfig::policies_digest`]), the compiler computes the same
-//!   digest per namespace over the policy-bearing Services that namespace's ConfigMap lists
-//!   ([`crate::compiler::Output::policies`], cheap: no per-namespace table), and the proxy
+//!   whose ConfigMap lists the Service (a full table lists every visible Service, so such
+//!   proxies never subscribe; a bootstrap set lists the namespace's own; under the default
+//!   `Auto` each namespace has one or the other, [`crate::compiler::Output::bootstrapped`])
+//!   holds the policy from its ConfigMap: it reports the policies digest of the config it
+//!   loaded ([`trellis_proxy::config::ProxyConfig::policies_digest`]), the compiler computes
+//!   the same digest per namespace over the policy-bearing Services that namespace's ConfigMap
+//!   lists ([`crate::compiler::Output::policies`], cheap: no table is rendered), and the proxy
 //!   has applied the policy when its digest was current at or after `since`, the rule the
 //!   settings follow. A proxy that reports no policies digest (older than the field) counts
 //!   as not applied.

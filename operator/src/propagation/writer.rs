@@ -29,12 +29,14 @@ use crate::api::{Mesh, PeerAuthentication, PropagationStatus, TrafficPolicy};
 /// deleting its own): long past [`STALE`], so a replica that was only slow is never removed.
 pub const GARBAGE: Duration = Duration::from_secs(600);
 
-/// Reads the report Leases of `namespace`: each with its renew time, skipping (and logging)
-/// any whose annotation does not parse.
+/// Reads the report Leases of `namespace` (either format, [`super::encode::decode`]), each
+/// with its name and renew time; `None` (logged) for one whose annotation does not decode.
+/// Shards are not joined here: the leader deletes a long-dead replica's Leases one by one,
+/// shards too, before it joins the rest ([`super::encode::merge`]).
 pub async fn read_reports(
     client: &Client,
     namespace: &str,
-) -> Result<Vec<(Option<jiff::Timestamp>, String, ReplicaReport)>, kube::Error> {
+) -> Result<Vec<(Option<jiff::Timestamp>, String, Option<ReplicaReport>)>, kube::Error> {
     let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
     let list = api
         .list(&ListParams::default().labels(&format!("{REPORT_LABEL}={REPORT_LABEL_VALUE}")))
@@ -52,16 +54,19 @@ pub async fn read_reports(
             .annotations
             .as_ref()
             .and_then(|a| a.get(REPORT_ANNOTATION))
-            .map(|json| serde_json::from_str::<ReplicaReport>(json));
-        match parsed {
-            Some(Ok(report)) => out.push((renewed, name, report)),
+            .map(|annotation| super::encode::decode(annotation));
+        let report = match parsed {
+            Some(Ok(report)) => Some(report),
             Some(Err(error)) => {
-                tracing::warn!(%error, lease = %name, "propagation report unreadable; skipped")
+                tracing::warn!(%error, lease = %name, "propagation report unreadable; skipped");
+                None
             }
             None => {
-                tracing::warn!(lease = %name, "propagation report Lease without a report; skipped")
+                tracing::warn!(lease = %name, "propagation report Lease without a report; skipped");
+                None
             }
-        }
+        };
+        out.push((renewed, name, report));
     }
     Ok(out)
 }
@@ -94,7 +99,7 @@ impl Writer {
     pub async fn tick(&mut self, now: jiff::Timestamp) -> Result<Round, kube::Error> {
         let all = read_reports(&self.client, &self.namespace).await?;
         let mut garbage = Vec::new();
-        let mut dated = Vec::with_capacity(all.len());
+        let mut kept = Vec::with_capacity(all.len());
         for (renewed, name, report) in all {
             if renewed.is_some_and(|t| {
                 now.duration_since(t)
@@ -102,11 +107,23 @@ impl Writer {
                     .is_ok_and(|age: Duration| age > GARBAGE)
             }) {
                 garbage.push(name);
-            } else {
-                dated.push((renewed, report));
+            } else if let Some(report) = report {
+                kept.push((renewed, name, report));
             }
         }
+        // Shards joined to their replica's report (shard 0's renew time decides freshness).
+        let dated = super::encode::merge(kept)
+            .into_iter()
+            .map(|(renewed, _, report)| (renewed, report))
+            .collect();
         let reports = fresh(dated, now, STALE);
+        for r in reports.iter().filter(|r| r.omitted > 0) {
+            tracing::warn!(
+                replica = %r.replica,
+                omitted = r.omitted,
+                "a replica's propagation report did not fit its Leases; the counts of the objects it left out miss its proxies"
+            );
+        }
         let mut round = Round {
             reports: reports.len(),
             ..Default::default()

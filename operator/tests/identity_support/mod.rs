@@ -228,29 +228,22 @@ pub async fn post_from(
     token: Option<&str>,
     body: Vec<u8>,
 ) -> (u16, serde_json::Value) {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(source, 0)).unwrap();
-    let tcp = socket.connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(
-            rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(),
-            tcp,
-        )
+    try_post_from(source, addr, bundle_pem, path, token, body)
         .await
-        .expect("TLS to the identity endpoint");
+        .expect("TLS to the identity endpoint")
+}
+
+/// [`post_from`], or `None` when the endpoint closes the connection before TLS completes (a
+/// source over its connection cap).
+pub async fn try_post_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    bundle_pem: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> Option<(u16, serde_json::Value)> {
+    let tls = tls_from(source, addr, bundle_pem).await.ok()?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
             .await
@@ -272,7 +265,37 @@ pub async fn post_from(
         "application/json"
     );
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap())
+    Some((status, serde_json::from_slice(&bytes).unwrap()))
+}
+
+/// A TLS connection to the endpoint from `source`, verifying its certificate against `bundle`.
+pub async fn tls_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    bundle_pem: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    let tcp = socket.connect(addr).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(
+            rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+            tcp,
+        )
+        .await
 }
 
 /// A fresh P-256 key and a CSR for it asking for `sans` (URIs and DNS names).

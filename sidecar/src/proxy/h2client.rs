@@ -19,6 +19,8 @@
 //!   is piped from a task of its own, so only those requests pay for one;
 //! - the response body releases flow-control capacity as it is read and reports its
 //!   `content-length` as an exact size hint ([`RecvBody`]), which [`super::coalesce`] relies on;
+//! - response header lists are limited to [`MAX_HEADER_LIST_SIZE`], hyper's client default
+//!   (`h2`'s own is 16 MiB);
 //! - keep-alive: while streams are open, a PING every [`KEEPALIVE_INTERVAL`]; no PONG within
 //!   [`KEEPALIVE_TIMEOUT`] closes the connection ([`drive`]).
 //!
@@ -57,6 +59,11 @@ pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 /// Data buffered per stream before the sender waits for the peer's window: hyper's default.
 const MAX_SEND_BUF: usize = 400 * 1024;
+/// The largest response header list accepted (hyper's client default, which this client
+/// replaced). `h2` alone advertises and accepts 16 MiB, so a hostile mesh server (a
+/// compromised workload holds a valid certificate) could make this sidecar buffer megabytes of
+/// headers per stream and hand them on to the application; past this the request fails.
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// How often a connection with open streams is pinged (what the hyper client was set to).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// A PING not answered within this closes the connection (hyper's default).
@@ -118,6 +125,7 @@ pub fn builder(max_streams: usize) -> h2::client::Builder {
     b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_send_buffer_size(MAX_SEND_BUF)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .initial_max_send_streams(max_streams)
         .enable_push(false);
     b

@@ -21,7 +21,8 @@
 //! What hyper did for us and this module now does:
 //! - the settings hyper's server sent ([`builder`]): at most [`MAX_CONCURRENT_STREAMS`] streams
 //!   (a stream beyond it is refused with `REFUSED_STREAM`), header lists up to
-//!   [`MAX_HEADER_LIST_SIZE`], hyper's send buffer and reset-stream limits;
+//!   [`MAX_HEADER_LIST_SIZE`], hyper's send buffer and reset-stream limits (rapid reset and
+//!   streams this side has to reset);
 //! - request bodies release flow-control capacity as they are read, and report their
 //!   `content-length` as an exact size hint ([`super::h2client::RecvBody`]);
 //! - response bodies are piped within the client's window, trailers included
@@ -30,8 +31,10 @@
 //!   handler's future, which cancels the request to the application;
 //! - graceful shutdown: `GOAWAY`, streams in flight finish, then the connection closes.
 //!
-//! And one thing hyper did not: a client that finishes TLS but does not complete the HTTP/2
-//! handshake within a bound is dropped, instead of holding a connection forever.
+//! And two things hyper did not: a client that finishes TLS but does not complete the HTTP/2
+//! handshake within a bound is dropped, and a connection without streams (idle, or stuck in a
+//! header block that never ends) is closed after [`IDLE_TIMEOUT`], instead of either holding
+//! a connection forever.
 //!
 //! What it does not do, because the hop never needs it: upgrades and `CONNECT` tunnels (an
 //! `Upgrade` request rides its own HTTP/1.1 connection between the sidecars, see
@@ -70,13 +73,24 @@ use crate::traffic::Body;
 /// Streams a client may have open at once: hyper's server default, which the client sidecar's
 /// pool follows (it opens another connection at the limit).
 pub const MAX_CONCURRENT_STREAMS: u32 = 200;
-/// The largest request header list accepted: hyper's server default.
-pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// The largest request header list accepted (RFC 9113 size: names, values and 32 bytes per
+/// field). Not hyper's server default of 16 KiB: the client sidecar's HTTP/1.1 listener takes
+/// heads of up to hyper's ~400 KiB buffer, so a request with a 20 KiB cookie or token (well
+/// within Envoy's 60 KiB default, nginx's 32 KiB) was accepted there and then answered `431`
+/// by this hop. 64 KiB covers Envoy's limit; beyond it the client still gets a `431`.
+pub const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 /// Response data buffered per stream before the pipe waits for the client's window: hyper's.
 const MAX_SEND_BUF: usize = 400 * 1024;
 /// Streams this side may reset for protocol errors before the connection is closed: hyper's
 /// server default (a peer that keeps making us reset streams is misbehaving).
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// Streams the client may reset before this side has accepted them, before the connection is
+/// closed with `GOAWAY(ENHANCE_YOUR_CALM)`: the HTTP/2 rapid-reset defence (CVE-2023-44487),
+/// h2's and hyper's default, set here so it does not depend on a default. A flood of
+/// `HEADERS` + `RST_STREAM` is cut off within a few dozen streams, before the application sees
+/// more than a handful of them (`tests/h2_attack.rs`).
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
 
 /// The server builder with the settings above.
 pub fn builder() -> h2::server::Builder {
@@ -86,7 +100,8 @@ pub fn builder() -> h2::server::Builder {
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .max_send_buffer_size(MAX_SEND_BUF)
-        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS));
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS);
     b
 }
 
@@ -106,9 +121,36 @@ pub enum ServeError {
 /// within `handshake_timeout` is dropped.
 pub async fn serve<T, H, F>(
     io: T,
+    handler: H,
+    closing: impl Future<Output = ()>,
+    handshake_timeout: Duration,
+) -> Result<(), ServeError>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    H: FnMut(Request<Body>) -> F,
+    F: Future<Output = Response<Body>>,
+{
+    serve_with(io, handler, closing, handshake_timeout, IDLE_TIMEOUT).await
+}
+
+/// How long a connection may go without a stream before it is closed: it is told to go away
+/// (`GOAWAY`) after between one and two of these without a stream open or accepted, and
+/// dropped one more later if it is still there (a peer that does not answer the `GOAWAY`'s
+/// `PING`). Without it, a mesh peer could hold connections open for ever, idle or in the
+/// middle of a header block that never ends (slow loris: no stream is accepted until the
+/// block is complete, and `h2` has no timeout of its own). Longer than the client pool's idle
+/// timeout ([`super::upstream::PoolSettings`], 60 s), so that a client sidecar normally retires
+/// a connection before this closes it. A stream that is open (a slow response, a long
+/// download, a gRPC stream) is not idleness, however long it stays quiet.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// [`serve`] with the idle bound as a parameter (tests shorten it).
+pub async fn serve_with<T, H, F>(
+    io: T,
     mut handler: H,
     closing: impl Future<Output = ()>,
     handshake_timeout: Duration,
+    idle_timeout: Duration,
 ) -> Result<(), ServeError>
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -128,6 +170,7 @@ where
     let mut conn = conn;
     let mut streams = FuturesUnordered::new();
     let mut draining = false;
+    let mut idle = IdleCheck::new(idle_timeout);
     let wakes = Wakes::new();
     let (conn_waker, streams_waker, closing_waker) = (
         wakes.waker(Wakes::CONN),
@@ -140,16 +183,26 @@ where
             let Some(woken) = wakes.take() else {
                 return Poll::Pending;
             };
-            if woken & Wakes::CLOSING != 0
-                && !draining
-                && closing
-                    .as_mut()
-                    .poll(&mut Context::from_waker(&closing_waker))
-                    .is_ready()
-            {
-                draining = true;
-                conn.graceful_shutdown();
-                wakes.wake(Wakes::CONN);
+            if woken & Wakes::CLOSING != 0 {
+                // The shutdown signal and the idle check share a waker: both are rare.
+                let mut cx = Context::from_waker(&closing_waker);
+                if !draining && closing.as_mut().poll(&mut cx).is_ready() {
+                    draining = true;
+                    conn.graceful_shutdown();
+                    wakes.wake(Wakes::CONN);
+                }
+                match idle.poll(&mut cx, streams.is_empty()) {
+                    Idle::Open => {}
+                    Idle::GoAway if !draining => {
+                        tracing::debug!("http/2 connection idle: going away");
+                        draining = true;
+                        conn.graceful_shutdown();
+                        wakes.wake(Wakes::CONN);
+                    }
+                    Idle::GoAway => {}
+                    // Nothing is in flight to lose.
+                    Idle::Close => return Poll::Ready(Ok(())),
+                }
             }
             if woken & Wakes::CONN != 0 {
                 // Reads and writes the socket, and hands over the streams the client opened.
@@ -159,6 +212,7 @@ where
                         Poll::Ready(Some(Ok((req, respond)))) => {
                             let len = content_length(req.headers());
                             let req = req.map(|recv| RecvBody::new(recv, len).boxed());
+                            idle.busy = true;
                             streams.push(Stream::new(handler(req), respond));
                             wakes.wake(Wakes::STREAMS);
                         }
@@ -188,6 +242,60 @@ where
 
 /// Turns of [`serve`]'s loop in one poll of its task before it yields to the other tasks.
 const MAX_TURNS: usize = 32;
+
+/// What [`IdleCheck::poll`] decided.
+#[derive(Debug, PartialEq, Eq)]
+enum Idle {
+    Open,
+    /// Idle for at least one period: shut down gracefully.
+    GoAway,
+    /// Still idle one period after going away: drop the connection.
+    Close,
+}
+
+/// The idle bound ([`IDLE_TIMEOUT`]) checked once a period rather than with a timer reset per
+/// stream, so a request costs only setting [`IdleCheck::busy`].
+struct IdleCheck {
+    tick: tokio::time::Interval,
+    /// A stream was accepted since the last tick.
+    busy: bool,
+    /// No stream was open at the last tick and none has been accepted since.
+    idle_at_last_tick: bool,
+    /// [`Idle::GoAway`] was given.
+    gone_away: bool,
+}
+
+impl IdleCheck {
+    fn new(period: Duration) -> Self {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        IdleCheck {
+            tick,
+            busy: false,
+            idle_at_last_tick: false,
+            gone_away: false,
+        }
+    }
+
+    /// Called when `cx`'s waker is woken (and once at the start, to register it);
+    /// `no_streams`: whether no stream is open now.
+    fn poll(&mut self, cx: &mut Context<'_>, no_streams: bool) -> Idle {
+        let mut verdict = Idle::Open;
+        while self.tick.poll_tick(cx).is_ready() {
+            let idle = no_streams && !self.busy;
+            self.busy = false;
+            if idle && self.gone_away {
+                return Idle::Close;
+            }
+            if idle && self.idle_at_last_tick {
+                self.gone_away = true;
+                verdict = Idle::GoAway;
+            }
+            self.idle_at_last_tick = idle;
+        }
+        verdict
+    }
+}
 
 /// Which parts of a connection (the connection itself, its streams, the shutdown signal) were
 /// woken, so that one poll of the task runs exactly those, and a wake that one part causes
@@ -395,6 +503,23 @@ mod tests {
         H: FnMut(Request<Body>) -> F + Send + 'static,
         F: Future<Output = Response<Body>> + Send + 'static,
     {
+        server_idle(handler, handshake_timeout, IDLE_TIMEOUT).await
+    }
+
+    /// [`server`] with an idle bound.
+    async fn server_idle<H, F>(
+        handler: H,
+        handshake_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), ServeError>>,
+    )
+    where
+        H: FnMut(Request<Body>) -> F + Send + 'static,
+        F: Future<Output = Response<Body>> + Send + 'static,
+    {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -403,7 +528,7 @@ mod tests {
             let closing = async move {
                 let _ = rx.await;
             };
-            serve(s, handler, closing, handshake_timeout).await
+            serve_with(s, handler, closing, handshake_timeout, idle_timeout).await
         });
         (addr, tx, task)
     }
@@ -690,6 +815,92 @@ mod tests {
         f.extend_from_slice(&stream.to_be_bytes());
         f.extend_from_slice(payload);
         f
+    }
+
+    /// Whether the server closes `tcp` within `within`: reads (and drops) whatever it sends.
+    async fn closed_within(tcp: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = vec![0; 4096];
+        tokio::time::timeout(within, async {
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// A raw client past the handshake: preface, SETTINGS, and the ACK of the server's.
+    async fn raw_client(addr: std::net::SocketAddr) -> TcpStream {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(4, 0, 0, &[]));
+        out.extend(frame(4, 1, 0, &[]));
+        tcp.write_all(&out).await.unwrap();
+        tcp
+    }
+
+    const IDLE: Duration = Duration::from_millis(300);
+
+    #[tokio::test]
+    async fn a_connection_without_streams_is_closed_after_the_idle_bound() {
+        // Handshake done, then nothing: without a bound, held open for ever. This peer does
+        // not answer the GOAWAY's PING either, so a graceful close alone would not end it.
+        let (addr, _close, task) =
+            server_idle(|_req| async { Response::new(empty()) }, SECS5, IDLE).await;
+        let mut tcp = raw_client(addr).await;
+        assert!(
+            closed_within(&mut tcp, 10 * IDLE).await,
+            "an idle connection stayed open"
+        );
+        let ended = tokio::time::timeout(SECS5, task).await.unwrap().unwrap();
+        assert!(ended.is_ok(), "{ended:?}");
+    }
+
+    #[tokio::test]
+    async fn a_header_block_that_never_ends_is_closed_after_the_idle_bound() {
+        // Slow loris on the headers: HEADERS without END_HEADERS, then silence. h2 holds the
+        // partial block and no stream is ever accepted.
+        let (addr, _close, _task) =
+            server_idle(|_req| async { Response::new(empty()) }, SECS5, IDLE).await;
+        let mut tcp = raw_client(addr).await;
+        tcp.write_all(&frame(1, 0x1, 1, &[0x82, 0x86]))
+            .await
+            .unwrap();
+        assert!(
+            closed_within(&mut tcp, 10 * IDLE).await,
+            "a connection with an unfinished header block stayed open"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_in_flight_longer_than_the_idle_bound_is_not_cut() {
+        // The bound is for connections without streams: a slow response is not idleness.
+        let (addr, _close, _task) = server_idle(
+            |_req| async {
+                tokio::time::sleep(4 * IDLE).await;
+                Response::new(
+                    Full::new(Bytes::from_static(b"slow"))
+                        .map_err(|e| match e {})
+                        .boxed(),
+                )
+            },
+            SECS5,
+            IDLE,
+        )
+        .await;
+        let (sr, state) = client(addr).await;
+        let resp = tokio::time::timeout(SECS5, h2client::send(&sr, &state, get()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "slow");
+        // And a request right after still goes through on the same connection.
+        let resp = h2client::send(&sr, &state, get()).await.unwrap();
+        assert_eq!(resp.status(), 200);
     }
 
     #[tokio::test]

@@ -24,6 +24,7 @@ static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
 const HOP_BY_HOP_LEN: usize = 6;
 const CONNECTION_INDEX: usize = 0;
 const TE_INDEX: usize = 3;
+const TRANSFER_ENCODING_INDEX: usize = 4;
 
 /// Whether a request asks to switch protocols (WebSocket and friends). Such requests keep their
 /// `Connection: upgrade` and `Upgrade` headers and get a dedicated HTTP/1.1 connection.
@@ -40,6 +41,24 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether an HTTP/1.0 client asked to keep its connection open (`Connection: keep-alive`).
+/// hyper keeps an HTTP/1.0 connection open only when the response says `Connection:
+/// keep-alive` too, and the proxy strips the application's `Connection` header (hop-by-hop):
+/// without [`keep_http10_alive`], every HTTP/1.0 keep-alive client (ApacheBench `-k`, old
+/// load balancers' health checks) got a new connection per request.
+pub fn http10_keep_alive<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_10 && connection_has(req.headers(), "keep-alive")
+}
+
+/// Tells an HTTP/1.0 client that asked for it ([`http10_keep_alive`]) that its connection stays
+/// open, unless the response closes it.
+pub fn keep_http10_alive<B>(resp: &mut Response<B>) {
+    if !resp.headers().contains_key(header::CONNECTION) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+    }
 }
 
 /// Removes hop-by-hop headers. `TE: trailers` survives (gRPC needs it end to end); an upgrade
@@ -91,6 +110,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         for n in named {
             headers.remove(n);
         }
+    }
+    // A message framed by `Transfer-Encoding` had its body decoded by it; a `Content-Length`
+    // beside it is stale and goes too (RFC 9112 section 6.3: a proxy forwarding such a
+    // message MUST remove it). hyper already drops it from requests but leaves it on
+    // responses: an application answering `Content-Length: 5` with an 11-byte chunked body
+    // sent the next hop a length its body did not have, and the client got nothing.
+    if present[TRANSFER_ENCODING_INDEX] {
+        headers.remove(header::CONTENT_LENGTH);
     }
     for (h, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         if upgrade && (h == header::CONNECTION || h == header::UPGRADE) {
@@ -238,6 +265,21 @@ mod tests {
         assert!(h.get(header::TRANSFER_ENCODING).is_none());
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert!(h.get("traceparent").is_some());
+    }
+
+    #[test]
+    fn a_length_beside_transfer_encoding_is_dropped_with_it() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+        // Without Transfer-Encoding the length is the message's own and stays.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        h.insert(header::CONNECTION, "close".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h[header::CONTENT_LENGTH], "5");
     }
 
     #[test]

@@ -28,8 +28,8 @@ use tokio_rustls::TlsAcceptor;
 use super::coalesce;
 use super::detect::{Detected, detect};
 use super::http::{
-    ORIG_PROTO, authority, clean_response, ensure_request_id, is_upgrade, strip_hop_by_hop,
-    trace_id,
+    ORIG_PROTO, authority, clean_response, ensure_request_id, http10_keep_alive, is_upgrade,
+    keep_http10_alive, strip_hop_by_hop, trace_id,
 };
 use super::io::{Prefixed, original_dst};
 use super::mtls::Alpn;
@@ -38,7 +38,9 @@ use super::upstream::Io;
 use super::{Completed, Shared, h2server, record, serve_http_until, spawn_tunnel, tcp};
 use crate::config::{MtlsMode, Protocol};
 use crate::metrics::{Direction, ReasonLabels, SeriesCache, TcpLabels};
-use crate::traffic::{BoxError, Outcome, Target, Upstream, error_response, rate_limited_response};
+use crate::traffic::{
+    BoxError, Outcome, Target, Upstream, UpstreamError, error_response_with, rate_limited_response,
+};
 
 /// A peer that opens TCP but never finishes the handshake is dropped after this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -380,6 +382,7 @@ async fn handle(
     let start = Instant::now();
     let request_id = ensure_request_id(req.headers_mut());
     let upgrade = is_upgrade(&req);
+    let keep_alive_10 = http10_keep_alive(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut(), upgrade);
     // HTTP/1.1 from the far application rode our HTTP/2: give the application HTTP/1.1 back.
@@ -464,7 +467,15 @@ async fn handle(
         Ok(r) => coalesce::prefetch(r, coalesce::PREFETCH_WAIT).await,
         Err(e) => {
             tracing::debug!(error = %e, "local application did not answer");
-            let mut r = error_response(StatusCode::BAD_GATEWAY);
+            // Nothing listening (or accepting) is the Service being unavailable, as the client
+            // sidecar answers for an endpoint it cannot connect to: 503, not 502.
+            let status = match e {
+                UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            let mut r = error_response_with(status, &e.user_message());
             r.extensions_mut().insert(Outcome {
                 backend: Arc::from(""),
                 endpoint: Some(info.target),
@@ -481,6 +492,9 @@ async fn handle(
         spawn_tunnel(shared, cu, &mut resp, info.trust.clone());
     }
     clean_response(&mut resp);
+    if keep_alive_10 {
+        keep_http10_alive(&mut resp);
+    }
     record_inbound(&resp);
     resp
 }

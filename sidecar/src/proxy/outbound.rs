@@ -24,15 +24,16 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
-use super::coalesce;
 use super::detect::{Detected, detect};
 use super::http::{
-    authority, clean_response, ensure_request_id, is_upgrade, strip_hop_by_hop, trace_id,
+    authority, clean_response, ensure_request_id, http10_keep_alive, is_upgrade, keep_http10_alive,
+    strip_hop_by_hop, trace_id,
 };
 use super::io::{Prefixed, original_dst};
 use super::mtls::Alpn;
 use super::upstream::PeerIdentity;
 use super::{Completed, Shared, record, serve_http, spawn_tunnel, tcp};
+use super::{abort, coalesce};
 use crate::config::{OutboundService, Protocol};
 use crate::discovery::Target as DiscoveryTarget;
 use crate::discovery::resolver::RESOLVE_WAIT;
@@ -50,6 +51,9 @@ struct ConnInfo {
     /// nearly always talks to one Service, and building the label costs two allocations.
     dst_service: std::sync::Mutex<Option<Arc<str>>>,
     series: SeriesCache,
+    /// Set when an HTTP/1.0 response body failed: the connection is then reset (see
+    /// [`super::abort`]).
+    aborted: abort::Flag,
 }
 
 impl ConnInfo {
@@ -153,12 +157,15 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr) {
     if detected.is_http() {
         // Requests read the config current at their start, not this connection's.
         drop(snap);
+        let aborted = abort::Flag::default();
+        let io = abort::ResetOnAbort::new(io, aborted.clone());
         let info = Arc::new(ConnInfo {
             client,
             orig_dst,
             redirected,
             dst_service: std::sync::Mutex::new(None),
             series: SeriesCache::default(),
+            aborted,
         });
         let sh = shared.clone();
         serve_http(&shared, io, move |req| {
@@ -248,9 +255,20 @@ async fn handle(
     let start = Instant::now();
     let request_id = ensure_request_id(req.headers_mut());
     let upgrade = is_upgrade(&req);
+    let keep_alive_10 = http10_keep_alive(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut(), upgrade);
 
+    // HTTP/1.0 allows a request without `Host`; HTTP/2 between the sidecars needs an
+    // authority (the `http` crate cannot even build a URI with a scheme and none), and without
+    // one the hop failed with 502. The authority is where the client connected, as it would
+    // have written it had it sent one; the application then gets that as `Host`.
+    if info.redirected
+        && authority(&req).is_none()
+        && let Ok(host) = http::HeaderValue::from_str(&info.orig_dst.to_string())
+    {
+        req.headers_mut().insert(http::header::HOST, host);
+    }
     let method = req.method().clone();
     let version = req.version();
     // Joins or starts the trace before the headers go on, so the next hop's span (or the
@@ -359,6 +377,12 @@ async fn handle(
         spawn_tunnel(&shared, cu, &mut resp, trust);
     }
     clean_response(&mut resp);
+    if keep_alive_10 {
+        keep_http10_alive(&mut resp);
+    }
+    if version == http::Version::HTTP_10 {
+        resp = abort::flag_errors(resp, &info.aborted);
+    }
     let peer = resp
         .extensions()
         .get::<PeerIdentity>()

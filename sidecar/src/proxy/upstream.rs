@@ -418,7 +418,12 @@ impl Pool {
         let addr = target.addr;
         let resp = match mode {
             Mode::H2 => {
-                if meshed && req.version() != Version::HTTP_2 {
+                // The far proxy speaks HTTP/1.1 to its application when this one's did, or
+                // when the port is declared HTTP/1.1 (`protocol: http1`): an h2c client must
+                // not make the far proxy try HTTP/2 on an application that only speaks 1.1.
+                if meshed
+                    && (req.version() != Version::HTTP_2 || target.protocol == Protocol::Http1)
+                {
                     req.headers_mut()
                         .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
                 }

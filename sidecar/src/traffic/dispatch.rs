@@ -22,7 +22,7 @@ use super::limit::{RetryBudget, TokenBucket, rate_limited_response};
 use super::metrics::{DestMetrics, TrafficMetrics};
 use super::{
     AttemptEvent, AttemptEventKind, Body, ConnectionParams, Outcome, RequestCtx, RetryReason,
-    Target, Upstream, UpstreamError, error_response,
+    Target, Upstream, UpstreamError, error_response, error_response_with,
 };
 use crate::config::{
     CircuitBreaker, HashKey, LbAlgorithm, OutboundService, OutlierDetection, Protocol, ProxyConfig,
@@ -461,7 +461,7 @@ impl Dispatcher {
                         });
                         outcome.flags.push("UT");
                         route.dest.metrics.timeouts.inc();
-                        error_response(StatusCode::GATEWAY_TIMEOUT)
+                        error_response_with(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
                     }
                 }
             }
@@ -624,7 +624,11 @@ impl Dispatcher {
                         _ => (StatusCode::BAD_GATEWAY, "UC"),
                     };
                     outcome.flags.push(flag);
-                    error_response(status)
+                    if per_try_timeout {
+                        error_response_with(status, "upstream request timeout (per try)")
+                    } else {
+                        error_response_with(status, &e.user_message())
+                    }
                 }
             };
         }

@@ -216,11 +216,42 @@ pub struct ConnectionParams {
 
 /// A response the proxy generates itself.
 pub fn error_response(status: StatusCode) -> Response<Body> {
-    let mut r = Response::new(full(
-        status.canonical_reason().unwrap_or("error").to_string(),
-    ));
+    error_response_with(status, status.canonical_reason().unwrap_or("error"))
+}
+
+/// A response the proxy generates itself, whose body says what went wrong (one line of text,
+/// no addresses: the caller sees the cause, not the pod's network layout).
+pub fn error_response_with(status: StatusCode, why: &str) -> Response<Body> {
+    let mut r = Response::new(full(format!("{why}\n")));
     *r.status_mut() = status;
     r.headers_mut()
         .insert("server", http::HeaderValue::from_static("trellis-proxy"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
+}
+
+impl UpstreamError {
+    /// What the user is told when this ends the request: the kind of failure, as Envoy's
+    /// `upstream connect error ... reset reason: connection failure`, without the address.
+    pub fn user_message(&self) -> String {
+        match self {
+            UpstreamError::Connect { source, .. } => match source.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    "upstream connect error: connection refused".into()
+                }
+                _ => format!("upstream connect error: {}", source.kind()),
+            },
+            UpstreamError::ConnectTimeout { .. } => "upstream connect error: timed out".into(),
+            UpstreamError::Tls { .. } => "upstream connect error: mTLS handshake failed".into(),
+            UpstreamError::Reset { .. } => "upstream reset the connection before responding".into(),
+            UpstreamError::Refused { .. } => "upstream refused the stream".into(),
+            UpstreamError::Other { .. } => "upstream request failed".into(),
+            UpstreamError::Overflow { .. } => {
+                "upstream overflow: no connection free and the queue is full".into()
+            }
+        }
+    }
 }

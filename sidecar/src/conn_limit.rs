@@ -1,0 +1,204 @@
+//! Bounds on what clients can hold of a listener that strangers can reach: how many
+//! connections are open (in all, and from one peer address) and how long one may live.
+//!
+//! Used by the operator's in-cluster TLS listeners (the injection webhook and the identity
+//! endpoint), which anything in the cluster can connect to before it has proved anything.
+//! Without these bounds a client that completes TLS and then speaks HTTP/2 (hyper's server
+//! has no idle timeout for it) could hold connections open for ever, as many as the process
+//! has file descriptors, and lock out the API server and every sidecar asking for a
+//! certificate. The per-peer cap keeps one client from filling the total; the age bound
+//! makes every connection end (gracefully: requests in flight finish) so none is held for
+//! ever, idle or slow.
+//!
+//! Pure core ([`Gate::admit`], counting) and a thin edge ([`drive`], one connection's life).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// The bounds of one listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Open connections, all peers together; more are closed at once.
+    pub max_connections: usize,
+    /// Open connections from one peer address; more are closed at once.
+    pub max_connections_per_peer: usize,
+    /// A connection this old is shut down gracefully (HTTP/2 `GOAWAY`, HTTP/1.1 closes after
+    /// the response in flight); clients reconnect.
+    pub max_age: Duration,
+    /// How long requests in flight may finish after a graceful shutdown (for age or for the
+    /// process's shutdown) before the connection is dropped; also bounds a peer that never
+    /// answers the `GOAWAY`.
+    pub drain: Duration,
+}
+
+impl ConnLimits {
+    /// A gate counting against these limits' caps.
+    pub fn gate(&self) -> Arc<Gate> {
+        Gate::new(self.max_connections, self.max_connections_per_peer)
+    }
+}
+
+/// Counts open connections against a cap in all and one per peer address.
+pub struct Gate {
+    max_connections: usize,
+    max_connections_per_peer: usize,
+    open: Mutex<Open>,
+}
+
+#[derive(Default)]
+struct Open {
+    total: usize,
+    /// Only peers with open connections.
+    per_peer: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection; gives its place back on drop.
+pub struct Slot {
+    gate: Arc<Gate>,
+    peer: IpAddr,
+}
+
+impl Gate {
+    pub fn new(max_connections: usize, max_connections_per_peer: usize) -> Arc<Self> {
+        Arc::new(Gate {
+            max_connections,
+            max_connections_per_peer,
+            open: Mutex::default(),
+        })
+    }
+
+    /// Admits a connection from `peer` within the limits, or `None`: close it.
+    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<Slot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = open.per_peer.get(&peer).copied().unwrap_or(0);
+        if open.total >= self.max_connections || mine >= self.max_connections_per_peer {
+            return None;
+        }
+        open.total += 1;
+        *open.per_peer.entry(peer).or_insert(0) += 1;
+        Some(Slot {
+            gate: self.clone(),
+            peer,
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.gate.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.total -= 1;
+        if let Some(n) = open.per_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                open.per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Why [`drive`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended<E> {
+    /// The connection ended by itself (or after a graceful shutdown, within the drain).
+    Closed(Result<(), E>),
+    /// It was still open `drain` after the graceful shutdown, and was dropped.
+    Dropped,
+}
+
+/// Runs one connection (a hyper connection future; `graceful` starts its graceful shutdown)
+/// until it ends. When it reaches `limits.max_age` or `shutdown` is cancelled it is shut down
+/// gracefully, and dropped if it has not ended `limits.drain` later.
+pub async fn drive<C, E>(
+    conn: C,
+    graceful: impl FnOnce(Pin<&mut C>),
+    limits: &ConnLimits,
+    shutdown: &CancellationToken,
+) -> Ended<E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return Ended::Closed(r),
+        _ = tokio::time::sleep(limits.max_age) => {}
+        _ = shutdown.cancelled() => {}
+    }
+    graceful(conn.as_mut());
+    match tokio::time::timeout(limits.drain, conn).await {
+        Ok(r) => Ended::Closed(r),
+        Err(_) => Ended::Dropped,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(total: usize, per_peer: usize) -> ConnLimits {
+        ConnLimits {
+            max_connections: total,
+            max_connections_per_peer: per_peer,
+            max_age: Duration::from_secs(60),
+            drain: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn one_peer_cannot_fill_the_total_and_slots_come_back_on_drop() {
+        let gate = limits(3, 2).gate();
+        let (a, b, c) = (
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            "10.0.0.3".parse().unwrap(),
+        );
+        let a1 = gate.admit(a).unwrap();
+        let _a2 = gate.admit(a).unwrap();
+        assert!(gate.admit(a).is_none(), "per-peer cap");
+        let _b1 = gate.admit(b).unwrap();
+        assert!(gate.admit(c).is_none(), "total cap");
+        drop(a1);
+        assert_eq!(gate.open(), 2);
+        assert!(gate.admit(c).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_shut_down_gracefully_at_its_age_and_dropped_after_the_drain() {
+        let l = ConnLimits {
+            max_age: Duration::from_millis(100),
+            drain: Duration::from_millis(100),
+            ..limits(1, 1)
+        };
+        let never = CancellationToken::new();
+        // Ends as soon as it is asked to shut down: closed within the drain.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let conn = async move {
+            let _ = rx.await;
+            Ok::<(), ()>(())
+        };
+        let ended = drive(conn, move |_| drop(tx), &l, &never).await;
+        assert_eq!(ended, Ended::Closed(Ok(())));
+        // Ignores the shutdown: dropped after the drain.
+        let start = std::time::Instant::now();
+        let ended = drive(std::future::pending::<Result<(), ()>>(), |_| {}, &l, &never).await;
+        assert_eq!(ended, Ended::Dropped);
+        assert!(start.elapsed() >= l.max_age + l.drain);
+        // Shutdown starts the same graceful path before the age.
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let start = std::time::Instant::now();
+        let ended = drive(std::future::pending::<Result<(), ()>>(), |_| {}, &l, &stop).await;
+        assert_eq!(ended, Ended::Dropped);
+        assert!(start.elapsed() < l.max_age + l.drain);
+    }
+}
