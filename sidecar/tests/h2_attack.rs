@@ -217,6 +217,35 @@ async fn hostile_peer(pki: &Pki, addr: SocketAddr) -> Tls {
     s
 }
 
+/// A server proxy (Strict) in front of the counting [`App`]: what each attack aims at.
+struct Target {
+    pki: Pki,
+    app: App,
+    proxy: TestProxy,
+}
+
+impl Target {
+    async fn new() -> Self {
+        let pki = Pki::new("attack-ca");
+        let app = app().await;
+        let proxy = server_proxy(&pki, app.addr).await;
+        Target { pki, app, proxy }
+    }
+
+    /// A compromised mesh workload's connection to the proxy (see [`hostile_peer`]).
+    async fn hostile(&self) -> Tls {
+        hostile_peer(&self.pki, self.proxy.running.inbound_addr).await
+    }
+
+    /// After the attack, a well-behaved client on a new connection is still served.
+    async fn assert_serves(&self) {
+        assert_eq!(
+            honest_get(&self.pki, self.proxy.running.inbound_addr).await,
+            Ok(StatusCode::OK)
+        );
+    }
+}
+
 /// One request from a well-behaved mesh client (the `h2` crate) on a new connection: what
 /// the status is, or why there is none.
 async fn honest_get(pki: &Pki, addr: SocketAddr) -> Result<StatusCode, String> {
@@ -244,10 +273,8 @@ async fn honest_get(pki: &Pki, addr: SocketAddr) -> Result<StatusCode, String> {
 async fn rapid_reset_closes_the_connection_and_spares_the_application() {
     // CVE-2023-44487: HEADERS then RST_STREAM, over and over. Each stream costs the server a
     // request (to the application) unless it is cut off before it is accepted.
-    let pki = Pki::new("attack-ca");
-    let app = app().await;
-    let b = server_proxy(&pki, app.addr).await;
-    let s = hostile_peer(&pki, b.running.inbound_addr).await;
+    let t = Target::new().await;
+    let s = t.hostile().await;
     let (mut rd, mut wr) = tokio::io::split(s);
     const PAIRS: u32 = 20_000;
     let writer = tokio::spawn(async move {
@@ -274,15 +301,12 @@ async fn rapid_reset_closes_the_connection_and_spares_the_application() {
         "closed without GOAWAY(ENHANCE_YOUR_CALM)"
     );
     let sent = writer.await.unwrap();
-    let seen = app.requests.load(Ordering::SeqCst);
+    let seen = t.app.requests.load(Ordering::SeqCst);
     assert!(
         seen <= 50,
         "the application got {seen} requests from a reset flood ({sent} pairs written)"
     );
-    assert_eq!(
-        honest_get(&pki, b.running.inbound_addr).await,
-        Ok(StatusCode::OK)
-    );
+    t.assert_serves().await;
 }
 
 #[tokio::test]
@@ -291,10 +315,8 @@ async fn a_peer_that_makes_the_server_reset_streams_loses_the_connection() {
     // the server resets them itself and no RST_STREAM from the peer is counted. Here DATA
     // after END_STREAM, thousands of times: h2 treats the first as a connection error, so the
     // loop never gets going (its own bound on such resets, 1024, is not reached).
-    let pki = Pki::new("attack-ca");
-    let app = app().await;
-    let b = server_proxy(&pki, app.addr).await;
-    let s = hostile_peer(&pki, b.running.inbound_addr).await;
+    let t = Target::new().await;
+    let s = t.hostile().await;
     let (mut rd, mut wr) = tokio::io::split(s);
     let writer = tokio::spawn(async move {
         let block = get_block();
@@ -315,22 +337,17 @@ async fn a_peer_that_makes_the_server_reset_streams_loses_the_connection() {
         .expect("the connection stayed open while the peer made the server reset streams");
     assert_eq!(code, Some(0x1), "PROTOCOL_ERROR expected");
     writer.abort();
-    let seen = app.requests.load(Ordering::SeqCst);
+    let seen = t.app.requests.load(Ordering::SeqCst);
     assert!(seen <= 1, "the application got {seen} requests");
-    assert_eq!(
-        honest_get(&pki, b.running.inbound_addr).await,
-        Ok(StatusCode::OK)
-    );
+    t.assert_serves().await;
 }
 
 #[tokio::test]
 async fn a_continuation_flood_is_cut_off() {
     // A header block that never ends: HEADERS without END_HEADERS, then CONTINUATION frames
     // without it, forever (the 2024 CONTINUATION flood).
-    let pki = Pki::new("attack-ca");
-    let app = app().await;
-    let b = server_proxy(&pki, app.addr).await;
-    let s = hostile_peer(&pki, b.running.inbound_addr).await;
+    let t = Target::new().await;
+    let s = t.hostile().await;
     let (mut rd, mut wr) = tokio::io::split(s);
     let writer = tokio::spawn(async move {
         wr.write_all(&frame(HEADERS, END_STREAM, 1, &[0x82]))
@@ -360,11 +377,8 @@ async fn a_continuation_flood_is_cut_off() {
         frames < 64 * 1024,
         "all {frames} CONTINUATION frames were taken"
     );
-    assert_eq!(app.requests.load(Ordering::SeqCst), 0);
-    assert_eq!(
-        honest_get(&pki, b.running.inbound_addr).await,
-        Ok(StatusCode::OK)
-    );
+    assert_eq!(t.app.requests.load(Ordering::SeqCst), 0);
+    t.assert_serves().await;
 }
 
 /// Reads until every stream in `streams` has its answer (`true`: a `200` head; `false`: any
@@ -398,10 +412,8 @@ async fn answers<R: AsyncRead + Unpin>(
 
 #[tokio::test]
 async fn a_header_list_over_the_limit_is_refused_and_the_connection_serves_on() {
-    let pki = Pki::new("attack-ca");
-    let app = app().await;
-    let b = server_proxy(&pki, app.addr).await;
-    let mut s = hostile_peer(&pki, b.running.inbound_addr).await;
+    let t = Target::new().await;
+    let mut s = t.hostile().await;
     // Stream 1: an 80 KiB header, over the hop's limit (`h2server::MAX_HEADER_LIST_SIZE`),
     // in HEADERS + CONTINUATIONs of at most the default 16 KiB frame size; stream 3: an
     // honest request on the same connection.
@@ -433,15 +445,13 @@ async fn a_header_list_over_the_limit_is_refused_and_the_connection_serves_on() 
         Some(&true),
         "the connection stopped: {answered:?}"
     );
-    assert_eq!(app.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(t.app.requests.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
 async fn an_hpack_bomb_closes_the_connection_before_it_reaches_the_application() {
-    let pki = Pki::new("attack-ca");
-    let app = app().await;
-    let b = server_proxy(&pki, app.addr).await;
-    let s = hostile_peer(&pki, b.running.inbound_addr).await;
+    let t = Target::new().await;
+    let s = t.hostile().await;
     let (mut rd, mut wr) = tokio::io::split(s);
     // Stream 1 puts a 4000-byte header into the server's HPACK dynamic table (index 62);
     // then stream after stream is 4000 one-byte references to it (16 MB decoded each).
@@ -461,11 +471,8 @@ async fn an_hpack_bomb_closes_the_connection_before_it_reaches_the_application()
         .expect("the connection stayed open under HPACK bombs");
     assert_eq!(code, Some(ENHANCE_YOUR_CALM));
     writer.abort();
-    assert!(app.requests.load(Ordering::SeqCst) <= 1);
-    assert_eq!(
-        honest_get(&pki, b.running.inbound_addr).await,
-        Ok(StatusCode::OK)
-    );
+    assert!(t.app.requests.load(Ordering::SeqCst) <= 1);
+    t.assert_serves().await;
 }
 
 #[tokio::test]
@@ -473,10 +480,8 @@ async fn a_peer_that_never_reads_holds_a_bounded_amount_of_the_response() {
     // A peer that opens the windows as wide as HTTP/2 allows, asks for 1 GiB and then never
     // reads its socket: what the proxy takes from the application is bounded by flow control
     // and its send buffer, not by the response's size.
-    let pki = Pki::new("attack-ca");
-    let app = app().await;
-    let b = server_proxy(&pki, app.addr).await;
-    let mut s = hostile_peer(&pki, b.running.inbound_addr).await;
+    let t = Target::new().await;
+    let mut s = t.hostile().await;
     let mut settings = Vec::new();
     settings.extend(4u16.to_be_bytes()); // INITIAL_WINDOW_SIZE
     settings.extend(0x7fff_ffffu32.to_be_bytes());
@@ -498,13 +503,13 @@ async fn a_peer_that_never_reads_holds_a_bounded_amount_of_the_response() {
     let mut last = u64::MAX;
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let now = app.big_sent.load(Ordering::SeqCst);
+        let now = t.app.big_sent.load(Ordering::SeqCst);
         if now == last && now > 0 {
             break;
         }
         last = now;
     }
-    let taken = app.big_sent.load(Ordering::SeqCst);
+    let taken = t.app.big_sent.load(Ordering::SeqCst);
     assert!(taken > 0, "the response never started");
     // Most of what left the application sits in the kernel: loopback socket buffers autotune
     // to tens of MiB (18 MiB taken in all when measured); the proxy itself holds at most a
@@ -515,10 +520,7 @@ async fn a_peer_that_never_reads_holds_a_bounded_amount_of_the_response() {
         "the proxy took {} MiB of the response for a peer that reads nothing",
         taken >> 20
     );
-    assert_eq!(
-        honest_get(&pki, b.running.inbound_addr).await,
-        Ok(StatusCode::OK)
-    );
+    t.assert_serves().await;
     drop(s);
 }
 
@@ -570,10 +572,8 @@ async fn ping_and_settings_floods_from_a_peer_that_never_reads_stall_the_peer() 
 
 #[tokio::test]
 async fn a_window_update_past_the_maximum_closes_the_connection() {
-    let pki = Pki::new("attack-ca");
-    let app = app().await;
-    let b = server_proxy(&pki, app.addr).await;
-    let mut s = hostile_peer(&pki, b.running.inbound_addr).await;
+    let t = Target::new().await;
+    let mut s = t.hostile().await;
     // Two increments summing past 2^31-1 on the connection window.
     let mut out = frame(WINDOW_UPDATE, 0, 0, &0x7fff_ffffu32.to_be_bytes());
     out.extend(frame(WINDOW_UPDATE, 0, 0, &0x7fff_ffffu32.to_be_bytes()));
@@ -582,10 +582,7 @@ async fn a_window_update_past_the_maximum_closes_the_connection() {
         .await
         .expect("the connection stayed open after a window overflow");
     assert_eq!(code, Some(0x3), "FLOW_CONTROL_ERROR expected");
-    assert_eq!(
-        honest_get(&pki, b.running.inbound_addr).await,
-        Ok(StatusCode::OK)
-    );
+    t.assert_serves().await;
 }
 
 /// A hostile mesh server: mTLS with a mesh certificate, ALPN `h2`, raw frames. Every request
