@@ -489,16 +489,16 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    /// A listener serving one connection with `handler`; the task's result says how `serve`
-    /// ended. Dropping (or sending on) the returned sender shuts the connection down.
-    async fn server<H, F>(
-        handler: H,
-        handshake_timeout: Duration,
-    ) -> (
+    /// A test server's address, its shutdown sender and the task's result (how `serve` ended).
+    type Served = (
         std::net::SocketAddr,
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<Result<(), ServeError>>,
-    )
+    );
+
+    /// A listener serving one connection with `handler`; the task's result says how `serve`
+    /// ended. Dropping (or sending on) the returned sender shuts the connection down.
+    async fn server<H, F>(handler: H, handshake_timeout: Duration) -> Served
     where
         H: FnMut(Request<Body>) -> F + Send + 'static,
         F: Future<Output = Response<Body>> + Send + 'static,
@@ -511,11 +511,7 @@ mod tests {
         handler: H,
         handshake_timeout: Duration,
         idle_timeout: Duration,
-    ) -> (
-        std::net::SocketAddr,
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<Result<(), ServeError>>,
-    )
+    ) -> Served
     where
         H: FnMut(Request<Body>) -> F + Send + 'static,
         F: Future<Output = Response<Body>> + Send + 'static,
