@@ -698,3 +698,331 @@ async fn http1_idle_connection_closed_by_the_server_is_let_go() {
     assert_eq!(get(&pool, t, "/").await.unwrap(), StatusCode::OK);
     assert_eq!(seen.accepted.load(Ordering::SeqCst), 3);
 }
+
+/// Connections a [`mesh_server`] accepted, by the protocol ALPN chose.
+#[derive(Default)]
+struct SeenByAlpn {
+    h1: Seen,
+    h2: Seen,
+}
+
+/// A mesh peer as a server sidecar is one: mTLS offering ALPN `h2` and `http/1.1` (with the
+/// credentials current at each accept), `/slow` answered after `delay`, and the body of every
+/// answer the HTTP version the request arrived in.
+async fn mesh_server(
+    delay: Duration,
+    tls: watch::Receiver<Option<Arc<Credentials>>>,
+) -> (SocketAddr, Arc<SeenByAlpn>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(SeenByAlpn::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            let s = s.clone();
+            let creds = tls.borrow().clone().unwrap();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                    if req.uri().path() == "/slow" {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let v = format!("{:?}", req.version());
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(v))))
+                });
+                let cfg = trellis_proxy::tls::server_config(&creds, &[b"h2", b"http/1.1"]).unwrap();
+                let Ok(stream) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else {
+                    return;
+                };
+                let h2 = stream.get_ref().1.alpn_protocol() == Some(&b"h2"[..]);
+                let seen = if h2 { &s.h2 } else { &s.h1 };
+                seen.accepted.fetch_add(1, Ordering::SeqCst);
+                let io = TokioIo::new(stream);
+                if h2 {
+                    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    b.timer(TokioTimer::new());
+                    let _ = b.serve_connection(io, svc).await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                }
+                seen.closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A meshed target on a port of `protocol`.
+fn mesh_target(addr: SocketAddr, protocol: Protocol) -> Target {
+    Target {
+        protocol,
+        ..target(addr, &[SERVER])
+    }
+}
+
+/// A request of `version` to `path`: its status, the HTTP version the peer saw, and who
+/// answered (the peer identity the pool verified).
+async fn exchange(
+    pool: &Pool,
+    t: Target,
+    version: http::Version,
+    path: &str,
+) -> Result<(StatusCode, String, Option<String>), UpstreamError> {
+    let req = Request::builder()
+        .version(version)
+        .uri(format!("http://svc{path}"))
+        .body(full(Bytes::new()))
+        .unwrap();
+    let resp = pool.send(t, req).await?;
+    let status = resp.status();
+    let peer = resp
+        .extensions()
+        .get::<trellis_proxy::proxy::upstream::PeerIdentity>()
+        .map(|p| p.0.to_string());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned(), peer))
+}
+
+/// Credentials senders that must outlive the test's tasks.
+type Keep = (
+    watch::Sender<Option<Arc<Credentials>>>,
+    watch::Sender<Option<Arc<Credentials>>>,
+);
+
+fn mesh_pki(server_life: Duration) -> (Pool, watch::Receiver<Option<Arc<Credentials>>>, Keep) {
+    let ca = Ca::new("mesh");
+    let (ctx, crx) = watch::channel(Some(Arc::new(ca.creds(
+        CLIENT,
+        Duration::from_secs(3600),
+        &[&ca],
+    ))));
+    let (stx, srx) = watch::channel(Some(Arc::new(ca.creds(SERVER, server_life, &[&ca]))));
+    (Pool::new(Arc::new(TlsCache::new(crx))), srx, (ctx, stx))
+}
+
+/// What the application speaks rides between the sidecars: HTTP/1.1 on pooled HTTP/1.1 over
+/// mTLS (one connection, reused), HTTP/2 on HTTP/2, and HTTP/2 to a port declared HTTP/2 or
+/// gRPC whatever the client spoke. Each answer names the peer the handshake verified.
+#[tokio::test]
+async fn meshed_requests_ride_the_protocol_the_application_spoke() {
+    let (pool, srx, _keep) = mesh_pki(Duration::from_secs(3600));
+    let (addr, seen) = mesh_server(Duration::ZERO, srx).await;
+    for _ in 0..3 {
+        let (status, version, peer) = exchange(
+            &pool,
+            mesh_target(addr, Protocol::Auto),
+            http::Version::HTTP_11,
+            "/",
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(version, "HTTP/1.1");
+        assert_eq!(peer.as_deref(), Some(SERVER));
+    }
+    assert_eq!(
+        seen.h1.accepted.load(Ordering::SeqCst),
+        1,
+        "one HTTP/1.1 connection, reused"
+    );
+    assert_eq!(seen.h2.accepted.load(Ordering::SeqCst), 0);
+    assert_eq!(pool.stats().idle_h1_conns, 1);
+
+    let (_, version, peer) = exchange(
+        &pool,
+        mesh_target(addr, Protocol::Auto),
+        http::Version::HTTP_2,
+        "/",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (version.as_str(), peer.as_deref()),
+        ("HTTP/2.0", Some(SERVER))
+    );
+    for p in [Protocol::Http2, Protocol::Grpc] {
+        let (_, version, _) = exchange(&pool, mesh_target(addr, p), http::Version::HTTP_11, "/")
+            .await
+            .unwrap();
+        assert_eq!(version, "HTTP/2.0", "{p:?}");
+    }
+    assert_eq!(seen.h2.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(seen.h1.accepted.load(Ordering::SeqCst), 1);
+}
+
+/// HTTP/1.1 holds a connection per request in flight; past `max_h1_hop_conns` busy ones to a
+/// peer, further requests ride one multiplexed HTTP/2 connection instead of opening more, and
+/// all are answered. Afterwards the HTTP/1.1 connections serve again.
+#[tokio::test]
+async fn past_the_http1_connection_limit_requests_ride_http2() {
+    use trellis_proxy::proxy::upstream::PoolSettings;
+    let ca = Ca::new("mesh");
+    let (_ctx, crx) = watch::channel(Some(Arc::new(ca.creds(
+        CLIENT,
+        Duration::from_secs(3600),
+        &[&ca],
+    ))));
+    let (_stx, srx) = watch::channel(Some(Arc::new(ca.creds(
+        SERVER,
+        Duration::from_secs(3600),
+        &[&ca],
+    ))));
+    let pool = Pool::with_settings(
+        Arc::new(TlsCache::new(crx)),
+        PoolSettings {
+            max_h1_hop_conns: 2,
+            ..PoolSettings::default()
+        },
+    );
+    let delay = Duration::from_millis(300);
+    let (addr, seen) = mesh_server(delay, srx).await;
+    let reqs = (0..6).map(|_| {
+        exchange(
+            &pool,
+            mesh_target(addr, Protocol::Http1),
+            http::Version::HTTP_11,
+            "/slow",
+        )
+    });
+    let started = Instant::now();
+    let mut versions = Vec::new();
+    for r in futures::future::join_all(reqs).await {
+        let (status, version, peer) = r.unwrap();
+        assert_eq!((status, peer.as_deref()), (StatusCode::OK, Some(SERVER)));
+        versions.push(version);
+    }
+    assert!(started.elapsed() < delay * 2, "none waited for another");
+    versions.sort();
+    assert_eq!(
+        versions,
+        [
+            "HTTP/1.1", "HTTP/1.1", "HTTP/2.0", "HTTP/2.0", "HTTP/2.0", "HTTP/2.0"
+        ]
+    );
+    assert_eq!(seen.h1.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(seen.h2.accepted.load(Ordering::SeqCst), 1);
+    let (_, version, _) = exchange(
+        &pool,
+        mesh_target(addr, Protocol::Http1),
+        http::Version::HTTP_11,
+        "/",
+    )
+    .await
+    .unwrap();
+    assert_eq!(version, "HTTP/1.1");
+    assert_eq!(
+        seen.h1.accepted.load(Ordering::SeqCst),
+        2,
+        "an idle one was reused"
+    );
+}
+
+/// An idle HTTP/1.1 hop connection whose peer certificate expired takes no new request: the
+/// next one opens a new connection (to the renewed certificate), and the reaper closes the
+/// old one.
+#[tokio::test]
+async fn an_http1_hop_connection_whose_peer_certificate_expired_is_not_reused() {
+    let ca = Ca::new("mesh");
+    let (_ctx, crx) = watch::channel(Some(Arc::new(ca.creds(
+        CLIENT,
+        Duration::from_secs(3600),
+        &[&ca],
+    ))));
+    let (stx, srx) = watch::channel(Some(Arc::new(ca.creds(
+        SERVER,
+        Duration::from_secs(2),
+        &[&ca],
+    ))));
+    use trellis_proxy::proxy::upstream::PoolSettings;
+    let pool = Pool::with_settings(
+        Arc::new(TlsCache::new(crx)),
+        PoolSettings {
+            sweep_interval: Duration::from_millis(200),
+            ..PoolSettings::default()
+        },
+    );
+    let (addr, seen) = mesh_server(Duration::ZERO, srx).await;
+    let t = || mesh_target(addr, Protocol::Http1);
+    for _ in 0..2 {
+        exchange(&pool, t(), http::Version::HTTP_11, "/")
+            .await
+            .unwrap();
+    }
+    assert_eq!(seen.h1.accepted.load(Ordering::SeqCst), 1, "pooled");
+    stx.send_replace(Some(Arc::new(ca.creds(
+        SERVER,
+        Duration::from_secs(3600),
+        &[&ca],
+    ))));
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let (status, _, _) = exchange(&pool, t(), http::Version::HTTP_11, "/")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        seen.h1.accepted.load(Ordering::SeqCst),
+        2,
+        "the request after expiry used a new connection"
+    );
+    eventually("the expired connection is closed", || {
+        seen.h1.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
+/// A root leaves the trust bundle: the idle HTTP/1.1 hop connection to a peer under it takes
+/// no new request (the next one fails the handshake against the new bundle), the request in
+/// flight on another finishes, and both are closed.
+#[tokio::test]
+async fn an_http1_hop_connection_whose_root_left_the_bundle_is_retired() {
+    let old_root = Ca::new("old root");
+    let new_root = Ca::new("new root");
+    let (ctx, crx) = watch::channel(Some(Arc::new(new_root.creds(
+        CLIENT,
+        Duration::from_secs(3600),
+        &[&new_root, &old_root],
+    ))));
+    let (_stx, srx) = watch::channel(Some(Arc::new(old_root.creds(
+        SERVER,
+        Duration::from_secs(3600),
+        &[&new_root, &old_root],
+    ))));
+    let delay = Duration::from_millis(800);
+    let (addr, seen) = mesh_server(delay, srx).await;
+    let pool = Pool::new(Arc::new(TlsCache::new(crx)));
+    let t = move || mesh_target(addr, Protocol::Http1);
+    exchange(&pool, t(), http::Version::HTTP_11, "/")
+        .await
+        .unwrap();
+    assert_eq!(pool.stats().idle_h1_conns, 1);
+    let in_flight = {
+        let pool = pool.clone();
+        tokio::spawn(async move { exchange(&pool, t(), http::Version::HTTP_11, "/slow").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The in-flight request took the idle connection; make another idle one.
+    exchange(&pool, t(), http::Version::HTTP_11, "/")
+        .await
+        .unwrap();
+    assert_eq!(seen.h1.accepted.load(Ordering::SeqCst), 2);
+    ctx.send_replace(Some(Arc::new(new_root.creds(
+        CLIENT,
+        Duration::from_secs(3600),
+        &[&new_root],
+    ))));
+    let after = exchange(&pool, t(), http::Version::HTTP_11, "/").await;
+    assert!(
+        matches!(after, Err(UpstreamError::Tls { .. })),
+        "a peer under the removed root is not trusted any more: {after:?}"
+    );
+    let (status, _, _) = in_flight.await.unwrap().unwrap();
+    assert_eq!(status, StatusCode::OK, "the request in flight finished");
+    eventually("the untrusted connections are closed", || {
+        seen.h1.open() == 0
+    })
+    .await;
+}

@@ -91,6 +91,10 @@ pub struct PoolSettings {
     /// Requests per key that may wait for an HTTP/2 stream once `max_h2_conns` connections are
     /// all at their limit; beyond it requests fail at once ([`UpstreamError::Overflow`]).
     pub max_h2_queued: usize,
+    /// HTTP/1.1 connections to one mesh peer (address and identities) in use at once; while
+    /// that many carry requests, further HTTP/1.1 requests to it ride multiplexed HTTP/2
+    /// instead (see the module docs).
+    pub max_h1_hop_conns: usize,
 }
 
 impl Default for PoolSettings {
@@ -100,6 +104,7 @@ impl Default for PoolSettings {
             sweep_interval: Duration::from_secs(5),
             max_h2_conns: 8,
             max_h2_queued: 1024,
+            max_h1_hop_conns: 64,
         }
     }
 }
@@ -222,16 +227,29 @@ impl H2Slot {
     }
 }
 
-struct IdleH1 {
+/// An HTTP/1.1 connection and, when meshed, who answered on it.
+struct H1Conn {
     sr: http1::SendRequest<Body>,
+    peer: Option<Arc<str>>,
+    cert: Option<PeerCert>,
+}
+
+struct IdleH1 {
+    conn: H1Conn,
     since: Instant,
+}
+
+/// HTTP/1.1 connections of one key: the idle ones, and how many carry a request now.
+#[derive(Default)]
+struct H1Slot {
+    idle: Vec<IdleH1>,
+    busy: usize,
 }
 
 #[derive(Default)]
 struct Conns {
     h2: HashMap<Key, H2Slot>,
-    /// Idle HTTP/1.1 connections with the time they became idle.
-    h1: HashMap<Key, Vec<IdleH1>>,
+    h1: HashMap<Key, H1Slot>,
 }
 
 struct Inner {
@@ -315,6 +333,14 @@ enum Mode {
     Upgrade,
 }
 
+/// Where an HTTP/1.1 request goes; the first two hold a [`H1Lease`] on the key.
+enum H1Pick {
+    Idle(H1Conn, H1Lease),
+    Open(H1Lease),
+    /// As many mesh connections as allowed are busy: ride HTTP/2.
+    Spill,
+}
+
 impl Pool {
     pub fn new(tls: Arc<TlsCache>) -> Self {
         Self::with_settings(tls, PoolSettings::default())
@@ -355,7 +381,7 @@ impl Pool {
         PoolStats {
             keys: c.h2.len() + c.h1.len(),
             h2_conns: c.h2.values().map(|s| s.conns.len()).sum(),
-            idle_h1_conns: c.h1.values().map(Vec::len).sum(),
+            idle_h1_conns: c.h1.values().map(|s| s.idle.len()).sum(),
         }
     }
 
@@ -397,7 +423,16 @@ impl Pool {
         let mode = if is_upgrade(&req) {
             Mode::Upgrade
         } else if meshed {
-            Mode::H2
+            // What the application speaks rides between the sidecars: HTTP/1.x on pooled
+            // HTTP/1.1 (ALPN `http/1.1`), HTTP/2 on HTTP/2, and HTTP/2 when the far
+            // application is declared to speak it (the far sidecar converts).
+            if req.version() != Version::HTTP_2
+                && !matches!(target.protocol, Protocol::Http2 | Protocol::Grpc)
+            {
+                Mode::H1
+            } else {
+                Mode::H2
+            }
         } else {
             match target.protocol {
                 Protocol::Http2 | Protocol::Grpc => Mode::H2,
@@ -417,44 +452,13 @@ impl Pool {
         };
         let addr = target.addr;
         let resp = match mode {
-            Mode::H2 => {
-                // The far proxy speaks HTTP/1.1 to its application when this one's did, or
-                // when the port is declared HTTP/1.1 (`protocol: http1`): an h2c client must
-                // not make the far proxy try HTTP/2 on an application that only speaks 1.1.
-                if meshed
-                    && (req.version() != Version::HTTP_2 || target.protocol == Protocol::Http1)
-                {
-                    req.headers_mut()
-                        .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-                }
-                to_http2(&mut req);
-                // The policy's `circuitBreaker.maxConnections` caps connections per endpoint.
-                let cap = req
-                    .extensions()
-                    .get::<ConnectionParams>()
-                    .and_then(|p| p.max_connections)
-                    .map_or(self.inner.settings.max_h2_conns, |m| {
-                        (m as usize).min(self.inner.settings.max_h2_conns)
-                    });
-                let (sr, peer, guard) = self.h2_sender(&key, cap, target.connect_timeout).await?;
-                let mut resp = h2client::send(&sr, &guard.0, req)
-                    .await
-                    .map_err(|e| classify_h2(addr, e))?;
-                if let Some(p) = peer {
-                    resp.extensions_mut().insert(PeerIdentity(p));
-                }
-                // The stream counts against the connection until the body is done with.
-                return Ok(resp.map(|b| {
-                    Counted {
-                        inner: b,
-                        _guard: guard,
-                    }
-                    .boxed()
-                }));
-            }
+            Mode::H2 => return self.send_h2(key, &target, req).await,
             Mode::H1 => {
                 to_http1(&mut req);
-                return self.send_h1(key, req, target.connect_timeout).await;
+                return match self.send_h1(key, req, target.connect_timeout).await? {
+                    Ok(resp) => Ok(resp),
+                    Err((key, req)) => self.send_h2(key, &target, req).await,
+                };
             }
             Mode::Upgrade => {
                 to_http1(&mut req);
@@ -490,6 +494,48 @@ impl Pool {
             }
         };
         Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
+    }
+
+    /// One request over HTTP/2 to `key`.
+    async fn send_h2(
+        &self,
+        key: Key,
+        target: &Target,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let addr = key.addr;
+        let meshed = !key.identities.is_empty();
+        // The far proxy speaks HTTP/1.1 to its application when this one's did, or when the
+        // port is declared HTTP/1.1 (`protocol: http1`): an h2c client must not make the far
+        // proxy try HTTP/2 on an application that only speaks 1.1.
+        if meshed && (req.version() != Version::HTTP_2 || target.protocol == Protocol::Http1) {
+            req.headers_mut()
+                .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        }
+        to_http2(&mut req);
+        // The policy's `circuitBreaker.maxConnections` caps connections per endpoint.
+        let cap = req
+            .extensions()
+            .get::<ConnectionParams>()
+            .and_then(|p| p.max_connections)
+            .map_or(self.inner.settings.max_h2_conns, |m| {
+                (m as usize).min(self.inner.settings.max_h2_conns)
+            });
+        let (sr, peer, guard) = self.h2_sender(&key, cap, target.connect_timeout).await?;
+        let mut resp = h2client::send(&sr, &guard.0, req)
+            .await
+            .map_err(|e| classify_h2(addr, e))?;
+        if let Some(p) = peer {
+            resp.extensions_mut().insert(PeerIdentity(p));
+        }
+        // The stream counts against the connection until the body is done with.
+        Ok(resp.map(|b| {
+            Counted {
+                inner: b,
+                _guard: guard,
+            }
+            .boxed()
+        }))
     }
 
     /// A connection with a free stream for `key`, opening one when all are at their limit.
@@ -622,31 +668,72 @@ impl Pool {
         })
     }
 
-    /// The most recently used idle connection that is ready for a request and was idle for
-    /// less than `idle_timeout` (the policy's `timeouts.idleMs`, else the pool's); older ones
-    /// are dropped ([`take_idle`]). One whose previous response ended but which has not taken
-    /// note yet (its connection task runs after the body's reader) stays for the next request;
-    /// closed ones are never ready, and the reaper drops them. Only plaintext HTTP/1.1 is
-    /// pooled (meshed requests ride HTTP/2; upgrades are never pooled), so there is no peer
-    /// certificate to check here.
-    fn idle_h1(
-        &self,
-        key: &Key,
-        idle_timeout: Option<Duration>,
-    ) -> Option<http1::SendRequest<Body>> {
+    /// An idle connection for `key`, else leave to open one, else (meshed, with
+    /// `max_h1_hop_conns` connections busy) [`H1Pick::Spill`].
+    ///
+    /// The idle one is the most recently used that is ready for a request, was idle for less
+    /// than `idle_timeout` (the policy's `timeouts.idleMs`, else the pool's) and, when meshed,
+    /// whose peer is still trusted; older ones are dropped ([`take_idle`]). One whose previous
+    /// response ended but which has not taken note yet (its connection task runs after the
+    /// body's reader) stays for the next request; closed ones are never ready, and the reaper
+    /// drops them.
+    fn pick_h1(&self, key: &Key, idle_timeout: Option<Duration>) -> H1Pick {
+        let meshed = !key.identities.is_empty();
+        let creds = if meshed {
+            self.inner.tls.credentials()
+        } else {
+            None
+        };
         let t = idle_timeout.unwrap_or(self.inner.settings.idle_timeout);
         let now = Instant::now();
         let mut c = self.inner.conns.lock().expect("pool lock");
-        let idle = c.h1.get_mut(key)?;
-        take_idle(idle, now, t, |conn| conn.since, |conn| conn.sr.is_ready()).map(|conn| conn.sr)
+        let slot = match c.h1.get_mut(key) {
+            Some(s) => s,
+            None => c.h1.entry(key.clone()).or_default(),
+        };
+        let mut wall = None;
+        let idle = loop {
+            let Some(mut e) = take_idle(
+                &mut slot.idle,
+                now,
+                t,
+                |e| e.since,
+                |e| e.conn.sr.is_ready(),
+            ) else {
+                break None;
+            };
+            let Some(cert) = e.conn.cert.as_mut() else {
+                break Some(e.conn);
+            };
+            let wall = *wall.get_or_insert_with(SystemTime::now);
+            if cert.usable(creds.as_ref(), wall, &key.identities) {
+                break Some(e.conn);
+            }
+        };
+        if idle.is_none() && meshed && slot.busy >= self.inner.settings.max_h1_hop_conns {
+            return H1Pick::Spill;
+        }
+        slot.busy += 1;
+        let lease = H1Lease {
+            pool: self.inner.clone(),
+            key: key.clone(),
+            conn: None,
+        };
+        match idle {
+            Some(conn) => H1Pick::Idle(conn, lease),
+            None => H1Pick::Open(lease),
+        }
     }
 
+    /// One request over pooled HTTP/1.1 to `key` (mTLS with ALPN `http/1.1` when meshed).
+    /// `Ok(Err(..))` hands the request back untouched when it should ride HTTP/2 instead
+    /// ([`H1Pick::Spill`]).
     async fn send_h1(
         &self,
         key: Key,
         mut req: Request<Body>,
         timeout: Option<Duration>,
-    ) -> Result<Response<Body>, UpstreamError> {
+    ) -> Result<Result<Response<Body>, (Key, Request<Body>)>, UpstreamError> {
         let addr = key.addr;
         let idle_timeout = req
             .extensions()
@@ -655,12 +742,20 @@ impl Pool {
         // A pooled connection may have been closed by the server just now; hyper hands the
         // request back when it was not written, and it is sent once more on a new connection.
         for _ in 0..2 {
-            let (mut sr, pooled) = match self.idle_h1(&key, idle_timeout) {
-                Some(sr) => (sr, true),
-                None => {
-                    let (io, _) = self
-                        .connect(addr, &key.identities, Alpn::Http1, timeout)
-                        .await?;
+            let (conn, mut lease, pooled) = match self.pick_h1(&key, idle_timeout) {
+                H1Pick::Spill => return Ok(Err((key, req))),
+                H1Pick::Idle(conn, lease) => (conn, lease, true),
+                H1Pick::Open(lease) => {
+                    let source = self.inner.source.for_dst(addr);
+                    let (io, peer) = connect_peer(
+                        &self.inner.tls,
+                        source,
+                        addr,
+                        &key.identities,
+                        Alpn::Http1,
+                        timeout,
+                    )
+                    .await?;
                     let (sr, conn) = http1::Builder::new()
                         .handshake(TokioIo::new(io))
                         .await
@@ -670,29 +765,34 @@ impl Pool {
                             tracing::debug!(error = %e, "upstream h1 connection ended");
                         }
                     });
-                    (sr, false)
+                    let (peer, cert) = match peer {
+                        Some(p) => (Some(Arc::<str>::from(p.id)), p.cert),
+                        None => (None, None),
+                    };
+                    (H1Conn { sr, peer, cert }, lease, false)
                 }
             };
+            let H1Conn { mut sr, peer, cert } = conn;
             match sr.try_send_request(req).await {
-                Ok(resp) => {
+                Ok(mut resp) => {
+                    if let Some(p) = &peer {
+                        resp.extensions_mut().insert(PeerIdentity(p.clone()));
+                    }
                     // Back to the pool when the response body ends (see `Returning`).
-                    let mut ret = Some(Return {
-                        sr,
-                        pool: self.inner.clone(),
-                        key,
-                    });
+                    lease.conn = Some(H1Conn { sr, peer, cert });
+                    let mut ret = Some(lease);
                     if resp.body().is_end_stream()
                         && let Some(r) = ret.take()
                     {
-                        r.put();
+                        drop(r);
                     }
-                    return Ok(resp.map(|b| {
+                    return Ok(Ok(resp.map(|b| {
                         Returning {
                             inner: b.map_err(|e| Box::new(e) as BoxError),
                             ret,
                         }
                         .boxed()
-                    }));
+                    })));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(r) if pooled => req = r,
@@ -758,11 +858,22 @@ async fn reap(pool: Weak<Inner>, mut creds: crate::creds::CredentialsRx, setting
             // A slot whose gate is held (or waited on) is connecting: keep it.
             !slot.conns.is_empty() || Arc::strong_count(&slot.connecting) > 1
         });
-        c.h1.retain(|_, idle| {
-            idle.retain(|conn| {
-                conn.since.elapsed() < settings.idle_timeout && !conn.sr.is_closed()
+        let now = SystemTime::now();
+        c.h1.retain(|key, slot| {
+            let creds = if key.identities.is_empty() {
+                None
+            } else {
+                current.as_ref()
+            };
+            slot.idle.retain_mut(|e| {
+                e.since.elapsed() < settings.idle_timeout
+                    && !e.conn.sr.is_closed()
+                    && e.conn
+                        .cert
+                        .as_mut()
+                        .is_none_or(|p| p.usable(creds, now, &key.identities))
             });
-            !idle.is_empty()
+            !slot.idle.is_empty() || slot.busy > 0
         });
     }
 }
@@ -917,23 +1028,30 @@ fn reset_or_other(addr: SocketAddr, reset: bool, source: BoxError) -> UpstreamEr
     }
 }
 
-/// An HTTP/1.1 connection that goes back to the idle list once its response is read.
-struct Return {
-    sr: http1::SendRequest<Body>,
+/// One request's hold on an HTTP/1.1 connection of `key`, counted in its slot's `busy` until
+/// dropped. `conn`, set once the response is read in full, goes back to the idle list then; a
+/// request that failed or whose body was dropped early leaves it `None` (hyper could not reuse
+/// that connection anyway).
+struct H1Lease {
     pool: Arc<Inner>,
     key: Key,
+    conn: Option<H1Conn>,
 }
 
-impl Return {
-    fn put(self) {
-        if self.sr.is_closed() {
-            return;
-        }
+impl Drop for H1Lease {
+    fn drop(&mut self) {
+        let conn = self.conn.take().filter(|c| !c.sr.is_closed());
         let mut c = self.pool.conns.lock().expect("pool lock");
-        let idle = c.h1.entry(self.key).or_default();
-        if idle.len() < MAX_IDLE_H1 {
-            idle.push(IdleH1 {
-                sr: self.sr,
+        // The slot outlives every lease: the reaper keeps a slot with busy connections.
+        let Some(slot) = c.h1.get_mut(&self.key) else {
+            return;
+        };
+        slot.busy = slot.busy.saturating_sub(1);
+        if let Some(conn) = conn
+            && slot.idle.len() < MAX_IDLE_H1
+        {
+            slot.idle.push(IdleH1 {
+                conn,
                 since: Instant::now(),
             });
         }
@@ -941,7 +1059,7 @@ impl Return {
 }
 
 pin_project_lite::pin_project! {
-    /// A plaintext HTTP/1.1 response body that returns its connection to the pool when it ends.
+    /// An HTTP/1.1 response body that returns its connection to the pool when it ends.
     ///
     /// This used to be a task per request that waited for the connection to become ready
     /// again. A request sent right after the previous response was read ran before that task
@@ -953,7 +1071,7 @@ pin_project_lite::pin_project! {
     struct Returning<B> {
         #[pin]
         inner: B,
-        ret: Option<Return>,
+        ret: Option<H1Lease>,
     }
 }
 
@@ -973,7 +1091,7 @@ impl<B: HttpBody> HttpBody for Returning<B> {
             _ => false,
         };
         if ended && let Some(ret) = this.ret.take() {
-            ret.put();
+            drop(ret);
         }
         r
     }
