@@ -20,7 +20,7 @@ use crate::proxy::inbound::Forward;
 use crate::proxy::mtls::TlsCache;
 use crate::proxy::tcp::FLUSH_INTERVAL;
 use crate::proxy::upstream::{Pool, SourceAddr};
-use crate::proxy::{Shared, accept_loop, http_builder};
+use crate::proxy::{Shared, accept_loop, http_builder, inbound_http_builder};
 use crate::reload::{ConfigRx, Watcher};
 use crate::shutdown::Shutdown;
 use crate::traffic::{Dispatcher, InboundRateLimiter, TrafficMetrics};
@@ -468,6 +468,7 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         // `Options` can be built in code, past the flag's check: tokio's interval panics on zero.
         tcp_flush_interval: opts.tcp_flush_interval.max(Duration::from_millis(1)),
         http: http_builder(),
+        http_inbound: inbound_http_builder(),
         tracing,
         discovery,
     });

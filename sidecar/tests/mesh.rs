@@ -52,6 +52,38 @@ async fn pair(
     (a, b)
 }
 
+/// The client sidecar takes up to 100 header lines from its application (hyper's and Envoy's
+/// default); what it adds on the way (request id, trace context) must not make the far
+/// sidecar refuse the request it accepted: all 100 reach the application. One more is `431`
+/// at the client sidecar, and nothing reaches the application.
+#[tokio::test]
+async fn a_request_with_100_header_lines_reaches_the_app_whole() {
+    let pki = Pki::new("mesh");
+    let up = upstream(Speaks::Http1Only).await;
+    let (a, _b) = pair(&pki, up, Protocol::Http1, &id("backend")).await;
+    let req = |lines: usize| {
+        let mut r = Request::builder()
+            .uri("/echo")
+            .header("host", "backend.shop:8080");
+        for i in 1..lines {
+            r = r.header(format!("x-line-{i}"), "v");
+        }
+        r.body(Full::new(Bytes::new())).unwrap()
+    };
+    let (status, _, body) = h1_send(a.running.outbound_addr, req(100)).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    let echo = echo_json(&body);
+    let seen = echo["headers"].as_object().unwrap();
+    for i in 1..100 {
+        assert!(
+            seen.contains_key(&format!("x-line-{i}")),
+            "x-line-{i} reached the app"
+        );
+    }
+    let (status, _, _) = h1_send(a.running.outbound_addr, req(101)).await.unwrap();
+    assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+}
+
 #[tokio::test]
 async fn http1_through_two_proxies_over_mtls() {
     let pki = Pki::new("mesh");

@@ -10,7 +10,8 @@
 //!
 //! After mTLS, ALPN says what the stream carries (see [`super::mtls`]): `h2` from a client
 //! sidecar is served by [`super::h2server`] (each request handled in the connection's task),
-//! `http/1.1` (upgrades) and plaintext HTTP by hyper. Traffic goes where
+//! `http/1.1` (the application's HTTP/1.x, and upgrades) and plaintext HTTP by hyper, taking
+//! the header lines a client sidecar may forward ([`super::HOP_MAX_HEADERS`]). Traffic goes where
 //! [`Forward`] says: the original destination (the pod IP) by default, so a service the
 //! application binds to loopback only stays private, as in Istio since 1.10.
 

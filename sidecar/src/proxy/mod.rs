@@ -67,7 +67,10 @@ pub struct Shared {
     /// How often open TCP connections publish their byte counts ([`tcp::FLUSH_INTERVAL`] in
     /// production; tests shorten it instead of waiting). Never zero.
     pub tcp_flush_interval: Duration,
+    /// Serves the application's own connections (outbound).
     pub http: auto::Builder<TokioExecutor>,
+    /// Serves inbound HTTP: the HTTP/1.1 hop from client sidecars and plaintext clients.
+    pub http_inbound: auto::Builder<TokioExecutor>,
     /// The span exporter in force, if the config turns tracing on.
     pub tracing: Arc<crate::spans::Tracing>,
     /// Resolves destinations the config does not know from the operator (when configured).
@@ -114,6 +117,21 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
         .timer(hyper_util::rt::TokioTimer::new())
         .adaptive_window(true)
         .max_header_list_size(h2server::MAX_HEADER_LIST_SIZE);
+    b
+}
+
+/// Header lines an inbound HTTP/1.1 request (and a response on the HTTP/1.1 hop between the
+/// sidecars) may have: the application's 100 (hyper's and Envoy's default, what the client
+/// sidecar takes from its application), plus what the client sidecar adds (request id, trace
+/// context, `Host` for HTTP/1.0) and the far hyper's `Date`, with room. At 100 a request the
+/// client sidecar accepted was refused `431` one hop later.
+pub const HOP_MAX_HEADERS: usize = 128;
+
+/// [`http_builder`] for the inbound side, which takes what a client sidecar forwards
+/// ([`HOP_MAX_HEADERS`]).
+pub fn inbound_http_builder() -> auto::Builder<TokioExecutor> {
+    let mut b = http_builder();
+    b.http1().max_headers(HOP_MAX_HEADERS);
     b
 }
 
@@ -170,7 +188,7 @@ where
     Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     serve_http_on(
-        shared,
+        &shared.http,
         io,
         handler,
         shared.shutdown.outbound_token(),
@@ -192,13 +210,20 @@ pub async fn serve_http_until<I, F, Fut>(
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
-    serve_http_on(shared, io, handler, shared.shutdown.token(), until).await
+    serve_http_on(
+        &shared.http_inbound,
+        io,
+        handler,
+        shared.shutdown.token(),
+        until,
+    )
+    .await
 }
 
 /// Serves one HTTP connection, shutting it down gracefully when `closing` is cancelled (the
 /// shutdown token inbound, the later outbound token outbound) or `until` resolves.
 async fn serve_http_on<I, F, Fut>(
-    shared: &Shared,
+    http: &auto::Builder<TokioExecutor>,
     io: I,
     handler: F,
     closing: tokio_util::sync::CancellationToken,
@@ -209,9 +234,7 @@ async fn serve_http_on<I, F, Fut>(
     Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     let svc = hyper::service::service_fn(handler);
-    let conn = shared
-        .http
-        .serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let conn = http.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let res = tokio::select! {
         r = conn.as_mut() => r,

@@ -1,10 +1,11 @@
 //! TLS configs for the data path, built once per credentials snapshot (not per connection) on
 //! top of the SPIFFE-verifying builders in [`crate::tls`].
 //!
-//! ALPN between proxies says what the TLS stream carries: `h2` (HTTP/2; HTTP/1.1 requests from
-//! the application ride it too, marked with `trellis-orig-proto`), `http/1.1` (only for
-//! `Upgrade` requests, which need a connection of their own), or `trellis.tcp` (opaque TCP,
-//! proxied at L4 without detection so server-first protocols never wait).
+//! ALPN between proxies says what the TLS stream carries: `http/1.1` (HTTP/1.x from the
+//! application, pooled, and `Upgrade` requests on connections of their own), `h2` (HTTP/2, and
+//! HTTP/1.1 requests beyond the pool's HTTP/1.1 connections per peer, marked with
+//! `trellis-orig-proto`; see [`super::upstream`]), or `trellis.tcp` (opaque TCP, proxied at L4
+//! without detection so server-first protocols never wait).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

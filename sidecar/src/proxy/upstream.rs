@@ -1,29 +1,32 @@
 //! The connection pool behind [`Upstream`]: one request to one address, reusing connections.
 //!
-//! - Meshed targets (identities known) get mTLS with ALPN `h2`: multiplexed HTTP/2
-//!   connections per (address, identity set), shared by every request, whatever HTTP version the
-//!   application spoke (an HTTP/1.1 request is marked with `trellis-orig-proto` so the far proxy
-//!   speaks HTTP/1.1 to its application again). One handshake, then no per-request connection
-//!   cost between proxies.
+//! - Meshed targets (identities known) get mTLS, and the hop speaks what the application spoke:
+//!   - HTTP/1.x rides pooled keep-alive HTTP/1.1 (ALPN `http/1.1`), one connection per request
+//!     in flight, while at most [`PoolSettings::max_h1_hop_conns`] (8) of them to that peer are
+//!     busy; beyond that, further requests ride HTTP/2 (marked with `trellis-orig-proto` so the
+//!     far proxy speaks HTTP/1.1 to its application again) until HTTP/1.1 connections free up;
+//!   - HTTP/2 rides multiplexed HTTP/2 (ALPN `h2`) per (address, identity set), as does
+//!     HTTP/1.1 to a port declared `http2` or `grpc` (the far proxy converts).
 //!
-//!   Measured against the alternative, pooled HTTP/1.1 over mTLS (ALPN `http/1.1`, one
-//!   connection per concurrent request, as the nginx and HAProxy pairs of `hack/bench-proxy.sh`
-//!   do), on 2026-11-29 with `hack/bench-ab.py`: at 1000 req/s over 16 application
-//!   connections HTTP/1.1 cost 0.80x (client sidecar) and 0.78x (server sidecar) the CPU per
-//!   request (medians of 6 interleaved rounds; hyper's HTTP/2 client spends a task and two
-//!   cross-task wakeups per request), but held 16 connections between the sidecars instead of
-//!   1; closed-loop over 64 connections it held 64 and reached 4.7k req/s against 13.9k over
-//!   HTTP/2, with peak RSS 14 MiB against 12. Every extra connection is a handshake and
-//!   buffers on both sides and a certificate to retire separately. HTTP/2 stays; the per-request
-//!   cost is won back inside the HTTP/2 client instead: it drives `h2` directly from the
-//!   request's task ([`super::h2client`]), without hyper's dispatch task and per-request task
-//!   (0.91x the client sidecar's instructions per request, `hack/bench-ab.py` with `IR=1`).
-//!   Adaptive flow control (BDP pings) on or off made no measurable difference at 1000 req/s
-//!   (1.01x / 0.96x) with hyper's client; `h2` has none, so the windows are fixed and large.
+//!   Why, measured (2026-11-30, `hack/bench-ab.py` and `hack/bench-proxy.sh`): the requests an
+//!   application sends at a steady rate are nearly never concurrent (at 1000 req/s over 16
+//!   connections fewer than one is in flight on average), and for them HTTP/1.1 is the
+//!   cheaper hop on both sides: no framing, HPACK or flow control, and hyper's HTTP/1.1 codec
+//!   writes a response in one go. Instructions per request 0.78x (client sidecar) and 0.75x
+//!   (server sidecar) of riding HTTP/2, CPU time about 0.87x, added p50 about 0.6x. Under
+//!   many concurrent requests HTTP/2 wins instead: one connection carries many requests per
+//!   TLS record and syscall, where HTTP/1.1 needs a connection (a handshake, buffers on both
+//!   sides, a certificate to retire) and a read and a write per request; and connections per
+//!   peer pair stay bounded (8 HTTP/1.1 plus at most 8 HTTP/2). So HTTP/1.1 carries the first
+//!   few concurrent requests and HTTP/2 the rest. (Istio's default, `DO_NOT_UPGRADE`, keeps
+//!   HTTP/1.1 with a connection per request in flight; Linkerd always upgrades to HTTP/2.)
+//!   Adaptive flow control on the HTTP/2 client (BDP pings) made no measurable difference at
+//!   1000 req/s; `h2` has none, so the windows are fixed and large.
 //! - Plaintext targets get HTTP/2 when the port says so (or the client spoke HTTP/2), otherwise
 //!   pooled HTTP/1.1 keep-alive connections.
 //! - `Upgrade` requests (WebSocket) take a dedicated HTTP/1.1 connection (mTLS with ALPN
-//!   `http/1.1` when meshed) that becomes the tunnel after `101 Switching Protocols`.
+//!   `http/1.1` when meshed), never pooled, that becomes the tunnel after `101 Switching
+//!   Protocols`.
 //!
 //! Hygiene ([`PoolSettings`]):
 //! - HTTP/2 respects the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`: a request goes to the least
@@ -32,9 +35,10 @@
 //!   a stream and the rest fail at once with [`UpstreamError::Overflow`] (503 `UO`), instead of
 //!   queueing without bound inside the HTTP/2 client. The limit is read from the peer's first
 //!   SETTINGS frame (a new connection waits for it, one round trip) and followed afterwards.
-//! - A meshed connection takes no request once its peer's certificate has expired, or once the
-//!   trust bundle changed and its peer's chain no longer verifies (the root left the bundle);
-//!   the reaper then drops it, which closes it gracefully after the requests in flight finish.
+//! - A meshed connection (HTTP/2, or idle HTTP/1.1) takes no request once its peer's
+//!   certificate has expired, or once the trust bundle changed and its peer's chain no longer
+//!   verifies (the root left the bundle); the reaper then drops it, which closes it gracefully
+//!   after the requests in flight finish.
 //! - Connections, and with them their keys, unused for `idle_timeout` are dropped, so endpoint
 //!   churn does not grow the pool.
 //! - Connections that leave the pool (opaque TCP from [`Pool::connect_trusted`], upgraded
@@ -104,7 +108,7 @@ impl Default for PoolSettings {
             sweep_interval: Duration::from_secs(5),
             max_h2_conns: 8,
             max_h2_queued: 1024,
-            max_h1_hop_conns: 64,
+            max_h1_hop_conns: 8,
         }
     }
 }
@@ -756,7 +760,12 @@ impl Pool {
                         timeout,
                     )
                     .await?;
-                    let (sr, conn) = http1::Builder::new()
+                    let mut b = http1::Builder::new();
+                    if peer.is_some() {
+                        // The far sidecar's `Date` may come on top of the application's 100.
+                        b.max_headers(super::HOP_MAX_HEADERS);
+                    }
+                    let (sr, conn) = b
                         .handshake(TokioIo::new(io))
                         .await
                         .map_err(|e| classify(addr, e))?;

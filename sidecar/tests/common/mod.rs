@@ -380,6 +380,8 @@ pub async fn upstream(speaks: Speaks) -> SocketAddr {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(upstream_handle);
                 let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                // More than a client may send, so a test sees where the sidecars' limits are.
+                b.http1().max_headers(200);
                 let b = match speaks {
                     Speaks::Http1Only => {
                         b = b.http1_only();
