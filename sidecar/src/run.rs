@@ -210,17 +210,21 @@ fn parse_cap(s: &str) -> Result<usize, String> {
 /// Raises the soft limit on open files to the hard limit, as the Go runtime does at start:
 /// container runtimes may leave the soft limit at 1024 (containerd 2 does) while allowing far
 /// more, and every connection the proxy holds costs one descriptor (two when it is forwarded).
-/// Returns the soft limit in force afterwards (`None`: unlimited).
+/// An unlimited hard limit is taken as Linux's default ceiling (`fs.nr_open`, 1 048 576): the
+/// kernel refuses an unlimited soft limit for open files. Returns the soft limit in force
+/// afterwards (`None`: unlimited).
 pub fn raise_fd_limit() -> Option<u64> {
-    use rustix::process::{Resource, getrlimit, setrlimit};
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    const NR_OPEN_DEFAULT: u64 = 1 << 20;
     let lim = getrlimit(Resource::Nofile);
-    if lim.current != lim.maximum {
-        let raised = rustix::process::Rlimit {
-            current: lim.maximum,
+    let target = lim.maximum.unwrap_or(NR_OPEN_DEFAULT);
+    if lim.current.is_some_and(|c| c < target) {
+        let raised = Rlimit {
+            current: Some(target),
             maximum: lim.maximum,
         };
         match setrlimit(Resource::Nofile, raised) {
-            Ok(()) => return lim.maximum,
+            Ok(()) => return Some(target),
             Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
         }
     }
@@ -771,11 +775,22 @@ mod tests {
 
     #[test]
     fn the_open_file_limit_is_raised_to_the_hard_limit() {
-        use rustix::process::{Resource, getrlimit};
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        // Start below the hard limit (by one: other tests of this process hold sockets).
+        let before = getrlimit(Resource::Nofile);
+        if let Some(hard) = before.maximum {
+            let lowered = Rlimit {
+                current: Some(hard - 1),
+                maximum: Some(hard),
+            };
+            setrlimit(Resource::Nofile, lowered).unwrap();
+        }
         let soft = raise_fd_limit();
         let now = getrlimit(Resource::Nofile);
         assert_eq!(now.current, soft);
-        assert_eq!(now.current, now.maximum);
+        if now.maximum.is_some() {
+            assert_eq!(now.current, now.maximum);
+        }
     }
 
     #[test]
