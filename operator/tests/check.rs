@@ -1025,6 +1025,7 @@ mod live {
                 inbound_target: None,
                 opaque_ports: vec![],
                 tcp_flush_interval: Duration::from_secs(15),
+                inbound_limits: Default::default(),
                 app_probes: Default::default(),
                 pod_ip: None,
                 pod: Default::default(),

@@ -2,12 +2,14 @@
 //! exchanges (tower-test). Every refusal must carry a clear reason and issue nothing.
 
 mod identity_support;
+mod support;
 
 use std::time::Duration;
 
 use identity_support::*;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use support::net::closed_within;
 use trellis_operator::identity::{CERTIFICATE_PATH, IdentityConfig};
 use trellis_proxy::conn_limit::ConnLimits;
 use x509_parser::extensions::GeneralName;
@@ -487,22 +489,6 @@ async fn idle_h2(
     tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
         .await?;
     Ok(tls)
-}
-
-/// Whether the server closes `s` within `within` (what it sends meanwhile is read and dropped).
-async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
-    use tokio::io::AsyncReadExt;
-    let mut buf = [0u8; 1024];
-    tokio::time::timeout(within, async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .is_ok()
 }
 
 fn connection_limits(tune: impl FnOnce(&mut ConnLimits)) -> IdentityConfig {

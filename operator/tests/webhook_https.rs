@@ -1,5 +1,7 @@
 //! The injection webhook served over real HTTPS on 127.0.0.1, called with real AdmissionReview
 //! v1 documents, including every kind of bad input.
+mod support;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde_json::{Value, json};
+use support::net::closed_within;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -623,21 +626,6 @@ async fn idle_h2(
     tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
         .await?;
     Ok(tls)
-}
-
-/// Whether the server closes `s` within `within` (what it sends meanwhile is read and dropped).
-async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
-    let mut buf = [0u8; 1024];
-    tokio::time::timeout(within, async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .is_ok()
 }
 
 /// HTTP/2 has no header timeout between requests, and hyper's server no idle timeout: an idle

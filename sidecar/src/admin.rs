@@ -21,7 +21,6 @@
 //! connection and on a connection's lifetime, and caps on open connections, in total and per
 //! peer address.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -35,6 +34,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::conn_limit::{Gate, Slot};
 use crate::creds::CredentialsRx;
 use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE};
 use crate::probe::{PATH_PREFIX, Prober};
@@ -140,34 +140,9 @@ pub struct Admin {
     /// The app probes the injector configured; `/app-health/...` runs only these.
     pub probes: Arc<Prober>,
     pub limits: Limits,
-    open: Mutex<Open>,
-}
-
-/// Open admin connections.
-#[derive(Default)]
-struct Open {
-    total: usize,
-    /// Only peers with open connections.
-    per_peer: HashMap<IpAddr, usize>,
-}
-
-/// One admitted connection; gives its slot back on drop.
-struct Slot {
-    admin: Arc<Admin>,
-    peer: IpAddr,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self.admin.open.lock().expect("admin open lock");
-        open.total -= 1;
-        if let Some(n) = open.per_peer.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                open.per_peer.remove(&self.peer);
-            }
-        }
-    }
+    /// Open connections against [`Limits::max_connections`] and
+    /// [`Limits::max_connections_per_peer`].
+    open: Arc<Gate>,
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -187,6 +162,7 @@ impl Admin {
         limits: Limits,
     ) -> Self {
         Self {
+            open: Gate::new(limits.max_connections, limits.max_connections_per_peer),
             metrics,
             config,
             status,
@@ -194,7 +170,6 @@ impl Admin {
             shutdown,
             probes,
             limits,
-            open: Mutex::default(),
         }
     }
 
@@ -281,22 +256,6 @@ impl Admin {
         }
     }
 
-    /// Admits a connection from `peer` within [`Limits`], or `None` (close it).
-    fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<Slot> {
-        let mut open = self.open.lock().expect("admin open lock");
-        let mine = open.per_peer.get(&peer).copied().unwrap_or(0);
-        if open.total >= self.limits.max_connections || mine >= self.limits.max_connections_per_peer
-        {
-            return None;
-        }
-        open.total += 1;
-        *open.per_peer.entry(peer).or_insert(0) += 1;
-        Some(Slot {
-            admin: self.clone(),
-            peer,
-        })
-    }
-
     /// Serves until the process exits. The admin port keeps answering during the drain (so
     /// `/ready` can report the shutdown) and closes when the process exits.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
@@ -309,12 +268,12 @@ impl Admin {
                     continue;
                 }
             };
-            let Some(slot) = self.admit(peer.ip()) else {
+            let Some(slot) = self.open.admit(peer.ip()) else {
                 tracing::debug!(%peer, "admin connection refused: too many open");
                 drop(stream);
                 continue;
             };
-            tokio::spawn(slot.admin.clone().serve_conn(stream, peer, slot));
+            tokio::spawn(self.clone().serve_conn(stream, peer, slot));
         }
     }
 

@@ -2,7 +2,9 @@
 //! connections are open (in all, and from one peer address) and how long one may live.
 //!
 //! Used by the operator's in-cluster TLS listeners (the injection webhook and the identity
-//! endpoint), which anything in the cluster can connect to before it has proved anything.
+//! endpoint), which anything in the cluster can connect to before it has proved anything, and
+//! by the sidecar's admin port and inbound listener (whose connections count only until they
+//! have authenticated, see [`crate::proxy::inbound::Limits`]).
 //! Without these bounds a client that completes TLS and then speaks HTTP/2 (hyper's server
 //! has no idle timeout for it) could hold connections open for ever, as many as the process
 //! has file descriptors, and lock out the API server and every sidecar asking for a

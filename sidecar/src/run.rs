@@ -111,6 +111,14 @@ pub struct RunArgs {
     /// wake-up per open connection per interval.
     #[arg(long, env = "TRELLIS_TCP_FLUSH_INTERVAL", value_parser = parse_flush_interval)]
     pub tcp_flush_interval: Option<Duration>,
+    /// Inbound connections that have not authenticated yet (protocol detection or the mTLS
+    /// handshake in progress) allowed from one peer address; more are closed at once (see
+    /// [`crate::proxy::inbound::Limits`]). Default 64.
+    #[arg(long, env = "TRELLIS_INBOUND_MAX_PENDING_PER_PEER", value_parser = parse_cap)]
+    pub inbound_max_pending_per_peer: Option<usize>,
+    /// Inbound connections that have not authenticated yet, all peers together. Default 1024.
+    #[arg(long, env = "TRELLIS_INBOUND_MAX_PENDING", value_parser = parse_cap)]
+    pub inbound_max_pending: Option<usize>,
     /// The app's kubelet probes, as the injector rewrote them, as JSON keyed by path (see
     /// [`crate::probe`]); `GET /app-health/...` on the admin port runs these and nothing else.
     #[arg(long, env = crate::probe::ENV_APP_PROBES, default_value = "", hide_default_value = true, value_parser = parse_probes)]
@@ -190,6 +198,39 @@ fn parse_flush_interval(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// A connection cap: a whole number from 1 (0 would refuse every connection).
+fn parse_cap(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err(format!("{s:?}: the cap must be at least 1")),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, as the Go runtime does at start:
+/// container runtimes may leave the soft limit at 1024 (containerd 2 does) while allowing far
+/// more, and every connection the proxy holds costs one descriptor (two when it is forwarded).
+/// An unlimited hard limit is taken as Linux's default ceiling (`fs.nr_open`, 1 048 576): the
+/// kernel refuses an unlimited soft limit for open files. Returns the soft limit in force
+/// afterwards (`None`: unlimited).
+pub fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    const NR_OPEN_DEFAULT: u64 = 1 << 20;
+    let lim = getrlimit(Resource::Nofile);
+    let target = lim.maximum.unwrap_or(NR_OPEN_DEFAULT);
+    if lim.current.is_some_and(|c| c < target) {
+        let raised = Rlimit {
+            current: Some(target),
+            maximum: lim.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => return Some(target),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+        }
+    }
+    lim.current
+}
+
 /// Where to listen and where the files are; the in-process subset of [`RunArgs`].
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -210,6 +251,8 @@ pub struct Options {
     /// See [`RunArgs::tcp_flush_interval`]; tests shorten it to see bytes of open connections
     /// without waiting 15 s.
     pub tcp_flush_interval: Duration,
+    /// Bounds of the inbound listener (caps from flags; tests shorten the timeouts).
+    pub inbound_limits: crate::proxy::inbound::Limits,
     /// See [`RunArgs::app_probes`].
     pub app_probes: ProbeSet,
     /// Where app probes go (see [`RunArgs::pod_ip`]); `None` is 127.0.0.1.
@@ -233,6 +276,16 @@ impl From<&RunArgs> for Options {
             admin_limits: crate::admin::Limits::default(),
             opaque_ports: a.opaque_ports.clone(),
             tcp_flush_interval: a.tcp_flush_interval.unwrap_or(FLUSH_INTERVAL),
+            inbound_limits: {
+                let d = crate::proxy::inbound::Limits::default();
+                crate::proxy::inbound::Limits {
+                    max_pending_per_peer: a
+                        .inbound_max_pending_per_peer
+                        .unwrap_or(d.max_pending_per_peer),
+                    max_pending: a.inbound_max_pending.unwrap_or(d.max_pending),
+                    ..d
+                }
+            },
             app_probes: a.app_probes.clone(),
             pod_ip: a.pod_ip,
             pod: crate::spans::Pod {
@@ -468,7 +521,12 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         // `Options` can be built in code, past the flag's check: tokio's interval panics on zero.
         tcp_flush_interval: opts.tcp_flush_interval.max(Duration::from_millis(1)),
         http: http_builder(),
-        http_inbound: inbound_http_builder(),
+        inbound_http: inbound_http_builder(opts.inbound_limits.header_read_timeout),
+        inbound_limits: opts.inbound_limits,
+        inbound_pending: crate::conn_limit::Gate::new(
+            opts.inbound_limits.max_pending,
+            opts.inbound_limits.max_pending_per_peer,
+        ),
         tracing,
         discovery,
     });
@@ -549,6 +607,10 @@ pub fn main(args: RunArgs) -> ExitCode {
             "TOKIO_WORKER_THREADS is ignored; use --concurrency or {}",
             crate::workers::ENV_CONCURRENCY
         );
+    }
+    match raise_fd_limit() {
+        Some(n) => tracing::info!(open_files = n, "open file limit"),
+        None => tracing::info!("open file limit: unlimited"),
     }
     let runtime = match crate::workers::build(sizing) {
         Ok(r) => r,
@@ -688,6 +750,46 @@ mod tests {
             let flag = format!("--concurrency={bad}");
             let e = parse(&[&flag]).expect_err(bad).to_string();
             assert!(e.contains("--concurrency"), "{e}");
+        }
+    }
+
+    #[test]
+    fn inbound_caps_come_from_flags_and_refuse_zero() {
+        let d = crate::proxy::inbound::Limits::default();
+        assert_eq!(Options::from(&parse(&[]).unwrap()).inbound_limits, d);
+        let a = parse(&[
+            "--inbound-max-pending-per-peer",
+            "8",
+            "--inbound-max-pending=100",
+        ])
+        .unwrap();
+        let l = Options::from(&a).inbound_limits;
+        assert_eq!((l.max_pending_per_peer, l.max_pending), (8, 100));
+        assert_eq!(l.idle_timeout, d.idle_timeout);
+        for bad in ["0", "-1", "many"] {
+            let flag = format!("--inbound-max-pending={bad}");
+            let e = parse(&[&flag]).expect_err(bad).to_string();
+            assert!(e.contains("--inbound-max-pending"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        // Start below the hard limit (by one: other tests of this process hold sockets).
+        let before = getrlimit(Resource::Nofile);
+        if let Some(hard) = before.maximum {
+            let lowered = Rlimit {
+                current: Some(hard - 1),
+                maximum: Some(hard),
+            };
+            setrlimit(Resource::Nofile, lowered).unwrap();
+        }
+        let soft = raise_fd_limit();
+        let now = getrlimit(Resource::Nofile);
+        assert_eq!(now.current, soft);
+        if now.maximum.is_some() {
+            assert_eq!(now.current, now.maximum);
         }
     }
 

@@ -306,6 +306,7 @@ async fn not_ready_without_credentials() {
             admin_limits: trellis_proxy::admin::Limits::default(),
             opaque_ports: Vec::new(),
             tcp_flush_interval: trellis_proxy::proxy::tcp::FLUSH_INTERVAL,
+            inbound_limits: Default::default(),
             app_probes: Default::default(),
             pod_ip: None,
             pod: Default::default(),

@@ -293,6 +293,57 @@ fn direct_connections_to_proxy_ports_are_dropped() {
     assert!(ok_from_app(&resp), "{resp:?}\n{}", s.logs());
 }
 
+/// An unmeshed host floods the server pod with TLS handshakes it never finishes (through the
+/// real `PREROUTING` redirect to 15006): past the per-address cap its connections are closed at
+/// once, the client pod's requests are still served meanwhile, and once the flood ends the host
+/// may connect again.
+#[test]
+fn a_handshake_flood_from_outside_is_capped_and_the_mesh_is_served() {
+    skip_unless_root!("a_handshake_flood_from_outside_is_capped_and_the_mesh_is_served");
+    const PER_PEER: usize = 8;
+    let s = Scene::new(
+        "flood",
+        &[&format!("--inbound-max-pending-per-peer={PER_PEER}")],
+    );
+    let app = format!("{SERVER_IP}:8080");
+    let flood = Flood::start(&s.net.outside, &app, PER_PEER, 3);
+    assert!(
+        flood.held,
+        "the flood's own connections were closed\n{}",
+        s.logs()
+    );
+    assert_eq!(
+        flood.extra_closed,
+        [true; 3],
+        "connections over the cap were not closed at once\n{}",
+        s.logs()
+    );
+    for i in 0..3 {
+        let resp = s.meshed(
+            &format!("{CLUSTER_IP}:80"),
+            "backend.shop",
+            &format!("/during/{i}"),
+        );
+        assert!(ok_from_app(&resp), "{resp:?}\n{}", s.logs());
+    }
+    let metrics = s.server.admin("GET", "/metrics").unwrap_or_default();
+    assert!(
+        metrics.contains("trellis_proxy_inbound_refused_total{reason=\"too_many_pending\"} 3"),
+        "{metrics}"
+    );
+    flood.end();
+    // The proxy sees the flood's connections close and gives their places back.
+    let mut admitted = false;
+    for _ in 0..20 {
+        if Flood::start(&s.net.outside, &app, 1, 0).held {
+            admitted = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(admitted, "the host stayed locked out after its flood ended");
+}
+
 /// Entry point of the helper processes; does nothing unless started by a test above.
 #[test]
 #[ignore = "helper process for the tests in this file"]

@@ -237,7 +237,8 @@ pub struct SidecarCounts {
     pub reloads_applied: f64,
     /// Config files refused (the last good config stayed in force).
     pub reloads_rejected: f64,
-    /// Inbound connections refused (plaintext under `Strict`, failed handshakes).
+    /// Inbound connections refused (plaintext under `Strict`, failed handshakes, over the cap on
+    /// unauthenticated connections).
     pub inbound_refused: f64,
     /// Requests the sidecar passed to its app, and how many the app answered with a 5xx:
     /// the server-side view, before the callers' retries.

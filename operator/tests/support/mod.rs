@@ -1,6 +1,9 @@
 //! Shared by the CRD tests: the generated schemas, an OpenAPI-v3-subset validator (what the API
-//! server checks before CEL) and CEL evaluation through kube's `cel` feature.
+//! server checks before CEL) and CEL evaluation through kube's `cel` feature; and by the
+//! listener tests: [`net`].
 #![allow(dead_code)]
+
+pub mod net;
 
 use serde_json::Value;
 

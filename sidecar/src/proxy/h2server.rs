@@ -68,6 +68,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::h2client::{CONNECTION_WINDOW, Pipe, RecvBody, STREAM_WINDOW, content_length};
+use super::idle::{Idle, Idleness};
 use crate::traffic::Body;
 
 /// Streams a client may have open at once: hyper's server default, which the client sidecar's
@@ -243,26 +244,14 @@ where
 /// Turns of [`serve`]'s loop in one poll of its task before it yields to the other tasks.
 const MAX_TURNS: usize = 32;
 
-/// What [`IdleCheck::poll`] decided.
-#[derive(Debug, PartialEq, Eq)]
-enum Idle {
-    Open,
-    /// Idle for at least one period: shut down gracefully.
-    GoAway,
-    /// Still idle one period after going away: drop the connection.
-    Close,
-}
-
 /// The idle bound ([`IDLE_TIMEOUT`]) checked once a period rather than with a timer reset per
 /// stream, so a request costs only setting [`IdleCheck::busy`].
 struct IdleCheck {
     tick: tokio::time::Interval,
     /// A stream was accepted since the last tick.
     busy: bool,
-    /// No stream was open at the last tick and none has been accepted since.
-    idle_at_last_tick: bool,
-    /// [`Idle::GoAway`] was given.
-    gone_away: bool,
+    /// The verdicts so far.
+    idleness: Idleness,
 }
 
 impl IdleCheck {
@@ -272,8 +261,7 @@ impl IdleCheck {
         IdleCheck {
             tick,
             busy: false,
-            idle_at_last_tick: false,
-            gone_away: false,
+            idleness: Idleness::default(),
         }
     }
 
@@ -284,14 +272,11 @@ impl IdleCheck {
         while self.tick.poll_tick(cx).is_ready() {
             let idle = no_streams && !self.busy;
             self.busy = false;
-            if idle && self.gone_away {
-                return Idle::Close;
+            match self.idleness.tick(idle) {
+                Idle::Open => {}
+                Idle::GoAway => verdict = Idle::GoAway,
+                Idle::Close => return Idle::Close,
             }
-            if idle && self.idle_at_last_tick {
-                self.gone_away = true;
-                verdict = Idle::GoAway;
-            }
-            self.idle_at_last_tick = idle;
         }
         verdict
     }

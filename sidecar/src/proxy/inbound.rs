@@ -36,8 +36,9 @@ use super::io::{Prefixed, original_dst};
 use super::mtls::Alpn;
 use super::peer_trust::{self, PeerTrust};
 use super::upstream::Io;
-use super::{Completed, Shared, h2server, record, serve_http_until, spawn_tunnel, tcp};
+use super::{Completed, Shared, h2server, idle, record, serve_http_inbound, spawn_tunnel, tcp};
 use crate::config::{MtlsMode, Protocol};
+use crate::conn_limit::Slot;
 use crate::metrics::{Direction, ReasonLabels, SeriesCache, TcpLabels};
 use crate::traffic::{
     BoxError, Outcome, Target, Upstream, UpstreamError, error_response_with, rate_limited_response,
@@ -45,6 +46,55 @@ use crate::traffic::{
 
 /// A peer that opens TCP but never finishes the handshake is dropped after this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bounds on what clients can hold of the inbound listener, which anyone who reaches the pod IP
+/// can connect to.
+///
+/// Connections that have not authenticated yet (protocol detection or the mTLS handshake in
+/// progress) are capped per peer address and in all, and closed at once beyond that (counted
+/// as `trellis_proxy_inbound_refused_total{reason="too_many_pending"}`): each may sit for up
+/// to [`HANDSHAKE_TIMEOUT`], and without a cap one host could hold every file descriptor of
+/// the proxy that way and lock out the mesh. Authenticated mesh connections are not capped:
+/// many legitimate clients share one address (every pod of a node behind its IP, with SNAT),
+/// their number is bounded by the mesh's peers (each client sidecar pools its connections),
+/// and a cap would only give whoever fills it a way to lock out the rest. Plaintext
+/// connections (`Permissive` or `Disable` ports) leave the cap once detected, like mTLS ones
+/// after the handshake; they are bounded in time instead, by [`Limits::idle_timeout`] and
+/// [`Limits::header_read_timeout`]. The process's file descriptor limit is raised to its hard
+/// limit at start ([`crate::run::raise_fd_limit`]) so the caps fit well inside it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections not yet authenticated from one peer address (`--inbound-max-pending-per-peer`).
+    pub max_pending_per_peer: usize,
+    /// Connections not yet authenticated, all peers together (`--inbound-max-pending`).
+    pub max_pending: usize,
+    /// An inbound connection served by hyper (plaintext HTTP/1.1 and h2c, mTLS HTTP/1.1) is
+    /// told to go away after one to two of these without a request in flight, and dropped one
+    /// more later if still there (see [`super::idle`]); the same bound as the mTLS hop's
+    /// ([`h2server::IDLE_TIMEOUT`]). Not a flag: tests shorten it.
+    pub idle_timeout: Duration,
+    /// An HTTP/1.1 request head must arrive within this, and an idle keep-alive connection is
+    /// closed after it (see [`super::inbound_http_builder`]). Not a flag: tests shorten it.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            // A client sidecar opens a handful of connections to one pod at once, and a node's
+            // pods behind one address together a few dozen at most, each for the length of a
+            // handshake (milliseconds).
+            max_pending_per_peer: 64,
+            // Well inside the file descriptor limit of a pod (at least 1024 even before it is
+            // raised to the hard limit); a legitimate burst of new connections from a whole
+            // mesh after a rollout stays far below it.
+            max_pending: 1024,
+            idle_timeout: h2server::IDLE_TIMEOUT,
+            // hyper's default, stated: clients send a request head at once.
+            header_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
 
 struct ConnInfo {
     target: SocketAddr,
@@ -135,6 +185,11 @@ fn plaintext_still_allowed(shared: &Shared, port: u16) -> bool {
 }
 
 pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, client: SocketAddr) {
+    // Released once the client has authenticated (mTLS) or been detected as plaintext.
+    let Some(pending) = shared.inbound_pending.admit(client.ip()) else {
+        refuse(&shared, "too_many_pending");
+        return;
+    };
     let (orig_dst, local) = match (original_dst(&stream), stream.local_addr()) {
         (Ok(o), Ok(l)) => (o, l),
         _ => return,
@@ -166,14 +221,20 @@ pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, client: SocketAdd
     let io = Prefixed::new(prefix, stream);
     match (mode, detected) {
         (MtlsMode::Strict | MtlsMode::Permissive, Detected::Tls) => {
-            accept_mtls(&shared, io, client, target, dst_service).await
+            accept_mtls(&shared, io, client, target, dst_service, pending).await
         }
         (MtlsMode::Strict, _) => {
             tracing::debug!(%client, port, "plaintext refused: port is Strict");
             refuse(&shared, "plaintext");
         }
-        (_, d) if d.is_http() => plain_http(&shared, io, client, target, dst_service, None).await,
-        (_, _) => plain_tcp(&shared, io, target, dst_service, None, false).await,
+        (_, d) if d.is_http() => {
+            drop(pending);
+            plain_http(&shared, io, client, target, dst_service, None).await
+        }
+        (_, _) => {
+            drop(pending);
+            plain_tcp(&shared, io, target, dst_service, None, false).await
+        }
     }
 }
 
@@ -183,6 +244,7 @@ async fn accept_mtls(
     client: SocketAddr,
     target: SocketAddr,
     dst_service: Arc<str>,
+    pending: Slot,
 ) {
     let cfg = match shared.tls.server() {
         Ok(c) => c,
@@ -193,6 +255,7 @@ async fn accept_mtls(
         }
     };
     let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(cfg).accept(io)).await;
+    drop(pending);
     let tls = match accepted {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -344,16 +407,22 @@ async fn plain_http<I: Io>(
         trust,
     });
     let sh = shared.clone();
-    serve_http_until(
+    let activity = idle::Activity::default();
+    let requests = activity.clone();
+    serve_http_inbound(
         shared,
         io,
         move |req: Request<Incoming>| {
             let (sh, info) = (sh.clone(), info.clone());
+            let in_flight = requests.begin();
             async move {
                 let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
-                Ok::<_, Infallible>(handle(&sh, &info, req).await)
+                let resp = handle(&sh, &info, req).await;
+                // In flight until the body has been sent: a long download is not idleness.
+                Ok::<_, Infallible>(resp.map(|b| idle::Tracked::new(b, in_flight).boxed()))
             }
         },
+        activity,
         revoked,
     )
     .await;

@@ -4,7 +4,8 @@
 //! [`crate::traffic::Upstream`]), [`mtls`] (TLS configs per credentials snapshot),
 //! [`peer_trust`] (closing long-lived connections whose mTLS peer is no longer trusted) and
 //! [`coalesce`] (a small response's head and body written together), [`abort`] (an HTTP/1.0
-//! response that fails mid-way is reset, not closed). [`h2client`] and
+//! response that fails mid-way is reset, not closed), [`idle`] (inbound connections without a
+//! request in flight end). [`h2client`] and
 //! [`h2server`] speak HTTP/2 between the sidecars; hyper serves everything else.
 
 pub mod abort;
@@ -13,6 +14,7 @@ pub mod detect;
 pub mod h2client;
 pub mod h2server;
 pub mod http;
+pub mod idle;
 pub mod inbound;
 pub mod io;
 pub mod mtls;
@@ -67,10 +69,16 @@ pub struct Shared {
     /// How often open TCP connections publish their byte counts ([`tcp::FLUSH_INTERVAL`] in
     /// production; tests shorten it instead of waiting). Never zero.
     pub tcp_flush_interval: Duration,
-    /// Serves the application's own connections (outbound).
+    /// The HTTP server of the app's own connections (outbound).
     pub http: auto::Builder<TokioExecutor>,
-    /// Serves inbound HTTP: the HTTP/1.1 hop from client sidecars and plaintext clients.
-    pub http_inbound: auto::Builder<TokioExecutor>,
+    /// The HTTP server of inbound connections served by hyper (plaintext, and mTLS HTTP/1.1):
+    /// [`http_builder`] with the inbound header read timeout ([`inbound::Limits`]).
+    pub inbound_http: auto::Builder<TokioExecutor>,
+    /// Bounds of the inbound listener.
+    pub inbound_limits: inbound::Limits,
+    /// Inbound connections not yet authenticated, per peer address and in all (see
+    /// [`inbound::Limits`]).
+    pub inbound_pending: Arc<crate::conn_limit::Gate>,
     /// The span exporter in force, if the config turns tracing on.
     pub tracing: Arc<crate::spans::Tracing>,
     /// Resolves destinations the config does not know from the operator (when configured).
@@ -127,11 +135,16 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
 /// client sidecar accepted was refused `431` one hop later.
 pub const HOP_MAX_HEADERS: usize = 128;
 
-/// [`http_builder`] for the inbound side, which takes what a client sidecar forwards
-/// ([`HOP_MAX_HEADERS`]).
-pub fn inbound_http_builder() -> auto::Builder<TokioExecutor> {
+/// [`http_builder`] for inbound connections, taking what a client sidecar forwards
+/// ([`HOP_MAX_HEADERS`]), with the HTTP/1.1 header read timeout stated
+/// rather than left to hyper's default (30 s in the hyper we use): it is what ends a request
+/// head trickled byte by byte and, since hyper starts it whenever the connection waits for a
+/// head, an idle keep-alive connection. Never zero (hyper would time out every head).
+pub fn inbound_http_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut b = http_builder();
-    b.http1().max_headers(HOP_MAX_HEADERS);
+    b.http1()
+        .header_read_timeout(header_read_timeout.max(Duration::from_millis(1)))
+        .max_headers(HOP_MAX_HEADERS);
     b
 }
 
@@ -180,53 +193,40 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, direction: 
 
 /// Serves one outbound HTTP connection until it closes. Once the inbound side is drained (see
 /// crate::shutdown), finishes in-flight requests (HTTP/1.1 closes after the current response,
-/// HTTP/2 sends GOAWAY).
+/// HTTP/2 sends GOAWAY). No idle bound beyond hyper's HTTP/1.1 header read timeout: only the
+/// pod's own application reaches the outbound listener, and its connection pools decide when
+/// their connections are idle.
 pub async fn serve_http<I, F, Fut>(shared: &Shared, io: I, handler: F)
 where
     I: Io,
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
+    let svc = hyper::service::service_fn(handler);
+    let conn = shared
+        .http
+        .serve_connection_with_upgrades(TokioIo::new(io), svc);
     serve_http_on(
-        &shared.http,
-        io,
-        handler,
+        conn,
+        |c| c.graceful_shutdown(),
         shared.shutdown.outbound_token(),
         std::future::pending(),
+        None,
     )
     .await
 }
 
-/// [`serve_http`] that also shuts the connection down gracefully (requests in flight finish,
-/// no new ones are read) when `until` resolves: an inbound mTLS connection whose client
-/// certificate expired or whose root left the bundle (see [`peer_trust`]).
-pub async fn serve_http_until<I, F, Fut>(
+/// Serves one inbound HTTP connection (a plaintext client, or an mTLS one that asked for
+/// HTTP/1.1) with the inbound server ([`Shared::inbound_http`]). Shuts it down gracefully
+/// (requests in flight finish, no new ones are read) at the shutdown signal, when `until`
+/// resolves (an mTLS client whose certificate expired or whose root left the bundle, see
+/// [`peer_trust`]), or when it has been idle ([`idle`]) for [`inbound::Limits::idle_timeout`];
+/// `handler` marks its requests in flight on `activity`.
+pub async fn serve_http_inbound<I, F, Fut>(
     shared: &Shared,
     io: I,
     handler: F,
-    until: impl std::future::Future<Output = ()>,
-) where
-    I: Io,
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
-{
-    serve_http_on(
-        &shared.http_inbound,
-        io,
-        handler,
-        shared.shutdown.token(),
-        until,
-    )
-    .await
-}
-
-/// Serves one HTTP connection, shutting it down gracefully when `closing` is cancelled (the
-/// shutdown token inbound, the later outbound token outbound) or `until` resolves.
-async fn serve_http_on<I, F, Fut>(
-    http: &auto::Builder<TokioExecutor>,
-    io: I,
-    handler: F,
-    closing: tokio_util::sync::CancellationToken,
+    activity: idle::Activity,
     until: impl std::future::Future<Output = ()>,
 ) where
     I: Io,
@@ -234,22 +234,89 @@ async fn serve_http_on<I, F, Fut>(
     Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     let svc = hyper::service::service_fn(handler);
-    let conn = http.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let conn = shared
+        .inbound_http
+        .serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let watch = idle::Watch::new(activity, shared.inbound_limits.idle_timeout);
+    serve_http_on(
+        conn,
+        |c| c.graceful_shutdown(),
+        shared.shutdown.token(),
+        until,
+        Some(watch),
+    )
+    .await
+}
+
+/// Why a connection is being shut down.
+enum Closing {
+    Shutdown,
+    Untrusted,
+    Idle,
+}
+
+/// Runs one hyper connection, shutting it down gracefully (`graceful`) when `closing` is cancelled (the
+/// shutdown token inbound, the later outbound token outbound), `until` resolves, or `idle`
+/// says it went idle; with `idle`, one that is still idle a period after that (a client that
+/// ignores the `GOAWAY`) is dropped.
+async fn serve_http_on<C, E>(
+    conn: C,
+    graceful: impl FnOnce(std::pin::Pin<&mut C>),
+    closing: tokio_util::sync::CancellationToken,
+    until: impl std::future::Future<Output = ()>,
+    mut idle: Option<idle::Watch>,
+) where
+    C: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     tokio::pin!(conn);
+    let why = tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+            return;
+        }
+        _ = closing.cancelled() => Closing::Shutdown,
+        _ = until => Closing::Untrusted,
+        _ = went_idle(&mut idle) => Closing::Idle,
+    };
+    match why {
+        Closing::Shutdown => {}
+        Closing::Untrusted => tracing::debug!(
+            "http connection closed: the peer's certificate expired or is no longer trusted"
+        ),
+        Closing::Idle => tracing::debug!("http connection idle: going away"),
+    }
+    graceful(conn.as_mut());
     let res = tokio::select! {
         r = conn.as_mut() => r,
-        _ = closing.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-        _ = until => {
-            tracing::debug!("http connection closed: the peer's certificate expired or is no longer trusted");
-            conn.as_mut().graceful_shutdown();
-            conn.await
+        _ = still_idle(&mut idle) => {
+            tracing::debug!("http connection still idle after going away: dropped");
+            Ok(())
         }
     };
     if let Err(e) = res {
         tracing::debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+/// Resolves when `idle` says the connection went idle; never without a watch.
+async fn went_idle(idle: &mut Option<idle::Watch>) {
+    match idle {
+        Some(w) => {
+            w.next().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when `idle` says a connection that was told to go away is still idle; never
+/// without a watch.
+async fn still_idle(idle: &mut Option<idle::Watch>) {
+    match idle {
+        Some(w) => while w.next().await != idle::Idle::Close {},
+        None => std::future::pending().await,
     }
 }
 

@@ -244,6 +244,7 @@ impl TestProxy {
             admin_limits: trellis_proxy::admin::Limits::default(),
             opaque_ports: Vec::new(),
             tcp_flush_interval: trellis_proxy::proxy::tcp::FLUSH_INTERVAL,
+            inbound_limits: Default::default(),
             app_probes: Default::default(),
             pod_ip: None,
             pod: Default::default(),
@@ -368,6 +369,7 @@ pub enum Speaks {
 /// A real upstream on 127.0.0.1:0.
 /// - `/echo`: JSON of what it received (method, path, version, headers, body length);
 /// - `/slow`: answers after 300 ms;
+/// - `/drip?n=N&ms=M`: a streamed response of `N` chunks `chunk i\n`, one every `M` ms;
 /// - `/grpc`: echoes each request body frame as a response frame, then trailers
 ///   `grpc-status: 0`, `grpc-message: ok` (gRPC framing is opaque to the proxy);
 /// - `Upgrade` requests: `101`, then echoes bytes on the upgraded connection.
@@ -445,6 +447,29 @@ async fn upstream_handle(mut req: Request<Incoming>) -> Result<Response<UBody>, 
                 .unwrap();
             Ok(r)
         }
+        "/drip" => {
+            let q = req.uri().query().unwrap_or("");
+            let param = |k: &str| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(1)
+            };
+            let (n, ms) = (param("n"), param("ms"));
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+            tokio::spawn(async move {
+                for i in 0..n {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    let chunk = Bytes::from(format!("chunk {i}\n"));
+                    if tx.send(Ok(Frame::data(chunk))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(Response::new(
+                StreamBody::new(tokio_stream_from(rx)).boxed(),
+            ))
+        }
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(300)).await;
             Ok(Response::new(
@@ -476,4 +501,20 @@ pub fn tokio_stream_from<T: Send + 'static>(
     mut rx: tokio::sync::mpsc::Receiver<T>,
 ) -> impl futures::Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Whether the peer closes `tcp` (EOF or a reset) within `within`; whatever it sends first is
+/// read and discarded.
+pub async fn closed_within<R: tokio::io::AsyncRead + Unpin>(tcp: &mut R, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(within, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
 }

@@ -290,6 +290,54 @@ pub fn tcp_connect(ns: &str, addr: &str) -> Connect {
     }
 }
 
+/// Connections from inside `ns` to `addr` that start a TLS handshake and never finish it (see
+/// [`helper_flood`]), held until [`Flood::end`].
+pub struct Flood {
+    proc: Proc,
+    /// For each connection opened past the flood: whether it was closed at once.
+    pub extra_closed: Vec<bool>,
+    /// Whether the flood's own connections were all still open once the extras were tried.
+    pub held: bool,
+}
+
+impl Flood {
+    /// Opens `held` stalled connections, then `extra` more, and reports what became of them.
+    pub fn start(ns: &str, addr: &str, held: usize, extra: usize) -> Flood {
+        let mut child = helper(ns, None, "flood")
+            .env("TRELLIS_NETNS_ADDR", addr)
+            .env("TRELLIS_NETNS_HELD", held.to_string())
+            .env("TRELLIS_NETNS_EXTRA", extra.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let proc = Proc(Some(child));
+        let mut extra_closed = Vec::new();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) => {
+                    if let Some(r) = l.strip_prefix("EXTRA ") {
+                        extra_closed.push(r == "closed");
+                    } else if let Some(r) = l.strip_prefix("FLOODING ") {
+                        return Flood {
+                            proc,
+                            extra_closed,
+                            held: r == "held",
+                        };
+                    }
+                }
+                other => panic!("flood from {ns} died before it was in place: {other:?}"),
+            }
+        }
+    }
+
+    /// Closes every connection of the flood.
+    pub fn end(mut self) {
+        self.proc.terminate();
+    }
+}
+
 /// The files a proxy reads, readable by UID 2137.
 pub fn proxy_dir(pki: &Pki, spiffe_id: &str, cfg: &ProxyConfig) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -402,6 +450,7 @@ pub fn helper_main() {
         Ok("app") => helper_app(),
         Ok("http") => helper_http(),
         Ok("connect") => helper_connect(),
+        Ok("flood") => helper_flood(),
         _ => {}
     }
 }
@@ -515,4 +564,61 @@ fn helper_connect() {
         Err(e) => format!("error {e}"),
     };
     println!("\nCONNECT {result}");
+}
+
+/// Whether the peer closes `s` within `within`.
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// `TRELLIS_NETNS_HELD` connections to `TRELLIS_NETNS_ADDR` that send the first bytes of a TLS
+/// ClientHello (announcing 512 more that never come), then `TRELLIS_NETNS_EXTRA` more, each
+/// reported as `EXTRA closed` (closed within a second) or `EXTRA open`; then `FLOODING held`
+/// (the first ones all still open) or `FLOODING dropped`, and holds them until stdin closes.
+fn helper_flood() {
+    const CLIENT_HELLO_START: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01];
+    let addr: SocketAddr = std::env::var("TRELLIS_NETNS_ADDR")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let count = |k: &str| -> usize { std::env::var(k).unwrap().parse().unwrap() };
+    let stalled = || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).unwrap();
+        let _ = s.write_all(CLIENT_HELLO_START);
+        s
+    };
+    let mut held: Vec<TcpStream> = (0..count("TRELLIS_NETNS_HELD"))
+        .map(|_| stalled())
+        .collect();
+    println!();
+    for _ in 0..count("TRELLIS_NETNS_EXTRA") {
+        let closed = closed_within(&mut stalled(), Duration::from_secs(1));
+        println!("EXTRA {}", if closed { "closed" } else { "open" });
+    }
+    let all_held = held
+        .iter_mut()
+        .all(|s| !closed_within(s, Duration::from_millis(100)));
+    println!("FLOODING {}", if all_held { "held" } else { "dropped" });
+    std::io::stdout().flush().unwrap();
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(60));
+        std::process::exit(0);
+    });
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
 }
