@@ -1026,3 +1026,48 @@ async fn an_http1_hop_connection_whose_root_left_the_bundle_is_retired() {
     })
     .await;
 }
+
+/// An idle HTTP/1.1 connection to a mesh peer is let go before the far sidecar's 30 s header
+/// read timeout would close it under a request (`h1_hop_idle_timeout`, shortened here): the
+/// next request opens a new one, and the reaper closes the old one.
+#[tokio::test]
+async fn an_idle_http1_hop_connection_is_let_go_before_the_far_side_closes_it() {
+    use trellis_proxy::proxy::upstream::PoolSettings;
+    let ca = Ca::new("mesh");
+    let (_ctx, crx) = watch::channel(Some(Arc::new(ca.creds(
+        CLIENT,
+        Duration::from_secs(3600),
+        &[&ca],
+    ))));
+    let (_stx, srx) = watch::channel(Some(Arc::new(ca.creds(
+        SERVER,
+        Duration::from_secs(3600),
+        &[&ca],
+    ))));
+    let pool = Pool::with_settings(
+        Arc::new(TlsCache::new(crx)),
+        PoolSettings {
+            h1_hop_idle_timeout: Duration::from_millis(300),
+            sweep_interval: Duration::from_millis(50),
+            ..PoolSettings::default()
+        },
+    );
+    let (addr, seen) = mesh_server(Duration::ZERO, srx).await;
+    let t = || mesh_target(addr, Protocol::Http1);
+    exchange(&pool, t(), http::Version::HTTP_11, "/")
+        .await
+        .unwrap();
+    exchange(&pool, t(), http::Version::HTTP_11, "/")
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.h1.accepted.load(Ordering::SeqCst),
+        1,
+        "reused while fresh"
+    );
+    eventually("the idle connection is closed", || seen.h1.open() == 0).await;
+    exchange(&pool, t(), http::Version::HTTP_11, "/")
+        .await
+        .unwrap();
+    assert_eq!(seen.h1.accepted.load(Ordering::SeqCst), 2);
+}

@@ -99,6 +99,11 @@ pub struct PoolSettings {
     /// that many carry requests, further HTTP/1.1 requests to it ride multiplexed HTTP/2
     /// instead (see the module docs).
     pub max_h1_hop_conns: usize,
+    /// How long an idle HTTP/1.1 connection to a mesh peer is kept (at most; the policy's
+    /// `timeouts.idleMs` may shorten it). Below the far sidecar's HTTP/1.1 header read timeout
+    /// (30 s, `inbound::Limits`), which closes a keep-alive connection that long without a
+    /// request: a connection kept past it would be picked just as the far side closes it.
+    pub h1_hop_idle_timeout: Duration,
 }
 
 impl Default for PoolSettings {
@@ -109,6 +114,7 @@ impl Default for PoolSettings {
             max_h2_conns: 8,
             max_h2_queued: 1024,
             max_h1_hop_conns: 8,
+            h1_hop_idle_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -688,7 +694,11 @@ impl Pool {
         } else {
             None
         };
-        let t = idle_timeout.unwrap_or(self.inner.settings.idle_timeout);
+        let settings = &self.inner.settings;
+        let mut t = idle_timeout.unwrap_or(settings.idle_timeout);
+        if meshed {
+            t = t.min(settings.h1_hop_idle_timeout);
+        }
         let now = Instant::now();
         let mut c = self.inner.conns.lock().expect("pool lock");
         let slot = match c.h1.get_mut(key) {
@@ -714,7 +724,7 @@ impl Pool {
                 break Some(e.conn);
             }
         };
-        if idle.is_none() && meshed && slot.busy >= self.inner.settings.max_h1_hop_conns {
+        if idle.is_none() && meshed && slot.busy >= settings.max_h1_hop_conns {
             return H1Pick::Spill;
         }
         slot.busy += 1;
@@ -869,13 +879,16 @@ async fn reap(pool: Weak<Inner>, mut creds: crate::creds::CredentialsRx, setting
         });
         let now = SystemTime::now();
         c.h1.retain(|key, slot| {
-            let creds = if key.identities.is_empty() {
-                None
+            let (creds, idle_timeout) = if key.identities.is_empty() {
+                (None, settings.idle_timeout)
             } else {
-                current.as_ref()
+                (
+                    current.as_ref(),
+                    settings.idle_timeout.min(settings.h1_hop_idle_timeout),
+                )
             };
             slot.idle.retain_mut(|e| {
-                e.since.elapsed() < settings.idle_timeout
+                e.since.elapsed() < idle_timeout
                     && !e.conn.sr.is_closed()
                     && e.conn
                         .cert
