@@ -854,9 +854,9 @@ async fn meshed_requests_ride_the_protocol_the_application_spoke() {
     assert_eq!(seen.h1.accepted.load(Ordering::SeqCst), 1);
 }
 
-/// HTTP/1.1 holds a connection per request in flight; past `max_h1_hop_conns` busy ones to a
-/// peer, further requests ride one multiplexed HTTP/2 connection instead of opening more, and
-/// all are answered. Afterwards the HTTP/1.1 connections serve again.
+/// HTTP/1.1 holds a connection per request in flight; from `max_h1_hop_inflight` requests in
+/// flight to a peer on, further requests ride one multiplexed HTTP/2 connection instead of
+/// opening more, and all are answered. Afterwards HTTP/1.1 serves again.
 #[tokio::test]
 async fn past_the_http1_connection_limit_requests_ride_http2() {
     use trellis_proxy::proxy::upstream::PoolSettings;
@@ -874,7 +874,7 @@ async fn past_the_http1_connection_limit_requests_ride_http2() {
     let pool = Pool::with_settings(
         Arc::new(TlsCache::new(crx)),
         PoolSettings {
-            max_h1_hop_conns: 2,
+            max_h1_hop_inflight: 2,
             ..PoolSettings::default()
         },
     );
@@ -1070,4 +1070,66 @@ async fn an_idle_http1_hop_connection_is_let_go_before_the_far_side_closes_it() 
         .await
         .unwrap();
     assert_eq!(seen.h1.accepted.load(Ordering::SeqCst), 2);
+}
+
+/// A busy peer is a multiplexed one: while requests to it are in flight on HTTP/2 (here, the
+/// application's own HTTP/2 requests), an HTTP/1.1 request rides HTTP/2 too, though an idle
+/// HTTP/1.1 connection is there, so a saturated peer gets HTTP/2's batching.
+#[tokio::test]
+async fn while_a_peer_is_busy_http1_requests_ride_http2() {
+    use trellis_proxy::proxy::upstream::PoolSettings;
+    let ca = Ca::new("mesh");
+    let (_ctx, crx) = watch::channel(Some(Arc::new(ca.creds(
+        CLIENT,
+        Duration::from_secs(3600),
+        &[&ca],
+    ))));
+    let (_stx, srx) = watch::channel(Some(Arc::new(ca.creds(
+        SERVER,
+        Duration::from_secs(3600),
+        &[&ca],
+    ))));
+    let pool = Pool::with_settings(
+        Arc::new(TlsCache::new(crx)),
+        PoolSettings {
+            max_h1_hop_inflight: 2,
+            ..PoolSettings::default()
+        },
+    );
+    let (addr, seen) = mesh_server(Duration::from_millis(500), srx).await;
+    let t = move || mesh_target(addr, Protocol::Auto);
+    let (_, version, _) = exchange(&pool, t(), http::Version::HTTP_11, "/")
+        .await
+        .unwrap();
+    assert_eq!(version, "HTTP/1.1");
+    assert_eq!(pool.stats().idle_h1_conns, 1);
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { exchange(&pool, t(), http::Version::HTTP_2, "/slow").await })
+        })
+        .collect();
+    eventually("two HTTP/2 requests in flight", || {
+        seen.h2.accepted.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_, version, _) = exchange(&pool, t(), http::Version::HTTP_11, "/")
+        .await
+        .unwrap();
+    assert_eq!(
+        version, "HTTP/2.0",
+        "rode the busy peer's HTTP/2 connection"
+    );
+    for b in busy {
+        b.await.unwrap().unwrap();
+    }
+    let (_, version, _) = exchange(&pool, t(), http::Version::HTTP_11, "/")
+        .await
+        .unwrap();
+    assert_eq!(
+        version, "HTTP/1.1",
+        "quiet again: the idle HTTP/1.1 connection"
+    );
+    assert_eq!(seen.h1.accepted.load(Ordering::SeqCst), 1);
 }

@@ -2,9 +2,10 @@
 //!
 //! - Meshed targets (identities known) get mTLS, and the hop speaks what the application spoke:
 //!   - HTTP/1.x rides pooled keep-alive HTTP/1.1 (ALPN `http/1.1`), one connection per request
-//!     in flight, while at most [`PoolSettings::max_h1_hop_conns`] (8) of them to that peer are
-//!     busy; beyond that, further requests ride HTTP/2 (marked with `trellis-orig-proto` so the
-//!     far proxy speaks HTTP/1.1 to its application again) until HTTP/1.1 connections free up;
+//!     in flight, while fewer than [`PoolSettings::max_h1_hop_inflight`] (4) requests to that
+//!     peer are in flight; from there on, further requests ride HTTP/2 (marked with
+//!     `trellis-orig-proto` so the far proxy speaks HTTP/1.1 to its application again) until
+//!     the peer is quieter;
 //!   - HTTP/2 rides multiplexed HTTP/2 (ALPN `h2`) per (address, identity set), as does
 //!     HTTP/1.1 to a port declared `http2` or `grpc` (the far proxy converts).
 //!
@@ -95,10 +96,10 @@ pub struct PoolSettings {
     /// Requests per key that may wait for an HTTP/2 stream once `max_h2_conns` connections are
     /// all at their limit; beyond it requests fail at once ([`UpstreamError::Overflow`]).
     pub max_h2_queued: usize,
-    /// HTTP/1.1 connections to one mesh peer (address and identities) in use at once; while
-    /// that many carry requests, further HTTP/1.1 requests to it ride multiplexed HTTP/2
-    /// instead (see the module docs).
-    pub max_h1_hop_conns: usize,
+    /// Requests to one mesh peer (address and identities) in flight, over either protocol,
+    /// below which an HTTP/1.1 request rides HTTP/1.1; at and above it, multiplexed HTTP/2
+    /// (see the module docs). Also bounds the HTTP/1.1 connections busy at once.
+    pub max_h1_hop_inflight: usize,
     /// How long an idle HTTP/1.1 connection to a mesh peer is kept (at most; the policy's
     /// `timeouts.idleMs` may shorten it). Below the far sidecar's HTTP/1.1 header read timeout
     /// (30 s, `inbound::Limits`), which closes a keep-alive connection that long without a
@@ -113,7 +114,7 @@ impl Default for PoolSettings {
             sweep_interval: Duration::from_secs(5),
             max_h2_conns: 8,
             max_h2_queued: 1024,
-            max_h1_hop_conns: 8,
+            max_h1_hop_inflight: 4,
             h1_hop_idle_timeout: Duration::from_secs(20),
         }
     }
@@ -678,8 +679,9 @@ impl Pool {
         })
     }
 
-    /// An idle connection for `key`, else leave to open one, else (meshed, with
-    /// `max_h1_hop_conns` connections busy) [`H1Pick::Spill`].
+    /// [`H1Pick::Spill`] when meshed and `max_h1_hop_inflight` requests to the peer are in
+    /// flight already (over either protocol); else an idle connection for `key`, else leave to
+    /// open one.
     ///
     /// The idle one is the most recently used that is ready for a request, was idle for less
     /// than `idle_timeout` (the policy's `timeouts.idleMs`, else the pool's) and, when meshed,
@@ -701,10 +703,20 @@ impl Pool {
         }
         let now = Instant::now();
         let mut c = self.inner.conns.lock().expect("pool lock");
+        let h2_inflight = if meshed {
+            c.h2.get(key).map_or(0, |s| {
+                s.conns.iter().map(|c| c.streams.inflight()).sum::<usize>()
+            })
+        } else {
+            0
+        };
         let slot = match c.h1.get_mut(key) {
             Some(s) => s,
             None => c.h1.entry(key.clone()).or_default(),
         };
+        if meshed && slot.busy + h2_inflight >= settings.max_h1_hop_inflight {
+            return H1Pick::Spill;
+        }
         let mut wall = None;
         let idle = loop {
             let Some(mut e) = take_idle(
@@ -724,9 +736,6 @@ impl Pool {
                 break Some(e.conn);
             }
         };
-        if idle.is_none() && meshed && slot.busy >= settings.max_h1_hop_conns {
-            return H1Pick::Spill;
-        }
         slot.busy += 1;
         let lease = H1Lease {
             pool: self.inner.clone(),
