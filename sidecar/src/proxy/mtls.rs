@@ -3,7 +3,7 @@
 //!
 //! ALPN between proxies says what the TLS stream carries: `http/1.1` (HTTP/1.x from the
 //! application, pooled, and `Upgrade` requests on connections of their own), `h2` (HTTP/2, and
-//! HTTP/1.1 requests beyond the pool's HTTP/1.1 connections per peer, marked with
+//! HTTP/1.1 requests to a busy peer, marked with
 //! `trellis-orig-proto`; see [`super::upstream`]), or `trellis.tcp` (opaque TCP, proxied at L4
 //! without detection so server-first protocols never wait).
 

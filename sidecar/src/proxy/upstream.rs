@@ -9,18 +9,22 @@
 //!   - HTTP/2 rides multiplexed HTTP/2 (ALPN `h2`) per (address, identity set), as does
 //!     HTTP/1.1 to a port declared `http2` or `grpc` (the far proxy converts).
 //!
-//!   Why, measured (2026-11-30, `hack/bench-ab.py` and `hack/bench-proxy.sh`): the requests an
-//!   application sends at a steady rate are nearly never concurrent (at 1000 req/s over 16
-//!   connections fewer than one is in flight on average), and for them HTTP/1.1 is the
-//!   cheaper hop on both sides: no framing, HPACK or flow control, and hyper's HTTP/1.1 codec
-//!   writes a response in one go. Instructions per request 0.78x (client sidecar) and 0.75x
-//!   (server sidecar) of riding HTTP/2, CPU time about 0.87x, added p50 about 0.6x. Under
-//!   many concurrent requests HTTP/2 wins instead: one connection carries many requests per
-//!   TLS record and syscall, where HTTP/1.1 needs a connection (a handshake, buffers on both
-//!   sides, a certificate to retire) and a read and a write per request; and connections per
-//!   peer pair stay bounded (8 HTTP/1.1 plus at most 8 HTTP/2). So HTTP/1.1 carries the first
-//!   few concurrent requests and HTTP/2 the rest. (Istio's default, `DO_NOT_UPGRADE`, keeps
-//!   HTTP/1.1 with a connection per request in flight; Linkerd always upgrades to HTTP/2.)
+//!   Why, measured (2026-11-30, `hack/bench-ab.py` and `hack/bench-proxy.sh`, against the
+//!   release that sent all HTTP/1.1 over HTTP/2): requests an application sends at a steady
+//!   rate are nearly never concurrent (at 1000 req/s over 16 connections fewer than one is in
+//!   flight on average), and for them HTTP/1.1 is the cheaper hop on both sides: no framing,
+//!   HPACK or flow control. Instructions per request 0.78x (client sidecar) and 0.75x (server
+//!   sidecar); CPU time per request under oha 0.86x and 0.85x, added p50 0.89x (5 interleaved
+//!   rounds, CPU lower in every one). A busy peer is the opposite case: one HTTP/2 connection
+//!   carries many requests per TLS record and syscall, where HTTP/1.1 needs a connection per
+//!   request in flight (a handshake, buffers on both sides, a certificate to retire) and a
+//!   read and a write for each. With up to 8 HTTP/1.1 connections busy before spilling,
+//!   saturation over 32 connections fell to 0.925x (lower in 5 of 5 rounds); counting every
+//!   request in flight, so that a busy peer rides HTTP/2 alone, it is 0.98x (rounds either
+//!   side of 1). HTTP/1.1 connections busy at once stay below the limit, so connections per
+//!   peer pair stay bounded (3 HTTP/1.1 plus at most 8 HTTP/2). (Istio's default,
+//!   `DO_NOT_UPGRADE`, keeps HTTP/1.1 with a connection per request in flight; Linkerd always
+//!   upgrades to HTTP/2.)
 //!   Adaptive flow control on the HTTP/2 client (BDP pings) made no measurable difference at
 //!   1000 req/s; `h2` has none, so the windows are fixed and large.
 //! - Plaintext targets get HTTP/2 when the port says so (or the client spoke HTTP/2), otherwise
