@@ -26,7 +26,9 @@ use tokio::sync::watch;
 use trellis_proxy::config::Protocol;
 use trellis_proxy::creds::{self, Credentials};
 use trellis_proxy::proxy::mtls::TlsCache;
-use trellis_proxy::proxy::upstream::Pool;
+use trellis_proxy::proxy::upstream::{Pool, PoolSettings};
+
+const HOUR: Duration = Duration::from_secs(3600);
 use trellis_proxy::traffic::{ConnectionParams, Target, Upstream, UpstreamError, full};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
@@ -197,7 +199,6 @@ async fn h2_opens_another_connection_at_the_peers_stream_limit() {
 /// refused at once (nothing queues without bound).
 #[tokio::test]
 async fn beyond_the_connection_cap_requests_wait_bounded_then_overflow() {
-    use trellis_proxy::proxy::upstream::PoolSettings;
     let delay = Duration::from_millis(300);
     let (addr, seen) = h2_server(1, delay, None).await;
     let (_tx, rx) = creds::channel();
@@ -272,7 +273,6 @@ async fn the_policys_max_connections_caps_http2_connections() {
 /// forgotten after the idle time.
 #[tokio::test]
 async fn idle_connections_and_keys_are_dropped() {
-    use trellis_proxy::proxy::upstream::PoolSettings;
     let (_tx, rx) = creds::channel();
     let pool = Pool::with_settings(
         Arc::new(TlsCache::new(rx)),
@@ -669,7 +669,6 @@ async fn expiring_h1_server(keep_alive: Duration) -> (SocketAddr, Arc<Seen>) {
 /// it, and a request in the meantime goes out on a new connection and succeeds.
 #[tokio::test]
 async fn http1_idle_connection_closed_by_the_server_is_let_go() {
-    use trellis_proxy::proxy::upstream::PoolSettings;
     let (addr, seen) = expiring_h1_server(Duration::from_millis(100)).await;
     let (_tx, rx) = creds::channel();
     let pool = Pool::with_settings(
@@ -793,7 +792,12 @@ type Keep = (
     watch::Sender<Option<Arc<Credentials>>>,
 );
 
-fn mesh_pki(server_life: Duration) -> (Pool, watch::Receiver<Option<Arc<Credentials>>>, Keep) {
+/// A pool with `settings` for the client, and the credentials a [`mesh_server`] serves with
+/// (the server's leaf living `server_life`), both under one CA (returned, for renewals).
+fn mesh_pki(
+    server_life: Duration,
+    settings: trellis_proxy::proxy::upstream::PoolSettings,
+) -> (Pool, watch::Receiver<Option<Arc<Credentials>>>, Keep, Ca) {
     let ca = Ca::new("mesh");
     let (ctx, crx) = watch::channel(Some(Arc::new(ca.creds(
         CLIENT,
@@ -801,7 +805,8 @@ fn mesh_pki(server_life: Duration) -> (Pool, watch::Receiver<Option<Arc<Credenti
         &[&ca],
     ))));
     let (stx, srx) = watch::channel(Some(Arc::new(ca.creds(SERVER, server_life, &[&ca]))));
-    (Pool::new(Arc::new(TlsCache::new(crx))), srx, (ctx, stx))
+    let pool = Pool::with_settings(Arc::new(TlsCache::new(crx)), settings);
+    (pool, srx, (ctx, stx), ca)
 }
 
 /// What the application speaks rides between the sidecars: HTTP/1.1 on pooled HTTP/1.1 over
@@ -809,7 +814,7 @@ fn mesh_pki(server_life: Duration) -> (Pool, watch::Receiver<Option<Arc<Credenti
 /// gRPC whatever the client spoke. Each answer names the peer the handshake verified.
 #[tokio::test]
 async fn meshed_requests_ride_the_protocol_the_application_spoke() {
-    let (pool, srx, _keep) = mesh_pki(Duration::from_secs(3600));
+    let (pool, srx, _keep, _) = mesh_pki(HOUR, PoolSettings::default());
     let (addr, seen) = mesh_server(Duration::ZERO, srx).await;
     for _ in 0..3 {
         let (status, version, peer) = exchange(
@@ -859,20 +864,8 @@ async fn meshed_requests_ride_the_protocol_the_application_spoke() {
 /// opening more, and all are answered. Afterwards HTTP/1.1 serves again.
 #[tokio::test]
 async fn past_the_http1_connection_limit_requests_ride_http2() {
-    use trellis_proxy::proxy::upstream::PoolSettings;
-    let ca = Ca::new("mesh");
-    let (_ctx, crx) = watch::channel(Some(Arc::new(ca.creds(
-        CLIENT,
-        Duration::from_secs(3600),
-        &[&ca],
-    ))));
-    let (_stx, srx) = watch::channel(Some(Arc::new(ca.creds(
-        SERVER,
-        Duration::from_secs(3600),
-        &[&ca],
-    ))));
-    let pool = Pool::with_settings(
-        Arc::new(TlsCache::new(crx)),
+    let (pool, srx, _keep, _) = mesh_pki(
+        HOUR,
         PoolSettings {
             max_h1_hop_inflight: 2,
             ..PoolSettings::default()
@@ -926,20 +919,8 @@ async fn past_the_http1_connection_limit_requests_ride_http2() {
 /// old one.
 #[tokio::test]
 async fn an_http1_hop_connection_whose_peer_certificate_expired_is_not_reused() {
-    let ca = Ca::new("mesh");
-    let (_ctx, crx) = watch::channel(Some(Arc::new(ca.creds(
-        CLIENT,
-        Duration::from_secs(3600),
-        &[&ca],
-    ))));
-    let (stx, srx) = watch::channel(Some(Arc::new(ca.creds(
-        SERVER,
+    let (pool, srx, (_ctx, stx), ca) = mesh_pki(
         Duration::from_secs(2),
-        &[&ca],
-    ))));
-    use trellis_proxy::proxy::upstream::PoolSettings;
-    let pool = Pool::with_settings(
-        Arc::new(TlsCache::new(crx)),
         PoolSettings {
             sweep_interval: Duration::from_millis(200),
             ..PoolSettings::default()
@@ -1032,20 +1013,8 @@ async fn an_http1_hop_connection_whose_root_left_the_bundle_is_retired() {
 /// next request opens a new one, and the reaper closes the old one.
 #[tokio::test]
 async fn an_idle_http1_hop_connection_is_let_go_before_the_far_side_closes_it() {
-    use trellis_proxy::proxy::upstream::PoolSettings;
-    let ca = Ca::new("mesh");
-    let (_ctx, crx) = watch::channel(Some(Arc::new(ca.creds(
-        CLIENT,
-        Duration::from_secs(3600),
-        &[&ca],
-    ))));
-    let (_stx, srx) = watch::channel(Some(Arc::new(ca.creds(
-        SERVER,
-        Duration::from_secs(3600),
-        &[&ca],
-    ))));
-    let pool = Pool::with_settings(
-        Arc::new(TlsCache::new(crx)),
+    let (pool, srx, _keep, _) = mesh_pki(
+        HOUR,
         PoolSettings {
             h1_hop_idle_timeout: Duration::from_millis(300),
             sweep_interval: Duration::from_millis(50),
@@ -1077,20 +1046,8 @@ async fn an_idle_http1_hop_connection_is_let_go_before_the_far_side_closes_it() 
 /// HTTP/1.1 connection is there, so a saturated peer gets HTTP/2's batching.
 #[tokio::test]
 async fn while_a_peer_is_busy_http1_requests_ride_http2() {
-    use trellis_proxy::proxy::upstream::PoolSettings;
-    let ca = Ca::new("mesh");
-    let (_ctx, crx) = watch::channel(Some(Arc::new(ca.creds(
-        CLIENT,
-        Duration::from_secs(3600),
-        &[&ca],
-    ))));
-    let (_stx, srx) = watch::channel(Some(Arc::new(ca.creds(
-        SERVER,
-        Duration::from_secs(3600),
-        &[&ca],
-    ))));
-    let pool = Pool::with_settings(
-        Arc::new(TlsCache::new(crx)),
+    let (pool, srx, _keep, _) = mesh_pki(
+        HOUR,
         PoolSettings {
             max_h1_hop_inflight: 2,
             ..PoolSettings::default()

@@ -477,16 +477,7 @@ impl Pool {
             }
             Mode::Upgrade => {
                 to_http1(&mut req);
-                let source = self.inner.source.for_dst(addr);
-                let (io, peer) = connect_peer(
-                    &self.inner.tls,
-                    source,
-                    addr,
-                    &key.identities,
-                    Alpn::Http1,
-                    target.connect_timeout,
-                )
-                .await?;
+                let (io, peer) = self.connect_h1(&key, target.connect_timeout).await?;
                 let (mut sr, conn) = http1::Builder::new()
                     .handshake(TokioIo::new(io))
                     .await
@@ -509,6 +500,24 @@ impl Pool {
             }
         };
         Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
+    }
+
+    /// A new connection to `key` for HTTP/1.1 (mTLS with ALPN `http/1.1` when meshed).
+    async fn connect_h1(
+        &self,
+        key: &Key,
+        timeout: Option<Duration>,
+    ) -> Result<(BoxIo, Option<Peer>), UpstreamError> {
+        let source = self.inner.source.for_dst(key.addr);
+        connect_peer(
+            &self.inner.tls,
+            source,
+            key.addr,
+            &key.identities,
+            Alpn::Http1,
+            timeout,
+        )
+        .await
     }
 
     /// One request over HTTP/2 to `key`.
@@ -773,16 +782,7 @@ impl Pool {
                 H1Pick::Spill => return Ok(Err((key, req))),
                 H1Pick::Idle(conn, lease) => (conn, lease, true),
                 H1Pick::Open(lease) => {
-                    let source = self.inner.source.for_dst(addr);
-                    let (io, peer) = connect_peer(
-                        &self.inner.tls,
-                        source,
-                        addr,
-                        &key.identities,
-                        Alpn::Http1,
-                        timeout,
-                    )
-                    .await?;
+                    let (io, peer) = self.connect_h1(&key, timeout).await?;
                     let mut b = http1::Builder::new();
                     if peer.is_some() {
                         // The far sidecar's `Date` may come on top of the application's 100.
