@@ -358,23 +358,40 @@ async fn a_connection_whose_peer_certificate_expired_is_not_reused() {
     .await;
 }
 
+/// Credentials in the middle of a root rotation: the client holds a leaf of the new root and
+/// trusts both; the server's leaf is from the old root. Returns the client's credentials (send
+/// on it to finish the rotation), the server's, and the new root.
+#[allow(clippy::type_complexity)]
+fn mid_rotation() -> (
+    watch::Sender<Option<Arc<Credentials>>>,
+    watch::Receiver<Option<Arc<Credentials>>>,
+    (
+        watch::Sender<Option<Arc<Credentials>>>,
+        watch::Receiver<Option<Arc<Credentials>>>,
+    ),
+    Ca,
+) {
+    let old_root = Ca::new("old root");
+    let new_root = Ca::new("new root");
+    let (ctx, crx) = watch::channel(Some(Arc::new(new_root.creds(
+        CLIENT,
+        HOUR,
+        &[&new_root, &old_root],
+    ))));
+    let server = watch::channel(Some(Arc::new(old_root.creds(
+        SERVER,
+        HOUR,
+        &[&new_root, &old_root],
+    ))));
+    (ctx, crx, server, new_root)
+}
+
 /// A root leaves the trust bundle: the connection to a peer that chains to it takes no new
 /// request (the next one fails the handshake against the new bundle), the request in flight
 /// on it finishes, and the connection is closed.
 #[tokio::test]
 async fn a_connection_whose_root_left_the_bundle_is_retired_after_in_flight_requests() {
-    let old_root = Ca::new("old root");
-    let new_root = Ca::new("new root");
-    let (ctx, crx) = watch::channel(Some(Arc::new(new_root.creds(
-        CLIENT,
-        Duration::from_secs(3600),
-        &[&new_root, &old_root],
-    ))));
-    let (_stx, srx) = watch::channel(Some(Arc::new(old_root.creds(
-        SERVER,
-        Duration::from_secs(3600),
-        &[&new_root, &old_root],
-    ))));
+    let (ctx, crx, (_stx, srx), new_root) = mid_rotation();
     let delay = Duration::from_millis(800);
     let (addr, seen) = h2_server(100, delay, Some(srx)).await;
     let pool = Pool::new(Arc::new(TlsCache::new(crx)));
@@ -388,11 +405,7 @@ async fn a_connection_whose_root_left_the_bundle_is_retired_after_in_flight_requ
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Rotation done: the old root leaves the bundle.
-    ctx.send_replace(Some(Arc::new(new_root.creds(
-        CLIENT,
-        Duration::from_secs(3600),
-        &[&new_root],
-    ))));
+    ctx.send_replace(Some(Arc::new(new_root.creds(CLIENT, HOUR, &[&new_root]))));
     let after = get(&pool, target(addr, &[SERVER]), "/").await;
     assert!(
         matches!(after, Err(UpstreamError::Tls { .. })),
@@ -960,18 +973,7 @@ async fn an_http1_hop_connection_whose_peer_certificate_expired_is_not_reused() 
 /// flight on another finishes, and both are closed.
 #[tokio::test]
 async fn an_http1_hop_connection_whose_root_left_the_bundle_is_retired() {
-    let old_root = Ca::new("old root");
-    let new_root = Ca::new("new root");
-    let (ctx, crx) = watch::channel(Some(Arc::new(new_root.creds(
-        CLIENT,
-        Duration::from_secs(3600),
-        &[&new_root, &old_root],
-    ))));
-    let (_stx, srx) = watch::channel(Some(Arc::new(old_root.creds(
-        SERVER,
-        Duration::from_secs(3600),
-        &[&new_root, &old_root],
-    ))));
+    let (ctx, crx, (_stx, srx), new_root) = mid_rotation();
     let delay = Duration::from_millis(800);
     let (addr, seen) = mesh_server(delay, srx).await;
     let pool = Pool::new(Arc::new(TlsCache::new(crx)));
@@ -990,11 +992,8 @@ async fn an_http1_hop_connection_whose_root_left_the_bundle_is_retired() {
         .await
         .unwrap();
     assert_eq!(seen.h1.accepted.load(Ordering::SeqCst), 2);
-    ctx.send_replace(Some(Arc::new(new_root.creds(
-        CLIENT,
-        Duration::from_secs(3600),
-        &[&new_root],
-    ))));
+    // Rotation done: the old root leaves the bundle.
+    ctx.send_replace(Some(Arc::new(new_root.creds(CLIENT, HOUR, &[&new_root]))));
     let after = exchange(&pool, t(), http::Version::HTTP_11, "/").await;
     assert!(
         matches!(after, Err(UpstreamError::Tls { .. })),
