@@ -96,7 +96,8 @@ fn start_server(rt: &tokio::runtime::Runtime, delay: Duration) -> (SocketAddr, A
                         // A thread's sleep, not tokio's: tokio's timer wheel has 1 ms ticks,
                         // which made the "1 ms" endpoint answer in 1-2 ms and shrank the
                         // 10x difference the bench is about.
-                        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(delay)).await;
+                        let _ =
+                            tokio::task::spawn_blocking(move || std::thread::sleep(delay)).await;
                         Ok::<_, std::io::Error>(Response::new(full(Bytes::from_static(b"ok"))))
                     }
                 });
