@@ -22,7 +22,7 @@
 //!   saturation over 32 connections fell to 0.925x (lower in 5 of 5 rounds); counting every
 //!   request in flight, so that a busy peer rides HTTP/2 alone, it is 0.98x (rounds either
 //!   side of 1). HTTP/1.1 connections busy at once stay below the limit, so connections per
-//!   peer pair stay bounded (3 HTTP/1.1 plus at most 8 HTTP/2). (Istio's default,
+//!   peer pair stay bounded (4 HTTP/1.1 plus at most 8 HTTP/2). (Istio's default,
 //!   `DO_NOT_UPGRADE`, keeps HTTP/1.1 with a connection per request in flight; Linkerd always
 //!   upgrades to HTTP/2.)
 //!   Adaptive flow control on the HTTP/2 client (BDP pings) made no measurable difference at
