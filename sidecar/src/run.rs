@@ -20,7 +20,7 @@ use crate::proxy::inbound::Forward;
 use crate::proxy::mtls::TlsCache;
 use crate::proxy::tcp::FLUSH_INTERVAL;
 use crate::proxy::upstream::{Pool, SourceAddr};
-use crate::proxy::{Shared, accept_loop, http_builder, inbound_http_builder};
+use crate::proxy::{Shared, accept_loop, inbound_http_builder, outbound_http_builder};
 use crate::reload::{ConfigRx, Watcher};
 use crate::shutdown::Shutdown;
 use crate::traffic::{Dispatcher, InboundRateLimiter, TrafficMetrics};
@@ -520,7 +520,7 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         inbound_limiter: limiter,
         // `Options` can be built in code, past the flag's check: tokio's interval panics on zero.
         tcp_flush_interval: opts.tcp_flush_interval.max(Duration::from_millis(1)),
-        http: http_builder(),
+        http: outbound_http_builder(),
         inbound_http: inbound_http_builder(opts.inbound_limits.header_read_timeout),
         inbound_limits: opts.inbound_limits,
         inbound_pending: crate::conn_limit::Gate::new(

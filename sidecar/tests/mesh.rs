@@ -84,6 +84,35 @@ async fn a_request_with_100_header_lines_reaches_the_app_whole() {
     assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
 }
 
+/// The application's idle keep-alive connection to its sidecar stays open past hyper's 30 s
+/// header read timeout, which used to close it: closing it races the application's pool
+/// reusing it (a request written as the sidecar closes fails, and is not retried when it is
+/// not idempotent). The application's pool decides when its connections are idle.
+#[tokio::test]
+async fn an_idle_application_connection_is_not_closed_by_the_sidecar() {
+    let pki = Pki::new("mesh");
+    let up = upstream(Speaks::Http1Only).await;
+    let (a, _b) = pair(&pki, up, Protocol::Http1, &id("backend")).await;
+    let tcp = TcpStream::connect(a.running.outbound_addr).await.unwrap();
+    let (mut sr, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let resp = sr
+        .send_request(get("backend.shop:8080", "/echo"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert!(!conn.is_finished(), "the sidecar closed an idle connection");
+    let resp = sr
+        .send_request(get("backend.shop:8080", "/echo"))
+        .await
+        .expect("the idle connection still carries a request");
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
 #[tokio::test]
 async fn http1_through_two_proxies_over_mtls() {
     let pki = Pki::new("mesh");

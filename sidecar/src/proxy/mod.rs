@@ -69,7 +69,7 @@ pub struct Shared {
     /// How often open TCP connections publish their byte counts ([`tcp::FLUSH_INTERVAL`] in
     /// production; tests shorten it instead of waiting). Never zero.
     pub tcp_flush_interval: Duration,
-    /// The HTTP server of the app's own connections (outbound).
+    /// The HTTP server of the app's own connections (outbound): [`outbound_http_builder`].
     pub http: auto::Builder<TokioExecutor>,
     /// The HTTP server of inbound connections served by hyper (plaintext, and mTLS HTTP/1.1):
     /// [`http_builder`] with the inbound header read timeout ([`inbound::Limits`]).
@@ -125,6 +125,27 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
         .timer(hyper_util::rt::TokioTimer::new())
         .adaptive_window(true)
         .max_header_list_size(h2server::MAX_HEADER_LIST_SIZE);
+    b
+}
+
+/// [`http_builder`] for the application's own connections (outbound): without hyper's HTTP/1.1
+/// header read timeout, which would otherwise run from the end of every response to the next
+/// request head.
+///
+/// Two reasons. The timer costs an allocation and a timer-wheel insertion and removal on every
+/// keep-alive request (a sixth of the client sidecar's avoidable allocations, by callgrind).
+/// And it closed the application's idle keep-alive connections after 30 s, which races the
+/// application's own reuse of them: its connection pool (Go's 90 s, OkHttp's 5 min, Java's
+/// without limit) sends a request on a connection the sidecar is closing, and a
+/// non-idempotent request then fails without being retried. Only the pod's own processes
+/// reach this listener (see [`outbound`]), so the application's pool decides how long its
+/// connections live, as for HTTP/2, which never had an idle bound here; a connection it
+/// abandons costs the sidecar what it costs the application, a socket. The inbound side,
+/// which anyone reaching the pod may connect to, keeps the timeout
+/// ([`inbound_http_builder`]).
+pub fn outbound_http_builder() -> auto::Builder<TokioExecutor> {
+    let mut b = http_builder();
+    b.http1().header_read_timeout(None);
     b
 }
 
@@ -193,9 +214,9 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, direction: 
 
 /// Serves one outbound HTTP connection until it closes. Once the inbound side is drained (see
 /// crate::shutdown), finishes in-flight requests (HTTP/1.1 closes after the current response,
-/// HTTP/2 sends GOAWAY). No idle bound beyond hyper's HTTP/1.1 header read timeout: only the
-/// pod's own application reaches the outbound listener, and its connection pools decide when
-/// their connections are idle.
+/// HTTP/2 sends GOAWAY). No idle bound ([`outbound_http_builder`] says why): only the pod's
+/// own application reaches the outbound listener, and its connection pools decide when their
+/// connections are idle.
 pub async fn serve_http<I, F, Fut>(shared: &Shared, io: I, handler: F)
 where
     I: Io,
