@@ -149,10 +149,12 @@ fn names_no_header(v: &[u8]) -> bool {
     NOTHING.iter().any(|n| v.eq_ignore_ascii_case(n))
 }
 
-/// Adds an `x-request-id` when the client sent none. Returns the id.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(&X_REQUEST_ID) {
-        return v.clone();
+/// Adds an `x-request-id` when the client sent none. Returns nothing: a copy of the id
+/// (a second allocation, since the header's bytes are not yet shared) is only needed for a
+/// span or an access log line, and [`request_id`] reads it then.
+pub fn ensure_request_id(headers: &mut HeaderMap) {
+    if headers.contains_key(&X_REQUEST_ID) {
+        return;
     }
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let id = rand::random::<u128>().to_be_bytes();
@@ -170,8 +172,15 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
         j += 2;
     }
     let v = HeaderValue::from_bytes(&buf).expect("hex and dashes are valid header bytes");
-    headers.insert(X_REQUEST_ID, v.clone());
-    v
+    headers.insert(X_REQUEST_ID, v);
+}
+
+/// The request's `x-request-id` ([`ensure_request_id`] makes sure there is one).
+pub fn request_id(headers: &HeaderMap) -> &str {
+    headers
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
 }
 
 /// The trace id (32 hex digits) of a W3C `traceparent`, if well formed.
@@ -299,10 +308,12 @@ mod tests {
     #[test]
     fn request_id_is_generated_once() {
         let mut h = HeaderMap::new();
-        let id = ensure_request_id(&mut h);
+        ensure_request_id(&mut h);
+        let id = request_id(&h).to_owned();
         assert_eq!(id.len(), 36);
-        assert_eq!(ensure_request_id(&mut h), id);
-        let s = id.to_str().unwrap();
+        ensure_request_id(&mut h);
+        assert_eq!(request_id(&h), id);
+        let s = id.as_str();
         let dashes: Vec<usize> = s.match_indices('-').map(|(i, _)| i).collect();
         assert_eq!(dashes, [8, 13, 18, 23]);
         assert!(s.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit()));

@@ -30,7 +30,7 @@ use super::coalesce;
 use super::detect::{Detected, detect};
 use super::http::{
     ORIG_PROTO, authority, clean_response, ensure_request_id, http10_keep_alive, is_upgrade,
-    keep_http10_alive, strip_hop_by_hop, trace_id,
+    keep_http10_alive, request_id, strip_hop_by_hop, trace_id,
 };
 use super::io::{Prefixed, original_dst};
 use super::mtls::Alpn;
@@ -393,7 +393,7 @@ async fn plain_http<I: Io>(
     let tls = mtls.is_some();
     let (peer, trust) = match mtls {
         Some(m) => (m.id, m.trust),
-        None => (Arc::from(""), None),
+        None => (Arc::default(), None),
     };
     let revoked = peer_trust::revoked(trust.clone(), shared.tls.subscribe());
     let info = Arc::new(ConnInfo {
@@ -450,7 +450,7 @@ async fn handle(
         return resp;
     }
     let start = Instant::now();
-    let request_id = ensure_request_id(req.headers_mut());
+    ensure_request_id(req.headers_mut());
     let upgrade = is_upgrade(&req);
     let keep_alive_10 = http10_keep_alive(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -472,7 +472,7 @@ async fn handle(
     // span's child.
     let span = shared.tracing.begin(req.headers_mut());
     // Copied out of the request only when a span or an access log line will be written.
-    let (auth, path, trace) = if span.is_some() || shared.access_log().is_some() {
+    let (auth, path, trace, request_id) = if span.is_some() || shared.access_log().is_some() {
         (
             authority(&req).unwrap_or("").to_owned(),
             req.uri()
@@ -480,9 +480,10 @@ async fn handle(
                 .map(|p| p.as_str().to_owned())
                 .unwrap_or_default(),
             trace_id(req.headers()).map(str::to_owned),
+            request_id(req.headers()).to_owned(),
         )
     } else {
-        (String::new(), String::new(), None)
+        (String::new(), String::new(), None, String::new())
     };
 
     // Metrics and the access log line, the same for a rate-limited and a forwarded request.
@@ -496,7 +497,7 @@ async fn handle(
                 authority: &auth,
                 path: &path,
                 version,
-                request_id: request_id.to_str().unwrap_or(""),
+                request_id: &request_id,
                 trace_id: trace.as_deref(),
                 peer_identity: &info.peer,
                 dst_service: &info.dst_service,
@@ -547,7 +548,7 @@ async fn handle(
             };
             let mut r = error_response_with(status, &e.user_message());
             r.extensions_mut().insert(Outcome {
-                backend: Arc::from(""),
+                backend: Arc::default(),
                 endpoint: Some(info.target),
                 attempts: 1,
                 flags: vec!["UF"],

@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use super::detect::{Detected, detect};
 use super::http::{
     authority, clean_response, ensure_request_id, http10_keep_alive, is_upgrade, keep_http10_alive,
-    strip_hop_by_hop, trace_id,
+    request_id, strip_hop_by_hop, trace_id,
 };
 use super::io::{Prefixed, original_dst};
 use super::mtls::Alpn;
@@ -253,7 +253,7 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Result<Response<crate::traffic::Body>, Infallible> {
     let start = Instant::now();
-    let request_id = ensure_request_id(req.headers_mut());
+    ensure_request_id(req.headers_mut());
     let upgrade = is_upgrade(&req);
     let keep_alive_10 = http10_keep_alive(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -275,7 +275,7 @@ async fn handle(
     // application's) is this span's child.
     let span = shared.tracing.begin(req.headers_mut());
     // Copied out of the request only when a span or an access log line will be written.
-    let (auth, path, trace) = if span.is_some() || shared.access_log().is_some() {
+    let (auth, path, trace, request_id) = if span.is_some() || shared.access_log().is_some() {
         (
             authority(&req).unwrap_or("").to_owned(),
             req.uri()
@@ -283,9 +283,10 @@ async fn handle(
                 .map(|p| p.as_str().to_owned())
                 .unwrap_or_default(),
             trace_id(req.headers()).map(str::to_owned),
+            request_id(req.headers()).to_owned(),
         )
     } else {
-        (String::new(), String::new(), None)
+        (String::new(), String::new(), None, String::new())
     };
 
     let mut snap = shared.config.borrow().clone();
@@ -339,7 +340,7 @@ async fn handle(
                 connect_timeout: None,
             };
             let mut outcome = Outcome {
-                backend: Arc::from(""),
+                backend: Arc::default(),
                 endpoint: Some(info.orig_dst),
                 attempts: 1,
                 flags: Vec::new(),
@@ -387,7 +388,7 @@ async fn handle(
         .extensions()
         .get::<PeerIdentity>()
         .map(|p| p.0.clone())
-        .unwrap_or_else(|| Arc::from(""));
+        .unwrap_or_default();
     record(
         &shared,
         &Completed {
@@ -397,7 +398,7 @@ async fn handle(
             authority: &auth,
             path: &path,
             version,
-            request_id: request_id.to_str().unwrap_or(""),
+            request_id: &request_id,
             trace_id: trace.as_deref(),
             peer_identity: &peer,
             dst_service: &dst_service,

@@ -50,7 +50,7 @@
 //!   tunnels) carry the peer's [`PeerTrust`] to their owner, which closes them by the same rule
 //!   (see [`super::peer_trust`]).
 
-use std::collections::HashMap;
+use crate::lookup::FastMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -263,8 +263,8 @@ struct H1Slot {
 
 #[derive(Default)]
 struct Conns {
-    h2: HashMap<Key, H2Slot>,
-    h1: HashMap<Key, H1Slot>,
+    h2: FastMap<Key, H2Slot>,
+    h1: FastMap<Key, H1Slot>,
 }
 
 struct Inner {

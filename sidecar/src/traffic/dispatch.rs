@@ -7,6 +7,8 @@
 //! over into the new table when their key (and, for buckets, their parameters) stay the same.
 
 use std::collections::HashMap;
+
+use crate::lookup::FastMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -54,7 +56,7 @@ pub struct EndpointStats {
 /// Routes by namespace, then name, then port: looked up with `&str`s, no key is built.
 #[derive(Default)]
 struct Table {
-    routes: HashMap<String, HashMap<String, PortRoutes>>,
+    routes: FastMap<String, FastMap<String, PortRoutes>>,
 }
 
 /// The routes of one Service, by port (few ports: a linear scan beats hashing).
@@ -443,7 +445,7 @@ impl Dispatcher {
     ) -> Response<Body> {
         let route = self.route(service, port);
         let mut outcome = Outcome {
-            backend: Arc::from(""),
+            backend: Arc::default(),
             endpoint: None,
             attempts: 0,
             flags: Vec::new(),
