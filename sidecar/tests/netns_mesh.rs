@@ -304,10 +304,14 @@ fn intercepted_connect_reaches_upstream_through_two_proxies_over_mtls() {
     });
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.contains("app saw: GET /hello"), "{resp}");
-    assert!(
-        resp.to_ascii_lowercase().contains("x-request-id: "),
-        "request id added: {resp}"
-    );
+    let request_id = resp
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-request-id: ")
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| panic!("request id added: {resp}"));
 
     // Both proxies saw the request, each with the other's verified identity, over TLS.
     let cm = http_get(&cns, None, "127.0.0.1:15020", "admin", "/metrics").unwrap();
@@ -359,7 +363,8 @@ fn intercepted_connect_reaches_upstream_through_two_proxies_over_mtls() {
         slog_text.lines().any(|l| l.starts_with('{')
             && l.contains("\"direction\":\"inbound\"")
             && l.contains(&id("web"))
-            && l.contains("\"path\":\"/hello\"")),
+            && l.contains("\"path\":\"/hello\"")
+            && l.contains(&format!("\"requestId\":\"{request_id}\""))),
         "{slog_text}"
     );
 }
