@@ -24,7 +24,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use trellis_proxy::config::*;
-use trellis_proxy::traffic::{Dispatcher, Outcome, PlainUpstream, RequestCtx, full};
+use trellis_proxy::traffic::{Dispatcher, PlainUpstream, RequestCtx, full};
 
 struct Args {
     rate: u64,
@@ -202,9 +202,9 @@ async fn run_mode(
                 .header("host", "bench.default")
                 .body(full(Bytes::new()))
                 .unwrap();
-            let resp = d.dispatch(&svc, 80, req, &ctx).await;
+            let (resp, outcome) = d.dispatch(&svc, 80, req, &ctx).await;
             let ok = resp.status() == 200;
-            let to_slow = resp.extensions().get::<Outcome>().and_then(|o| o.endpoint) == Some(slow);
+            let to_slow = outcome.endpoint == Some(slow);
             let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
             let us = scheduled.elapsed().as_micros() as u64;
             let _ = tx.send((i, us, ok, to_slow));
@@ -240,9 +240,13 @@ impl trellis_proxy::traffic::Upstream for Immediate {
         _req: Request<trellis_proxy::traffic::Body>,
     ) -> futures::future::BoxFuture<
         'static,
-        Result<Response<trellis_proxy::traffic::Body>, trellis_proxy::traffic::UpstreamError>,
+        Result<trellis_proxy::traffic::Reply, trellis_proxy::traffic::UpstreamError>,
     > {
-        Box::pin(async { Ok(Response::new(full(Bytes::new()))) })
+        Box::pin(async {
+            Ok(trellis_proxy::traffic::Reply::plain(Response::new(full(
+                Bytes::new(),
+            ))))
+        })
     }
 }
 
@@ -260,7 +264,7 @@ async fn overhead(svc: &OutboundService, n: u32) -> f64 {
             .uri("/")
             .body(full(Bytes::new()))
             .unwrap();
-        let resp = d.dispatch(svc, 80, req, &ctx).await;
+        let (resp, _) = d.dispatch(svc, 80, req, &ctx).await;
         let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
     }
     start.elapsed().as_nanos() as f64 / f64::from(n)

@@ -157,7 +157,7 @@ async fn get(pool: &Pool, t: Target, path: &str) -> Result<StatusCode, UpstreamE
         .uri(format!("http://svc{path}"))
         .body(full(Bytes::new()))
         .unwrap();
-    let resp = pool.send(t, req).await?;
+    let resp = pool.send(t, req).await?.resp;
     let status = resp.status();
     // Read the body: the stream stays counted until it is done.
     let _ = resp.into_body().collect().await;
@@ -255,7 +255,7 @@ async fn the_policys_max_connections_caps_http2_connections() {
         });
         let pool = pool.clone();
         async move {
-            let resp = pool.send(target(addr, &[]), req).await?;
+            let resp = pool.send(target(addr, &[]), req).await?.resp;
             let status = resp.status();
             let _ = resp.into_body().collect().await;
             Ok::<_, UpstreamError>(status)
@@ -551,7 +551,8 @@ async fn fetch(
     let resp = tokio::time::timeout(Duration::from_secs(5), pool.send(t, req))
         .await
         .expect("response head within 5 s")
-        .unwrap();
+        .unwrap()
+        .resp;
     let status = resp.status();
     let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
         .await
@@ -789,12 +790,10 @@ async fn exchange(
         .uri(format!("http://svc{path}"))
         .body(full(Bytes::new()))
         .unwrap();
-    let resp = pool.send(t, req).await?;
+    let reply = pool.send(t, req).await?;
+    let peer = reply.peer.map(|p| p.to_string());
+    let resp = reply.resp;
     let status = resp.status();
-    let peer = resp
-        .extensions()
-        .get::<trellis_proxy::proxy::upstream::PeerIdentity>()
-        .map(|p| p.0.to_string());
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned(), peer))
 }

@@ -487,7 +487,7 @@ async fn handle(
     };
 
     // Metrics and the access log line, the same for a rate-limited and a forwarded request.
-    let record_inbound = |resp: &Response<crate::traffic::Body>| {
+    let record_inbound = |resp: &Response<crate::traffic::Body>, outcome: Option<&Outcome>| {
         record(
             shared,
             &Completed {
@@ -504,6 +504,7 @@ async fn handle(
                 tls: info.tls,
                 series: &info.series,
                 span: span.as_ref(),
+                outcome,
             },
             resp,
         )
@@ -519,12 +520,12 @@ async fn handle(
         l.check(source).err()
     });
     if let Some(wait) = limited {
-        let mut resp = rate_limited_response(wait);
-        resp.extensions_mut().insert(Outcome {
+        let resp = rate_limited_response(wait);
+        let outcome = Outcome {
             flags: vec!["RL"],
             ..Default::default()
-        });
-        record_inbound(&resp);
+        };
+        record_inbound(&resp, Some(&outcome));
         return resp;
     }
     let target = Target {
@@ -533,9 +534,10 @@ async fn handle(
         protocol,
         connect_timeout: None,
     };
+    let mut failed = None;
     let mut resp = match shared.inbound_pool.send(target, req).await {
         // Head and first chunk go to the peer sidecar as one write.
-        Ok(r) => coalesce::prefetch(r, coalesce::PREFETCH_WAIT).await,
+        Ok(r) => coalesce::prefetch(r.resp, coalesce::PREFETCH_WAIT).await,
         Err(e) => {
             tracing::debug!(error = %e, "local application did not answer");
             // Nothing listening (or accepting) is the Service being unavailable, as the client
@@ -546,15 +548,13 @@ async fn handle(
                 }
                 _ => StatusCode::BAD_GATEWAY,
             };
-            let mut r = error_response_with(status, &e.user_message());
-            r.extensions_mut().insert(Outcome {
-                backend: Arc::default(),
+            failed = Some(Outcome {
                 endpoint: Some(info.target),
                 attempts: 1,
                 flags: vec!["UF"],
-                events: Vec::new(),
+                ..Default::default()
             });
-            r
+            error_response_with(status, &e.user_message())
         }
     };
     if let Some(cu) = client_upgrade
@@ -566,7 +566,7 @@ async fn handle(
     if keep_alive_10 {
         keep_http10_alive(&mut resp);
     }
-    record_inbound(&resp);
+    record_inbound(&resp, failed.as_ref());
     resp
 }
 

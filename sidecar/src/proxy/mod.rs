@@ -357,6 +357,8 @@ pub struct Completed<'a> {
     pub series: &'a SeriesCache,
     /// The request's span, when it is sampled.
     pub span: Option<&'a crate::spans::Active>,
+    /// What the traffic layer did, when it handled the request or refused it.
+    pub outcome: Option<&'a Outcome>,
 }
 
 /// Metrics and (when enabled) the access log line for one request.
@@ -372,7 +374,7 @@ pub fn record(shared: &Shared, c: &Completed<'_>, resp: &Response<Body>) {
         c.tls,
         elapsed,
     );
-    let outcome = resp.extensions().get::<Outcome>();
+    let outcome = c.outcome;
     if let Some(span) = c.span {
         span.finish(&crate::spans::Finished {
             kind: match c.direction {

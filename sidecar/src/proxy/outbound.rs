@@ -31,7 +31,6 @@ use super::http::{
 };
 use super::io::{Prefixed, original_dst};
 use super::mtls::Alpn;
-use super::upstream::PeerIdentity;
 use super::{Completed, Shared, record, serve_http, spawn_tunnel, tcp};
 use super::{abort, coalesce};
 use crate::config::{OutboundService, Protocol};
@@ -326,10 +325,15 @@ async fn handle(
         original_dst: info.orig_dst,
         source_ip: info.client.ip(),
     };
-    let (resp, dst_service, tls) = match route {
+    let (resp, outcome, dst_service, tls) = match route {
         Some((svc, port)) => {
-            let resp = shared.dispatcher.dispatch(svc, port, req, &ctx).await;
-            (resp, info.dst_service(svc), !svc.identities.is_empty())
+            let (resp, outcome) = shared.dispatcher.dispatch(svc, port, req, &ctx).await;
+            (
+                resp,
+                outcome,
+                info.dst_service(svc),
+                !svc.identities.is_empty(),
+            )
         }
         None if info.redirected => {
             // Not a Service we know: pass it through, plaintext, to where the client meant.
@@ -340,30 +344,34 @@ async fn handle(
                 connect_timeout: None,
             };
             let mut outcome = Outcome {
-                backend: Arc::default(),
                 endpoint: Some(info.orig_dst),
                 attempts: 1,
-                flags: Vec::new(),
-                events: Vec::new(),
+                ..Default::default()
             };
-            let mut resp = match shared.pool.send(target, req).await {
-                Ok(r) => r,
+            let resp = match shared.pool.send(target, req).await {
+                Ok(r) => {
+                    outcome.peer = r.peer;
+                    r.resp
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "passthrough request failed");
                     outcome.flags.push("UF");
                     error_response(StatusCode::BAD_GATEWAY)
                 }
             };
-            resp.extensions_mut().insert(outcome);
-            (resp, Arc::<str>::from("unknown"), false)
+            (resp, outcome, Arc::<str>::from("unknown"), false)
         }
         None => {
-            let mut resp = error_response(StatusCode::NOT_FOUND);
-            resp.extensions_mut().insert(Outcome {
+            let outcome = Outcome {
                 flags: vec!["NR"],
                 ..Default::default()
-            });
-            (resp, Arc::<str>::from("unknown"), false)
+            };
+            (
+                error_response(StatusCode::NOT_FOUND),
+                outcome,
+                Arc::<str>::from("unknown"),
+                false,
+            )
         }
     };
     // Head and first chunk go to the application as one write.
@@ -384,11 +392,7 @@ async fn handle(
     if version == http::Version::HTTP_10 {
         resp = abort::flag_errors(resp, &info.aborted);
     }
-    let peer = resp
-        .extensions()
-        .get::<PeerIdentity>()
-        .map(|p| p.0.clone())
-        .unwrap_or_default();
+    let peer = outcome.peer.clone().unwrap_or_default();
     record(
         &shared,
         &Completed {
@@ -405,6 +409,7 @@ async fn handle(
             tls,
             series: &info.series,
             span: span.as_ref(),
+            outcome: Some(&outcome),
         },
         &resp,
     );

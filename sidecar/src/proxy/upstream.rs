@@ -60,7 +60,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use http::{HeaderValue, Request, Response, Version};
+use http::{HeaderValue, Request, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::client::conn::http1;
@@ -76,7 +76,7 @@ use super::peer_trust::PeerTrust;
 use crate::config::Protocol;
 use crate::creds::Credentials;
 use crate::tls::mesh_server_name;
-use crate::traffic::{Body, BoxError, ConnectionParams, Target, Upstream, UpstreamError};
+use crate::traffic::{Body, BoxError, ConnectionParams, Reply, Target, Upstream, UpstreamError};
 
 /// Connect timeout when the traffic policy sets none.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -127,10 +127,6 @@ impl Default for PoolSettings {
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 pub type BoxIo = Box<dyn Io>;
-
-/// The verified SPIFFE ID of the proxy that answered, in the response's extensions.
-#[derive(Clone, Debug)]
-pub struct PeerIdentity(pub Arc<str>);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Key {
@@ -433,7 +429,7 @@ impl Pool {
         self,
         target: Target,
         mut req: Request<Body>,
-    ) -> Result<Response<Body>, UpstreamError> {
+    ) -> Result<Reply, UpstreamError> {
         let meshed = !target.identities.is_empty();
         let mode = if is_upgrade(&req) {
             Mode::Upgrade
@@ -466,7 +462,7 @@ impl Pool {
             identities: target.identities.clone(),
         };
         let addr = target.addr;
-        let resp = match mode {
+        let (resp, peer) = match mode {
             Mode::H2 => return self.send_h2(key, &target, req).await,
             Mode::H1 => {
                 to_http1(&mut req);
@@ -488,18 +484,21 @@ impl Pool {
                     }
                 });
                 let mut resp = sr.send_request(req).await.map_err(|e| classify(addr, e))?;
-                if let Some(p) = peer {
+                let peer = peer.map(|p| {
                     // The tunnel, once upgraded, outlives this call: it closes when the
                     // server's certificate does (see `spawn_tunnel`).
                     if let Some(t) = p.trust {
                         resp.extensions_mut().insert(t);
                     }
-                    resp.extensions_mut().insert(PeerIdentity(p.id.into()));
-                }
-                resp
+                    Arc::<str>::from(p.id)
+                });
+                (resp, peer)
             }
         };
-        Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
+        Ok(Reply {
+            resp: resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()),
+            peer,
+        })
     }
 
     /// A new connection to `key` for HTTP/1.1 (mTLS with ALPN `http/1.1` when meshed).
@@ -526,7 +525,7 @@ impl Pool {
         key: Key,
         target: &Target,
         mut req: Request<Body>,
-    ) -> Result<Response<Body>, UpstreamError> {
+    ) -> Result<Reply, UpstreamError> {
         let addr = key.addr;
         let meshed = !key.identities.is_empty();
         // The far proxy speaks HTTP/1.1 to its application when this one's did, or when the
@@ -546,20 +545,20 @@ impl Pool {
                 (m as usize).min(self.inner.settings.max_h2_conns)
             });
         let (sr, peer, guard) = self.h2_sender(&key, cap, target.connect_timeout).await?;
-        let mut resp = h2client::send(&sr, &guard.0, req)
+        let resp = h2client::send(&sr, &guard.0, req)
             .await
             .map_err(|e| classify_h2(addr, e))?;
-        if let Some(p) = peer {
-            resp.extensions_mut().insert(PeerIdentity(p));
-        }
         // The stream counts against the connection until the body is done with.
-        Ok(resp.map(|b| {
-            Counted {
-                inner: b,
-                _guard: guard,
-            }
-            .boxed()
-        }))
+        Ok(Reply {
+            resp: resp.map(|b| {
+                Counted {
+                    inner: b,
+                    _guard: guard,
+                }
+                .boxed()
+            }),
+            peer,
+        })
     }
 
     /// A connection with a free stream for `key`, opening one when all are at their limit.
@@ -769,7 +768,7 @@ impl Pool {
         key: Key,
         mut req: Request<Body>,
         timeout: Option<Duration>,
-    ) -> Result<Result<Response<Body>, (Key, Request<Body>)>, UpstreamError> {
+    ) -> Result<Result<Reply, (Key, Request<Body>)>, UpstreamError> {
         let addr = key.addr;
         let idle_timeout = req
             .extensions()
@@ -806,10 +805,8 @@ impl Pool {
             };
             let H1Conn { mut sr, peer, cert } = conn;
             match sr.try_send_request(req).await {
-                Ok(mut resp) => {
-                    if let Some(p) = &peer {
-                        resp.extensions_mut().insert(PeerIdentity(p.clone()));
-                    }
+                Ok(resp) => {
+                    let answered_by = peer.clone();
                     // Back to the pool when the response body ends (see `Returning`).
                     lease.conn = Some(H1Conn { sr, peer, cert });
                     let mut ret = Some(lease);
@@ -818,13 +815,16 @@ impl Pool {
                     {
                         drop(r);
                     }
-                    return Ok(Ok(resp.map(|b| {
-                        Returning {
-                            inner: b.map_err(|e| Box::new(e) as BoxError),
-                            ret,
-                        }
-                        .boxed()
-                    })));
+                    return Ok(Ok(Reply {
+                        resp: resp.map(|b| {
+                            Returning {
+                                inner: b.map_err(|e| Box::new(e) as BoxError),
+                                ret,
+                            }
+                            .boxed()
+                        }),
+                        peer: answered_by,
+                    }));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(r) if pooled => req = r,
@@ -1268,7 +1268,7 @@ impl Upstream for Pool {
         &self,
         target: Target,
         req: Request<Body>,
-    ) -> BoxFuture<'static, Result<Response<Body>, UpstreamError>> {
+    ) -> BoxFuture<'static, Result<Reply, UpstreamError>> {
         Box::pin(self.clone().send_inner(target, req))
     }
 }

@@ -23,8 +23,8 @@ use super::endpoint::{EndpointState, InflightGuard, now_ms_at};
 use super::limit::{RetryBudget, TokenBucket, rate_limited_response};
 use super::metrics::{DestMetrics, TrafficMetrics};
 use super::{
-    AttemptEvent, AttemptEventKind, Body, ConnectionParams, Outcome, RequestCtx, RetryReason,
-    Target, Upstream, UpstreamError, error_response, error_response_with,
+    AttemptEvent, AttemptEventKind, Body, ConnectionParams, Outcome, Reply, RequestCtx,
+    RetryReason, Target, Upstream, UpstreamError, error_response, error_response_with,
 };
 use crate::config::{
     CircuitBreaker, HashKey, LbAlgorithm, OutboundService, OutlierDetection, Protocol, ProxyConfig,
@@ -435,23 +435,17 @@ impl Dispatcher {
     }
 
     /// Sends a request for `service:port`, applying its policy; always returns a response (errors
-    /// become 429/502/503/504 with an [`Outcome`] in the extensions).
+    /// become 429/502/503/504), with the [`Outcome`] beside it.
     pub async fn dispatch(
         &self,
         service: &OutboundService,
         port: u16,
         req: Request<Body>,
         ctx: &RequestCtx,
-    ) -> Response<Body> {
+    ) -> (Response<Body>, Outcome) {
         let route = self.route(service, port);
-        let mut outcome = Outcome {
-            backend: Arc::default(),
-            endpoint: None,
-            attempts: 0,
-            flags: Vec::new(),
-            events: Vec::new(),
-        };
-        let mut resp = match route.request_timeout {
+        let mut outcome = Outcome::default();
+        let resp = match route.request_timeout {
             Some(t) => {
                 match tokio::time::timeout(t, self.run(&route, req, ctx, &mut outcome)).await {
                     Ok(r) => r,
@@ -469,8 +463,7 @@ impl Dispatcher {
             }
             None => self.run(&route, req, ctx, &mut outcome).await,
         };
-        resp.extensions_mut().insert(outcome);
-        resp
+        (resp, outcome)
     }
 
     async fn run(
@@ -607,8 +600,9 @@ impl Dispatcher {
                 }
             }
             return match res {
-                Ok(resp) => {
-                    let (p, inner) = resp.into_parts();
+                Ok(reply) => {
+                    outcome.peer = reply.peer;
+                    let (p, inner) = reply.resp.into_parts();
                     let guarded = Guarded {
                         inner,
                         guard: Some(ResponseGuards(inflight, active)),
@@ -719,9 +713,9 @@ impl Dispatcher {
     }
 }
 
-fn classify(res: &Result<Response<Body>, (UpstreamError, bool)>) -> Class {
+fn classify(res: &Result<Reply, (UpstreamError, bool)>) -> Class {
     match res {
-        Ok(r) => {
+        Ok(Reply { resp: r, .. }) => {
             let s = r.status().as_u16();
             if s >= 500 {
                 return Class::Status(s);

@@ -110,13 +110,29 @@ pub struct Target {
     pub connect_timeout: Option<Duration>,
 }
 
+/// What an upstream answered: the response, and the verified SPIFFE ID of the sidecar that
+/// sent it (meshed targets). The identity travels beside the response, not in its extensions:
+/// a response's first extension costs three allocations (the map, its table, the boxed
+/// value) on every request.
+pub struct Reply {
+    pub resp: Response<Body>,
+    pub peer: Option<std::sync::Arc<str>>,
+}
+
+impl Reply {
+    /// A reply from a peer that presented no identity (plaintext).
+    pub fn plain(resp: Response<Body>) -> Self {
+        Reply { resp, peer: None }
+    }
+}
+
 /// The proxy core's connection pool: sends one request to one target, reusing connections.
 pub trait Upstream: Send + Sync + 'static {
     fn send(
         &self,
         target: Target,
         req: Request<Body>,
-    ) -> BoxFuture<'static, Result<Response<Body>, UpstreamError>>;
+    ) -> BoxFuture<'static, Result<Reply, UpstreamError>>;
 }
 
 /// Facts about the request the traffic layer needs besides the request itself.
@@ -128,8 +144,8 @@ pub struct RequestCtx {
     pub source_ip: IpAddr,
 }
 
-/// What happened to a request, for metrics and access logs. Stored in the response's
-/// extensions by [`Dispatcher::dispatch`].
+/// What happened to a request, for metrics and access logs. Returned beside the response by
+/// [`Dispatcher::dispatch`] (not in its extensions, for the reason [`Reply`] gives).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
     /// `name.namespace` of the Service that served the request (differs from the requested one
@@ -137,6 +153,8 @@ pub struct Outcome {
     pub backend: std::sync::Arc<str>,
     /// The endpoint of the last attempt, if one was made.
     pub endpoint: Option<SocketAddr>,
+    /// The verified SPIFFE ID of the sidecar that answered the last attempt (meshed targets).
+    pub peer: Option<std::sync::Arc<str>>,
     /// Attempts made (1 without retries).
     pub attempts: u32,
     /// Envoy-style response flags: `UF` connect failure, `UC` upstream reset, `UT` timeout

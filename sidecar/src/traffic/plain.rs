@@ -6,13 +6,13 @@ use std::error::Error as _;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use http::{Request, Response, Uri};
+use http::{Request, Uri};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::{Body, Target, Upstream, UpstreamError};
+use super::{Body, Reply, Target, Upstream, UpstreamError};
 use crate::config::Protocol;
 
 /// Plaintext HTTP/1.1 and HTTP/2 (prior knowledge, for `Http2`/`Grpc` targets) client.
@@ -51,7 +51,7 @@ impl Upstream for PlainUpstream {
         &self,
         target: Target,
         mut req: Request<Body>,
-    ) -> BoxFuture<'static, Result<Response<Body>, UpstreamError>> {
+    ) -> BoxFuture<'static, Result<Reply, UpstreamError>> {
         let addr = target.addr;
         let pq = req
             .uri()
@@ -79,7 +79,7 @@ impl Upstream for PlainUpstream {
         };
         Box::pin(async move {
             match client.request(req).await {
-                Ok(resp) => Ok(resp.map(|b| b.map_err(Into::into).boxed())),
+                Ok(resp) => Ok(Reply::plain(resp.map(|b| b.map_err(Into::into).boxed()))),
                 Err(e) if e.is_connect() => Err(UpstreamError::Connect {
                     addr,
                     source: std::io::Error::other(

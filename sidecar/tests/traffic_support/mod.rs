@@ -218,14 +218,9 @@ pub async fn send_ctx(
     req: Request<Body>,
     ctx: &RequestCtx,
 ) -> Answer {
-    let resp = d.dispatch(svc, 80, req, ctx).await;
+    let (resp, outcome) = d.dispatch(svc, 80, req, ctx).await;
     let status = resp.status();
     let headers = resp.headers().clone();
-    let outcome = resp
-        .extensions()
-        .get::<Outcome>()
-        .cloned()
-        .expect("every response carries an Outcome");
     let body = resp.into_body().collect().await.map(|c| c.to_bytes());
     Answer {
         status,
