@@ -137,13 +137,24 @@ def ready(port):
     raise SystemExit(f"proxy with admin {port} not ready")
 
 
+_BENCH_PROXY = None
+
+
+def bench_proxy():
+    """hack/bench-proxy.py as a module, loaded once: its sink collector and its CPU reading, so
+    both harnesses measure the same way."""
+    global _BENCH_PROXY
+    if _BENCH_PROXY is None:
+        spec = importlib.util.spec_from_file_location(
+            "bench_proxy", os.path.join(ROOT, "hack/bench-proxy.py"))
+        _BENCH_PROXY = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_BENCH_PROXY)
+    return _BENCH_PROXY
+
+
 def otlp_sink_class():
     """hack/bench-proxy.py's sink collector, so both harnesses measure against the same one."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_proxy", os.path.join(ROOT, "hack/bench-proxy.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.OtlpSink
+    return bench_proxy().OtlpSink
 
 
 def tracing(var):
@@ -226,20 +237,10 @@ def instructions(pid):
 
 def cpu(pid):
     """CPU seconds of all the process's threads, in nanoseconds' resolution (schedstat's time
-    on CPU): /proc/<pid>/stat counts in clock ticks (10 ms), 2 % of a round's CPU here, which
-    is as large as the differences this tool is for. A thread that exits between two readings
-    takes its time with it; the proxy's threads live as long as it does. Under IR=1, millions
-    of instructions instead."""
+    on CPU, as hack/bench-proxy.py reads it). Under IR=1, millions of instructions instead."""
     if IR:
         return instructions(pid)
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return total / 1e9
+    return bench_proxy().cpu_seconds([pid])
 
 
 STAT_EVENTS = ["raw_syscalls:sys_enter", "context-switches", "page-faults",
