@@ -17,8 +17,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use trellis_proxy::config::{MtlsMode, Protocol};
 
-const PORT: u16 = 8080;
-
 /// The first bytes of a TLS ClientHello (record header and handshake type), announcing 512
 /// more that never come: the proxy detects TLS and waits in the handshake.
 const CLIENT_HELLO_START: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01];
@@ -47,21 +45,11 @@ async fn unauthenticated_connections_are_capped_per_address_while_mesh_peers_are
         |o| o.inbound_limits.max_pending_per_peer = PER_PEER,
     )
     .await;
-    let a = TestProxy::start(
+    let a = client_sidecar(
         &pki,
-        &id("web"),
-        &config(
-            "a1",
-            inbound(MtlsMode::Strict),
-            vec![service(
-                "backend",
-                PORT,
-                Protocol::Http1,
-                b.running.inbound_addr,
-                vec![id("backend")],
-            )],
-        ),
-        None,
+        Protocol::Http1,
+        b.running.inbound_addr,
+        &id("backend"),
     )
     .await;
     let inbound = b.running.inbound_addr;

@@ -32,23 +32,7 @@ async fn pair(
         Some(upstream),
     )
     .await;
-    let a = TestProxy::start(
-        pki,
-        &id("web"),
-        &config(
-            "a1",
-            inbound(MtlsMode::Strict),
-            vec![service(
-                "backend",
-                PORT,
-                protocol,
-                b.running.inbound_addr,
-                vec![expect.to_string()],
-            )],
-        ),
-        None,
-    )
-    .await;
+    let a = client_sidecar(pki, protocol, b.running.inbound_addr, expect).await;
     (a, b)
 }
 
@@ -347,21 +331,11 @@ async fn peer_from_another_ca_is_refused() {
     )
     .await;
     // A holds a certificate with the right trust domain, signed by another CA.
-    let a = TestProxy::start(
+    let a = client_sidecar(
         &rogue,
-        &id("web"),
-        &config(
-            "a1",
-            inbound(MtlsMode::Strict),
-            vec![service(
-                "backend",
-                PORT,
-                Protocol::Http1,
-                b.running.inbound_addr,
-                vec![id("backend")],
-            )],
-        ),
-        None,
+        Protocol::Http1,
+        b.running.inbound_addr,
+        &id("backend"),
     )
     .await;
     let (status, _, _) = h1_send(a.running.outbound_addr, get("backend.shop", "/echo"))

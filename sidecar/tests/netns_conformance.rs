@@ -14,9 +14,8 @@ mod common;
 mod netns_pods;
 mod netns_support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use common::*;
@@ -69,15 +68,11 @@ fn python_app(ns: &str) -> Proc {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/conformance_support/app.py"
     );
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "python3", script, "0.0.0.0"])
-        .arg(APP_PORT.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let proc = Proc(Some(child));
+    let (proc, mut lines) = Proc::spawn_reporting(
+        Command::new("ip")
+            .args(["netns", "exec", ns, "python3", script, "0.0.0.0"])
+            .arg(APP_PORT.to_string()),
+    );
     match lines.next() {
         Some(Ok(l)) if l.starts_with("READY") => proc,
         other => panic!("app in {ns} did not start: {other:?}"),

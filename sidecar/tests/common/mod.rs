@@ -153,6 +153,29 @@ pub fn service(
     }
 }
 
+/// Client sidecar "web" (revision `a1`, Strict inbound) whose one Service, `backend.shop:8080`
+/// speaking `protocol`, has the far proxy's inbound listener `server` as its endpoint and
+/// expects `expect` there. `pki` signs web's own certificate (another CA's, to test refusal).
+pub async fn client_sidecar(
+    pki: &Pki,
+    protocol: Protocol,
+    server: SocketAddr,
+    expect: &str,
+) -> TestProxy {
+    let cfg = config(
+        "a1",
+        inbound(MtlsMode::Strict),
+        vec![service(
+            "backend",
+            8080,
+            protocol,
+            server,
+            vec![expect.to_string()],
+        )],
+    );
+    TestProxy::start(pki, &id("web"), &cfg, None).await
+}
+
 /// A whole proxy, in-process, reading its files from its own temp dir.
 pub struct TestProxy {
     pub running: Running,

@@ -155,7 +155,22 @@ impl Net {
 /// A child process; killed on drop unless already reaped.
 pub struct Proc(pub Option<Child>);
 
+/// What a started helper prints, a line at a time (its progress: `READY`, ...).
+pub type Report = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
 impl Proc {
+    /// Starts `cmd` with its stdin held open (a helper stops when it closes) and its stdout
+    /// read as the helper's [`Report`].
+    pub fn spawn_reporting(cmd: &mut Command) -> (Proc, Report) {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        (Proc(Some(child)), lines)
+    }
+
     /// SIGTERM, then the exit status (the graceful-shutdown path of the real binary).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.0.take().unwrap();
@@ -216,15 +231,11 @@ pub fn helper(ns: &str, uid: Option<u32>, role: &str) -> Command {
 /// An HTTP/1.1 application in `ns` on each of `listen` (e.g. `127.0.0.1:8081`), answering
 /// every request with `app saw: <request head>` and appending the request line to `seen`.
 pub fn start_app(ns: &str, listen: &[&str], seen: &Path) -> Proc {
-    let mut child = helper(ns, None, "app")
-        .env("TRELLIS_NETNS_LISTEN", listen.join(","))
-        .env("TRELLIS_NETNS_SEEN", seen)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let proc = Proc(Some(child));
+    let (proc, mut lines) = Proc::spawn_reporting(
+        helper(ns, None, "app")
+            .env("TRELLIS_NETNS_LISTEN", listen.join(","))
+            .env("TRELLIS_NETNS_SEEN", seen),
+    );
     loop {
         match lines.next() {
             Some(Ok(l)) if l == "READY" => break,
@@ -303,16 +314,12 @@ pub struct Flood {
 impl Flood {
     /// Opens `held` stalled connections, then `extra` more, and reports what became of them.
     pub fn start(ns: &str, addr: &str, held: usize, extra: usize) -> Flood {
-        let mut child = helper(ns, None, "flood")
-            .env("TRELLIS_NETNS_ADDR", addr)
-            .env("TRELLIS_NETNS_HELD", held.to_string())
-            .env("TRELLIS_NETNS_EXTRA", extra.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let proc = Proc(Some(child));
+        let (proc, mut lines) = Proc::spawn_reporting(
+            helper(ns, None, "flood")
+                .env("TRELLIS_NETNS_ADDR", addr)
+                .env("TRELLIS_NETNS_HELD", held.to_string())
+                .env("TRELLIS_NETNS_EXTRA", extra.to_string()),
+        );
         let mut extra_closed = Vec::new();
         loop {
             match lines.next() {
