@@ -596,6 +596,37 @@ async fn http1_streams_bodies_both_ways_and_reuses_the_connection() {
     assert_eq!(pool.stats().idle_h1_conns, 1);
 }
 
+/// The task that reads a response body drives its connection (nothing else does): a body
+/// handed to another task, on another worker thread, still arrives in full as it trickles in,
+/// and its connection then serves the next request sent from a third task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_body_read_by_another_task_arrives_and_frees_the_connection() {
+    let (addr, seen) = h1_server().await;
+    let pool = Arc::new(plain_pool());
+    let t = h1_target(addr);
+    let req = Request::builder()
+        .uri("http://svc/trickle")
+        .body(full(Bytes::new()))
+        .unwrap();
+    let resp = pool.send(t.clone(), req).await.unwrap().resp;
+    let body = tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+            .await
+            .expect("body within 5 s")
+            .unwrap()
+            .to_bytes()
+    })
+    .await
+    .unwrap();
+    assert_eq!(&body[..], b"012");
+    let p = pool.clone();
+    let next = tokio::spawn(async move { fetch(&p, t, "/", full(Bytes::new())).await })
+        .await
+        .unwrap();
+    assert_eq!((next.0, &next.1[..]), (StatusCode::OK, &b"ok"[..]));
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 1, "one connection");
+}
+
 /// `Connection: close` from the server: that connection is not pooled, and the next request
 /// goes out on a new one without an error.
 #[tokio::test]

@@ -53,19 +53,21 @@
 use crate::lookup::FastMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use http::{HeaderValue, Request, Version};
+use futures::task::AtomicWaker;
+use http::{HeaderValue, Request, Response, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateDer;
+use sync_wrapper::SyncWrapper;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -239,10 +241,138 @@ impl H2Slot {
 }
 
 /// An HTTP/1.1 connection and, when meshed, who answered on it.
+///
+/// The connection's I/O (`io`, hyper's connection future) is driven by the request that holds
+/// the connection, inside that request's own task, not by a task of its own. hyper's usual
+/// shape, a spawned task per connection fed through a channel, costs every request two more
+/// task polls (the connection task woken for the request and again for the response) and a
+/// cross-task wake-up of the request's task, which is the application's connection running
+/// hyper's whole server loop. A Trellis hop carries one request at a time per HTTP/1.1
+/// connection, so nothing else needs it driven in between: an idle connection is looked at
+/// only when a request takes it (hyper then notices a close that came while it was idle
+/// before writing, and hands the request back for another connection) and by the reaper.
+///
+/// The connection is polled only when something it waits on has happened ([`Drive`]): the
+/// server loop polls the request's future several times per wake-up, and each poll of
+/// hyper's connection costs a few thousand instructions.
 struct H1Conn {
     sr: http1::SendRequest<Body>,
+    /// `None` once the connection has ended. (A response body must be `Sync`; only the one
+    /// task that holds the connection ever touches it.)
+    io: Option<SyncWrapper<Pin<Box<H1Io>>>>,
+    drive: Arc<Drive>,
+    /// `drive` as the waker the connection is polled with.
+    waker: std::task::Waker,
     peer: Option<Arc<str>>,
     cert: Option<PeerCert>,
+}
+
+/// hyper's side of a pooled HTTP/1.1 connection: the future that reads and writes it.
+type H1Io = http1::Connection<TokioIo<BoxIo>, Body>;
+
+/// What a connection driven by its requests waits on: whether anything it registered for
+/// (its socket, the request body, hyper's request channel) has fired since it was last
+/// polled, and the task to wake when that happens.
+struct Drive {
+    woken: AtomicBool,
+    /// The task holding the connection; empty while it is idle in the pool, so that events
+    /// on an idle connection (the far side closing it) wake no one, and while a request is
+    /// handed over, so that hyper's channel does not wake the very task that is sending.
+    task: AtomicWaker,
+}
+
+impl std::task::Wake for Drive {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl H1Conn {
+    fn new(
+        sr: http1::SendRequest<Body>,
+        io: H1Io,
+        peer: Option<Arc<str>>,
+        cert: Option<PeerCert>,
+    ) -> Self {
+        let drive = Arc::new(Drive {
+            // Never polled yet.
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        Self {
+            sr,
+            io: Some(SyncWrapper::new(Box::pin(io))),
+            waker: std::task::Waker::from(drive.clone()),
+            drive,
+            peer,
+            cert,
+        }
+    }
+
+    /// Lets the connection read and write what it can, if anything it waits on happened,
+    /// and has `cx` woken when something does.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        // Registered first, so an event while the connection is polled is not lost.
+        self.drive.task.register(cx.waker());
+        if self.drive.woken.swap(false, Ordering::AcqRel) {
+            self.poll_io();
+        }
+    }
+
+    /// Polls the connection once, with nothing but [`Drive`] to wake. An ended connection
+    /// is dropped at once: hyper then hands back, through its sender, any request it had not
+    /// written.
+    fn poll_io(&mut self) {
+        let Some(io) = self.io.as_mut() else {
+            return;
+        };
+        let mut cx = Context::from_waker(&self.waker);
+        if let Poll::Ready(r) = io.get_mut().as_mut().poll(&mut cx) {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "upstream h1 connection ended");
+            }
+            self.io = None;
+        }
+    }
+
+    /// Whether the connection can take another request: it has not ended and hyper has
+    /// finished the last exchange on it.
+    fn reusable(&self) -> bool {
+        self.io.is_some() && self.sr.is_ready()
+    }
+
+    /// Sends `req` and drives the connection until the response head arrives.
+    ///
+    /// The response (and its body, see [`Returning`]) can only arrive while this task drives
+    /// the connection, so hyper's response channel is polled with a no-op waker: only the
+    /// connection's own events wake this task. Were it polled with the task's waker, every
+    /// response would wake the task once more, for a whole pass of the application
+    /// connection's server loop.
+    async fn send(
+        &mut self,
+        req: Request<Body>,
+    ) -> Result<Response<hyper::body::Incoming>, hyper::client::conn::TrySendError<Request<Body>>>
+    {
+        // Handing the request over wakes the connection's side of hyper's channel: a wake-up
+        // the poll below makes needless.
+        self.drive.task.take();
+        let mut sent = std::pin::pin!(self.sr.try_send_request(req));
+        self.drive.woken.store(true, Ordering::Release);
+        std::future::poll_fn(|cx| {
+            let mut quiet = Context::from_waker(std::task::Waker::noop());
+            if let Poll::Ready(r) = sent.as_mut().poll(&mut quiet) {
+                return Poll::Ready(r);
+            }
+            self.drive(cx);
+            sent.as_mut().poll(&mut quiet)
+        })
+        .await
+    }
 }
 
 struct IdleH1 {
@@ -697,10 +827,10 @@ impl Pool {
     ///
     /// The idle one is the most recently used that is ready for a request, was idle for less
     /// than `idle_timeout` (the policy's `timeouts.idleMs`, else the pool's) and, when meshed,
-    /// whose peer is still trusted; older ones are dropped ([`take_idle`]). One whose previous
-    /// response ended but which has not taken note yet (its connection task runs after the
-    /// body's reader) stays for the next request; closed ones are never ready, and the reaper
-    /// drops them.
+    /// whose peer is still trusted; older ones are dropped ([`take_idle`]). Only connections
+    /// hyper had finished the last exchange on are pooled (see [`finish`]); one the far side
+    /// closed while idle is noticed by the reaper, or by the request that takes it, which then
+    /// goes out on another connection.
     fn pick_h1(&self, key: &Key, idle_timeout: Option<Duration>) -> H1Pick {
         let meshed = !key.identities.is_empty();
         let creds = if meshed {
@@ -731,13 +861,8 @@ impl Pool {
         }
         let mut wall = None;
         let idle = loop {
-            let Some(mut e) = take_idle(
-                &mut slot.idle,
-                now,
-                t,
-                |e| e.since,
-                |e| e.conn.sr.is_ready(),
-            ) else {
+            let Some(mut e) = take_idle(&mut slot.idle, now, t, |e| e.since, |e| e.conn.reusable())
+            else {
                 break None;
             };
             let Some(cert) = e.conn.cert.as_mut() else {
@@ -777,7 +902,7 @@ impl Pool {
         // A pooled connection may have been closed by the server just now; hyper hands the
         // request back when it was not written, and it is sent once more on a new connection.
         for _ in 0..2 {
-            let (conn, mut lease, pooled) = match self.pick_h1(&key, idle_timeout) {
+            let (mut conn, lease, pooled) = match self.pick_h1(&key, idle_timeout) {
                 H1Pick::Spill => return Ok(Err((key, req))),
                 H1Pick::Idle(conn, lease) => (conn, lease, true),
                 H1Pick::Open(lease) => {
@@ -787,43 +912,32 @@ impl Pool {
                         // The far sidecar's `Date` may come on top of the application's 100.
                         b.max_headers(super::HOP_MAX_HEADERS);
                     }
-                    let (sr, conn) = b
+                    let (sr, io) = b
                         .handshake(TokioIo::new(io))
                         .await
                         .map_err(|e| classify(addr, e))?;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, "upstream h1 connection ended");
-                        }
-                    });
                     let (peer, cert) = match peer {
                         Some(p) => (Some(Arc::<str>::from(p.id)), p.cert),
                         None => (None, None),
                     };
-                    (H1Conn { sr, peer, cert }, lease, false)
+                    (H1Conn::new(sr, io, peer, cert), lease, false)
                 }
             };
-            let H1Conn { mut sr, peer, cert } = conn;
-            match sr.try_send_request(req).await {
+            match conn.send(req).await {
                 Ok(resp) => {
-                    let answered_by = peer.clone();
-                    // Back to the pool when the response body ends (see `Returning`).
-                    lease.conn = Some(H1Conn { sr, peer, cert });
-                    let mut ret = Some(lease);
-                    if resp.body().is_end_stream()
-                        && let Some(r) = ret.take()
-                    {
-                        drop(r);
+                    let peer = conn.peer.clone();
+                    let (parts, inner) = resp.into_parts();
+                    let mut body = Returning {
+                        inner,
+                        conn: Some(conn),
+                        lease: Some(lease),
+                    };
+                    if body.inner.is_end_stream() {
+                        finish(&mut body.conn, &mut body.lease);
                     }
                     return Ok(Ok(Reply {
-                        resp: resp.map(|b| {
-                            Returning {
-                                inner: b.map_err(|e| Box::new(e) as BoxError),
-                                ret,
-                            }
-                            .boxed()
-                        }),
-                        peer: answered_by,
+                        resp: Response::from_parts(parts, body.boxed()),
+                        peer,
                     }));
                 }
                 Err(mut e) => match e.take_message() {
@@ -901,8 +1015,13 @@ async fn reap(pool: Weak<Inner>, mut creds: crate::creds::CredentialsRx, setting
                 )
             };
             slot.idle.retain_mut(|e| {
+                // Nothing drives an idle connection (see `H1Conn`): a look now notices a close
+                // from the far side, so its socket does not linger until the idle timeout.
+                if e.conn.drive.woken.swap(false, Ordering::AcqRel) {
+                    e.conn.poll_io();
+                }
                 e.since.elapsed() < idle_timeout
-                    && !e.conn.sr.is_closed()
+                    && e.conn.reusable()
                     && e.conn
                         .cert
                         .as_mut()
@@ -1075,7 +1194,7 @@ struct H1Lease {
 
 impl Drop for H1Lease {
     fn drop(&mut self) {
-        let conn = self.conn.take().filter(|c| !c.sr.is_closed());
+        let conn = self.conn.take();
         let mut c = self.pool.conns.lock().expect("pool lock");
         // The slot outlives every lease: the reaper keeps a slot with busy connections.
         let Some(slot) = c.h1.get_mut(&self.key) else {
@@ -1094,41 +1213,72 @@ impl Drop for H1Lease {
 }
 
 pin_project_lite::pin_project! {
-    /// An HTTP/1.1 response body that returns its connection to the pool when it ends.
+    /// An HTTP/1.1 response body that drives its connection (see [`H1Conn`]) and returns it
+    /// to the pool when it ends.
     ///
-    /// This used to be a task per request that waited for the connection to become ready
-    /// again. A request sent right after the previous response was read ran before that task
-    /// and found no idle connection, so back-to-back requests opened a second connection (see
-    /// `http1_connections_are_reused_once_their_response_is_read` in tests/pool.rs). The end of
-    /// the body is the moment the connection can take another request; it may take note of it
-    /// a moment later, so [`Pool::idle_h1`] keeps such a connection and picks only ready ones.
-    /// A body dropped before its end drops the connection, which hyper cannot reuse anyway.
-    struct Returning<B> {
+    /// The end of the body is the moment the connection can take another request: returning
+    /// it from a task of its own, as this once did, ran after the next request had already
+    /// looked for an idle connection, so back-to-back requests opened a second connection
+    /// (see `http1_connections_are_reused_once_their_response_is_read` in tests/pool.rs). A
+    /// body dropped before its end, or ended by an error, closes the connection, which hyper
+    /// could not reuse anyway.
+    struct Returning {
         #[pin]
-        inner: B,
-        ret: Option<H1Lease>,
+        inner: hyper::body::Incoming,
+        conn: Option<H1Conn>,
+        lease: Option<H1Lease>,
     }
 }
 
-impl<B: HttpBody> HttpBody for Returning<B> {
-    type Data = B::Data;
-    type Error = B::Error;
+/// The exchange on `conn` is over: back to the pool through `lease` if it can take another
+/// request, otherwise closed. The lease leaves the key's busy count either way.
+fn finish(conn: &mut Option<H1Conn>, lease: &mut Option<H1Lease>) {
+    let Some(mut lease) = lease.take() else {
+        return;
+    };
+    let mut conn = conn.take();
+    if let Some(c) = conn.as_mut() {
+        if !c.reusable() {
+            // hyper takes note of the exchange's end when next polled; usually it already has.
+            c.poll_io();
+        }
+        c.drive.task.take();
+    }
+    lease.conn = conn.filter(H1Conn::reusable);
+}
+
+impl HttpBody for Returning {
+    type Data = Bytes;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        let r = this.inner.as_mut().poll_frame(cx);
-        let ended = match &r {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
-            _ => false,
+        // As in `H1Conn::send`: the body's data arrives only while this poll drives the
+        // connection, so the body's own waker is a no-op and the connection's is `cx`.
+        let mut quiet = Context::from_waker(std::task::Waker::noop());
+        let r = match this.conn.as_mut() {
+            None => this.inner.as_mut().poll_frame(cx),
+            Some(conn) => match this.inner.as_mut().poll_frame(&mut quiet) {
+                Poll::Pending => {
+                    conn.drive(cx);
+                    this.inner.as_mut().poll_frame(&mut quiet)
+                }
+                r => r,
+            },
         };
-        if ended && let Some(ret) = this.ret.take() {
-            drop(ret);
+        match &r {
+            Poll::Ready(None) => finish(this.conn, this.lease),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => finish(this.conn, this.lease),
+            Poll::Ready(Some(Err(_))) => {
+                *this.conn = None;
+                *this.lease = None;
+            }
+            _ => {}
         }
-        r
+        r.map_err(|e| Box::new(e) as BoxError)
     }
 
     fn is_end_stream(&self) -> bool {
