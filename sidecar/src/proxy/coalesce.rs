@@ -43,6 +43,18 @@ pub async fn prefetch(resp: Response<Body>, wait: Duration) -> Response<Body> {
         return resp;
     }
     let (parts, mut body) = resp.into_parts();
+    // Nearly always the body is already there (it came in the same read as the head, and a
+    // pooled HTTP/1.1 connection delivers it in the same poll): take it without arming the
+    // timeout, which costs a clock read and a timer handle per response. A body that is not
+    // there yet is polled again below with this task's waker.
+    let ready = {
+        let mut quiet = Context::from_waker(std::task::Waker::noop());
+        Pin::new(&mut body).poll_frame(&mut quiet)
+    };
+    if let Poll::Ready(first) = ready {
+        let rest = body;
+        return Response::from_parts(parts, Prefetched { first, rest }.boxed());
+    }
     let first = match tokio::time::timeout(wait, body.frame()).await {
         Ok(Some(frame)) => Some(frame),
         // Ended without a frame (the length lied): the body reports the end itself.
@@ -166,6 +178,21 @@ mod tests {
         let resp = prefetch(Response::new(body), Duration::from_secs(5)).await;
         let mut body = resp.into_body();
         assert_eq!(body.size_hint().exact(), Some(5));
+        let first = body.frame().now_or_never().expect("first frame read ahead");
+        assert_eq!(first.unwrap().unwrap().into_data().unwrap(), "hello");
+    }
+
+    /// A body already there is taken without the timeout: this runtime has no timer, and
+    /// arming one would panic.
+    #[test]
+    fn a_body_already_there_is_taken_without_a_timer() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (tx, body) = channel_body(Some(5));
+        tx.try_send(Bytes::from_static(b"hello")).unwrap();
+        let resp = rt.block_on(prefetch(Response::new(body), Duration::from_secs(5)));
+        let mut body = resp.into_body();
         let first = body.frame().now_or_never().expect("first frame read ahead");
         assert_eq!(first.unwrap().unwrap().into_data().unwrap(), "hello");
     }
