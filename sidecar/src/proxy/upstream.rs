@@ -2,7 +2,7 @@
 //!
 //! - Meshed targets (identities known) get mTLS, and the hop speaks what the application spoke:
 //!   - HTTP/1.x rides pooled keep-alive HTTP/1.1 (ALPN `http/1.1`), one connection per request
-//!     in flight, while fewer than [`PoolSettings::max_h1_hop_inflight`] (4) requests to that
+//!     in flight, while fewer than [`PoolSettings::max_h1_hop_inflight`] (32) requests to that
 //!     peer are in flight; from there on, further requests ride HTTP/2 (marked with
 //!     `trellis-orig-proto` so the far proxy speaks HTTP/1.1 to its application again) until
 //!     the peer is quieter;
@@ -18,11 +18,18 @@
 //!   rounds, CPU lower in every one). A busy peer is the opposite case: one HTTP/2 connection
 //!   carries many requests per TLS record and syscall, where HTTP/1.1 needs a connection per
 //!   request in flight (a handshake, buffers on both sides, a certificate to retire) and a
-//!   read and a write for each. With up to 8 HTTP/1.1 connections busy before spilling,
-//!   saturation over 32 connections fell to 0.925x (lower in 5 of 5 rounds); counting every
-//!   request in flight, so that a busy peer rides HTTP/2 alone, it is 0.98x (rounds either
-//!   side of 1). HTTP/1.1 connections busy at once stay below the limit, so connections per
-//!   peer pair stay bounded (4 HTTP/1.1 plus at most 8 HTTP/2). (Istio's default,
+//!   read and a write for each. With each HTTP/1.1 connection served by a task of its own,
+//!   that decided it: up to 8 HTTP/1.1 connections busy before spilling took saturation over
+//!   32 connections to 0.925x (lower in 5 of 5 rounds), so the limit was 4. Since the
+//!   connections are driven by their requests (see [`H1Conn`]), HTTP/1.1 is the cheaper hop
+//!   under load too: with a limit of 32 against 4 (2026-11-30, `hack/bench-proxy.sh --pairs
+//!   trellis,nginx --proxy-bin`), saturation over 32 connections 1.09x (9 rounds, 4 s at the
+//!   fixed rate; 1.09x in a 5-round run with 12 s). At 1000 req/s, CPU 0.90x / 0.89x and
+//!   added p50 0.85x in the 9-round run, 1.03x / 1.02x and 1.01x in the 5-round one: even
+//!   that load has bursts of 4 in flight (a proxy descheduled for a millisecond), which
+//!   spilled to HTTP/2, and their share varies. HTTP/1.1 connections busy at once stay
+//!   below the limit, so connections per peer pair stay bounded (32 HTTP/1.1 plus at most 8
+//!   HTTP/2). (Istio's default,
 //!   `DO_NOT_UPGRADE`, keeps HTTP/1.1 with a connection per request in flight; Linkerd always
 //!   upgrades to HTTP/2.)
 //!   Adaptive flow control on the HTTP/2 client (BDP pings) made no measurable difference at
@@ -120,7 +127,7 @@ impl Default for PoolSettings {
             sweep_interval: Duration::from_secs(5),
             max_h2_conns: 8,
             max_h2_queued: 1024,
-            max_h1_hop_inflight: 4,
+            max_h1_hop_inflight: 32,
             h1_hop_idle_timeout: Duration::from_secs(20),
         }
     }
