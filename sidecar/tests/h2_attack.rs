@@ -45,15 +45,6 @@ const END_HEADERS: u8 = 0x4;
 const ACK: u8 = 0x1;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
-/// One frame: 9-byte header, then the payload.
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
 /// An HPACK integer with an `n`-bit prefix, the prefix byte's other bits set to `flags`.
 fn hpack_int(out: &mut Vec<u8>, n: u8, flags: u8, v: usize) {
     let max = (1usize << n) - 1;

@@ -219,14 +219,6 @@ const GOAWAY: u8 = 0x7;
 const HEADERS: u8 = 0x1;
 const ACK: u8 = 0x1;
 
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
 /// One frame's type, flags and payload; `None` once the connection is closed.
 async fn read_frame(tcp: &mut TcpStream) -> Option<(u8, u8, Vec<u8>)> {
     let mut head = [0u8; 9];

@@ -541,3 +541,13 @@ pub async fn closed_within<R: tokio::io::AsyncRead + Unpin>(tcp: &mut R, within:
     .await
     .is_ok()
 }
+
+/// One HTTP/2 frame (RFC 9113 section 4.1): the 9-byte header, then the payload; for the
+/// clients the tests write out by hand, where a library client would hide what was sent.
+pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
