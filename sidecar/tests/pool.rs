@@ -627,6 +627,60 @@ async fn http1_body_read_by_another_task_arrives_and_frees_the_connection() {
     assert_eq!(seen.accepted.load(Ordering::SeqCst), 1, "one connection");
 }
 
+/// The application sends a head and part of a chunked body, then closes. A server forwarding
+/// the pooled response (as a sidecar does) writes what came before the failure, so its client
+/// sees the response end early, not a connection closed with nothing on it (which its own
+/// sidecar would answer with a 502, a complete response).
+#[tokio::test]
+async fn an_upstream_failing_mid_body_reaches_the_client_as_a_short_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = app.accept().await.unwrap();
+        let mut req = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !req.ends_with(b"\r\n\r\n") {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "request cut short");
+            req.extend_from_slice(&buf[..n]);
+        }
+        // Head, one chunk and the close in one write: the pool reads them in one go.
+        let resp = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n";
+        tcp.write_all(resp.as_bytes()).await.unwrap();
+    });
+    let pool = Arc::new(plain_pool());
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_addr = front.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = front.accept().await.unwrap();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let pool = pool.clone();
+            async move {
+                let req = req.map(|b| b.map_err(Into::into).boxed());
+                let reply = pool.send(h1_target(app_addr), req).await.unwrap();
+                Ok::<_, Infallible>(reply.resp)
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(tcp), svc)
+            .await;
+    });
+    let mut client = tokio::net::TcpStream::connect(front_addr).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got))
+        .await
+        .expect("the connection ends within 5 s");
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200 OK"), "{got:?}");
+    assert!(got.contains("hello"), "{got:?}");
+    assert!(!got.contains("0\r\n\r\n"), "looked complete: {got:?}");
+}
+
 /// `Connection: close` from the server: that connection is not pooled, and the next request
 /// goes out on a new one without an error.
 #[tokio::test]

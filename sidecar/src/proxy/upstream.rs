@@ -284,7 +284,8 @@ struct Drive {
     woken: AtomicBool,
     /// The task holding the connection; empty while it is idle in the pool, so that events
     /// on an idle connection (the far side closing it) wake no one, and while a request is
-    /// handed over, so that hyper's channel does not wake the very task that is sending.
+    /// handed over or a response chunk taken, so that hyper's channels do not wake the very
+    /// task that is using them.
     task: AtomicWaker,
 }
 
@@ -938,6 +939,8 @@ impl Pool {
                         inner,
                         conn: Some(conn),
                         lease: Some(lease),
+                        gave_data: false,
+                        held: None,
                     };
                     if body.inner.is_end_stream() {
                         finish(&mut body.conn, &mut body.lease);
@@ -1234,6 +1237,18 @@ pin_project_lite::pin_project! {
         inner: hyper::body::Incoming,
         conn: Option<H1Conn>,
         lease: Option<H1Lease>,
+        // Data went out on this poll's wake-up, with no wait since (see `held`).
+        gave_data: bool,
+        // The body's error, held back for one poll when it came right after data.
+        //
+        // The server that forwards this body writes a chunk into its buffer and polls for
+        // the next at once; an error then ends its connection (or stream) before it flushed
+        // what it had, and the client gets a bare reset (a 502 from its sidecar) where the
+        // application had sent a head and part of a body. When this task also drove the
+        // connection that read the error, the error is there on that very next poll: waiting
+        // once lets the server flush, so the client sees its response end early (a short
+        // read), as it does when the error comes later.
+        held: Option<hyper::Error>,
     }
 }
 
@@ -1263,27 +1278,48 @@ impl HttpBody for Returning {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        if let Some(e) = this.held.take() {
+            return Poll::Ready(Some(Err(Box::new(e))));
+        }
         // As in `H1Conn::send`: the body's data arrives only while this poll drives the
         // connection, so the body's own waker is a no-op and the connection's is `cx`.
         let mut quiet = Context::from_waker(std::task::Waker::noop());
         let r = match this.conn.as_mut() {
             None => this.inner.as_mut().poll_frame(cx),
-            Some(conn) => match this.inner.as_mut().poll_frame(&mut quiet) {
-                Poll::Pending => {
-                    conn.drive(cx);
-                    this.inner.as_mut().poll_frame(&mut quiet)
+            Some(conn) => {
+                // Taking a chunk from hyper's body channel wakes the connection's side of it
+                // (there is room for the next): with no task registered that only marks the
+                // connection for its next poll, instead of waking this very task once more
+                // per response. `drive` registers the task again whenever this waits.
+                conn.drive.task.take();
+                match this.inner.as_mut().poll_frame(&mut quiet) {
+                    Poll::Pending => {
+                        conn.drive(cx);
+                        this.inner.as_mut().poll_frame(&mut quiet)
+                    }
+                    r => r,
                 }
-                r => r,
-            },
+            }
         };
-        match &r {
+        match r {
             Poll::Ready(None) => finish(this.conn, this.lease),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => finish(this.conn, this.lease),
-            Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(Some(Ok(_))) => {
+                *this.gave_data = true;
+                if this.inner.is_end_stream() {
+                    finish(this.conn, this.lease);
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
                 *this.conn = None;
                 *this.lease = None;
+                if std::mem::take(this.gave_data) {
+                    *this.held = Some(e);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                return Poll::Ready(Some(Err(Box::new(e))));
             }
-            _ => {}
+            Poll::Pending => *this.gave_data = false,
         }
         r.map_err(|e| Box::new(e) as BoxError)
     }
