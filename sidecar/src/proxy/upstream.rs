@@ -327,6 +327,11 @@ impl H1Conn {
     fn drive(&mut self, cx: &mut Context<'_>) {
         // Registered first, so an event while the connection is polled is not lost.
         self.drive.task.register(cx.waker());
+        self.poll_if_woken();
+    }
+
+    /// [`H1Conn::poll_io`] if anything the connection waits on happened since its last poll.
+    fn poll_if_woken(&mut self) {
         if self.drive.woken.swap(false, Ordering::AcqRel) {
             self.poll_io();
         }
@@ -1027,9 +1032,7 @@ async fn reap(pool: Weak<Inner>, mut creds: crate::creds::CredentialsRx, setting
             slot.idle.retain_mut(|e| {
                 // Nothing drives an idle connection (see `H1Conn`): a look now notices a close
                 // from the far side, so its socket does not linger until the idle timeout.
-                if e.conn.drive.woken.swap(false, Ordering::AcqRel) {
-                    e.conn.poll_io();
-                }
+                e.conn.poll_if_woken();
                 e.since.elapsed() < idle_timeout
                     && e.conn.reusable()
                     && e.conn
