@@ -14,7 +14,7 @@
 //!
 //! Pure core ([`Gate::admit`], counting) and a thin edge ([`drive`], one connection's life).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -50,27 +50,74 @@ impl ConnLimits {
 pub struct Gate {
     max_connections: usize,
     max_connections_per_peer: usize,
+    /// When the total is full, make room by evicting the oldest connection instead of refusing
+    /// the new one (see [`Gate::evicting`]).
+    evict_oldest: bool,
     open: Mutex<Open>,
 }
 
 #[derive(Default)]
 struct Open {
-    total: usize,
+    next_id: u64,
+    /// Admitted connections by admission order (ids only grow), so the first is the oldest.
+    slots: BTreeMap<u64, (IpAddr, CancellationToken)>,
     /// Only peers with open connections.
     per_peer: HashMap<IpAddr, usize>,
+}
+
+impl Open {
+    fn release(&mut self, peer: IpAddr) {
+        if let Some(n) = self.per_peer.get_mut(&peer) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_peer.remove(&peer);
+            }
+        }
+    }
 }
 
 /// One admitted connection; gives its place back on drop.
 pub struct Slot {
     gate: Arc<Gate>,
+    id: u64,
     peer: IpAddr,
+    evicted: CancellationToken,
+}
+
+impl Slot {
+    /// Completes when an evicting gate ([`Gate::evicting`]) has taken this place back for a
+    /// newer connection: the holder should close its connection. Never completes otherwise.
+    pub fn evicted(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.evicted.cancelled()
+    }
 }
 
 impl Gate {
+    /// A gate that refuses connections beyond either cap.
     pub fn new(max_connections: usize, max_connections_per_peer: usize) -> Arc<Self> {
+        Self::build(max_connections, max_connections_per_peer, false)
+    }
+
+    /// A gate for connections that should only hold a place briefly (a handshake in
+    /// progress): when the total is full, the oldest connection is evicted ([`Slot::evicted`])
+    /// and the new one admitted; only the per-peer cap refuses.
+    ///
+    /// A refusing total lets a few hosts lock everyone out: `total / per_peer` addresses, each
+    /// holding its share of stalled handshakes for as long as the handshake timeout allows,
+    /// and every new connection, a mesh peer's too, is turned away. Evicting the oldest turns
+    /// that around: a legitimate handshake takes milliseconds, so it is never the oldest for
+    /// long, and to push one out an attacker would have to open `total` connections within
+    /// that handshake's few milliseconds. The connection evicted is nearly always one that
+    /// has stalled longest, which is the one to close.
+    pub fn evicting(max_connections: usize, max_connections_per_peer: usize) -> Arc<Self> {
+        Self::build(max_connections, max_connections_per_peer, true)
+    }
+
+    fn build(max_connections: usize, max_connections_per_peer: usize, evict: bool) -> Arc<Self> {
         Arc::new(Gate {
             max_connections,
             max_connections_per_peer,
+            evict_oldest: evict,
             open: Mutex::default(),
         })
     }
@@ -79,32 +126,47 @@ impl Gate {
     pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<Slot> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let mine = open.per_peer.get(&peer).copied().unwrap_or(0);
-        if open.total >= self.max_connections || mine >= self.max_connections_per_peer {
+        if mine >= self.max_connections_per_peer {
             return None;
         }
-        open.total += 1;
+        if open.slots.len() >= self.max_connections {
+            if !self.evict_oldest {
+                return None;
+            }
+            // A cap of zero has nothing to evict: refuse.
+            let (_, (oldest, token)) = open.slots.pop_first()?;
+            open.release(oldest);
+            token.cancel();
+        }
+        let id = open.next_id;
+        open.next_id += 1;
+        let evicted = CancellationToken::new();
+        open.slots.insert(id, (peer, evicted.clone()));
         *open.per_peer.entry(peer).or_insert(0) += 1;
         Some(Slot {
             gate: self.clone(),
+            id,
             peer,
+            evicted,
         })
     }
 
     /// Connections open now.
     pub fn open(&self) -> usize {
-        self.open.lock().unwrap_or_else(|p| p.into_inner()).total
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .slots
+            .len()
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut open = self.gate.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.total -= 1;
-        if let Some(n) = open.per_peer.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                open.per_peer.remove(&self.peer);
-            }
+        // An evicted slot gave its place back when it was evicted.
+        if open.slots.remove(&self.id).is_some() {
+            open.release(self.peer);
         }
     }
 }
@@ -146,6 +208,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::FutureExt;
 
     fn limits(total: usize, per_peer: usize) -> ConnLimits {
         ConnLimits {
@@ -172,6 +235,52 @@ mod tests {
         drop(a1);
         assert_eq!(gate.open(), 2);
         assert!(gate.admit(c).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_full_evicting_gate_makes_room_by_evicting_the_oldest() {
+        let gate = Gate::evicting(3, 2);
+        let (a, b, c) = (
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            "10.0.0.3".parse().unwrap(),
+        );
+        let a1 = gate.admit(a).unwrap();
+        let a2 = gate.admit(a).unwrap();
+        let b1 = gate.admit(b).unwrap();
+        // The per-peer cap still refuses, and evicts no one.
+        assert!(gate.admit(a).is_none(), "per-peer cap");
+        assert!(a1.evicted().now_or_never().is_none());
+        // The total is full: a new peer gets in, the oldest (a1) is told to go.
+        let c1 = gate.admit(c).unwrap();
+        assert!(
+            a1.evicted().now_or_never().is_some(),
+            "the oldest was not evicted"
+        );
+        for s in [&a2, &b1, &c1] {
+            assert!(
+                s.evicted().now_or_never().is_none(),
+                "a newer one was evicted"
+            );
+        }
+        assert_eq!(gate.open(), 3);
+        // a's place went with the eviction: a may connect again (evicting a2, now the oldest),
+        // and dropping the evicted slot gives back nothing twice.
+        drop(a1);
+        assert_eq!(gate.open(), 3);
+        let a3 = gate.admit(a).unwrap();
+        assert!(a2.evicted().now_or_never().is_some());
+        drop(a2);
+        drop((b1, c1, a3));
+        assert_eq!(gate.open(), 0);
+        assert!(gate.open.lock().unwrap().per_peer.is_empty());
+        // A refusing gate of the same size refuses instead.
+        let refusing = Gate::new(1, 1);
+        let r1 = refusing.admit(a).unwrap();
+        assert!(refusing.admit(b).is_none());
+        assert!(r1.evicted().now_or_never().is_none());
+        // And an evicting gate of size zero admits no one.
+        assert!(Gate::evicting(0, 1).admit(a).is_none());
     }
 
     #[tokio::test]

@@ -523,7 +523,7 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         http: outbound_http_builder(),
         inbound_http: inbound_http_builder(opts.inbound_limits.header_read_timeout),
         inbound_limits: opts.inbound_limits,
-        inbound_pending: crate::conn_limit::Gate::new(
+        inbound_pending: crate::conn_limit::Gate::evicting(
             opts.inbound_limits.max_pending,
             opts.inbound_limits.max_pending_per_peer,
         ),

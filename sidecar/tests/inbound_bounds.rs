@@ -1,5 +1,6 @@
 //! What a client that reaches the pod IP can hold of the inbound listener (15006): connections
-//! that never finish authenticating are capped per address while mesh peers keep being served,
+//! that never finish authenticating are capped per address, and when a few addresses fill the
+//! total the oldest make room, while mesh peers keep being served,
 //! and plaintext HTTP connections (h2c and HTTP/1.1 on a `Permissive` port) end when idle or
 //! when a request head never ends, but not while a response is still streaming.
 
@@ -116,6 +117,101 @@ async fn unauthenticated_connections_are_capped_per_address_while_mesh_peers_are
     assert!(
         admitted,
         "the address stayed locked out after its connections closed"
+    );
+}
+
+/// Several hosts, each within its per-address cap, fill the total of unauthenticated
+/// connections with handshakes they never finish. A refusing total would turn every mesh peer
+/// away until their handshakes time out (10 s, again and again); instead the oldest stalled
+/// connection is closed to make room, and the mesh peer's handshake, done in milliseconds,
+/// gets through.
+#[tokio::test]
+async fn stalled_handshakes_from_several_addresses_cannot_lock_the_mesh_out() {
+    const PER_PEER: usize = 4;
+    const TOTAL: usize = 8;
+    let pki = Pki::new("mesh");
+    let app = upstream(Speaks::Both).await;
+    let b = TestProxy::start_with(
+        &pki,
+        &id("backend"),
+        &config("b1", inbound(MtlsMode::Strict), vec![]),
+        Some(app),
+        |o| {
+            o.inbound_limits.max_pending_per_peer = PER_PEER;
+            o.inbound_limits.max_pending = TOTAL;
+        },
+    )
+    .await;
+    let a = client_sidecar(
+        &pki,
+        Protocol::Http1,
+        b.running.inbound_addr,
+        &id("backend"),
+    )
+    .await;
+    let inbound = b.running.inbound_addr;
+
+    // Two hosts, each at its cap: the total is full.
+    let mut flood = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.3"] {
+        for _ in 0..PER_PEER {
+            flood.push(stranger(from, inbound).await);
+            // Admitted in the order they came, so the first is the oldest.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for c in flood.iter_mut() {
+        assert!(
+            !closed_within(c, Duration::from_millis(50)).await,
+            "a connection within the caps was closed"
+        );
+    }
+
+    // The mesh peer's first connection arrives on a full total and is served.
+    for i in 0..3 {
+        let req = Request::builder()
+            .uri(format!("/echo?i={i}"))
+            .header("host", "backend.shop:8080")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (status, _, body) = h1_send(a.running.outbound_addr, req).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body:?}");
+    }
+    // It took the place of the oldest stalled handshake, and of no other.
+    assert!(
+        closed_within(&mut flood[0], Duration::from_secs(2)).await,
+        "the oldest stalled handshake was not closed to make room"
+    );
+    for c in flood[1..].iter_mut() {
+        assert!(!closed_within(c, Duration::from_millis(50)).await);
+    }
+    // The mesh peer's place came back when its handshake ended: a third host's stalled
+    // handshake fills it and evicts no one; a fourth's evicts the oldest left.
+    let mut third = stranger("127.0.0.4", inbound).await;
+    assert!(!closed_within(&mut third, Duration::from_millis(300)).await);
+    assert!(!closed_within(&mut flood[1], Duration::from_millis(50)).await);
+    let mut fourth = stranger("127.0.0.5", inbound).await;
+    assert!(!closed_within(&mut fourth, Duration::from_millis(300)).await);
+    assert!(closed_within(&mut flood[1], Duration::from_secs(2)).await);
+    assert!(!closed_within(&mut third, Duration::from_millis(50)).await);
+    let mb = b.metrics().await;
+    assert_eq!(
+        metric_value(
+            &mb,
+            &["reason=\"pending_evicted\""],
+            "trellis_proxy_inbound_refused_total"
+        ),
+        Some(2.0),
+        "{mb}"
+    );
+    assert!(
+        metric_value(
+            &mb,
+            &["reason=\"too_many_pending\""],
+            "trellis_proxy_inbound_refused_total"
+        )
+        .is_none(),
+        "no one was over their address's cap: {mb}"
     );
 }
 

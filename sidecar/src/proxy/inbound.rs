@@ -51,10 +51,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// can connect to.
 ///
 /// Connections that have not authenticated yet (protocol detection or the mTLS handshake in
-/// progress) are capped per peer address and in all, and closed at once beyond that (counted
-/// as `trellis_proxy_inbound_refused_total{reason="too_many_pending"}`): each may sit for up
-/// to [`HANDSHAKE_TIMEOUT`], and without a cap one host could hold every file descriptor of
-/// the proxy that way and lock out the mesh. Authenticated mesh connections are not capped:
+/// progress) are capped per peer address, and a new one beyond that is closed at once
+/// (counted as `trellis_proxy_inbound_refused_total{reason="too_many_pending"}`): each may sit
+/// for up to [`HANDSHAKE_TIMEOUT`], and without a cap one host could hold every file
+/// descriptor of the proxy that way and lock out the mesh. They are capped in all too, but
+/// there the oldest is closed to make room for the new one (`reason="pending_evicted"`, see
+/// [`crate::conn_limit::Gate::evicting`]): refusing instead would let a few hosts, each within
+/// its per-address share, fill the total with stalled handshakes and turn every mesh peer away. Authenticated mesh connections are not capped:
 /// many legitimate clients share one address (every pod of a node behind its IP, with SNAT),
 /// their number is bounded by the mesh's peers (each client sidecar pools its connections),
 /// and a cap would only give whoever fills it a way to lock out the rest. Plaintext
@@ -66,7 +69,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Limits {
     /// Connections not yet authenticated from one peer address (`--inbound-max-pending-per-peer`).
     pub max_pending_per_peer: usize,
-    /// Connections not yet authenticated, all peers together (`--inbound-max-pending`).
+    /// Connections not yet authenticated, all peers together (`--inbound-max-pending`); a new
+    /// one beyond it evicts the oldest.
     pub max_pending: usize,
     /// An inbound connection served by hyper (plaintext HTTP/1.1 and h2c, mTLS HTTP/1.1) is
     /// told to go away after one to two of these without a request in flight, and dropped one
@@ -213,9 +217,15 @@ pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, client: SocketAdd
     let (detected, prefix) = if mode == MtlsMode::Disable && opaque_port {
         (Detected::Opaque, bytes::Bytes::new())
     } else {
-        match detect(&mut stream, shared.detect_timeout()).await {
-            Ok(d) => d,
-            Err(_) => return,
+        tokio::select! {
+            r = detect(&mut stream, shared.detect_timeout()) => match r {
+                Ok(d) => d,
+                Err(_) => return,
+            },
+            _ = pending.evicted() => {
+                refuse(&shared, "pending_evicted");
+                return;
+            }
         }
     };
     let io = Prefixed::new(prefix, stream);
@@ -254,7 +264,13 @@ async fn accept_mtls(
             return;
         }
     };
-    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(cfg).accept(io)).await;
+    let accepted = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(cfg).accept(io)) => r,
+        _ = pending.evicted() => {
+            refuse(shared, "pending_evicted");
+            return;
+        }
+    };
     drop(pending);
     let tls = match accepted {
         Ok(Ok(s)) => s,
