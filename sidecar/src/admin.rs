@@ -50,10 +50,14 @@ pub struct Limits {
     pub max_connection_age: Duration,
     /// A connection is closed after this many requests.
     pub max_requests_per_connection: u32,
-    /// Open connections, all peers together; more are closed at once.
+    /// Open connections, all peers together; a new one beyond it closes the oldest
+    /// ([`Gate::evicting`]): with a refusing total, a few addresses within their per-peer
+    /// share (4 of 32 by default) could hold it full of idle connections and lock the
+    /// kubelet's probes out, failing the pod's liveness. A probe's connection lives
+    /// milliseconds, so it is never the oldest for long.
     pub max_connections: usize,
     /// Open connections from one peer address; more are closed at once. Keeps one client
-    /// from filling [`Limits::max_connections`] and locking the kubelet out.
+    /// from holding most of [`Limits::max_connections`].
     pub max_connections_per_peer: usize,
 }
 
@@ -162,7 +166,7 @@ impl Admin {
         limits: Limits,
     ) -> Self {
         Self {
-            open: Gate::new(limits.max_connections, limits.max_connections_per_peer),
+            open: Gate::evicting(limits.max_connections, limits.max_connections_per_peer),
             metrics,
             config,
             status,
@@ -311,6 +315,8 @@ impl Admin {
         tokio::pin!(age);
         tokio::select! {
             _ = conn.as_mut() => {}
+            // Its place went to a newer connection: the total is full, likely of a flood.
+            _ = slot.evicted() => {}
             _ = &mut age => {
                 conn.as_mut().graceful_shutdown();
                 // A peer that stops reading cannot hold the slot past a second header timeout.
