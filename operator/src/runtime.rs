@@ -762,9 +762,8 @@ pub async fn serve_admin_with(
                 let builder = builder.clone();
                 let shutdown = services.shutdown.clone();
                 connections.spawn(async move {
-                    let _slot = slot;
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    match conn_limit::drive(conn, |c| c.graceful_shutdown(), &limits, &shutdown)
+                            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    match conn_limit::drive(conn, |c| c.graceful_shutdown(), &limits, &shutdown, &slot)
                         .await
                     {
                         Ended::Closed(Ok(())) => {}

@@ -163,8 +163,9 @@ pub struct ServeOptions {
     /// How long a review waits for a slot before it is answered 503 (well inside the API
     /// server's 10 s webhook timeout).
     pub queue_timeout: Duration,
-    /// Open connections, all peers together; more are closed at once. Anything in the cluster
-    /// can connect, and each connection costs a descriptor and TLS state.
+    /// Open connections, all peers together; a new one beyond it ends the oldest
+    /// ([`trellis_proxy::conn_limit::Gate::evicting`]). Anything in the cluster can connect,
+    /// and each connection costs a descriptor and TLS state.
     pub max_connections: usize,
     /// Open connections from one address; more are closed at once, so one client cannot fill
     /// [`ServeOptions::max_connections`] and lock the API server out.
@@ -646,9 +647,14 @@ pub async fn serve_on(
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            let _slot = slot;
+            let handshake = tokio::time::timeout(opts.handshake_timeout, acceptor.accept(tcp));
+            let handshake = tokio::select! {
+                r = handshake => r,
+                // The total is full (of a flood, likely): the oldest make room.
+                _ = slot.evicted() => return,
+            };
             let stream =
-                match tokio::time::timeout(opts.handshake_timeout, acceptor.accept(tcp)).await {
+                match handshake {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
@@ -670,7 +676,7 @@ pub async fn serve_on(
                 }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), service);
-            match conn_limit::drive(conn, |c| c.graceful_shutdown(), &limits, &shutdown)
+            match conn_limit::drive(conn, |c| c.graceful_shutdown(), &limits, &shutdown, &slot)
                 .await
             {
                 Ended::Closed(Ok(())) => {}

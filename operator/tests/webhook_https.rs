@@ -678,6 +678,45 @@ async fn connections_past_the_per_peer_cap_are_closed_and_other_peers_are_served
     h.stop().await;
 }
 
+/// A few addresses, each within its share, hold the whole total: the API server's next
+/// connection is still served, in place of the oldest held connection, which is ended.
+#[tokio::test]
+async fn a_full_total_ends_the_oldest_connection_to_serve_a_new_one() {
+    let h = Harness::start_with(|o| {
+        o.max_connections = 4;
+        o.max_connections_per_peer = 2;
+    })
+    .await;
+    let mut held = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.3"] {
+        for _ in 0..2 {
+            held.push(idle_h2(&h, from).await.unwrap());
+            // Admitted in the order they came, so the first is the oldest.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for c in &mut held {
+        assert!(!closed_within(c, Duration::from_millis(50)).await);
+    }
+    let (status, body) = h
+        .post(
+            serde_json::to_vec(&review("admission.k8s.io/v1", "Pod", "shop", plain_pod())).unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        closed_within(&mut held[0], Duration::from_secs(3)).await,
+        "the oldest connection was not ended to make room"
+    );
+    for c in &mut held[1..] {
+        assert!(
+            !closed_within(c, Duration::from_millis(50)).await,
+            "a newer connection was ended"
+        );
+    }
+    h.stop().await;
+}
+
 /// Issue 13 item 6: reviews are read and decided at most `max_concurrent` at a time; one that
 /// cannot get a slot within `queue_timeout` gets 503 without its body being buffered, and the
 /// webhook answers again as soon as a slot frees.

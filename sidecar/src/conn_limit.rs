@@ -40,9 +40,11 @@ pub struct ConnLimits {
 }
 
 impl ConnLimits {
-    /// A gate counting against these limits' caps.
+    /// A gate counting against these limits' caps; past the total it evicts the oldest
+    /// connection ([`Gate::evicting`]), so a few addresses within their per-peer share cannot
+    /// lock everyone else out. [`drive`] closes an evicted connection gracefully.
     pub fn gate(&self) -> Arc<Gate> {
-        Gate::new(self.max_connections, self.max_connections_per_peer)
+        Gate::evicting(self.max_connections, self.max_connections_per_peer)
     }
 }
 
@@ -181,13 +183,14 @@ pub enum Ended<E> {
 }
 
 /// Runs one connection (a hyper connection future; `graceful` starts its graceful shutdown)
-/// until it ends. When it reaches `limits.max_age` or `shutdown` is cancelled it is shut down
-/// gracefully, and dropped if it has not ended `limits.drain` later.
+/// until it ends. When it reaches `limits.max_age`, `shutdown` is cancelled or its `slot` is
+/// evicted, it is shut down gracefully, and dropped if it has not ended `limits.drain` later.
 pub async fn drive<C, E>(
     conn: C,
     graceful: impl FnOnce(Pin<&mut C>),
     limits: &ConnLimits,
     shutdown: &CancellationToken,
+    slot: &Slot,
 ) -> Ended<E>
 where
     C: Future<Output = Result<(), E>>,
@@ -197,6 +200,7 @@ where
         r = conn.as_mut() => return Ended::Closed(r),
         _ = tokio::time::sleep(limits.max_age) => {}
         _ = shutdown.cancelled() => {}
+        _ = slot.evicted() => {}
     }
     graceful(conn.as_mut());
     match tokio::time::timeout(limits.drain, conn).await {
@@ -221,7 +225,7 @@ mod tests {
 
     #[test]
     fn one_peer_cannot_fill_the_total_and_slots_come_back_on_drop() {
-        let gate = limits(3, 2).gate();
+        let gate = Gate::new(3, 2);
         let (a, b, c) = (
             "10.0.0.1".parse().unwrap(),
             "10.0.0.2".parse().unwrap(),
@@ -291,25 +295,54 @@ mod tests {
             ..limits(1, 1)
         };
         let never = CancellationToken::new();
+        let gate = Gate::evicting(8, 8);
+        let slot = gate.admit("10.0.0.1".parse().unwrap()).unwrap();
         // Ends as soon as it is asked to shut down: closed within the drain.
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let conn = async move {
             let _ = rx.await;
             Ok::<(), ()>(())
         };
-        let ended = drive(conn, move |_| drop(tx), &l, &never).await;
+        let ended = drive(conn, move |_| drop(tx), &l, &never, &slot).await;
         assert_eq!(ended, Ended::Closed(Ok(())));
         // Ignores the shutdown: dropped after the drain.
         let start = std::time::Instant::now();
-        let ended = drive(std::future::pending::<Result<(), ()>>(), |_| {}, &l, &never).await;
+        let ended = drive(
+            std::future::pending::<Result<(), ()>>(),
+            |_| {},
+            &l,
+            &never,
+            &slot,
+        )
+        .await;
         assert_eq!(ended, Ended::Dropped);
         assert!(start.elapsed() >= l.max_age + l.drain);
         // Shutdown starts the same graceful path before the age.
         let stop = CancellationToken::new();
         stop.cancel();
         let start = std::time::Instant::now();
-        let ended = drive(std::future::pending::<Result<(), ()>>(), |_| {}, &l, &stop).await;
+        let ended = drive(
+            std::future::pending::<Result<(), ()>>(),
+            |_| {},
+            &l,
+            &stop,
+            &slot,
+        )
+        .await;
         assert_eq!(ended, Ended::Dropped);
         assert!(start.elapsed() < l.max_age + l.drain);
+        // So does losing the slot to a newer connection (the gate of `l` holds one).
+        let gate = l.gate();
+        let old = gate.admit("10.0.0.1".parse().unwrap()).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let conn = async move {
+            let _ = rx.await;
+            Ok::<(), ()>(())
+        };
+        let _newer = gate.admit("10.0.0.2".parse().unwrap()).unwrap();
+        let start = std::time::Instant::now();
+        let ended = drive(conn, move |_| drop(tx), &l, &never, &old).await;
+        assert_eq!(ended, Ended::Closed(Ok(())));
+        assert!(start.elapsed() < l.max_age, "not closed at eviction");
     }
 }

@@ -61,8 +61,13 @@ pub async fn serve(
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            let _slot = slot;
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+            let handshake = tokio::select! {
+                r = handshake => r,
+                // The total is full (of a flood, likely): the oldest make room.
+                _ = slot.evicted() => return,
+            };
+            let tls = match handshake {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
                     tracing::debug!(%error, %peer, "identity endpoint TLS handshake failed");
@@ -79,7 +84,7 @@ pub async fn serve(
                 async move { Ok::<_, std::convert::Infallible>(service.handle(req).await) }
             });
             let conn = builder.serve_connection(TokioIo::new(tls), svc);
-            match conn_limit::drive(conn, |c| c.graceful_shutdown(), &limits, &shutdown)
+            match conn_limit::drive(conn, |c| c.graceful_shutdown(), &limits, &shutdown, &slot)
                 .await
             {
                 Ended::Closed(Ok(())) => {}
