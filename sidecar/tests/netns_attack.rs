@@ -350,3 +350,51 @@ fn a_handshake_flood_from_outside_is_capped_and_the_mesh_is_served() {
 fn netns_helper() {
     helper_main();
 }
+
+/// Two hosts outside the mesh, each within its per-address cap, together fill the total of
+/// unauthenticated connections with TLS handshakes they never finish (through the real
+/// `PREROUTING` redirect). The client pod's requests are still served: its handshake takes the
+/// place of the oldest stalled one, which is closed.
+#[test]
+fn stalled_handshakes_from_two_hosts_cannot_fill_the_total() {
+    skip_unless_root!("stalled_handshakes_from_two_hosts_cannot_fill_the_total");
+    const PER_PEER: usize = 4;
+    let s = Scene::new(
+        "fill",
+        &[
+            &format!("--inbound-max-pending-per-peer={PER_PEER}"),
+            &format!("--inbound-max-pending={}", 2 * PER_PEER),
+        ],
+    );
+    let app = format!("{SERVER_IP}:8080");
+    let floods: Vec<Flood> = s
+        .outsiders()
+        .iter()
+        .map(|(_, ns)| Flood::start(ns, &app, PER_PEER, 0))
+        .collect();
+    assert!(
+        floods.iter().all(|f| f.held),
+        "a flood's own connections were closed before the total was full\n{}",
+        s.logs()
+    );
+    for i in 0..3 {
+        let resp = s.meshed(
+            &format!("{CLUSTER_IP}:80"),
+            "backend.shop",
+            &format!("/full/{i}"),
+        );
+        assert!(ok_from_app(&resp), "{resp:?}\n{}", s.logs());
+    }
+    let metrics = s.server.admin("GET", "/metrics").unwrap_or_default();
+    assert!(
+        metrics.contains("trellis_proxy_inbound_refused_total{reason=\"pending_evicted\"}"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("reason=\"too_many_pending\""),
+        "no host went past its own cap: {metrics}"
+    );
+    for f in floods {
+        f.end();
+    }
+}
