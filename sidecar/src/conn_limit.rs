@@ -182,9 +182,15 @@ pub enum Ended<E> {
     Dropped,
 }
 
+/// How long an evicted connection ([`Slot::evicted`]) may drain, at most. Its place is taken
+/// at once, so while it drains it is open beyond the cap: under a flood that keeps evicting,
+/// that overshoot is the eviction rate times this, kept to a second's worth.
+pub const EVICTED_DRAIN: Duration = Duration::from_secs(1);
+
 /// Runs one connection (a hyper connection future; `graceful` starts its graceful shutdown)
 /// until it ends. When it reaches `limits.max_age`, `shutdown` is cancelled or its `slot` is
-/// evicted, it is shut down gracefully, and dropped if it has not ended `limits.drain` later.
+/// evicted, it is shut down gracefully, and dropped if it has not ended `limits.drain` later
+/// ([`EVICTED_DRAIN`] at most when evicted).
 pub async fn drive<C, E>(
     conn: C,
     graceful: impl FnOnce(Pin<&mut C>),
@@ -196,14 +202,14 @@ where
     C: Future<Output = Result<(), E>>,
 {
     let mut conn = std::pin::pin!(conn);
-    tokio::select! {
+    let drain = tokio::select! {
         r = conn.as_mut() => return Ended::Closed(r),
-        _ = tokio::time::sleep(limits.max_age) => {}
-        _ = shutdown.cancelled() => {}
-        _ = slot.evicted() => {}
-    }
+        _ = tokio::time::sleep(limits.max_age) => limits.drain,
+        _ = shutdown.cancelled() => limits.drain,
+        _ = slot.evicted() => limits.drain.min(EVICTED_DRAIN),
+    };
     graceful(conn.as_mut());
-    match tokio::time::timeout(limits.drain, conn).await {
+    match tokio::time::timeout(drain, conn).await {
         Ok(r) => Ended::Closed(r),
         Err(_) => Ended::Dropped,
     }
@@ -344,5 +350,30 @@ mod tests {
         let ended = drive(conn, move |_| drop(tx), &l, &never, &old).await;
         assert_eq!(ended, Ended::Closed(Ok(())));
         assert!(start.elapsed() < l.max_age, "not closed at eviction");
+        // An evicted connection that ignores the shutdown drains for a second at most, not
+        // the listener's whole drain.
+        let long = ConnLimits {
+            max_age: Duration::from_secs(60),
+            drain: Duration::from_secs(30),
+            ..l
+        };
+        let gate = long.gate();
+        let old = gate.admit("10.0.0.1".parse().unwrap()).unwrap();
+        let _newer = gate.admit("10.0.0.2".parse().unwrap()).unwrap();
+        let start = std::time::Instant::now();
+        let ended = drive(
+            std::future::pending::<Result<(), ()>>(),
+            |_| {},
+            &long,
+            &never,
+            &old,
+        )
+        .await;
+        assert_eq!(ended, Ended::Dropped);
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }
