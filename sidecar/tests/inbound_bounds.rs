@@ -33,9 +33,9 @@ async fn stranger(from: &str, to: SocketAddr) -> TcpStream {
     tcp
 }
 
-#[tokio::test]
-async fn unauthenticated_connections_are_capped_per_address_while_mesh_peers_are_served() {
-    const PER_PEER: usize = 8;
+/// A `Strict` backend proxy B (in front of a real app) with these bounds on unauthenticated
+/// connections, and a client sidecar A that reaches it over real mTLS: (A, B).
+async fn backend_and_client(per_peer: usize, total: usize) -> (TestProxy, TestProxy) {
     let pki = Pki::new("mesh");
     let app = upstream(Speaks::Both).await;
     let b = TestProxy::start_with(
@@ -43,7 +43,10 @@ async fn unauthenticated_connections_are_capped_per_address_while_mesh_peers_are
         &id("backend"),
         &config("b1", inbound(MtlsMode::Strict), vec![]),
         Some(app),
-        |o| o.inbound_limits.max_pending_per_peer = PER_PEER,
+        |o| {
+            o.inbound_limits.max_pending_per_peer = per_peer;
+            o.inbound_limits.max_pending = total;
+        },
     )
     .await;
     let a = client_sidecar(
@@ -53,6 +56,28 @@ async fn unauthenticated_connections_are_capped_per_address_while_mesh_peers_are
         &id("backend"),
     )
     .await;
+    (a, b)
+}
+
+/// `n` requests from A's application through both sidecars; each must be the app's answer.
+async fn served_through_the_mesh(a: &TestProxy, n: usize) {
+    for i in 0..n {
+        let req = Request::builder()
+            .uri(format!("/echo?i={i}"))
+            .header("host", "backend.shop:8080")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (status, _, body) = h1_send(a.running.outbound_addr, req).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body:?}");
+        assert_eq!(echo_json(&body)["path"], "/echo");
+    }
+}
+
+#[tokio::test]
+async fn unauthenticated_connections_are_capped_per_address_while_mesh_peers_are_served() {
+    const PER_PEER: usize = 8;
+    // The total at its default (1024): only the per-address cap is in play.
+    let (a, b) = backend_and_client(PER_PEER, 1024).await;
     let inbound = b.running.inbound_addr;
 
     // The flood: as many stalled handshakes from one address as it may hold.
@@ -72,16 +97,7 @@ async fn unauthenticated_connections_are_capped_per_address_while_mesh_peers_are
 
     // A mesh peer (another address) opens its first connection during the flood: real mTLS,
     // served.
-    for i in 0..3 {
-        let req = Request::builder()
-            .uri(format!("/echo?i={i}"))
-            .header("host", "backend.shop:8080")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let (status, _, body) = h1_send(a.running.outbound_addr, req).await.unwrap();
-        assert_eq!(status, StatusCode::OK, "{body:?}");
-        assert_eq!(echo_json(&body)["path"], "/echo");
-    }
+    served_through_the_mesh(&a, 3).await;
     let mb = b.metrics().await;
     assert!(
         metric_value(
@@ -129,26 +145,7 @@ async fn unauthenticated_connections_are_capped_per_address_while_mesh_peers_are
 async fn stalled_handshakes_from_several_addresses_cannot_lock_the_mesh_out() {
     const PER_PEER: usize = 4;
     const TOTAL: usize = 8;
-    let pki = Pki::new("mesh");
-    let app = upstream(Speaks::Both).await;
-    let b = TestProxy::start_with(
-        &pki,
-        &id("backend"),
-        &config("b1", inbound(MtlsMode::Strict), vec![]),
-        Some(app),
-        |o| {
-            o.inbound_limits.max_pending_per_peer = PER_PEER;
-            o.inbound_limits.max_pending = TOTAL;
-        },
-    )
-    .await;
-    let a = client_sidecar(
-        &pki,
-        Protocol::Http1,
-        b.running.inbound_addr,
-        &id("backend"),
-    )
-    .await;
+    let (a, b) = backend_and_client(PER_PEER, TOTAL).await;
     let inbound = b.running.inbound_addr;
 
     // Two hosts, each at its cap: the total is full.
@@ -168,15 +165,7 @@ async fn stalled_handshakes_from_several_addresses_cannot_lock_the_mesh_out() {
     }
 
     // The mesh peer's first connection arrives on a full total and is served.
-    for i in 0..3 {
-        let req = Request::builder()
-            .uri(format!("/echo?i={i}"))
-            .header("host", "backend.shop:8080")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let (status, _, body) = h1_send(a.running.outbound_addr, req).await.unwrap();
-        assert_eq!(status, StatusCode::OK, "{body:?}");
-    }
+    served_through_the_mesh(&a, 3).await;
     // It took the place of the oldest stalled handshake, and of no other.
     assert!(
         closed_within(&mut flood[0], Duration::from_secs(2)).await,
