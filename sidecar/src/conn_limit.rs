@@ -303,49 +303,39 @@ mod tests {
         let never = CancellationToken::new();
         let gate = Gate::evicting(8, 8);
         let slot = gate.admit("10.0.0.1".parse().unwrap()).unwrap();
-        // Ends as soon as it is asked to shut down: closed within the drain.
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let conn = async move {
-            let _ = rx.await;
-            Ok::<(), ()>(())
-        };
+        // A connection that ends as soon as it is asked to shut down, and one that ignores it.
+        // (Its graceful shutdown is dropping the sender.)
+        fn obliging() -> (
+            impl Future<Output = Result<(), ()>>,
+            tokio::sync::oneshot::Sender<()>,
+        ) {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let conn = async move {
+                let _ = rx.await;
+                Ok(())
+            };
+            (conn, tx)
+        }
+        async fn stubborn(l: &ConnLimits, stop: &CancellationToken, slot: &Slot) -> Duration {
+            let start = std::time::Instant::now();
+            let pending = std::future::pending::<Result<(), ()>>();
+            assert_eq!(drive(pending, |_| {}, l, stop, slot).await, Ended::Dropped);
+            start.elapsed()
+        }
+        let (conn, tx) = obliging();
         let ended = drive(conn, move |_| drop(tx), &l, &never, &slot).await;
         assert_eq!(ended, Ended::Closed(Ok(())));
         // Ignores the shutdown: dropped after the drain.
-        let start = std::time::Instant::now();
-        let ended = drive(
-            std::future::pending::<Result<(), ()>>(),
-            |_| {},
-            &l,
-            &never,
-            &slot,
-        )
-        .await;
-        assert_eq!(ended, Ended::Dropped);
-        assert!(start.elapsed() >= l.max_age + l.drain);
+        assert!(stubborn(&l, &never, &slot).await >= l.max_age + l.drain);
         // Shutdown starts the same graceful path before the age.
         let stop = CancellationToken::new();
         stop.cancel();
-        let start = std::time::Instant::now();
-        let ended = drive(
-            std::future::pending::<Result<(), ()>>(),
-            |_| {},
-            &l,
-            &stop,
-            &slot,
-        )
-        .await;
-        assert_eq!(ended, Ended::Dropped);
-        assert!(start.elapsed() < l.max_age + l.drain);
+        assert!(stubborn(&l, &stop, &slot).await < l.max_age + l.drain);
         // So does losing the slot to a newer connection (the gate of `l` holds one).
         let gate = l.gate();
         let old = gate.admit("10.0.0.1".parse().unwrap()).unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let conn = async move {
-            let _ = rx.await;
-            Ok::<(), ()>(())
-        };
         let _newer = gate.admit("10.0.0.2".parse().unwrap()).unwrap();
+        let (conn, tx) = obliging();
         let start = std::time::Instant::now();
         let ended = drive(conn, move |_| drop(tx), &l, &never, &old).await;
         assert_eq!(ended, Ended::Closed(Ok(())));
@@ -360,20 +350,7 @@ mod tests {
         let gate = long.gate();
         let old = gate.admit("10.0.0.1".parse().unwrap()).unwrap();
         let _newer = gate.admit("10.0.0.2".parse().unwrap()).unwrap();
-        let start = std::time::Instant::now();
-        let ended = drive(
-            std::future::pending::<Result<(), ()>>(),
-            |_| {},
-            &long,
-            &never,
-            &old,
-        )
-        .await;
-        assert_eq!(ended, Ended::Dropped);
-        assert!(
-            start.elapsed() < Duration::from_secs(3),
-            "{:?}",
-            start.elapsed()
-        );
+        let took = stubborn(&long, &never, &old).await;
+        assert!(took < Duration::from_secs(3), "{took:?}");
     }
 }
