@@ -131,6 +131,7 @@ impl Gate {
         if mine >= self.max_connections_per_peer {
             return None;
         }
+        let mut evict = None;
         if open.slots.len() >= self.max_connections {
             if !self.evict_oldest {
                 return None;
@@ -138,13 +139,18 @@ impl Gate {
             // A cap of zero has nothing to evict: refuse.
             let (_, (oldest, token)) = open.slots.pop_first()?;
             open.release(oldest);
-            token.cancel();
+            evict = Some(token);
         }
         let id = open.next_id;
         open.next_id += 1;
         let evicted = CancellationToken::new();
         open.slots.insert(id, (peer, evicted.clone()));
         *open.per_peer.entry(peer).or_insert(0) += 1;
+        drop(open);
+        // Outside the lock: cancelling wakes the evicted connection's task.
+        if let Some(token) = evict {
+            token.cancel();
+        }
         Some(Slot {
             gate: self.clone(),
             id,
