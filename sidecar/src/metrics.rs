@@ -188,7 +188,7 @@ impl Metrics {
         let refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "inbound_refused",
-            "Inbound connections refused (plaintext under Strict, failed handshakes, too many unauthenticated)",
+            "Inbound connections refused (plaintext under Strict, failed handshakes, too many unauthenticated, evicted while unauthenticated)",
             refused.clone(),
         );
         let config_reloads = Family::<ResultLabels, Counter>::default();
