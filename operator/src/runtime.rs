@@ -762,10 +762,15 @@ pub async fn serve_admin_with(
                 let builder = builder.clone();
                 let shutdown = services.shutdown.clone();
                 connections.spawn(async move {
-                            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    match conn_limit::drive(conn, |c| c.graceful_shutdown(), &limits, &shutdown, &slot)
-                        .await
-                    {
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    let ended = conn_limit::drive(
+                        conn,
+                        |c| c.graceful_shutdown(),
+                        &limits,
+                        &shutdown,
+                        &slot,
+                    );
+                    match ended.await {
                         Ended::Closed(Ok(())) => {}
                         Ended::Closed(Err(e)) => {
                             tracing::debug!(error = %e, "admin connection ended with an error");

@@ -100,9 +100,10 @@ impl Gate {
         Self::build(max_connections, max_connections_per_peer, false)
     }
 
-    /// A gate for connections that should only hold a place briefly (a handshake in
-    /// progress): when the total is full, the oldest connection is evicted ([`Slot::evicted`])
-    /// and the new one admitted; only the per-peer cap refuses.
+    /// A gate for listeners whose legitimate connections hold a place briefly (a handshake in
+    /// progress, a probe) or reconnect when closed: when the total is full, the oldest
+    /// connection is evicted ([`Slot::evicted`]) and the new one admitted; only the per-peer
+    /// cap refuses.
     ///
     /// A refusing total lets a few hosts lock everyone out: `total / per_peer` addresses, each
     /// holding its share of stalled handshakes for as long as the handshake timeout allows,
