@@ -75,6 +75,7 @@ async fn the_local_identity_endpoint_certifies_a_sidecar_by_its_minted_token() {
     tokio::spawn(trellis_proxy::identity::run_identity_client(
         url.clone(),
         pod.dir.clone(),
+        trellis_proxy::fswatch::spawn(vec![pod.dir.clone()], client_stop.clone()),
         tx,
         client_stop.clone(),
     ));
@@ -100,7 +101,8 @@ async fn the_local_identity_endpoint_certifies_a_sidecar_by_its_minted_token() {
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(trellis_proxy::identity::run_identity_client(
         url,
-        other,
+        other.clone(),
+        trellis_proxy::fswatch::spawn(vec![other], stop.clone()),
         tx,
         stop.clone(),
     ));

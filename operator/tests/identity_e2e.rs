@@ -67,7 +67,10 @@ fn fast() -> ClientOptions {
     ClientOptions {
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_millis(500),
-        bundle_poll: Duration::from_millis(50),
+        // Never by polling: a bundle change must reach the client through its directory
+        // watch (`sidecar()` gives it one), within the 5 s the tests wait, under the 10 s
+        // safety poll.
+        bundle_poll: Duration::from_secs(3600),
         ..ClientOptions::default()
     }
 }
@@ -78,6 +81,7 @@ async fn sidecar(url: &str, dir: &Path, shutdown: &CancellationToken) -> Credent
     tokio::spawn(run_identity_client_with(
         url.to_string(),
         dir.to_path_buf(),
+        trellis_proxy::fswatch::spawn(vec![dir.to_path_buf()], shutdown.clone()),
         tx,
         shutdown.clone(),
         fast(),
@@ -177,6 +181,7 @@ async fn sidecars_get_certificates_and_complete_mtls() {
     tokio::spawn(run_identity_client_with(
         ep.url.clone(),
         d3.path().to_path_buf(),
+        trellis_proxy::fswatch::Changes::polling(),
         tx,
         shutdown.clone(),
         fast(),

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::creds::{Credentials, CredentialsRx, CredentialsTx};
+use crate::fswatch::Changes;
 use crate::tls::{self, TlsError};
 
 /// Why one certificate request failed.
@@ -69,7 +70,8 @@ pub struct ClientOptions {
     pub backoff_max: Duration,
     /// Deadline of one request (connect + TLS + HTTP).
     pub request_timeout: Duration,
-    /// How often `<dir>/ca.pem` is checked between renewals.
+    /// How often `<dir>/ca.pem` is checked between renewals when the directory is not under
+    /// watch (see [`crate::fswatch`]); watched, it is checked when it changes.
     pub bundle_poll: Duration,
 }
 
@@ -283,17 +285,28 @@ fn renewal_delay(creds: &Credentials, now: SystemTime, opts: &ClientOptions) -> 
 pub async fn run_identity_client(
     endpoint: String,
     dir: PathBuf,
+    changes: Changes,
     tx: CredentialsTx,
     shutdown: CancellationToken,
 ) -> Result<(), IdentityClientError> {
-    run_identity_client_with(endpoint, dir, tx, shutdown, ClientOptions::default()).await
+    run_identity_client_with(
+        endpoint,
+        dir,
+        changes,
+        tx,
+        shutdown,
+        ClientOptions::default(),
+    )
+    .await
 }
 
 /// Runs the identity client until `shutdown` or until every credentials receiver is gone.
 /// Returns an error only for an unusable endpoint URL; request failures are retried.
+/// `changes` wakes it when `dir` (where `ca.pem` is) may have changed.
 pub async fn run_identity_client_with(
     endpoint: String,
     dir: PathBuf,
+    mut changes: Changes,
     tx: CredentialsTx,
     shutdown: CancellationToken,
     opts: ClientOptions,
@@ -337,7 +350,9 @@ pub async fn run_identity_client_with(
                 wait
             }
         };
-        // Wait for the renewal point, expiring and re-rooting the current credentials meanwhile.
+        // Wait for the renewal point, expiring and re-rooting the current credentials meanwhile:
+        // woken by a change to the bundle's directory, at the renewal point, or when the
+        // current certificate expires (renewal failing), whichever comes first.
         let deadline = tokio::time::Instant::now() + wait;
         let mut last_bundle = std::fs::read(dir.join("ca.pem")).ok();
         loop {
@@ -345,10 +360,17 @@ pub async fn run_identity_client_with(
             if now >= deadline {
                 break;
             }
-            let step = opts.bundle_poll.min(deadline - now);
+            let expiry = current.as_ref().map(|c| {
+                now + c
+                    .not_after
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default()
+            });
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(step) => {}
+                _ = tx.closed() => return Ok(()),
+                _ = changes.changed(opts.bundle_poll) => {}
+                _ = tokio::time::sleep_until(expiry.map_or(deadline, |e| e.min(deadline))) => {}
             }
             if let Some(c) = &current
                 && c.not_after <= SystemTime::now()

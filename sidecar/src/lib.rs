@@ -8,6 +8,7 @@ pub mod config;
 pub mod conn_limit;
 pub mod creds;
 pub mod discovery;
+pub mod fswatch;
 pub mod identity;
 pub mod init;
 pub mod lookup;

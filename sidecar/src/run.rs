@@ -317,6 +317,9 @@ pub struct Running {
     pub config: ConfigRx,
     /// The span exporter, flushed on the way out.
     pub tracing: Arc<crate::spans::Tracing>,
+    /// Wake-ups when the config directory (and the trust bundle in it) may have changed: one
+    /// inotify instance for every reader of that directory.
+    pub dir_changes: crate::fswatch::Changes,
 }
 
 /// How long a stopping proxy waits for its last spans to reach the collector: short against
@@ -479,7 +482,11 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         }
     };
     let status = watcher.status();
-    tokio::spawn(watcher.run(shutdown.token()));
+    let dir_changes = crate::fswatch::spawn(vec![opts.dir.clone()], shutdown.token());
+    if !dir_changes.watching() {
+        tracing::info!(dir = %opts.dir.display(), "the config directory is not watched (yet); polling it");
+    }
+    tokio::spawn(watcher.run(dir_changes.clone(), shutdown.token()));
 
     let addrs = |ls: &[TcpListener]| -> Vec<SocketAddr> {
         ls.iter()
@@ -503,6 +510,7 @@ pub async fn start(opts: Options, creds: CredentialsRx) -> Result<Running, Start
         metrics: metrics.clone(),
         config: config.clone(),
         tracing: tracing.clone(),
+        dir_changes,
     };
 
     let shared = Arc::new(Shared {
@@ -649,6 +657,7 @@ pub fn main(args: RunArgs) -> ExitCode {
                     args.identity_endpoint.clone(),
                     running.config.clone(),
                     args.dir.clone(),
+                    running.dir_changes.clone(),
                     creds_tx,
                     running.shutdown.token(),
                 ));
@@ -672,6 +681,7 @@ async fn identity_task(
     flag: Option<String>,
     mut config: ConfigRx,
     dir: PathBuf,
+    changes: crate::fswatch::Changes,
     tx: crate::creds::CredentialsTx,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -692,7 +702,7 @@ async fn identity_task(
             }
         },
     };
-    if let Err(e) = crate::identity::run_identity_client(endpoint, dir, tx, stop).await {
+    if let Err(e) = crate::identity::run_identity_client(endpoint, dir, changes, tx, stop).await {
         tracing::error!(error = %e, "identity client stopped; the proxy will not become ready");
     }
 }

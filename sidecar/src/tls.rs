@@ -474,17 +474,29 @@ pub fn load_pem_credentials(
     credentials_from_pem(&read(cert_path)?, &read(key_path)?, &read(bundle_path)?)
 }
 
-/// How often the PEM files are polled. Kubelet swaps projected files through a `..data`
-/// symlink, which inotify on the file path misses; polling the content is simple and robust.
-/// Once a second: certificates are renewed hours before they expire, so a faster poll only
-/// costs an idle proxy wake-ups and reads.
+/// How often the PEM files are checked when their directories cannot be watched (see
+/// [`crate::fswatch`]); watched, they are checked when something in them changes. Once a
+/// second: certificates are renewed hours before they expire, so a faster poll only costs an
+/// idle proxy wake-ups and reads.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Publishes the credentials in the three files on `tx` whenever their content changes, until
 /// every receiver is gone. A change is only published when the files parse and the key matches
 /// the certificate, so a half-written or mismatched pair (cert updated, key not yet) is never
-/// published: the previous credentials stay until the next poll sees a consistent set.
+/// published: the previous credentials stay until the next change makes the set consistent.
+/// The files' directories are watched with their own inotify instance: this is the
+/// `--cert-file` mode (local meshes, tests), one per proxy.
 pub async fn watch_pem_files(cert: PathBuf, key: PathBuf, bundle: PathBuf, tx: CredentialsTx) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop_watch = stop.clone().drop_guard();
+    let dirs = [&cert, &key, &bundle]
+        .iter()
+        .map(|p| match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        })
+        .collect();
+    let mut changes = crate::fswatch::spawn(dirs, stop);
     // Content of the last set we acted on (published or reported), so errors are logged once.
     let mut last: Option<[Vec<u8>; 3]> = None;
     loop {
@@ -512,7 +524,10 @@ pub async fn watch_pem_files(cert: PathBuf, key: PathBuf, bundle: PathBuf, tx: C
             Ok(_) => {}
             Err(error) => tracing::debug!(%error, "credential files not readable yet"),
         }
-        tokio::time::sleep(POLL_INTERVAL).await;
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = changes.changed(POLL_INTERVAL) => {}
+        }
     }
 }
 
@@ -904,7 +919,6 @@ mod tests {
         std::fs::create_dir(&v2).unwrap();
         let key_a = std::fs::read_to_string(v1.join("tls.key")).unwrap();
         write_set(&v2, &ca, B);
-        let good_key_b = std::fs::read_to_string(v2.join("tls.key")).unwrap();
         std::fs::write(v2.join("tls.key"), key_a).unwrap();
         symlink("..v2", root.path().join("..data.tmp")).unwrap();
         std::fs::rename(root.path().join("..data.tmp"), root.path().join("..data")).unwrap();
@@ -915,8 +929,14 @@ mod tests {
             "mismatched pair published"
         );
 
-        // The key lands: the consistent set is published.
-        std::fs::write(v2.join("tls.key"), good_key_b).unwrap();
+        // The next version has the right key: the consistent set is published. (As kubelet
+        // does it, in a new directory: a write inside the directory `..data` points to is no
+        // event in the watched one and is only seen by the safety poll.)
+        let v3 = root.path().join("..v3");
+        std::fs::create_dir(&v3).unwrap();
+        write_set(&v3, &ca, B);
+        symlink("..v3", root.path().join("..data.tmp")).unwrap();
+        std::fs::rename(root.path().join("..data.tmp"), root.path().join("..data")).unwrap();
         wait_for(&mut rx, B).await;
 
         drop(rx);
