@@ -10,8 +10,9 @@ Like with like:
     the same upstream (nginx, one worker, 1 KiB responses);
   - one worker each: nginx `worker_processes 1`, HAProxy `nbthread 1`, Trellis at its default
     (one core, tokio's current-thread runtime; the recorded runtime says what ran);
-  - nginx and HAProxy keep pools of keep-alive TLS connections to the far side; Trellis rides
-    HTTP/2 between its sidecars (its default);
+  - nginx and HAProxy keep pools of keep-alive TLS connections to the far side; so does
+    Trellis at its default: pooled HTTP/1.1 over mTLS while fewer than 32 requests to the peer
+    are in flight, multiplexed HTTP/2 beyond (README, *What rides between the sidecars*);
   - no access logs anywhere.
 
 Load: oha (from the Rust crate registry; hack/bench-proxy.sh installs a pinned version) at a
