@@ -21,6 +21,8 @@ bash hack/install-deps.sh
 shellcheck --shell=bash hack/*.sh e2e/run.sh e2e/cases/*.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# Doc links resolve: a link to a private or missing item is otherwise only a warning nobody reads.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 cargo test --workspace --locked
 # The README's first command, bounded: the whole local mesh must carry mTLS traffic on every
 # edge; the same run serves the dashboard to headless Chromium (DOM checks, screenshots in

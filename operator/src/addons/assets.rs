@@ -5,10 +5,10 @@
 //!
 //! Every query names only metrics and labels the sidecar and the operator really export, plus
 //! the scrape labels `namespace`, `pod` and `app` (the workload) that `trellis stat` also relies
-//! on. Three checks keep it so: the unit tests in [`check`] compare every dashboard query and
+//! on. Three checks keep it so: the unit tests in `check` compare every dashboard query and
 //! alert expression with the real registries' exposition; `promtool test rules` runs
 //! `alerts_test.yaml`; and `hack/dev-e2e.sh` evaluates every query against a real Prometheus
-//! scraping a `trellis dev` mesh ([`check`]'s ignored `live` test).
+//! scraping a `trellis dev` mesh (`check`'s ignored `live` test).
 
 #[cfg(test)]
 mod check;

@@ -15,11 +15,11 @@
 //! - **Bootstrap ConfigMaps** (Mesh `spec.discovery.configMap`). The table above grows with
 //!   the cluster (past about 1 500 Services it no longer fits a ConfigMap), so with the
 //!   discovery stream serving everything else a namespace's config may carry only its own
-//!   Services and their split backends ([`bootstrap_plan`]), at a size the rest of the cluster
+//!   Services and their split backends (`bootstrap_plan`), at a size the rest of the cluster
 //!   does not change; adding a Service elsewhere then rewrites no such ConfigMap. The stream
 //!   serves from the full table ([`compile_discovery`] never cuts it), and a TrafficPolicy's
 //!   `Programmed` still counts every namespace that sees its Service, listed or streamed. The
-//!   default, `Auto`, chooses per namespace ([`carries_bootstrap`]): the full table while it
+//!   default, `Auto`, chooses per namespace (`carries_bootstrap`): the full table while it
 //!   renders to at most [`AUTO_FULL_TABLE_MAX_BYTES`], so a small mesh keeps the resilience of
 //!   a full table (a sidecar that cannot reach the operator can still call everything), else
 //!   the bootstrap set, so no ConfigMap outgrows the bound issue #19 set. `Full` and

@@ -59,7 +59,7 @@ pub struct ReconcileLabels {
     pub result: String,
 }
 
-/// `trellis_operator_reconciles_total`, shared by the status controllers run by [`run`], the
+/// `trellis_operator_reconciles_total`, shared by the status controllers run by `run`, the
 /// compile loop (which is not a kube-rs `Controller`) and `trellis dev`'s compile.
 #[derive(Clone, Debug, Default)]
 pub struct Reconciles(Family<ReconcileLabels, Counter>);

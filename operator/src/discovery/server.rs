@@ -9,7 +9,7 @@
 //! Bounds: connections are capped in all ([`MAX_CONNECTIONS`]) and per address
 //! ([`MAX_CONNECTIONS_PER_PEER`]; over either, a new connection is closed at once), handshakes
 //! time out, frames are limited ([`trellis_proxy::discovery::MAX_FRAME`]), and per-stream
-//! state is bounded by the [`Registry`](super::Registry). Responses go through an HTTP/2 stream whose flow control
+//! state is bounded by the [`Registry`]. Responses go through an HTTP/2 stream whose flow control
 //! pushes back on the writer task of that stream alone; while it waits, changes pile up in the
 //! bounded pending set, never in a queue.
 

@@ -11,7 +11,7 @@
 //! At 10 000 Services and 100 000 endpoints, re-indexing every address on each compile cost
 //! more than the compile itself, and an endpoint change touches one Service. So a view
 //! [`follows`](View::follow) the next compile in place: the compiler says which entries it
-//! rebuilt ([`Fragments::delta`]), only those entries' addresses and split edges are replaced,
+//! rebuilt (`Fragments::delta`), only those entries' addresses and split edges are replaced,
 //! and the [`Changes`] it returns (those Services, the Services their splits reach, the
 //! namespaces whose import scope moved) are what the registry re-checks. A compile that was not
 //! built from the view's own (a skipped output) rebuilds the view from scratch; a property test

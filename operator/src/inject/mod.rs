@@ -68,7 +68,7 @@ pub const ANNOTATION_MEMORY_LIMIT: &str = "trellis.dev/proxy-memory-limit";
 
 /// Name of the injected proxy container (a native sidecar in `initContainers`).
 pub const PROXY_CONTAINER: &str = "trellis-proxy";
-/// The conventional annotation-based scrape annotations (see [`scrape_annotations`]).
+/// The conventional annotation-based scrape annotations (see `scrape_annotations`).
 pub const ANNOTATION_PROMETHEUS_SCRAPE: &str = "prometheus.io/scrape";
 pub const ANNOTATION_PROMETHEUS_PORT: &str = "prometheus.io/port";
 pub const ANNOTATION_PROMETHEUS_PATH: &str = "prometheus.io/path";

@@ -18,7 +18,7 @@
 //!   replaces the set atomically at `InitDone`) and is a pure function of the events
 //!   ([`index`]);
 //! - [`PodStore`] / [`PodWriter`] are the thin edge: a lock around the index, the "has synced"
-//!   signal the controllers wait for, and the watch that feeds it ([`store`]).
+//!   signal the controllers wait for, and the watch that feeds it ([`store`](mod@store)).
 //!
 //! The watch still deserializes each pod as a [`crate::compiler::SlimPod`] (serde skips what
 //! it does not name); that value lives only until its record is built.

@@ -53,7 +53,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections that have not authenticated yet (protocol detection or the mTLS handshake in
 /// progress) are capped per peer address, and a new one beyond that is closed at once
 /// (counted as `trellis_proxy_inbound_refused_total{reason="too_many_pending"}`): each may sit
-/// for up to [`HANDSHAKE_TIMEOUT`], and without a cap one host could hold every file
+/// for up to `HANDSHAKE_TIMEOUT`, and without a cap one host could hold every file
 /// descriptor of the proxy that way and lock out the mesh. They are capped in all too, but
 /// there the oldest is closed to make room for the new one (`reason="pending_evicted"`, see
 /// [`crate::conn_limit::Gate::evicting`]): refusing instead would let a few hosts, each within

@@ -21,7 +21,7 @@
 //!   read and a write for each. With each HTTP/1.1 connection served by a task of its own,
 //!   that decided it: up to 8 HTTP/1.1 connections busy before spilling took saturation over
 //!   32 connections to 0.925x (lower in 5 of 5 rounds), so the limit was 4. Since the
-//!   connections are driven by their requests (see [`H1Conn`]), HTTP/1.1 is the cheaper hop
+//!   connections are driven by their requests (see `H1Conn`), HTTP/1.1 is the cheaper hop
 //!   under load too: with a limit of 32 against 4 (2026-11-30, `hack/bench-proxy.sh --pairs
 //!   trellis,nginx --proxy-bin`), saturation over 32 connections 1.09x (9 rounds, 4 s at the
 //!   fixed rate; 1.09x in a 5-round run with 12 s). At 1000 req/s, CPU 0.90x / 0.89x and
