@@ -62,9 +62,10 @@ fn interest() -> WatchFlags {
 pub struct Options {
     /// See [`SETTLE`].
     pub settle: Duration,
-    /// How often a directory that could not be watched (missing, removed, limit reached) is
-    /// tried again, and how often every watched path is checked to still name the directory
-    /// that is watched (a swapped directory symlink, a directory replaced).
+    /// How often, while some directory could not be watched (missing, removed, limit
+    /// reached), it is tried again. Watched paths are checked to still name the directory that
+    /// is watched (a swapped directory symlink, a directory replaced) at the same time, and on
+    /// the safety poll once every directory is watched.
     pub recheck: Duration,
     /// See [`SAFETY_POLL`].
     pub safety_poll: Duration,
