@@ -206,7 +206,8 @@ struct Task {
     opts: Options,
 }
 
-fn identity(path: &std::path::Path) -> Option<(u64, u64)> {
+/// The (device, inode) of the directory `path` names now, if it names one.
+fn dir_id(path: &std::path::Path) -> Option<(u64, u64)> {
     let m = std::fs::metadata(path).ok()?;
     m.is_dir().then(|| (m.dev(), m.ino()))
 }
@@ -220,7 +221,7 @@ impl Task {
     fn add_missing(&mut self) -> bool {
         let mut added = false;
         for d in self.dirs.iter_mut().filter(|d| d.watch.is_none()) {
-            let Some(id) = identity(&d.path) else {
+            let Some(id) = dir_id(&d.path) else {
                 continue;
             };
             match inotify::add_watch(self.fd.get_ref(), &d.path, interest()) {
@@ -247,7 +248,7 @@ impl Task {
         let mut dropped = false;
         for d in &mut self.dirs {
             if let Some((wd, id)) = d.watch
-                && identity(&d.path) != Some(id)
+                && dir_id(&d.path) != Some(id)
             {
                 let _ = inotify::remove_watch(self.fd.get_ref(), wd);
                 d.watch = None;
