@@ -26,8 +26,10 @@ Environment: RATE (200), CONNS (16, as hack/bench-proxy.py), DURATION (10 s), RO
 count repeats to within a fraction of a percent; a second round shows that it does), IR_OUT
 (unset; a directory: each proxy's profile of the counted run alone is kept there as
 callgrind.<pair>-<role>.out.1, for callgrind_annotate; the .out file beside it, written when
-the proxy exits, holds the rest: start-up, handshakes, warm-up), OHA, TRELLIS_PROXY (as hack/bench-proxy.sh sets
-them). Ports from 26100 (its own, so it can run beside the other benchmarks). Needs valgrind.
+the proxy exits, holds the rest: start-up, handshakes, warm-up), OHA (default: where
+hack/bench-proxy.sh installs it), TRELLIS_PROXY (default: the release build; run
+hack/bench-proxy.sh --quick once for both). Ports from 26100 (its own, so it can run beside
+the other benchmarks). Needs valgrind, nginx and haproxy.
 """
 import argparse
 import importlib.util
@@ -45,6 +47,11 @@ spec = importlib.util.spec_from_file_location(
 bp = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bp)
 bp.UPSTREAM = 26080
+# oha where hack/bench-proxy.sh installs it, unless OHA says otherwise.
+_cached_oha = os.path.join(
+    os.environ.get("TRELLIS_CACHE", os.path.expanduser("~/.cache/trellis")), "oha-1.16.0/bin/oha")
+if "OHA" not in os.environ and os.path.exists(_cached_oha):
+    bp.OHA = _cached_oha
 bp.READY_TIMEOUT = 180.0
 
 RATE = int(os.environ.get("RATE", "200"))
