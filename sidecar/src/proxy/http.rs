@@ -178,7 +178,7 @@ fn names_no_header(v: &[u8]) -> bool {
 /// adds no id at all: it cost 860 instructions of the client sidecar's 42.6k per request
 /// (callgrind, `hack/bench-ir.py`), more than half of them looking the name up twice in the
 /// map (`contains_key`, then `insert`) and 260 formatting the digits a nibble at a time. One
-/// lookup through the map's entry, and the digits made 16 at a time ([`hex16`]).
+/// lookup through the map's entry, and the digits made 16 at a time (`hex16`).
 pub fn ensure_request_id(headers: &mut HeaderMap) {
     if let header::Entry::Vacant(slot) = headers.entry(X_REQUEST_ID) {
         slot.insert(new_request_id());
