@@ -70,8 +70,10 @@ def spawn(args, env=None, log=None):
     tag = UNDER["tag"]
     if tag is None:
         return _spawn(args, env=env, log=log)
-    # bench-proxy.py starts the server proxy of each pair first, then the client.
-    role = "server" if not any(r == "server" for _, r in UNDER["started"]) else "client"
+    # Which proxy of the pair, from what bench-proxy.py names its files (`client.crt`, the
+    # `trellis-client-*` directory, `nginx-client.conf`, `haproxy-client.cfg`): the pairs do
+    # not all start their proxies in the same order.
+    role = "client" if any("client" in os.path.basename(a) for a in args) else "server"
     out = os.path.join(IR_OUT, f"callgrind.{tag}-{role}.out") if IR_OUT else "/dev/null"
     # nginx's worker is a forked child, which callgrind follows but callgrind_control cannot
     # reach: nginx runs as one process instead (`master_process off`, the same event loop and
@@ -84,7 +86,6 @@ def spawn(args, env=None, log=None):
             f.write("master_process off;\n" + text)
     p = _spawn(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *args],
                env=env, log=log)
-    UNDER["started"].append((p, role))
     return p
 
 
@@ -108,7 +109,7 @@ def instructions(pids):
 
 
 def start(name, d, proxy_bin):
-    UNDER["tag"], UNDER["started"] = name, []
+    UNDER["tag"] = name
     try:
         if name == "trellis":
             pair = bp.trellis_pair(d, proxy_bin, (26101, 26106, 26121, 26126), "trellis", [])
