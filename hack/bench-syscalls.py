@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Where each proxy of a pair spends a request in the kernel: syscalls by kind, context
-switches, user and system CPU per request, for the Trellis, nginx and HAProxy pairs of
-hack/bench-proxy.py, at its fixed rate (1000 req/s, 16 connections) and at saturation (32
-connections, no rate limit). Not run by CI.
+switches (all, from perf; voluntary and involuntary, from /proc), user and system CPU per
+request, for the Trellis, nginx and HAProxy pairs of hack/bench-proxy.py, at its fixed rate
+(1000 req/s, 16 connections) and at saturation (32 connections, no rate limit). Not run by CI.
 
 What hack/bench-ab.py's STAT=1 gives for two Trellis binaries, but side by side with the
 baselines and under the same load generator (oha) as hack/bench-proxy.py, so a gap in CPU per
@@ -52,6 +52,22 @@ def cpu_split(pids):
     return u / bp.TICK, s / bp.TICK
 
 
+def switches(pids):
+    """(voluntary, involuntary) context switches of every thread of the processes. Involuntary
+    ones are where a proxy was preempted, typically by the peer its own write just woke on the
+    same CPU: a switch away and one back that a proxy which had gone on to sleep would not pay."""
+    v = n = 0
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        v += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        n += int(line.split()[1])
+    return v, n
+
+
 def point(pair, rate, conns, duration):
     """One load point: per request and role, syscalls by kind, context switches, CPU."""
     roles = {"client": [x for p in pair.clients for x in bp.tree(p.pid)],
@@ -66,8 +82,10 @@ def point(pair, rate, conns, duration):
                                              stderr=subprocess.DEVNULL))
     time.sleep(0.5)
     cpu0 = {r: cpu_split(p) for r, p in roles.items()}
+    cs0 = {r: switches(p) for r, p in roles.items()}
     res = bp.oha(pair.port, pair.host, rate, conns, duration)
     cpu1 = {r: cpu_split(p) for r, p in roles.items()}
+    cs1 = {r: switches(p) for r, p in roles.items()}
     n = res["responses"]
     rows = {}
     for role, (out, sp) in stats.items():
@@ -84,6 +102,8 @@ def point(pair, rate, conns, duration):
         per = {k: v / n for k, v in counts.items() if v}
         per["user_us"] = (cpu1[role][0] - cpu0[role][0]) / n * 1e6
         per["sys_us"] = (cpu1[role][1] - cpu0[role][1]) / n * 1e6
+        per["cs_vol"] = (cs1[role][0] - cs0[role][0]) / n
+        per["cs_invol"] = (cs1[role][1] - cs0[role][1]) / n
         rows[role] = per
     return res, rows
 
@@ -92,7 +112,7 @@ def show(name, label, res, rows):
     print(f"{name} {label}: {res['rps']:.0f} req/s, p50 {res['p50_ms']:.3f} ms, "
           f"p99 {res['p99_ms']:.3f} ms, failed {res['errors'] + res['non2xx']}")
     for role, per in rows.items():
-        main = ["syscalls", "cs", "user_us", "sys_us"]
+        main = ["syscalls", "cs", "cs_vol", "cs_invol", "user_us", "sys_us"]
         rest = sorted((k for k in per if k not in main), key=lambda k: -per[k])
         print(f"  {role}: " + ", ".join(f"{k} {per[k]:.2f}" for k in main if k in per)
               + " | " + ", ".join(f"{k} {per[k]:.2f}" for k in rest))
