@@ -54,17 +54,23 @@ def cpu_split(pids):
 
 def switches(pids):
     """(voluntary, involuntary) context switches of every thread of the processes. Involuntary
-    ones are where a proxy was preempted, typically by the peer its own write just woke on the
-    same CPU: a switch away and one back that a proxy which had gone on to sleep would not pay."""
+    ones are where a proxy was preempted before it went back to waiting, on loopback mostly by
+    a process its own write woke on the same CPU: a switch away and one back that a proxy which
+    had gone on to sleep would not pay. A thread that exits between the listing and the read
+    is skipped (its switches leave the sum, so keep the proxies' thread counts steady)."""
     v = n = 0
     for pid in pids:
         for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                for line in f:
-                    if line.startswith("voluntary_ctxt_switches:"):
-                        v += int(line.split()[1])
-                    elif line.startswith("nonvoluntary_ctxt_switches:"):
-                        n += int(line.split()[1])
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    lines = f.readlines()
+            except FileNotFoundError:
+                continue
+            for line in lines:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    v += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    n += int(line.split()[1])
     return v, n
 
 
