@@ -9,12 +9,15 @@ FROM rust:1.95-trixie AS build
 WORKDIR /src
 COPY . .
 # --locked: exactly the dependency versions CI tested. The cache mounts only speed up rebuilds.
+# The sidecar is built on its own by hack/build-proxy.sh, with the profile in sidecar/pgo/
+# (profile-guided optimisation: about 0.73x the CPU per request, see sidecar/pgo/README.md) and in a
+# target dir of its own, since its RUSTFLAGS differ.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked \
-      --bin trellis-operator --bin trellis --bin trellis-proxy \
+    cargo build --release --locked --bin trellis-operator --bin trellis \
  && mkdir -p /out \
- && cp target/release/trellis-operator target/release/trellis target/release/trellis-proxy /out/
+ && cp target/release/trellis-operator target/release/trellis /out/ \
+ && cp "$(CARGO_TARGET_DIR=/src/target hack/build-proxy.sh)" /out/
 
 # The operator: glibc + libgcc only (ring is C code linked dynamically against glibc). UID 65532
 # matches config/manager/manager.yaml; the read-only root filesystem needs nothing writable.

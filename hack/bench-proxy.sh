@@ -24,11 +24,14 @@ fi
 export OHA="$oha_root/bin/oha"
 
 target="${CARGO_TARGET_DIR:-target}"
-# Two builds, the proxy last and alone: built in one invocation with an example, the binary
-# gets the features the dev-dependencies turn on in shared crates (cargo unifies them), and is
-# then not the binary that ships (2026-11-30: 0.46 MB more code, 0.19 MB more data).
+# Two builds, the proxy alone: built in one invocation with an example, the binary gets the
+# features the dev-dependencies turn on in shared crates (cargo unifies them), and is then not
+# the binary that ships (2026-11-30: 0.46 MB more code, 0.19 MB more data). The proxy as the
+# Dockerfile builds it (hack/build-proxy.sh: with its profile), unless TRELLIS_PROXY names one.
 cargo build --release -p trellis-proxy --example bench-load
-cargo build --release -p trellis-proxy --bin trellis-proxy
-export TRELLIS_PROXY="${TRELLIS_PROXY:-$target/release/trellis-proxy}"
+if [ -z "${TRELLIS_PROXY:-}" ]; then
+  TRELLIS_PROXY="$(hack/build-proxy.sh)"
+fi
+export TRELLIS_PROXY
 export TRELLIS_LOAD="${TRELLIS_LOAD:-$target/release/examples/bench-load}"
 exec python3 hack/bench-proxy.py "$@"
