@@ -1,5 +1,5 @@
-//! Load-balancing benchmark: P2C over peak EWMA versus round robin and least request, with one
-//! slow endpoint.
+//! Load-balancing benchmark: P2C over a peak-sensitive EWMA versus round robin and least
+//! request, with one slow endpoint.
 //!
 //! Three real HTTP/1.1 upstreams on 127.0.0.1 (two answer after the fast delay, one after the
 //! slow one, 10x slower), driven through the real `Dispatcher` and the plaintext hyper
@@ -11,8 +11,9 @@
 //! - `baseline`: only the two fast endpoints (round robin): what the fast endpoints deliver.
 //! - `round-robin` and `least-request` and `p2c-ewma`: all three endpoints.
 //!
-//! Run: `hack/bench-lb.sh` (release build; not part of CI). Goal: in every round, p2c-ewma p99
-//! within 1.5x of that round's baseline p99, and the share sent to the slow endpoint reported.
+//! Run: `hack/bench-lb.sh` (release build; not part of CI; `--trace` shows what the balancer saw
+//! at each pick of the slow endpoint). Goal: in every round, p2c-ewma p99 within 1.5x of that
+//! round's baseline p99, and the share sent to the slow endpoint reported.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +34,9 @@ struct Args {
     /// (fast ms, slow ms) pairs to run.
     scenarios: Vec<(u64, u64)>,
     rounds: u32,
+    /// Print, for every measured P2C-EWMA request sent to the slow endpoint, what the balancer
+    /// saw just before it picked: each endpoint's latency estimate and requests in flight.
+    trace: bool,
 }
 
 fn parse_args() -> Args {
@@ -42,10 +46,15 @@ fn parse_args() -> Args {
         warmup_secs: 2,
         scenarios: vec![(1, 10), (5, 50)],
         rounds: 3,
+        trace: false,
     };
     let (mut fast, mut slow) = (None, None);
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--trace" {
+            a.trace = true;
+            continue;
+        }
         let v: u64 = it
             .next()
             .and_then(|v| v.parse().ok())
@@ -58,7 +67,8 @@ fn parse_args() -> Args {
             "--slow-ms" => slow = Some(v),
             "--rounds" => a.rounds = v as u32,
             other => panic!(
-                "unknown flag {other} (--rate --secs --warmup-secs --fast-ms --slow-ms --rounds)"
+                "unknown flag {other} \
+                 (--rate --secs --warmup-secs --fast-ms --slow-ms --rounds --trace)"
             ),
         }
     }
@@ -192,6 +202,8 @@ async fn run_mode(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64, bool, bool)>();
     let start = Instant::now();
     let period = Duration::from_nanos(1_000_000_000 / a.rate);
+    let trace = a.trace && algorithm == LbAlgorithm::P2cEwma;
+    let rate = a.rate;
     for i in 0..total {
         let scheduled = start + period * i as u32;
         tokio::time::sleep_until(scheduled.into()).await;
@@ -202,9 +214,28 @@ async fn run_mode(
                 .header("host", "bench.default")
                 .body(full(Bytes::new()))
                 .unwrap();
+            let seen = (trace && i >= warm).then(|| d.endpoint_stats("default", "bench", 80));
             let (resp, outcome) = d.dispatch(&svc, 80, req, &ctx).await;
             let ok = resp.status() == 200;
             let to_slow = outcome.endpoint == Some(slow);
+            if let (true, Some(seen)) = (to_slow, seen) {
+                let view: Vec<String> = seen
+                    .iter()
+                    .map(|e| {
+                        let ms = e.rtt_estimate.as_secs_f64() * 1e3;
+                        format!(
+                            "{}{ms:.2} ms/{}",
+                            if e.addr == slow { "slow " } else { "" },
+                            e.inflight
+                        )
+                    })
+                    .collect();
+                eprintln!(
+                    "  to slow at {:.3} s; estimate/in flight: {}",
+                    i as f64 / rate as f64,
+                    view.join(", ")
+                );
+            }
             let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
             let us = scheduled.elapsed().as_micros() as u64;
             let _ = tx.send((i, us, ok, to_slow));

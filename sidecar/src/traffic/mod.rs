@@ -57,7 +57,7 @@ pub use balance::{Ring, VNODES, hash_bytes};
 pub use body::MAX_REPLAY_BYTES;
 pub use discover::{Discover, InlineEndpoints};
 pub use dispatch::{Dispatcher, EndpointStats, TcpRefused, TcpTarget};
-pub use endpoint::{EWMA_DECAY, EWMA_IDLE_DECAY};
+pub use endpoint::{EWMA_DECAY, EWMA_IDLE_DECAY, EWMA_RISE};
 pub use limit::{BUDGET_TTL, InboundRateLimiter, RetryBudget, TokenBucket, rate_limited_response};
 pub use metrics::{BackendLabels, OverflowLabels, TrafficMetrics};
 pub use plain::PlainUpstream;
